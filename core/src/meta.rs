@@ -1,0 +1,419 @@
+//! The tracker's metadata: accounts, sessions, groups, membership, shared files.
+//!
+//! [`MetaState`] is a deterministic state machine. Trackers replicate it by
+//! applying the same [`Entry`] sequence in the same order ([`MetaState::apply`]);
+//! two states that applied the same entries are equal, field for field. Reads
+//! (the `list_*`/`*_of` methods) never change it.
+//!
+//! Everything a command needs that is random or slow (salts, password hashes,
+//! session tokens) is computed by the tracker node *before* proposing and
+//! travels inside the command, so applying stays cheap and deterministic.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::FileMeta;
+use crate::ids::{FileName, GroupId, SessionToken, UserId};
+use crate::proto::{ApiError, FileSummary, GroupSummary, MyGroup, Reply, RequestId};
+
+/// Most files one group may list.
+pub const MAX_FILES_PER_GROUP: usize = 10_000;
+/// Most clients whose last write result is remembered for retries.
+pub const MAX_REMEMBERED_CLIENTS: usize = 100_000;
+
+/// Argon2id cost. Production uses [`PasswordParams::DEFAULT`]; tests and the
+/// simulator may choose a cheaper one. The parameters travel with each hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordParams {
+    pub m_kib: u32,
+    pub t_cost: u32,
+}
+
+impl PasswordParams {
+    /// OWASP's recommendation for argon2id: 19 MiB, 2 passes, 1 lane.
+    pub const DEFAULT: PasswordParams = PasswordParams { m_kib: 19 * 1024, t_cost: 2 };
+    /// The smallest argon2 allows; only for tests and simulation.
+    pub const INSECURE_FAST: PasswordParams = PasswordParams { m_kib: 8, t_cost: 1 };
+}
+
+/// A salted argon2id password hash.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordHash {
+    salt: [u8; 16],
+    hash: [u8; 32],
+    params: PasswordParams,
+}
+
+impl std::fmt::Debug for PasswordHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PasswordHash(<redacted>)")
+    }
+}
+
+impl PasswordHash {
+    pub fn derive(password: &str, salt: [u8; 16], params: PasswordParams) -> PasswordHash {
+        PasswordHash { salt, hash: argon2id(password, &salt, params), params }
+    }
+
+    /// Constant-time comparison of `password`'s hash with this one.
+    pub fn verify(&self, password: &str) -> bool {
+        let h = argon2id(password, &self.salt, self.params);
+        h.iter().zip(self.hash.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+fn argon2id(password: &str, salt: &[u8; 16], p: PasswordParams) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let ok = argon2::Params::new(p.m_kib.max(8), p.t_cost.max(1), 1, Some(32)).and_then(|params| {
+        argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params).hash_password_into(
+            password.as_bytes(),
+            salt,
+            &mut out,
+        )
+    });
+    // Parameters are clamped into argon2's range and the salt is 16 bytes, so
+    // this only fails for passwords over 4 GiB, which no frame can carry.
+    debug_assert!(ok.is_ok());
+    out
+}
+
+/// A state change, as replicated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    CreateUser { user: UserId, password: PasswordHash },
+    /// Opens a session for a client listening at `listen`; a previous session
+    /// of a client at that address ends (it restarted or logged in anew).
+    OpenSession { user: UserId, token: SessionToken, listen: SocketAddr },
+    CloseSession { token: SessionToken },
+    CreateGroup { token: SessionToken, group: GroupId },
+    JoinGroup { token: SessionToken, group: GroupId },
+    LeaveGroup { token: SessionToken, group: GroupId },
+    AcceptRequest { token: SessionToken, group: GroupId, user: UserId },
+    RejectRequest { token: SessionToken, group: GroupId, user: UserId },
+    AddFile { token: SessionToken, group: GroupId, meta: FileMeta },
+    StopShare { token: SessionToken, group: GroupId, name: FileName },
+}
+
+/// One slot of the replicated log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The client request this came from: a retried request is applied once.
+    pub id: Option<RequestId>,
+    pub cmd: Command,
+}
+
+/// A client's session: who, and where that client serves chunks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub user: UserId,
+    pub listen: SocketAddr,
+}
+
+/// A client that shares a file: the user, and the address its client serves at.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Sharer {
+    pub user: UserId,
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedFile {
+    pub meta: FileMeta,
+    pub sharers: BTreeSet<Sharer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub owner: UserId,
+    /// In the order they joined: ownership passes to the longest-standing.
+    pub members: Vec<UserId>,
+    /// In the order they asked.
+    pub pending: Vec<UserId>,
+    pub files: BTreeMap<FileName, SharedFile>,
+}
+
+impl Group {
+    pub fn is_member(&self, user: &UserId) -> bool {
+        self.members.contains(user)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Dedupe {
+    /// Per client: its last applied request's seq and result.
+    last: BTreeMap<u64, (u64, u64, Result<Reply, ApiError>)>,
+    /// (apply index, client), to forget the least recently active client first.
+    by_age: BTreeSet<(u64, u64)>,
+}
+
+/// The replicated metadata of a tracker cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    users: BTreeMap<UserId, PasswordHash>,
+    sessions: BTreeMap<SessionToken, Session>,
+    session_at: BTreeMap<SocketAddr, SessionToken>,
+    groups: BTreeMap<GroupId, Group>,
+    dedupe: Dedupe,
+    applied: u64,
+}
+
+impl MetaState {
+    pub fn new() -> MetaState {
+        MetaState::default()
+    }
+
+    /// How many entries have been applied.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Applies the next log entry. A request id seen before returns the
+    /// result it had the first time and changes nothing.
+    pub fn apply(&mut self, entry: &Entry) -> Result<Reply, ApiError> {
+        self.applied += 1;
+        if let Some(id) = entry.id {
+            if let Some((seq, _, result)) = self.dedupe.last.get(&id.client) {
+                if id.seq == *seq {
+                    return result.clone();
+                }
+                if id.seq < *seq {
+                    return Err(ApiError::Limit("request superseded by a later one".into()));
+                }
+            }
+        }
+        let result = self.execute(&entry.cmd);
+        if let Some(id) = entry.id {
+            self.remember(id, result.clone());
+        }
+        result
+    }
+
+    fn remember(&mut self, id: RequestId, result: Result<Reply, ApiError>) {
+        if let Some((_, age, _)) = self.dedupe.last.get(&id.client) {
+            self.dedupe.by_age.remove(&(*age, id.client));
+        }
+        self.dedupe.last.insert(id.client, (id.seq, self.applied, result));
+        self.dedupe.by_age.insert((self.applied, id.client));
+        while self.dedupe.last.len() > MAX_REMEMBERED_CLIENTS {
+            if let Some((_, client)) = self.dedupe.by_age.pop_first() {
+                self.dedupe.last.remove(&client);
+            }
+        }
+    }
+
+    fn execute(&mut self, cmd: &Command) -> Result<Reply, ApiError> {
+        match cmd {
+            Command::CreateUser { user, password } => {
+                if self.users.contains_key(user) {
+                    return Err(ApiError::UserExists);
+                }
+                self.users.insert(user.clone(), password.clone());
+                Ok(Reply::Done)
+            }
+            Command::OpenSession { user, token, listen } => {
+                if !self.users.contains_key(user) {
+                    return Err(ApiError::BadCredentials);
+                }
+                if let Some(old) = self.session_at.insert(*listen, *token) {
+                    self.sessions.remove(&old);
+                }
+                self.sessions.insert(*token, Session { user: user.clone(), listen: *listen });
+                Ok(Reply::Session { token: *token })
+            }
+            Command::CloseSession { token } => {
+                let s = self.sessions.remove(token).ok_or(ApiError::NotLoggedIn)?;
+                self.session_at.remove(&s.listen);
+                Ok(Reply::Done)
+            }
+            Command::CreateGroup { token, group } => {
+                let me = self.user_of(token)?.clone();
+                if self.groups.contains_key(group) {
+                    return Err(ApiError::GroupExists);
+                }
+                self.groups.insert(
+                    group.clone(),
+                    Group { owner: me.clone(), members: vec![me], pending: vec![], files: BTreeMap::new() },
+                );
+                Ok(Reply::Done)
+            }
+            Command::JoinGroup { token, group } => {
+                let me = self.user_of(token)?.clone();
+                let g = self.groups.get_mut(group).ok_or(ApiError::NoSuchGroup)?;
+                if g.is_member(&me) {
+                    return Err(ApiError::AlreadyMember);
+                }
+                if g.pending.contains(&me) {
+                    return Err(ApiError::AlreadyRequested);
+                }
+                g.pending.push(me);
+                Ok(Reply::Done)
+            }
+            Command::LeaveGroup { token, group } => {
+                let me = self.user_of(token)?.clone();
+                let g = self.groups.get_mut(group).ok_or(ApiError::NoSuchGroup)?;
+                if !g.is_member(&me) {
+                    return Err(ApiError::NotMember);
+                }
+                g.members.retain(|m| *m != me);
+                g.files.retain(|_, f| {
+                    f.sharers.retain(|s| s.user != me);
+                    !f.sharers.is_empty()
+                });
+                if g.members.is_empty() {
+                    self.groups.remove(group);
+                    return Ok(Reply::Left { group_deleted: true, new_owner: None });
+                }
+                let mut new_owner = None;
+                if g.owner == me {
+                    g.owner = g.members[0].clone();
+                    new_owner = Some(g.owner.clone());
+                }
+                Ok(Reply::Left { group_deleted: false, new_owner })
+            }
+            Command::AcceptRequest { token, group, user } | Command::RejectRequest { token, group, user } => {
+                let me = self.user_of(token)?.clone();
+                let g = self.groups.get_mut(group).ok_or(ApiError::NoSuchGroup)?;
+                if g.owner != me {
+                    return Err(ApiError::NotOwner);
+                }
+                let at = g.pending.iter().position(|u| u == user).ok_or(ApiError::NoSuchRequest)?;
+                g.pending.remove(at);
+                if matches!(cmd, Command::AcceptRequest { .. }) {
+                    g.members.push(user.clone());
+                }
+                Ok(Reply::Done)
+            }
+            Command::AddFile { token, group, meta } => {
+                let session = self.sessions.get(token).ok_or(ApiError::NotLoggedIn)?;
+                let sharer = Sharer { user: session.user.clone(), listen: session.listen };
+                meta.digest.validate().map_err(|e| ApiError::InvalidFile(e.to_string()))?;
+                let g = self.groups.get_mut(group).ok_or(ApiError::NoSuchGroup)?;
+                if !g.is_member(&sharer.user) {
+                    return Err(ApiError::NotMember);
+                }
+                if let Some(f) = g.files.get_mut(&meta.name) {
+                    if f.meta.digest.sha1 != meta.digest.sha1 || f.meta.digest.size != meta.digest.size {
+                        return Err(ApiError::FileNameTaken);
+                    }
+                    f.sharers.insert(sharer);
+                    return Ok(Reply::Done);
+                }
+                if g.files.len() >= MAX_FILES_PER_GROUP {
+                    return Err(ApiError::Limit(format!("a group holds at most {MAX_FILES_PER_GROUP} files")));
+                }
+                g.files.insert(meta.name.clone(), SharedFile { meta: meta.clone(), sharers: BTreeSet::from([sharer]) });
+                Ok(Reply::Done)
+            }
+            Command::StopShare { token, group, name } => {
+                let session = self.sessions.get(token).ok_or(ApiError::NotLoggedIn)?;
+                let sharer = Sharer { user: session.user.clone(), listen: session.listen };
+                let g = self.groups.get_mut(group).ok_or(ApiError::NoSuchGroup)?;
+                if !g.is_member(&sharer.user) {
+                    return Err(ApiError::NotMember);
+                }
+                let f = g.files.get_mut(name).ok_or(ApiError::NoSuchFile)?;
+                if !f.sharers.remove(&sharer) {
+                    return Err(ApiError::NotSharing);
+                }
+                if f.sharers.is_empty() {
+                    g.files.remove(name);
+                }
+                Ok(Reply::Done)
+            }
+        }
+    }
+
+    // ---- reads ----
+
+    pub fn user_exists(&self, user: &UserId) -> bool {
+        self.users.contains_key(user)
+    }
+
+    pub fn password_of(&self, user: &UserId) -> Option<&PasswordHash> {
+        self.users.get(user)
+    }
+
+    pub fn session(&self, token: &SessionToken) -> Option<&Session> {
+        self.sessions.get(token)
+    }
+
+    /// The session a client listening at `listen` holds, if any.
+    pub fn session_at(&self, listen: &SocketAddr) -> Option<(&SessionToken, &Session)> {
+        let t = self.session_at.get(listen)?;
+        Some((t, &self.sessions[t]))
+    }
+
+    pub fn user_of(&self, token: &SessionToken) -> Result<&UserId, ApiError> {
+        self.sessions.get(token).map(|s| &s.user).ok_or(ApiError::NotLoggedIn)
+    }
+
+    pub fn group(&self, group: &GroupId) -> Option<&Group> {
+        self.groups.get(group)
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = (&GroupId, &Group)> {
+        self.groups.iter()
+    }
+
+    pub fn list_groups(&self) -> Vec<GroupSummary> {
+        self.groups
+            .iter()
+            .map(|(id, g)| GroupSummary { group: id.clone(), owner: g.owner.clone(), members: g.members.len() as u32 })
+            .collect()
+    }
+
+    pub fn list_my_groups(&self, user: &UserId) -> Vec<MyGroup> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| g.is_member(user))
+            .map(|(id, g)| MyGroup { group: id.clone(), owner: g.owner == *user })
+            .collect()
+    }
+
+    /// The group, if `user` is one of its members.
+    pub fn group_of_member(&self, user: &UserId, group: &GroupId) -> Result<&Group, ApiError> {
+        let g = self.groups.get(group).ok_or(ApiError::NoSuchGroup)?;
+        if g.is_member(user) {
+            Ok(g)
+        } else {
+            Err(ApiError::NotMember)
+        }
+    }
+
+    /// Files of a group the user belongs to, with `live(sharer)` deciding who
+    /// shares it *now* (liveness is soft state, kept outside the log).
+    pub fn list_files(
+        &self,
+        user: &UserId,
+        group: &GroupId,
+        live: impl Fn(&Sharer) -> bool,
+    ) -> Result<Vec<FileSummary>, ApiError> {
+        let g = self.group_of_member(user, group)?;
+        Ok(g.files
+            .values()
+            .map(|f| FileSummary {
+                name: f.meta.name.clone(),
+                size: f.meta.digest.size,
+                live_sharers: f.sharers.iter().filter(|s| live(s)).count() as u32,
+            })
+            .collect())
+    }
+
+    pub fn list_requests(&self, user: &UserId, group: &GroupId) -> Result<Vec<UserId>, ApiError> {
+        let g = self.groups.get(group).ok_or(ApiError::NoSuchGroup)?;
+        if g.owner != *user {
+            return Err(ApiError::NotOwner);
+        }
+        Ok(g.pending.clone())
+    }
+
+    /// Whether a sharer's client is logged in as that user right now.
+    pub fn is_logged_in(&self, sharer: &Sharer) -> bool {
+        self.session_at(&sharer.listen).is_some_and(|(_, s)| s.user == sharer.user)
+    }
+}
+
+#[cfg(test)]
+mod tests;

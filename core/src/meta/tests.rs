@@ -1,0 +1,223 @@
+use super::*;
+use crate::chunk::{FileDigest, Sha1Digest, CHUNK_SIZE};
+use proptest::prelude::*;
+
+fn u(s: &str) -> UserId {
+    UserId::new(s).unwrap()
+}
+fn g(s: &str) -> GroupId {
+    GroupId::new(s).unwrap()
+}
+fn tok(n: u8) -> SessionToken {
+    SessionToken([n; 16])
+}
+fn addr(n: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9000 + n as u16))
+}
+fn file(name: &str, fill: u8, size: u64) -> FileMeta {
+    let chunks = crate::chunk::chunk_count(size);
+    FileMeta {
+        name: FileName::new(name).unwrap(),
+        digest: FileDigest { size, sha1: Sha1Digest([fill; 20]), chunks: vec![Sha1Digest([fill; 20]); chunks as usize] },
+    }
+}
+fn run(s: &mut MetaState, cmd: Command) -> Result<Reply, ApiError> {
+    s.apply(&Entry { id: None, cmd })
+}
+fn hash() -> PasswordHash {
+    PasswordHash::derive("pw", [7; 16], PasswordParams::INSECURE_FAST)
+}
+
+/// alice (token 1, owner of g1) and bob (token 2), both logged in.
+fn two_users() -> MetaState {
+    let mut s = MetaState::new();
+    for (n, name) in [(1, "alice"), (2, "bob")] {
+        run(&mut s, Command::CreateUser { user: u(name), password: hash() }).unwrap();
+        run(&mut s, Command::OpenSession { user: u(name), token: tok(n), listen: addr(n) }).unwrap();
+    }
+    run(&mut s, Command::CreateGroup { token: tok(1), group: g("g1") }).unwrap();
+    s
+}
+
+#[test]
+fn passwords_verify_and_are_not_stored_in_the_clear() {
+    let h = PasswordHash::derive("secret", [1; 16], PasswordParams::INSECURE_FAST);
+    assert!(h.verify("secret"));
+    assert!(!h.verify("secreT"));
+    let bytes = postcard::to_allocvec(&h).unwrap();
+    assert!(!bytes.windows(6).any(|w| w == b"secret"));
+    assert_ne!(h, PasswordHash::derive("secret", [2; 16], PasswordParams::INSECURE_FAST), "salted");
+}
+
+#[test]
+fn accounts_are_never_overwritten() {
+    let mut s = two_users();
+    assert_eq!(run(&mut s, Command::CreateUser { user: u("alice"), password: hash() }), Err(ApiError::UserExists));
+}
+
+#[test]
+fn join_accept_reject_follow_the_rules() {
+    let mut s = two_users();
+    let join = |t| Command::JoinGroup { token: tok(t), group: g("g1") };
+    assert_eq!(run(&mut s, join(1)), Err(ApiError::AlreadyMember));
+    run(&mut s, join(2)).unwrap();
+    assert_eq!(run(&mut s, join(2)), Err(ApiError::AlreadyRequested));
+    assert_eq!(s.list_requests(&u("bob"), &g("g1")), Err(ApiError::NotOwner));
+    assert_eq!(s.list_requests(&u("alice"), &g("g1")), Ok(vec![u("bob")]));
+    assert_eq!(
+        run(&mut s, Command::AcceptRequest { token: tok(2), group: g("g1"), user: u("bob") }),
+        Err(ApiError::NotOwner)
+    );
+    run(&mut s, Command::AcceptRequest { token: tok(1), group: g("g1"), user: u("bob") }).unwrap();
+    assert_eq!(
+        run(&mut s, Command::RejectRequest { token: tok(1), group: g("g1"), user: u("bob") }),
+        Err(ApiError::NoSuchRequest)
+    );
+    assert_eq!(s.list_my_groups(&u("bob")), vec![MyGroup { group: g("g1"), owner: false }]);
+    assert_eq!(s.list_groups()[0].members, 2);
+}
+
+#[test]
+fn owner_leaving_passes_ownership_and_last_member_deletes_group() {
+    let mut s = two_users();
+    run(&mut s, Command::JoinGroup { token: tok(2), group: g("g1") }).unwrap();
+    run(&mut s, Command::AcceptRequest { token: tok(1), group: g("g1"), user: u("bob") }).unwrap();
+    run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), meta: file("a.bin", 1, 10) }).unwrap();
+    let left = run(&mut s, Command::LeaveGroup { token: tok(1), group: g("g1") }).unwrap();
+    assert_eq!(left, Reply::Left { group_deleted: false, new_owner: Some(u("bob")) });
+    assert_eq!(s.group(&g("g1")).unwrap().owner, u("bob"));
+    assert!(s.group(&g("g1")).unwrap().files.is_empty(), "alice's only sharer entry went with her");
+    let left = run(&mut s, Command::LeaveGroup { token: tok(2), group: g("g1") }).unwrap();
+    assert_eq!(left, Reply::Left { group_deleted: true, new_owner: None });
+    assert!(s.group(&g("g1")).is_none());
+}
+
+#[test]
+fn files_dedupe_by_content_and_vanish_with_their_last_sharer() {
+    let mut s = two_users();
+    run(&mut s, Command::JoinGroup { token: tok(2), group: g("g1") }).unwrap();
+    assert_eq!(
+        run(&mut s, Command::AddFile { token: tok(2), group: g("g1"), meta: file("a", 1, 5) }),
+        Err(ApiError::NotMember)
+    );
+    run(&mut s, Command::AcceptRequest { token: tok(1), group: g("g1"), user: u("bob") }).unwrap();
+    run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), meta: file("a", 1, CHUNK_SIZE + 1) }).unwrap();
+    run(&mut s, Command::AddFile { token: tok(2), group: g("g1"), meta: file("a", 1, CHUNK_SIZE + 1) }).unwrap();
+    assert_eq!(
+        run(&mut s, Command::AddFile { token: tok(2), group: g("g1"), meta: file("a", 2, CHUNK_SIZE + 1) }),
+        Err(ApiError::FileNameTaken)
+    );
+    let files = s.list_files(&u("alice"), &g("g1"), |_| true).unwrap();
+    assert_eq!(files[0].live_sharers, 2);
+    run(&mut s, Command::StopShare { token: tok(1), group: g("g1"), name: FileName::new("a").unwrap() }).unwrap();
+    assert_eq!(
+        run(&mut s, Command::StopShare { token: tok(1), group: g("g1"), name: FileName::new("a").unwrap() }),
+        Err(ApiError::NotSharing)
+    );
+    run(&mut s, Command::StopShare { token: tok(2), group: g("g1"), name: FileName::new("a").unwrap() }).unwrap();
+    assert!(s.list_files(&u("alice"), &g("g1"), |_| true).unwrap().is_empty());
+}
+
+#[test]
+fn a_bad_digest_is_refused() {
+    let mut s = two_users();
+    let mut meta = file("a", 1, 3 * CHUNK_SIZE);
+    meta.digest.chunks.pop();
+    assert!(matches!(
+        run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), meta }),
+        Err(ApiError::InvalidFile(_))
+    ));
+}
+
+#[test]
+fn a_new_login_at_the_same_address_replaces_the_old_session() {
+    let mut s = two_users();
+    run(&mut s, Command::OpenSession { user: u("bob"), token: tok(9), listen: addr(1) }).unwrap();
+    assert_eq!(s.user_of(&tok(1)), Err(ApiError::NotLoggedIn));
+    assert_eq!(s.session_at(&addr(1)).unwrap().1.user, u("bob"));
+}
+
+#[test]
+fn a_retried_request_is_applied_once() {
+    let mut s = two_users();
+    let id = Some(RequestId { client: 5, seq: 1 });
+    let e = Entry { id, cmd: Command::JoinGroup { token: tok(2), group: g("g1") } };
+    assert_eq!(s.apply(&e), Ok(Reply::Done));
+    assert_eq!(s.apply(&e), Ok(Reply::Done), "the retry sees the first answer, not AlreadyRequested");
+    assert_eq!(s.group(&g("g1")).unwrap().pending, vec![u("bob")]);
+}
+
+fn command_strategy() -> impl Strategy<Value = Entry> {
+    let user = prop_oneof![Just(u("alice")), Just(u("bob")), Just(u("carol"))];
+    let group = prop_oneof![Just(g("g1")), Just(g("g2"))];
+    let token = (0u8..4).prop_map(tok);
+    let listen = (0u8..4).prop_map(addr);
+    let meta = (prop_oneof![Just("a"), Just("b")], 0u8..2, 0u64..(3 * CHUNK_SIZE), any::<bool>()).prop_map(
+        |(n, fill, size, corrupt)| {
+            let mut m = file(n, fill, size);
+            if corrupt {
+                m.digest.chunks.push(Sha1Digest([0; 20]));
+            }
+            m
+        },
+    );
+    let cmd = prop_oneof![
+        user.clone().prop_map(|user| Command::CreateUser { user, password: hash() }),
+        (user.clone(), token.clone(), listen).prop_map(|(user, token, listen)| Command::OpenSession {
+            user,
+            token,
+            listen
+        }),
+        token.clone().prop_map(|token| Command::CloseSession { token }),
+        (token.clone(), group.clone()).prop_map(|(token, group)| Command::CreateGroup { token, group }),
+        (token.clone(), group.clone()).prop_map(|(token, group)| Command::JoinGroup { token, group }),
+        (token.clone(), group.clone()).prop_map(|(token, group)| Command::LeaveGroup { token, group }),
+        (token.clone(), group.clone(), user.clone())
+            .prop_map(|(token, group, user)| Command::AcceptRequest { token, group, user }),
+        (token.clone(), group.clone(), user).prop_map(|(token, group, user)| Command::RejectRequest {
+            token,
+            group,
+            user
+        }),
+        (token.clone(), group.clone(), meta).prop_map(|(token, group, meta)| Command::AddFile { token, group, meta }),
+        (token, group, prop_oneof![Just("a"), Just("b")]).prop_map(|(token, group, n)| Command::StopShare {
+            token,
+            group,
+            name: FileName::new(n).unwrap()
+        }),
+    ];
+    (proptest::option::of((0u64..3, 0u64..6)), cmd)
+        .prop_map(|(id, cmd)| Entry { id: id.map(|(client, seq)| RequestId { client, seq }), cmd })
+}
+
+fn check_invariants(s: &MetaState) {
+    for (_, grp) in s.groups() {
+        assert!(!grp.members.is_empty(), "an empty group must be deleted");
+        assert!(grp.is_member(&grp.owner), "the owner is a member");
+        let mut m = grp.members.clone();
+        m.sort();
+        m.dedup();
+        assert_eq!(m.len(), grp.members.len(), "members are unique");
+        assert!(grp.pending.iter().all(|p| !grp.is_member(p)), "no member is pending");
+        for f in grp.files.values() {
+            assert!(!f.sharers.is_empty(), "a file nobody shares is gone");
+            assert!(f.sharers.iter().all(|sh| grp.is_member(&sh.user)), "only members share");
+            f.meta.digest.validate().unwrap();
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn apply_never_panics_keeps_invariants_and_is_deterministic(entries in proptest::collection::vec(command_strategy(), 0..80)) {
+        let mut a = MetaState::new();
+        let mut b = MetaState::new();
+        for e in &entries {
+            let ra = a.apply(e);
+            let rb = b.apply(e);
+            prop_assert_eq!(ra, rb);
+            check_invariants(&a);
+        }
+        prop_assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,156 @@
+//! The messages of shoal's wire protocol (encoded by [`crate::wire`]).
+//!
+//! Every connection opens with [`Message::Hello`] from the side that connected.
+//! A client then sends [`Message::Request`]s, each answered by one
+//! [`Message::Response`] with the same [`RequestId`], in any order.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::chunk::{FileDigest, FileMeta};
+use crate::ids::{FileName, GroupId, SessionToken, UserId};
+
+/// Bumped on any incompatible change of the messages below.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest password accepted, in bytes: hashing is slow, so its input is bounded.
+pub const MAX_PASSWORD_LEN: usize = 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Client,
+    Tracker,
+    Peer,
+}
+
+/// Identifies a request for its whole life, across retries and tracker failover:
+/// a tracker applies a write with a given id at most once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RequestId {
+    /// Chosen at random by each client process.
+    pub client: u64,
+    /// Increases by one with each request of that client.
+    pub seq: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    Hello { protocol_version: u32, role: Role },
+    /// The receiver will not talk to the sender (wrong version or role); it hangs up next.
+    Refused { reason: String },
+    Request { id: RequestId, session: Option<SessionToken>, body: Request },
+    Response { id: RequestId, result: Result<Reply, ApiError> },
+}
+
+/// What a client asks a tracker. The session travels beside it in [`Message::Request`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    CreateUser { user: UserId, password: String },
+    /// `listen` is where this client serves chunks; it names the client as a sharer.
+    Login { user: UserId, password: String, listen: SocketAddr },
+    Logout,
+    /// Keeps the session's lease alive (sent when the client is otherwise quiet).
+    Heartbeat,
+    CreateGroup { group: GroupId },
+    JoinGroup { group: GroupId },
+    LeaveGroup { group: GroupId },
+    ListRequests { group: GroupId },
+    AcceptRequest { group: GroupId, user: UserId },
+    RejectRequest { group: GroupId, user: UserId },
+    ListGroups,
+    ListMyGroups,
+    ListFiles { group: GroupId },
+    UploadFile { group: GroupId, meta: FileMeta },
+    DownloadFile { group: GroupId, name: FileName },
+    StopShare { group: GroupId, name: FileName },
+}
+
+impl Request {
+    /// Writes change the replicated metadata; everything else is answered locally.
+    pub fn is_write(&self) -> bool {
+        !matches!(
+            self,
+            Request::Heartbeat
+                | Request::ListRequests { .. }
+                | Request::ListGroups
+                | Request::ListMyGroups
+                | Request::ListFiles { .. }
+                | Request::DownloadFile { .. }
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSummary {
+    pub group: GroupId,
+    pub owner: UserId,
+    pub members: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MyGroup {
+    pub group: GroupId,
+    pub owner: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSummary {
+    pub name: FileName,
+    pub size: u64,
+    /// Sharers whose session is alive now.
+    pub live_sharers: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Done,
+    Session { token: SessionToken },
+    Left { group_deleted: bool, new_owner: Option<UserId> },
+    Groups(Vec<GroupSummary>),
+    MyGroups(Vec<MyGroup>),
+    Requests(Vec<UserId>),
+    Files(Vec<FileSummary>),
+    /// The file's digest and the listen addresses of its live sharers.
+    Download { digest: FileDigest, sharers: Vec<SocketAddr> },
+}
+
+/// Why a request failed. The `Display` texts are what the user reads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Error)]
+pub enum ApiError {
+    #[error("not logged in")]
+    NotLoggedIn,
+    #[error("user already exists")]
+    UserExists,
+    #[error("wrong user id or password")]
+    BadCredentials,
+    #[error("group already exists")]
+    GroupExists,
+    #[error("no such group")]
+    NoSuchGroup,
+    #[error("already a member of this group")]
+    AlreadyMember,
+    #[error("a join request for this group is already pending")]
+    AlreadyRequested,
+    #[error("not a member of this group")]
+    NotMember,
+    #[error("only the group's owner may do that")]
+    NotOwner,
+    #[error("no pending request from that user")]
+    NoSuchRequest,
+    #[error("a different file with that name is already shared in this group")]
+    FileNameTaken,
+    #[error("no such file in this group")]
+    NoSuchFile,
+    #[error("this client does not share that file")]
+    NotSharing,
+    #[error("invalid file description: {0}")]
+    InvalidFile(String),
+    #[error("limit reached: {0}")]
+    Limit(String),
+    #[error("password too long (at most {MAX_PASSWORD_LEN} bytes)")]
+    PasswordTooLong,
+    #[error("no tracker quorum")]
+    NoQuorum,
+}

@@ -1,0 +1,224 @@
+//! Framing and encoding: a 4-byte big-endian length, then a postcard-encoded
+//! [`Message`].
+//!
+//! [`FrameDecoder`] is fed whatever bytes arrive, split anywhere, and hands back
+//! whole messages. It checks a frame's announced length against its limit
+//! before buffering the body, so a peer cannot make it allocate more than
+//! `limit + 4` bytes, and it reports malformed input as a typed error.
+
+use thiserror::Error;
+
+use crate::proto::Message;
+
+/// Largest frame on a control connection (client <-> tracker). A file's
+/// description holds 20 bytes per 512 KiB chunk, so this admits files up to
+/// the 512 GiB of [`crate::chunk::MAX_FILE_CHUNKS`] with room to spare.
+pub const MAX_CONTROL_FRAME: usize = 24 * 1024 * 1024;
+
+const LEN_BYTES: usize = 4;
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {limit}")]
+    TooLarge { len: usize, limit: usize },
+    #[error("undecodable message: {0}")]
+    Malformed(String),
+}
+
+/// Encodes `msg` as one frame.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    // Serialising our own types into a Vec cannot fail.
+    let mut out = postcard::to_extend(msg, vec![0u8; LEN_BYTES]).expect("postcard encoding into a Vec");
+    let len = (out.len() - LEN_BYTES) as u32;
+    out[..LEN_BYTES].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// Decodes one frame body (without its length prefix). Trailing bytes are an error.
+pub fn decode(body: &[u8]) -> Result<Message, FrameError> {
+    match postcard::take_from_bytes::<Message>(body) {
+        Ok((msg, [])) => Ok(msg),
+        Ok((_, rest)) => Err(FrameError::Malformed(format!("{} trailing bytes", rest.len()))),
+        Err(e) => Err(FrameError::Malformed(e.to_string())),
+    }
+}
+
+/// Reassembles frames from a byte stream.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// Start of the unconsumed bytes in `buf`.
+    start: usize,
+    limit: usize,
+}
+
+impl FrameDecoder {
+    pub fn new(limit: usize) -> FrameDecoder {
+        FrameDecoder { buf: Vec::new(), start: 0, limit }
+    }
+
+    /// Bytes held but not yet returned as a frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Appends received bytes. Call [`FrameDecoder::next_message`] until it
+    /// returns `Ok(None)` afterwards.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame's body, `Ok(None)` if more bytes are needed.
+    /// After an error the stream is unusable: close the connection.
+    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < LEN_BYTES {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        if len > self.limit {
+            return Err(FrameError::TooLarge { len, limit: self.limit });
+        }
+        if avail.len() < LEN_BYTES + len {
+            return Ok(None);
+        }
+        let body_start = self.start + LEN_BYTES;
+        self.start = body_start + len;
+        if self.start == self.buf.len() {
+            // Everything consumed: the next push may reuse the allocation.
+        } else if self.start > self.buf.len() / 2 && self.start > 64 * 1024 {
+            // Keep the buffer from creeping: move the tail down now and then.
+            self.buf.drain(..body_start);
+            self.start -= body_start;
+            return Ok(Some(&self.buf[..len]));
+        }
+        Ok(Some(&self.buf[body_start..body_start + len]))
+    }
+
+    /// The next whole message, `Ok(None)` if more bytes are needed.
+    pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
+        match self.next_frame()? {
+            None => Ok(None),
+            Some(body) => decode(body).map(Some),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{FileDigest, FileMeta, Sha1Digest};
+    use crate::ids::{FileName, GroupId, SessionToken, UserId};
+    use crate::proto::*;
+    use proptest::prelude::*;
+
+    fn id_strategy() -> impl Strategy<Value = String> + Clone {
+        "[A-Za-z0-9_.-]{1,64}"
+    }
+
+    fn request_strategy() -> impl Strategy<Value = Request> {
+        let user = id_strategy().prop_map(|s| UserId::new(s).unwrap());
+        let group = id_strategy().prop_map(|s| GroupId::new(s).unwrap());
+        let name = "[a-z .]{0,20}[a-z]".prop_map(|s| FileName::new(s).unwrap());
+        let digest = (any::<u64>(), any::<[u8; 20]>(), proptest::collection::vec(any::<[u8; 20]>(), 0..4))
+            .prop_map(|(size, sha1, chunks)| FileDigest {
+                size,
+                sha1: Sha1Digest(sha1),
+                chunks: chunks.into_iter().map(Sha1Digest).collect(),
+            });
+        let addr = (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| std::net::SocketAddr::from((ip, port)));
+        prop_oneof![
+            (user.clone(), ".{0,30}").prop_map(|(user, password)| Request::CreateUser { user, password }),
+            (user.clone(), ".{0,30}", addr).prop_map(|(user, password, listen)| Request::Login { user, password, listen }),
+            Just(Request::Logout),
+            Just(Request::Heartbeat),
+            group.clone().prop_map(|group| Request::CreateGroup { group }),
+            group.clone().prop_map(|group| Request::JoinGroup { group }),
+            group.clone().prop_map(|group| Request::LeaveGroup { group }),
+            group.clone().prop_map(|group| Request::ListRequests { group }),
+            (group.clone(), user.clone()).prop_map(|(group, user)| Request::AcceptRequest { group, user }),
+            (group.clone(), user).prop_map(|(group, user)| Request::RejectRequest { group, user }),
+            Just(Request::ListGroups),
+            Just(Request::ListMyGroups),
+            group.clone().prop_map(|group| Request::ListFiles { group }),
+            (group.clone(), name.clone(), digest)
+                .prop_map(|(group, name, digest)| Request::UploadFile { group, meta: FileMeta { name, digest } }),
+            (group.clone(), name.clone()).prop_map(|(group, name)| Request::DownloadFile { group, name }),
+            (group, name).prop_map(|(group, name)| Request::StopShare { group, name }),
+        ]
+    }
+
+    fn message_strategy() -> impl Strategy<Value = Message> {
+        let api_error = prop_oneof![
+            Just(ApiError::NotLoggedIn),
+            Just(ApiError::NoQuorum),
+            ".{0,20}".prop_map(ApiError::InvalidFile),
+        ];
+        let reply = prop_oneof![
+            Just(Reply::Done),
+            any::<[u8; 16]>().prop_map(|t| Reply::Session { token: SessionToken(t) }),
+            Just(Reply::Left { group_deleted: true, new_owner: None }),
+            Just(Reply::Requests(vec![UserId::new("u").unwrap()])),
+        ];
+        prop_oneof![
+            (any::<u32>(), prop_oneof![Just(Role::Client), Just(Role::Tracker), Just(Role::Peer)])
+                .prop_map(|(protocol_version, role)| Message::Hello { protocol_version, role }),
+            ".{0,40}".prop_map(|reason| Message::Refused { reason }),
+            (any::<u64>(), any::<u64>(), proptest::option::of(any::<[u8; 16]>()), request_strategy()).prop_map(
+                |(client, seq, session, body)| Message::Request {
+                    id: RequestId { client, seq },
+                    session: session.map(SessionToken),
+                    body
+                }
+            ),
+            (any::<u64>(), any::<u64>(), prop_oneof![reply.prop_map(Ok), api_error.prop_map(Err)])
+                .prop_map(|(client, seq, result)| Message::Response { id: RequestId { client, seq }, result }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips_through_frames(msgs in proptest::collection::vec(message_strategy(), 1..8), split in 1usize..64) {
+            let stream: Vec<u8> = msgs.iter().flat_map(encode).collect();
+            let mut dec = FrameDecoder::new(MAX_CONTROL_FRAME);
+            let mut out = Vec::new();
+            for piece in stream.chunks(split) {
+                dec.push(piece);
+                while let Some(m) = dec.next_message().unwrap() {
+                    out.push(m);
+                }
+            }
+            prop_assert_eq!(out, msgs);
+            prop_assert_eq!(dec.buffered(), 0);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut dec = FrameDecoder::new(1024);
+            dec.push(&bytes);
+            while let Ok(Some(_)) = dec.next_message() {}
+        }
+    }
+
+    #[test]
+    fn a_huge_length_prefix_is_refused_before_buffering() {
+        let mut dec = FrameDecoder::new(MAX_CONTROL_FRAME);
+        dec.push(&u32::MAX.to_be_bytes());
+        assert_eq!(dec.next_frame(), Err(FrameError::TooLarge { len: u32::MAX as usize, limit: MAX_CONTROL_FRAME }));
+    }
+
+    #[test]
+    fn trailing_bytes_in_a_frame_are_malformed() {
+        let mut f = encode(&Message::Request { id: RequestId { client: 1, seq: 2 }, session: None, body: Request::ListGroups });
+        f.push(0);
+        let len = (f.len() - 4) as u32;
+        f[..4].copy_from_slice(&len.to_be_bytes());
+        let mut dec = FrameDecoder::new(1024);
+        dec.push(&f);
+        assert!(matches!(dec.next_message(), Err(FrameError::Malformed(_))));
+    }
+}
