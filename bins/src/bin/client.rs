@@ -1,1 +1,167 @@
-fn main(){}
+//! `client <ip>:<port> tracker_info.txt`: a shoal peer with its shell.
+//!
+//! On a terminal: a line editor with history. With stdin piped: one command
+//! a line, each finished before the next is read; results on stdout, failures
+//! as `error: <reason>` on stderr; exit status 0 if every command succeeded.
+
+use std::io::{self, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use shoal_bins::{read_line_bounded, Line};
+use shoal_core::client::ClientConfig;
+use shoal_core::shell::{parse, ParseError, ShellCommand, MAX_LINE_LEN};
+use shoal_net_mio::client::{ClientHandle, CommandResult};
+
+/// A shoal client: shares files with its groups and downloads theirs.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Where this client serves chunks to other peers, e.g. 127.0.0.1:9001.
+    listen: SocketAddr,
+    /// The cluster's trackers, one `IP PORT` or `IP:PORT` a line.
+    tracker_info: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    shoal_bins::init_logging();
+    let trackers = match shoal_bins::load_tracker_info(&args.tracker_info) {
+        Ok(t) => t.into_iter().map(|t| t.addr).collect(),
+        Err(e) => return fail(&e),
+    };
+    let handle = match ClientHandle::start(ClientConfig::new(args.listen, trackers)) {
+        Ok(h) => h,
+        Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen)),
+    };
+    if io::stdin().is_terminal() {
+        repl(&handle)
+    } else {
+        piped(&handle)
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Prints a result; true if it succeeded.
+fn report(r: &CommandResult) -> bool {
+    match &r.result {
+        Ok(lines) => {
+            let mut out = io::stdout().lock();
+            for l in lines {
+                let _ = writeln!(out, "{l}");
+            }
+            let _ = out.flush();
+            true
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            false
+        }
+    }
+}
+
+fn piped(handle: &ClientHandle) -> ExitCode {
+    let mut stdin = io::stdin().lock();
+    let mut all_ok = true;
+    loop {
+        let line = match read_line_bounded(&mut stdin, MAX_LINE_LEN) {
+            Ok(Some(Line::Text(l))) => l,
+            Ok(Some(Line::TooLong)) => {
+                eprintln!("error: {}", ParseError::LineTooLong);
+                all_ok = false;
+                continue;
+            }
+            Ok(Some(Line::NotUtf8)) => {
+                eprintln!("error: input line is not UTF-8");
+                all_ok = false;
+                continue;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                eprintln!("error: reading stdin: {e}");
+                all_ok = false;
+                break;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse(&line) {
+            Err(e) => {
+                eprintln!("error: {e}");
+                all_ok = false;
+            }
+            Ok(cmd) => {
+                let exit = cmd == ShellCommand::Exit;
+                all_ok &= report(&handle.run(cmd));
+                if exit {
+                    return status(all_ok);
+                }
+            }
+        }
+    }
+    // End of input: log out like `exit`, quietly.
+    let r = handle.run(ShellCommand::Exit);
+    if let Err(e) = r.result {
+        tracing::debug!(error = %e, "logout at end of input failed");
+    }
+    status(all_ok)
+}
+
+fn status(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn repl(handle: &ClientHandle) -> ExitCode {
+    use rustyline::error::ReadlineError;
+    let mut rl = match rustyline::DefaultEditor::new() {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot start the line editor: {e}")),
+    };
+    println!("shoal client serving peers at {}; type 'help' for commands", handle.listen_addr());
+    let mut user: Option<String> = None;
+    loop {
+        let prompt = match &user {
+            Some(u) => format!("{u}@shoal> "),
+            None => "shoal> ".to_string(),
+        };
+        match rl.readline(&prompt) {
+            Ok(line) => {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                if line.len() <= MAX_LINE_LEN {
+                    let _ = rl.add_history_entry(line.as_str());
+                }
+                match parse(&line) {
+                    Err(e) => eprintln!("error: {e}"),
+                    Ok(cmd) => {
+                        let exit = cmd == ShellCommand::Exit;
+                        let r = handle.run(cmd);
+                        report(&r);
+                        user = r.user.map(|u| u.to_string());
+                        if exit {
+                            return ExitCode::SUCCESS;
+                        }
+                    }
+                }
+            }
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => {
+                report(&handle.run(ShellCommand::Exit));
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => return fail(&format!("reading input: {e}")),
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Shared start-up code of the `tracker` and `client` programs: logging and
+//! reading `tracker_info.txt`. Thin by design; logic lives in `shoal-core`.
+
+use std::io::{self, BufRead, Read};
+use std::path::Path;
+
+use shoal_core::config::{parse_tracker_info, TrackerEntry, MAX_TRACKER_INFO_LEN};
+
+/// Logs go to stderr, quiet (warnings only) unless `RUST_LOG` says otherwise.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).with_target(false).init();
+}
+
+/// Reads and parses `tracker_info.txt`, with a one-line error naming the file.
+pub fn load_tracker_info(path: &Path) -> Result<Vec<TrackerEntry>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut text = String::new();
+    file.take(MAX_TRACKER_INFO_LEN as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    parse_tracker_info(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A line of input, or why it was refused.
+pub enum Line {
+    Text(String),
+    TooLong,
+    NotUtf8,
+}
+
+/// Reads one line of at most `max` bytes (without its newline). A longer line
+/// is consumed and reported as [`Line::TooLong`] without buffering it whole.
+pub fn read_line_bounded(r: &mut impl BufRead, max: usize) -> io::Result<Option<Line>> {
+    let mut buf = Vec::new();
+    let mut too_long = false;
+    let mut saw_any = false;
+    loop {
+        let avail = r.fill_buf()?;
+        if avail.is_empty() {
+            if !saw_any {
+                return Ok(None);
+            }
+            break;
+        }
+        saw_any = true;
+        let (part, found) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (&avail[..i], Some(i)),
+            None => (avail, None),
+        };
+        if !too_long {
+            if buf.len() + part.len() > max {
+                too_long = true;
+                buf = Vec::new();
+            } else {
+                buf.extend_from_slice(part);
+            }
+        }
+        let used = found.map_or(avail.len(), |i| i + 1);
+        r.consume(used);
+        if found.is_some() {
+            break;
+        }
+    }
+    if too_long {
+        return Ok(Some(Line::TooLong));
+    }
+    if buf.last() == Some(&b'\r') {
+        buf.pop();
+    }
+    Ok(Some(String::from_utf8(buf).map_or(Line::NotUtf8, Line::Text)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(input: &[u8], max: usize) -> Vec<String> {
+        let mut r = io::BufReader::with_capacity(4, input);
+        let mut out = Vec::new();
+        while let Some(l) = read_line_bounded(&mut r, max).unwrap() {
+            out.push(match l {
+                Line::Text(s) => s,
+                Line::TooLong => "<long>".into(),
+                Line::NotUtf8 => "<bin>".into(),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn bounded_lines() {
+        assert_eq!(lines(b"ab\r\ncdefgh\n\nxy", 4), vec!["ab", "<long>", "", "xy"]);
+        assert_eq!(lines(b"\xff\n", 4), vec!["<bin>"]);
+        assert!(lines(b"", 4).is_empty());
+    }
+}
