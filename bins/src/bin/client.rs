@@ -17,7 +17,7 @@ use shoal_net_mio::client::{ClientHandle, CommandResult};
 
 /// A shoal client: shares files with its groups and downloads theirs.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "client", version, about)]
 struct Args {
     /// Where this client serves chunks to other peers, e.g. 127.0.0.1:9001.
     listen: SocketAddr,

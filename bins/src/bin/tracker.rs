@@ -10,7 +10,7 @@ use shoal_net_mio::tracker::TrackerServer;
 
 /// A shoal tracker: holds accounts, groups and the files they share.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "tracker", version, about)]
 struct Args {
     /// The cluster's trackers, one `IP PORT` or `IP:PORT` a line.
     tracker_info: PathBuf,

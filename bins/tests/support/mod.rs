@@ -1,0 +1,183 @@
+//! Starts the real `tracker` and `client` binaries on loopback for tests.
+//! Every process is killed when its handle drops; every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::Duration;
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("shoal-test-{tag}-{}-{}", std::process::id(), nanos()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Writes a tracker_info file listing `addrs`.
+pub fn tracker_info(dir: &Path, addrs: &[SocketAddr]) -> PathBuf {
+    let p = dir.join("tracker_info.txt");
+    let text: String = addrs.iter().map(|a| format!("{} {}\n", a.ip(), a.port())).collect();
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Lines from a child's output, read on a thread.
+fn line_reader(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+pub struct Tracker {
+    pub child: Child,
+    pub addr: SocketAddr,
+    out: Receiver<String>,
+}
+
+impl Tracker {
+    /// Starts tracker `id` of `info` and waits until it says it listens.
+    pub fn start(info: &Path, id: u32) -> Tracker {
+        let text = std::fs::read_to_string(info).unwrap();
+        let line = text.lines().nth(id as usize - 1).unwrap();
+        let addr: SocketAddr = line.replace(' ', ":").parse().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tracker"))
+            .arg(info)
+            .arg(id.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = line_reader(child.stdout.take().unwrap());
+        let first = out.recv_timeout(WAIT).expect("tracker did not start");
+        assert!(first.starts_with(&format!("tracker {id} listening on")), "{first}");
+        Tracker { child, addr, out }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client driven line by line, its stdout and stderr merged in order.
+pub struct Client {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    out: Receiver<String>,
+    pub name: String,
+}
+
+impl Client {
+    pub fn start(name: &str, info: &Path) -> Client {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_client"))
+            .arg("127.0.0.1:0")
+            .arg(info)
+            .stdin(Stdio::piped())
+            .stdout(writer.try_clone().unwrap())
+            .stderr(writer)
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        Client { child, stdin, out: line_reader(reader), name: name.into() }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// The next `n` output lines.
+    pub fn lines(&mut self, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                self.out
+                    .recv_timeout(WAIT)
+                    .unwrap_or_else(|_| panic!("{}: no output line {} within {WAIT:?}", self.name, i + 1))
+            })
+            .collect()
+    }
+
+    /// Runs `cmd` and checks its output lines. An expected line ending in `*`
+    /// matches any line starting with what comes before the `*`.
+    pub fn expect(&mut self, cmd: &str, expected: &[&str]) {
+        self.send_raw(format!("{cmd}\n").as_bytes());
+        let got = self.lines(expected.len().max(1));
+        for (g, e) in got.iter().zip(expected) {
+            let ok = match e.strip_suffix('*') {
+                Some(prefix) => g.starts_with(prefix),
+                None => g == e,
+            };
+            assert!(ok, "{}: `{cmd}`\n  expected: {expected:?}\n  got:      {got:?}", self.name);
+        }
+    }
+
+    /// Closes stdin and waits (bounded) for the exit status.
+    pub fn finish(mut self) -> ExitStatus {
+        drop(self.stdin.take());
+        // A watchdog kills the client if it does not exit in time.
+        let (done, watch) = mpsc::channel::<()>();
+        let pid = self.child.id();
+        let dog = std::thread::spawn(move || {
+            let timed_out = watch.recv_timeout(WAIT).is_err();
+            if timed_out {
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            }
+            timed_out
+        });
+        let status = self.child.wait().unwrap();
+        let _ = done.send(());
+        assert!(!dog.join().unwrap(), "{} did not exit within {WAIT:?}", self.name);
+        status
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
