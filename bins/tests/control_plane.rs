@@ -88,7 +88,10 @@ fn every_command_with_its_refusals() {
     a.expect("accept_request g1 carol", &["error: no pending request from that user"]);
     c.expect("join_group g1", &["join request sent to g1"]);
     a.expect("accept_request g1 carol", &["carol is now a member of g1"]);
-    c.expect(&format!("upload_file {fc} g1"), &["error: a different file with that name is already shared in this group"]);
+    c.expect(
+        &format!("upload_file {fc} g1"),
+        &["error: a different file with that name is already shared in this group"],
+    );
     a.expect(&format!("upload_file {}/missing.bin g1", dir.path().display()), &["error: cannot read *"]);
     a.expect(&format!("upload_file {} g1", dir.path().display()), &["error: cannot read*"]);
     b.expect("download_file g1 nosuch.bin /tmp", &["error: no such file in this group"]);

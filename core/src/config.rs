@@ -79,7 +79,8 @@ mod tests {
 
     #[test]
     fn both_forms_comments_and_blank_lines() {
-        let t = parse_tracker_info("# cluster\n127.0.0.1 7001\n\n127.0.0.1:7002  # second\n::1 7003\n[::1]:7004\n").unwrap();
+        let t = parse_tracker_info("# cluster\n127.0.0.1 7001\n\n127.0.0.1:7002  # second\n::1 7003\n[::1]:7004\n")
+            .unwrap();
         let ids: Vec<u32> = t.iter().map(|t| t.id).collect();
         assert_eq!(ids, vec![2, 4, 5, 6]);
         assert_eq!(t[1].addr, "127.0.0.1:7002".parse().unwrap());

@@ -82,18 +82,52 @@ fn argon2id(password: &str, salt: &[u8; 16], p: PasswordParams) -> [u8; 32] {
 /// A state change, as replicated.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    CreateUser { user: UserId, password: PasswordHash },
+    CreateUser {
+        user: UserId,
+        password: PasswordHash,
+    },
     /// Opens a session for a client listening at `listen`; a previous session
     /// of a client at that address ends (it restarted or logged in anew).
-    OpenSession { user: UserId, token: SessionToken, listen: SocketAddr },
-    CloseSession { token: SessionToken },
-    CreateGroup { token: SessionToken, group: GroupId },
-    JoinGroup { token: SessionToken, group: GroupId },
-    LeaveGroup { token: SessionToken, group: GroupId },
-    AcceptRequest { token: SessionToken, group: GroupId, user: UserId },
-    RejectRequest { token: SessionToken, group: GroupId, user: UserId },
-    AddFile { token: SessionToken, group: GroupId, meta: FileMeta },
-    StopShare { token: SessionToken, group: GroupId, name: FileName },
+    OpenSession {
+        user: UserId,
+        token: SessionToken,
+        listen: SocketAddr,
+    },
+    CloseSession {
+        token: SessionToken,
+    },
+    CreateGroup {
+        token: SessionToken,
+        group: GroupId,
+    },
+    JoinGroup {
+        token: SessionToken,
+        group: GroupId,
+    },
+    LeaveGroup {
+        token: SessionToken,
+        group: GroupId,
+    },
+    AcceptRequest {
+        token: SessionToken,
+        group: GroupId,
+        user: UserId,
+    },
+    RejectRequest {
+        token: SessionToken,
+        group: GroupId,
+        user: UserId,
+    },
+    AddFile {
+        token: SessionToken,
+        group: GroupId,
+        meta: FileMeta,
+    },
+    StopShare {
+        token: SessionToken,
+        group: GroupId,
+        name: FileName,
+    },
 }
 
 /// One slot of the replicated log.

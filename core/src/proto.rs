@@ -37,34 +37,78 @@ pub struct RequestId {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
-    Hello { protocol_version: u32, role: Role },
+    Hello {
+        protocol_version: u32,
+        role: Role,
+    },
     /// The receiver will not talk to the sender (wrong version or role); it hangs up next.
-    Refused { reason: String },
-    Request { id: RequestId, session: Option<SessionToken>, body: Request },
-    Response { id: RequestId, result: Result<Reply, ApiError> },
+    Refused {
+        reason: String,
+    },
+    Request {
+        id: RequestId,
+        session: Option<SessionToken>,
+        body: Request,
+    },
+    Response {
+        id: RequestId,
+        result: Result<Reply, ApiError>,
+    },
 }
 
 /// What a client asks a tracker. The session travels beside it in [`Message::Request`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    CreateUser { user: UserId, password: String },
+    CreateUser {
+        user: UserId,
+        password: String,
+    },
     /// `listen` is where this client serves chunks; it names the client as a sharer.
-    Login { user: UserId, password: String, listen: SocketAddr },
+    Login {
+        user: UserId,
+        password: String,
+        listen: SocketAddr,
+    },
     Logout,
     /// Keeps the session's lease alive (sent when the client is otherwise quiet).
     Heartbeat,
-    CreateGroup { group: GroupId },
-    JoinGroup { group: GroupId },
-    LeaveGroup { group: GroupId },
-    ListRequests { group: GroupId },
-    AcceptRequest { group: GroupId, user: UserId },
-    RejectRequest { group: GroupId, user: UserId },
+    CreateGroup {
+        group: GroupId,
+    },
+    JoinGroup {
+        group: GroupId,
+    },
+    LeaveGroup {
+        group: GroupId,
+    },
+    ListRequests {
+        group: GroupId,
+    },
+    AcceptRequest {
+        group: GroupId,
+        user: UserId,
+    },
+    RejectRequest {
+        group: GroupId,
+        user: UserId,
+    },
     ListGroups,
     ListMyGroups,
-    ListFiles { group: GroupId },
-    UploadFile { group: GroupId, meta: FileMeta },
-    DownloadFile { group: GroupId, name: FileName },
-    StopShare { group: GroupId, name: FileName },
+    ListFiles {
+        group: GroupId,
+    },
+    UploadFile {
+        group: GroupId,
+        meta: FileMeta,
+    },
+    DownloadFile {
+        group: GroupId,
+        name: FileName,
+    },
+    StopShare {
+        group: GroupId,
+        name: FileName,
+    },
 }
 
 impl Request {
@@ -106,14 +150,22 @@ pub struct FileSummary {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     Done,
-    Session { token: SessionToken },
-    Left { group_deleted: bool, new_owner: Option<UserId> },
+    Session {
+        token: SessionToken,
+    },
+    Left {
+        group_deleted: bool,
+        new_owner: Option<UserId>,
+    },
     Groups(Vec<GroupSummary>),
     MyGroups(Vec<MyGroup>),
     Requests(Vec<UserId>),
     Files(Vec<FileSummary>),
     /// The file's digest and the listen addresses of its live sharers.
-    Download { digest: FileDigest, sharers: Vec<SocketAddr> },
+    Download {
+        digest: FileDigest,
+        sharers: Vec<SocketAddr>,
+    },
 }
 
 /// Why a request failed. The `Display` texts are what the user reads.

@@ -157,11 +157,9 @@ pub fn parse(line: &str) -> Result<ShellCommand, ParseError> {
         "list_my_groups" => ShellCommand::ListMyGroups,
         "list_files" => ShellCommand::ListFiles { group: group(a(0))? },
         "upload_file" => ShellCommand::UploadFile { path: a(0).to_string(), group: group(a(1))? },
-        "download_file" => ShellCommand::DownloadFile {
-            group: group(a(0))?,
-            name: file(a(1))?,
-            destination: a(2).to_string(),
-        },
+        "download_file" => {
+            ShellCommand::DownloadFile { group: group(a(0))?, name: file(a(1))?, destination: a(2).to_string() }
+        }
         "show_downloads" => ShellCommand::ShowDownloads,
         "stop_share" => ShellCommand::StopShare { group: group(a(0))?, name: file(a(1))? },
         "logout" => ShellCommand::Logout,
@@ -207,12 +205,9 @@ pub fn render(cmd: &ShellCommand, reply: &Reply) -> Vec<String> {
         }
         (C::ListRequests { .. }, Reply::Requests(users)) => users.iter().map(|u| u.to_string()).collect(),
         (C::ListGroups, Reply::Groups(gs)) if gs.is_empty() => one("no groups".into()),
-        (C::ListGroups, Reply::Groups(gs)) => gs
-            .iter()
-            .map(|g| {
-                format!("{} owner={} members={}", g.group, g.owner, g.members)
-            })
-            .collect(),
+        (C::ListGroups, Reply::Groups(gs)) => {
+            gs.iter().map(|g| format!("{} owner={} members={}", g.group, g.owner, g.members)).collect()
+        }
         (C::ListMyGroups, Reply::MyGroups(gs)) if gs.is_empty() => one("you belong to no group".into()),
         (C::ListMyGroups, Reply::MyGroups(gs)) => {
             gs.iter().map(|g| if g.owner { format!("{} (owner)", g.group) } else { g.group.to_string() }).collect()

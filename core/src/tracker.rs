@@ -47,9 +47,14 @@ impl Default for TrackerConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TrackerOutput {
-    Transmit { conn: ConnId, bytes: Vec<u8> },
+    Transmit {
+        conn: ConnId,
+        bytes: Vec<u8>,
+    },
     /// Flush what was transmitted to `conn`, then close it.
-    Close { conn: ConnId },
+    Close {
+        conn: ConnId,
+    },
 }
 
 struct Conn {
@@ -250,9 +255,7 @@ impl<R: Replicator> TrackerNode<R> {
             Request::UploadFile { group, meta } => Command::AddFile { token, group, meta },
             Request::StopShare { group, name } => Command::StopShare { token, group, name },
             Request::ListGroups => return self.respond(conn, id, Ok(Reply::Groups(self.meta.list_groups()))),
-            Request::ListMyGroups => {
-                return self.respond(conn, id, Ok(Reply::MyGroups(self.meta.list_my_groups(&me))))
-            }
+            Request::ListMyGroups => return self.respond(conn, id, Ok(Reply::MyGroups(self.meta.list_my_groups(&me)))),
             Request::ListRequests { group } => {
                 let r = self.meta.list_requests(&me, &group).map(Reply::Requests);
                 return self.respond(conn, id, r);

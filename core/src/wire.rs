@@ -124,16 +124,21 @@ mod tests {
         let user = id_strategy().prop_map(|s| UserId::new(s).unwrap());
         let group = id_strategy().prop_map(|s| GroupId::new(s).unwrap());
         let name = "[a-z .]{0,20}[a-z]".prop_map(|s| FileName::new(s).unwrap());
-        let digest = (any::<u64>(), any::<[u8; 20]>(), proptest::collection::vec(any::<[u8; 20]>(), 0..4))
-            .prop_map(|(size, sha1, chunks)| FileDigest {
+        let digest = (any::<u64>(), any::<[u8; 20]>(), proptest::collection::vec(any::<[u8; 20]>(), 0..4)).prop_map(
+            |(size, sha1, chunks)| FileDigest {
                 size,
                 sha1: Sha1Digest(sha1),
                 chunks: chunks.into_iter().map(Sha1Digest).collect(),
-            });
+            },
+        );
         let addr = (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| std::net::SocketAddr::from((ip, port)));
         prop_oneof![
             (user.clone(), ".{0,30}").prop_map(|(user, password)| Request::CreateUser { user, password }),
-            (user.clone(), ".{0,30}", addr).prop_map(|(user, password, listen)| Request::Login { user, password, listen }),
+            (user.clone(), ".{0,30}", addr).prop_map(|(user, password, listen)| Request::Login {
+                user,
+                password,
+                listen
+            }),
             Just(Request::Logout),
             Just(Request::Heartbeat),
             group.clone().prop_map(|group| Request::CreateGroup { group }),
@@ -213,7 +218,8 @@ mod tests {
 
     #[test]
     fn trailing_bytes_in_a_frame_are_malformed() {
-        let mut f = encode(&Message::Request { id: RequestId { client: 1, seq: 2 }, session: None, body: Request::ListGroups });
+        let mut f =
+            encode(&Message::Request { id: RequestId { client: 1, seq: 2 }, session: None, body: Request::ListGroups });
         f.push(0);
         let len = (f.len() - 4) as u32;
         f[..4].copy_from_slice(&len.to_be_bytes());

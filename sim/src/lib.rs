@@ -29,10 +29,24 @@ pub fn seed_from_env(default: u64) -> u64 {
 #[derive(Debug)]
 enum Event {
     /// A client's connection attempt reaches the tracker.
-    Connected { client: usize, conn: ConnId },
-    ToTracker { conn: ConnId, bytes: Vec<u8> },
-    ToClient { client: usize, conn: ConnId, bytes: Vec<u8> },
-    Hashed { client: usize, job: u64, result: Result<FileDigest, String> },
+    Connected {
+        client: usize,
+        conn: ConnId,
+    },
+    ToTracker {
+        conn: ConnId,
+        bytes: Vec<u8>,
+    },
+    ToClient {
+        client: usize,
+        conn: ConnId,
+        bytes: Vec<u8>,
+    },
+    Hashed {
+        client: usize,
+        job: u64,
+        result: Result<FileDigest, String>,
+    },
 }
 
 struct SimClient {
@@ -197,12 +211,8 @@ impl World {
     /// Processes the next event or timer due no later than `until`; false if none.
     fn step(&mut self, until: Millis) -> bool {
         let next_event = self.queue.peek().map(|Reverse((at, _))| *at);
-        let next_timer = self
-            .clients
-            .iter()
-            .filter_map(|c| c.engine.poll_timeout())
-            .chain(self.tracker.poll_timeout())
-            .min();
+        let next_timer =
+            self.clients.iter().filter_map(|c| c.engine.poll_timeout()).chain(self.tracker.poll_timeout()).min();
         let next = match (next_event, next_timer) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => match a.or(b) {
@@ -318,7 +328,9 @@ impl World {
                         None => Err("No such file or directory".to_string()),
                         Some(data) => {
                             let mut h = FileHasher::new();
-                            h.update(data).map_err(|e| e.to_string()).and_then(|_| h.finish().map_err(|e| e.to_string()))
+                            h.update(data)
+                                .map_err(|e| e.to_string())
+                                .and_then(|_| h.finish().map_err(|e| e.to_string()))
                         }
                     };
                     let at = self.now.plus(self.latency());

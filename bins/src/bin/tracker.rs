@@ -38,8 +38,7 @@ fn run(args: Args) -> Result<(), String> {
     })?;
     let seed = shoal_net_mio::os_seed().map_err(|e| format!("no randomness from the OS: {e}"))?;
     let node = TrackerNode::new(TrackerConfig::default(), Rng::from_seed(seed), SoloReplicator::default());
-    let server =
-        TrackerServer::bind(me.addr, node).map_err(|e| format!("cannot listen on {}: {e}", me.addr))?;
+    let server = TrackerServer::bind(me.addr, node).map_err(|e| format!("cannot listen on {}: {e}", me.addr))?;
     let peers: Vec<String> =
         trackers.iter().filter(|t| t.id != me.id).map(|t| format!("{} at {}", t.id, t.addr)).collect();
     println!("tracker {} listening on {}", me.id, server.local_addr().map_err(|e| e.to_string())?);

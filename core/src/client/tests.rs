@@ -61,7 +61,11 @@ fn a_silent_tracker_is_failed_over_and_the_request_resent_with_its_id() {
 #[test]
 fn an_unanswered_request_fails_after_the_give_up_time() {
     let mut e = engine();
-    e.handle_command(Ticket(1), ShellCommand::CreateUser { user: UserId::new("a").unwrap(), password: "p".into() }, Millis(0));
+    e.handle_command(
+        Ticket(1),
+        ShellCommand::CreateUser { user: UserId::new("a").unwrap(), password: "p".into() },
+        Millis(0),
+    );
     let mut now = Millis(0);
     let mut done = None;
     for _ in 0..1000 {

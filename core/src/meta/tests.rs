@@ -18,7 +18,11 @@ fn file(name: &str, fill: u8, size: u64) -> FileMeta {
     let chunks = crate::chunk::chunk_count(size);
     FileMeta {
         name: FileName::new(name).unwrap(),
-        digest: FileDigest { size, sha1: Sha1Digest([fill; 20]), chunks: vec![Sha1Digest([fill; 20]); chunks as usize] },
+        digest: FileDigest {
+            size,
+            sha1: Sha1Digest([fill; 20]),
+            chunks: vec![Sha1Digest([fill; 20]); chunks as usize],
+        },
     }
 }
 fn run(s: &mut MetaState, cmd: Command) -> Result<Reply, ApiError> {
@@ -172,8 +176,11 @@ fn command_strategy() -> impl Strategy<Value = Entry> {
         (token.clone(), group.clone()).prop_map(|(token, group)| Command::CreateGroup { token, group }),
         (token.clone(), group.clone()).prop_map(|(token, group)| Command::JoinGroup { token, group }),
         (token.clone(), group.clone()).prop_map(|(token, group)| Command::LeaveGroup { token, group }),
-        (token.clone(), group.clone(), user.clone())
-            .prop_map(|(token, group, user)| Command::AcceptRequest { token, group, user }),
+        (token.clone(), group.clone(), user.clone()).prop_map(|(token, group, user)| Command::AcceptRequest {
+            token,
+            group,
+            user
+        }),
         (token.clone(), group.clone(), user).prop_map(|(token, group, user)| Command::RejectRequest {
             token,
             group,

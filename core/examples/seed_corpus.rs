@@ -1,0 +1,66 @@
+//! Writes the seed corpus of the fuzz targets: `cargo run -p shoal-core --example seed_corpus -- fuzz/corpus`.
+//! The files are committed; run this again when the messages change.
+
+use std::path::Path;
+
+use shoal_core::chunk::{FileDigest, FileMeta, Sha1Digest};
+use shoal_core::ids::{FileName, GroupId, SessionToken, UserId};
+use shoal_core::proto::*;
+use shoal_core::wire::encode;
+
+fn main() {
+    let root = std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into());
+    let root = Path::new(&root);
+    let g = GroupId::new("g1").unwrap();
+    let u = UserId::new("alice").unwrap();
+    let meta = FileMeta {
+        name: FileName::new("a.bin").unwrap(),
+        digest: FileDigest { size: 3, sha1: Sha1Digest([1; 20]), chunks: vec![Sha1Digest([2; 20])] },
+    };
+    let id = RequestId { client: 42, seq: 1 };
+    let s = Some(SessionToken([9; 16]));
+    let msgs = vec![
+        Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client },
+        Message::Request { id, session: None, body: Request::CreateUser { user: u.clone(), password: "pw".into() } },
+        Message::Request {
+            id,
+            session: None,
+            body: Request::Login { user: u.clone(), password: "pw".into(), listen: "127.0.0.1:9000".parse().unwrap() },
+        },
+        Message::Request { id, session: s, body: Request::CreateGroup { group: g.clone() } },
+        Message::Request { id, session: s, body: Request::AcceptRequest { group: g.clone(), user: u.clone() } },
+        Message::Request { id, session: s, body: Request::UploadFile { group: g.clone(), meta: meta.clone() } },
+        Message::Request { id, session: s, body: Request::ListFiles { group: g.clone() } },
+        Message::Response { id, result: Ok(Reply::Download { digest: meta.digest.clone(), sharers: vec![] }) },
+        Message::Response { id, result: Err(ApiError::NotMember) },
+    ];
+    let write = |target: &str, name: &str, bytes: &[u8]| {
+        let dir = root.join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
+    };
+    let mut stream = vec![7u8];
+    for (i, m) in msgs.iter().enumerate() {
+        let f = encode(m);
+        write("message", &format!("msg{i}"), &f[4..]);
+        stream.extend_from_slice(&f);
+    }
+    write("frame_stream", "all", &stream);
+    write("frame_stream", "huge_prefix", &[0, 0xff, 0xff, 0xff, 0xff, 1, 2]);
+    // tracker_node: records of (conn, len, bytes) on a connection that said Hello.
+    let mut node = Vec::new();
+    for m in &msgs[1..7] {
+        for piece in encode(m).chunks(200) {
+            node.push(0);
+            node.push(piece.len() as u8);
+            node.extend_from_slice(piece);
+        }
+    }
+    write("tracker_node", "session", &node);
+    for (i, line) in
+        ["login alice pw", "upload_file \"/tmp/a b\" g1", "download_file g1 a.bin /tmp/", "help"].iter().enumerate()
+    {
+        write("shell_command", &format!("line{i}"), line.as_bytes());
+    }
+    write("tracker_info", "default", b"127.0.0.1 7001\n127.0.0.1:7002\n# comment\n\n[::1]:7003\n");
+}
