@@ -21,7 +21,7 @@ pub fn frame_stream(data: &[u8]) {
     for piece in stream.chunks(split) {
         dec.push(piece);
         loop {
-            match dec.next_message() {
+            match dec.next_message::<Message>() {
                 Ok(Some(m)) => round_trip(&m),
                 Ok(None) => break,
                 Err(_) => return,
@@ -39,7 +39,7 @@ pub fn message(data: &[u8]) {
 
 fn round_trip(m: &Message) {
     let bytes = encode(m);
-    assert_eq!(&decode(&bytes[4..]).expect("re-decodes"), m);
+    assert_eq!(&decode::<Message>(&bytes[4..]).expect("re-decodes"), m);
 }
 
 pub fn shell_command(data: &[u8]) {

@@ -29,6 +29,8 @@ pub mod config;
 pub mod fuzzing;
 pub mod ids;
 pub mod meta;
+pub mod peer;
+pub mod picker;
 pub mod proto;
 pub mod rng;
 pub mod shell;

@@ -1,14 +1,15 @@
 //! Framing and encoding: a 4-byte big-endian length, then a postcard-encoded
-//! [`Message`].
+//! message ([`crate::proto::Message`] to trackers, [`crate::peer::PeerMessage`]
+//! between peers).
 //!
 //! [`FrameDecoder`] is fed whatever bytes arrive, split anywhere, and hands back
 //! whole messages. It checks a frame's announced length against its limit
 //! before buffering the body, so a peer cannot make it allocate more than
 //! `limit + 4` bytes, and it reports malformed input as a typed error.
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use thiserror::Error;
-
-use crate::proto::Message;
 
 /// Largest frame on a control connection (client <-> tracker). A file's
 /// description holds 20 bytes per 512 KiB chunk, so this admits files up to
@@ -26,7 +27,7 @@ pub enum FrameError {
 }
 
 /// Encodes `msg` as one frame.
-pub fn encode(msg: &Message) -> Vec<u8> {
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     // Serialising our own types into a Vec cannot fail.
     let mut out = postcard::to_extend(msg, vec![0u8; LEN_BYTES]).expect("postcard encoding into a Vec");
     let len = (out.len() - LEN_BYTES) as u32;
@@ -35,8 +36,8 @@ pub fn encode(msg: &Message) -> Vec<u8> {
 }
 
 /// Decodes one frame body (without its length prefix). Trailing bytes are an error.
-pub fn decode(body: &[u8]) -> Result<Message, FrameError> {
-    match postcard::take_from_bytes::<Message>(body) {
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    match postcard::take_from_bytes::<T>(body) {
         Ok((msg, [])) => Ok(msg),
         Ok((_, rest)) => Err(FrameError::Malformed(format!("{} trailing bytes", rest.len()))),
         Err(e) => Err(FrameError::Malformed(e.to_string())),
@@ -100,7 +101,7 @@ impl FrameDecoder {
     }
 
     /// The next whole message, `Ok(None)` if more bytes are needed.
-    pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
+    pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         match self.next_frame()? {
             None => Ok(None),
             Some(body) => decode(body).map(Some),
@@ -111,6 +112,7 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::Message;
     use crate::chunk::{FileDigest, FileMeta, Sha1Digest};
     use crate::ids::{FileName, GroupId, SessionToken, UserId};
     use crate::proto::*;
@@ -190,7 +192,7 @@ mod tests {
         fn every_message_round_trips_through_frames(msgs in proptest::collection::vec(message_strategy(), 1..8), split in 1usize..64) {
             let stream: Vec<u8> = msgs.iter().flat_map(encode).collect();
             let mut dec = FrameDecoder::new(MAX_CONTROL_FRAME);
-            let mut out = Vec::new();
+            let mut out: Vec<Message> = Vec::new();
             for piece in stream.chunks(split) {
                 dec.push(piece);
                 while let Some(m) = dec.next_message().unwrap() {
@@ -205,7 +207,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut dec = FrameDecoder::new(1024);
             dec.push(&bytes);
-            while let Ok(Some(_)) = dec.next_message() {}
+            while let Ok(Some(_)) = dec.next_message::<Message>() {}
         }
     }
 
@@ -225,6 +227,6 @@ mod tests {
         f[..4].copy_from_slice(&len.to_be_bytes());
         let mut dec = FrameDecoder::new(1024);
         dec.push(&f);
-        assert!(matches!(dec.next_message(), Err(FrameError::Malformed(_))));
+        assert!(matches!(dec.next_message::<Message>(), Err(FrameError::Malformed(_))));
     }
 }

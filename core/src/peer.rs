@@ -1,0 +1,221 @@
+//! The peer protocol: how a downloader fetches chunks from a peer that has them.
+//!
+//! ```text
+//! downloader                                   server (any peer holding chunks)
+//!   Hello { role: Peer }            ------->
+//!   Want { group, name, sha1, grant } ----->   asks its tracker whether the grant
+//!                                              is a member's, for that file
+//!                                   <-------   Have { chunks, load }   (or Refused)
+//!   Request { chunk, offset, len } x N ---->
+//!                                   <-------   Block { chunk, offset, load, data } x N
+//!                                   <-------   HaveOne { chunk } (server gained a chunk)
+//!   Cancel { chunk, offset, len }   ------->
+//! ```
+//!
+//! A whole chunk is fetched from one peer, so a chunk failing its SHA1 names
+//! the peer that sent it. Frames are the [`crate::wire`] frames with the
+//! smaller [`MAX_PEER_FRAME`] limit.
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{chunk_count, chunk_len, Sha1Digest, MAX_FILE_CHUNKS};
+use crate::ids::{FileName, GroupId};
+use crate::proto::Role;
+
+/// Size of the blocks a chunk is requested in.
+pub const BLOCK_SIZE: u32 = 64 * 1024;
+/// Largest frame on a peer connection: a block plus its header, or the chunk
+/// map of the largest file (2^20 bits).
+pub const MAX_PEER_FRAME: usize = (MAX_FILE_CHUNKS as usize / 8) + 1024;
+/// Most block requests a server queues per connection; more is a protocol error.
+pub const MAX_QUEUED_REQUESTS: usize = 64;
+
+/// Proof, issued by a tracker to a member, that it may fetch a file.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Grant(pub [u8; 16]);
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Grant(<redacted>)")
+    }
+}
+
+/// How busy a server is: downloaders prefer the least loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Load {
+    /// Connections it is serving now.
+    pub uploads: u16,
+    /// Block requests waiting on all of them.
+    pub queued: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerMessage {
+    Hello {
+        protocol_version: u32,
+        role: Role,
+    },
+    Want {
+        group: GroupId,
+        name: FileName,
+        sha1: Sha1Digest,
+        grant: Grant,
+    },
+    Have {
+        chunks: Bitmap,
+        load: Load,
+    },
+    HaveOne {
+        chunk: u32,
+    },
+    Request {
+        chunk: u32,
+        offset: u32,
+        len: u32,
+    },
+    Cancel {
+        chunk: u32,
+        offset: u32,
+        len: u32,
+    },
+    Block {
+        chunk: u32,
+        offset: u32,
+        load: Load,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+/// A set of chunk indexes, one bit each.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bitmap {
+    len: u32,
+    #[serde(with = "serde_bytes")]
+    bits: Vec<u8>,
+}
+
+impl std::fmt::Debug for Bitmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bitmap({}/{})", self.count(), self.len)
+    }
+}
+
+impl Bitmap {
+    pub fn new(len: u32) -> Bitmap {
+        Bitmap { len, bits: vec![0; (len as usize).div_ceil(8)] }
+    }
+
+    pub fn full(len: u32) -> Bitmap {
+        let mut b = Bitmap::new(len);
+        for i in 0..len {
+            b.set(i);
+        }
+        b
+    }
+
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether a received bitmap is well formed for a file of `chunks` chunks.
+    pub fn fits(&self, chunks: u32) -> bool {
+        self.len == chunks && self.bits.len() == (chunks as usize).div_ceil(8)
+    }
+
+    pub fn get(&self, i: u32) -> bool {
+        i < self.len && self.bits[(i / 8) as usize] & (1 << (i % 8)) != 0
+    }
+
+    pub fn set(&mut self, i: u32) {
+        if i < self.len {
+            self.bits[(i / 8) as usize] |= 1 << (i % 8);
+        }
+    }
+
+    pub fn clear(&mut self, i: u32) {
+        if i < self.len {
+            self.bits[(i / 8) as usize] &= !(1 << (i % 8));
+        }
+    }
+
+    pub fn count(&self) -> u32 {
+        self.bits.iter().map(|b| b.count_ones()).sum()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.count() == self.len
+    }
+
+    pub fn iter_set(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len).filter(|i| self.get(*i))
+    }
+
+    pub fn to_bytes(&self) -> &[u8] {
+        &self.bits
+    }
+
+    pub fn from_bytes(len: u32, bits: Vec<u8>) -> Option<Bitmap> {
+        let b = Bitmap { len, bits };
+        // Bits past `len` must be zero so equal sets compare equal.
+        let clean = (len..(b.bits.len() as u32 * 8)).all(|i| b.bits[(i / 8) as usize] & (1 << (i % 8)) == 0);
+        (b.fits(len) && clean).then_some(b)
+    }
+}
+
+/// Whether a block request lies inside chunk `chunk` of a file of `size` bytes.
+pub fn valid_block(size: u64, chunk: u32, offset: u32, len: u32) -> bool {
+    (chunk as u64) < chunk_count(size)
+        && len > 0
+        && len <= BLOCK_SIZE
+        && (offset as u64 + len as u64) <= chunk_len(size, chunk as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::CHUNK_SIZE;
+    use crate::wire::{decode, encode};
+
+    #[test]
+    fn bitmap_basics() {
+        let mut b = Bitmap::new(10);
+        b.set(0);
+        b.set(9);
+        b.set(10);
+        assert_eq!(b.iter_set().collect::<Vec<_>>(), vec![0, 9]);
+        assert!(b.fits(10) && !b.fits(9));
+        assert!(Bitmap::from_bytes(10, vec![0, 0b0000_0100]).is_none(), "bit 10 is past the end");
+        assert!(Bitmap::from_bytes(10, vec![0]).is_none());
+        assert!(Bitmap::full(10).is_full());
+    }
+
+    #[test]
+    fn block_bounds() {
+        let size = CHUNK_SIZE + 100;
+        assert!(valid_block(size, 0, 0, BLOCK_SIZE));
+        assert!(valid_block(size, 1, 0, 100));
+        assert!(!valid_block(size, 1, 0, 101));
+        assert!(!valid_block(size, 2, 0, 1));
+        assert!(!valid_block(size, 0, u32::MAX, 1));
+        assert!(!valid_block(size, 0, 0, BLOCK_SIZE + 1));
+        assert!(!valid_block(size, 0, 0, 0));
+    }
+
+    #[test]
+    fn a_block_frame_fits_the_limit_and_round_trips() {
+        let m = PeerMessage::Block { chunk: 1, offset: 0, load: Load::default(), data: vec![7; BLOCK_SIZE as usize] };
+        let f = encode(&m);
+        assert!(f.len() - 4 <= MAX_PEER_FRAME);
+        assert_eq!(decode::<PeerMessage>(&f[4..]).unwrap(), m);
+        let have = PeerMessage::Have { chunks: Bitmap::full(MAX_FILE_CHUNKS as u32), load: Load::default() };
+        assert!(encode(&have).len() - 4 <= MAX_PEER_FRAME);
+    }
+}

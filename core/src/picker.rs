@@ -1,0 +1,229 @@
+//! Which chunk to fetch next, from whom: the [`PieceSelector`].
+//!
+//! Rarest first: among the chunks a peer has that are neither verified nor in
+//! flight, take one of the `window` least available (at random among them,
+//! so downloaders starting together spread out). When every missing chunk is
+//! in flight, the endgame begins: a peer may take a chunk already in flight
+//! elsewhere (at most [`MAX_ENDGAME_COPIES`] at once), and the first copy to
+//! verify cancels the others.
+//!
+//! Which peer asks first is the caller's choice: [`crate::download`] offers
+//! free chunks to the least-loaded peers first.
+
+use crate::peer::Bitmap;
+use crate::rng::Rng;
+
+/// How many peers may fetch the same chunk at once in the endgame.
+pub const MAX_ENDGAME_COPIES: u8 = 2;
+
+#[derive(Debug)]
+pub struct PieceSelector {
+    done: Bitmap,
+    /// How many connected peers have each chunk.
+    availability: Vec<u32>,
+    /// How many peers are fetching each chunk now.
+    in_flight: Vec<u8>,
+    window: usize,
+}
+
+impl PieceSelector {
+    /// A selector for a file of `done.len()` chunks, of which `done` are held already.
+    pub fn new(done: Bitmap, window: usize) -> PieceSelector {
+        let n = done.len() as usize;
+        PieceSelector { done, availability: vec![0; n], in_flight: vec![0; n], window: window.max(1) }
+    }
+
+    pub fn done(&self) -> &Bitmap {
+        &self.done
+    }
+
+    pub fn remaining(&self) -> u32 {
+        self.done.len() - self.done.count()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.remaining() == 0
+    }
+
+    pub fn availability(&self, chunk: u32) -> u32 {
+        self.availability[chunk as usize]
+    }
+
+    pub fn in_flight(&self, chunk: u32) -> u8 {
+        self.in_flight[chunk as usize]
+    }
+
+    /// A peer joined with this chunk map (already checked to fit).
+    pub fn add_peer(&mut self, have: &Bitmap) {
+        for c in have.iter_set() {
+            self.availability[c as usize] += 1;
+        }
+    }
+
+    /// A peer left; `have` is its chunk map as it was last known.
+    pub fn remove_peer(&mut self, have: &Bitmap) {
+        for c in have.iter_set() {
+            self.availability[c as usize] = self.availability[c as usize].saturating_sub(1);
+        }
+    }
+
+    /// A connected peer gained a chunk.
+    pub fn add_have(&mut self, chunk: u32) {
+        if let Some(a) = self.availability.get_mut(chunk as usize) {
+            *a += 1;
+        }
+    }
+
+    /// The chunk a peer with map `have` should fetch next, or `None`.
+    /// `fetching` are the chunks that peer is already fetching.
+    pub fn pick(&mut self, have: &Bitmap, fetching: &[u32], rng: &mut Rng) -> Option<u32> {
+        let mut best: Vec<(u32, u32)> = Vec::with_capacity(self.window + 1);
+        let mut endgame: Option<(u8, u32, u32)> = None;
+        for c in have.iter_set() {
+            let i = c as usize;
+            if self.done.get(c) || fetching.contains(&c) {
+                continue;
+            }
+            if self.in_flight[i] == 0 {
+                let key = (self.availability[i], c);
+                if best.len() < self.window {
+                    best.push(key);
+                } else if let Some(worst) = best.iter_mut().max() {
+                    if key < *worst {
+                        *worst = key;
+                    }
+                }
+            } else if self.in_flight[i] < MAX_ENDGAME_COPIES {
+                let key = (self.in_flight[i], self.availability[i], c);
+                if endgame.is_none_or(|e| key < e) {
+                    endgame = Some(key);
+                }
+            }
+        }
+        let chunk = if !best.is_empty() {
+            best.sort_unstable();
+            best[rng.below(best.len() as u64) as usize].1
+        } else if self.all_missing_in_flight() {
+            endgame?.2
+        } else {
+            return None;
+        };
+        self.in_flight[chunk as usize] += 1;
+        Some(chunk)
+    }
+
+    fn all_missing_in_flight(&self) -> bool {
+        (0..self.done.len()).all(|c| self.done.get(c) || self.in_flight[c as usize] > 0)
+    }
+
+    /// A fetch of `chunk` ended without a verified chunk (stall, bad hash, hang-up).
+    pub fn abandon(&mut self, chunk: u32) {
+        let f = &mut self.in_flight[chunk as usize];
+        *f = f.saturating_sub(1);
+    }
+
+    /// `chunk` verified. Other fetches of it should be cancelled by the caller
+    /// and reported with [`PieceSelector::abandon`].
+    pub fn complete(&mut self, chunk: u32) {
+        self.done.set(chunk);
+        self.abandon(chunk);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use proptest::prelude::{any, prop_assert, proptest};
+
+    fn map(n: u32, set: &[u32]) -> Bitmap {
+        let mut b = Bitmap::new(n);
+        for &c in set {
+            b.set(c);
+        }
+        b
+    }
+
+    #[test]
+    fn rarest_first() {
+        let mut s = PieceSelector::new(Bitmap::new(4), 1);
+        s.add_peer(&map(4, &[0, 1, 2, 3]));
+        s.add_peer(&map(4, &[0, 1, 3]));
+        s.add_peer(&map(4, &[0, 3]));
+        let mut rng = Rng::from_u64(1);
+        let all = map(4, &[0, 1, 2, 3]);
+        assert_eq!(s.pick(&all, &[], &mut rng), Some(2), "held by one peer");
+        assert_eq!(s.pick(&all, &[2], &mut rng), Some(1), "held by two");
+    }
+
+    #[test]
+    fn verified_and_in_flight_chunks_are_skipped_until_the_endgame() {
+        let mut s = PieceSelector::new(map(3, &[0]), 4);
+        let all = map(3, &[0, 1, 2]);
+        s.add_peer(&all);
+        s.add_peer(&all);
+        let mut rng = Rng::from_u64(2);
+        let a = s.pick(&all, &[], &mut rng).unwrap();
+        let b = s.pick(&all, &[a], &mut rng).unwrap();
+        assert_ne!(a, b);
+        assert!(a != 0 && b != 0);
+        // Endgame: a second peer may take a chunk already in flight, once.
+        let e = s.pick(&all, &[], &mut rng).unwrap();
+        assert!(e == a || e == b);
+        assert_eq!(s.in_flight(e), 2);
+        s.complete(e);
+        assert!(s.done().get(e));
+    }
+
+    #[test]
+    fn nothing_for_a_peer_without_useful_chunks() {
+        let mut s = PieceSelector::new(map(3, &[1]), 4);
+        let mut rng = Rng::from_u64(3);
+        assert_eq!(s.pick(&map(3, &[1]), &[], &mut rng), None);
+        assert_eq!(s.pick(&map(3, &[]), &[], &mut rng), None);
+    }
+
+    proptest! {
+        /// Random peers taking, abandoning and completing chunks always end
+        /// with every chunk verified, never picking a done chunk or one the
+        /// peer lacks, and never more copies than allowed.
+        #[test]
+        fn picks_are_always_legal_and_finish(n in 1u32..40, peers in proptest::collection::vec(proptest::collection::vec(any::<bool>(), 40), 1..5), seed in any::<u64>(), fail_every in 2u64..7) {
+            let maps: Vec<Bitmap> = peers.iter().map(|bits| {
+                let mut b = Bitmap::new(n);
+                for (i, &x) in bits.iter().take(n as usize).enumerate() { if x { b.set(i as u32); } }
+                b
+            }).collect();
+            // Chunks nobody has cannot finish: start with those done.
+            let mut done = Bitmap::new(n);
+            for c in 0..n { if !maps.iter().any(|m| m.get(c)) { done.set(c); } }
+            let mut s = PieceSelector::new(done, 3);
+            for m in &maps { s.add_peer(m); }
+            let mut rng = Rng::from_u64(seed);
+            let mut fetching: Vec<Vec<u32>> = vec![vec![]; maps.len()];
+            let mut step = 0u64;
+            while !s.is_complete() {
+                step += 1;
+                prop_assert!(step < 10_000, "no progress");
+                let p = rng.below(maps.len() as u64) as usize;
+                if fetching[p].len() < 2 {
+                    if let Some(c) = s.pick(&maps[p], &fetching[p], &mut rng) {
+                        prop_assert!(maps[p].get(c) && !s.done().get(c));
+                        prop_assert!(s.in_flight(c) <= MAX_ENDGAME_COPIES);
+                        fetching[p].push(c);
+                        continue;
+                    }
+                }
+                if let Some(c) = fetching[p].pop() {
+                    if rng.below(fail_every) == 0 {
+                        s.abandon(c);
+                    } else if s.done().get(c) {
+                        s.abandon(c);
+                    } else {
+                        s.complete(c);
+                    }
+                }
+            }
+        }
+    }
+}
