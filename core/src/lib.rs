@@ -26,6 +26,7 @@
 pub mod chunk;
 pub mod client;
 pub mod config;
+pub mod download;
 pub mod fuzzing;
 pub mod ids;
 pub mod meta;

@@ -112,9 +112,9 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::Message;
     use crate::chunk::{FileDigest, FileMeta, Sha1Digest};
     use crate::ids::{FileName, GroupId, SessionToken, UserId};
+    use crate::proto::Message;
     use crate::proto::*;
     use proptest::prelude::*;
 

@@ -1,0 +1,499 @@
+//! One file being downloaded: peers, chunk assignments, verification.
+//!
+//! [`Download`] talks to the peers that have the file over connections the
+//! client engine opens for it. Free chunks go first to the least-loaded
+//! peers (reported load, then fewest chunks in flight, then highest measured
+//! rate), picked rarest first by the [`PieceSelector`]. Each peer has at most
+//! `chunks_per_peer` chunks in flight, all of whose blocks are requested at
+//! once so the connection stays busy. A chunk comes whole from one peer and is
+//! checked against its SHA1 before anything is written: a mismatch bans that
+//! peer for this download and the chunk goes back to the pool. A peer that
+//! sends nothing for `stall_timeout` while it owes blocks loses its chunks.
+//!
+//! Driven by [`crate::client::ClientEngine`]: `handle_*` inputs, outputs drained
+//! with [`Download::poll_output`], deadlines from [`Download::poll_timeout`].
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+
+use crate::chunk::{chunk_len, FileDigest, Sha1Digest, CHUNK_SIZE};
+use crate::ids::{FileName, GroupId};
+use crate::peer::{Bitmap, Grant, Load, PeerMessage, BLOCK_SIZE};
+use crate::picker::PieceSelector;
+use crate::proto::{Role, PROTOCOL_VERSION};
+use crate::rng::Rng;
+use crate::time::Millis;
+
+/// A peer connection, named by the client engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerConnId(pub u64);
+
+#[derive(Clone, Debug)]
+pub struct DownloadConfig {
+    pub chunks_per_peer: usize,
+    pub max_peers: usize,
+    pub stall_timeout: Millis,
+    /// Pause before reconnecting to a peer that hung up.
+    pub reconnect_after: Millis,
+    /// How often to ask the tracker for sources while some chunks have none.
+    pub refresh_every: Millis,
+    /// How many of the rarest chunks to choose among at random.
+    pub rarest_window: usize,
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        DownloadConfig {
+            chunks_per_peer: 3,
+            max_peers: 16,
+            stall_timeout: Millis::from_secs(5),
+            reconnect_after: Millis::from_secs(1),
+            refresh_every: Millis::from_secs(2),
+            rarest_window: 4,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DownloadOutput {
+    Connect {
+        peer: PeerConnId,
+        addr: SocketAddr,
+    },
+    Send {
+        peer: PeerConnId,
+        msg: PeerMessage,
+    },
+    Close {
+        peer: PeerConnId,
+    },
+    /// A chunk passed its SHA1: write it at `chunk * CHUNK_SIZE`, then share it.
+    Verified {
+        chunk: u32,
+        data: Vec<u8>,
+    },
+    /// A peer sent a chunk that failed its SHA1; it is banned for this file.
+    Banned {
+        addr: SocketAddr,
+        chunk: u32,
+    },
+    /// Ask the tracker for the file's current sources.
+    WantSources,
+}
+
+struct Fetch {
+    chunk: u32,
+    buf: Vec<u8>,
+    /// Bytes requested so far / received so far.
+    requested: u32,
+    received: u32,
+}
+
+struct Peer {
+    addr: SocketAddr,
+    /// `None` until its chunk map arrives.
+    have: Option<Bitmap>,
+    load: Load,
+    fetches: Vec<Fetch>,
+    last_progress: Millis,
+    /// Bytes received, and since when: the measured rate.
+    bytes: u64,
+    since: Millis,
+}
+
+impl Peer {
+    fn rate(&self, now: Millis) -> u64 {
+        let ms = now.since(self.since).0.max(1);
+        self.bytes.saturating_mul(1000) / ms
+    }
+}
+
+#[derive(Default)]
+struct Source {
+    conn: Option<PeerConnId>,
+    banned: bool,
+    retry_at: Millis,
+    /// Verified bytes it supplied.
+    supplied: u64,
+}
+
+pub struct Download {
+    cfg: DownloadConfig,
+    pub group: GroupId,
+    pub name: FileName,
+    digest: FileDigest,
+    grant: Grant,
+    rng: Rng,
+    selector: PieceSelector,
+    peers: BTreeMap<PeerConnId, Peer>,
+    sources: BTreeMap<SocketAddr, Source>,
+    next_refresh: Millis,
+    out: VecDeque<DownloadOutput>,
+    /// Ids for new connections come from the engine through this counter.
+    next_conn: u64,
+    conn_base: u64,
+}
+
+impl Download {
+    /// `have` is what resuming found on disk; `conn_base` spaces this download's
+    /// connection ids apart from others'.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: DownloadConfig,
+        group: GroupId,
+        name: FileName,
+        digest: FileDigest,
+        grant: Grant,
+        have: Bitmap,
+        conn_base: u64,
+        rng: Rng,
+        now: Millis,
+    ) -> Download {
+        let window = cfg.rarest_window;
+        Download {
+            cfg,
+            group,
+            name,
+            digest,
+            grant,
+            rng,
+            selector: PieceSelector::new(have, window),
+            peers: BTreeMap::new(),
+            sources: BTreeMap::new(),
+            next_refresh: now.plus(Millis(500)),
+            out: VecDeque::new(),
+            next_conn: 0,
+            conn_base,
+        }
+    }
+
+    // ---- getters ----
+
+    pub fn digest(&self) -> &FileDigest {
+        &self.digest
+    }
+
+    pub fn done(&self) -> &Bitmap {
+        self.selector.done()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.selector.is_complete()
+    }
+
+    /// Verified bytes so far.
+    pub fn verified_bytes(&self) -> u64 {
+        self.done().iter_set().map(|c| chunk_len(self.digest.size, c as u64)).sum()
+    }
+
+    /// Peers that have sent their chunk map.
+    pub fn active_peers(&self) -> usize {
+        self.peers.values().filter(|p| p.have.is_some()).count()
+    }
+
+    /// Verified bytes per source address.
+    pub fn supplied(&self) -> impl Iterator<Item = (SocketAddr, u64)> + '_ {
+        self.sources.iter().map(|(a, s)| (*a, s.supplied))
+    }
+
+    pub fn owns(&self, peer: PeerConnId) -> bool {
+        self.peers.contains_key(&peer)
+    }
+
+    // ---- inputs ----
+
+    /// The tracker's current list of sources.
+    pub fn handle_sources(&mut self, addrs: &[SocketAddr], now: Millis) {
+        for a in addrs {
+            self.sources.entry(*a).or_default();
+        }
+        self.connect_more(now);
+    }
+
+    pub fn handle_connected(&mut self, peer: PeerConnId, now: Millis) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        p.last_progress = now;
+        p.since = now;
+        let want = PeerMessage::Want {
+            group: self.group.clone(),
+            name: self.name.clone(),
+            sha1: self.digest.sha1,
+            grant: self.grant,
+        };
+        self.out.push_back(DownloadOutput::Send {
+            peer,
+            msg: PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer },
+        });
+        self.out.push_back(DownloadOutput::Send { peer, msg: want });
+    }
+
+    pub fn handle_closed(&mut self, peer: PeerConnId, now: Millis) {
+        let Some(p) = self.peers.remove(&peer) else { return };
+        for f in &p.fetches {
+            self.selector.abandon(f.chunk);
+        }
+        if let Some(h) = &p.have {
+            self.selector.remove_peer(h);
+        }
+        if let Some(s) = self.sources.get_mut(&p.addr) {
+            s.conn = None;
+            s.retry_at = now.plus(self.cfg.reconnect_after);
+        }
+        self.fill(now);
+    }
+
+    pub fn handle_message(&mut self, peer: PeerConnId, msg: PeerMessage, now: Millis) {
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        let n = self.done().len();
+        match msg {
+            PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer } => {}
+            PeerMessage::Have { chunks, load } => {
+                let p = self.peers.get_mut(&peer).expect("checked");
+                if !chunks.fits(n) || p.have.is_some() {
+                    return self.drop_peer(peer, false, now);
+                }
+                self.selector.add_peer(&chunks);
+                p.have = Some(chunks);
+                p.load = load;
+                p.last_progress = now;
+            }
+            PeerMessage::HaveOne { chunk } if chunk < n => {
+                let p = self.peers.get_mut(&peer).expect("checked");
+                if let Some(h) = &mut p.have {
+                    if !h.get(chunk) {
+                        h.set(chunk);
+                        self.selector.add_have(chunk);
+                    }
+                }
+            }
+            PeerMessage::Block { chunk, offset, load, data } => {
+                if !self.take_block(peer, chunk, offset, load, data, now) {
+                    return self.drop_peer(peer, false, now);
+                }
+            }
+            PeerMessage::Refused { reason } => {
+                tracing::debug!(%reason, "peer refused");
+                // A refusal is final for this download (no access, or it stopped sharing).
+                return self.drop_peer(peer, true, now);
+            }
+            _ => return self.drop_peer(peer, false, now),
+        }
+        self.fill(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Millis) {
+        let stalled: Vec<PeerConnId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                let owes = !p.fetches.is_empty() || p.have.is_none();
+                owes && now.since(p.last_progress) >= self.cfg.stall_timeout
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for peer in stalled {
+            tracing::debug!(addr = %self.peers[&peer].addr, "peer stalled, dropping its chunks");
+            self.drop_peer(peer, false, now);
+        }
+        if now >= self.next_refresh {
+            self.next_refresh = now.plus(self.cfg.refresh_every);
+            if !self.is_complete() {
+                self.out.push_back(DownloadOutput::WantSources);
+            }
+        }
+        self.connect_more(now);
+        self.fill(now);
+    }
+
+    pub fn poll_output(&mut self) -> Option<DownloadOutput> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let stall = self
+            .peers
+            .values()
+            .filter(|p| !p.fetches.is_empty() || p.have.is_none())
+            .map(|p| p.last_progress.plus(self.cfg.stall_timeout))
+            .min();
+        let retry = self.sources.values().filter(|s| s.conn.is_none() && !s.banned).map(|s| s.retry_at).min();
+        [stall, retry, Some(self.next_refresh)].into_iter().flatten().min()
+    }
+
+    /// Ends the download's connections (it finished, failed or was stopped).
+    pub fn close_all(&mut self) {
+        for peer in std::mem::take(&mut self.peers).into_keys() {
+            self.out.push_back(DownloadOutput::Close { peer });
+        }
+        for s in self.sources.values_mut() {
+            s.conn = None;
+        }
+    }
+
+    // ---- internals ----
+
+    fn connect_more(&mut self, now: Millis) {
+        if self.is_complete() {
+            return;
+        }
+        let mut open = self.peers.len();
+        for (addr, s) in self.sources.iter_mut() {
+            if open >= self.cfg.max_peers {
+                break;
+            }
+            if s.conn.is_some() || s.banned || s.retry_at > now {
+                continue;
+            }
+            self.next_conn += 1;
+            let peer = PeerConnId(self.conn_base + self.next_conn);
+            s.conn = Some(peer);
+            open += 1;
+            self.peers.insert(
+                peer,
+                Peer {
+                    addr: *addr,
+                    have: None,
+                    load: Load::default(),
+                    fetches: Vec::new(),
+                    last_progress: now,
+                    bytes: 0,
+                    since: now,
+                },
+            );
+            self.out.push_back(DownloadOutput::Connect { peer, addr: *addr });
+        }
+    }
+
+    fn drop_peer(&mut self, peer: PeerConnId, ban: bool, now: Millis) {
+        if let Some(p) = self.peers.get(&peer) {
+            if ban {
+                if let Some(s) = self.sources.get_mut(&p.addr) {
+                    s.banned = true;
+                }
+            }
+            self.out.push_back(DownloadOutput::Close { peer });
+            self.handle_closed(peer, now);
+        }
+    }
+
+    /// Files a block; false on a protocol violation.
+    fn take_block(
+        &mut self,
+        peer: PeerConnId,
+        chunk: u32,
+        offset: u32,
+        load: Load,
+        data: Vec<u8>,
+        now: Millis,
+    ) -> bool {
+        let size = self.digest.size;
+        let p = self.peers.get_mut(&peer).expect("checked");
+        p.load = load;
+        let Some(i) = p.fetches.iter().position(|f| f.chunk == chunk) else {
+            // A block for a chunk we cancelled (endgame) may still arrive.
+            return self.selector.done().get(chunk);
+        };
+        let f = &mut p.fetches[i];
+        let end = offset as u64 + data.len() as u64;
+        if offset != f.received || end > f.requested as u64 || data.is_empty() {
+            return false;
+        }
+        f.buf[offset as usize..end as usize].copy_from_slice(&data);
+        f.received = end as u32;
+        p.last_progress = now;
+        p.bytes += data.len() as u64;
+        if (f.received as u64) < chunk_len(size, chunk as u64) {
+            return true;
+        }
+        let f = p.fetches.remove(i);
+        let addr = p.addr;
+        if Sha1Digest::of(&f.buf) != self.digest.chunks[chunk as usize] {
+            tracing::warn!(%addr, chunk, "chunk failed its SHA1; banning the peer for this file");
+            self.selector.abandon(chunk);
+            self.out.push_back(DownloadOutput::Banned { addr, chunk });
+            self.drop_peer(peer, true, now);
+            return true;
+        }
+        self.selector.complete(chunk);
+        if let Some(s) = self.sources.get_mut(&addr) {
+            s.supplied += f.buf.len() as u64;
+        }
+        // Endgame: cancel the other copies of this chunk.
+        for (other, q) in self.peers.iter_mut() {
+            if let Some(j) = q.fetches.iter().position(|g| g.chunk == chunk) {
+                let g = q.fetches.remove(j);
+                self.selector.abandon(chunk);
+                let len = g.requested - g.received;
+                if len > 0 {
+                    let msg = PeerMessage::Cancel { chunk, offset: g.received, len };
+                    self.out.push_back(DownloadOutput::Send { peer: *other, msg });
+                }
+            }
+        }
+        self.out.push_back(DownloadOutput::Verified { chunk, data: f.buf });
+        if self.is_complete() {
+            self.close_all();
+        }
+        true
+    }
+
+    /// Gives free chunks to peers with room, least loaded first.
+    fn fill(&mut self, now: Millis) {
+        if self.is_complete() {
+            return;
+        }
+        // Peers busier than the least loaded one get a shallower pipeline.
+        let lightest = self.peers.values().filter(|p| p.have.is_some()).map(|p| p.load).min().unwrap_or_default();
+        let full = self.cfg.chunks_per_peer;
+        let capacity = |p: &Peer| if p.load > lightest { full.div_ceil(2) } else { full };
+        let mut order: Vec<(Load, usize, std::cmp::Reverse<u64>, PeerConnId)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.have.is_some() && p.fetches.len() < capacity(p))
+            .map(|(c, p)| (p.load, p.fetches.len(), std::cmp::Reverse(p.rate(now)), *c))
+            .collect();
+        order.sort();
+        // Round-robin over the ordered peers, one chunk each per round, so
+        // chunks spread over peers before any peer's pipeline fills.
+        loop {
+            let mut progressed = false;
+            for &(_, _, _, peer) in &order {
+                let p = self.peers.get_mut(&peer).expect("listed");
+                if p.fetches.len() >= capacity(p) {
+                    continue;
+                }
+                let fetching: Vec<u32> = p.fetches.iter().map(|f| f.chunk).collect();
+                let Some(chunk) = self.selector.pick(p.have.as_ref().expect("filtered"), &fetching, &mut self.rng)
+                else {
+                    continue;
+                };
+                let len = chunk_len(self.digest.size, chunk as u64) as u32;
+                p.fetches.push(Fetch { chunk, buf: vec![0; len as usize], requested: len, received: 0 });
+                if p.fetches.len() == 1 {
+                    p.last_progress = now;
+                }
+                let mut offset = 0;
+                while offset < len {
+                    let l = BLOCK_SIZE.min(len - offset);
+                    self.out
+                        .push_back(DownloadOutput::Send { peer, msg: PeerMessage::Request { chunk, offset, len: l } });
+                    offset += l;
+                }
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+}
+
+/// Byte offset of a chunk in the file.
+pub fn chunk_offset(chunk: u32) -> u64 {
+    chunk as u64 * CHUNK_SIZE
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,223 @@
+use super::*;
+use crate::chunk::FileHasher;
+use std::collections::BTreeSet;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Behaviour {
+    Good,
+    /// Flips a byte of every block it sends.
+    Corrupt,
+    /// Answers the handshake, then never sends a block.
+    Silent,
+}
+
+struct Harness {
+    content: Vec<u8>,
+    peers: BTreeMap<SocketAddr, (Behaviour, Load)>,
+    conns: BTreeMap<PeerConnId, SocketAddr>,
+    written: BTreeMap<u32, Vec<u8>>,
+    banned: BTreeSet<SocketAddr>,
+    closed: BTreeSet<SocketAddr>,
+    requests_by_addr: BTreeMap<SocketAddr, u32>,
+    now: Millis,
+}
+
+fn content(len: usize) -> Vec<u8> {
+    let mut r = Rng::from_u64(len as u64);
+    let mut v = vec![0; len];
+    r.fill(&mut v);
+    v
+}
+
+fn digest_of(data: &[u8]) -> FileDigest {
+    let mut h = FileHasher::new();
+    h.update(data).unwrap();
+    h.finish().unwrap()
+}
+
+fn addr(i: u8) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, i], 9000))
+}
+
+impl Harness {
+    fn new(len: usize, peers: &[(Behaviour, Load)]) -> Harness {
+        Harness {
+            content: content(len),
+            peers: peers.iter().enumerate().map(|(i, b)| (addr(i as u8 + 1), *b)).collect(),
+            conns: BTreeMap::new(),
+            written: BTreeMap::new(),
+            banned: BTreeSet::new(),
+            closed: BTreeSet::new(),
+            requests_by_addr: BTreeMap::new(),
+            now: Millis(0),
+        }
+    }
+
+    fn download(&self, cfg: DownloadConfig) -> Download {
+        let d = digest_of(&self.content);
+        let n = d.chunks.len() as u32;
+        Download::new(
+            cfg,
+            GroupId::new("g").unwrap(),
+            FileName::new("f").unwrap(),
+            d,
+            Grant([1; 16]),
+            Bitmap::new(n),
+            1 << 32,
+            Rng::from_u64(9),
+            self.now,
+        )
+    }
+
+    /// Runs until complete or `limit` of virtual time.
+    fn run(&mut self, d: &mut Download, limit: Millis) {
+        let addrs: Vec<SocketAddr> = self.peers.keys().copied().collect();
+        d.handle_sources(&addrs, self.now);
+        let mut inbox: VecDeque<(PeerConnId, PeerMessage)> = VecDeque::new();
+        // Runs until complete and every output is drained.
+        while (!d.is_complete() || !inbox.is_empty() || self.pending(d)) && self.now < limit {
+            while let Some(o) = d.poll_output() {
+                match o {
+                    DownloadOutput::Connect { peer, addr } => {
+                        self.conns.insert(peer, addr);
+                        d.handle_connected(peer, self.now);
+                    }
+                    DownloadOutput::Close { peer } => {
+                        if let Some(a) = self.conns.remove(&peer) {
+                            self.closed.insert(a);
+                        }
+                    }
+                    DownloadOutput::Send { peer, msg } => {
+                        let Some(a) = self.conns.get(&peer) else { continue };
+                        let (behaviour, load) = self.peers[a];
+                        match msg {
+                            PeerMessage::Want { .. } => {
+                                let n = digest_of(&self.content).chunks.len() as u32;
+                                inbox.push_back((peer, PeerMessage::Have { chunks: Bitmap::full(n), load }));
+                            }
+                            PeerMessage::Request { chunk, offset, len } => {
+                                *self.requests_by_addr.entry(*a).or_default() += 1;
+                                let start = chunk_offset(chunk) as usize + offset as usize;
+                                let mut data = self.content[start..start + len as usize].to_vec();
+                                match behaviour {
+                                    Behaviour::Good => {}
+                                    Behaviour::Corrupt => data[0] ^= 0xff,
+                                    Behaviour::Silent => continue,
+                                }
+                                inbox.push_back((peer, PeerMessage::Block { chunk, offset, load, data }));
+                            }
+                            _ => {}
+                        }
+                    }
+                    DownloadOutput::Verified { chunk, data } => {
+                        assert!(self.written.insert(chunk, data).is_none(), "chunk {chunk} verified twice");
+                    }
+                    DownloadOutput::Banned { addr, .. } => {
+                        self.banned.insert(addr);
+                    }
+                    DownloadOutput::WantSources => d.handle_sources(&addrs, self.now),
+                }
+            }
+            if let Some((peer, msg)) = inbox.pop_front() {
+                if self.conns.contains_key(&peer) {
+                    d.handle_message(peer, msg, self.now);
+                }
+                continue;
+            }
+            if d.is_complete() {
+                continue;
+            }
+            self.now = d.poll_timeout().expect("an unfinished download has a deadline").max(self.now);
+            d.handle_timeout(self.now);
+        }
+    }
+
+    fn pending(&self, d: &Download) -> bool {
+        !d.out.is_empty()
+    }
+
+    fn assemble(&self) -> Vec<u8> {
+        self.written.values().flatten().copied().collect()
+    }
+}
+
+#[test]
+fn fetches_every_chunk_once_from_several_peers() {
+    let mut h = Harness::new(20 * CHUNK_SIZE as usize + 1234, &[(Behaviour::Good, Load::default()); 3]);
+    let mut d = h.download(DownloadConfig::default());
+    h.run(&mut d, Millis::from_secs(60));
+    assert!(d.is_complete());
+    assert!(h.assemble() == h.content, "assembled file differs");
+    let supplied: Vec<u64> = d.supplied().map(|(_, b)| b).collect();
+    assert_eq!(supplied.iter().sum::<u64>(), h.content.len() as u64);
+    assert!(supplied.iter().all(|&b| b > 0), "every peer supplied a share: {supplied:?}");
+}
+
+#[test]
+fn a_corrupt_peer_is_banned_and_its_chunks_come_from_others() {
+    let peers = [(Behaviour::Good, Load::default()), (Behaviour::Corrupt, Load::default())];
+    let mut h = Harness::new(12 * CHUNK_SIZE as usize, &peers);
+    let mut d = h.download(DownloadConfig::default());
+    h.run(&mut d, Millis::from_secs(60));
+    assert!(d.is_complete());
+    assert!(h.assemble() == h.content, "nothing unverified was written");
+    assert_eq!(h.banned, BTreeSet::from([addr(2)]));
+    let from_corrupt = d.supplied().find(|(a, _)| *a == addr(2)).unwrap().1;
+    assert_eq!(from_corrupt, 0);
+}
+
+#[test]
+fn a_stalled_peer_loses_its_chunks() {
+    let peers = [(Behaviour::Silent, Load::default()), (Behaviour::Good, Load::default())];
+    let mut h = Harness::new(8 * CHUNK_SIZE as usize, &peers);
+    let mut d = h.download(DownloadConfig::default());
+    h.run(&mut d, Millis::from_secs(120));
+    assert!(d.is_complete(), "the endgame takes the silent peer's chunks");
+    assert!(h.assemble() == h.content, "assembled file differs");
+    assert_eq!(d.supplied().find(|(a, _)| *a == addr(1)).unwrap().1, 0);
+
+    // Alone, a silent peer is dropped after the stall timeout and its chunks freed.
+    let mut h = Harness::new(4 * CHUNK_SIZE as usize, &[(Behaviour::Silent, Load::default())]);
+    let mut d = h.download(DownloadConfig::default());
+    let stall = DownloadConfig::default().stall_timeout;
+    h.run(&mut d, stall.plus(Millis(1)));
+    assert!(h.closed.contains(&addr(1)), "stalled peer was dropped");
+    assert!((0..4).all(|c| d.selector.in_flight(c) == 0), "its chunks went back to the pool");
+}
+
+#[test]
+fn the_least_loaded_peer_is_asked_first() {
+    let busy = Load { uploads: 9, queued: 50 };
+    let peers = [(Behaviour::Good, busy), (Behaviour::Good, Load::default())];
+    let mut h = Harness::new(40 * CHUNK_SIZE as usize, &peers);
+    let mut d = h.download(DownloadConfig::default());
+    h.run(&mut d, Millis::from_secs(60));
+    assert!(d.is_complete());
+    let idle = h.requests_by_addr[&addr(2)];
+    let loaded = h.requests_by_addr.get(&addr(1)).copied().unwrap_or(0);
+    assert!(idle > loaded, "idle peer got {idle} requests, loaded one {loaded}");
+}
+
+#[test]
+fn resuming_fetches_only_what_is_missing() {
+    let mut h = Harness::new(6 * CHUNK_SIZE as usize, &[(Behaviour::Good, Load::default())]);
+    let d0 = digest_of(&h.content);
+    let mut have = Bitmap::new(6);
+    for c in [0, 2, 5] {
+        have.set(c);
+    }
+    let mut d = Download::new(
+        DownloadConfig::default(),
+        GroupId::new("g").unwrap(),
+        FileName::new("f").unwrap(),
+        d0,
+        Grant([1; 16]),
+        have,
+        0,
+        Rng::from_u64(1),
+        Millis(0),
+    );
+    h.run(&mut d, Millis::from_secs(60));
+    assert!(d.is_complete());
+    assert_eq!(h.written.keys().copied().collect::<Vec<_>>(), vec![1, 3, 4]);
+}
