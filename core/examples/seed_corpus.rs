@@ -31,7 +31,14 @@ fn main() {
         Message::Request { id, session: s, body: Request::AcceptRequest { group: g.clone(), user: u.clone() } },
         Message::Request { id, session: s, body: Request::UploadFile { group: g.clone(), meta: meta.clone() } },
         Message::Request { id, session: s, body: Request::ListFiles { group: g.clone() } },
-        Message::Response { id, result: Ok(Reply::Download { digest: meta.digest.clone(), sharers: vec![] }) },
+        Message::Response {
+            id,
+            result: Ok(Reply::Download {
+                digest: meta.digest.clone(),
+                sharers: vec![],
+                grant: shoal_core::peer::Grant([5; 16]),
+            }),
+        },
         Message::Response { id, result: Err(ApiError::NotMember) },
     ];
     let write = |target: &str, name: &str, bytes: &[u8]| {

@@ -1,4 +1,5 @@
-//! The client engine, tracker side: shell commands in, tracker requests out.
+//! The client engine: shell commands, the tracker link, downloads and the
+//! chunk server, as one deterministic state machine.
 //!
 //! [`ClientEngine`] keeps one connection to a tracker at a time. Commands that
 //! need the tracker become [`Request`]s with fresh [`RequestId`]s; if the
@@ -7,14 +8,25 @@
 //! unanswered request again with the *same* id, so a write is applied once.
 //! A request nobody answered within `give_up_after` fails.
 //!
+//! Downloads ([`crate::download::Download`]) and the chunk server (see
+//! `client/transfer.rs`) run beside the tracker link over peer connections.
+//!
 //! Calling contract, for the driver:
 //! - a line from the user: [`ClientEngine::handle_command`] with a [`Ticket`];
-//! - [`ClientOutput::Connect`]: open TCP to that address, then report
+//! - [`ClientOutput::Connect`]: open TCP to that tracker, then report
 //!   [`ClientEngine::handle_tracker_connected`] or
 //!   [`ClientEngine::handle_tracker_closed`] (also when an open one drops);
-//! - bytes from the tracker: [`ClientEngine::handle_tracker_bytes`];
-//! - [`ClientOutput::HashFile`]: hash the file off-thread (see
-//!   [`crate::chunk::FileHasher`]), then [`ClientEngine::handle_file_hashed`];
+//!   bytes from it: [`ClientEngine::handle_tracker_bytes`];
+//! - peers: [`ClientOutput::PeerConnect`] / `PeerTransmit` / `PeerClose` for
+//!   connections the engine opens, [`ClientEngine::handle_peer_accepted`] for
+//!   ones the listener accepts, then `handle_peer_connected`, `handle_peer_bytes`,
+//!   `handle_peer_backlog` (unsent bytes after a flush) and `handle_peer_closed`;
+//! - disk: [`ClientOutput::HashFile`] → [`ClientEngine::handle_file_hashed`];
+//!   [`ClientOutput::ReadBlock`] → [`ClientEngine::handle_block_read`];
+//!   [`ClientOutput::PrepareDownload`] → [`ClientEngine::handle_download_prepared`];
+//!   [`ClientOutput::WriteChunk`] and [`ClientOutput::SaveProgress`] in order,
+//!   reporting failures with [`ClientEngine::handle_disk_error`];
+//!   [`ClientOutput::FinishDownload`] → [`ClientEngine::handle_download_finished`];
 //! - deadlines: [`ClientEngine::poll_timeout`] / [`ClientEngine::handle_timeout`];
 //! - after every input, drain [`ClientEngine::poll_output`] until `None`.
 
@@ -22,12 +34,18 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 
 use crate::chunk::{chunk_count, FileDigest, FileMeta};
+use crate::download::PeerConnId;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
-use crate::proto::{Message, Reply, Request, RequestId, Role, PROTOCOL_VERSION};
+use crate::peer::Bitmap;
+use crate::proto::{ApiError, Message, Reply, Request, RequestId, Role, PROTOCOL_VERSION};
 use crate::rng::Rng;
 use crate::shell::{render, ShellCommand, ShellError};
 use crate::time::Millis;
 use crate::wire::{encode, FrameDecoder, MAX_CONTROL_FRAME};
+
+mod transfer;
+use transfer::{DownloadEntry, PeerLink, Shared};
+pub use transfer::{DownloadId, DownloadStat, Prepared, MAX_UPLOAD_CONNECTIONS, OUTGOING};
 
 /// The shell's handle on one command, echoed in its [`ClientOutput::Done`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -46,6 +64,7 @@ pub struct ClientConfig {
     pub heartbeat_every: Millis,
     /// Pause before reconnecting after every tracker failed in turn.
     pub retry_backoff: Millis,
+    pub download: crate::download::DownloadConfig,
 }
 
 impl ClientConfig {
@@ -57,6 +76,7 @@ impl ClientConfig {
             give_up_after: Millis::from_secs(20),
             heartbeat_every: Millis::from_secs(5),
             retry_backoff: Millis(500),
+            download: Default::default(),
         }
     }
 }
@@ -64,15 +84,69 @@ impl ClientConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientOutput {
     /// Open a connection to this tracker (closing any other first).
-    Connect { addr: SocketAddr },
+    Connect {
+        addr: SocketAddr,
+    },
     /// Send on the open tracker connection.
     Transmit(Vec<u8>),
     /// Close the tracker connection.
     Disconnect,
     /// Read and hash the file at `path`.
-    HashFile { job: u64, path: String },
+    HashFile {
+        job: u64,
+        path: String,
+    },
     /// A command finished: print `Ok` lines on stdout, an `Err` as `error: ...`.
-    Done { ticket: Ticket, result: Result<Vec<String>, ShellError> },
+    Done {
+        ticket: Ticket,
+        result: Result<Vec<String>, ShellError>,
+    },
+    /// Open a connection to a peer.
+    PeerConnect {
+        conn: PeerConnId,
+        addr: SocketAddr,
+    },
+    PeerTransmit {
+        conn: PeerConnId,
+        bytes: Vec<u8>,
+    },
+    /// Flush what was transmitted, then close.
+    PeerClose {
+        conn: PeerConnId,
+    },
+    /// Read `len` bytes at `offset` of the file at `path`, for a block request.
+    ReadBlock {
+        conn: PeerConnId,
+        path: String,
+        offset: u64,
+        len: u32,
+        chunk: u32,
+        block: u32,
+    },
+    /// Resolve `dest` (a directory or a file path), open or resume its part
+    /// file, re-hash the chunks its sidecar claims.
+    PrepareDownload {
+        id: DownloadId,
+        dest: String,
+        name: FileName,
+        digest: FileDigest,
+    },
+    /// Write a verified chunk into the part file at `chunk * CHUNK_SIZE`.
+    WriteChunk {
+        id: DownloadId,
+        chunk: u32,
+        data: Vec<u8>,
+    },
+    /// Replace the sidecar with these bytes (see [`crate::sidecar`]).
+    SaveProgress {
+        id: DownloadId,
+        sidecar: Vec<u8>,
+    },
+    /// Every chunk is written: check the whole file's SHA1, then give it its name.
+    FinishDownload {
+        id: DownloadId,
+        sha1: crate::chunk::Sha1Digest,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -84,10 +158,26 @@ enum Link {
     Up,
 }
 
+/// Why a request was sent, which decides what its answer does.
+#[derive(Clone, Debug)]
+enum Purpose {
+    Shell {
+        ticket: Ticket,
+        cmd: ShellCommand,
+    },
+    Heartbeat,
+    /// Fresh sources (and grant) for a running download.
+    Sources(DownloadId),
+    /// Checking an incoming peer's grant.
+    CheckGrant(PeerConnId),
+    /// Telling the tracker about a verified chunk.
+    Announce,
+    /// Registering a finished download as shared.
+    Reshare(DownloadId),
+}
+
 struct Pending {
-    /// `None` for the engine's own requests (heartbeats).
-    ticket: Option<Ticket>,
-    cmd: ShellCommand,
+    purpose: Purpose,
     request: Request,
     give_up_at: Millis,
 }
@@ -101,12 +191,18 @@ struct HashJob {
 
 pub struct ClientEngine {
     cfg: ClientConfig,
+    rng: Rng,
     client_id: u64,
     next_seq: u64,
     next_job: u64,
     session: Option<(SessionToken, UserId)>,
-    /// What this client shares: (group, name) -> path on disk.
-    shares: BTreeMap<(GroupId, FileName), String>,
+    /// What this client serves: uploads, finished and running downloads.
+    shares: BTreeMap<(GroupId, FileName), Shared>,
+    downloads: BTreeMap<DownloadId, DownloadEntry>,
+    next_download: u64,
+    peers: BTreeMap<PeerConnId, PeerLink>,
+    /// When download rates are next sampled.
+    next_tick: Millis,
     tracker: usize,
     /// Trackers tried since the last answer, to know when a round is complete.
     tried: usize,
@@ -126,11 +222,16 @@ impl ClientEngine {
         let start = rng.below(cfg.trackers.len() as u64) as usize;
         ClientEngine {
             client_id: rng.next_u64(),
+            rng,
             cfg,
             next_seq: 1,
             next_job: 1,
             session: None,
             shares: BTreeMap::new(),
+            downloads: BTreeMap::new(),
+            next_download: 1,
+            peers: BTreeMap::new(),
+            next_tick: Millis::ZERO,
             tracker: start,
             tried: 0,
             link: Link::Down,
@@ -150,14 +251,14 @@ impl ClientEngine {
         self.session.as_ref().map(|(_, u)| u)
     }
 
-    /// Files this client shares, with their paths on disk.
-    pub fn shares(&self) -> impl Iterator<Item = (&(GroupId, FileName), &String)> {
-        self.shares.iter()
+    /// Files this client serves, with their paths on disk.
+    pub fn shares(&self) -> impl Iterator<Item = (&(GroupId, FileName), &str)> {
+        self.shares.iter().map(|(k, s)| (k, s.path.as_str()))
     }
 
     /// Whether any command is still running.
     pub fn is_busy(&self) -> bool {
-        self.pending.values().any(|p| p.ticket.is_some()) || !self.hash_jobs.is_empty()
+        self.pending.values().any(|p| matches!(p.purpose, Purpose::Shell { .. })) || !self.hash_jobs.is_empty()
     }
 
     // ---- inputs ----
@@ -167,13 +268,14 @@ impl ClientEngine {
         let logged_in = self.session.is_some();
         match &cmd {
             ShellCommand::Help => return done(self, Ok(crate::shell::help())),
-            ShellCommand::Exit if !logged_in => return done(self, Ok(vec![])),
+            ShellCommand::ShowDownloads => return done(self, Ok(self.show_downloads(now))),
+            ShellCommand::Exit if !logged_in => return done(self, Ok(render(&cmd, &Reply::Done))),
             ShellCommand::Login { .. } if logged_in => {
                 let user = self.user().cloned().expect("logged in");
                 return done(self, Err(ShellError::AlreadyLoggedIn(user)));
             }
             ShellCommand::CreateUser { .. } | ShellCommand::Login { .. } | ShellCommand::Exit => {}
-            _ if !logged_in => return done(self, Err(crate::proto::ApiError::NotLoggedIn.into())),
+            _ if !logged_in => return done(self, Err(ApiError::NotLoggedIn.into())),
             _ => {}
         }
         let request = match &cmd {
@@ -209,22 +311,21 @@ impl ClientEngine {
                 return;
             }
             ShellCommand::DownloadFile { group, name, .. } => {
+                if let Some(e) = self.download_conflict(group, name) {
+                    return done(self, Err(ShellError::Local(e)));
+                }
                 Request::DownloadFile { group: group.clone(), name: name.clone() }
             }
-            ShellCommand::ShowDownloads => return done(self, Ok(vec!["no downloads".into()])),
             ShellCommand::StopShare { group, name } => Request::StopShare { group: group.clone(), name: name.clone() },
             ShellCommand::Logout | ShellCommand::Exit => Request::Logout,
-            ShellCommand::Help => unreachable!("answered above"),
+            ShellCommand::Help | ShellCommand::ShowDownloads => unreachable!("answered above"),
         };
-        self.send(Some(ticket), cmd, request, now);
+        self.send(Purpose::Shell { ticket, cmd }, request, now);
     }
 
     pub fn handle_file_hashed(&mut self, job: u64, result: Result<FileDigest, String>, now: Millis) {
         let Some(j) = self.hash_jobs.remove(&job) else { return };
-        let path = match &j.cmd {
-            ShellCommand::UploadFile { path, .. } => path.clone(),
-            _ => unreachable!("hash jobs come from uploads"),
-        };
+        let ShellCommand::UploadFile { path, .. } = &j.cmd else { unreachable!("hash jobs come from uploads") };
         match result {
             Err(e) => self.out.push_back(ClientOutput::Done {
                 ticket: j.ticket,
@@ -232,7 +333,11 @@ impl ClientEngine {
             }),
             Ok(digest) => {
                 let meta = FileMeta { name: j.name, digest };
-                self.send(Some(j.ticket), j.cmd, Request::UploadFile { group: j.group, meta }, now);
+                self.send(
+                    Purpose::Shell { ticket: j.ticket, cmd: j.cmd },
+                    Request::UploadFile { group: j.group, meta },
+                    now,
+                );
             }
         }
     }
@@ -267,7 +372,7 @@ impl ClientEngine {
         self.last_heard = now;
         self.decoder.push(bytes);
         loop {
-            match self.decoder.next_message() {
+            match self.decoder.next_message::<Message>() {
                 Ok(None) => return,
                 Ok(Some(Message::Response { id, result })) => self.handle_response(id, result, now),
                 Ok(Some(Message::Refused { reason })) => {
@@ -284,10 +389,8 @@ impl ClientEngine {
         let expired: Vec<u64> = self.pending.iter().filter(|(_, p)| p.give_up_at <= now).map(|(s, _)| *s).collect();
         for seq in expired {
             let p = self.pending.remove(&seq).expect("listed above");
-            if let Some(ticket) = p.ticket {
-                let result = Err(ShellError::NoTracker { tried: self.cfg.trackers.len() });
-                self.out.push_back(ClientOutput::Done { ticket, result });
-            }
+            let err = ShellError::NoTracker { tried: self.cfg.trackers.len() };
+            self.finish_request(p, Err(err), now);
         }
         match self.link {
             Link::Backoff(at) if at <= now => {
@@ -301,10 +404,9 @@ impl ClientEngine {
                 if waiting && now.since(self.last_heard) >= self.cfg.request_timeout {
                     tracing::debug!(tracker = %self.cfg.trackers[self.tracker], "tracker silent, failing over");
                     self.out.push_back(ClientOutput::Disconnect);
-                    return self.fail_over(now);
-                }
-                if !waiting && self.session.is_some() && now.since(self.last_sent) >= self.cfg.heartbeat_every {
-                    self.send(None, ShellCommand::Help, Request::Heartbeat, now);
+                    self.fail_over(now);
+                } else if !waiting && self.session.is_some() && now.since(self.last_sent) >= self.cfg.heartbeat_every {
+                    self.send(Purpose::Heartbeat, Request::Heartbeat, now);
                 }
             }
             Link::Connecting if now.since(self.last_heard) >= self.cfg.request_timeout => {
@@ -313,6 +415,7 @@ impl ClientEngine {
             }
             _ => {}
         }
+        self.downloads_timeout(now);
     }
 
     // ---- outputs ----
@@ -330,7 +433,7 @@ impl ClientEngine {
             Link::Connecting => Some(self.last_heard.plus(self.cfg.request_timeout)),
             _ => None,
         };
-        [give_up, link].into_iter().flatten().min()
+        [give_up, link, self.downloads_deadline()].into_iter().flatten().min()
     }
 
     // ---- internals ----
@@ -353,16 +456,16 @@ impl ClientEngine {
         self.out.push_back(ClientOutput::Connect { addr: self.cfg.trackers[self.tracker] });
     }
 
-    fn send(&mut self, ticket: Option<Ticket>, cmd: ShellCommand, request: Request, now: Millis) {
+    fn send(&mut self, purpose: Purpose, request: Request, now: Millis) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let msg = Message::Request { id: self.id(seq), session: self.token(), body: request.clone() };
-        let give_up_at = now.plus(match cmd {
+        let give_up_at = now.plus(match purpose {
             // Exit logs out, but must not keep the user waiting long.
-            ShellCommand::Exit => self.cfg.request_timeout,
+            Purpose::Shell { cmd: ShellCommand::Exit, .. } => self.cfg.request_timeout,
             _ => self.cfg.give_up_after,
         });
-        self.pending.insert(seq, Pending { ticket, cmd, request, give_up_at });
+        self.pending.insert(seq, Pending { purpose, request, give_up_at });
         match self.link {
             Link::Up => self.transmit(&msg, now),
             Link::Down => {
@@ -386,59 +489,78 @@ impl ClientEngine {
         }
     }
 
-    fn handle_response(&mut self, id: RequestId, result: Result<Reply, crate::proto::ApiError>, _now: Millis) {
+    fn handle_response(&mut self, id: RequestId, result: Result<Reply, ApiError>, now: Millis) {
         if id.client != self.client_id {
             return;
         }
         let Some(p) = self.pending.remove(&id.seq) else { return };
         self.tried = 0;
-        let result = match (&p.cmd, result) {
+        self.finish_request(p, result.map_err(ShellError::from), now);
+    }
+
+    /// What an answered (or abandoned) request does.
+    fn finish_request(&mut self, p: Pending, result: Result<Reply, ShellError>, now: Millis) {
+        let (ticket, cmd) = match p.purpose {
+            Purpose::Shell { ticket, cmd } => (ticket, cmd),
+            Purpose::Heartbeat | Purpose::Announce => return,
+            Purpose::Sources(id) => return self.sources_answered(id, result, now),
+            Purpose::CheckGrant(conn) => return self.grant_checked(conn, result, now),
+            Purpose::Reshare(id) => return self.reshared(id, result),
+        };
+        let result = match (&cmd, result) {
             (ShellCommand::Login { user, .. }, Ok(Reply::Session { token })) => {
                 self.session = Some((token, user.clone()));
-                Ok(render(&p.cmd, &Reply::Done))
+                Ok(render(&cmd, &Reply::Done))
             }
             (ShellCommand::Logout | ShellCommand::Exit, r) => {
                 // Whatever the tracker said, this client's session is over.
                 self.session = None;
-                r.map(|reply| render(&p.cmd, &reply)).map_err(ShellError::from)
+                self.stop_serving(None, "the sharer logged out");
+                r.map(|reply| render(&cmd, &reply))
             }
-            (ShellCommand::UploadFile { path, group }, Ok(reply)) => {
-                if let Request::UploadFile { meta, .. } = &p.request {
-                    self.shares.insert((group.clone(), meta.name.clone()), path.clone());
-                    let d = &meta.digest;
-                    Ok(vec![format!(
-                        "shared {} in {group}: {} bytes, {} chunks, sha1 {}",
-                        meta.name,
-                        d.size,
-                        chunk_count(d.size),
-                        d.sha1
-                    )])
-                } else {
-                    Ok(render(&p.cmd, &reply))
-                }
+            (ShellCommand::UploadFile { path, group }, Ok(_)) => {
+                let Request::UploadFile { meta, .. } = p.request else { unreachable!("upload request") };
+                let d = &meta.digest;
+                let line = format!(
+                    "shared {} in {group}: {} bytes, {} chunks, sha1 {}",
+                    meta.name,
+                    d.size,
+                    chunk_count(d.size),
+                    d.sha1
+                );
+                let have = Bitmap::full(d.chunks.len() as u32);
+                self.shares.insert(
+                    (group.clone(), meta.name.clone()),
+                    Shared { path: path.clone(), size: d.size, sha1: d.sha1, have },
+                );
+                Ok(vec![line])
             }
             (ShellCommand::StopShare { group, name }, Ok(reply)) => {
+                self.stop_serving(Some((group, name)), "the sharer stopped sharing this file");
                 self.shares.remove(&(group.clone(), name.clone()));
-                Ok(render(&p.cmd, &reply))
+                Ok(render(&cmd, &reply))
             }
             (ShellCommand::LeaveGroup { group }, Ok(reply)) => {
-                self.shares.retain(|(g, _), _| g != group);
-                Ok(render(&p.cmd, &reply))
+                let names: Vec<FileName> =
+                    self.shares.keys().filter(|(g, _)| g == group).map(|(_, n)| n.clone()).collect();
+                for n in names {
+                    self.stop_serving(Some((group, &n)), "the sharer left the group");
+                    self.shares.remove(&(group.clone(), n));
+                }
+                Ok(render(&cmd, &reply))
             }
-            (ShellCommand::DownloadFile { name, .. }, Ok(Reply::Download { digest, sharers })) => {
-                Err(ShellError::Local(format!(
-                    "downloads are not available in this version yet ({name}: {} bytes, {} chunks, {} live sharers)",
-                    digest.size,
-                    digest.chunks.len(),
-                    sharers.len()
-                )))
+            (
+                ShellCommand::DownloadFile { group, name, destination },
+                Ok(Reply::Download { digest, sharers, grant }),
+            ) => {
+                let (group, name, destination) = (group.clone(), name.clone(), destination.clone());
+                // The command finishes once the download is set up on disk.
+                return self.start_download(ticket, group, name, destination, digest, sharers, grant, now);
             }
-            (_, Ok(reply)) => Ok(render(&p.cmd, &reply)),
-            (_, Err(e)) => Err(e.into()),
+            (_, Ok(reply)) => Ok(render(&cmd, &reply)),
+            (_, Err(e)) => Err(e),
         };
-        if let Some(ticket) = p.ticket {
-            self.out.push_back(ClientOutput::Done { ticket, result });
-        }
+        self.out.push_back(ClientOutput::Done { ticket, result });
     }
 }
 

@@ -200,6 +200,11 @@ impl Download {
         self.peers.contains_key(&peer)
     }
 
+    /// A fresh grant from the tracker, for connections opened from now on.
+    pub fn set_grant(&mut self, grant: Grant) {
+        self.grant = grant;
+    }
+
     // ---- inputs ----
 
     /// The tracker's current list of sources.

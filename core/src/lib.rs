@@ -35,6 +35,7 @@ pub mod picker;
 pub mod proto;
 pub mod rng;
 pub mod shell;
+pub mod sidecar;
 pub mod time;
 pub mod tracker;
 pub mod wire;

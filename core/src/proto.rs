@@ -11,6 +11,7 @@ use thiserror::Error;
 
 use crate::chunk::{FileDigest, FileMeta};
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
+use crate::peer::Grant;
 
 /// Bumped on any incompatible change of the messages below.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -109,6 +110,18 @@ pub enum Request {
         group: GroupId,
         name: FileName,
     },
+    /// This client verified a chunk of a file it is downloading: it can serve it.
+    HaveChunk {
+        group: GroupId,
+        name: FileName,
+        chunk: u32,
+    },
+    /// A peer asks whether a downloader's grant is a member's, for that file.
+    CheckGrant {
+        grant: Grant,
+        group: GroupId,
+        name: FileName,
+    },
 }
 
 impl Request {
@@ -122,6 +135,8 @@ impl Request {
                 | Request::ListMyGroups
                 | Request::ListFiles { .. }
                 | Request::DownloadFile { .. }
+                | Request::HaveChunk { .. }
+                | Request::CheckGrant { .. }
         )
     }
 }
@@ -161,10 +176,16 @@ pub enum Reply {
     MyGroups(Vec<MyGroup>),
     Requests(Vec<UserId>),
     Files(Vec<FileSummary>),
-    /// The file's digest and the listen addresses of its live sharers.
+    /// The file's digest, the listen addresses of live peers holding some of
+    /// it, and a grant that those peers will accept.
     Download {
         digest: FileDigest,
         sharers: Vec<SocketAddr>,
+        grant: Grant,
+    },
+    /// The grant is valid: it was issued to this member.
+    GrantValid {
+        user: UserId,
     },
 }
 
@@ -205,4 +226,6 @@ pub enum ApiError {
     PasswordTooLong,
     #[error("no tracker quorum")]
     NoQuorum,
+    #[error("invalid or expired download grant")]
+    BadGrant,
 }

@@ -18,8 +18,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 
-use crate::ids::SessionToken;
+use crate::ids::{FileName, GroupId, SessionToken, UserId};
 use crate::meta::{Command, Entry, MetaState, PasswordHash, PasswordParams, Sharer};
+use crate::peer::Grant;
 use crate::proto::{ApiError, Message, Reply, Request, RequestId, Role, MAX_PASSWORD_LEN, PROTOCOL_VERSION};
 use crate::rng::Rng;
 use crate::time::Millis;
@@ -75,6 +76,25 @@ pub struct TrackerNode<R: Replicator = SoloReplicator> {
     out: VecDeque<TrackerOutput>,
     /// Hashed instead of a missing user's, so a failed login costs the same either way.
     decoy: PasswordHash,
+    /// Soft state: download grants issued, checked by serving peers.
+    grants: BTreeMap<Grant, GrantInfo>,
+    /// Soft state: peers holding some chunks of a file they are downloading.
+    partial: BTreeMap<(GroupId, FileName), BTreeMap<SocketAddr, UserId>>,
+}
+
+/// How long a download grant stays valid; a downloader asks again for sources
+/// (and a fresh grant) every few seconds while it runs.
+pub const GRANT_TTL: Millis = Millis(10 * 60 * 1000);
+/// Most grants alive at once.
+pub const MAX_GRANTS: usize = 100_000;
+/// Most partial holders remembered per file.
+pub const MAX_PARTIAL_HOLDERS: usize = 1024;
+
+struct GrantInfo {
+    user: UserId,
+    group: GroupId,
+    name: FileName,
+    expires: Millis,
 }
 
 impl<R: Replicator> TrackerNode<R> {
@@ -92,6 +112,8 @@ impl<R: Replicator> TrackerNode<R> {
             leases: BTreeMap::new(),
             out: VecDeque::new(),
             decoy,
+            grants: BTreeMap::new(),
+            partial: BTreeMap::new(),
         }
     }
 
@@ -117,6 +139,16 @@ impl<R: Replicator> TrackerNode<R> {
 
     pub fn handle_timeout(&mut self, now: Millis) {
         self.leases.retain(|_, until| *until > now);
+        self.grants.retain(|_, g| g.expires > now);
+        let meta = &self.meta;
+        let leases = &self.leases;
+        // Partial holders whose session is gone are forgotten.
+        self.partial.retain(|_, holders| {
+            holders.retain(|listen, user| {
+                meta.session_at(listen).is_some_and(|(t, s)| s.user == *user && leases.contains_key(t))
+            });
+            !holders.is_empty()
+        });
     }
 
     pub fn handle_bytes(&mut self, conn: ConnId, bytes: &[u8], now: Millis) {
@@ -167,9 +199,10 @@ impl<R: Replicator> TrackerNode<R> {
         self.out.pop_front()
     }
 
-    /// Lease bookkeeping only needs a sweep now and then.
+    /// Lease and grant bookkeeping only needs a sweep now and then.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        self.leases.values().min().copied()
+        let grants = self.grants.values().map(|g| g.expires).min();
+        [self.leases.values().min().copied(), grants].into_iter().flatten().min()
     }
 
     // ---- internals ----
@@ -216,7 +249,7 @@ impl<R: Replicator> TrackerNode<R> {
             (true, None) => return self.respond(conn, id, Err(ApiError::NotLoggedIn)),
             (true, Some(u)) => u,
             // Placeholders, unused by the two requests that need no session.
-            (false, _) => (SessionToken([0; 16]), crate::ids::UserId::new("-").expect("valid id"), unspecified()),
+            (false, _) => (SessionToken([0; 16]), UserId::new("-").expect("valid id"), unspecified()),
         };
         let cmd = match body {
             Request::CreateUser { user, password } => {
@@ -265,22 +298,82 @@ impl<R: Replicator> TrackerNode<R> {
                 return self.respond(conn, id, r);
             }
             Request::DownloadFile { group, name } => {
-                let r = self.meta.group_of_member(&me, &group).and_then(|g| {
-                    let f = g.files.get(&name).ok_or(ApiError::NoSuchFile)?;
-                    let sharers = f
-                        .sharers
-                        .iter()
-                        .filter(|s| s.listen != my_listen && self.is_live(s, now))
-                        .map(|s| s.listen)
-                        .collect();
-                    Ok(Reply::Download { digest: f.meta.digest.clone(), sharers })
-                });
+                let r = self.download(&me, my_listen, group, name, now);
+                return self.respond(conn, id, r);
+            }
+            Request::HaveChunk { group, name, chunk } => {
+                let r = self.have_chunk(me, my_listen, group, name, chunk);
+                return self.respond(conn, id, r);
+            }
+            Request::CheckGrant { grant, group, name } => {
+                let r = match self.grants.get(&grant) {
+                    Some(g) if g.expires > now && g.group == group && g.name == name => {
+                        match self.meta.group_of_member(&g.user, &group) {
+                            Ok(_) => Ok(Reply::GrantValid { user: g.user.clone() }),
+                            Err(_) => Err(ApiError::BadGrant),
+                        }
+                    }
+                    _ => Err(ApiError::BadGrant),
+                };
                 return self.respond(conn, id, r);
             }
         };
         self.waiting.insert(id, conn);
         self.replicator.propose(Entry { id: Some(id), cmd });
         self.apply_decided(now);
+    }
+
+    /// Answers a download: the digest, who holds chunks now, and a grant.
+    fn download(
+        &mut self,
+        me: &UserId,
+        my_listen: SocketAddr,
+        group: GroupId,
+        name: FileName,
+        now: Millis,
+    ) -> Result<Reply, ApiError> {
+        let g = self.meta.group_of_member(me, &group)?;
+        let f = g.files.get(&name).ok_or(ApiError::NoSuchFile)?;
+        let mut sharers: Vec<SocketAddr> =
+            f.sharers.iter().filter(|s| s.listen != my_listen && self.is_live(s, now)).map(|s| s.listen).collect();
+        if let Some(partial) = self.partial.get(&(group.clone(), name.clone())) {
+            for (listen, user) in partial {
+                let s = Sharer { user: user.clone(), listen: *listen };
+                if *listen != my_listen && g.is_member(user) && self.is_live(&s, now) && !sharers.contains(listen) {
+                    sharers.push(*listen);
+                }
+            }
+        }
+        let digest = f.meta.digest.clone();
+        if self.grants.len() >= MAX_GRANTS {
+            return Err(ApiError::Limit("too many downloads in progress".into()));
+        }
+        let mut bits = [0u8; 16];
+        self.rng.fill(&mut bits);
+        let grant = Grant(bits);
+        self.grants.insert(grant, GrantInfo { user: me.clone(), group, name, expires: now.plus(GRANT_TTL) });
+        Ok(Reply::Download { digest, sharers, grant })
+    }
+
+    fn have_chunk(
+        &mut self,
+        me: UserId,
+        my_listen: SocketAddr,
+        group: GroupId,
+        name: FileName,
+        chunk: u32,
+    ) -> Result<Reply, ApiError> {
+        let g = self.meta.group_of_member(&me, &group)?;
+        let f = g.files.get(&name).ok_or(ApiError::NoSuchFile)?;
+        if chunk as usize >= f.meta.digest.chunks.len() {
+            return Err(ApiError::InvalidFile(format!("no chunk {chunk}")));
+        }
+        let holders = self.partial.entry((group, name)).or_default();
+        if holders.len() >= MAX_PARTIAL_HOLDERS && !holders.contains_key(&my_listen) {
+            return Err(ApiError::Limit("too many peers downloading this file".into()));
+        }
+        holders.insert(my_listen, me);
+        Ok(Reply::Done)
     }
 
     fn apply_decided(&mut self, now: Millis) {

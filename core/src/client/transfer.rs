@@ -1,0 +1,724 @@
+//! The engine's peer side: running downloads and serving chunks.
+//!
+//! Serving: an incoming connection says `Hello`, then `Want` with a grant; the
+//! engine asks its tracker whether the grant is a member's for that file and
+//! only then sends its chunk map. Block requests are queued (at most
+//! [`MAX_QUEUED_REQUESTS`] per connection) and turned into disk reads only while
+//! the connection's unsent backlog is under [`SEND_HIGH_WATER`], so a slow
+//! downloader cannot make this client buffer without bound.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use super::{ClientEngine, ClientOutput, Purpose, Ticket};
+use crate::chunk::{FileDigest, FileMeta, Sha1Digest};
+use crate::download::{chunk_offset, Download, DownloadOutput, PeerConnId};
+use crate::ids::{FileName, GroupId};
+use crate::peer::{valid_block, Bitmap, Grant, Load, PeerMessage, MAX_PEER_FRAME, MAX_QUEUED_REQUESTS};
+use crate::proto::{Reply, Request, Role, PROTOCOL_VERSION};
+use crate::rng::Rng;
+use crate::shell::ShellError;
+use crate::time::Millis;
+use crate::wire::{encode, FrameDecoder};
+
+/// Most peers this client serves at once.
+pub const MAX_UPLOAD_CONNECTIONS: usize = 64;
+/// Unsent bytes on an upload connection above which no more blocks are read.
+pub const SEND_HIGH_WATER: usize = 1 << 20;
+/// Connection ids of outgoing (download) connections have this bit set; the
+/// driver numbers accepted connections below it.
+pub const OUTGOING: u64 = 1 << 62;
+/// How often download rates are sampled and progress saved.
+const TICK: Millis = Millis(500);
+
+/// A download of this client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DownloadId(pub u64);
+
+/// What the driver found on disk for a download.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    /// Where the file will get its name once its SHA1 matches.
+    pub final_path: String,
+    pub part_path: String,
+    /// Chunks already on disk and re-verified.
+    pub have: Bitmap,
+}
+
+pub(super) struct Shared {
+    pub path: String,
+    pub size: u64,
+    pub sha1: Sha1Digest,
+    pub have: Bitmap,
+}
+
+enum DlState {
+    Preparing { sharers: Vec<SocketAddr>, grant: Grant },
+    Running(Box<Download>),
+    Finishing,
+    Complete,
+    Failed(String),
+}
+
+pub(super) struct DownloadEntry {
+    group: GroupId,
+    name: FileName,
+    digest: FileDigest,
+    ticket: Option<Ticket>,
+    state: DlState,
+    final_path: String,
+    /// (time, verified bytes) at the last rate sample, and the rate then.
+    mark: (Millis, u64),
+    rate: u64,
+    dirty: bool,
+    sources_pending: bool,
+    supplied: Vec<(SocketAddr, u64)>,
+    started: Millis,
+    finished: Option<Millis>,
+}
+
+enum UpState {
+    AwaitHello,
+    AwaitWant,
+    Checking(GroupId, FileName),
+    Serving(GroupId, FileName),
+}
+
+pub(super) struct Upload {
+    decoder: FrameDecoder,
+    state: UpState,
+    queue: VecDeque<(u32, u32, u32)>,
+    reading: u32,
+    backlog: usize,
+}
+
+pub(super) enum PeerLink {
+    Out { download: DownloadId, decoder: FrameDecoder },
+    In(Box<Upload>),
+}
+
+/// A snapshot of a download, for programs that embed the client (demo, bench).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DownloadStat {
+    pub group: GroupId,
+    pub name: FileName,
+    pub size: u64,
+    pub verified: u64,
+    pub complete: bool,
+    pub failed: Option<String>,
+    /// Verified bytes per source peer.
+    pub supplied: Vec<(SocketAddr, u64)>,
+    pub elapsed: Millis,
+}
+
+impl ClientEngine {
+    // ---- getters ----
+
+    /// Whether a download is still running (the piped shell waits for them).
+    pub fn downloads_running(&self) -> bool {
+        self.downloads
+            .values()
+            .any(|d| matches!(d.state, DlState::Preparing { .. } | DlState::Running(_) | DlState::Finishing))
+    }
+
+    pub fn download_stats(&self, now: Millis) -> Vec<DownloadStat> {
+        self.downloads
+            .values()
+            .map(|d| {
+                let (verified, supplied) = match &d.state {
+                    DlState::Running(dl) => (dl.verified_bytes(), dl.supplied().collect()),
+                    DlState::Finishing | DlState::Complete => (d.digest.size, d.supplied.clone()),
+                    _ => (0, d.supplied.clone()),
+                };
+                DownloadStat {
+                    group: d.group.clone(),
+                    name: d.name.clone(),
+                    size: d.digest.size,
+                    verified,
+                    complete: matches!(d.state, DlState::Complete),
+                    failed: if let DlState::Failed(e) = &d.state { Some(e.clone()) } else { None },
+                    supplied,
+                    elapsed: d.finished.unwrap_or(now).since(d.started),
+                }
+            })
+            .collect()
+    }
+
+    fn load(&self) -> Load {
+        let mut l = Load::default();
+        for p in self.peers.values() {
+            if let PeerLink::In(u) = p {
+                if matches!(u.state, UpState::Serving(..)) {
+                    l.uploads = l.uploads.saturating_add(1);
+                    l.queued = l.queued.saturating_add(u.queue.len() as u16);
+                }
+            }
+        }
+        l
+    }
+
+    // ---- shell side ----
+
+    pub(super) fn show_downloads(&self, now: Millis) -> Vec<String> {
+        if self.downloads.is_empty() {
+            return vec!["no downloads".into()];
+        }
+        self.downloads
+            .values()
+            .map(|d| {
+                let (g, n) = (&d.group, &d.name);
+                match &d.state {
+                    DlState::Preparing { .. } => format!("[D] {g} {n} 0% 0.0 MB/s 0 peers"),
+                    DlState::Running(dl) => {
+                        let pct = if d.digest.size == 0 { 100 } else { dl.verified_bytes() * 100 / d.digest.size };
+                        let _ = now;
+                        format!("[D] {g} {n} {pct}% {:.1} MB/s {} peers", d.rate as f64 / 1e6, dl.active_peers())
+                    }
+                    DlState::Finishing => format!("[D] {g} {n} 100% verifying"),
+                    DlState::Complete => format!("[C] {g} {n}"),
+                    DlState::Failed(e) => format!("[F] {g} {n} {e}"),
+                }
+            })
+            .collect()
+    }
+
+    /// Why `download_file` for this file cannot start, if it cannot.
+    pub(super) fn download_conflict(&self, group: &GroupId, name: &FileName) -> Option<String> {
+        let running = self.downloads.values().any(|d| {
+            &d.group == group
+                && &d.name == name
+                && matches!(d.state, DlState::Preparing { .. } | DlState::Running(_) | DlState::Finishing)
+        });
+        if running {
+            return Some(format!("{name} from {group} is already being downloaded"));
+        }
+        if self.shares.contains_key(&(group.clone(), name.clone())) {
+            return Some(format!("this client already has {name} of {group}"));
+        }
+        None
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn start_download(
+        &mut self,
+        ticket: Ticket,
+        group: GroupId,
+        name: FileName,
+        dest: String,
+        digest: FileDigest,
+        sharers: Vec<SocketAddr>,
+        grant: Grant,
+        now: Millis,
+    ) {
+        let id = DownloadId(self.next_download);
+        self.next_download += 1;
+        self.out.push_back(ClientOutput::PrepareDownload { id, dest, name: name.clone(), digest: digest.clone() });
+        self.downloads.insert(
+            id,
+            DownloadEntry {
+                group,
+                name,
+                digest,
+                ticket: Some(ticket),
+                state: DlState::Preparing { sharers, grant },
+                final_path: String::new(),
+                mark: (now, 0),
+                rate: 0,
+                dirty: false,
+                sources_pending: false,
+                supplied: Vec::new(),
+                started: now,
+                finished: None,
+            },
+        );
+    }
+
+    // ---- disk results ----
+
+    pub fn handle_download_prepared(&mut self, id: DownloadId, result: Result<Prepared, String>, now: Millis) {
+        let Some(e) = self.downloads.get_mut(&id) else { return };
+        let DlState::Preparing { sharers, grant } = std::mem::replace(&mut e.state, DlState::Finishing) else {
+            return;
+        };
+        let ticket = e.ticket.take();
+        let p = match result {
+            Ok(p) => p,
+            Err(err) => {
+                e.state = DlState::Failed(err.clone());
+                e.finished = Some(now);
+                if let Some(ticket) = ticket {
+                    self.out.push_back(ClientOutput::Done { ticket, result: Err(ShellError::Local(err)) });
+                }
+                return;
+            }
+        };
+        e.final_path = p.final_path.clone();
+        let n = e.digest.chunks.len();
+        let already = p.have.count();
+        let line = if already > 0 {
+            format!(
+                "resuming {} into {}: {already} of {n} chunks already here, {} sources",
+                e.name,
+                p.final_path,
+                sharers.len()
+            )
+        } else {
+            format!(
+                "downloading {} into {} ({} bytes, {n} chunks, {} sources)",
+                e.name,
+                p.final_path,
+                e.digest.size,
+                sharers.len()
+            )
+        };
+        let key = (e.group.clone(), e.name.clone());
+        let shared = Shared { path: p.part_path, size: e.digest.size, sha1: e.digest.sha1, have: p.have.clone() };
+        let dl = Download::new(
+            self.cfg.download.clone(),
+            e.group.clone(),
+            e.name.clone(),
+            e.digest.clone(),
+            grant,
+            p.have,
+            OUTGOING | (id.0 << 24),
+            Rng::from_u64(self.rng.next_u64()),
+            now,
+        );
+        e.mark = (now, dl.verified_bytes());
+        e.state = DlState::Running(Box::new(dl));
+        self.shares.insert(key.clone(), shared);
+        if already > 0 {
+            // Partial holders are listed as sources for others.
+            self.announce(&key.0, &key.1, 0, now);
+        }
+        if let Some(ticket) = ticket {
+            self.out.push_back(ClientOutput::Done { ticket, result: Ok(vec![line]) });
+        }
+        if let Some(DownloadEntry { state: DlState::Running(dl), .. }) = self.downloads.get_mut(&id) {
+            dl.handle_sources(&sharers, now);
+        }
+        self.drain_download(id, now);
+    }
+
+    /// Writing a chunk or the sidecar failed: the download cannot go on.
+    pub fn handle_disk_error(&mut self, id: DownloadId, err: String, now: Millis) {
+        self.fail_download(id, format!("disk error: {err}"), now);
+    }
+
+    pub fn handle_download_finished(&mut self, id: DownloadId, result: Result<(), String>, now: Millis) {
+        let Some(e) = self.downloads.get_mut(&id) else { return };
+        if !matches!(e.state, DlState::Finishing) {
+            return;
+        }
+        if let Err(err) = result {
+            return self.fail_download(id, err, now);
+        }
+        e.state = DlState::Complete;
+        e.finished = Some(now);
+        let key = (e.group.clone(), e.name.clone());
+        let meta = FileMeta { name: e.name.clone(), digest: e.digest.clone() };
+        let final_path = e.final_path.clone();
+        if let Some(s) = self.shares.get_mut(&key) {
+            s.path = final_path;
+        }
+        if self.session.is_some() {
+            self.send(Purpose::Reshare(id), Request::UploadFile { group: key.0, meta }, now);
+        }
+    }
+
+    pub(super) fn reshared(&mut self, id: DownloadId, result: Result<Reply, ShellError>) {
+        if let Err(e) = result {
+            tracing::warn!(download = id.0, error = %e, "could not register the finished download as shared");
+        }
+    }
+
+    fn fail_download(&mut self, id: DownloadId, reason: String, now: Millis) {
+        let Some(e) = self.downloads.get_mut(&id) else { return };
+        if let DlState::Running(dl) = &mut e.state {
+            dl.close_all();
+            e.supplied = dl.supplied().collect();
+        }
+        let old = std::mem::replace(&mut e.state, DlState::Failed(reason.clone()));
+        e.finished = Some(now);
+        let key = (e.group.clone(), e.name.clone());
+        if let DlState::Running(mut dl) = old {
+            while let Some(o) = dl.poll_output() {
+                if let DownloadOutput::Close { peer } = o {
+                    self.peers.remove(&peer);
+                    self.out.push_back(ClientOutput::PeerClose { conn: peer });
+                }
+            }
+        }
+        tracing::warn!(download = id.0, %reason, "download failed");
+        self.stop_serving(Some((&key.0, &key.1)), "the download failed");
+        self.shares.remove(&key);
+    }
+
+    // ---- tracker answers ----
+
+    pub(super) fn sources_answered(&mut self, id: DownloadId, result: Result<Reply, ShellError>, now: Millis) {
+        let Some(e) = self.downloads.get_mut(&id) else { return };
+        e.sources_pending = false;
+        if let (DlState::Running(dl), Ok(Reply::Download { sharers, grant, .. })) = (&mut e.state, result) {
+            dl.set_grant(grant);
+            dl.handle_sources(&sharers, now);
+            self.drain_download(id, now);
+        }
+    }
+
+    pub(super) fn grant_checked(&mut self, conn: PeerConnId, result: Result<Reply, ShellError>, now: Millis) {
+        let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+        let UpState::Checking(group, name) = &up.state else { return };
+        let (group, name) = (group.clone(), name.clone());
+        match result {
+            Ok(Reply::GrantValid { .. }) => match self.shares.get(&(group.clone(), name.clone())) {
+                Some(s) => {
+                    let chunks = s.have.clone();
+                    up.state = UpState::Serving(group, name);
+                    let load = self.load();
+                    self.peer_send(conn, &PeerMessage::Have { chunks, load });
+                }
+                None => self.refuse_peer(conn, "not sharing that file any more"),
+            },
+            Ok(_) => self.refuse_peer(conn, "access denied"),
+            Err(e) => self.refuse_peer(conn, &format!("access denied: {e}")),
+        }
+        let _ = now;
+    }
+
+    fn announce(&mut self, group: &GroupId, name: &FileName, chunk: u32, now: Millis) {
+        if self.session.is_some() {
+            let req = Request::HaveChunk { group: group.clone(), name: name.clone(), chunk };
+            self.send(Purpose::Announce, req, now);
+        }
+    }
+
+    // ---- peer connections ----
+
+    pub fn handle_peer_accepted(&mut self, conn: PeerConnId, _now: Millis) {
+        debug_assert!(conn.0 & OUTGOING == 0, "the driver numbers accepted connections below OUTGOING");
+        let incoming = self.peers.values().filter(|p| matches!(p, PeerLink::In(_))).count();
+        let refusal = if self.session.is_none() {
+            Some("this peer is not logged in")
+        } else if incoming >= MAX_UPLOAD_CONNECTIONS {
+            Some("too many connections, try later")
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.out.push_back(ClientOutput::PeerTransmit {
+                conn,
+                bytes: encode(&PeerMessage::Refused { reason: reason.into() }),
+            });
+            self.out.push_back(ClientOutput::PeerClose { conn });
+            return;
+        }
+        let up = Upload {
+            decoder: FrameDecoder::new(MAX_PEER_FRAME),
+            state: UpState::AwaitHello,
+            queue: VecDeque::new(),
+            reading: 0,
+            backlog: 0,
+        };
+        self.peers.insert(conn, PeerLink::In(Box::new(up)));
+    }
+
+    pub fn handle_peer_connected(&mut self, conn: PeerConnId, now: Millis) {
+        if let Some(PeerLink::Out { download, .. }) = self.peers.get(&conn) {
+            let id = *download;
+            if let Some(DownloadEntry { state: DlState::Running(dl), .. }) = self.downloads.get_mut(&id) {
+                dl.handle_connected(conn, now);
+            }
+            self.drain_download(id, now);
+        }
+    }
+
+    pub fn handle_peer_closed(&mut self, conn: PeerConnId, now: Millis) {
+        if let Some(PeerLink::Out { download, .. }) = self.peers.remove(&conn) {
+            if let Some(DownloadEntry { state: DlState::Running(dl), .. }) = self.downloads.get_mut(&download) {
+                dl.handle_closed(conn, now);
+            }
+            self.drain_download(download, now);
+        }
+    }
+
+    /// Unsent bytes on an upload connection after the driver's last flush.
+    pub fn handle_peer_backlog(&mut self, conn: PeerConnId, backlog: usize, _now: Millis) {
+        if let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) {
+            up.backlog = backlog;
+            self.pump(conn);
+        }
+    }
+
+    pub fn handle_peer_bytes(&mut self, conn: PeerConnId, bytes: &[u8], now: Millis) {
+        match self.peers.get_mut(&conn) {
+            None => {}
+            Some(PeerLink::Out { download, decoder }) => {
+                let id = *download;
+                decoder.push(bytes);
+                let mut msgs = Vec::new();
+                let mut bad = false;
+                loop {
+                    match decoder.next_message::<PeerMessage>() {
+                        Ok(Some(m)) => msgs.push(m),
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(conn = conn.0, error = %e, "bad frame from a peer");
+                            bad = true;
+                            break;
+                        }
+                    }
+                }
+                if let Some(DownloadEntry { state: DlState::Running(dl), .. }) = self.downloads.get_mut(&id) {
+                    for m in msgs {
+                        dl.handle_message(conn, m, now);
+                    }
+                    if bad {
+                        dl.handle_closed(conn, now);
+                        self.peers.remove(&conn);
+                        self.out.push_back(ClientOutput::PeerClose { conn });
+                    }
+                }
+                self.drain_download(id, now);
+            }
+            Some(PeerLink::In(up)) => {
+                up.decoder.push(bytes);
+                loop {
+                    let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+                    match up.decoder.next_message::<PeerMessage>() {
+                        Ok(Some(m)) => self.serve_message(conn, m, now),
+                        Ok(None) => break,
+                        Err(e) => return self.refuse_peer(conn, &format!("bad frame: {e}")),
+                    }
+                }
+                self.pump(conn);
+            }
+        }
+    }
+
+    pub fn handle_block_read(
+        &mut self,
+        conn: PeerConnId,
+        chunk: u32,
+        block: u32,
+        result: Result<Vec<u8>, String>,
+        _now: Millis,
+    ) {
+        let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+        up.reading = up.reading.saturating_sub(1);
+        match result {
+            Ok(data) => {
+                let load = self.load();
+                self.peer_send(conn, &PeerMessage::Block { chunk, offset: block, load, data });
+                self.pump(conn);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a shared file");
+                self.refuse_peer(conn, "this peer cannot read the file any more");
+            }
+        }
+    }
+
+    fn serve_message(&mut self, conn: PeerConnId, msg: PeerMessage, now: Millis) {
+        let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+        match (&up.state, msg) {
+            (UpState::AwaitHello, PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer }) => {
+                up.state = UpState::AwaitWant;
+                self.peer_send(conn, &PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
+            }
+            (UpState::AwaitWant, PeerMessage::Want { group, name, sha1, grant }) => {
+                let ok = self.shares.get(&(group.clone(), name.clone())).is_some_and(|s| s.sha1 == sha1);
+                if !ok {
+                    return self.refuse_peer(conn, "this peer does not share that file");
+                }
+                up.state = UpState::Checking(group.clone(), name.clone());
+                self.send(Purpose::CheckGrant(conn), Request::CheckGrant { grant, group, name }, now);
+            }
+            (UpState::Serving(group, name), PeerMessage::Request { chunk, offset, len }) => {
+                let key = (group.clone(), name.clone());
+                let ok =
+                    self.shares.get(&key).is_some_and(|s| valid_block(s.size, chunk, offset, len) && s.have.get(chunk));
+                if !ok {
+                    return self.refuse_peer(conn, "request for a block this peer does not have");
+                }
+                if up.queue.len() >= MAX_QUEUED_REQUESTS {
+                    return self.refuse_peer(conn, "too many requests in flight");
+                }
+                up.queue.push_back((chunk, offset, len));
+            }
+            (UpState::Serving(..), PeerMessage::Cancel { chunk, offset, len }) => {
+                up.queue.retain(|r| *r != (chunk, offset, len));
+            }
+            (UpState::Serving(..), PeerMessage::Have { .. } | PeerMessage::HaveOne { .. }) => {}
+            _ => self.refuse_peer(conn, "unexpected message"),
+        }
+    }
+
+    /// Turns queued requests into disk reads while the connection has room.
+    fn pump(&mut self, conn: PeerConnId) {
+        loop {
+            let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+            let UpState::Serving(group, name) = &up.state else { return };
+            if up.reading >= 4 || up.backlog >= SEND_HIGH_WATER {
+                return;
+            }
+            let Some((chunk, block, len)) = up.queue.pop_front() else { return };
+            let Some(s) = self.shares.get(&(group.clone(), name.clone())) else { return };
+            up.reading += 1;
+            up.backlog += len as usize;
+            self.out.push_back(ClientOutput::ReadBlock {
+                conn,
+                path: s.path.clone(),
+                offset: chunk_offset(chunk) + block as u64,
+                len,
+                chunk,
+                block,
+            });
+        }
+    }
+
+    fn peer_send(&mut self, conn: PeerConnId, msg: &PeerMessage) {
+        self.out.push_back(ClientOutput::PeerTransmit { conn, bytes: encode(msg) });
+    }
+
+    fn refuse_peer(&mut self, conn: PeerConnId, reason: &str) {
+        if self.peers.remove(&conn).is_some() {
+            self.peer_send(conn, &PeerMessage::Refused { reason: reason.into() });
+            self.out.push_back(ClientOutput::PeerClose { conn });
+        }
+    }
+
+    /// Ends the uploads of one shared file, or of all of them.
+    pub(super) fn stop_serving(&mut self, only: Option<(&GroupId, &FileName)>, reason: &str) {
+        let conns: Vec<PeerConnId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| match p {
+                PeerLink::In(up) => match (&up.state, only) {
+                    (_, None) => true,
+                    (UpState::Serving(g, n) | UpState::Checking(g, n), Some((og, on))) => g == og && n == on,
+                    _ => false,
+                },
+                PeerLink::Out { .. } => false,
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for c in conns {
+            self.refuse_peer(c, reason);
+        }
+    }
+
+    // ---- downloads ----
+
+    /// Moves a download's outputs into the engine's.
+    pub(super) fn drain_download(&mut self, id: DownloadId, now: Millis) {
+        let Some(e) = self.downloads.get_mut(&id) else { return };
+        let DlState::Running(dl) = &mut e.state else { return };
+        let outs: Vec<DownloadOutput> = std::iter::from_fn(|| dl.poll_output()).collect();
+        let complete = dl.is_complete();
+        let key = (e.group.clone(), e.name.clone());
+        let mut want_sources = false;
+        for o in outs {
+            match o {
+                DownloadOutput::Connect { peer, addr } => {
+                    let decoder = FrameDecoder::new(MAX_PEER_FRAME);
+                    self.peers.insert(peer, PeerLink::Out { download: id, decoder });
+                    self.out.push_back(ClientOutput::PeerConnect { conn: peer, addr });
+                }
+                DownloadOutput::Send { peer, msg } => self.peer_send(peer, &msg),
+                DownloadOutput::Close { peer } => {
+                    self.peers.remove(&peer);
+                    self.out.push_back(ClientOutput::PeerClose { conn: peer });
+                }
+                DownloadOutput::Verified { chunk, data } => {
+                    self.out.push_back(ClientOutput::WriteChunk { id, chunk, data });
+                    if let Some(s) = self.shares.get_mut(&key) {
+                        s.have.set(chunk);
+                    }
+                    self.tell_servers(&key, chunk);
+                    self.announce(&key.0, &key.1, chunk, now);
+                    if let Some(e) = self.downloads.get_mut(&id) {
+                        e.dirty = true;
+                    }
+                }
+                DownloadOutput::Banned { addr, chunk } => {
+                    tracing::warn!(%addr, chunk, file = %key.1, "peer sent a corrupt chunk and is banned for this file");
+                }
+                DownloadOutput::WantSources => want_sources = true,
+            }
+        }
+        let Some(e) = self.downloads.get_mut(&id) else { return };
+        if want_sources && !e.sources_pending && self.session.is_some() {
+            e.sources_pending = true;
+            let req = Request::DownloadFile { group: key.0.clone(), name: key.1.clone() };
+            self.send(Purpose::Sources(id), req, now);
+        }
+        let Some(e) = self.downloads.get_mut(&id) else { return };
+        if complete {
+            if let DlState::Running(dl) = &e.state {
+                e.supplied = dl.supplied().collect();
+            }
+            e.state = DlState::Finishing;
+            e.dirty = false;
+            let have = Bitmap::full(e.digest.chunks.len() as u32);
+            let sidecar = crate::sidecar::encode(&e.digest, &have);
+            let sha1 = e.digest.sha1;
+            self.out.push_back(ClientOutput::SaveProgress { id, sidecar });
+            self.out.push_back(ClientOutput::FinishDownload { id, sha1 });
+        }
+    }
+
+    /// Tells the peers we serve this file to that we gained a chunk.
+    fn tell_servers(&mut self, key: &(GroupId, FileName), chunk: u32) {
+        let conns: Vec<PeerConnId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| matches!(p, PeerLink::In(up) if matches!(&up.state, UpState::Serving(g, n) if g == &key.0 && n == &key.1)))
+            .map(|(c, _)| *c)
+            .collect();
+        for c in conns {
+            self.peer_send(c, &PeerMessage::HaveOne { chunk });
+        }
+    }
+
+    pub(super) fn downloads_deadline(&self) -> Option<Millis> {
+        let running = self.downloads.values().filter_map(|d| match &d.state {
+            DlState::Running(dl) => Some(dl.poll_timeout().unwrap_or(self.next_tick).min(self.next_tick)),
+            _ => None,
+        });
+        running.min()
+    }
+
+    pub(super) fn downloads_timeout(&mut self, now: Millis) {
+        let due: Vec<DownloadId> = self
+            .downloads
+            .iter()
+            .filter(|(_, d)| matches!(&d.state, DlState::Running(dl) if dl.poll_timeout().is_some_and(|t| t <= now)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(DownloadEntry { state: DlState::Running(dl), .. }) = self.downloads.get_mut(&id) {
+                dl.handle_timeout(now);
+            }
+            self.drain_download(id, now);
+        }
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now.plus(TICK);
+        for (id, e) in self.downloads.iter_mut() {
+            let DlState::Running(dl) = &e.state else { continue };
+            let verified = dl.verified_bytes();
+            let dt = now.since(e.mark.0).0;
+            if dt >= 1000 {
+                e.rate = verified.saturating_sub(e.mark.1) * 1000 / dt;
+                e.mark = (now, verified);
+            }
+            if e.dirty {
+                e.dirty = false;
+                let sidecar = crate::sidecar::encode(&e.digest, dl.done());
+                self.out.push_back(ClientOutput::SaveProgress { id: *id, sidecar });
+            }
+        }
+    }
+}
