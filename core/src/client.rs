@@ -65,6 +65,8 @@ pub struct ClientConfig {
     /// Pause before reconnecting after every tracker failed in turn.
     pub retry_backoff: Millis,
     pub download: crate::download::DownloadConfig,
+    /// Upload at most this many bytes per second, over all peers.
+    pub max_upload_rate: Option<u64>,
 }
 
 impl ClientConfig {
@@ -77,6 +79,7 @@ impl ClientConfig {
             heartbeat_every: Millis::from_secs(5),
             retry_backoff: Millis(500),
             download: Default::default(),
+            max_upload_rate: None,
         }
     }
 }
@@ -203,6 +206,10 @@ pub struct ClientEngine {
     peers: BTreeMap<PeerConnId, PeerLink>,
     /// When download rates are next sampled.
     next_tick: Millis,
+    /// The upload rate limit, if the user set one.
+    upload_limit: Option<crate::rate::TokenBucket>,
+    /// An upload waits for the rate limit.
+    throttled: bool,
     tracker: usize,
     /// Trackers tried since the last answer, to know when a round is complete.
     tried: usize,
@@ -220,6 +227,8 @@ impl ClientEngine {
     pub fn new(cfg: ClientConfig, mut rng: Rng) -> ClientEngine {
         assert!(!cfg.trackers.is_empty(), "a client needs at least one tracker");
         let start = rng.below(cfg.trackers.len() as u64) as usize;
+        let upload_limit =
+            cfg.max_upload_rate.map(|r| crate::rate::TokenBucket::new(r, (r / 10).max(256 * 1024), Millis::ZERO));
         ClientEngine {
             client_id: rng.next_u64(),
             rng,
@@ -232,6 +241,8 @@ impl ClientEngine {
             next_download: 1,
             peers: BTreeMap::new(),
             next_tick: Millis::ZERO,
+            upload_limit,
+            throttled: false,
             tracker: start,
             tried: 0,
             link: Link::Down,
@@ -268,7 +279,7 @@ impl ClientEngine {
         let logged_in = self.session.is_some();
         match &cmd {
             ShellCommand::Help => return done(self, Ok(crate::shell::help())),
-            ShellCommand::ShowDownloads => return done(self, Ok(self.show_downloads(now))),
+            ShellCommand::ShowDownloads => return done(self, Ok(self.show_downloads())),
             ShellCommand::Exit if !logged_in => return done(self, Ok(render(&cmd, &Reply::Done))),
             ShellCommand::Login { .. } if logged_in => {
                 let user = self.user().cloned().expect("logged in");

@@ -33,6 +33,7 @@ pub mod meta;
 pub mod peer;
 pub mod picker;
 pub mod proto;
+pub mod rate;
 pub mod rng;
 pub mod shell;
 pub mod sidecar;

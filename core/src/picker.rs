@@ -215,9 +215,7 @@ mod tests {
                     }
                 }
                 if let Some(c) = fetching[p].pop() {
-                    if rng.below(fail_every) == 0 {
-                        s.abandon(c);
-                    } else if s.done().get(c) {
+                    if rng.below(fail_every) == 0 || s.done().get(c) {
                         s.abandon(c);
                     } else {
                         s.complete(c);

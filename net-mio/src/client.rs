@@ -1,11 +1,12 @@
-//! Runs a [`ClientEngine`] on its own thread: the tracker connection, the
-//! listener for peers, file hashing, and a channel from the shell.
+//! Runs a [`ClientEngine`] on its own thread: the tracker connection, peer
+//! connections both ways, disk reads and writes, hashing on worker threads,
+//! and a channel from the shell.
 //!
 //! [`ClientHandle::run`] sends one shell command and blocks until it is done;
 //! the shell (REPL or piped stdin) lives in the `client` binary.
 
-use std::fs::File;
-use std::io::{self, Read};
+use std::collections::{BTreeMap, HashMap};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -13,18 +14,26 @@ use std::thread::JoinHandle;
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use shoal_core::chunk::{FileDigest, FileHasher};
-use shoal_core::client::{ClientConfig, ClientEngine, ClientOutput, Ticket};
+use shoal_core::chunk::FileDigest;
+use shoal_core::client::{ClientConfig, ClientEngine, ClientOutput, DownloadId, DownloadStat, Prepared, Ticket};
+use shoal_core::download::PeerConnId;
 use shoal_core::ids::UserId;
 use shoal_core::rng::Rng;
 use shoal_core::shell::{ShellCommand, ShellError};
+use shoal_core::Millis;
 
 use crate::clock::Clock;
 use crate::conn::{Conn, ReadOutcome};
+use crate::disk::{self, PartFile};
 
 const WAKER: Token = Token(0);
 const TRACKER: Token = Token(1);
 const LISTENER: Token = Token(2);
+/// Accepted peer connections are numbered from here (outgoing ones carry
+/// [`shoal_core::client::OUTGOING`]); a connection's token is its id.
+const FIRST_INCOMING: u64 = 16;
+/// Read buffer for sockets: large, so a block arrives in few reads.
+const READ_BUF: usize = 256 * 1024;
 
 /// What a finished command reports to the shell.
 #[derive(Debug)]
@@ -37,6 +46,10 @@ pub struct CommandResult {
 enum Inbox {
     Command(ShellCommand, Sender<CommandResult>),
     Hashed(u64, Result<FileDigest, String>),
+    Prepared(DownloadId, Result<(Prepared, PartFile), String>),
+    Finished(DownloadId, Result<(), String>),
+    WaitDownloads(Sender<()>),
+    Stats(Sender<Vec<DownloadStat>>),
     Stop,
 }
 
@@ -63,12 +76,17 @@ impl ClientHandle {
             engine,
             listener,
             tracker: None,
+            peers: HashMap::new(),
+            next_incoming: FIRST_INCOMING,
             rx,
             tx: tx.clone(),
             waker: waker.clone(),
             clock: Clock::default(),
-            waiting: Default::default(),
+            waiting: BTreeMap::new(),
+            download_waiters: Vec::new(),
             next_ticket: 1,
+            readers: disk::ReadCache::default(),
+            parts: HashMap::new(),
         };
         let thread = std::thread::Builder::new().name("shoal-engine".into()).spawn(move || driver.run())?;
         Ok(ClientHandle { tx, waker, thread: Some(thread), listen })
@@ -79,14 +97,30 @@ impl ClientHandle {
         self.listen
     }
 
+    fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> Inbox) -> Option<T> {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(make(tx)).is_err() || self.waker.wake().is_err() {
+            return None;
+        }
+        rx.recv().ok()
+    }
+
     /// Runs one command to completion.
     pub fn run(&self, cmd: ShellCommand) -> CommandResult {
-        let (tx, rx) = mpsc::channel();
-        let gone = || CommandResult { result: Err(ShellError::Local("the client engine stopped".into())), user: None };
-        if self.tx.send(Inbox::Command(cmd, tx)).is_err() || self.waker.wake().is_err() {
-            return gone();
-        }
-        rx.recv().unwrap_or_else(|_| gone())
+        self.ask(|tx| Inbox::Command(cmd, tx)).unwrap_or_else(|| CommandResult {
+            result: Err(ShellError::Local("the client engine stopped".into())),
+            user: None,
+        })
+    }
+
+    /// Blocks until no download is running.
+    pub fn wait_downloads(&self) {
+        let _ = self.ask(Inbox::WaitDownloads);
+    }
+
+    /// The state of every download of this client.
+    pub fn download_stats(&self) -> Vec<DownloadStat> {
+        self.ask(Inbox::Stats).unwrap_or_default()
     }
 }
 
@@ -100,24 +134,39 @@ impl Drop for ClientHandle {
     }
 }
 
+struct PeerSocket {
+    conn: Conn,
+    connecting: bool,
+    incoming: bool,
+}
+
 struct Driver {
     poll: Poll,
     engine: ClientEngine,
     listener: TcpListener,
     /// The tracker connection, and whether it is still being established.
     tracker: Option<(Conn, bool)>,
+    peers: HashMap<Token, PeerSocket>,
+    next_incoming: u64,
     rx: Receiver<Inbox>,
     tx: Sender<Inbox>,
     waker: Arc<Waker>,
     clock: Clock,
-    waiting: std::collections::BTreeMap<Ticket, Sender<CommandResult>>,
+    waiting: BTreeMap<Ticket, Sender<CommandResult>>,
+    download_waiters: Vec<Sender<()>>,
     next_ticket: u64,
+    readers: disk::ReadCache,
+    parts: HashMap<DownloadId, PartFile>,
+}
+
+fn token(conn: PeerConnId) -> Token {
+    Token(conn.0 as usize)
 }
 
 impl Driver {
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; READ_BUF];
         loop {
             let timeout = self.clock.until(self.engine.poll_timeout());
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -130,41 +179,11 @@ impl Driver {
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => {}
-                    LISTENER => self.accept_peers(),
-                    TRACKER => {
-                        let Some((conn, connecting)) = self.tracker.as_mut() else { continue };
-                        if *connecting {
-                            if !ev.is_writable() && !ev.is_error() && !ev.is_read_closed() {
-                                continue;
-                            }
-                            match (conn.stream.take_error(), conn.stream.peer_addr()) {
-                                (Ok(None), Ok(_)) => {
-                                    *connecting = false;
-                                    self.engine.handle_tracker_connected(now);
-                                }
-                                _ => {
-                                    self.close_tracker();
-                                    self.engine.handle_tracker_closed(now);
-                                    continue;
-                                }
-                            }
-                        }
-                        let (conn, _) = self.tracker.as_mut().expect("checked above");
-                        let engine = &mut self.engine;
-                        let mut closed = matches!(
-                            conn.read_all(&mut buf, |b| engine.handle_tracker_bytes(b, now)),
-                            ReadOutcome::Closed
-                        );
-                        if !closed && conn.flush(self.poll.registry(), TRACKER).is_err() {
-                            closed = true;
-                        }
-                        if closed {
-                            self.close_tracker();
-                            self.engine.handle_tracker_closed(now);
-                        }
-                    }
-                    _ => {}
+                    LISTENER => self.accept_peers(now),
+                    TRACKER => self.tracker_event(ev, &mut buf, now),
+                    t => self.peer_event(t, ev, &mut buf, now),
                 }
+                self.drain(now);
             }
             while let Ok(msg) = self.rx.try_recv() {
                 match msg {
@@ -175,21 +194,129 @@ impl Driver {
                         self.engine.handle_command(ticket, cmd, now);
                     }
                     Inbox::Hashed(job, result) => self.engine.handle_file_hashed(job, result, now),
+                    Inbox::Prepared(id, result) => {
+                        let result = result.map(|(p, file)| {
+                            self.parts.insert(id, file);
+                            p
+                        });
+                        self.engine.handle_download_prepared(id, result, now);
+                    }
+                    Inbox::Finished(id, result) => {
+                        self.parts.remove(&id);
+                        self.engine.handle_download_finished(id, result, now);
+                    }
+                    Inbox::WaitDownloads(tx) => self.download_waiters.push(tx),
+                    Inbox::Stats(tx) => {
+                        let _ = tx.send(self.engine.download_stats(now));
+                    }
                     Inbox::Stop => return,
                 }
+                self.drain(now);
             }
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
                 self.engine.handle_timeout(now);
             }
             self.drain(now);
+            if !self.download_waiters.is_empty() && !self.engine.downloads_running() {
+                for w in self.download_waiters.drain(..) {
+                    let _ = w.send(());
+                }
+            }
         }
     }
 
-    fn accept_peers(&mut self) {
-        // Chunk serving is not there yet: accept and hang up, so peers get a
-        // clean refusal instead of a connection that hangs.
-        while let Ok((stream, _)) = self.listener.accept() {
-            drop(stream);
+    fn tracker_event(&mut self, ev: &mio::event::Event, buf: &mut [u8], now: Millis) {
+        let Some((conn, connecting)) = self.tracker.as_mut() else { return };
+        if *connecting {
+            if !ev.is_writable() && !ev.is_error() && !ev.is_read_closed() {
+                return;
+            }
+            match (conn.stream.take_error(), conn.stream.peer_addr()) {
+                (Ok(None), Ok(_)) => {
+                    *connecting = false;
+                    self.engine.handle_tracker_connected(now);
+                }
+                _ => {
+                    self.close_tracker();
+                    self.engine.handle_tracker_closed(now);
+                    return;
+                }
+            }
+        }
+        let Some((conn, _)) = self.tracker.as_mut() else { return };
+        let engine = &mut self.engine;
+        let mut closed = matches!(conn.read_all(buf, |b| engine.handle_tracker_bytes(b, now)), ReadOutcome::Closed);
+        if !closed && conn.flush(self.poll.registry(), TRACKER).is_err() {
+            closed = true;
+        }
+        if closed {
+            self.close_tracker();
+            self.engine.handle_tracker_closed(now);
+        }
+    }
+
+    fn peer_event(&mut self, t: Token, ev: &mio::event::Event, buf: &mut [u8], now: Millis) {
+        let id = PeerConnId(t.0 as u64);
+        let Some(p) = self.peers.get_mut(&t) else { return };
+        if p.connecting {
+            if !ev.is_writable() && !ev.is_error() && !ev.is_read_closed() {
+                return;
+            }
+            match (p.conn.stream.take_error(), p.conn.stream.peer_addr()) {
+                (Ok(None), Ok(_)) => {
+                    p.connecting = false;
+                    let _ = p.conn.stream.set_nodelay(true);
+                    self.engine.handle_peer_connected(id, now);
+                    // The handshake the engine queued goes out with the drain.
+                    return;
+                }
+                _ => return self.drop_peer(t, now),
+            }
+        }
+        let engine = &mut self.engine;
+        let mut closed = false;
+        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+            closed = matches!(p.conn.read_all(buf, |b| engine.handle_peer_bytes(id, b, now)), ReadOutcome::Closed);
+        }
+        // The engine may have closed it while handling those bytes.
+        let Some(p) = self.peers.get_mut(&t) else { return };
+        if !closed && ev.is_writable() {
+            closed = p.conn.flush(self.poll.registry(), t).is_err();
+            if !closed && p.incoming {
+                self.engine.handle_peer_backlog(id, p.conn.backlog(), now);
+            }
+        }
+        if closed {
+            self.drop_peer(t, now);
+        }
+    }
+
+    fn accept_peers(&mut self, now: Millis) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    let id = PeerConnId(self.next_incoming);
+                    self.next_incoming += 1;
+                    let t = token(id);
+                    if self.poll.registry().register(&mut stream, t, Interest::READABLE).is_err() {
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    self.peers.insert(t, PeerSocket { conn: Conn::new(stream), connecting: false, incoming: true });
+                    self.engine.handle_peer_accepted(id, now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // WouldBlock, or out of descriptors: try again on the next event.
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// The socket is gone: tell the engine.
+    fn drop_peer(&mut self, t: Token, now: Millis) {
+        if let Some(mut p) = self.peers.remove(&t) {
+            let _ = self.poll.registry().deregister(&mut p.conn.stream);
+            self.engine.handle_peer_closed(PeerConnId(t.0 as u64), now);
         }
     }
 
@@ -199,27 +326,10 @@ impl Driver {
         }
     }
 
-    fn drain(&mut self, now: shoal_core::Millis) {
+    fn drain(&mut self, now: Millis) {
         while let Some(out) = self.engine.poll_output() {
             match out {
-                ClientOutput::Connect { addr } => {
-                    self.close_tracker();
-                    match TcpStream::connect(addr) {
-                        Ok(mut s) => {
-                            let interest = Interest::READABLE | Interest::WRITABLE;
-                            if self.poll.registry().register(&mut s, TRACKER, interest).is_ok() {
-                                let _ = s.set_nodelay(true);
-                                self.tracker = Some((Conn::new(s), true));
-                            } else {
-                                self.engine.handle_tracker_closed(now);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::debug!(%addr, error = %e, "connect failed");
-                            self.engine.handle_tracker_closed(now);
-                        }
-                    }
-                }
+                ClientOutput::Connect { addr } => self.connect_tracker(addr, now),
                 ClientOutput::Transmit(bytes) => {
                     if let Some((conn, _)) = self.tracker.as_mut() {
                         if !conn.queue(&bytes) || conn.flush(self.poll.registry(), TRACKER).is_err() {
@@ -230,41 +340,109 @@ impl Driver {
                 }
                 ClientOutput::Disconnect => self.close_tracker(),
                 ClientOutput::HashFile { job, path } => {
-                    let tx = self.tx.clone();
-                    let waker = self.waker.clone();
-                    let spawned = std::thread::Builder::new().name("shoal-hash".into()).spawn(move || {
-                        let _ = tx.send(Inbox::Hashed(job, hash_file(&path)));
-                        let _ = waker.wake();
-                    });
-                    if let Err(e) = spawned {
-                        self.engine.handle_file_hashed(job, Err(e.to_string()), now);
-                    }
+                    self.spawn("shoal-hash", move || Inbox::Hashed(job, disk::hash_file(&path)));
                 }
                 ClientOutput::Done { ticket, result } => {
                     if let Some(reply) = self.waiting.remove(&ticket) {
                         let _ = reply.send(CommandResult { result, user: self.engine.user().cloned() });
                     }
                 }
+                ClientOutput::PeerConnect { conn, addr } => match TcpStream::connect(addr) {
+                    Ok(mut s) => {
+                        let t = token(conn);
+                        if self.poll.registry().register(&mut s, t, Interest::READABLE | Interest::WRITABLE).is_ok() {
+                            self.peers
+                                .insert(t, PeerSocket { conn: Conn::connecting(s), connecting: true, incoming: false });
+                        } else {
+                            self.engine.handle_peer_closed(conn, now);
+                        }
+                    }
+                    Err(_) => self.engine.handle_peer_closed(conn, now),
+                },
+                ClientOutput::PeerTransmit { conn, bytes } => {
+                    let t = token(conn);
+                    let Some(p) = self.peers.get_mut(&t) else { continue };
+                    let ok = p.conn.queue(&bytes) && (p.connecting || p.conn.flush(self.poll.registry(), t).is_ok());
+                    if !ok {
+                        self.drop_peer(t, now);
+                    } else if p.incoming {
+                        let backlog = p.conn.backlog();
+                        self.engine.handle_peer_backlog(conn, backlog, now);
+                    }
+                }
+                ClientOutput::PeerClose { conn } => {
+                    // Best effort: flush what is queued (a refusal), then close.
+                    if let Some(mut p) = self.peers.remove(&token(conn)) {
+                        let _ = p.conn.flush(self.poll.registry(), token(conn));
+                        let _ = self.poll.registry().deregister(&mut p.conn.stream);
+                    }
+                }
+                ClientOutput::ReadBlock { conn, path, offset, len, chunk, block } => {
+                    let result = self.readers.read(&path, offset, len);
+                    self.engine.handle_block_read(conn, chunk, block, result, now);
+                }
+                ClientOutput::PrepareDownload { id, dest, name, digest } => {
+                    self.spawn("shoal-prepare", move || Inbox::Prepared(id, disk::prepare(&dest, &name, &digest)));
+                }
+                ClientOutput::WriteChunk { id, chunk, data } => {
+                    if let Some(part) = self.parts.get(&id) {
+                        if let Err(e) = part.write_chunk(chunk, &data) {
+                            self.engine.handle_disk_error(id, e, now);
+                        }
+                    }
+                }
+                ClientOutput::SaveProgress { id, sidecar } => {
+                    if let Some(part) = self.parts.get(&id) {
+                        if let Err(e) = part.save_state(&sidecar) {
+                            self.engine.handle_disk_error(id, e, now);
+                        }
+                    }
+                }
+                ClientOutput::FinishDownload { id, sha1 } => match self.parts.get(&id) {
+                    Some(part) => {
+                        let part = part.paths();
+                        self.spawn("shoal-verify", move || Inbox::Finished(id, part.finish(sha1)));
+                    }
+                    None => self.engine.handle_download_finished(id, Err("part file lost".into()), now),
+                },
             }
+        }
+    }
+
+    fn connect_tracker(&mut self, addr: SocketAddr, now: Millis) {
+        self.close_tracker();
+        match TcpStream::connect(addr) {
+            Ok(mut s) => {
+                if self.poll.registry().register(&mut s, TRACKER, Interest::READABLE | Interest::WRITABLE).is_ok() {
+                    let _ = s.set_nodelay(true);
+                    self.tracker = Some((Conn::connecting(s), true));
+                } else {
+                    self.engine.handle_tracker_closed(now);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "connect failed");
+                self.engine.handle_tracker_closed(now);
+            }
+        }
+    }
+
+    /// Runs disk or hashing work off the engine thread; its result comes back
+    /// through the inbox.
+    fn spawn(&self, name: &str, work: impl FnOnce() -> Inbox + Send + 'static) {
+        let tx = self.tx.clone();
+        let waker = self.waker.clone();
+        let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+            let _ = tx.send(work());
+            let _ = waker.wake();
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a worker thread");
         }
     }
 }
 
-/// Streams a file through the chunk hasher in 1 MiB reads: constant memory.
+/// Streams a file through the chunk hasher: constant memory.
 pub fn hash_file(path: &str) -> Result<FileDigest, String> {
-    let mut f = File::open(path).map_err(|e| e.to_string())?;
-    if !f.metadata().map_err(|e| e.to_string())?.is_file() {
-        return Err("not a regular file".into());
-    }
-    let mut h = FileHasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => h.update(&buf[..n]).map_err(|e| e.to_string())?,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    h.finish().map_err(|e| e.to_string())
+    disk::hash_file(path)
 }

@@ -1,6 +1,5 @@
 //! A non-blocking TCP connection with an outgoing buffer.
 
-use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 
 use mio::net::TcpStream;
@@ -11,7 +10,9 @@ pub const MAX_WRITE_BACKLOG: usize = 64 * 1024 * 1024;
 
 pub struct Conn {
     pub stream: TcpStream,
-    out: VecDeque<u8>,
+    out: Vec<u8>,
+    /// Bytes of `out` already written.
+    sent: usize,
     /// Close once `out` is flushed.
     pub closing: bool,
     writable_registered: bool,
@@ -25,8 +26,14 @@ pub enum ReadOutcome {
 }
 
 impl Conn {
+    /// An accepted stream, registered for READABLE.
     pub fn new(stream: TcpStream) -> Conn {
-        Conn { stream, out: VecDeque::new(), closing: false, writable_registered: false }
+        Conn { stream, out: Vec::new(), sent: 0, closing: false, writable_registered: false }
+    }
+
+    /// A stream still connecting, registered for READABLE | WRITABLE.
+    pub fn connecting(stream: TcpStream) -> Conn {
+        Conn { stream, out: Vec::new(), sent: 0, closing: false, writable_registered: true }
     }
 
     /// Reads everything available, handing each piece to `sink`.
@@ -44,29 +51,39 @@ impl Conn {
 
     /// Queues bytes; false if the backlog is over its limit.
     pub fn queue(&mut self, bytes: &[u8]) -> bool {
-        self.out.extend(bytes);
-        self.out.len() <= MAX_WRITE_BACKLOG
+        if self.sent > 0 && self.sent * 2 >= self.out.len() {
+            self.out.drain(..self.sent);
+            self.sent = 0;
+        }
+        self.out.extend_from_slice(bytes);
+        self.backlog() <= MAX_WRITE_BACKLOG
+    }
+
+    /// Bytes queued but not yet written to the socket.
+    pub fn backlog(&self) -> usize {
+        self.out.len() - self.sent
     }
 
     pub fn has_backlog(&self) -> bool {
-        !self.out.is_empty()
+        self.backlog() > 0
     }
 
     /// Writes what the socket takes; keeps WRITABLE interest only while needed.
     pub fn flush(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        while !self.out.is_empty() {
-            let (a, _) = self.out.as_slices();
-            match self.stream.write(a) {
+        while self.sent < self.out.len() {
+            match self.stream.write(&self.out[self.sent..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.out.drain(..n);
-                }
+                Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
         }
-        let want = !self.out.is_empty();
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        }
+        let want = self.has_backlog();
         if want != self.writable_registered {
             let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
             registry.reregister(&mut self.stream, token, interest)?;

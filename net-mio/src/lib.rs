@@ -7,6 +7,7 @@
 pub mod client;
 mod clock;
 mod conn;
+mod disk;
 pub mod tracker;
 
 pub use clock::Clock;

@@ -340,6 +340,7 @@ impl World {
                     self.record(format!("{} c{c} done {:?}", self.now.0, result));
                     self.clients[c].results.insert(ticket, result);
                 }
+                other => unimplemented!("this world does not simulate peer transfers yet: {other:?}"),
             }
         }
     }

@@ -23,6 +23,9 @@ struct Args {
     listen: SocketAddr,
     /// The cluster's trackers, one `IP PORT` or `IP:PORT` a line.
     tracker_info: PathBuf,
+    /// Upload at most this many MB (10^6 bytes) per second, over all peers.
+    #[arg(long, value_name = "MB_PER_S")]
+    max_upload_rate: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -32,7 +35,13 @@ fn main() -> ExitCode {
         Ok(t) => t.into_iter().map(|t| t.addr).collect(),
         Err(e) => return fail(&e),
     };
-    let handle = match ClientHandle::start(ClientConfig::new(args.listen, trackers)) {
+    let mut cfg = ClientConfig::new(args.listen, trackers);
+    match args.max_upload_rate {
+        Some(r) if r.is_finite() && r > 0.0 => cfg.max_upload_rate = Some((r * 1e6) as u64),
+        Some(_) => return fail("--max-upload-rate must be a positive number of MB/s"),
+        None => {}
+    }
+    let handle = match ClientHandle::start(cfg) {
         Ok(h) => h,
         Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen)),
     };
@@ -106,7 +115,14 @@ fn piped(handle: &ClientHandle) -> ExitCode {
             }
         }
     }
-    // End of input: log out like `exit`, quietly.
+    // End of input: let running downloads finish, then log out like `exit`.
+    handle.wait_downloads();
+    for d in handle.download_stats() {
+        if let Some(reason) = d.failed {
+            eprintln!("error: download of {} from {} failed: {reason}", d.name, d.group);
+            all_ok = false;
+        }
+    }
     let r = handle.run(ShellCommand::Exit);
     if let Err(e) = r.result {
         tracing::debug!(error = %e, "logout at end of input failed");

@@ -159,7 +159,7 @@ impl ClientEngine {
 
     // ---- shell side ----
 
-    pub(super) fn show_downloads(&self, now: Millis) -> Vec<String> {
+    pub(super) fn show_downloads(&self) -> Vec<String> {
         if self.downloads.is_empty() {
             return vec!["no downloads".into()];
         }
@@ -170,8 +170,7 @@ impl ClientEngine {
                 match &d.state {
                     DlState::Preparing { .. } => format!("[D] {g} {n} 0% 0.0 MB/s 0 peers"),
                     DlState::Running(dl) => {
-                        let pct = if d.digest.size == 0 { 100 } else { dl.verified_bytes() * 100 / d.digest.size };
-                        let _ = now;
+                        let pct = (dl.verified_bytes() * 100).checked_div(d.digest.size).unwrap_or(100);
                         format!("[D] {g} {n} {pct}% {:.1} MB/s {} peers", d.rate as f64 / 1e6, dl.active_peers())
                     }
                     DlState::Finishing => format!("[D] {g} {n} 100% verifying"),
@@ -315,6 +314,14 @@ impl ClientEngine {
         }
         e.state = DlState::Complete;
         e.finished = Some(now);
+        let secs = now.since(e.started).0 as f64 / 1000.0;
+        let sources: Vec<String> = e.supplied.iter().map(|(a, b)| format!("{a}={b}")).collect();
+        tracing::info!(
+            "download complete: {} ({} bytes) in {secs:.2} s; bytes fetched per source: {}",
+            e.name,
+            e.digest.size,
+            sources.join(" ")
+        );
         let key = (e.group.clone(), e.name.clone());
         let meta = FileMeta { name: e.name.clone(), digest: e.digest.clone() };
         let final_path = e.final_path.clone();
@@ -443,10 +450,10 @@ impl ClientEngine {
     }
 
     /// Unsent bytes on an upload connection after the driver's last flush.
-    pub fn handle_peer_backlog(&mut self, conn: PeerConnId, backlog: usize, _now: Millis) {
+    pub fn handle_peer_backlog(&mut self, conn: PeerConnId, backlog: usize, now: Millis) {
         if let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) {
             up.backlog = backlog;
-            self.pump(conn);
+            self.pump(conn, now);
         }
     }
 
@@ -491,7 +498,7 @@ impl ClientEngine {
                         Err(e) => return self.refuse_peer(conn, &format!("bad frame: {e}")),
                     }
                 }
-                self.pump(conn);
+                self.pump(conn, now);
             }
         }
     }
@@ -502,7 +509,7 @@ impl ClientEngine {
         chunk: u32,
         block: u32,
         result: Result<Vec<u8>, String>,
-        _now: Millis,
+        now: Millis,
     ) {
         let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
         up.reading = up.reading.saturating_sub(1);
@@ -510,7 +517,7 @@ impl ClientEngine {
             Ok(data) => {
                 let load = self.load();
                 self.peer_send(conn, &PeerMessage::Block { chunk, offset: block, load, data });
-                self.pump(conn);
+                self.pump(conn, now);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read a shared file");
@@ -554,13 +561,21 @@ impl ClientEngine {
         }
     }
 
-    /// Turns queued requests into disk reads while the connection has room.
-    fn pump(&mut self, conn: PeerConnId) {
+    /// Turns queued requests into disk reads while the connection has room
+    /// (and the upload rate limit, if any, allows).
+    fn pump(&mut self, conn: PeerConnId, now: Millis) {
         loop {
             let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
             let UpState::Serving(group, name) = &up.state else { return };
             if up.reading >= 4 || up.backlog >= SEND_HIGH_WATER {
                 return;
+            }
+            let Some(&(_, _, len)) = up.queue.front() else { return };
+            if let Some(bucket) = &mut self.upload_limit {
+                if !bucket.take(len as u64, now) {
+                    self.throttled = true;
+                    return;
+                }
             }
             let Some((chunk, block, len)) = up.queue.pop_front() else { return };
             let Some(s) = self.shares.get(&(group.clone(), name.clone())) else { return };
@@ -686,10 +701,24 @@ impl ClientEngine {
             DlState::Running(dl) => Some(dl.poll_timeout().unwrap_or(self.next_tick).min(self.next_tick)),
             _ => None,
         });
-        running.min()
+        let throttle = match (&self.upload_limit, self.throttled) {
+            (Some(b), true) => Some(b.ready_at(crate::peer::BLOCK_SIZE as u64)),
+            _ => None,
+        };
+        running.chain(throttle).min()
     }
 
     pub(super) fn downloads_timeout(&mut self, now: Millis) {
+        if self.throttled
+            && self.upload_limit.as_ref().is_some_and(|b| b.ready_at(crate::peer::BLOCK_SIZE as u64) <= now)
+        {
+            self.throttled = false;
+            let ups: Vec<PeerConnId> =
+                self.peers.iter().filter(|(_, p)| matches!(p, PeerLink::In(_))).map(|(c, _)| *c).collect();
+            for c in ups {
+                self.pump(c, now);
+            }
+        }
         let due: Vec<DownloadId> = self
             .downloads
             .iter()
