@@ -95,7 +95,7 @@ fn every_command_with_its_refusals() {
     a.expect(&format!("upload_file {}/missing.bin g1", dir.path().display()), &["error: cannot read *"]);
     a.expect(&format!("upload_file {} g1", dir.path().display()), &["error: cannot read*"]);
     b.expect("download_file g1 nosuch.bin /tmp", &["error: no such file in this group"]);
-    b.expect("download_file g1 f.bin /tmp", &["error: downloads are not available in this version yet*"]);
+    b.expect("download_file g1 f.bin /tmp", &["error: this client already has f.bin of g1"]);
     b.expect("show_downloads", &["no downloads"]);
     a.expect("stop_share g1 f.bin", &["stopped sharing f.bin in g1"]);
     a.expect("stop_share g1 f.bin", &["error: this client does not share that file"]);
