@@ -101,7 +101,13 @@ fn refuse_symlink(p: &Path) -> Result<(), String> {
 /// every chunk the sidecar claims.
 pub fn prepare(dest: &str, name: &FileName, digest: &FileDigest) -> Result<(Prepared, PartFile), String> {
     let d = Path::new(dest);
-    let final_path = if d.is_dir() { d.join(name.as_str()) } else { d.to_path_buf() };
+    let final_path = if d.is_dir() {
+        d.join(name.as_str())
+    } else if dest.ends_with('/') || d.file_name().is_none() {
+        return Err(format!("no such directory: {dest}"));
+    } else {
+        d.to_path_buf()
+    };
     if let Some(parent) = final_path.parent() {
         if !parent.as_os_str().is_empty() && !parent.is_dir() {
             return Err(format!("no such directory: {}", parent.display()));

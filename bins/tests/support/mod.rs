@@ -111,10 +111,19 @@ pub struct Client {
 
 impl Client {
     pub fn start(name: &str, info: &Path) -> Client {
+        Client::start_with(name, info, "127.0.0.1:0", &[])
+    }
+
+    /// A client listening at `listen`, with extra arguments; logs at info level
+    /// so the test can read what downloads report.
+    pub fn start_with(name: &str, info: &Path, listen: &str, extra: &[&str]) -> Client {
         let (reader, writer) = std::io::pipe().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_client"))
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg(info)
+            .args(extra)
+            .env("RUST_LOG", "shoal_core=info")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::piped())
             .stdout(writer.try_clone().unwrap())
             .stderr(writer)
@@ -153,6 +162,25 @@ impl Client {
             };
             assert!(ok, "{}: `{cmd}`\n  expected: {expected:?}\n  got:      {got:?}", self.name);
         }
+    }
+
+    /// Closes stdin, waits (bounded) for the exit, and returns the status and
+    /// every output line not read yet.
+    pub fn finish_output(mut self) -> (ExitStatus, Vec<String>) {
+        let out = std::mem::replace(&mut self.out, mpsc::channel().1);
+        let status = self.finish();
+        // The reader thread hangs up at end of output.
+        let mut rest = Vec::new();
+        while let Ok(line) = out.recv_timeout(WAIT) {
+            rest.push(line);
+        }
+        (status, rest)
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Closes stdin and waits (bounded) for the exit status.

@@ -1,0 +1,318 @@
+//! End to end: real clients moving real files between each other on loopback.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use shoal_core::chunk::{Sha1Digest, CHUNK_SIZE};
+use shoal_core::ids::{FileName, GroupId, UserId};
+use shoal_core::peer::{Grant, PeerMessage};
+use shoal_core::proto::{Message, Reply, Request, RequestId, Role, PROTOCOL_VERSION};
+use shoal_core::rng::Rng;
+use shoal_core::wire::{decode, encode, FrameDecoder};
+use support::*;
+
+const MIB: usize = 1 << 20;
+
+struct Swarm {
+    dir: TempDir,
+    info: PathBuf,
+    _tracker: Tracker,
+    content: Vec<u8>,
+}
+
+impl Swarm {
+    fn new(tag: &str, size: usize) -> Swarm {
+        let dir = TempDir::new(tag);
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let info = tracker_info(dir.path(), &[addr]);
+        let tracker = Tracker::start(&info, 1);
+        let mut content = vec![0u8; size];
+        Rng::from_u64(size as u64).fill(&mut content);
+        Swarm { dir, info, _tracker: tracker, content }
+    }
+
+    /// A path in the scratch directory; a trailing `/` names a directory, created.
+    fn path(&self, rel: &str) -> PathBuf {
+        let p = self.dir.path().join(rel);
+        if rel.ends_with('/') {
+            std::fs::create_dir_all(&p).unwrap();
+        } else {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        }
+        p
+    }
+
+    /// A logged-in client listening on a port we know.
+    fn client(&self, user: &str, extra: &[&str]) -> (Client, SocketAddr) {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut c = Client::start_with(user, &self.info, &listen.to_string(), extra);
+        c.expect(&format!("create_user {user} pw"), &[&format!("user {user} created")]);
+        c.expect(&format!("login {user} pw"), &[&format!("logged in as {user}")]);
+        (c, listen)
+    }
+
+    /// `owner` creates group g; the others join and are accepted.
+    fn group(&self, owner: &mut Client, members: &mut [&mut Client]) {
+        owner.expect("create_group g", &["group g created"]);
+        for m in members.iter_mut() {
+            m.expect("join_group g", &["join request sent to g"]);
+            let name = m.name.clone();
+            owner.expect(&format!("accept_request g {name}"), &[&format!("{name} is now a member of g")]);
+        }
+    }
+
+    /// Writes the content at `rel` and shares it from `c`.
+    fn share(&self, c: &mut Client, rel: &str) -> PathBuf {
+        let p = self.path(rel);
+        std::fs::write(&p, &self.content).unwrap();
+        c.expect(&format!("upload_file {} g", p.display()), &["shared big.bin in g*"]);
+        p
+    }
+}
+
+/// Polls `show_downloads` until `done` says so; bounded in time.
+fn wait_progress(c: &mut Client, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        c.send_raw(b"show_downloads\n");
+        let line = c.lines(1).remove(0);
+        if done(&line) {
+            return line;
+        }
+        assert!(Instant::now() < deadline, "no progress: {line}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn percent(line: &str) -> u64 {
+    line.split_whitespace().nth(3).and_then(|p| p.strip_suffix('%')).and_then(|p| p.parse().ok()).unwrap_or(0)
+}
+
+/// Bytes fetched per source, from the downloader's completion log line.
+fn per_source(lines: &[String]) -> Vec<(SocketAddr, u64)> {
+    let line = lines
+        .iter()
+        .find(|l| l.contains("bytes fetched per source:"))
+        .unwrap_or_else(|| panic!("no completion line in {lines:?}"));
+    line.rsplit("per source:")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|kv| {
+            let (a, b) = kv.split_once('=').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect()
+}
+
+fn same_file(a: &Path, b: &[u8]) {
+    let got = std::fs::read(a).unwrap();
+    assert_eq!(got.len(), b.len(), "{} has the wrong size", a.display());
+    assert!(got == b, "{} differs from the source", a.display());
+}
+
+#[test]
+fn three_sharers_serve_one_downloader_bit_identical() {
+    let s = Swarm::new("three", 200 * MIB + 12345);
+    let (mut a, la) = s.client("ann", &[]);
+    let (mut b, lb) = s.client("bob", &[]);
+    let (mut c, lc) = s.client("cat", &[]);
+    let (mut d, _) = s.client("dan", &[]);
+    s.group(&mut a, &mut [&mut b, &mut c, &mut d]);
+    s.share(&mut a, "a/big.bin");
+    s.share(&mut b, "b/big.bin");
+    s.share(&mut c, "c/big.bin");
+    d.expect("list_files g", &[&format!("big.bin {} bytes 3 peers", s.content.len())]);
+    let out = s.path("d/");
+    d.expect(&format!("download_file g big.bin {}", out.display()), &["downloading big.bin into *"]);
+    let (status, log) = d.finish_output();
+    assert!(status.success(), "downloader failed: {log:?}");
+    same_file(&out.join("big.bin"), &s.content);
+    let sources = per_source(&log);
+    let total: u64 = sources.iter().map(|(_, b)| b).sum();
+    assert_eq!(total, s.content.len() as u64);
+    for l in [la, lb, lc] {
+        let share = sources.iter().find(|(a, _)| *a == l).map(|(_, b)| *b).unwrap_or(0);
+        assert!(share >= total / 10, "sharer {l} served only {share} of {total} bytes: {sources:?}");
+    }
+}
+
+#[test]
+fn a_sharer_killed_midway_does_not_stop_the_download() {
+    let s = Swarm::new("killsharer", 96 * MIB);
+    let (mut a, _) = s.client("ann", &["--max-upload-rate", "25"]);
+    let (mut b, _) = s.client("bob", &["--max-upload-rate", "25"]);
+    let (mut d, _) = s.client("dan", &[]);
+    s.group(&mut a, &mut [&mut b, &mut d]);
+    s.share(&mut a, "a/big.bin");
+    s.share(&mut b, "b/big.bin");
+    let out = s.path("d/got.bin");
+    d.expect(&format!("download_file g big.bin {}", out.display()), &["downloading big.bin into *"]);
+    let line = wait_progress(&mut d, |l| percent(l) >= 20);
+    assert!(line.starts_with("[D]"), "the download must still be running when the sharer dies: {line}");
+    b.kill();
+    let (status, log) = d.finish_output();
+    assert!(status.success(), "downloader failed: {log:?}");
+    same_file(&out, &s.content);
+}
+
+#[test]
+fn a_corrupt_sharer_is_banned_and_the_result_is_intact() {
+    let s = Swarm::new("corrupt", 24 * MIB);
+    let (mut a, _) = s.client("ann", &[]);
+    let (mut b, lb) = s.client("bob", &[]);
+    let (mut d, _) = s.client("dan", &[]);
+    s.group(&mut a, &mut [&mut b, &mut d]);
+    s.share(&mut a, "a/big.bin");
+    let bad = s.share(&mut b, "b/big.bin");
+    // Bob's copy rots on disk after he shared it: every chunk is damaged.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&bad).unwrap();
+    for c in 0..s.content.len().div_ceil(CHUNK_SIZE as usize) {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[!s.content[c * CHUNK_SIZE as usize]], c as u64 * CHUNK_SIZE).unwrap();
+    }
+    f.flush().unwrap();
+    let out = s.path("d/");
+    d.expect(&format!("download_file g big.bin {}", out.display()), &["downloading big.bin into *"]);
+    let (status, log) = d.finish_output();
+    assert!(status.success(), "downloader failed: {log:?}");
+    same_file(&out.join("big.bin"), &s.content);
+    assert!(
+        log.iter().any(|l| l.contains("corrupt chunk") && l.contains(&lb.to_string())),
+        "the corrupt peer was not reported: {log:?}"
+    );
+    let from_bob = per_source(&log).iter().find(|(a, _)| *a == lb).map(|(_, b)| *b).unwrap_or(0);
+    assert_eq!(from_bob, 0, "no byte of a corrupt peer is kept");
+}
+
+#[test]
+fn a_killed_downloader_resumes_without_refetching() {
+    let s = Swarm::new("resume", 64 * MIB);
+    let (mut a, _) = s.client("ann", &["--max-upload-rate", "20"]);
+    let (mut d, _) = s.client("dan", &[]);
+    s.group(&mut a, &mut [&mut d]);
+    s.share(&mut a, "a/big.bin");
+    let out = s.path("d/big.bin");
+    let state = s.path("d/big.bin.part.state");
+    d.expect(&format!("download_file g big.bin {}", out.display()), &["downloading big.bin into *"]);
+    wait_progress(&mut d, |l| percent(l) >= 30 && state.exists());
+    d.kill();
+    assert!(!out.exists(), "no final file before the whole-file check");
+    assert!(s.path("d/big.bin.part").exists());
+
+    let mut d2 = Client::start_with("dan2", &s.info, "127.0.0.1:0", &[]);
+    d2.expect("login dan pw", &["logged in as dan"]);
+    d2.send_raw(format!("download_file g big.bin {}\n", out.display()).as_bytes());
+    let first = d2.lines(1).remove(0);
+    assert!(first.starts_with("resuming big.bin into "), "{first}");
+    let resumed: u64 = first.split(": ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(resumed > 0, "{first}");
+    let (status, log) = d2.finish_output();
+    assert!(status.success(), "resumed download failed: {log:?}");
+    same_file(&out, &s.content);
+    let fetched: u64 = per_source(&log).iter().map(|(_, b)| b).sum();
+    let size = s.content.len() as u64;
+    assert!(fetched <= size - (resumed - 1) * CHUNK_SIZE, "re-fetched verified chunks: {fetched} of {size}");
+    assert!(!state.exists(), "the sidecar is removed once the file is complete");
+}
+
+/// One request to a tracker over the real protocol.
+fn tracker_call(
+    addr: SocketAddr,
+    session: Option<shoal_core::ids::SessionToken>,
+    body: Request,
+) -> Result<Reply, shoal_core::proto::ApiError> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client })).unwrap();
+    s.write_all(&encode(&Message::Request { id: RequestId { client: 99, seq: 1 }, session, body })).unwrap();
+    read_frames(&mut s, |m: Message| match m {
+        Message::Response { result, .. } => Some(result),
+        _ => None,
+    })
+}
+
+fn read_frames<T: serde::de::DeserializeOwned, R>(s: &mut TcpStream, mut f: impl FnMut(T) -> Option<R>) -> R {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut dec = FrameDecoder::new(1 << 24);
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Some(m) = dec.next_message::<T>().unwrap() {
+            if let Some(r) = f(m) {
+                return r;
+            }
+        }
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed before the answer");
+        dec.push(&buf[..n]);
+    }
+}
+
+#[test]
+fn a_non_member_cannot_get_chunks_from_a_peer() {
+    let s = Swarm::new("access", 2 * MIB);
+    let (mut a, la) = s.client("ann", &[]);
+    let (mut x, _) = s.client("xav", &[]);
+    s.group(&mut a, &mut []);
+    s.share(&mut a, "a/big.bin");
+    // xav owns another group with a file, so he can get a real grant, for that one.
+    x.expect("create_group h", &["group h created"]);
+    let other = s.path("x/other.bin");
+    std::fs::write(&other, b"other content").unwrap();
+    x.expect(&format!("upload_file {} h", other.display()), &["shared other.bin in h*"]);
+    let tracker: SocketAddr = std::fs::read_to_string(&s.info).unwrap().trim().replace(' ', ":").parse().unwrap();
+    let login = Request::Login {
+        user: UserId::new("xav").unwrap(),
+        password: "pw".into(),
+        listen: "127.0.0.1:1".parse().unwrap(),
+    };
+    let Ok(Reply::Session { token }) = tracker_call(tracker, None, login) else { panic!("login failed") };
+    let denied = tracker_call(
+        tracker,
+        Some(token),
+        Request::DownloadFile { group: GroupId::new("g").unwrap(), name: FileName::new("big.bin").unwrap() },
+    );
+    assert_eq!(denied, Err(shoal_core::proto::ApiError::NotMember), "the tracker gives a non-member no grant");
+    let Ok(Reply::Download { grant: h_grant, .. }) = tracker_call(
+        tracker,
+        Some(token),
+        Request::DownloadFile { group: GroupId::new("h").unwrap(), name: FileName::new("other.bin").unwrap() },
+    ) else {
+        panic!("no grant for his own group")
+    };
+
+    let sha1 = Sha1Digest::of(&s.content);
+    for grant in [h_grant, Grant([7; 16])] {
+        let mut p = TcpStream::connect(la).unwrap();
+        p.write_all(&encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer })).unwrap();
+        let want = PeerMessage::Want {
+            group: GroupId::new("g").unwrap(),
+            name: FileName::new("big.bin").unwrap(),
+            sha1,
+            grant,
+        };
+        p.write_all(&encode(&want)).unwrap();
+        let reason = read_frames(&mut p, |m: PeerMessage| match m {
+            PeerMessage::Hello { .. } => None,
+            PeerMessage::Refused { reason } => Some(reason),
+            other => panic!("a non-member got {other:?}"),
+        });
+        assert!(reason.starts_with("access denied"), "{reason}");
+        // And the peer hangs up.
+        let mut rest = Vec::new();
+        let _ = p.read_to_end(&mut rest);
+        assert!(decode::<PeerMessage>(&rest).is_err() || rest.is_empty());
+    }
+    // The sharer still serves members.
+    let (mut d, _) = s.client("dan", &[]);
+    d.expect("join_group g", &["join request sent to g"]);
+    a.expect("accept_request g dan", &["dan is now a member of g"]);
+    let out = s.path("d/");
+    d.expect(&format!("download_file g big.bin {}", out.display()), &["downloading big.bin into *"]);
+    let (status, _) = d.finish_output();
+    assert!(status.success());
+    same_file(&out.join("big.bin"), &s.content);
+}
