@@ -16,6 +16,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 
+use sha1::{Digest, Sha1};
+
 use crate::chunk::{chunk_len, FileDigest, Sha1Digest, CHUNK_SIZE};
 use crate::ids::{FileName, GroupId};
 use crate::peer::{Bitmap, Grant, Load, PeerMessage, BLOCK_SIZE};
@@ -83,7 +85,9 @@ pub enum DownloadOutput {
 
 struct Fetch {
     chunk: u32,
+    /// Blocks arrive in order; each is appended and hashed while it is hot.
     buf: Vec<u8>,
+    hasher: Sha1,
     /// Bytes requested so far / received so far.
     requested: u32,
     received: u32,
@@ -274,7 +278,7 @@ impl Download {
                 }
             }
             PeerMessage::Block { chunk, offset, load, data } => {
-                if !self.take_block(peer, chunk, offset, load, data, now) {
+                if !self.take_block(peer, chunk, offset, load, &data, now) {
                     return self.drop_peer(peer, false, now);
                 }
             }
@@ -384,15 +388,19 @@ impl Download {
     }
 
     /// Files a block; false on a protocol violation.
-    fn take_block(
-        &mut self,
-        peer: PeerConnId,
-        chunk: u32,
-        offset: u32,
-        load: Load,
-        data: Vec<u8>,
-        now: Millis,
-    ) -> bool {
+    /// A block from a peer, borrowed straight from its frame (no copy before
+    /// it lands in the chunk buffer). Same as `handle_message` with a `Block`.
+    pub fn handle_block(&mut self, peer: PeerConnId, chunk: u32, offset: u32, load: Load, data: &[u8], now: Millis) {
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        if !self.take_block(peer, chunk, offset, load, data, now) {
+            return self.drop_peer(peer, false, now);
+        }
+        self.fill(now);
+    }
+
+    fn take_block(&mut self, peer: PeerConnId, chunk: u32, offset: u32, load: Load, data: &[u8], now: Millis) -> bool {
         let size = self.digest.size;
         let p = self.peers.get_mut(&peer).expect("checked");
         p.load = load;
@@ -405,7 +413,8 @@ impl Download {
         if offset != f.received || end > f.requested as u64 || data.is_empty() {
             return false;
         }
-        f.buf[offset as usize..end as usize].copy_from_slice(&data);
+        f.buf.extend_from_slice(data);
+        f.hasher.update(data);
         f.received = end as u32;
         p.last_progress = now;
         p.bytes += data.len() as u64;
@@ -414,7 +423,7 @@ impl Download {
         }
         let f = p.fetches.remove(i);
         let addr = p.addr;
-        if Sha1Digest::of(&f.buf) != self.digest.chunks[chunk as usize] {
+        if Sha1Digest(f.hasher.finalize().into()) != self.digest.chunks[chunk as usize] {
             tracing::warn!(%addr, chunk, "chunk failed its SHA1; banning the peer for this file");
             self.selector.abandon(chunk);
             self.out.push_back(DownloadOutput::Banned { addr, chunk });
@@ -475,7 +484,13 @@ impl Download {
                     continue;
                 };
                 let len = chunk_len(self.digest.size, chunk as u64) as u32;
-                p.fetches.push(Fetch { chunk, buf: vec![0; len as usize], requested: len, received: 0 });
+                p.fetches.push(Fetch {
+                    chunk,
+                    buf: Vec::with_capacity(len as usize),
+                    hasher: Sha1::new(),
+                    requested: len,
+                    received: 0,
+                });
                 if p.fetches.len() == 1 {
                     p.last_progress = now;
                 }

@@ -170,6 +170,59 @@ impl Bitmap {
     }
 }
 
+/// A `Block` message's fields, its data borrowed from the frame.
+#[derive(Debug, PartialEq, Eq, Deserialize)]
+pub struct BlockRef<'a> {
+    pub chunk: u32,
+    pub offset: u32,
+    pub load: Load,
+    pub data: &'a [u8],
+}
+
+/// postcard's tag of [`PeerMessage::Block`] (its variant index, one varint byte).
+const BLOCK_TAG: u8 = 6;
+
+/// Decodes a frame body if it is a `Block`, without copying its data; any
+/// other message (or garbage) gives `None` and goes through
+/// [`crate::wire::decode`] as usual.
+pub fn decode_block(body: &[u8]) -> Option<BlockRef<'_>> {
+    match body.split_first() {
+        Some((&BLOCK_TAG, rest)) => match postcard::take_from_bytes::<BlockRef>(rest) {
+            Ok((b, [])) => Some(b),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Encodes a `Block` frame with one allocation of the right size.
+pub fn encode_block(chunk: u32, offset: u32, load: Load, data: &[u8]) -> Vec<u8> {
+    #[derive(Serialize)]
+    enum Tagged<'a> {
+        // Placeholders keep `Block` at its index in `PeerMessage`.
+        _0,
+        _1,
+        _2,
+        _3,
+        _4,
+        _5,
+        Block {
+            chunk: u32,
+            offset: u32,
+            load: Load,
+            #[serde(with = "serde_bytes")]
+            data: &'a [u8],
+        },
+    }
+    let msg = Tagged::Block { chunk, offset, load, data };
+    let mut out = Vec::with_capacity(data.len() + 32);
+    out.extend_from_slice(&[0; 4]);
+    let mut out = postcard::to_extend(&msg, out).expect("postcard encoding into a Vec");
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
 /// Whether a block request lies inside chunk `chunk` of a file of `size` bytes.
 pub fn valid_block(size: u64, chunk: u32, offset: u32, len: u32) -> bool {
     (chunk as u64) < chunk_count(size)
@@ -207,6 +260,17 @@ mod tests {
         assert!(!valid_block(size, 0, u32::MAX, 1));
         assert!(!valid_block(size, 0, 0, BLOCK_SIZE + 1));
         assert!(!valid_block(size, 0, 0, 0));
+    }
+
+    #[test]
+    fn the_block_fast_paths_agree_with_the_codec() {
+        let load = Load { uploads: 3, queued: 9 };
+        let m = PeerMessage::Block { chunk: 300, offset: 65536, load, data: vec![1, 2, 3] };
+        let f = encode(&m);
+        assert_eq!(encode_block(300, 65536, load, &[1, 2, 3]), f);
+        assert_eq!(decode_block(&f[4..]), Some(BlockRef { chunk: 300, offset: 65536, load, data: &[1, 2, 3] }));
+        assert_eq!(decode_block(&encode(&PeerMessage::HaveOne { chunk: 6 })[4..]), None);
+        assert_eq!(decode_block(&[BLOCK_TAG, 0xff]), None);
     }
 
     #[test]

@@ -66,8 +66,13 @@ impl FrameDecoder {
     /// Appends received bytes. Call [`FrameDecoder::next_message`] until it
     /// returns `Ok(None)` afterwards.
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.start > 0 && self.start == self.buf.len() {
+        if self.start == self.buf.len() {
             self.buf.clear();
+            self.start = 0;
+        } else if self.start > 0 && self.buf.capacity() - self.buf.len() < bytes.len() {
+            // Reclaim the consumed front instead of growing: the tail left is
+            // less than one frame, so the buffer stays within limit + a read.
+            self.buf.drain(..self.start);
             self.start = 0;
         }
         self.buf.extend_from_slice(bytes);
@@ -89,14 +94,6 @@ impl FrameDecoder {
         }
         let body_start = self.start + LEN_BYTES;
         self.start = body_start + len;
-        if self.start == self.buf.len() {
-            // Everything consumed: the next push may reuse the allocation.
-        } else if self.start > self.buf.len() / 2 && self.start > 64 * 1024 {
-            // Keep the buffer from creeping: move the tail down now and then.
-            self.buf.drain(..body_start);
-            self.start -= body_start;
-            return Ok(Some(&self.buf[..len]));
-        }
         Ok(Some(&self.buf[body_start..body_start + len]))
     }
 

@@ -24,7 +24,7 @@ use shoal_core::Millis;
 
 use crate::clock::Clock;
 use crate::conn::{Conn, ReadOutcome};
-use crate::disk::{self, PartFile};
+use crate::disk::{self, PartFile, WriterEvent, WriterMsg};
 
 const WAKER: Token = Token(0);
 const TRACKER: Token = Token(1);
@@ -48,6 +48,7 @@ enum Inbox {
     Hashed(u64, Result<FileDigest, String>),
     Prepared(DownloadId, Result<(Prepared, PartFile), String>),
     Finished(DownloadId, Result<(), String>),
+    DiskFailed(DownloadId, String),
     WaitDownloads(Sender<()>),
     Stats(Sender<Vec<DownloadStat>>),
     Stop,
@@ -86,7 +87,7 @@ impl ClientHandle {
             download_waiters: Vec::new(),
             next_ticket: 1,
             readers: disk::ReadCache::default(),
-            parts: HashMap::new(),
+            writers: HashMap::new(),
         };
         let thread = std::thread::Builder::new().name("shoal-engine".into()).spawn(move || driver.run())?;
         Ok(ClientHandle { tx, waker, thread: Some(thread), listen })
@@ -156,7 +157,8 @@ struct Driver {
     download_waiters: Vec<Sender<()>>,
     next_ticket: u64,
     readers: disk::ReadCache,
-    parts: HashMap<DownloadId, PartFile>,
+    /// Each running download's writer thread.
+    writers: HashMap<DownloadId, std::sync::mpsc::SyncSender<WriterMsg>>,
 }
 
 fn token(conn: PeerConnId) -> Token {
@@ -195,15 +197,13 @@ impl Driver {
                     }
                     Inbox::Hashed(job, result) => self.engine.handle_file_hashed(job, result, now),
                     Inbox::Prepared(id, result) => {
-                        let result = result.map(|(p, file)| {
-                            self.parts.insert(id, file);
-                            p
-                        });
+                        let result = result.and_then(|(p, file)| self.start_writer(id, &p, file).map(|_| p));
                         self.engine.handle_download_prepared(id, result, now);
                     }
-                    Inbox::Finished(id, result) => {
-                        self.parts.remove(&id);
-                        self.engine.handle_download_finished(id, result, now);
+                    Inbox::Finished(id, result) => self.engine.handle_download_finished(id, result, now),
+                    Inbox::DiskFailed(id, e) => {
+                        self.writers.remove(&id);
+                        self.engine.handle_disk_error(id, e, now);
                     }
                     Inbox::WaitDownloads(tx) => self.download_waiters.push(tx),
                     Inbox::Stats(tx) => {
@@ -384,26 +384,22 @@ impl Driver {
                 ClientOutput::PrepareDownload { id, dest, name, digest } => {
                     self.spawn("shoal-prepare", move || Inbox::Prepared(id, disk::prepare(&dest, &name, &digest)));
                 }
+                // A writer that died has reported why through the inbox.
                 ClientOutput::WriteChunk { id, chunk, data } => {
-                    if let Some(part) = self.parts.get(&id) {
-                        if let Err(e) = part.write_chunk(chunk, &data) {
-                            self.engine.handle_disk_error(id, e, now);
-                        }
+                    if let Some(w) = self.writers.get(&id) {
+                        let _ = w.send(WriterMsg::Chunk(chunk, data));
                     }
                 }
                 ClientOutput::SaveProgress { id, sidecar } => {
-                    if let Some(part) = self.parts.get(&id) {
-                        if let Err(e) = part.save_state(&sidecar) {
-                            self.engine.handle_disk_error(id, e, now);
-                        }
+                    if let Some(w) = self.writers.get(&id) {
+                        let _ = w.send(WriterMsg::State(sidecar));
                     }
                 }
-                ClientOutput::FinishDownload { id, sha1 } => match self.parts.get(&id) {
-                    Some(part) => {
-                        let part = part.paths();
-                        self.spawn("shoal-verify", move || Inbox::Finished(id, part.finish(sha1)));
+                ClientOutput::FinishDownload { id, sha1 } => match self.writers.remove(&id) {
+                    Some(w) => {
+                        let _ = w.send(WriterMsg::Finish(sha1));
                     }
-                    None => self.engine.handle_download_finished(id, Err("part file lost".into()), now),
+                    None => self.engine.handle_download_finished(id, Err("the part file's writer stopped".into()), now),
                 },
             }
         }
@@ -425,6 +421,20 @@ impl Driver {
                 self.engine.handle_tracker_closed(now);
             }
         }
+    }
+
+    fn start_writer(&mut self, id: DownloadId, p: &Prepared, file: PartFile) -> Result<(), String> {
+        let (tx, waker) = (self.tx.clone(), self.waker.clone());
+        let report = move |ev: WriterEvent| {
+            let _ = tx.send(match ev {
+                WriterEvent::Failed(e) => Inbox::DiskFailed(id, e),
+                WriterEvent::Finished(r) => Inbox::Finished(id, r),
+            });
+            let _ = waker.wake();
+        };
+        let w = file.spawn_writer(p.have.clone(), report).map_err(|e| format!("cannot start a writer thread: {e}"))?;
+        self.writers.insert(id, w);
+        Ok(())
     }
 
     /// Runs disk or hashing work off the engine thread; its result comes back

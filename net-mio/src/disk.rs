@@ -80,6 +80,7 @@ pub struct PartPaths {
 pub struct PartFile {
     file: File,
     paths: PartPaths,
+    size: u64,
 }
 
 fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
@@ -153,7 +154,7 @@ pub fn prepare(dest: &str, name: &FileName, digest: &FileDigest) -> Result<(Prep
         part_path: paths.part.display().to_string(),
         have,
     };
-    Ok((prepared, PartFile { file, paths }))
+    Ok((prepared, PartFile { file, paths, size: digest.size }))
 }
 
 fn read_state(path: &Path, digest: &FileDigest) -> Option<Bitmap> {
@@ -169,15 +170,35 @@ fn read_state(path: &Path, digest: &FileDigest) -> Option<Bitmap> {
     }
 }
 
+/// What the writer thread of a download is told, in order.
+pub enum WriterMsg {
+    /// A verified chunk to write at `chunk * CHUNK_SIZE`.
+    Chunk(u32, Vec<u8>),
+    /// New sidecar bytes.
+    State(Vec<u8>),
+    /// Every chunk was sent: check the whole file against this SHA1 and rename.
+    Finish(Sha1Digest),
+}
+
+/// What the writer thread reports back.
+pub enum WriterEvent {
+    Failed(String),
+    Finished(Result<(), String>),
+}
+
+/// Chunks queued to a writer at most; a full queue makes the engine wait,
+/// which bounds the memory a fast network and a slow disk can take.
+const WRITER_QUEUE: usize = 16;
+
 impl PartFile {
-    pub fn write_chunk(&self, chunk: u32, data: &[u8]) -> Result<(), String> {
+    fn write_chunk(&self, chunk: u32, data: &[u8]) -> Result<(), String> {
         self.file
             .write_all_at(data, chunk as u64 * CHUNK_SIZE)
             .map_err(|e| format!("{}: {e}", self.paths.part.display()))
     }
 
     /// Replaces the sidecar atomically (write a temporary file, rename it).
-    pub fn save_state(&self, bytes: &[u8]) -> Result<(), String> {
+    fn save_state(&self, bytes: &[u8]) -> Result<(), String> {
         let tmp = with_suffix(&self.paths.state, ".tmp");
         refuse_symlink(&tmp)?;
         std::fs::write(&tmp, bytes)
@@ -185,34 +206,89 @@ impl PartFile {
             .map_err(|e| format!("{}: {e}", self.paths.state.display()))
     }
 
-    pub fn paths(&self) -> PartPaths {
-        self.paths.clone()
-    }
-}
-
-impl PartPaths {
-    /// Checks the whole file's SHA1, then renames the part to its final name.
-    pub fn finish(self, sha1: Sha1Digest) -> Result<(), String> {
-        let mut f = File::open(&self.part).map_err(|e| format!("{}: {e}", self.part.display()))?;
-        let mut h = Sha1::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => h.update(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.to_string()),
+    /// Moves the part file to a thread of its own that writes chunks, keeps
+    /// the sidecar, and hashes the whole file as its verified prefix grows,
+    /// so the final check costs only what is left when the last chunk lands.
+    pub fn spawn_writer(
+        self,
+        have: Bitmap,
+        report: impl Fn(WriterEvent) + Send + 'static,
+    ) -> io::Result<std::sync::mpsc::SyncSender<WriterMsg>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(WRITER_QUEUE);
+        let size = self.size;
+        std::thread::Builder::new().name("shoal-writer".into()).spawn(move || {
+            let mut w = PrefixHasher { written: have, cursor: 0, hasher: Sha1::new(), buf: Vec::new(), size };
+            if let Err(e) = w.advance(&self.file, None) {
+                return report(WriterEvent::Failed(e));
             }
+            for msg in rx {
+                match msg {
+                    WriterMsg::Chunk(c, data) => {
+                        if let Err(e) = self.write_chunk(c, &data) {
+                            return report(WriterEvent::Failed(e));
+                        }
+                        w.written.set(c);
+                        if let Err(e) = w.advance(&self.file, Some((c, &data))) {
+                            return report(WriterEvent::Failed(e));
+                        }
+                    }
+                    WriterMsg::State(bytes) => {
+                        if let Err(e) = self.save_state(&bytes) {
+                            return report(WriterEvent::Failed(e));
+                        }
+                    }
+                    WriterMsg::Finish(sha1) => return report(WriterEvent::Finished(self.finish(w, sha1))),
+                }
+            }
+        })?;
+        Ok(tx)
+    }
+
+    fn finish(self, mut w: PrefixHasher, sha1: Sha1Digest) -> Result<(), String> {
+        w.advance(&self.file, None)?;
+        if w.cursor < w.written.len() {
+            return Err(format!("chunk {} was never written", w.cursor));
         }
-        let got = Sha1Digest(h.finalize().into());
+        let got = Sha1Digest(w.hasher.finalize().into());
         if got != sha1 {
             return Err(format!("whole-file SHA1 mismatch: expected {sha1}, got {got}"));
         }
-        if self.final_path.symlink_metadata().is_ok() {
-            return Err(format!("{} appeared meanwhile; not replacing it", self.final_path.display()));
+        let p = &self.paths;
+        if p.final_path.symlink_metadata().is_ok() {
+            return Err(format!("{} appeared meanwhile; not replacing it", p.final_path.display()));
         }
-        std::fs::rename(&self.part, &self.final_path).map_err(|e| format!("{}: {e}", self.final_path.display()))?;
-        let _ = std::fs::remove_file(&self.state);
+        std::fs::rename(&p.part, &p.final_path).map_err(|e| format!("{}: {e}", p.final_path.display()))?;
+        let _ = std::fs::remove_file(&p.state);
+        Ok(())
+    }
+}
+
+/// The whole-file SHA1 over the longest prefix of written chunks.
+struct PrefixHasher {
+    written: Bitmap,
+    cursor: u32,
+    hasher: Sha1,
+    buf: Vec<u8>,
+    size: u64,
+}
+
+impl PrefixHasher {
+    /// Hashes chunks from the cursor while they are written, using `fresh`
+    /// when it is the chunk at hand and reading the others back.
+    fn advance(&mut self, file: &File, fresh: Option<(u32, &[u8])>) -> Result<(), String> {
+        while self.cursor < self.written.len() && self.written.get(self.cursor) {
+            let c = self.cursor;
+            match fresh {
+                Some((f, data)) if f == c => self.hasher.update(data),
+                _ => {
+                    let len = chunk_len(self.size, c as u64) as usize;
+                    self.buf.resize(len, 0);
+                    file.read_exact_at(&mut self.buf, c as u64 * CHUNK_SIZE).map_err(|e| e.to_string())?;
+                    self.hasher.update(&self.buf);
+                }
+            }
+            self.cursor += 1;
+        }
         Ok(())
     }
 }

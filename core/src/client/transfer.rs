@@ -463,28 +463,40 @@ impl ClientEngine {
             Some(PeerLink::Out { download, decoder }) => {
                 let id = *download;
                 decoder.push(bytes);
-                let mut msgs = Vec::new();
+                let Some(DownloadEntry { state: DlState::Running(dl), .. }) = self.downloads.get_mut(&id) else {
+                    return;
+                };
                 let mut bad = false;
                 loop {
-                    match decoder.next_message::<PeerMessage>() {
-                        Ok(Some(m)) => msgs.push(m),
+                    let body = match decoder.next_frame() {
+                        Ok(Some(body)) => body,
                         Ok(None) => break,
                         Err(e) => {
                             tracing::debug!(conn = conn.0, error = %e, "bad frame from a peer");
                             bad = true;
                             break;
                         }
+                    };
+                    // Blocks, the bulk of the traffic, are read in place.
+                    if let Some(b) = crate::peer::decode_block(body) {
+                        dl.handle_block(conn, b.chunk, b.offset, b.load, b.data, now);
+                    } else {
+                        match crate::wire::decode::<PeerMessage>(body) {
+                            Ok(m) => dl.handle_message(conn, m, now),
+                            Err(_) => {
+                                bad = true;
+                                break;
+                            }
+                        }
+                    }
+                    if !dl.owns(conn) {
+                        break;
                     }
                 }
-                if let Some(DownloadEntry { state: DlState::Running(dl), .. }) = self.downloads.get_mut(&id) {
-                    for m in msgs {
-                        dl.handle_message(conn, m, now);
-                    }
-                    if bad {
-                        dl.handle_closed(conn, now);
-                        self.peers.remove(&conn);
-                        self.out.push_back(ClientOutput::PeerClose { conn });
-                    }
+                if bad && dl.owns(conn) {
+                    dl.handle_closed(conn, now);
+                    self.peers.remove(&conn);
+                    self.out.push_back(ClientOutput::PeerClose { conn });
                 }
                 self.drain_download(id, now);
             }
@@ -516,7 +528,8 @@ impl ClientEngine {
         match result {
             Ok(data) => {
                 let load = self.load();
-                self.peer_send(conn, &PeerMessage::Block { chunk, offset: block, load, data });
+                let bytes = crate::peer::encode_block(chunk, block, load, &data);
+                self.out.push_back(ClientOutput::PeerTransmit { conn, bytes });
                 self.pump(conn, now);
             }
             Err(e) => {
@@ -675,6 +688,8 @@ impl ClientEngine {
             }
             e.state = DlState::Finishing;
             e.dirty = false;
+            let secs = now.since(e.started).0 as f64 / 1000.0;
+            tracing::info!("all chunks of {} verified after {secs:.2} s; checking the whole file", e.name);
             let have = Bitmap::full(e.digest.chunks.len() as u32);
             let sidecar = crate::sidecar::encode(&e.digest, &have);
             let sha1 = e.digest.sha1;

@@ -1,0 +1,219 @@
+//! `bench`: download throughput and memory of a real swarm on loopback.
+//!
+//! Build everything first (`cargo build --release`), then run
+//! `target/release/bench`. For each size it writes a file of random bytes,
+//! measures how fast one thread can SHA1 it (the hash limit: every byte a
+//! downloader receives must be hashed once), then starts one tracker, four
+//! clients sharing the file and one downloader (the real `tracker` and `client`
+//! binaries beside this one), times the download and reads the downloader's
+//! peak RSS. It prints the figures and the ratio to the hash limit.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use sha1::{Digest, Sha1};
+use shoal_core::rng::Rng;
+
+#[derive(Parser)]
+#[command(name = "bench", version, about = "Measures shoal's download rate and memory against the SHA1 hash limit")]
+struct Args {
+    /// File sizes to test, in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "1024")]
+    sizes: Vec<u64>,
+    /// How many clients share the file.
+    #[arg(long, default_value_t = 4)]
+    sharers: usize,
+    /// Scratch directory (default: the system's temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(bin: &Path, args: &[String]) -> Result<Proc, String> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e} (run `cargo build --release` first)", bin.display()))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, out) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Proc { child, stdin, out })
+    }
+
+    /// Sends a command and returns its first output line.
+    fn cmd(&mut self, line: &str) -> Result<String, String> {
+        let stdin = self.stdin.as_mut().ok_or("stdin closed")?;
+        writeln!(stdin, "{line}").map_err(|e| e.to_string())?;
+        self.out.recv_timeout(Duration::from_secs(120)).map_err(|_| format!("no answer to `{line}`"))
+    }
+
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> String {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a: SocketAddr| a.to_string())
+        .expect("a free port")
+}
+
+fn write_file(path: &Path, size: u64) -> std::io::Result<()> {
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut rng = Rng::from_u64(size);
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        rng.fill(&mut block);
+        let n = left.min(block.len() as u64) as usize;
+        f.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    f.flush()
+}
+
+/// Single-thread SHA1 of the file as read from the page cache, in bytes/s.
+fn hash_rate(path: &Path) -> std::io::Result<f64> {
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut h = Sha1::new();
+    let t = Instant::now();
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    let _ = h.finalize();
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let bindir = std::env::current_exe().map_err(|e| e.to_string())?.parent().ok_or("no bin dir")?.to_path_buf();
+    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir).join(format!("shoal-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
+    let result = args.sizes.iter().try_for_each(|&mib| one(&bindir, &base, mib, args.sharers));
+    let _ = std::fs::remove_dir_all(&base);
+    result
+}
+
+fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize) -> Result<(), String> {
+    let dir = base.join(format!("{mib}"));
+    std::fs::create_dir_all(dir.join("out")).map_err(|e| e.to_string())?;
+    let file = dir.join("data.bin");
+    write_file(&file, mib << 20).map_err(|e| e.to_string())?;
+    // Twice: the first read warms the page cache, like the sharers' reads will.
+    let _ = hash_rate(&file);
+    let limit = hash_rate(&file).map_err(|e| e.to_string())?;
+
+    let info = dir.join("tracker_info.txt");
+    let taddr = free_addr();
+    std::fs::write(&info, format!("{taddr}\n")).map_err(|e| e.to_string())?;
+    let tracker = Proc::spawn(&bindir.join("tracker"), &[info.display().to_string(), "1".into()])?;
+    tracker.out.recv_timeout(Duration::from_secs(30)).map_err(|_| "tracker did not start")?;
+    let client = |_: ()| Proc::spawn(&bindir.join("client"), &[free_addr(), info.display().to_string()]);
+
+    let mut owner = client(())?;
+    owner.cmd("create_user s0 pw")?;
+    owner.cmd("login s0 pw")?;
+    owner.cmd("create_group bench")?;
+    let mut peers = vec![];
+    for i in 1..sharers {
+        let mut p = client(())?;
+        p.cmd(&format!("create_user s{i} pw"))?;
+        p.cmd(&format!("login s{i} pw"))?;
+        p.cmd("join_group bench")?;
+        owner.cmd(&format!("accept_request bench s{i}"))?;
+        peers.push(p);
+    }
+    let t = Instant::now();
+    owner.cmd(&format!("upload_file {} bench", file.display()))?;
+    let upload_secs = t.elapsed().as_secs_f64();
+    for p in peers.iter_mut() {
+        p.cmd(&format!("upload_file {} bench", file.display()))?;
+    }
+    let mut d = client(())?;
+    d.cmd("create_user dl pw")?;
+    d.cmd("login dl pw")?;
+    d.cmd("join_group bench")?;
+    owner.cmd("accept_request bench dl")?;
+    println!("downloading {mib} MiB from {sharers} sharers ...");
+    let _ = std::io::stdout().flush();
+    let start = Instant::now();
+    let first = d.cmd(&format!("download_file bench data.bin {}", dir.join("out").display()))?;
+    if !first.starts_with("downloading") {
+        return Err(format!("download did not start: {first}"));
+    }
+    loop {
+        let line = d.cmd("show_downloads")?;
+        if line.starts_with("[C]") {
+            break;
+        }
+        if line.starts_with("[F]") {
+            return Err(line);
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            return Err("download took over 10 minutes".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let rss = d.peak_rss_kib().unwrap_or(0);
+    let size = (mib << 20) as f64;
+    let rate = size / secs;
+    let same = std::fs::read(dir.join("out/data.bin")).ok().map(|b| Sha1::digest(&b))
+        == std::fs::read(&file).ok().map(|b| Sha1::digest(&b));
+    println!("file {mib} MiB, {sharers} sharers, 1 downloader, loopback");
+    println!("  SHA1 hash limit (1 thread):  {:8.0} MB/s", limit / 1e6);
+    println!("  upload_file (hash + chunks): {:8.0} MB/s", size / upload_secs / 1e6);
+    println!("  download:                    {:8.0} MB/s  ({secs:.2} s)", rate / 1e6);
+    println!("  download / hash limit:       {:8.2}", rate / limit);
+    println!("  downloader peak RSS:         {:8.1} MiB", rss as f64 / 1024.0);
+    println!("  result identical:            {same}");
+    let _ = std::fs::remove_dir_all(&dir);
+    if !same {
+        return Err("downloaded file differs".into());
+    }
+    Ok(())
+}
