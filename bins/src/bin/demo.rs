@@ -1,14 +1,16 @@
-//! `demo`: a whole shoal cluster in one process, on loopback.
+//! `demo`: a whole shoal swarm in one process, on loopback.
 //!
-//! Starts the first tracker of `tracker_info.txt` (replication across all of
-//! them comes with consensus), two clients, generates a file, shares it in a
-//! group and shows the group's view of it. Cleans up after itself.
+//! Starts the first tracker of `tracker_info.txt` (the others join once
+//! trackers replicate), three clients, generates a file, shares it from two of
+//! them, downloads it on the third from both at once with live progress, stops
+//! one sharer abruptly halfway, checks the result's SHA1 and prints a summary.
+//! Cleans up after itself.
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use shoal_core::client::ClientConfig;
@@ -19,7 +21,7 @@ use shoal_net_mio::client::ClientHandle;
 use shoal_net_mio::tracker::TrackerServer;
 
 #[derive(Parser)]
-#[command(name = "demo", version, about = "Runs a local shoal cluster that shares a file")]
+#[command(name = "demo", version, about = "Runs a local shoal swarm that shares and downloads a file")]
 struct Args {
     /// The cluster's trackers.
     #[arg(long, default_value = "tracker_info.txt")]
@@ -27,6 +29,9 @@ struct Args {
     /// Size of the generated file, in MiB.
     #[arg(long, default_value_t = 256)]
     size_mib: u64,
+    /// Cap each sharer's upload rate (MB/s), to watch the download at leisure.
+    #[arg(long)]
+    sharer_rate: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -43,15 +48,14 @@ fn main() -> ExitCode {
 
 fn step(client: &ClientHandle, who: &str, line: &str) -> Result<Vec<String>, String> {
     let cmd = parse(line).map_err(|e| e.to_string())?;
-    let r = client.run(cmd);
-    match r.result {
+    match client.run(cmd).result {
         Ok(lines) => {
             for l in &lines {
-                println!("  [{who}] {line:<40} -> {l}");
+                println!("  {who:>5}> {line:<44} {l}");
             }
             Ok(lines)
         }
-        Err(e) => Err(format!("[{who}] {line}: {e}")),
+        Err(e) => Err(format!("{who}: {line}: {e}")),
     }
 }
 
@@ -61,12 +65,12 @@ fn run(args: &Args) -> Result<(), String> {
     let seed = shoal_net_mio::os_seed().map_err(|e| e.to_string())?;
     let node = TrackerNode::new(TrackerConfig::default(), Rng::from_seed(seed), SoloReplicator::default());
     let server = TrackerServer::bind(first.addr, node).map_err(|e| format!("cannot listen on {}: {e}", first.addr))?;
-    println!("tracker {} on {}", first.id, first.addr);
+    println!("tracker {} listening on {}", first.id, first.addr);
     std::thread::spawn(move || server.run());
 
     let dir = std::env::temp_dir().join(format!("shoal-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let cleanup = Cleanup(dir.clone());
+    let _cleanup = Cleanup(dir.clone());
+    std::fs::create_dir_all(dir.join("downloads")).map_err(|e| e.to_string())?;
     let path = dir.join("dataset.bin");
     print!("generating a {} MiB file ... ", args.size_mib);
     let _ = std::io::stdout().flush();
@@ -74,34 +78,96 @@ fn run(args: &Args) -> Result<(), String> {
     println!("done");
 
     let any: SocketAddr = "127.0.0.1:0".parse().expect("valid");
-    let start = |_: ()| ClientHandle::start(ClientConfig::new(any, vec![first.addr])).map_err(|e| e.to_string());
-    let (alice, bob) = (start(())?, start(())?);
-    println!("clients at {} and {}", alice.listen_addr(), bob.listen_addr());
-    step(&alice, "alice", "create_user alice pw")?;
-    step(&bob, "bob", "create_user bob pw")?;
-    step(&alice, "alice", "login alice pw")?;
-    step(&bob, "bob", "login bob pw")?;
+    let start = |rate: Option<f64>| {
+        let mut cfg = ClientConfig::new(any, vec![first.addr]);
+        cfg.max_upload_rate = rate.map(|r| (r * 1e6) as u64);
+        ClientHandle::start(cfg).map_err(|e| e.to_string())
+    };
+    let alice = start(args.sharer_rate)?;
+    let bob = start(args.sharer_rate)?;
+    let carol = start(None)?;
+    println!("clients: alice {}, bob {}, carol {}", alice.listen_addr(), bob.listen_addr(), carol.listen_addr());
+    for (c, who) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
+        step(c, who, &format!("create_user {who} pw"))?;
+        step(c, who, &format!("login {who} pw"))?;
+    }
     step(&alice, "alice", "create_group demo")?;
-    step(&bob, "bob", "join_group demo")?;
-    step(&alice, "alice", "accept_request demo bob")?;
-    let t = Instant::now();
+    for (c, who) in [(&bob, "bob"), (&carol, "carol")] {
+        step(c, who, "join_group demo")?;
+        step(&alice, "alice", &format!("accept_request demo {who}"))?;
+    }
     step(&alice, "alice", &format!("upload_file {} demo", path.display()))?;
+    step(&bob, "bob", &format!("upload_file {} demo", path.display()))?;
+    step(&carol, "carol", "list_files demo")?;
+
+    let t = Instant::now();
+    step(&carol, "carol", &format!("download_file demo dataset.bin {}", dir.join("downloads").display()))?;
+    let mut bob = Some(bob);
+    let mut last_print = Instant::now() - Duration::from_secs(1);
+    loop {
+        let stats = carol.download_stats();
+        let Some(d) = stats.first() else { return Err("the download vanished".into()) };
+        if let Some(e) = &d.failed {
+            return Err(format!("download failed: {e}"));
+        }
+        let pct = (d.verified * 100).checked_div(d.size).unwrap_or(100);
+        if d.complete {
+            break;
+        }
+        if last_print.elapsed() >= Duration::from_millis(200) {
+            let secs = t.elapsed().as_secs_f64().max(1e-3);
+            println!("  carol  {pct:3}%  {:7.1} MB/s  from {} peers", d.verified as f64 / secs / 1e6, d.supplied.len());
+            last_print = Instant::now();
+        }
+        if pct >= 50 && bob.is_some() {
+            drop(bob.take());
+            println!("  bob    stopped abruptly at {pct}% (no logout): carol carries on with alice");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let secs = t.elapsed().as_secs_f64();
-    println!("  hashed {} MiB in {secs:.2} s ({:.0} MB/s)", args.size_mib, (args.size_mib << 20) as f64 / secs / 1e6);
-    step(&bob, "bob", "list_files demo")?;
-    let dest = dir.join("download");
-    if let Err(e) = step(&bob, "bob", &format!("download_file demo dataset.bin {}", dest.display())) {
-        println!("  {e}");
+    let got = dir.join("downloads/dataset.bin");
+    let (a, b) = (sha1_of(&path)?, sha1_of(&got)?);
+    let stats = carol.download_stats();
+    let d = &stats[0];
+    println!();
+    println!("summary");
+    println!("  file          {} MiB, sha1 {a}", args.size_mib);
+    println!("  downloaded    in {secs:.2} s, {:.0} MB/s", d.size as f64 / secs / 1e6);
+    for (addr, bytes) in &d.supplied {
+        let who = if *addr == alice.listen_addr() { "alice" } else { "bob" };
+        println!("  from {who:<8} {addr}  {:6.1} MiB", *bytes as f64 / (1 << 20) as f64);
+    }
+    println!("  verified      {}", if a == b { "whole-file SHA1 matches" } else { "MISMATCH" });
+    if bob.is_some() {
+        println!("  (the download finished before bob could be stopped; try a larger --size-mib or --sharer-rate)");
     }
     step(&alice, "alice", "exit")?;
-    step(&bob, "bob", "exit")?;
-    drop(cleanup);
-    println!("demo finished");
+    step(&carol, "carol", "exit")?;
+    if a != b {
+        return Err("the downloaded file differs".into());
+    }
+    println!("demo finished; removed {}", dir.display());
     Ok(())
 }
 
+fn sha1_of(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut h = shoal_core::chunk::FileHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]).map_err(|e| e.to_string())?;
+    }
+    Ok(h.finish().map_err(|e| e.to_string())?.sha1.to_hex())
+}
+
 /// Pseudo-random content, written in 1 MiB blocks.
-fn write_file(path: &std::path::Path, size: u64) -> std::io::Result<()> {
+fn write_file(path: &Path, size: u64) -> std::io::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut rng = Rng::from_u64(size);
     let mut block = vec![0u8; 1 << 20];
