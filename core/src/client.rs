@@ -22,7 +22,8 @@
 //!   ones the listener accepts, then `handle_peer_connected`, `handle_peer_bytes`,
 //!   `handle_peer_backlog` (unsent bytes after a flush) and `handle_peer_closed`;
 //! - disk: [`ClientOutput::HashFile`] → [`ClientEngine::handle_file_hashed`];
-//!   [`ClientOutput::ReadBlock`] → [`ClientEngine::handle_block_read`];
+//!   [`ClientOutput::SendBlock`] → fill and send the frame, then
+//!   [`ClientEngine::handle_block_sent`];
 //!   [`ClientOutput::PrepareDownload`] → [`ClientEngine::handle_download_prepared`];
 //!   [`ClientOutput::WriteChunk`] and [`ClientOutput::SaveProgress`] in order,
 //!   reporting failures with [`ClientEngine::handle_disk_error`];
@@ -117,14 +118,14 @@ pub enum ClientOutput {
     PeerClose {
         conn: PeerConnId,
     },
-    /// Read `len` bytes at `offset` of the file at `path`, for a block request.
-    ReadBlock {
+    /// Fill `frame[data_at..]` with the bytes at `offset` of the file at
+    /// `path`, queue the frame on `conn`, then report with `handle_block_sent`.
+    SendBlock {
         conn: PeerConnId,
         path: String,
         offset: u64,
-        len: u32,
-        chunk: u32,
-        block: u32,
+        frame: Vec<u8>,
+        data_at: usize,
     },
     /// Resolve `dest` (a directory or a file path), open or resume its part
     /// file, re-hash the chunks its sidecar claims.

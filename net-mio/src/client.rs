@@ -377,9 +377,20 @@ impl Driver {
                         let _ = self.poll.registry().deregister(&mut p.conn.stream);
                     }
                 }
-                ClientOutput::ReadBlock { conn, path, offset, len, chunk, block } => {
-                    let result = self.readers.read(&path, offset, len);
-                    self.engine.handle_block_read(conn, chunk, block, result, now);
+                ClientOutput::SendBlock { conn, path, offset, mut frame, data_at } => {
+                    let result = self.readers.read_into(&path, offset, &mut frame[data_at..]);
+                    let t = token(conn);
+                    if result.is_ok() {
+                        if let Some(p) = self.peers.get_mut(&t) {
+                            if !p.conn.queue_owned(frame) || p.conn.flush(self.poll.registry(), t).is_err() {
+                                self.drop_peer(t, now);
+                                continue;
+                            }
+                            let backlog = p.conn.backlog();
+                            self.engine.handle_peer_backlog(conn, backlog, now);
+                        }
+                    }
+                    self.engine.handle_block_sent(conn, result, now);
                 }
                 ClientOutput::PrepareDownload { id, dest, name, digest } => {
                     self.spawn("shoal-prepare", move || Inbox::Prepared(id, disk::prepare(&dest, &name, &digest)));

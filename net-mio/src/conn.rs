@@ -1,6 +1,7 @@
 //! A non-blocking TCP connection with an outgoing buffer.
 
-use std::io::{self, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
@@ -10,9 +11,13 @@ pub const MAX_WRITE_BACKLOG: usize = 64 * 1024 * 1024;
 
 pub struct Conn {
     pub stream: TcpStream,
-    out: Vec<u8>,
-    /// Bytes of `out` already written.
+    /// Frames waiting to be written, oldest first; large ones are queued as
+    /// they are, without a copy.
+    out: VecDeque<Vec<u8>>,
+    /// Bytes of the front frame already written.
     sent: usize,
+    /// Bytes in `out`, less `sent`.
+    pending: usize,
     /// Close once `out` is flushed.
     pub closing: bool,
     writable_registered: bool,
@@ -28,12 +33,12 @@ pub enum ReadOutcome {
 impl Conn {
     /// An accepted stream, registered for READABLE.
     pub fn new(stream: TcpStream) -> Conn {
-        Conn { stream, out: Vec::new(), sent: 0, closing: false, writable_registered: false }
+        Conn { stream, out: VecDeque::new(), sent: 0, pending: 0, closing: false, writable_registered: false }
     }
 
     /// A stream still connecting, registered for READABLE | WRITABLE.
     pub fn connecting(stream: TcpStream) -> Conn {
-        Conn { stream, out: Vec::new(), sent: 0, closing: false, writable_registered: true }
+        Conn { stream, out: VecDeque::new(), sent: 0, pending: 0, closing: false, writable_registered: true }
     }
 
     /// Reads everything available, handing each piece to `sink`.
@@ -49,19 +54,29 @@ impl Conn {
         }
     }
 
-    /// Queues bytes; false if the backlog is over its limit.
+    /// Queues a copy of `bytes`; false if the backlog is over its limit.
     pub fn queue(&mut self, bytes: &[u8]) -> bool {
-        if self.sent > 0 && self.sent * 2 >= self.out.len() {
-            self.out.drain(..self.sent);
-            self.sent = 0;
+        // Small messages share one buffer, so a burst of them is one write.
+        match self.out.back_mut() {
+            Some(last) if last.len() < 64 * 1024 => {
+                last.extend_from_slice(bytes);
+                self.pending += bytes.len();
+                self.pending <= MAX_WRITE_BACKLOG
+            }
+            _ => self.queue_owned(bytes.to_vec()),
         }
-        self.out.extend_from_slice(bytes);
-        self.backlog() <= MAX_WRITE_BACKLOG
+    }
+
+    /// Queues a whole frame without copying it.
+    pub fn queue_owned(&mut self, frame: Vec<u8>) -> bool {
+        self.pending += frame.len();
+        self.out.push_back(frame);
+        self.pending <= MAX_WRITE_BACKLOG
     }
 
     /// Bytes queued but not yet written to the socket.
     pub fn backlog(&self) -> usize {
-        self.out.len() - self.sent
+        self.pending
     }
 
     pub fn has_backlog(&self) -> bool {
@@ -70,18 +85,33 @@ impl Conn {
 
     /// Writes what the socket takes; keeps WRITABLE interest only while needed.
     pub fn flush(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        while self.sent < self.out.len() {
-            match self.stream.write(&self.out[self.sent..]) {
+        while !self.out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 16];
+            let mut n = 0;
+            for (i, f) in self.out.iter().take(slices.len()).enumerate() {
+                slices[i] = IoSlice::new(if i == 0 { &f[self.sent..] } else { f });
+                n += 1;
+            }
+            match self.stream.write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.sent += n,
+                Ok(mut k) => {
+                    self.pending -= k;
+                    while k > 0 {
+                        let front = self.out.front().expect("wrote from it").len() - self.sent;
+                        if k >= front {
+                            k -= front;
+                            self.out.pop_front();
+                            self.sent = 0;
+                        } else {
+                            self.sent += k;
+                            k = 0;
+                        }
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
-        }
-        if self.sent == self.out.len() {
-            self.out.clear();
-            self.sent = 0;
         }
         let want = self.has_backlog();
         if want != self.writable_registered {

@@ -515,23 +515,12 @@ impl ClientEngine {
         }
     }
 
-    pub fn handle_block_read(
-        &mut self,
-        conn: PeerConnId,
-        chunk: u32,
-        block: u32,
-        result: Result<Vec<u8>, String>,
-        now: Millis,
-    ) {
+    /// A block frame was filled from disk and queued (or reading failed).
+    pub fn handle_block_sent(&mut self, conn: PeerConnId, result: Result<(), String>, now: Millis) {
         let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
         up.reading = up.reading.saturating_sub(1);
         match result {
-            Ok(data) => {
-                let load = self.load();
-                let bytes = crate::peer::encode_block(chunk, block, load, &data);
-                self.out.push_back(ClientOutput::PeerTransmit { conn, bytes });
-                self.pump(conn, now);
-            }
+            Ok(()) => self.pump(conn, now),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read a shared file");
                 self.refuse_peer(conn, "this peer cannot read the file any more");
@@ -594,14 +583,10 @@ impl ClientEngine {
             let Some(s) = self.shares.get(&(group.clone(), name.clone())) else { return };
             up.reading += 1;
             up.backlog += len as usize;
-            self.out.push_back(ClientOutput::ReadBlock {
-                conn,
-                path: s.path.clone(),
-                offset: chunk_offset(chunk) + block as u64,
-                len,
-                chunk,
-                block,
-            });
+            let path = s.path.clone();
+            let (frame, data_at) = crate::peer::block_frame(chunk, block, self.load(), len);
+            let offset = chunk_offset(chunk) + block as u64;
+            self.out.push_back(ClientOutput::SendBlock { conn, path, offset, frame, data_at });
         }
     }
 
