@@ -316,3 +316,61 @@ fn a_non_member_cannot_get_chunks_from_a_peer() {
     assert!(status.success());
     same_file(&out.join("big.bin"), &s.content);
 }
+
+/// A downloader serves the chunks it verified before it finishes: a second
+/// downloader that starts later fetches from it as well as from the sharer.
+#[test]
+fn a_downloader_reshares_verified_chunks_at_once() {
+    let s = Swarm::new("reshare", 48 * MIB);
+    let (mut a, la) = s.client("ann", &["--max-upload-rate", "15"]);
+    let (mut b, lb) = s.client("bob", &[]);
+    let (mut c, _) = s.client("cat", &[]);
+    s.group(&mut a, &mut [&mut b, &mut c]);
+    s.share(&mut a, "a/big.bin");
+    let out_b = s.path("b/");
+    b.expect(&format!("download_file g big.bin {}", out_b.display()), &["downloading big.bin into *"]);
+    let at = wait_progress(&mut b, |l| percent(l) >= 30);
+    assert!(at.starts_with("[D]"), "{at}");
+    let out_c = s.path("c/");
+    c.expect(&format!("download_file g big.bin {}", out_c.display()), &["downloading big.bin into *"]);
+    let (status, log) = c.finish_output();
+    assert!(status.success(), "second downloader failed: {log:?}");
+    same_file(&out_c.join("big.bin"), &s.content);
+    let sources = per_source(&log);
+    let from_bob = sources.iter().find(|(x, _)| *x == lb).map(|(_, n)| *n).unwrap_or(0);
+    assert!(from_bob > 0, "cat fetched nothing from bob, who was still downloading: {sources:?}");
+    assert!(sources.iter().any(|(x, _)| *x == la));
+    let (status, _) = b.finish_output();
+    assert!(status.success());
+    same_file(&out_b.join("big.bin"), &s.content);
+}
+
+/// After stop_share a peer refuses the file; after logout it refuses everyone.
+#[test]
+fn stop_share_and_logout_stop_serving() {
+    let s = Swarm::new("stopserve", MIB);
+    let (mut a, la) = s.client("ann", &[]);
+    s.group(&mut a, &mut []);
+    s.share(&mut a, "a/big.bin");
+    let want = |la: SocketAddr| {
+        let mut p = TcpStream::connect(la).unwrap();
+        p.write_all(&encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer })).unwrap();
+        let want = PeerMessage::Want {
+            group: GroupId::new("g").unwrap(),
+            name: FileName::new("big.bin").unwrap(),
+            sha1: Sha1Digest::of(&s.content),
+            grant: Grant([1; 16]),
+        };
+        p.write_all(&encode(&want)).unwrap();
+        read_frames(&mut p, |m: PeerMessage| match m {
+            PeerMessage::Hello { .. } => None,
+            PeerMessage::Refused { reason } => Some(reason),
+            other => panic!("unexpected {other:?}"),
+        })
+    };
+    assert!(want(la).starts_with("access denied"), "a forged grant is refused while sharing");
+    a.expect("stop_share g big.bin", &["stopped sharing big.bin in g"]);
+    assert_eq!(want(la), "this peer does not share that file");
+    a.expect("logout", &["logged out"]);
+    assert_eq!(want(la), "this peer is not logged in");
+}

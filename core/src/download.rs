@@ -41,6 +41,9 @@ pub struct DownloadConfig {
     pub refresh_every: Millis,
     /// How many of the rarest chunks to choose among at random.
     pub rarest_window: usize,
+    /// The download fails when no chunk arrived for this long (no live peer
+    /// has what is missing), instead of waiting forever.
+    pub give_up_after: Millis,
 }
 
 impl Default for DownloadConfig {
@@ -52,6 +55,7 @@ impl Default for DownloadConfig {
             reconnect_after: Millis::from_secs(1),
             refresh_every: Millis::from_secs(2),
             rarest_window: 4,
+            give_up_after: Millis::from_secs(60),
         }
     }
 }
@@ -81,6 +85,10 @@ pub enum DownloadOutput {
     },
     /// Ask the tracker for the file's current sources.
     WantSources,
+    /// Nothing arrived for `give_up_after`: the download cannot finish now.
+    Failed {
+        reason: String,
+    },
 }
 
 struct Fetch {
@@ -132,6 +140,9 @@ pub struct Download {
     peers: BTreeMap<PeerConnId, Peer>,
     sources: BTreeMap<SocketAddr, Source>,
     next_refresh: Millis,
+    /// When the last verified chunk arrived (or the download started).
+    last_chunk: Millis,
+    failed: bool,
     out: VecDeque<DownloadOutput>,
     /// Ids for new connections come from the engine through this counter.
     next_conn: u64,
@@ -165,6 +176,8 @@ impl Download {
             peers: BTreeMap::new(),
             sources: BTreeMap::new(),
             next_refresh: now.plus(Millis(500)),
+            last_chunk: now,
+            failed: false,
             out: VecDeque::new(),
             next_conn: 0,
             conn_base,
@@ -293,6 +306,17 @@ impl Download {
     }
 
     pub fn handle_timeout(&mut self, now: Millis) {
+        if self.failed || self.is_complete() {
+            return;
+        }
+        if now.since(self.last_chunk) >= self.cfg.give_up_after {
+            self.failed = true;
+            let secs = self.cfg.give_up_after.0 / 1000;
+            let reason = format!("no chunk arrived for {secs} s: no live peer has the missing chunks");
+            self.close_all();
+            self.out.push_back(DownloadOutput::Failed { reason });
+            return;
+        }
         let stalled: Vec<PeerConnId> = self
             .peers
             .iter()
@@ -328,7 +352,11 @@ impl Download {
             .map(|p| p.last_progress.plus(self.cfg.stall_timeout))
             .min();
         let retry = self.sources.values().filter(|s| s.conn.is_none() && !s.banned).map(|s| s.retry_at).min();
-        [stall, retry, Some(self.next_refresh)].into_iter().flatten().min()
+        if self.failed || self.is_complete() {
+            return None;
+        }
+        let give_up = self.last_chunk.plus(self.cfg.give_up_after);
+        [stall, retry, Some(self.next_refresh), Some(give_up)].into_iter().flatten().min()
     }
 
     /// Ends the download's connections (it finished, failed or was stopped).
@@ -431,6 +459,7 @@ impl Download {
             return true;
         }
         self.selector.complete(chunk);
+        self.last_chunk = now;
         if let Some(s) = self.sources.get_mut(&addr) {
             s.supplied += f.buf.len() as u64;
         }

@@ -168,10 +168,10 @@ impl ClientEngine {
             .map(|d| {
                 let (g, n) = (&d.group, &d.name);
                 match &d.state {
-                    DlState::Preparing { .. } => format!("[D] {g} {n} 0% 0.0 MB/s 0 peers"),
+                    DlState::Preparing { .. } => format!("[D] {g} {n} 0% 0 MB/s 0 peers"),
                     DlState::Running(dl) => {
                         let pct = (dl.verified_bytes() * 100).checked_div(d.digest.size).unwrap_or(100);
-                        format!("[D] {g} {n} {pct}% {:.1} MB/s {} peers", d.rate as f64 / 1e6, dl.active_peers())
+                        format!("[D] {g} {n} {pct}% {:.0} MB/s {} peers", d.rate as f64 / 1e6, dl.active_peers())
                     }
                     DlState::Finishing => format!("[D] {g} {n} 100% verifying"),
                     DlState::Complete => format!("[C] {g} {n}"),
@@ -631,6 +631,7 @@ impl ClientEngine {
         let complete = dl.is_complete();
         let key = (e.group.clone(), e.name.clone());
         let mut want_sources = false;
+        let mut failed = None;
         for o in outs {
             match o {
                 DownloadOutput::Connect { peer, addr } => {
@@ -658,7 +659,11 @@ impl ClientEngine {
                     tracing::warn!(%addr, chunk, file = %key.1, "peer sent a corrupt chunk and is banned for this file");
                 }
                 DownloadOutput::WantSources => want_sources = true,
+                DownloadOutput::Failed { reason } => failed = Some(reason),
             }
+        }
+        if let Some(reason) = failed {
+            return self.fail_download(id, reason, now);
         }
         let Some(e) = self.downloads.get_mut(&id) else { return };
         if want_sources && !e.sources_pending && self.session.is_some() {

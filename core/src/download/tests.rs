@@ -18,6 +18,7 @@ struct Harness {
     written: BTreeMap<u32, Vec<u8>>,
     banned: BTreeSet<SocketAddr>,
     closed: BTreeSet<SocketAddr>,
+    failed: Option<String>,
     requests_by_addr: BTreeMap<SocketAddr, u32>,
     now: Millis,
 }
@@ -48,6 +49,7 @@ impl Harness {
             written: BTreeMap::new(),
             banned: BTreeSet::new(),
             closed: BTreeSet::new(),
+            failed: None,
             requests_by_addr: BTreeMap::new(),
             now: Millis(0),
         }
@@ -75,7 +77,7 @@ impl Harness {
         d.handle_sources(&addrs, self.now);
         let mut inbox: VecDeque<(PeerConnId, PeerMessage)> = VecDeque::new();
         // Runs until complete and every output is drained.
-        while (!d.is_complete() || !inbox.is_empty() || self.pending(d)) && self.now < limit {
+        while (!d.is_complete() || !inbox.is_empty() || self.pending(d)) && self.now < limit && self.failed.is_none() {
             while let Some(o) = d.poll_output() {
                 match o {
                     DownloadOutput::Connect { peer, addr } => {
@@ -116,6 +118,7 @@ impl Harness {
                         self.banned.insert(addr);
                     }
                     DownloadOutput::WantSources => d.handle_sources(&addrs, self.now),
+                    DownloadOutput::Failed { reason } => self.failed = Some(reason),
                 }
             }
             if let Some((peer, msg)) = inbox.pop_front() {
@@ -124,7 +127,7 @@ impl Harness {
                 }
                 continue;
             }
-            if d.is_complete() {
+            if d.is_complete() || self.failed.is_some() {
                 continue;
             }
             self.now = d.poll_timeout().expect("an unfinished download has a deadline").max(self.now);
@@ -220,4 +223,15 @@ fn resuming_fetches_only_what_is_missing() {
     h.run(&mut d, Millis::from_secs(60));
     assert!(d.is_complete());
     assert_eq!(h.written.keys().copied().collect::<Vec<_>>(), vec![1, 3, 4]);
+}
+
+#[test]
+fn a_download_nobody_can_serve_fails_instead_of_waiting_forever() {
+    let mut h = Harness::new(4 * CHUNK_SIZE as usize, &[(Behaviour::Silent, Load::default())]);
+    let mut d = h.download(DownloadConfig::default());
+    h.run(&mut d, Millis::from_secs(600));
+    let reason = h.failed.expect("the download gives up");
+    assert!(reason.contains("no chunk arrived for 60 s"), "{reason}");
+    assert!(h.now >= Millis::from_secs(60) && h.now < Millis::from_secs(61));
+    assert_eq!(d.poll_timeout(), None, "a failed download asks for no more timers");
 }
