@@ -69,5 +69,34 @@ fn main() {
     {
         write("shell_command", &format!("line{i}"), line.as_bytes());
     }
+    use shoal_core::peer::{Bitmap, Grant, Load, PeerMessage};
+    let peer_msgs = vec![
+        PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer },
+        PeerMessage::Want { group: g.clone(), name: meta.name.clone(), sha1: meta.digest.sha1, grant: Grant([3; 16]) },
+        PeerMessage::Have { chunks: Bitmap::full(2), load: Load::default() },
+        PeerMessage::HaveOne { chunk: 1 },
+        PeerMessage::Request { chunk: 0, offset: 0, len: 65536 },
+        PeerMessage::Cancel { chunk: 0, offset: 0, len: 65536 },
+        PeerMessage::Block { chunk: 0, offset: 0, load: Load { uploads: 1, queued: 2 }, data: vec![0; 100] },
+        PeerMessage::Refused { reason: "access denied".into() },
+    ];
+    let mut peer_stream = Vec::new();
+    for (i, m) in peer_msgs.iter().enumerate() {
+        let f = encode(m);
+        write("peer_message", &format!("msg{i}"), &f[4..]);
+        if i != 1 {
+            peer_stream.extend_from_slice(&f);
+            peer_stream.push(0xfe);
+        }
+    }
+    write("download_peer", "stream", &peer_stream);
+    let d = FileDigest {
+        size: 3 * shoal_core::chunk::CHUNK_SIZE,
+        sha1: Sha1Digest([1; 20]),
+        chunks: vec![Sha1Digest([2; 20]); 3],
+    };
+    let mut have = Bitmap::new(3);
+    have.set(1);
+    write("sidecar", "one_chunk", &shoal_core::sidecar::encode(&d, &have));
     write("tracker_info", "default", b"127.0.0.1 7001\n127.0.0.1:7002\n# comment\n\n[::1]:7003\n");
 }

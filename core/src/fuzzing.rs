@@ -78,3 +78,95 @@ pub fn tracker_node(data: &[u8]) {
         rest = &tail[n..];
     }
 }
+
+/// One peer frame body: decodes or not, never panics; the in-place block
+/// decoder agrees with the full one.
+pub fn peer_message(data: &[u8]) {
+    use crate::peer::{decode_block, PeerMessage};
+    let full = decode::<PeerMessage>(data);
+    if let Ok(m) = &full {
+        let bytes = encode(m);
+        assert_eq!(&decode::<PeerMessage>(&bytes[4..]).expect("re-decodes"), m);
+    }
+    if let Some(b) = decode_block(data) {
+        match full {
+            Ok(PeerMessage::Block { chunk, offset, load, data }) => {
+                assert_eq!((chunk, offset, load, data.as_slice()), (b.chunk, b.offset, b.load, b.data))
+            }
+            other => panic!("decode_block accepted what decode gives as {other:?}"),
+        }
+    }
+}
+
+/// A download fed arbitrary frames from two peers: no panic, and nothing
+/// that fails its SHA1 is ever released as verified.
+pub fn download_peer(data: &[u8]) {
+    use crate::chunk::{FileDigest, FileHasher};
+    use crate::download::{Download, DownloadConfig, DownloadOutput};
+    use crate::ids::{FileName, GroupId};
+    use crate::peer::{decode_block, Bitmap, Grant, PeerMessage};
+    let content: Vec<u8> = (0..(crate::chunk::CHUNK_SIZE as usize + 100)).map(|i| (i % 251) as u8).collect();
+    let mut h = FileHasher::new();
+    h.update(&content).expect("small");
+    let digest: FileDigest = h.finish().expect("small");
+    let n = digest.chunks.len() as u32;
+    let mut d = Download::new(
+        DownloadConfig::default(),
+        GroupId::new("g").expect("valid"),
+        FileName::new("f").expect("valid"),
+        digest.clone(),
+        Grant([0; 16]),
+        Bitmap::new(n),
+        0,
+        Rng::from_u64(0),
+        Millis(0),
+    );
+    let a = "127.0.0.1:1".parse().expect("valid");
+    let b = "127.0.0.1:2".parse().expect("valid");
+    d.handle_sources(&[a, b], Millis(0));
+    let mut conns = Vec::new();
+    let check = |d: &mut Download, conns: &mut Vec<crate::download::PeerConnId>| {
+        while let Some(o) = d.poll_output() {
+            match o {
+                DownloadOutput::Connect { peer, .. } => conns.push(peer),
+                DownloadOutput::Verified { chunk, data } => {
+                    assert_eq!(crate::chunk::Sha1Digest::of(&data), digest.chunks[chunk as usize], "unverified chunk")
+                }
+                _ => {}
+            }
+        }
+    };
+    check(&mut d, &mut conns);
+    for c in conns.clone() {
+        d.handle_connected(c, Millis(1));
+    }
+    let mut dec = FrameDecoder::new(crate::peer::MAX_PEER_FRAME);
+    let mut now = 1;
+    for (i, piece) in data.split(|&b| b == 0xfe).enumerate() {
+        let Some(&peer) = conns.get(i % conns.len().max(1)) else { return };
+        dec.push(piece);
+        now += 100;
+        while let Ok(Some(body)) = dec.next_frame() {
+            if let Some(blk) = decode_block(body) {
+                d.handle_block(peer, blk.chunk, blk.offset, blk.load, blk.data, Millis(now));
+            } else if let Ok(m) = decode::<PeerMessage>(body) {
+                d.handle_message(peer, m, Millis(now));
+            }
+        }
+        d.handle_timeout(Millis(now));
+        check(&mut d, &mut conns);
+    }
+}
+
+/// A download state file read back from disk.
+pub fn sidecar(data: &[u8]) {
+    use crate::chunk::{FileDigest, Sha1Digest};
+    let digest = FileDigest {
+        size: 3 * crate::chunk::CHUNK_SIZE,
+        sha1: Sha1Digest([1; 20]),
+        chunks: vec![Sha1Digest([2; 20]); 3],
+    };
+    if let Ok(b) = crate::sidecar::decode(data, &digest) {
+        assert!(b.fits(3));
+    }
+}

@@ -29,12 +29,15 @@ fn replay(target: &str, f: fn(&[u8])) -> usize {
 
 #[test]
 fn every_corpus_input_passes_its_target() {
-    let targets: [Target; 5] = [
+    let targets: [Target; 8] = [
         ("frame_stream", fuzzing::frame_stream),
         ("message", fuzzing::message),
         ("shell_command", fuzzing::shell_command),
         ("tracker_info", fuzzing::tracker_info),
         ("tracker_node", fuzzing::tracker_node),
+        ("peer_message", fuzzing::peer_message),
+        ("download_peer", fuzzing::download_peer),
+        ("sidecar", fuzzing::sidecar),
     ];
     for (name, f) in targets {
         let n = replay(name, f);
