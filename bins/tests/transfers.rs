@@ -372,5 +372,11 @@ fn stop_share_and_logout_stop_serving() {
     a.expect("stop_share g big.bin", &["stopped sharing big.bin in g"]);
     assert_eq!(want(la), "this peer does not share that file");
     a.expect("logout", &["logged out"]);
-    assert_eq!(want(la), "this peer is not logged in");
+    // Logged out, it refuses as soon as it accepts (before any handshake).
+    let mut p = TcpStream::connect(la).unwrap();
+    let reason = read_frames(&mut p, |m: PeerMessage| match m {
+        PeerMessage::Refused { reason } => Some(reason),
+        other => panic!("unexpected {other:?}"),
+    });
+    assert_eq!(reason, "this peer is not logged in");
 }

@@ -70,7 +70,7 @@ fn main() {
         write("shell_command", &format!("line{i}"), line.as_bytes());
     }
     use shoal_core::peer::{Bitmap, Grant, Load, PeerMessage};
-    let peer_msgs = vec![
+    let peer_msgs = [
         PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer },
         PeerMessage::Want { group: g.clone(), name: meta.name.clone(), sha1: meta.digest.sha1, grant: Grant([3; 16]) },
         PeerMessage::Have { chunks: Bitmap::full(2), load: Load::default() },

@@ -373,6 +373,11 @@ impl ClientEngine {
         if self.link == Link::Down || matches!(self.link, Link::Backoff(_)) {
             return;
         }
+        if self.pending.is_empty() && self.session.is_none() {
+            // Nothing to say (the tracker closed an idle link): reconnect when needed.
+            self.link = Link::Down;
+            return;
+        }
         tracing::debug!(tracker = %self.cfg.trackers[self.tracker], "tracker connection lost");
         self.fail_over(now);
     }

@@ -64,7 +64,7 @@ pub fn tracker_node(data: &[u8]) {
     let mut node = TrackerNode::new(cfg, Rng::from_u64(0), SoloReplicator::default());
     let hello = encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client });
     for c in 0..4 {
-        node.handle_connected(ConnId(c), Millis(0));
+        node.handle_connected(ConnId(c), std::net::SocketAddr::from(([10, 0, 0, c as u8], 4000)), Millis(0));
     }
     node.handle_bytes(ConnId(0), &hello, Millis(0));
     node.handle_bytes(ConnId(1), &hello, Millis(0));

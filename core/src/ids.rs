@@ -15,7 +15,7 @@ pub const MAX_FILE_NAME_LEN: usize = 255;
 pub enum NameError {
     #[error("an id must be 1-{MAX_ID_LEN} characters of letters, digits, '_', '-', '.'")]
     BadId,
-    #[error("a file name must be a base name of 1-{MAX_FILE_NAME_LEN} bytes, without '/', '\\', NUL or control characters, and not '.' or '..'")]
+    #[error("a file name must be a base name of 1-{MAX_FILE_NAME_LEN} bytes, without '/', '\\', NUL or control characters, not '.' or '..', not a reserved device name (CON, NUL, COM1, ...) and not ending in '.part' or a space")]
     BadFileName,
 }
 
@@ -24,11 +24,24 @@ fn valid_id(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
+/// Names some systems give a meaning of their own (Windows devices).
+const RESERVED_NAMES: &[&str] = &[
+    "CON", "PRN", "AUX", "NUL", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8", "COM9", "LPT1", "LPT2",
+    "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9",
+];
+
+/// Endings of a download's own working files, which a shared name must not mimic.
+const WORKING_SUFFIXES: &[&str] = &[".part", ".part.state", ".part.state.tmp"];
+
 fn valid_file_name(s: &str) -> bool {
+    let stem = s.split('.').next().unwrap_or("");
     (1..=MAX_FILE_NAME_LEN).contains(&s.len())
         && s != "."
         && s != ".."
         && !s.chars().any(|c| c == '/' || c == '\\' || c.is_control())
+        && !RESERVED_NAMES.iter().any(|r| r.eq_ignore_ascii_case(stem.trim_end()))
+        && !WORKING_SUFFIXES.iter().any(|w| s.ends_with(w))
+        && !s.ends_with(' ')
 }
 
 macro_rules! checked_name {
@@ -128,7 +141,25 @@ mod tests {
     #[test]
     fn file_names_are_base_names() {
         assert!(FileName::new("report v2 (final).pdf").is_ok());
-        for bad in ["", ".", "..", "a/b", "../x", "a\\b", "a\0b", "a\nb", &"x".repeat(256)] {
+        assert!(FileName::new("console.txt").is_ok());
+        assert!(FileName::new("partial.bin").is_ok());
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "../x",
+            "a\\b",
+            "a\0b",
+            "a\nb",
+            &"x".repeat(256),
+            "CON",
+            "nul.txt",
+            "Com1",
+            "x.part",
+            "x.part.state",
+            "x ",
+        ] {
             assert_eq!(FileName::new(bad), Err(NameError::BadFileName), "{bad:?}");
         }
     }

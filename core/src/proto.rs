@@ -228,4 +228,6 @@ pub enum ApiError {
     NoQuorum,
     #[error("invalid or expired download grant")]
     BadGrant,
+    #[error("too many failed logins; try again in {retry_after_secs} s")]
+    TooManyAttempts { retry_after_secs: u64 },
 }

@@ -16,7 +16,7 @@
 //!   transmit bytes in order per connection, close when told (after flushing).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
 use crate::meta::{Command, Entry, MetaState, PasswordHash, PasswordParams, Sharer};
@@ -61,6 +61,38 @@ pub enum TrackerOutput {
 struct Conn {
     decoder: FrameDecoder,
     greeted: bool,
+    remote: IpAddr,
+    opened: Millis,
+    last_seen: Millis,
+    /// Since when a frame has been arriving without completing.
+    partial_since: Option<Millis>,
+    /// Writes of this connection proposed and not yet answered.
+    in_flight: usize,
+}
+
+/// Largest frame before `Hello`: a stranger cannot make the tracker buffer more.
+pub const HELLO_FRAME_LIMIT: usize = 1024;
+/// A connection that has not said `Hello` by then is closed (half-open, scans).
+pub const HELLO_TIMEOUT: Millis = Millis(10_000);
+/// A connection silent this long is closed; logged-in clients heartbeat well within it.
+pub const IDLE_TIMEOUT: Millis = Millis(120_000);
+/// A frame must arrive whole within this time once it started (slow-loris).
+pub const FRAME_TIMEOUT: Millis = Millis(30_000);
+/// Writes one connection may have waiting for the log at once.
+pub const MAX_WRITES_IN_FLIGHT: usize = 32;
+/// Failed logins counted per user and per address over [`LOGIN_WINDOW`].
+pub const MAX_FAILED_LOGINS_PER_USER: u32 = 5;
+pub const MAX_FAILED_LOGINS_PER_ADDR: u32 = 20;
+pub const LOGIN_WINDOW: Millis = Millis(60_000);
+/// Most users and addresses whose failed logins are tracked at once.
+pub const MAX_LOGIN_TRACKED: usize = 10_000;
+/// How often connection deadlines and soft state are swept.
+const SWEEP_EVERY: Millis = Millis(1_000);
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum LoginKey {
+    User(UserId),
+    Addr(IpAddr),
 }
 
 pub struct TrackerNode<R: Replicator = SoloReplicator> {
@@ -80,6 +112,9 @@ pub struct TrackerNode<R: Replicator = SoloReplicator> {
     grants: BTreeMap<Grant, GrantInfo>,
     /// Soft state: peers holding some chunks of a file they are downloading.
     partial: BTreeMap<(GroupId, FileName), BTreeMap<SocketAddr, UserId>>,
+    /// Failed logins: (window start, count) per user and per address.
+    login_failures: BTreeMap<LoginKey, (Millis, u32)>,
+    next_sweep: Millis,
 }
 
 /// How long a download grant stays valid; a downloader asks again for sources
@@ -114,6 +149,8 @@ impl<R: Replicator> TrackerNode<R> {
             decoy,
             grants: BTreeMap::new(),
             partial: BTreeMap::new(),
+            login_failures: BTreeMap::new(),
+            next_sweep: Millis::ZERO,
         }
     }
 
@@ -129,8 +166,21 @@ impl<R: Replicator> TrackerNode<R> {
 
     // ---- inputs ----
 
-    pub fn handle_connected(&mut self, conn: ConnId, _now: Millis) {
-        self.conns.insert(conn, Conn { decoder: FrameDecoder::new(MAX_CONTROL_FRAME), greeted: false });
+    /// A new connection from `remote`.
+    pub fn handle_connected(&mut self, conn: ConnId, remote: SocketAddr, now: Millis) {
+        let c = Conn {
+            decoder: FrameDecoder::new(HELLO_FRAME_LIMIT),
+            greeted: false,
+            remote: remote.ip(),
+            opened: now,
+            last_seen: now,
+            partial_since: None,
+            in_flight: 0,
+        };
+        self.conns.insert(conn, c);
+        if self.next_sweep <= now {
+            self.next_sweep = now.plus(SWEEP_EVERY);
+        }
     }
 
     pub fn handle_closed(&mut self, conn: ConnId, _now: Millis) {
@@ -138,6 +188,31 @@ impl<R: Replicator> TrackerNode<R> {
     }
 
     pub fn handle_timeout(&mut self, now: Millis) {
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now.plus(SWEEP_EVERY);
+        let overdue: Vec<(ConnId, &'static str)> = self
+            .conns
+            .iter()
+            .filter_map(|(id, c)| {
+                let why = if !c.greeted && now.since(c.opened) >= HELLO_TIMEOUT {
+                    "no Hello in time"
+                } else if c.partial_since.is_some_and(|t| now.since(t) >= FRAME_TIMEOUT) {
+                    "a frame took too long to arrive"
+                } else if now.since(c.last_seen) >= IDLE_TIMEOUT {
+                    "idle for too long"
+                } else {
+                    return None;
+                };
+                Some((*id, why))
+            })
+            .collect();
+        for (conn, why) in overdue {
+            tracing::debug!(?conn, why, "closing connection");
+            self.refuse(conn, why.into());
+        }
+        self.login_failures.retain(|_, (start, _)| now.since(*start) < LOGIN_WINDOW);
         self.leases.retain(|_, until| *until > now);
         self.grants.retain(|_, g| g.expires > now);
         let meta = &self.meta;
@@ -154,11 +229,16 @@ impl<R: Replicator> TrackerNode<R> {
     pub fn handle_bytes(&mut self, conn: ConnId, bytes: &[u8], now: Millis) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         c.decoder.push(bytes);
+        c.last_seen = now;
         loop {
             let Some(c) = self.conns.get_mut(&conn) else { return };
             let msg = match c.decoder.next_message() {
                 Ok(Some(m)) => m,
-                Ok(None) => return,
+                Ok(None) => {
+                    c.partial_since =
+                        if c.decoder.buffered() > 0 { Some(c.partial_since.unwrap_or(now)) } else { None };
+                    return;
+                }
                 Err(e) => {
                     tracing::debug!(?conn, error = %e, "bad frame, closing");
                     self.refuse(conn, format!("bad frame: {e}"));
@@ -167,7 +247,10 @@ impl<R: Replicator> TrackerNode<R> {
             };
             if !c.greeted {
                 match msg {
-                    Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client } => c.greeted = true,
+                    Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client } => {
+                        c.greeted = true;
+                        c.decoder.set_limit(MAX_CONTROL_FRAME);
+                    }
                     Message::Hello { protocol_version, role } => {
                         self.refuse(
                             conn,
@@ -199,10 +282,13 @@ impl<R: Replicator> TrackerNode<R> {
         self.out.pop_front()
     }
 
-    /// Lease and grant bookkeeping only needs a sweep now and then.
+    /// Connection deadlines, leases and grants are swept once a second.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        let grants = self.grants.values().map(|g| g.expires).min();
-        [self.leases.values().min().copied(), grants].into_iter().flatten().min()
+        let busy = !self.conns.is_empty()
+            || !self.leases.is_empty()
+            || !self.grants.is_empty()
+            || !self.login_failures.is_empty();
+        busy.then_some(self.next_sweep)
     }
 
     // ---- internals ----
@@ -261,17 +347,21 @@ impl<R: Replicator> TrackerNode<R> {
                 Command::CreateUser { user, password: PasswordHash::derive(&password, salt, self.cfg.password_params) }
             }
             Request::Login { user, password, listen } => {
-                if password.len() > MAX_PASSWORD_LEN {
-                    return self.respond(conn, id, Err(ApiError::BadCredentials));
+                let remote = self.conns.get(&conn).map(|c| c.remote);
+                let keys = [Some(LoginKey::User(user.clone())), remote.map(LoginKey::Addr)];
+                if let Some(wait) = self.login_blocked(&keys, now) {
+                    return self.respond(conn, id, Err(ApiError::TooManyAttempts { retry_after_secs: wait }));
                 }
-                let ok = match self.meta.password_of(&user) {
-                    Some(h) => h.verify(&password),
-                    None => {
-                        self.decoy.verify(&password);
-                        false
-                    }
-                };
+                let ok = password.len() <= MAX_PASSWORD_LEN
+                    && match self.meta.password_of(&user) {
+                        Some(h) => h.verify(&password),
+                        None => {
+                            self.decoy.verify(&password);
+                            false
+                        }
+                    };
                 if !ok {
+                    self.login_failed(keys, now);
                     return self.respond(conn, id, Err(ApiError::BadCredentials));
                 }
                 let mut t = [0u8; 16];
@@ -318,9 +408,47 @@ impl<R: Replicator> TrackerNode<R> {
                 return self.respond(conn, id, r);
             }
         };
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.in_flight >= MAX_WRITES_IN_FLIGHT {
+            return self.respond(conn, id, Err(ApiError::Limit("too many requests in flight".into())));
+        }
+        c.in_flight += 1;
         self.waiting.insert(id, conn);
         self.replicator.propose(Entry { id: Some(id), cmd });
         self.apply_decided(now);
+    }
+
+    /// Seconds to wait if any of `keys` has used up its failed logins.
+    fn login_blocked(&self, keys: &[Option<LoginKey>], now: Millis) -> Option<u64> {
+        keys.iter()
+            .flatten()
+            .filter_map(|k| {
+                let (start, n) = self.login_failures.get(k)?;
+                let max = if matches!(k, LoginKey::User(_)) {
+                    MAX_FAILED_LOGINS_PER_USER
+                } else {
+                    MAX_FAILED_LOGINS_PER_ADDR
+                };
+                let left = LOGIN_WINDOW.0.saturating_sub(now.since(*start).0);
+                (*n >= max && left > 0).then_some(left.div_ceil(1000))
+            })
+            .max()
+    }
+
+    fn login_failed(&mut self, keys: [Option<LoginKey>; 2], now: Millis) {
+        for k in keys.into_iter().flatten() {
+            if !self.login_failures.contains_key(&k) && self.login_failures.len() >= MAX_LOGIN_TRACKED {
+                self.login_failures.retain(|_, (start, _)| now.since(*start) < LOGIN_WINDOW);
+                if self.login_failures.len() >= MAX_LOGIN_TRACKED {
+                    continue;
+                }
+            }
+            let e = self.login_failures.entry(k).or_insert((now, 0));
+            if now.since(e.0) >= LOGIN_WINDOW {
+                *e = (now, 0);
+            }
+            e.1 += 1;
+        }
     }
 
     /// Answers a download: the digest, who holds chunks now, and a grant.
@@ -390,6 +518,9 @@ impl<R: Replicator> TrackerNode<R> {
             }
             if let Some(id) = entry.id {
                 if let Some(conn) = self.waiting.remove(&id) {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.in_flight = c.in_flight.saturating_sub(1);
+                    }
                     self.respond(conn, id, result);
                 }
             }

@@ -58,6 +58,11 @@ impl FrameDecoder {
         FrameDecoder { buf: Vec::new(), start: 0, limit }
     }
 
+    /// Changes the largest frame accepted from now on (e.g. once a peer said Hello).
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
     /// Bytes held but not yet returned as a frame.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start

@@ -92,7 +92,7 @@ impl<R: Replicator> TrackerServer<R> {
                     self.poll.registry().register(&mut stream, token, Interest::READABLE)?;
                     let _ = stream.set_nodelay(true);
                     self.conns.insert(token, Conn::new(stream));
-                    self.node.handle_connected(ConnId(token.0 as u64), now);
+                    self.node.handle_connected(ConnId(token.0 as u64), peer, now);
                     tracing::debug!(%peer, conn = token.0, "accepted");
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),

@@ -254,7 +254,8 @@ impl World {
                     return;
                 }
                 self.record(format!("{} c{client} connected {}", now.0, conn.0));
-                self.tracker.handle_connected(conn, now);
+                let remote = SocketAddr::from(([10, 0, 1, client as u8], 40000));
+                self.tracker.handle_connected(conn, remote, now);
                 self.clients[client].engine.handle_tracker_connected(now);
                 self.drain_client(client);
             }

@@ -28,8 +28,13 @@ pub const SEND_HIGH_WATER: usize = 1 << 20;
 /// Connection ids of outgoing (download) connections have this bit set; the
 /// driver numbers accepted connections below it.
 pub const OUTGOING: u64 = 1 << 62;
-/// How often download rates are sampled and progress saved.
+/// How often download rates are sampled, progress saved and upload
+/// connections' deadlines checked.
 const TICK: Millis = Millis(500);
+/// An incoming peer connection must name a file it may fetch within this time.
+pub const PEER_HANDSHAKE_TIMEOUT: Millis = Millis(10_000);
+/// An upload connection with nothing asked of it for this long is closed.
+pub const PEER_IDLE_TIMEOUT: Millis = Millis(120_000);
 
 /// A download of this client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -85,6 +90,8 @@ enum UpState {
 }
 
 pub(super) struct Upload {
+    opened: Millis,
+    last_seen: Millis,
     decoder: FrameDecoder,
     state: UpState,
     queue: VecDeque<(u32, u32, u32)>,
@@ -402,7 +409,7 @@ impl ClientEngine {
 
     // ---- peer connections ----
 
-    pub fn handle_peer_accepted(&mut self, conn: PeerConnId, _now: Millis) {
+    pub fn handle_peer_accepted(&mut self, conn: PeerConnId, now: Millis) {
         debug_assert!(conn.0 & OUTGOING == 0, "the driver numbers accepted connections below OUTGOING");
         let incoming = self.peers.values().filter(|p| matches!(p, PeerLink::In(_))).count();
         let refusal = if self.session.is_none() {
@@ -421,7 +428,9 @@ impl ClientEngine {
             return;
         }
         let up = Upload {
-            decoder: FrameDecoder::new(MAX_PEER_FRAME),
+            opened: now,
+            last_seen: now,
+            decoder: FrameDecoder::new(1024),
             state: UpState::AwaitHello,
             queue: VecDeque::new(),
             reading: 0,
@@ -501,6 +510,7 @@ impl ClientEngine {
                 self.drain_download(id, now);
             }
             Some(PeerLink::In(up)) => {
+                up.last_seen = now;
                 up.decoder.push(bytes);
                 loop {
                     let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
@@ -533,6 +543,7 @@ impl ClientEngine {
         match (&up.state, msg) {
             (UpState::AwaitHello, PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer }) => {
                 up.state = UpState::AwaitWant;
+                up.decoder.set_limit(MAX_PEER_FRAME);
                 self.peer_send(conn, &PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
             }
             (UpState::AwaitWant, PeerMessage::Want { group, name, sha1, grant }) => {
@@ -710,7 +721,8 @@ impl ClientEngine {
             (Some(b), true) => Some(b.ready_at(crate::peer::BLOCK_SIZE as u64)),
             _ => None,
         };
-        running.chain(throttle).min()
+        let uploads = self.peers.values().any(|p| matches!(p, PeerLink::In(_))).then_some(self.next_tick);
+        running.chain(throttle).chain(uploads).min()
     }
 
     pub(super) fn downloads_timeout(&mut self, now: Millis) {
@@ -740,6 +752,25 @@ impl ClientEngine {
             return;
         }
         self.next_tick = now.plus(TICK);
+        let overdue: Vec<(PeerConnId, &str)> = self
+            .peers
+            .iter()
+            .filter_map(|(c, p)| match p {
+                PeerLink::In(up) => match up.state {
+                    UpState::Serving(..) if up.queue.is_empty() && now.since(up.last_seen) >= PEER_IDLE_TIMEOUT => {
+                        Some((*c, "idle for too long"))
+                    }
+                    UpState::AwaitHello | UpState::AwaitWant if now.since(up.opened) >= PEER_HANDSHAKE_TIMEOUT => {
+                        Some((*c, "no handshake in time"))
+                    }
+                    _ => None,
+                },
+                PeerLink::Out { .. } => None,
+            })
+            .collect();
+        for (c, why) in overdue {
+            self.refuse_peer(c, why);
+        }
         for (id, e) in self.downloads.iter_mut() {
             let DlState::Running(dl) = &e.state else { continue };
             let verified = dl.verified_bytes();

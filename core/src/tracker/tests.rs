@@ -7,7 +7,7 @@ fn node() -> TrackerNode {
     TrackerNode::new(cfg, Rng::from_u64(1), SoloReplicator::default())
 }
 
-fn drain(n: &mut TrackerNode) -> Vec<TrackerOutput> {
+fn drain<R: Replicator>(n: &mut TrackerNode<R>) -> Vec<TrackerOutput> {
     std::iter::from_fn(|| n.poll_output()).collect()
 }
 
@@ -30,11 +30,12 @@ fn answer(outs: &[TrackerOutput]) -> Result<Reply, ApiError> {
 }
 
 const C: ConnId = ConnId(1);
+const REMOTE: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3)), 5000);
 
 #[test]
 fn requests_before_hello_are_refused_and_the_connection_closed() {
     let mut n = node();
-    n.handle_connected(C, Millis(0));
+    n.handle_connected(C, REMOTE, Millis(0));
     n.handle_bytes(C, &req(1, None, Request::ListGroups), Millis(0));
     let out = drain(&mut n);
     assert!(matches!(out.last(), Some(TrackerOutput::Close { conn: C })));
@@ -44,8 +45,8 @@ fn requests_before_hello_are_refused_and_the_connection_closed() {
 #[test]
 fn garbage_and_huge_frames_close_only_that_connection() {
     let mut n = node();
-    n.handle_connected(C, Millis(0));
-    n.handle_connected(ConnId(2), Millis(0));
+    n.handle_connected(C, REMOTE, Millis(0));
+    n.handle_connected(ConnId(2), REMOTE, Millis(0));
     n.handle_bytes(ConnId(2), &hello(), Millis(0));
     n.handle_bytes(C, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3], Millis(0));
     assert!(matches!(drain(&mut n).last(), Some(TrackerOutput::Close { conn: C })));
@@ -56,7 +57,7 @@ fn garbage_and_huge_frames_close_only_that_connection() {
 #[test]
 fn a_session_works_and_its_lease_decides_liveness() {
     let mut n = node();
-    n.handle_connected(C, Millis(0));
+    n.handle_connected(C, REMOTE, Millis(0));
     let mut bytes = hello();
     bytes.extend(req(1, None, Request::CreateUser { user: UserId::new("al").unwrap(), password: "pw".into() }));
     n.handle_bytes(C, &bytes, Millis(0));
@@ -77,4 +78,119 @@ fn a_session_works_and_its_lease_decides_liveness() {
     let sharer = Sharer { user: UserId::new("al").unwrap(), listen };
     assert!(n.is_live(&sharer, Millis(1000)));
     assert!(!n.is_live(&sharer, Millis(60_000)), "a silent client's lease runs out");
+}
+
+fn closed(outs: &[TrackerOutput], conn: ConnId) -> Option<String> {
+    outs.iter().find_map(|o| match o {
+        TrackerOutput::Transmit { conn: c, bytes } if *c == conn => match decode(&bytes[4..]) {
+            Ok(Message::Refused { reason }) => Some(reason),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+fn sweep(n: &mut TrackerNode, at: Millis) -> Vec<TrackerOutput> {
+    n.handle_timeout(at);
+    drain(n)
+}
+
+#[test]
+fn a_connection_that_never_says_hello_is_closed() {
+    let mut n = node();
+    n.handle_connected(C, REMOTE, Millis(0));
+    assert!(sweep(&mut n, Millis(5_000)).is_empty());
+    assert_eq!(closed(&sweep(&mut n, HELLO_TIMEOUT.plus(Millis(1_000))), C).as_deref(), Some("no Hello in time"));
+    assert_eq!(n.connections(), 0);
+}
+
+#[test]
+fn slow_loris_and_idle_connections_are_closed() {
+    let mut n = node();
+    n.handle_connected(C, REMOTE, Millis(0));
+    n.handle_connected(ConnId(2), REMOTE, Millis(0));
+    n.handle_bytes(C, &hello(), Millis(0));
+    n.handle_bytes(ConnId(2), &hello(), Millis(0));
+    // One byte of a frame every 5 s keeps C "active" but never finishes a frame.
+    let frame = req(1, None, Request::ListGroups);
+    let mut t = 0;
+    let mut reason = None;
+    for b in frame.iter().take(frame.len() - 1) {
+        t += 5_000;
+        n.handle_bytes(C, std::slice::from_ref(b), Millis(t));
+        n.handle_bytes(ConnId(2), &req(t, None, Request::Heartbeat), Millis(t));
+        let out = sweep(&mut n, Millis(t));
+        if let Some(r) = closed(&out, C) {
+            reason = Some(r);
+            break;
+        }
+    }
+    assert_eq!(reason.as_deref(), Some("a frame took too long to arrive"));
+    assert!(n.conns.contains_key(&ConnId(2)), "a chatty client stays");
+    let out = sweep(&mut n, Millis(t).plus(IDLE_TIMEOUT));
+    assert_eq!(closed(&out, ConnId(2)).as_deref(), Some("idle for too long"));
+}
+
+#[test]
+fn before_hello_only_small_frames_are_accepted() {
+    let mut n = node();
+    n.handle_connected(C, REMOTE, Millis(0));
+    n.handle_bytes(C, &((HELLO_FRAME_LIMIT + 1) as u32).to_be_bytes(), Millis(0));
+    assert!(closed(&drain(&mut n), C).unwrap().contains("exceeds the limit of 1024"));
+}
+
+#[test]
+fn failed_logins_are_limited_per_user_and_per_address() {
+    let mut n = node();
+    n.handle_connected(C, REMOTE, Millis(0));
+    let mut bytes = hello();
+    bytes.extend(req(1, None, Request::CreateUser { user: UserId::new("al").unwrap(), password: "pw".into() }));
+    n.handle_bytes(C, &bytes, Millis(0));
+    drain(&mut n);
+    let listen = "127.0.0.1:9000".parse().unwrap();
+    let login = |user: &str, pw: &str| Request::Login { user: UserId::new(user).unwrap(), password: pw.into(), listen };
+    for i in 0..MAX_FAILED_LOGINS_PER_USER as u64 {
+        n.handle_bytes(C, &req(10 + i, None, login("al", "wrong")), Millis(1_000));
+        assert_eq!(answer(&drain(&mut n)), Err(ApiError::BadCredentials));
+    }
+    // Now even the right password waits: guessing is capped at 5 a minute.
+    n.handle_bytes(C, &req(20, None, login("al", "pw")), Millis(2_000));
+    assert_eq!(answer(&drain(&mut n)), Err(ApiError::TooManyAttempts { retry_after_secs: 59 }));
+    n.handle_timeout(Millis(61_500));
+    drain(&mut n);
+    n.handle_bytes(C, &req(21, None, login("al", "pw")), Millis(61_500));
+    assert!(matches!(answer(&drain(&mut n)), Ok(Reply::Session { .. })), "the window passed");
+    // One address spraying many user names is capped too.
+    for i in 0..MAX_FAILED_LOGINS_PER_ADDR as u64 {
+        n.handle_bytes(C, &req(100 + i, None, login(&format!("u{i}"), "x")), Millis(62_000));
+        drain(&mut n);
+    }
+    n.handle_bytes(C, &req(200, None, login("fresh", "x")), Millis(62_000));
+    assert!(matches!(answer(&drain(&mut n)), Err(ApiError::TooManyAttempts { .. })));
+}
+
+/// A log that never decides: writes stay in flight.
+#[derive(Default)]
+struct Stuck;
+impl Replicator for Stuck {
+    fn propose(&mut self, _: Entry) {}
+    fn poll_decided(&mut self) -> Option<Entry> {
+        None
+    }
+}
+
+#[test]
+fn writes_in_flight_per_connection_are_bounded() {
+    let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
+    let mut n = TrackerNode::new(cfg, Rng::from_u64(1), Stuck);
+    n.handle_connected(C, REMOTE, Millis(0));
+    n.handle_bytes(C, &hello(), Millis(0));
+    for i in 0..MAX_WRITES_IN_FLIGHT as u64 {
+        let r = Request::CreateUser { user: UserId::new(format!("u{i}")).unwrap(), password: "p".into() };
+        n.handle_bytes(C, &req(i, None, r), Millis(0));
+        assert!(drain(&mut n).is_empty(), "waiting for the log");
+    }
+    let r = Request::CreateUser { user: UserId::new("one-more").unwrap(), password: "p".into() };
+    n.handle_bytes(C, &req(999, None, r), Millis(0));
+    assert_eq!(answer(&drain(&mut n)), Err(ApiError::Limit("too many requests in flight".into())));
 }
