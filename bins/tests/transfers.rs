@@ -380,3 +380,42 @@ fn stop_share_and_logout_stop_serving() {
     });
     assert_eq!(reason, "this peer is not logged in");
 }
+
+/// A downloader may queue at most MAX_QUEUED_REQUESTS block requests at a peer.
+#[test]
+fn a_peer_refuses_a_flood_of_block_requests() {
+    let s = Swarm::new("reqflood", 4 * MIB);
+    let (mut a, la) = s.client("ann", &[]);
+    let (mut d, _) = s.client("dan", &[]);
+    s.group(&mut a, &mut [&mut d]);
+    s.share(&mut a, "a/big.bin");
+    let tracker: SocketAddr = std::fs::read_to_string(&s.info).unwrap().trim().replace(' ', ":").parse().unwrap();
+    let login = Request::Login {
+        user: UserId::new("dan").unwrap(),
+        password: "pw".into(),
+        listen: "127.0.0.1:2".parse().unwrap(),
+    };
+    let Ok(Reply::Session { token }) = tracker_call(tracker, None, login) else { panic!("login failed") };
+    let get = Request::DownloadFile { group: GroupId::new("g").unwrap(), name: FileName::new("big.bin").unwrap() };
+    let Ok(Reply::Download { grant, digest, .. }) = tracker_call(tracker, Some(token), get) else { panic!("no grant") };
+    let mut p = TcpStream::connect(la).unwrap();
+    p.write_all(&encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer })).unwrap();
+    let want = PeerMessage::Want {
+        group: GroupId::new("g").unwrap(),
+        name: FileName::new("big.bin").unwrap(),
+        sha1: digest.sha1,
+        grant,
+    };
+    p.write_all(&encode(&want)).unwrap();
+    read_frames(&mut p, |m: PeerMessage| matches!(m, PeerMessage::Have { .. }).then_some(()));
+    // Far more than the queue, so it overflows however the reads split.
+    let flood: Vec<u8> = (0..5 * shoal_core::peer::MAX_QUEUED_REQUESTS as u32)
+        .flat_map(|i| encode(&PeerMessage::Request { chunk: i % 8, offset: 0, len: 65536 }))
+        .collect();
+    p.write_all(&flood).unwrap();
+    let reason = read_frames(&mut p, |m: PeerMessage| match m {
+        PeerMessage::Refused { reason } => Some(reason),
+        _ => None,
+    });
+    assert_eq!(reason, "too many requests in flight");
+}

@@ -228,3 +228,16 @@ proptest! {
         prop_assert_eq!(a, b);
     }
 }
+
+#[test]
+fn a_group_holds_a_bounded_number_of_files() {
+    let mut s = two_users();
+    for i in 0..MAX_FILES_PER_GROUP {
+        let meta = file(&format!("f{i}"), 1, 1);
+        run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), meta }).unwrap();
+    }
+    let r = run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), meta: file("one-more", 1, 1) });
+    assert!(matches!(r, Err(ApiError::Limit(_))), "{r:?}");
+    // The same content under a taken name still adds a sharer.
+    run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), meta: file("f0", 1, 1) }).unwrap();
+}

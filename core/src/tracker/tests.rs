@@ -194,3 +194,14 @@ fn writes_in_flight_per_connection_are_bounded() {
     n.handle_bytes(C, &req(999, None, r), Millis(0));
     assert_eq!(answer(&drain(&mut n)), Err(ApiError::Limit("too many requests in flight".into())));
 }
+
+#[test]
+fn overlong_passwords_are_refused_before_hashing() {
+    let mut n = node();
+    n.handle_connected(C, REMOTE, Millis(0));
+    let mut bytes = hello();
+    let long = "p".repeat(MAX_PASSWORD_LEN + 1);
+    bytes.extend(req(1, None, Request::CreateUser { user: UserId::new("al").unwrap(), password: long }));
+    n.handle_bytes(C, &bytes, Millis(0));
+    assert_eq!(answer(&drain(&mut n)), Err(ApiError::PasswordTooLong));
+}
