@@ -13,9 +13,11 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::net::SocketAddr;
 
 use sha1::{Digest, Sha1};
-use shoal_core::chunk::{FileDigest, FileHasher, Sha1Digest};
-use shoal_core::client::{ClientConfig, ClientEngine, ClientOutput, Ticket};
+use shoal_core::chunk::{FileDigest, FileHasher, Sha1Digest, CHUNK_SIZE};
+use shoal_core::client::{ClientConfig, ClientEngine, ClientOutput, DownloadId, Prepared, Ticket};
+use shoal_core::download::PeerConnId;
 use shoal_core::meta::PasswordParams;
+use shoal_core::peer::Bitmap;
 use shoal_core::rng::Rng;
 use shoal_core::shell::{parse, ShellError};
 use shoal_core::time::Millis;
@@ -28,6 +30,33 @@ pub fn seed_from_env(default: u64) -> u64 {
 
 #[derive(Debug)]
 enum Event {
+    /// A peer connection from `from` (its id `conn`) reaches client `to`, which
+    /// knows it as `accepted`.
+    PeerConnected {
+        from: usize,
+        conn: PeerConnId,
+        to: usize,
+        accepted: PeerConnId,
+    },
+    PeerBytes {
+        to: usize,
+        conn: PeerConnId,
+        bytes: Vec<u8>,
+    },
+    PeerClosed {
+        to: usize,
+        conn: PeerConnId,
+    },
+    Prepared {
+        client: usize,
+        id: DownloadId,
+        result: Result<Prepared, String>,
+    },
+    Finished {
+        client: usize,
+        id: DownloadId,
+        result: Result<(), String>,
+    },
     /// A client's connection attempt reaches the tracker.
     Connected {
         client: usize,
@@ -57,7 +86,23 @@ struct SimClient {
     /// When the last byte in each direction is due, to keep per-connection order.
     up_due: Millis,
     down_due: Millis,
+    listen: SocketAddr,
+    /// Downloads' part files: id -> (digest, part, final path).
+    parts: BTreeMap<DownloadId, SimPart>,
 }
+
+/// A download in progress; its part file lives on the simulated disk.
+struct SimPart {
+    digest: FileDigest,
+    final_path: String,
+}
+
+fn part_path(final_path: &str) -> String {
+    format!("{final_path}.part")
+}
+
+/// One end of a peer connection: (client, its id for the connection).
+type PeerEnd = (usize, PeerConnId);
 
 /// Knobs of the simulated network.
 #[derive(Clone, Copy, Debug)]
@@ -91,6 +136,13 @@ pub struct World {
     /// Running hash of every event, in order.
     trace: Sha1,
     steps: u64,
+    /// Open peer connections, both directions, with when their last bytes are due.
+    peer_links: BTreeMap<PeerEnd, (PeerEnd, Millis)>,
+    next_accepted: u64,
+    /// Chunks written to part files, and how many of them failed their SHA1
+    /// (an invariant: must stay zero).
+    pub chunks_written: u64,
+    pub unverified_writes: u64,
 }
 
 impl World {
@@ -104,7 +156,15 @@ impl World {
                 let listen = SocketAddr::from(([10, 0, 1, i as u8], 9000));
                 let engine =
                     ClientEngine::new(ClientConfig::new(listen, vec![tracker_addr]), Rng::from_u64(rng.next_u64()));
-                SimClient { engine, conn: None, results: BTreeMap::new(), up_due: Millis::ZERO, down_due: Millis::ZERO }
+                SimClient {
+                    engine,
+                    conn: None,
+                    results: BTreeMap::new(),
+                    up_due: Millis::ZERO,
+                    down_due: Millis::ZERO,
+                    listen,
+                    parts: BTreeMap::new(),
+                }
             })
             .collect();
         World {
@@ -123,6 +183,10 @@ impl World {
             conn_owner: BTreeMap::new(),
             trace: Sha1::new(),
             steps: 0,
+            peer_links: BTreeMap::new(),
+            next_accepted: 1,
+            chunks_written: 0,
+            unverified_writes: 0,
         }
     }
 
@@ -272,6 +336,38 @@ impl World {
                 self.clients[client].engine.handle_tracker_bytes(&bytes, now);
                 self.drain_client(client);
             }
+            Event::PeerConnected { from, conn, to, accepted } => {
+                if !self.peer_links.contains_key(&(from, conn)) {
+                    return;
+                }
+                self.record(format!("{} c{from}->c{to} peer connected", now.0));
+                self.clients[to].engine.handle_peer_accepted(accepted, now);
+                self.drain_client(to);
+                self.clients[from].engine.handle_peer_connected(conn, now);
+                self.drain_client(from);
+            }
+            Event::PeerBytes { to, conn, bytes } => {
+                if !self.peer_links.contains_key(&(to, conn)) {
+                    return;
+                }
+                self.record(format!("{} ->c{to} peer {} {}", now.0, conn.0, Sha1Digest::of(&bytes).to_hex()));
+                self.clients[to].engine.handle_peer_bytes(conn, &bytes, now);
+                self.drain_client(to);
+            }
+            Event::PeerClosed { to, conn } => {
+                self.record(format!("{} c{to} peer {} closed", now.0, conn.0));
+                self.clients[to].engine.handle_peer_closed(conn, now);
+                self.drain_client(to);
+            }
+            Event::Prepared { client, id, result } => {
+                self.clients[client].engine.handle_download_prepared(id, result, now);
+                self.drain_client(client);
+            }
+            Event::Finished { client, id, result } => {
+                self.record(format!("{} c{client} download {} finished {:?}", now.0, id.0, result));
+                self.clients[client].engine.handle_download_finished(id, result, now);
+                self.drain_client(client);
+            }
             Event::Hashed { client, job, result } => {
                 self.clients[client].engine.handle_file_hashed(job, result, now);
                 self.drain_client(client);
@@ -341,7 +437,103 @@ impl World {
                     self.record(format!("{} c{c} done {:?}", self.now.0, result));
                     self.clients[c].results.insert(ticket, result);
                 }
-                other => unimplemented!("this world does not simulate peer transfers yet: {other:?}"),
+                ClientOutput::PeerConnect { conn, addr } => {
+                    let at = self.now.plus(self.latency());
+                    match self.clients.iter().position(|x| x.listen == addr) {
+                        Some(to) => {
+                            let accepted = PeerConnId(self.next_accepted);
+                            self.next_accepted += 1;
+                            self.peer_links.insert((c, conn), ((to, accepted), at));
+                            self.peer_links.insert((to, accepted), ((c, conn), at));
+                            self.schedule(at, Event::PeerConnected { from: c, conn, to, accepted });
+                        }
+                        None => self.schedule(at, Event::PeerClosed { to: c, conn }),
+                    }
+                }
+                ClientOutput::PeerTransmit { conn, bytes } => self.peer_send(c, conn, bytes),
+                ClientOutput::PeerClose { conn } => {
+                    if let Some(((to, other), due)) = self.peer_links.remove(&(c, conn)) {
+                        self.peer_links.remove(&(to, other));
+                        // The hang-up arrives after the bytes sent before it.
+                        let at = self.now.plus(self.latency()).max(due);
+                        self.schedule(at, Event::PeerClosed { to, conn: other });
+                    }
+                }
+                ClientOutput::SendBlock { conn, path, offset, mut frame, data_at } => {
+                    let len = frame.len() - data_at;
+                    let result = match self.files.get(&path) {
+                        Some(data) if (offset as usize + len) <= data.len() => {
+                            frame[data_at..].copy_from_slice(&data[offset as usize..offset as usize + len]);
+                            Ok(())
+                        }
+                        _ => Err(format!("{path}: cannot read")),
+                    };
+                    if result.is_ok() {
+                        self.peer_send(c, conn, frame);
+                    }
+                    self.clients[c].engine.handle_block_sent(conn, result, self.now);
+                }
+                ClientOutput::PrepareDownload { id, dest, name, digest } => {
+                    let final_path = if dest.ends_with('/') { format!("{dest}{name}") } else { dest };
+                    let result = if self.files.contains_key(&final_path) {
+                        Err(format!("{final_path} already exists"))
+                    } else {
+                        let n = digest.chunks.len() as u32;
+                        self.files.insert(part_path(&final_path), vec![0; digest.size as usize]);
+                        self.clients[c].parts.insert(id, SimPart { digest, final_path: final_path.clone() });
+                        Ok(Prepared { part_path: part_path(&final_path), final_path, have: Bitmap::new(n) })
+                    };
+                    let at = self.now.plus(self.latency());
+                    self.schedule(at, Event::Prepared { client: c, id, result });
+                }
+                ClientOutput::WriteChunk { id, chunk, data } => {
+                    let Some(p) = self.clients[c].parts.get(&id) else { continue };
+                    self.chunks_written += 1;
+                    if Sha1Digest::of(&data) != p.digest.chunks[chunk as usize] {
+                        self.unverified_writes += 1;
+                    }
+                    let at = chunk as usize * CHUNK_SIZE as usize;
+                    if let Some(part) = self.files.get_mut(&part_path(&p.final_path)) {
+                        part[at..at + data.len()].copy_from_slice(&data);
+                    }
+                }
+                ClientOutput::SaveProgress { .. } => {}
+                ClientOutput::FinishDownload { id, sha1 } => {
+                    let Some(p) = self.clients[c].parts.remove(&id) else { continue };
+                    let part = self.files.remove(&part_path(&p.final_path)).unwrap_or_default();
+                    let result = if Sha1Digest::of(&part) == sha1 {
+                        self.files.insert(p.final_path, part);
+                        Ok(())
+                    } else {
+                        Err("whole-file SHA1 mismatch".into())
+                    };
+                    let at = self.now.plus(self.latency());
+                    self.schedule(at, Event::Finished { client: c, id, result });
+                }
+            }
+        }
+    }
+
+    /// Bytes on a peer connection, delivered in order after a latency.
+    fn peer_send(&mut self, c: usize, conn: PeerConnId, bytes: Vec<u8>) {
+        let lat = self.latency();
+        let Some(((to, other), due)) = self.peer_links.get_mut(&(c, conn)) else { return };
+        let at = self.now.plus(lat).max(*due);
+        *due = at;
+        let (to, other) = (*to, *other);
+        self.schedule(at, Event::PeerBytes { to, conn: other, bytes });
+    }
+
+    /// A file on the simulated disk, if it is there.
+    pub fn file(&self, path: &str) -> Option<&[u8]> {
+        self.files.get(path).map(|v| v.as_slice())
+    }
+
+    /// Damages a file on the simulated disk (a sharer whose copy rotted).
+    pub fn corrupt_file(&mut self, path: &str) {
+        if let Some(data) = self.files.get_mut(path) {
+            for i in (0..data.len()).step_by(CHUNK_SIZE as usize) {
+                data[i] ^= 0xff;
             }
         }
     }
