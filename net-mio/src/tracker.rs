@@ -23,6 +23,7 @@ pub struct TrackerServer<R: Replicator> {
     conns: HashMap<Token, Conn>,
     next_token: usize,
     clock: Clock,
+    max_connections: usize,
 }
 
 impl<R: Replicator> TrackerServer<R> {
@@ -30,7 +31,21 @@ impl<R: Replicator> TrackerServer<R> {
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(addr)?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        Ok(TrackerServer { poll, listener, node, conns: HashMap::new(), next_token: 1, clock: Clock::default() })
+        Ok(TrackerServer {
+            poll,
+            listener,
+            node,
+            conns: HashMap::new(),
+            next_token: 1,
+            clock: Clock::default(),
+            max_connections: MAX_TRACKER_CONNECTIONS,
+        })
+    }
+
+    /// Caps the connections held at once (default [`MAX_TRACKER_CONNECTIONS`]).
+    pub fn with_max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max;
+        self
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -83,7 +98,7 @@ impl<R: Replicator> TrackerServer<R> {
         loop {
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
-                    if self.conns.len() >= MAX_TRACKER_CONNECTIONS {
+                    if self.conns.len() >= self.max_connections {
                         tracing::warn!(%peer, "connection limit reached, refusing");
                         continue;
                     }
