@@ -23,6 +23,23 @@ pub fn load_tracker_info(path: &Path) -> Result<Vec<TrackerEntry>, String> {
     parse_tracker_info(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Writes `size` bytes of seeded pseudo-random content, in 1 MiB blocks
+/// (demo and bench data: incompressible, reproducible).
+pub fn write_random_file(path: &Path, size: u64) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut rng = shoal_core::rng::Rng::from_u64(size);
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        rng.fill(&mut block);
+        let n = left.min(block.len() as u64) as usize;
+        f.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    f.flush()
+}
+
 /// A line of input, or why it was refused.
 pub enum Line {
     Text(String),

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use sha1::{Digest, Sha1};
-use shoal_core::rng::Rng;
 
 #[derive(Parser)]
 #[command(name = "bench", version, about = "Measures shoal's download rate and memory against the SHA1 hash limit")]
@@ -88,19 +87,6 @@ fn free_addr() -> String {
         .expect("a free port")
 }
 
-fn write_file(path: &Path, size: u64) -> std::io::Result<()> {
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-    let mut rng = Rng::from_u64(size);
-    let mut block = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        rng.fill(&mut block);
-        let n = left.min(block.len() as u64) as usize;
-        f.write_all(&block[..n])?;
-        left -= n as u64;
-    }
-    f.flush()
-}
 
 /// Single-thread SHA1 of the file as read from the page cache, in bytes/s.
 fn hash_rate(path: &Path) -> std::io::Result<f64> {
@@ -142,7 +128,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize) -> Result<(), Strin
     let dir = base.join(format!("{mib}"));
     std::fs::create_dir_all(dir.join("out")).map_err(|e| e.to_string())?;
     let file = dir.join("data.bin");
-    write_file(&file, mib << 20).map_err(|e| e.to_string())?;
+    shoal_bins::write_random_file(&file, mib << 20).map_err(|e| e.to_string())?;
     // Twice: the first read warms the page cache, like the sharers' reads will.
     let _ = hash_rate(&file);
     let limit = hash_rate(&file).map_err(|e| e.to_string())?;

@@ -74,7 +74,7 @@ fn run(args: &Args) -> Result<(), String> {
     let path = dir.join("dataset.bin");
     print!("generating a {} MiB file ... ", args.size_mib);
     let _ = std::io::stdout().flush();
-    write_file(&path, args.size_mib << 20).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    shoal_bins::write_random_file(&path, args.size_mib << 20).map_err(|e| format!("writing {}: {e}", path.display()))?;
     println!("done");
 
     let any: SocketAddr = "127.0.0.1:0".parse().expect("valid");
@@ -166,20 +166,6 @@ fn sha1_of(path: &Path) -> Result<String, String> {
     Ok(h.finish().map_err(|e| e.to_string())?.sha1.to_hex())
 }
 
-/// Pseudo-random content, written in 1 MiB blocks.
-fn write_file(path: &Path, size: u64) -> std::io::Result<()> {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut rng = Rng::from_u64(size);
-    let mut block = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        rng.fill(&mut block);
-        let n = left.min(block.len() as u64) as usize;
-        f.write_all(&block[..n])?;
-        left -= n as u64;
-    }
-    f.flush()
-}
 
 struct Cleanup(PathBuf);
 
