@@ -98,5 +98,12 @@ fn main() {
     let mut have = Bitmap::new(3);
     have.set(1);
     write("sidecar", "one_chunk", &shoal_core::sidecar::encode(&d, &have));
+    let mut wal = Vec::new();
+    for m in &msgs {
+        shoal_core::wal::encode_record(&encode(m), &mut wal);
+    }
+    write("wal_log", "records", &wal);
+    let torn = wal.len() - 3;
+    write("wal_log", "torn", &wal[..torn]);
     write("tracker_info", "default", b"127.0.0.1 7001\n127.0.0.1:7002\n# comment\n\n[::1]:7003\n");
 }

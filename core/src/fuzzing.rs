@@ -170,3 +170,15 @@ pub fn sidecar(data: &[u8]) {
         assert!(b.fits(3));
     }
 }
+
+/// A tracker log file read back after a crash: no panic, and what recovery
+/// keeps re-encodes to exactly the bytes it kept.
+pub fn wal_log(data: &[u8]) {
+    if let Ok(r) = crate::wal::recover(data) {
+        let mut again = Vec::new();
+        for rec in &r.records {
+            crate::wal::encode_record(rec, &mut again);
+        }
+        assert_eq!(&again[..], &data[..r.valid_len as usize]);
+    }
+}

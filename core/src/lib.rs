@@ -39,6 +39,7 @@ pub mod shell;
 pub mod sidecar;
 pub mod time;
 pub mod tracker;
+pub mod wal;
 pub mod wire;
 
 pub use time::Millis;

@@ -29,7 +29,7 @@ fn replay(target: &str, f: fn(&[u8])) -> usize {
 
 #[test]
 fn every_corpus_input_passes_its_target() {
-    let targets: [Target; 8] = [
+    let targets: [Target; 9] = [
         ("frame_stream", fuzzing::frame_stream),
         ("message", fuzzing::message),
         ("shell_command", fuzzing::shell_command),
@@ -38,6 +38,7 @@ fn every_corpus_input_passes_its_target() {
         ("peer_message", fuzzing::peer_message),
         ("download_peer", fuzzing::download_peer),
         ("sidecar", fuzzing::sidecar),
+        ("wal_log", fuzzing::wal_log),
     ];
     for (name, f) in targets {
         let n = replay(name, f);

@@ -87,7 +87,6 @@ fn free_addr() -> String {
         .expect("a free port")
 }
 
-
 /// Single-thread SHA1 of the file as read from the page cache, in bytes/s.
 fn hash_rate(path: &Path) -> std::io::Result<f64> {
     let mut f = std::fs::File::open(path)?;

@@ -74,7 +74,8 @@ fn run(args: &Args) -> Result<(), String> {
     let path = dir.join("dataset.bin");
     print!("generating a {} MiB file ... ", args.size_mib);
     let _ = std::io::stdout().flush();
-    shoal_bins::write_random_file(&path, args.size_mib << 20).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    shoal_bins::write_random_file(&path, args.size_mib << 20)
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
     println!("done");
 
     let any: SocketAddr = "127.0.0.1:0".parse().expect("valid");
@@ -165,7 +166,6 @@ fn sha1_of(path: &Path) -> Result<String, String> {
     }
     Ok(h.finish().map_err(|e| e.to_string())?.sha1.to_hex())
 }
-
 
 struct Cleanup(PathBuf);
 
