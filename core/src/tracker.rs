@@ -12,8 +12,11 @@
 //! - bytes received: [`TrackerNode::handle_bytes`] (any split);
 //! - the peer hung up or the socket failed: [`TrackerNode::handle_closed`];
 //! - when [`TrackerNode::poll_timeout`] passes: [`TrackerNode::handle_timeout`];
+//! - at start-up, [`TrackerNode::restore`] each record of the durable log;
 //! - after each of those, drain [`TrackerNode::poll_output`] until `None`:
-//!   transmit bytes in order per connection, close when told (after flushing).
+//!   append `Persist` records to the log and make them durable before sending
+//!   any `Transmit` that follows them; transmit bytes in order per connection;
+//!   close when told (after flushing).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -48,6 +51,12 @@ impl Default for TrackerConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TrackerOutput {
+    /// Append this record to the durable log. It must be on disk (fsync)
+    /// before any `Transmit` that follows it is sent: a client is answered only
+    /// about what a restart will not lose. Several records may share one fsync.
+    Persist {
+        record: Vec<u8>,
+    },
     Transmit {
         conn: ConnId,
         bytes: Vec<u8>,
@@ -504,8 +513,18 @@ impl<R: Replicator> TrackerNode<R> {
         Ok(Reply::Done)
     }
 
+    /// Replays one record of the durable log (see [`TrackerOutput::Persist`])
+    /// at start-up, before any connection.
+    pub fn restore(&mut self, record: &[u8]) -> Result<(), crate::wire::FrameError> {
+        let entry: Entry = crate::wire::decode(record)?;
+        let _ = self.meta.apply(&entry);
+        Ok(())
+    }
+
     fn apply_decided(&mut self, now: Millis) {
         while let Some(entry) = self.replicator.poll_decided() {
+            let record = postcard::to_allocvec(&entry).expect("postcard encoding into a Vec");
+            self.out.push_back(TrackerOutput::Persist { record });
             let result = self.meta.apply(&entry);
             match (&entry.cmd, &result) {
                 (Command::OpenSession { token, .. }, Ok(_)) => {

@@ -9,6 +9,7 @@ mod clock;
 mod conn;
 mod disk;
 pub mod tracker;
+pub mod wal;
 
 pub use clock::Clock;
 

@@ -10,6 +10,7 @@ use shoal_core::tracker::{ConnId, Replicator, TrackerNode, TrackerOutput};
 
 use crate::clock::Clock;
 use crate::conn::{Conn, ReadOutcome};
+use crate::wal::WalFile;
 
 const LISTENER: Token = Token(0);
 
@@ -24,6 +25,8 @@ pub struct TrackerServer<R: Replicator> {
     next_token: usize,
     clock: Clock,
     max_connections: usize,
+    /// The durable log; `None` keeps everything in memory (tests, demo).
+    wal: Option<WalFile>,
 }
 
 impl<R: Replicator> TrackerServer<R> {
@@ -39,7 +42,14 @@ impl<R: Replicator> TrackerServer<R> {
             next_token: 1,
             clock: Clock::default(),
             max_connections: MAX_TRACKER_CONNECTIONS,
+            wal: None,
         })
+    }
+
+    /// Makes every decided write durable in `wal` before it is answered.
+    pub fn with_wal(mut self, wal: WalFile) -> Self {
+        self.wal = Some(wal);
+        self
     }
 
     /// Caps the connections held at once (default [`MAX_TRACKER_CONNECTIONS`]).
@@ -90,7 +100,7 @@ impl<R: Replicator> TrackerServer<R> {
                     }
                 }
             }
-            self.drain(now);
+            self.drain(now)?;
         }
     }
 
@@ -128,12 +138,24 @@ impl<R: Replicator> TrackerServer<R> {
         }
     }
 
-    fn drain(&mut self, now: shoal_core::Millis) {
+    /// Sends the node's outputs. Log records are made durable (one fsync for
+    /// all of them) before anything that follows them goes out.
+    fn drain(&mut self, now: shoal_core::Millis) -> io::Result<()> {
         while let Some(out) = self.node.poll_output() {
             let (token, bytes) = match &out {
+                TrackerOutput::Persist { record } => {
+                    if let Some(wal) = &mut self.wal {
+                        wal.append(record);
+                    }
+                    continue;
+                }
                 TrackerOutput::Transmit { conn, bytes } => (Token(conn.0 as usize), Some(bytes)),
                 TrackerOutput::Close { conn } => (Token(conn.0 as usize), None),
             };
+            if let Some(wal) = &mut self.wal {
+                wal.sync()
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", wal.path().display())))?;
+            }
             let Some(c) = self.conns.get_mut(&token) else { continue };
             let ok = match bytes {
                 Some(b) => c.queue(b) && c.flush(self.poll.registry(), token).is_ok(),
@@ -147,11 +169,15 @@ impl<R: Replicator> TrackerServer<R> {
                 self.drop_conn(token, now);
             }
         }
+        if let Some(wal) = &mut self.wal {
+            wal.sync()?;
+        }
         // Connections told to close whose backlog has since drained.
         let finished: Vec<Token> =
             self.conns.iter().filter(|(_, c)| c.closing && !c.has_backlog()).map(|(t, _)| *t).collect();
         for t in finished {
             self.drop_conn(t, now);
         }
+        Ok(())
     }
 }

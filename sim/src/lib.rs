@@ -143,6 +143,8 @@ pub struct World {
     /// (an invariant: must stay zero).
     pub chunks_written: u64,
     pub unverified_writes: u64,
+    /// The tracker's durable log, as a restart would replay it.
+    pub tracker_log: Vec<Vec<u8>>,
 }
 
 impl World {
@@ -187,6 +189,7 @@ impl World {
             next_accepted: 1,
             chunks_written: 0,
             unverified_writes: 0,
+            tracker_log: Vec::new(),
         }
     }
 
@@ -378,6 +381,8 @@ impl World {
     fn drain_tracker(&mut self) {
         while let Some(out) = self.tracker.poll_output() {
             match out {
+                // The simulated disk is synchronous: a record is durable at once.
+                TrackerOutput::Persist { record } => self.tracker_log.push(record),
                 TrackerOutput::Transmit { conn, bytes } => {
                     let Some(&client) = self.conn_owner.get(&conn) else { continue };
                     let at = self.now.plus(self.latency()).max(self.clients[client].down_due);

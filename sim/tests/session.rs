@@ -89,3 +89,19 @@ fn same_seed_same_trace() {
     let c = session(seed + 1);
     assert_ne!(a.digest(), c.digest(), "the digest must depend on the run");
 }
+
+/// A tracker rebuilt from its durable log holds exactly the same metadata.
+#[test]
+fn the_log_replays_to_the_same_state() {
+    use shoal_core::meta::PasswordParams;
+    use shoal_core::rng::Rng;
+    use shoal_core::tracker::{SoloReplicator, TrackerConfig, TrackerNode};
+    let w = session(seed_from_env(3));
+    assert!(!w.tracker_log.is_empty());
+    let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
+    let mut fresh = TrackerNode::new(cfg, Rng::from_u64(99), SoloReplicator::default());
+    for r in &w.tracker_log {
+        fresh.restore(r).unwrap();
+    }
+    assert_eq!(fresh.meta(), w.tracker().meta());
+}

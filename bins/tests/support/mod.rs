@@ -75,9 +75,12 @@ impl Tracker {
         let text = std::fs::read_to_string(info).unwrap();
         let line = text.lines().nth(id as usize - 1).unwrap();
         let addr: SocketAddr = line.replace(' ', ":").parse().unwrap();
+        let data = info.parent().unwrap().join(format!("tracker-data-{id}"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_tracker"))
             .arg(info)
             .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(&data)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -87,6 +90,17 @@ impl Tracker {
         let first = out.recv_timeout(WAIT).expect("tracker did not start");
         assert!(first.starts_with(&format!("tracker {id} listening on")), "{first}");
         Tracker { child, addr, out }
+    }
+
+    /// Kills the tracker at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The next line the tracker prints.
+    pub fn line(&mut self) -> String {
+        self.out.recv_timeout(WAIT).expect("a line from the tracker")
     }
 
     pub fn is_running(&mut self) -> bool {

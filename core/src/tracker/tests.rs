@@ -19,8 +19,11 @@ fn req(seq: u64, session: Option<SessionToken>, body: Request) -> Vec<u8> {
     encode(&Message::Request { id: RequestId { client: 7, seq }, session, body })
 }
 
+/// The one response among `outs` (log records aside, which must come first).
 fn answer(outs: &[TrackerOutput]) -> Result<Reply, ApiError> {
-    match outs {
+    let persisted = outs.iter().take_while(|o| matches!(o, TrackerOutput::Persist { .. })).count();
+    assert!(outs[persisted..].iter().all(|o| !matches!(o, TrackerOutput::Persist { .. })), "a record after a send");
+    match &outs[persisted..] {
         [TrackerOutput::Transmit { bytes, .. }] => match decode(&bytes[4..]).unwrap() {
             Message::Response { result, .. } => result,
             m => panic!("unexpected {m:?}"),
