@@ -98,9 +98,33 @@ fn main() {
     let mut have = Bitmap::new(3);
     have.set(1);
     write("sidecar", "one_chunk", &shoal_core::sidecar::encode(&d, &have));
+    // Log records as a tracker writes them: postcard-encoded entries.
+    use shoal_core::meta::{Command, Entry, PasswordHash, PasswordParams};
+    let entries = [
+        Entry {
+            id: Some(id),
+            cmd: Command::CreateUser {
+                user: u.clone(),
+                password: PasswordHash::derive("pw", [1; 16], PasswordParams::INSECURE_FAST),
+            },
+        },
+        Entry {
+            id: None,
+            cmd: Command::OpenSession {
+                user: u.clone(),
+                token: SessionToken([9; 16]),
+                listen: "127.0.0.1:9000".parse().unwrap(),
+            },
+        },
+        Entry { id: None, cmd: Command::CreateGroup { token: SessionToken([9; 16]), group: g.clone() } },
+        Entry {
+            id: None,
+            cmd: Command::AddFile { token: SessionToken([9; 16]), group: g.clone(), meta: meta.clone() },
+        },
+    ];
     let mut wal = Vec::new();
-    for m in &msgs {
-        shoal_core::wal::encode_record(&encode(m), &mut wal);
+    for e in &entries {
+        shoal_core::wal::encode_record(&postcard::to_allocvec(e).unwrap(), &mut wal);
     }
     write("wal_log", "records", &wal);
     let torn = wal.len() - 3;

@@ -171,8 +171,9 @@ pub fn sidecar(data: &[u8]) {
     }
 }
 
-/// A tracker log file read back after a crash: no panic, and what recovery
-/// keeps re-encodes to exactly the bytes it kept.
+/// A tracker log file read back after a crash: no panic, what recovery keeps
+/// re-encodes to exactly the bytes it kept, and replaying the records into a
+/// tracker node (as start-up does) never panics.
 pub fn wal_log(data: &[u8]) {
     if let Ok(r) = crate::wal::recover(data) {
         let mut again = Vec::new();
@@ -180,5 +181,11 @@ pub fn wal_log(data: &[u8]) {
             crate::wal::encode_record(rec, &mut again);
         }
         assert_eq!(&again[..], &data[..r.valid_len as usize]);
+        let cfg =
+            TrackerConfig { password_params: crate::meta::PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
+        let mut node = TrackerNode::new(cfg, Rng::from_u64(0), SoloReplicator::default());
+        for rec in &r.records {
+            let _ = node.restore(rec);
+        }
     }
 }
