@@ -1,4 +1,6 @@
 use super::*;
+use crate::chunk::FileDigest;
+use crate::ids::{FileName, GroupId};
 use crate::proto::ApiError;
 use crate::wire::decode;
 
@@ -84,4 +86,126 @@ fn an_unanswered_request_fails_after_the_give_up_time() {
     }
     assert!(matches!(done, Some(Err(ShellError::NoTracker { .. }))));
     assert!(now <= Millis(20_000) && now >= Millis(19_000), "{now}");
+}
+
+/// Answers every request in `outs` with `reply(request)`; returns the other outputs.
+fn answer_all(
+    e: &mut ClientEngine,
+    outs: Vec<ClientOutput>,
+    reply: impl Fn(&Request) -> Result<Reply, ApiError>,
+) -> Vec<ClientOutput> {
+    let mut rest = Vec::new();
+    for (id, req) in sent_requests(&outs) {
+        let bytes = encode(&Message::Response { id, result: reply(&req) });
+        e.handle_tracker_bytes(&bytes, Millis(0));
+    }
+    for o in outs {
+        if !matches!(o, ClientOutput::Transmit(_) | ClientOutput::Connect { .. }) {
+            rest.push(o);
+        }
+    }
+    rest
+}
+
+/// A logged-in engine sharing a 4 MiB file in group g, with one accepted peer
+/// connection that passed the grant check.
+fn serving_engine() -> (ClientEngine, crate::download::PeerConnId) {
+    use crate::peer::{Grant, PeerMessage};
+    let mut e = engine();
+    let token = SessionToken([5; 16]);
+    let tracker_reply = |req: &Request| match req {
+        Request::Login { .. } => Ok(Reply::Session { token }),
+        Request::CheckGrant { .. } => Ok(Reply::GrantValid { user: UserId::new("dl").unwrap() }),
+        _ => Ok(Reply::Done),
+    };
+    e.handle_command(
+        Ticket(1),
+        ShellCommand::Login { user: UserId::new("me").unwrap(), password: "pw".into() },
+        Millis(0),
+    );
+    drain(&mut e);
+    e.handle_tracker_connected(Millis(0));
+    let outs = drain(&mut e);
+    answer_all(&mut e, outs, tracker_reply);
+    assert!(e.user().is_some());
+    let g = GroupId::new("g").unwrap();
+    e.handle_command(Ticket(2), ShellCommand::UploadFile { path: "/x/f.bin".into(), group: g.clone() }, Millis(0));
+    let job = drain(&mut e)
+        .iter()
+        .find_map(|o| if let ClientOutput::HashFile { job, .. } = o { Some(*job) } else { None })
+        .expect("the upload asks for hashing");
+    let size = 4 << 20;
+    let digest = FileDigest {
+        size,
+        sha1: crate::chunk::Sha1Digest([1; 20]),
+        chunks: vec![crate::chunk::Sha1Digest([2; 20]); crate::chunk::chunk_count(size) as usize],
+    };
+    e.handle_file_hashed(job, Ok(digest.clone()), Millis(0));
+    let outs = drain(&mut e);
+    answer_all(&mut e, outs, tracker_reply);
+    let conn = crate::download::PeerConnId(16);
+    e.handle_peer_accepted(conn, Millis(0));
+    let mut hs = encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
+    let want =
+        PeerMessage::Want { group: g, name: FileName::new("f.bin").unwrap(), sha1: digest.sha1, grant: Grant([1; 16]) };
+    hs.extend(encode(&want));
+    e.handle_peer_bytes(conn, &hs, Millis(0));
+    let outs = drain(&mut e);
+    answer_all(&mut e, outs, tracker_reply);
+    let have = drain(&mut e);
+    assert!(
+        have.iter().any(|o| matches!(o, ClientOutput::PeerTransmit { bytes, .. } if matches!(decode::<PeerMessage>(&bytes[4..]), Ok(PeerMessage::Have { .. })))),
+        "the grant passed, the chunk map goes out: {have:?}"
+    );
+    (e, conn)
+}
+
+/// A downloader that stops reading: the server reads no more than about
+/// SEND_HIGH_WATER ahead of the socket, however many blocks it was asked for.
+#[test]
+fn a_peer_that_does_not_read_gets_at_most_the_high_water_mark() {
+    use crate::peer::{PeerMessage, BLOCK_SIZE, MAX_QUEUED_REQUESTS};
+    let (mut e, conn) = serving_engine();
+    let reqs: Vec<u8> = (0..MAX_QUEUED_REQUESTS as u32)
+        .flat_map(|i| encode(&PeerMessage::Request { chunk: i / 8, offset: (i % 8) * BLOCK_SIZE, len: BLOCK_SIZE }))
+        .collect();
+    e.handle_peer_bytes(conn, &reqs, Millis(1));
+    let mut queued_bytes = 0usize;
+    let mut blocks = 0;
+    loop {
+        let sends: Vec<ClientOutput> =
+            drain(&mut e).into_iter().filter(|o| matches!(o, ClientOutput::SendBlock { .. })).collect();
+        if sends.is_empty() {
+            break;
+        }
+        for s in sends {
+            let ClientOutput::SendBlock { frame, .. } = s else { unreachable!() };
+            blocks += 1;
+            // The socket takes nothing: everything stays queued.
+            queued_bytes += frame.len();
+            e.handle_block_sent(conn, Ok(()), Millis(1));
+            e.handle_peer_backlog(conn, queued_bytes, Millis(1));
+        }
+    }
+    let cap = transfer::SEND_HIGH_WATER / BLOCK_SIZE as usize + 1;
+    assert!(blocks >= 4 && blocks <= cap, "{blocks} blocks read for a peer that reads nothing (cap {cap})");
+    // Once the socket drains, serving resumes.
+    e.handle_peer_backlog(conn, 0, Millis(2));
+    assert!(drain(&mut e).iter().any(|o| matches!(o, ClientOutput::SendBlock { .. })));
+}
+
+#[test]
+fn a_peer_queueing_too_many_requests_is_refused() {
+    use crate::peer::{PeerMessage, BLOCK_SIZE, MAX_QUEUED_REQUESTS};
+    let (mut e, conn) = serving_engine();
+    let reqs: Vec<u8> = (0..=MAX_QUEUED_REQUESTS as u32)
+        .flat_map(|i| {
+            encode(&PeerMessage::Request { chunk: (i / 8) % 8, offset: (i % 8) * BLOCK_SIZE, len: BLOCK_SIZE })
+        })
+        .collect();
+    e.handle_peer_bytes(conn, &reqs, Millis(1));
+    let outs = drain(&mut e);
+    let refused = outs.iter().any(|o| matches!(o, ClientOutput::PeerTransmit { bytes, .. } if decode::<PeerMessage>(&bytes[4..]) == Ok(PeerMessage::Refused { reason: "too many requests in flight".into() })));
+    assert!(refused, "{outs:?}");
+    assert!(outs.iter().any(|o| matches!(o, ClientOutput::PeerClose { conn: c } if *c == conn)));
 }

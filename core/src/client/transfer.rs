@@ -95,7 +95,9 @@ pub(super) struct Upload {
     decoder: FrameDecoder,
     state: UpState,
     queue: VecDeque<(u32, u32, u32)>,
-    reading: u32,
+    /// Lengths of the block reads asked of the driver and not yet sent, oldest first.
+    reading: VecDeque<u32>,
+    /// Unsent bytes on the socket, as the driver last reported.
     backlog: usize,
 }
 
@@ -433,7 +435,7 @@ impl ClientEngine {
             decoder: FrameDecoder::new(1024),
             state: UpState::AwaitHello,
             queue: VecDeque::new(),
-            reading: 0,
+            reading: VecDeque::new(),
             backlog: 0,
         };
         self.peers.insert(conn, PeerLink::In(Box::new(up)));
@@ -528,7 +530,7 @@ impl ClientEngine {
     /// A block frame was filled from disk and queued (or reading failed).
     pub fn handle_block_sent(&mut self, conn: PeerConnId, result: Result<(), String>, now: Millis) {
         let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
-        up.reading = up.reading.saturating_sub(1);
+        up.reading.pop_front();
         match result {
             Ok(()) => self.pump(conn, now),
             Err(e) => {
@@ -580,7 +582,8 @@ impl ClientEngine {
         loop {
             let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
             let UpState::Serving(group, name) = &up.state else { return };
-            if up.reading >= 4 || up.backlog >= SEND_HIGH_WATER {
+            let reading_bytes: usize = up.reading.iter().map(|&l| l as usize).sum();
+            if up.reading.len() >= 4 || up.backlog + reading_bytes >= SEND_HIGH_WATER {
                 return;
             }
             let Some(&(_, _, len)) = up.queue.front() else { return };
@@ -592,8 +595,7 @@ impl ClientEngine {
             }
             let Some((chunk, block, len)) = up.queue.pop_front() else { return };
             let Some(s) = self.shares.get(&(group.clone(), name.clone())) else { return };
-            up.reading += 1;
-            up.backlog += len as usize;
+            up.reading.push_back(len);
             let path = s.path.clone();
             let (frame, data_at) = crate::peer::block_frame(chunk, block, self.load(), len);
             let offset = chunk_offset(chunk) + block as u64;
