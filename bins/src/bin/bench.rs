@@ -135,7 +135,9 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize) -> Result<(), Strin
     let info = dir.join("tracker_info.txt");
     let taddr = free_addr();
     std::fs::write(&info, format!("{taddr}\n")).map_err(|e| e.to_string())?;
-    let tracker = Proc::spawn(&bindir.join("tracker"), &[info.display().to_string(), "1".into()])?;
+    let data = dir.join("tracker-data").display().to_string();
+    let tracker =
+        Proc::spawn(&bindir.join("tracker"), &[info.display().to_string(), "1".into(), "--data-dir".into(), data])?;
     tracker.out.recv_timeout(Duration::from_secs(30)).map_err(|_| "tracker did not start")?;
     let client = |_: ()| Proc::spawn(&bindir.join("client"), &[free_addr(), info.display().to_string()]);
 
