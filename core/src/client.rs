@@ -263,16 +263,6 @@ impl ClientEngine {
         self.session.as_ref().map(|(_, u)| u)
     }
 
-    /// Files this client serves, with their paths on disk.
-    pub fn shares(&self) -> impl Iterator<Item = (&(GroupId, FileName), &str)> {
-        self.shares.iter().map(|(k, s)| (k, s.path.as_str()))
-    }
-
-    /// Whether any command is still running.
-    pub fn is_busy(&self) -> bool {
-        self.pending.values().any(|p| matches!(p.purpose, Purpose::Shell { .. })) || !self.hash_jobs.is_empty()
-    }
-
     // ---- inputs ----
 
     pub fn handle_command(&mut self, ticket: Ticket, cmd: ShellCommand, now: Millis) {

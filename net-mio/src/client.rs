@@ -462,8 +462,3 @@ impl Driver {
         }
     }
 }
-
-/// Streams a file through the chunk hasher: constant memory.
-pub fn hash_file(path: &str) -> Result<FileDigest, String> {
-    disk::hash_file(path)
-}
