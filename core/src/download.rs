@@ -291,9 +291,7 @@ impl Download {
                 }
             }
             PeerMessage::Block { chunk, offset, load, data } => {
-                if !self.take_block(peer, chunk, offset, load, &data, now) {
-                    return self.drop_peer(peer, false, now);
-                }
+                return self.handle_block(peer, chunk, offset, load, &data, now);
             }
             PeerMessage::Refused { reason } => {
                 tracing::debug!(%reason, "peer refused");
