@@ -113,3 +113,44 @@ mod tests {
         assert!(lines(b"", 4).is_empty());
     }
 }
+
+/// Runs tracker `id` of `trackers` on a thread of this process, in memory
+/// (no data dir): the demo's cluster. Returns once it listens.
+pub fn spawn_tracker(trackers: &[shoal_core::config::TrackerEntry], id: u32) -> Result<(), String> {
+    use shoal_core::tracker::{NodeId, OmniReplicator, SoloReplicator, TrackerConfig, TrackerNode};
+    use shoal_net_mio::tracker::TrackerServer;
+    let me = trackers.iter().find(|t| t.id == id).ok_or_else(|| format!("no tracker {id}"))?.clone();
+    let peers: Vec<(NodeId, std::net::SocketAddr)> =
+        trackers.iter().filter(|t| t.id != id).map(|t| (t.id as NodeId, t.addr)).collect();
+    let nodes: Vec<NodeId> = trackers.iter().map(|t| t.id as NodeId).collect();
+    let seed = shoal_net_mio::os_seed().map_err(|e| e.to_string())?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("tracker-{id}"))
+        .spawn(move || {
+            let rng = shoal_core::rng::Rng::from_seed(seed);
+            let bind_err = |e: io::Error| format!("cannot listen on {}: {e}", me.addr);
+            let result = if peers.is_empty() {
+                let node = TrackerNode::new(TrackerConfig::default(), rng, SoloReplicator::default());
+                TrackerServer::bind(me.addr, node).map_err(bind_err).map(|s| {
+                    let _ = tx.send(Ok(()));
+                    s.run()
+                })
+            } else {
+                let rep = match OmniReplicator::recover(me.id as NodeId, &nodes, std::iter::empty()) {
+                    Ok(r) => r,
+                    Err(e) => return drop(tx.send(Err(e.to_string()))),
+                };
+                let node = TrackerNode::new(TrackerConfig::default(), rng, rep);
+                TrackerServer::bind(me.addr, node).map_err(bind_err).map(|s| {
+                    let _ = tx.send(Ok(()));
+                    s.with_peers(peers).run()
+                })
+            };
+            if let Err(e) = result {
+                let _ = tx.send(Err(e));
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    rx.recv().map_err(|_| format!("tracker {id} stopped at start"))?
+}

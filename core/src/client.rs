@@ -184,6 +184,8 @@ struct Pending {
     purpose: Purpose,
     request: Request,
     give_up_at: Millis,
+    /// Trackers that answered "no quorum" or "catching up" to this request.
+    refused: usize,
 }
 
 struct HashJob {
@@ -472,7 +474,7 @@ impl ClientEngine {
             Purpose::Shell { cmd: ShellCommand::Exit, .. } => self.cfg.request_timeout,
             _ => self.cfg.give_up_after,
         });
-        self.pending.insert(seq, Pending { purpose, request, give_up_at });
+        self.pending.insert(seq, Pending { purpose, request, give_up_at, refused: 0 });
         match self.link {
             Link::Up => self.transmit(&msg, now),
             Link::Down => {
@@ -500,7 +502,21 @@ impl ClientEngine {
         if id.client != self.client_id {
             return;
         }
-        let Some(p) = self.pending.remove(&id.seq) else { return };
+        let Some(mut p) = self.pending.remove(&id.seq) else { return };
+        if let Err(ApiError::NoQuorum | ApiError::CatchingUp) = result {
+            // This tracker cannot decide (or has not caught up): another may.
+            // The same request id goes to the next one, so a write that was
+            // decided after all is still applied once.
+            p.refused += 1;
+            if p.refused < self.cfg.trackers.len() {
+                tracing::debug!(tracker = %self.cfg.trackers[self.tracker], "tracker cannot serve, failing over");
+                self.pending.insert(id.seq, p);
+                self.out.push_back(ClientOutput::Disconnect);
+                return self.fail_over(now);
+            }
+            self.tried = 0;
+            return self.finish_request(p, Err(ShellError::from(ApiError::NoQuorum)), now);
+        }
         self.tried = 0;
         self.finish_request(p, result.map_err(ShellError::from), now);
     }

@@ -189,9 +189,13 @@ pub fn wal_log(data: &[u8]) {
         assert_eq!(&again[..], &data[..r.valid_len as usize]);
         let cfg =
             TrackerConfig { password_params: crate::meta::PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
-        let mut node = TrackerNode::new(cfg, Rng::from_u64(0), SoloReplicator::default());
-        for rec in &r.records {
-            let _ = node.restore(rec);
+        if let Ok(rep) = SoloReplicator::recover(r.records.iter().copied()) {
+            let _ = TrackerNode::new(cfg.clone(), Rng::from_u64(0), rep);
+        }
+        if let Ok(rep) = crate::tracker::OmniReplicator::recover(1, &[1, 2, 3], r.records.iter().copied()) {
+            let mut node = TrackerNode::new(cfg, Rng::from_u64(0), rep);
+            node.handle_timeout(crate::time::Millis(1));
+            while node.poll_output().is_some() {}
         }
     }
 }

@@ -224,6 +224,14 @@ impl MetaState {
         result
     }
 
+    /// The result a request had when it was applied, if it was (and is still remembered).
+    pub fn result_of(&self, id: RequestId) -> Option<Result<Reply, ApiError>> {
+        match self.dedupe.last.get(&id.client) {
+            Some((seq, _, result)) if *seq == id.seq => Some(result.clone()),
+            _ => None,
+        }
+    }
+
     fn remember(&mut self, id: RequestId, result: Result<Reply, ApiError>) {
         if let Some((_, age, _)) = self.dedupe.last.get(&id.client) {
             self.dedupe.by_age.remove(&(*age, id.client));

@@ -55,6 +55,38 @@ pub enum Message {
         id: RequestId,
         result: Result<Reply, ApiError>,
     },
+    /// Between trackers, after `Hello { role: Tracker }`.
+    Tracker(TrackerFrame),
+}
+
+/// What trackers say to each other. Each tracker opens one connection to
+/// every other and sends on it only; it receives on the ones they open.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrackerFrame {
+    /// The first frame after `Hello`: which tracker (line of `tracker_info.txt`) this is.
+    Join { node: u64 },
+    /// A consensus message, in the replicator's own encoding.
+    Consensus(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Soft state learned since the last one (all of it on a new link).
+    Soft(SoftState),
+}
+
+/// Soft state, kept out of the log: which sessions are alive, grants issued,
+/// who holds parts of a file. Times are durations left, so clocks need not agree.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SoftState {
+    pub leases: Vec<(SessionToken, u64)>,
+    pub grants: Vec<SoftGrant>,
+    pub partial: Vec<(GroupId, FileName, SocketAddr, UserId)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SoftGrant {
+    pub grant: Grant,
+    pub user: UserId,
+    pub group: GroupId,
+    pub name: FileName,
+    pub ttl_ms: u64,
 }
 
 /// What a client asks a tracker. The session travels beside it in [`Message::Request`].
@@ -230,4 +262,6 @@ pub enum ApiError {
     BadGrant,
     #[error("too many failed logins; try again in {retry_after_secs} s")]
     TooManyAttempts { retry_after_secs: u64 },
+    #[error("tracker is catching up with the others")]
+    CatchingUp,
 }

@@ -12,25 +12,43 @@
 //! - bytes received: [`TrackerNode::handle_bytes`] (any split);
 //! - the peer hung up or the socket failed: [`TrackerNode::handle_closed`];
 //! - when [`TrackerNode::poll_timeout`] passes: [`TrackerNode::handle_timeout`];
-//! - at start-up, [`TrackerNode::restore`] each record of the durable log;
+//! - an outgoing link to another tracker connected: [`TrackerNode::handle_peer_up`];
+//!   it failed or closed: [`TrackerNode::handle_peer_down`] (then redial with backoff);
+//! - at start-up, build the replicator from the records of the durable log
+//!   (`SoloReplicator::recover`, `OmniReplicator::recover`) and hand it to
+//!   [`TrackerNode::new`], which applies what they decided;
 //! - after each of those, drain [`TrackerNode::poll_output`] until `None`:
-//!   append `Persist` records to the log and make them durable before sending
-//!   any `Transmit` that follows them; transmit bytes in order per connection;
-//!   close when told (after flushing).
+//!   append (or rewrite) `Persist` records to the log and make them durable
+//!   before sending any `Transmit` or `PeerSend` that follows them; transmit
+//!   bytes in order per connection; close when told (after flushing).
+//!
+//! With several trackers, writes are answered once decided by a majority;
+//! one that is not decided within [`WRITE_DEADLINE`] is answered
+//! `NoQuorum` (the client tries another tracker with the same request id,
+//! so it is still applied at most once). A tracker answers nothing until it
+//! has caught up with the cluster once since it started (`CatchingUp`); from
+//! then on it answers reads from its own state even without a majority.
+//! Soft state (leases, grants, partial holders) is gossiped to the other
+//! trackers once a second, outside the log.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
 use crate::meta::{Command, Entry, MetaState, PasswordHash, PasswordParams, Sharer};
 use crate::peer::Grant;
-use crate::proto::{ApiError, Message, Reply, Request, RequestId, Role, MAX_PASSWORD_LEN, PROTOCOL_VERSION};
+use crate::proto::{
+    ApiError, Message, Reply, Request, RequestId, Role, SoftGrant, SoftState, TrackerFrame, MAX_PASSWORD_LEN,
+    PROTOCOL_VERSION,
+};
 use crate::rng::Rng;
 use crate::time::Millis;
 use crate::wire::{encode, FrameDecoder, MAX_CONTROL_FRAME};
 
+pub mod omni;
 pub mod replicator;
-pub use replicator::{Replicator, SoloReplicator};
+pub use omni::OmniReplicator;
+pub use replicator::{Decided, NodeId, Persist, Replicator, SoloReplicator};
 
 /// A connection, named by the driver. Ids are never reused while open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -41,11 +59,18 @@ pub struct TrackerConfig {
     pub password_params: PasswordParams,
     /// How long a session counts as live without hearing from its client.
     pub session_lease: Millis,
+    /// The address each other tracker connects from: a `Join` naming a
+    /// tracker is accepted only from its address. Empty: not checked.
+    pub peer_ips: BTreeMap<NodeId, IpAddr>,
 }
 
 impl Default for TrackerConfig {
     fn default() -> Self {
-        TrackerConfig { password_params: PasswordParams::DEFAULT, session_lease: Millis::from_secs(15) }
+        TrackerConfig {
+            password_params: PasswordParams::DEFAULT,
+            session_lease: Millis::from_secs(15),
+            peer_ips: BTreeMap::new(),
+        }
     }
 }
 
@@ -54,9 +79,7 @@ pub enum TrackerOutput {
     /// Append this record to the durable log. It must be on disk (fsync)
     /// before any `Transmit` that follows it is sent: a client is answered only
     /// about what a restart will not lose. Several records may share one fsync.
-    Persist {
-        record: Vec<u8>,
-    },
+    Persist(Persist),
     Transmit {
         conn: ConnId,
         bytes: Vec<u8>,
@@ -65,11 +88,30 @@ pub enum TrackerOutput {
     Close {
         conn: ConnId,
     },
+    /// Send on this node's own link to tracker `node` (a whole frame).
+    PeerSend {
+        node: NodeId,
+        bytes: Vec<u8>,
+    },
+    /// Who leads changed (for the operator: print it, log it).
+    LeaderChanged {
+        leader: Option<NodeId>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Before `Hello`.
+    New,
+    Client,
+    /// Said `Hello` as a tracker; `Join` comes next.
+    TrackerHello,
+    Tracker(NodeId),
 }
 
 struct Conn {
     decoder: FrameDecoder,
-    greeted: bool,
+    kind: Kind,
     remote: IpAddr,
     opened: Millis,
     last_seen: Millis,
@@ -95,8 +137,12 @@ pub const MAX_FAILED_LOGINS_PER_ADDR: u32 = 20;
 pub const LOGIN_WINDOW: Millis = Millis(60_000);
 /// Most users and addresses whose failed logins are tracked at once.
 pub const MAX_LOGIN_TRACKED: usize = 10_000;
-/// How often connection deadlines and soft state are swept.
+/// How often connection deadlines and soft state are swept (and soft state gossiped).
 const SWEEP_EVERY: Millis = Millis(1_000);
+/// A write not decided by then is answered `NoQuorum`.
+pub const WRITE_DEADLINE: Millis = Millis(2_000);
+/// Largest frame between trackers (a snapshot of the metadata travels in one).
+pub const MAX_TRACKER_FRAME: usize = 64 * 1024 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum LoginKey {
@@ -110,8 +156,13 @@ pub struct TrackerNode<R: Replicator = SoloReplicator> {
     meta: MetaState,
     replicator: R,
     conns: BTreeMap<ConnId, Conn>,
-    /// Writes proposed for a client, answered when applied.
-    waiting: BTreeMap<RequestId, ConnId>,
+    /// Writes proposed for a client, answered when applied (or at the deadline).
+    waiting: BTreeMap<RequestId, (ConnId, Millis)>,
+    /// Other trackers our own links reach now.
+    links_up: BTreeSet<NodeId>,
+    /// Soft state learned from our clients since the last gossip.
+    dirty: SoftState,
+    leader: Option<NodeId>,
     /// Soft state: when each session's lease runs out.
     leases: BTreeMap<SessionToken, Millis>,
     out: VecDeque<TrackerOutput>,
@@ -142,17 +193,22 @@ struct GrantInfo {
 }
 
 impl<R: Replicator> TrackerNode<R> {
+    /// A node over `replicator`, which may hold a recovered log: what it
+    /// decided is applied now.
     pub fn new(cfg: TrackerConfig, mut rng: Rng, replicator: R) -> TrackerNode<R> {
         let mut salt = [0u8; 16];
         rng.fill(&mut salt);
         let decoy = PasswordHash::derive("decoy", salt, cfg.password_params);
-        TrackerNode {
+        let mut node = TrackerNode {
             cfg,
             rng,
             meta: MetaState::new(),
             replicator,
             conns: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            links_up: BTreeSet::new(),
+            dirty: SoftState::default(),
+            leader: None,
             leases: BTreeMap::new(),
             out: VecDeque::new(),
             decoy,
@@ -160,7 +216,17 @@ impl<R: Replicator> TrackerNode<R> {
             partial: BTreeMap::new(),
             login_failures: BTreeMap::new(),
             next_sweep: Millis::ZERO,
+        };
+        while let Some(d) = node.replicator.poll_decided() {
+            match d {
+                Decided::Entry(e) => {
+                    let _ = node.meta.apply(&e);
+                }
+                Decided::Install(state) => node.meta = *state,
+            }
         }
+        node.leader = node.replicator.leader();
+        node
     }
 
     // ---- getters ----
@@ -173,13 +239,22 @@ impl<R: Replicator> TrackerNode<R> {
         self.conns.len()
     }
 
+    pub fn replicator(&self) -> &R {
+        &self.replicator
+    }
+
+    /// Who leads the cluster, as far as this node knows.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.replicator.leader()
+    }
+
     // ---- inputs ----
 
     /// A new connection from `remote`.
     pub fn handle_connected(&mut self, conn: ConnId, remote: SocketAddr, now: Millis) {
         let c = Conn {
             decoder: FrameDecoder::new(HELLO_FRAME_LIMIT),
-            greeted: false,
+            kind: Kind::New,
             remote: remote.ip(),
             opened: now,
             last_seen: now,
@@ -196,7 +271,31 @@ impl<R: Replicator> TrackerNode<R> {
         self.conns.remove(&conn);
     }
 
+    /// Our link to tracker `node` is connected: introduce ourselves and
+    /// tell it the soft state we know.
+    pub fn handle_peer_up(&mut self, node: NodeId, now: Millis) {
+        if !self.replicator.peers().contains(&node) {
+            return;
+        }
+        self.links_up.insert(node);
+        let hello = Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Tracker };
+        self.out.push_back(TrackerOutput::PeerSend { node, bytes: encode(&hello) });
+        let join = Message::Tracker(TrackerFrame::Join { node: self.replicator.me() });
+        self.out.push_back(TrackerOutput::PeerSend { node, bytes: encode(&join) });
+        let soft = Message::Tracker(TrackerFrame::Soft(self.full_soft_state(now)));
+        self.out.push_back(TrackerOutput::PeerSend { node, bytes: encode(&soft) });
+        self.replicator.handle_peer_up(node);
+        self.pump(now);
+    }
+
+    /// Our link to tracker `node` failed or closed.
+    pub fn handle_peer_down(&mut self, node: NodeId, _now: Millis) {
+        self.links_up.remove(&node);
+    }
+
     pub fn handle_timeout(&mut self, now: Millis) {
+        self.replicator.handle_timeout(now);
+        self.pump(now);
         if now < self.next_sweep {
             return;
         }
@@ -205,7 +304,8 @@ impl<R: Replicator> TrackerNode<R> {
             .conns
             .iter()
             .filter_map(|(id, c)| {
-                let why = if !c.greeted && now.since(c.opened) >= HELLO_TIMEOUT {
+                let greeted = matches!(c.kind, Kind::Client | Kind::Tracker(_));
+                let why = if !greeted && now.since(c.opened) >= HELLO_TIMEOUT {
                     "no Hello in time"
                 } else if c.partial_since.is_some_and(|t| now.since(t) >= FRAME_TIMEOUT) {
                     "a frame took too long to arrive"
@@ -233,6 +333,15 @@ impl<R: Replicator> TrackerNode<R> {
             });
             !holders.is_empty()
         });
+        let expired: Vec<RequestId> =
+            self.waiting.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(id, _)| *id).collect();
+        for id in expired {
+            let (conn, _) = self.waiting.remove(&id).expect("listed above");
+            tracing::debug!(?id, "write not decided in time");
+            self.write_answered(conn);
+            self.respond(conn, id, Err(ApiError::NoQuorum));
+        }
+        self.gossip();
     }
 
     pub fn handle_bytes(&mut self, conn: ConnId, bytes: &[u8], now: Millis) {
@@ -254,11 +363,43 @@ impl<R: Replicator> TrackerNode<R> {
                     return;
                 }
             };
-            if !c.greeted {
-                match msg {
+            match c.kind {
+                Kind::Client => {}
+                Kind::Tracker(node) => {
+                    self.handle_tracker_frame(conn, node, msg, now);
+                    continue;
+                }
+                Kind::TrackerHello => {
+                    let ok = match &msg {
+                        Message::Tracker(TrackerFrame::Join { node }) => {
+                            let from_ip = self.cfg.peer_ips.get(node).map_or(true, |ip| *ip == c.remote);
+                            (self.replicator.peers().contains(node) && from_ip).then_some(*node)
+                        }
+                        _ => None,
+                    };
+                    match ok {
+                        Some(node) => {
+                            c.kind = Kind::Tracker(node);
+                            c.decoder.set_limit(MAX_TRACKER_FRAME);
+                        }
+                        None => {
+                            self.refuse(conn, "not a tracker of this cluster".into());
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                Kind::New => match msg {
                     Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client } => {
-                        c.greeted = true;
+                        c.kind = Kind::Client;
                         c.decoder.set_limit(MAX_CONTROL_FRAME);
+                        continue;
+                    }
+                    Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Tracker }
+                        if !self.replicator.peers().is_empty() =>
+                    {
+                        c.kind = Kind::TrackerHello;
+                        continue;
                     }
                     Message::Hello { protocol_version, role } => {
                         self.refuse(
@@ -271,8 +412,7 @@ impl<R: Replicator> TrackerNode<R> {
                         self.refuse(conn, "the first message must be Hello".into());
                         return;
                     }
-                }
-                continue;
+                },
             }
             match msg {
                 Message::Request { id, session, body } => self.handle_request(conn, id, session, body, now),
@@ -291,13 +431,16 @@ impl<R: Replicator> TrackerNode<R> {
         self.out.pop_front()
     }
 
-    /// Connection deadlines, leases and grants are swept once a second.
+    /// Connection deadlines, leases, grants and waiting writes are swept
+    /// once a second; the replicator has its own ticks.
     pub fn poll_timeout(&self) -> Option<Millis> {
         let busy = !self.conns.is_empty()
             || !self.leases.is_empty()
             || !self.grants.is_empty()
-            || !self.login_failures.is_empty();
-        busy.then_some(self.next_sweep)
+            || !self.login_failures.is_empty()
+            || !self.waiting.is_empty();
+        let sweep = busy.then_some(self.next_sweep);
+        [sweep, self.replicator.poll_timeout()].into_iter().flatten().min()
     }
 
     // ---- internals ----
@@ -334,10 +477,16 @@ impl<R: Replicator> TrackerNode<R> {
         body: Request,
         now: Millis,
     ) {
+        if !self.replicator.is_synced() {
+            return self.respond(conn, id, Err(ApiError::CatchingUp));
+        }
         // A valid session refreshes its lease, whatever the request.
         let user = session.and_then(|t| self.meta.session(&t).map(|s| (t, s.user.clone(), s.listen)));
         if let Some((t, _, _)) = &user {
             self.leases.insert(*t, now.plus(self.cfg.session_lease));
+            if !self.replicator.peers().is_empty() {
+                self.dirty.leases.push((*t, self.cfg.session_lease.0));
+            }
         }
         let needs_session = !matches!(body, Request::CreateUser { .. } | Request::Login { .. });
         let (token, me, my_listen) = match (needs_session, user) {
@@ -422,9 +571,126 @@ impl<R: Replicator> TrackerNode<R> {
             return self.respond(conn, id, Err(ApiError::Limit("too many requests in flight".into())));
         }
         c.in_flight += 1;
-        self.waiting.insert(id, conn);
+        if let Some((old, _)) = self.waiting.insert(id, (conn, now.plus(WRITE_DEADLINE))) {
+            // The same request again (a retry on another connection): answer the newest.
+            self.write_answered(old);
+        }
         self.replicator.propose(Entry { id: Some(id), cmd });
-        self.apply_decided(now);
+        self.pump(now);
+    }
+
+    fn write_answered(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+        }
+    }
+
+    fn handle_tracker_frame(&mut self, conn: ConnId, node: NodeId, msg: Message, now: Millis) {
+        match msg {
+            Message::Tracker(TrackerFrame::Consensus(bytes)) => {
+                if let Err(e) = self.replicator.handle_message(node, &bytes) {
+                    tracing::warn!(node, error = %e, "bad consensus message, closing");
+                    self.refuse(conn, format!("bad consensus message: {e}"));
+                    return;
+                }
+                self.pump(now);
+            }
+            Message::Tracker(TrackerFrame::Soft(soft)) => self.merge_soft(soft, now),
+            _ => self.refuse(conn, "unexpected message between trackers".into()),
+        }
+    }
+
+    /// Drains the replicator: records to persist, messages to other
+    /// trackers, then decided entries to apply (and answer).
+    fn pump(&mut self, now: Millis) {
+        loop {
+            while let Some(p) = self.replicator.poll_persist() {
+                self.out.push_back(TrackerOutput::Persist(p));
+            }
+            while let Some((node, bytes)) = self.replicator.poll_send() {
+                if self.links_up.contains(&node) {
+                    let bytes = encode(&Message::Tracker(TrackerFrame::Consensus(bytes)));
+                    self.out.push_back(TrackerOutput::PeerSend { node, bytes });
+                }
+            }
+            let mut applied = false;
+            while let Some(d) = self.replicator.poll_decided() {
+                applied = true;
+                self.apply(d, now);
+            }
+            if !applied {
+                break;
+            }
+        }
+        let leader = self.replicator.leader();
+        if leader != self.leader {
+            self.leader = leader;
+            tracing::info!(?leader, me = self.replicator.me(), "leader changed");
+            self.out.push_back(TrackerOutput::LeaderChanged { leader });
+        }
+    }
+
+    /// Everything we know of the soft state, for a tracker we just reached.
+    fn full_soft_state(&self, now: Millis) -> SoftState {
+        SoftState {
+            leases: self.leases.iter().map(|(t, until)| (*t, until.0.saturating_sub(now.0))).collect(),
+            grants: self
+                .grants
+                .iter()
+                .map(|(g, i)| SoftGrant {
+                    grant: *g,
+                    user: i.user.clone(),
+                    group: i.group.clone(),
+                    name: i.name.clone(),
+                    ttl_ms: i.expires.0.saturating_sub(now.0),
+                })
+                .collect(),
+            partial: self
+                .partial
+                .iter()
+                .flat_map(|((g, n), holders)| holders.iter().map(move |(l, u)| (g.clone(), n.clone(), *l, u.clone())))
+                .collect(),
+        }
+    }
+
+    /// Sends what our clients told us since the last gossip to every tracker we reach.
+    fn gossip(&mut self) {
+        let soft = std::mem::take(&mut self.dirty);
+        if soft == SoftState::default() || self.links_up.is_empty() {
+            return;
+        }
+        let bytes = encode(&Message::Tracker(TrackerFrame::Soft(soft)));
+        for node in &self.links_up {
+            self.out.push_back(TrackerOutput::PeerSend { node: *node, bytes: bytes.clone() });
+        }
+    }
+
+    /// Soft state from another tracker: kept as if our clients had told us,
+    /// within the same bounds.
+    fn merge_soft(&mut self, soft: SoftState, now: Millis) {
+        for (token, ttl) in soft.leases {
+            let until = now.plus(Millis(ttl.min(self.cfg.session_lease.0)));
+            if self.meta.session(&token).is_some() {
+                let e = self.leases.entry(token).or_insert(until);
+                *e = (*e).max(until);
+            }
+        }
+        for g in soft.grants {
+            if self.grants.len() >= MAX_GRANTS {
+                break;
+            }
+            let expires = now.plus(Millis(g.ttl_ms.min(GRANT_TTL.0)));
+            self.grants.entry(g.grant).or_insert(GrantInfo { user: g.user, group: g.group, name: g.name, expires });
+        }
+        for (group, name, listen, user) in soft.partial {
+            let holders = self.partial.entry((group, name)).or_default();
+            if holders.len() < MAX_PARTIAL_HOLDERS || holders.contains_key(&listen) {
+                holders.insert(listen, user);
+            }
+        }
+        if self.next_sweep <= now {
+            self.next_sweep = now.plus(SWEEP_EVERY);
+        }
     }
 
     /// Seconds to wait if any of `keys` has used up its failed logins.
@@ -488,6 +754,15 @@ impl<R: Replicator> TrackerNode<R> {
         let mut bits = [0u8; 16];
         self.rng.fill(&mut bits);
         let grant = Grant(bits);
+        if !self.replicator.peers().is_empty() {
+            self.dirty.grants.push(SoftGrant {
+                grant,
+                user: me.clone(),
+                group: group.clone(),
+                name: name.clone(),
+                ttl_ms: GRANT_TTL.0,
+            });
+        }
         self.grants.insert(grant, GrantInfo { user: me.clone(), group, name, expires: now.plus(GRANT_TTL) });
         Ok(Reply::Download { digest, sharers, grant })
     }
@@ -505,43 +780,49 @@ impl<R: Replicator> TrackerNode<R> {
         if chunk as usize >= f.meta.digest.chunks.len() {
             return Err(ApiError::InvalidFile(format!("no chunk {chunk}")));
         }
-        let holders = self.partial.entry((group, name)).or_default();
+        let holders = self.partial.entry((group.clone(), name.clone())).or_default();
         if holders.len() >= MAX_PARTIAL_HOLDERS && !holders.contains_key(&my_listen) {
             return Err(ApiError::Limit("too many peers downloading this file".into()));
         }
-        holders.insert(my_listen, me);
+        if holders.insert(my_listen, me.clone()).is_none() && !self.replicator.peers().is_empty() {
+            self.dirty.partial.push((group, name, my_listen, me));
+        }
         Ok(Reply::Done)
     }
 
-    /// Replays one record of the durable log (see [`TrackerOutput::Persist`])
-    /// at start-up, before any connection.
-    pub fn restore(&mut self, record: &[u8]) -> Result<(), crate::wire::FrameError> {
-        let entry: Entry = crate::wire::decode(record)?;
-        let _ = self.meta.apply(&entry);
-        Ok(())
-    }
-
-    fn apply_decided(&mut self, now: Millis) {
-        while let Some(entry) = self.replicator.poll_decided() {
-            let record = postcard::to_allocvec(&entry).expect("postcard encoding into a Vec");
-            self.out.push_back(TrackerOutput::Persist { record });
-            let result = self.meta.apply(&entry);
-            match (&entry.cmd, &result) {
-                (Command::OpenSession { token, .. }, Ok(_)) => {
-                    self.leases.insert(*token, now.plus(self.cfg.session_lease));
-                }
-                (Command::CloseSession { token }, _) => {
-                    self.leases.remove(token);
-                }
-                _ => {}
-            }
-            if let Some(id) = entry.id {
-                if let Some(conn) = self.waiting.remove(&id) {
-                    if let Some(c) = self.conns.get_mut(&conn) {
-                        c.in_flight = c.in_flight.saturating_sub(1);
-                    }
+    fn apply(&mut self, d: Decided, now: Millis) {
+        let entry = match d {
+            Decided::Entry(e) => e,
+            Decided::Install(state) => {
+                self.meta = *state;
+                // Writes we were waiting for may be inside the snapshot.
+                let done: Vec<(RequestId, ConnId, Result<Reply, ApiError>)> = self
+                    .waiting
+                    .iter()
+                    .filter_map(|(id, (conn, _))| self.meta.result_of(*id).map(|r| (*id, *conn, r)))
+                    .collect();
+                for (id, conn, result) in done {
+                    self.waiting.remove(&id);
+                    self.write_answered(conn);
                     self.respond(conn, id, result);
                 }
+                return;
+            }
+        };
+        let result = self.meta.apply(&entry);
+        match (&entry.cmd, &result) {
+            (Command::OpenSession { token, .. }, Ok(_)) => {
+                self.leases.insert(*token, now.plus(self.cfg.session_lease));
+            }
+            (Command::CloseSession { token }, _) => {
+                self.leases.remove(token);
+            }
+            _ => {}
+        }
+        if let Some(id) = entry.id {
+            if let Some((conn, _)) = self.waiting.remove(&id) {
+                self.write_answered(conn);
+                self.respond(conn, id, result);
             }
         }
     }

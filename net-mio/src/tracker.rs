@@ -1,21 +1,47 @@
-//! Serves a [`TrackerNode`] on a TCP listener.
+//! Serves a [`TrackerNode`] on a TCP listener, and links it to the other
+//! trackers of its cluster.
+//!
+//! One thread, one mio loop: client connections and the connections other
+//! trackers open to us are accepted on the listener; we open one connection to
+//! every other tracker and redial it with backoff when it fails. Log records
+//! the node emits are appended to the write-ahead log and fsync'ed (one fsync
+//! per loop turn) before anything that follows them is sent.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 
-use mio::net::TcpListener;
+use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
-use shoal_core::tracker::{ConnId, Replicator, TrackerNode, TrackerOutput};
+use shoal_core::tracker::{ConnId, NodeId, Persist, Replicator, TrackerNode, TrackerOutput};
+use shoal_core::Millis;
 
 use crate::clock::Clock;
 use crate::conn::{Conn, ReadOutcome};
 use crate::wal::WalFile;
 
 const LISTENER: Token = Token(0);
+/// Tokens of our links to other trackers: this base plus the tracker's id.
+const PEER_BASE: usize = 1 << 40;
+/// First pause before redialing a tracker; it doubles up to [`REDIAL_MAX`].
+const REDIAL_MIN: Millis = Millis(100);
+const REDIAL_MAX: Millis = Millis(1_000);
 
 /// Most client connections a tracker holds at once; more are refused at accept.
 pub const MAX_TRACKER_CONNECTIONS: usize = 4096;
+
+enum LinkState {
+    Down { retry_at: Millis, backoff: Millis },
+    Connecting(Conn),
+    Up(Conn),
+}
+
+struct Link {
+    addr: SocketAddr,
+    state: LinkState,
+}
+
+type LeaderHook = Box<dyn FnMut(Option<NodeId>) + Send>;
 
 pub struct TrackerServer<R: Replicator> {
     poll: Poll,
@@ -27,6 +53,8 @@ pub struct TrackerServer<R: Replicator> {
     max_connections: usize,
     /// The durable log; `None` keeps everything in memory (tests, demo).
     wal: Option<WalFile>,
+    links: BTreeMap<NodeId, Link>,
+    on_leader: Option<LeaderHook>,
 }
 
 impl<R: Replicator> TrackerServer<R> {
@@ -43,10 +71,12 @@ impl<R: Replicator> TrackerServer<R> {
             clock: Clock::default(),
             max_connections: MAX_TRACKER_CONNECTIONS,
             wal: None,
+            links: BTreeMap::new(),
+            on_leader: None,
         })
     }
 
-    /// Makes every decided write durable in `wal` before it is answered.
+    /// Makes every log record durable in `wal` before what depends on it is sent.
     pub fn with_wal(mut self, wal: WalFile) -> Self {
         self.wal = Some(wal);
         self
@@ -58,16 +88,41 @@ impl<R: Replicator> TrackerServer<R> {
         self
     }
 
+    /// The other trackers of the cluster, to keep a link open to each.
+    pub fn with_peers(mut self, peers: impl IntoIterator<Item = (NodeId, SocketAddr)>) -> Self {
+        for (node, addr) in peers {
+            self.links.insert(node, Link { addr, state: LinkState::Down { retry_at: Millis::ZERO, backoff: REDIAL_MIN } });
+        }
+        self
+    }
+
+    /// Called whenever the node learns a new leader (or loses it).
+    pub fn on_leader_change(mut self, f: impl FnMut(Option<NodeId>) + Send + 'static) -> Self {
+        self.on_leader = Some(Box::new(f));
+        self
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
-    /// Runs until an unrecoverable poll error.
+    /// Runs until an unrecoverable poll or disk error.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let timeout = self.clock.until(self.node.poll_timeout());
+            let now = self.clock.now();
+            self.redial(now);
+            let redial_at = self
+                .links
+                .values()
+                .filter_map(|l| match l.state {
+                    LinkState::Down { retry_at, .. } => Some(retry_at),
+                    _ => None,
+                })
+                .min();
+            let deadline = [self.node.poll_timeout(), redial_at].into_iter().flatten().min();
+            let timeout = self.clock.until(deadline);
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -81,6 +136,10 @@ impl<R: Replicator> TrackerServer<R> {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(now)?,
+                    token if token.0 >= PEER_BASE => {
+                        let node = (token.0 - PEER_BASE) as NodeId;
+                        self.link_event(node, ev.is_readable() || ev.is_read_closed() || ev.is_error(), now, &mut buf);
+                    }
                     token => {
                         let Some(conn) = self.conns.get_mut(&token) else { continue };
                         let id = ConnId(token.0 as u64);
@@ -104,7 +163,76 @@ impl<R: Replicator> TrackerServer<R> {
         }
     }
 
-    fn accept(&mut self, now: shoal_core::Millis) -> io::Result<()> {
+    fn redial(&mut self, now: Millis) {
+        for (node, link) in self.links.iter_mut() {
+            let LinkState::Down { retry_at, backoff } = link.state else { continue };
+            if retry_at > now {
+                continue;
+            }
+            let token = Token(PEER_BASE + *node as usize);
+            let next = LinkState::Down { retry_at: now.plus(backoff), backoff: Millis((backoff.0 * 2).min(REDIAL_MAX.0)) };
+            link.state = match TcpStream::connect(link.addr) {
+                Ok(mut s) => {
+                    match self.poll.registry().register(&mut s, token, Interest::READABLE | Interest::WRITABLE) {
+                        Ok(()) => LinkState::Connecting(Conn::connecting(s)),
+                        Err(_) => next,
+                    }
+                }
+                Err(_) => next,
+            };
+        }
+    }
+
+    fn link_down(&mut self, node: NodeId, now: Millis) {
+        let Some(link) = self.links.get_mut(&node) else { return };
+        let was_up = matches!(link.state, LinkState::Up(_));
+        let old = std::mem::replace(&mut link.state, LinkState::Down { retry_at: now.plus(REDIAL_MIN), backoff: REDIAL_MIN });
+        if let LinkState::Connecting(mut c) | LinkState::Up(mut c) = old {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+        }
+        if was_up {
+            tracing::info!(node, "link to tracker lost");
+            self.node.handle_peer_down(node, now);
+        }
+    }
+
+    fn link_event(&mut self, node: NodeId, readable: bool, now: Millis, buf: &mut [u8]) {
+        let token = Token(PEER_BASE + node as usize);
+        let Some(link) = self.links.get_mut(&node) else { return };
+        match &mut link.state {
+            LinkState::Connecting(c) => match (c.stream.take_error(), c.stream.peer_addr()) {
+                (Ok(None), Ok(_)) => {
+                    let _ = c.stream.set_nodelay(true);
+                    let LinkState::Connecting(c) =
+                        std::mem::replace(&mut link.state, LinkState::Down { retry_at: now, backoff: REDIAL_MIN })
+                    else {
+                        unreachable!("matched above")
+                    };
+                    link.state = LinkState::Up(c);
+                    tracing::info!(node, addr = %link.addr, "linked to tracker");
+                    self.node.handle_peer_up(node, now);
+                    if let Some(LinkState::Up(c)) = self.links.get_mut(&node).map(|l| &mut l.state) {
+                        if c.flush(self.poll.registry(), token).is_err() {
+                            self.link_down(node, now);
+                        }
+                    }
+                }
+                (Err(_), _) | (Ok(Some(_)), _) => self.link_down(node, now),
+                // Not connected yet (spurious wake-up).
+                (Ok(None), Err(_)) => {}
+            },
+            LinkState::Up(c) => {
+                // The other side never speaks on our link: a read is its close.
+                let closed = readable && matches!(c.read_all(buf, |_| {}), ReadOutcome::Closed);
+                if closed || c.flush(self.poll.registry(), token).is_err() {
+                    self.link_down(node, now);
+                }
+            }
+            LinkState::Down { .. } => {}
+        }
+    }
+
+    fn accept(&mut self, now: Millis) -> io::Result<()> {
         loop {
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
@@ -131,34 +259,62 @@ impl<R: Replicator> TrackerServer<R> {
         }
     }
 
-    fn drop_conn(&mut self, token: Token, now: shoal_core::Millis) {
+    fn drop_conn(&mut self, token: Token, now: Millis) {
         if let Some(mut c) = self.conns.remove(&token) {
             let _ = self.poll.registry().deregister(&mut c.stream);
             self.node.handle_closed(ConnId(token.0 as u64), now);
         }
     }
 
+    fn sync_wal(&mut self) -> io::Result<()> {
+        if let Some(wal) = &mut self.wal {
+            wal.sync().map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", wal.path().display())))?;
+        }
+        Ok(())
+    }
+
     /// Sends the node's outputs. Log records are made durable (one fsync for
     /// all of them) before anything that follows them goes out.
-    fn drain(&mut self, now: shoal_core::Millis) -> io::Result<()> {
+    fn drain(&mut self, now: Millis) -> io::Result<()> {
         while let Some(out) = self.node.poll_output() {
-            let (token, bytes) = match &out {
-                TrackerOutput::Persist { record } => {
+            let (token, bytes) = match out {
+                TrackerOutput::Persist(Persist::Append(record)) => {
                     if let Some(wal) = &mut self.wal {
-                        wal.append(record);
+                        wal.append(&record);
+                    }
+                    continue;
+                }
+                TrackerOutput::Persist(Persist::Rewrite(record)) => {
+                    if let Some(wal) = &mut self.wal {
+                        wal.rewrite(&record).map_err(|e| {
+                            io::Error::new(e.kind(), format!("cannot rewrite {}: {e}", wal.path().display()))
+                        })?;
+                    }
+                    continue;
+                }
+                TrackerOutput::LeaderChanged { leader } => {
+                    if let Some(f) = &mut self.on_leader {
+                        f(leader);
+                    }
+                    continue;
+                }
+                TrackerOutput::PeerSend { node, bytes } => {
+                    self.sync_wal()?;
+                    let token = Token(PEER_BASE + node as usize);
+                    if let Some(Link { state: LinkState::Up(c), .. }) = self.links.get_mut(&node) {
+                        if !c.queue_owned(bytes) || c.flush(self.poll.registry(), token).is_err() {
+                            self.link_down(node, now);
+                        }
                     }
                     continue;
                 }
                 TrackerOutput::Transmit { conn, bytes } => (Token(conn.0 as usize), Some(bytes)),
                 TrackerOutput::Close { conn } => (Token(conn.0 as usize), None),
             };
-            if let Some(wal) = &mut self.wal {
-                wal.sync()
-                    .map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", wal.path().display())))?;
-            }
+            self.sync_wal()?;
             let Some(c) = self.conns.get_mut(&token) else { continue };
             let ok = match bytes {
-                Some(b) => c.queue(b) && c.flush(self.poll.registry(), token).is_ok(),
+                Some(b) => c.queue(&b) && c.flush(self.poll.registry(), token).is_ok(),
                 None => {
                     c.closing = true;
                     true
@@ -169,9 +325,7 @@ impl<R: Replicator> TrackerServer<R> {
                 self.drop_conn(token, now);
             }
         }
-        if let Some(wal) = &mut self.wal {
-            wal.sync()?;
-        }
+        self.sync_wal()?;
         // Connections told to close whose backlog has since drained.
         let finished: Vec<Token> =
             self.conns.iter().filter(|(_, c)| c.closing && !c.has_backlog()).map(|(t, _)| *t).collect();

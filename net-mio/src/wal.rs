@@ -29,6 +29,8 @@ impl WalFile {
     pub fn open(dir: &Path) -> Result<Opened, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let path = dir.join("log");
+        // A rewrite that crashed before its rename: the old log is still whole.
+        let _ = std::fs::remove_file(path.with_extension("new"));
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -63,6 +65,28 @@ impl WalFile {
         self.file.write_all(&self.pending)?;
         self.file.sync_data()?;
         self.pending.clear();
+        Ok(())
+    }
+
+    /// Replaces the whole log with one record (an image of the state after
+    /// compaction), atomically: written to a temporary file, synced, renamed
+    /// over the log, directory synced. Records appended and not yet synced
+    /// are dropped: the image includes them.
+    pub fn rewrite(&mut self, record: &[u8]) -> io::Result<()> {
+        self.pending.clear();
+        let tmp = self.path.with_extension("new");
+        let mut bytes = Vec::with_capacity(record.len() + 12);
+        encode_record(record, &mut bytes);
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
         Ok(())
     }
 

@@ -1,7 +1,6 @@
 //! `demo`: a whole shoal swarm in one process, on loopback.
 //!
-//! Starts the first tracker of `tracker_info.txt` (the others join once
-//! trackers replicate), three clients, generates a file, shares it from two of
+//! Starts the trackers of `tracker_info.txt` (replicating in memory), three clients, generates a file, shares it from two of
 //! them, downloads it on the third from both at once with live progress, stops
 //! one sharer abruptly halfway, checks the result's SHA1 and prints a summary.
 //! Cleans up after itself.
@@ -14,11 +13,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use shoal_core::client::ClientConfig;
-use shoal_core::rng::Rng;
 use shoal_core::shell::parse;
-use shoal_core::tracker::{SoloReplicator, TrackerConfig, TrackerNode};
 use shoal_net_mio::client::ClientHandle;
-use shoal_net_mio::tracker::TrackerServer;
 
 #[derive(Parser)]
 #[command(name = "demo", version, about = "Runs a local shoal swarm that shares and downloads a file")]
@@ -61,12 +57,11 @@ fn step(client: &ClientHandle, who: &str, line: &str) -> Result<Vec<String>, Str
 
 fn run(args: &Args) -> Result<(), String> {
     let trackers = shoal_bins::load_tracker_info(&args.tracker_info)?;
-    let first = &trackers[0];
-    let seed = shoal_net_mio::os_seed().map_err(|e| e.to_string())?;
-    let node = TrackerNode::new(TrackerConfig::default(), Rng::from_seed(seed), SoloReplicator::default());
-    let server = TrackerServer::bind(first.addr, node).map_err(|e| format!("cannot listen on {}: {e}", first.addr))?;
-    println!("tracker {} listening on {}", first.id, first.addr);
-    std::thread::spawn(move || server.run());
+    for t in &trackers {
+        shoal_bins::spawn_tracker(&trackers, t.id)?;
+        println!("tracker {} listening on {}", t.id, t.addr);
+    }
+    let tracker_addrs: Vec<SocketAddr> = trackers.iter().map(|t| t.addr).collect();
 
     let dir = std::env::temp_dir().join(format!("shoal-demo-{}", std::process::id()));
     let _cleanup = Cleanup(dir.clone());
@@ -80,7 +75,7 @@ fn run(args: &Args) -> Result<(), String> {
 
     let any: SocketAddr = "127.0.0.1:0".parse().expect("valid");
     let start = |rate: Option<f64>| {
-        let mut cfg = ClientConfig::new(any, vec![first.addr]);
+        let mut cfg = ClientConfig::new(any, tracker_addrs.clone());
         cfg.max_upload_rate = rate.map(|r| (r * 1e6) as u64);
         ClientHandle::start(cfg).map_err(|e| e.to_string())
     };

@@ -1,11 +1,12 @@
 //! `tracker tracker_info.txt <tracker_id>`: runs one tracker of the cluster.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use shoal_core::rng::Rng;
-use shoal_core::tracker::{SoloReplicator, TrackerConfig, TrackerNode};
+use shoal_core::tracker::{NodeId, OmniReplicator, SoloReplicator, TrackerConfig, TrackerNode};
 use shoal_net_mio::tracker::TrackerServer;
 use shoal_net_mio::wal::WalFile;
 
@@ -41,21 +42,50 @@ fn run(args: Args) -> Result<(), String> {
         format!("no tracker {} in {} (ids: {})", args.tracker_id, args.tracker_info.display(), ids.join(", "))
     })?;
     let seed = shoal_net_mio::os_seed().map_err(|e| format!("no randomness from the OS: {e}"))?;
-    let mut node = TrackerNode::new(TrackerConfig::default(), Rng::from_seed(seed), SoloReplicator::default());
     let dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("shoal-tracker-{}", me.id)));
     let opened = WalFile::open(&dir)?;
-    for (i, r) in opened.records.iter().enumerate() {
-        node.restore(r).map_err(|e| format!("{}: record {} is unreadable: {e}", opened.wal.path().display(), i + 1))?;
-    }
+    let log = opened.wal.path().display().to_string();
     let (replayed, torn_bytes) = (opened.records.len(), opened.torn_bytes);
+    let records = opened.records.iter().map(|r| r.as_slice());
+    let peers: Vec<_> = trackers.iter().filter(|t| t.id != me.id).collect();
+    let cfg = TrackerConfig {
+        peer_ips: peers.iter().map(|t| (t.id as NodeId, t.addr.ip())).collect(),
+        ..TrackerConfig::default()
+    };
+    let peer_list: Vec<String> = peers.iter().map(|t| format!("{} at {}", t.id, t.addr)).collect();
+    let torn = if torn_bytes > 0 { format!(" (cut a torn tail of {torn_bytes} bytes)") } else { String::new() };
+    let banner = |addr: SocketAddr| {
+        println!("tracker {} listening on {addr}", me.id);
+        println!("peers: {}", if peer_list.is_empty() { "none".into() } else { peer_list.join(", ") });
+        println!("data: {} ({replayed} log records replayed){torn}", dir.display());
+    };
+    if peers.is_empty() {
+        let rep = SoloReplicator::recover(records).map_err(|e| format!("{log}: unreadable record: {e}"))?;
+        let node = TrackerNode::new(cfg, Rng::from_seed(seed), rep);
+        let server = TrackerServer::bind(me.addr, node)
+            .map_err(|e| format!("cannot listen on {}: {e}", me.addr))?
+            .with_wal(opened.wal);
+        banner(server.local_addr().map_err(|e| e.to_string())?);
+        println!("leader: tracker {} (this one, alone)", me.id);
+        return server.run().map_err(|e| format!("tracker stopped: {e}"));
+    }
+    let nodes: Vec<NodeId> = trackers.iter().map(|t| t.id as NodeId).collect();
+    let rep = OmniReplicator::recover(me.id as NodeId, &nodes, records).map_err(|e| format!("{log}: {e}"))?;
+    println!("log: decided up to entry {}, snapshot up to {}", rep.decided_idx(), rep.compacted_idx());
+    let node = TrackerNode::new(cfg, Rng::from_seed(seed), rep);
+    let me_id = me.id as NodeId;
     let server = TrackerServer::bind(me.addr, node)
         .map_err(|e| format!("cannot listen on {}: {e}", me.addr))?
-        .with_wal(opened.wal);
-    let peers: Vec<String> =
-        trackers.iter().filter(|t| t.id != me.id).map(|t| format!("{} at {}", t.id, t.addr)).collect();
-    println!("tracker {} listening on {}", me.id, server.local_addr().map_err(|e| e.to_string())?);
-    println!("peers: {}", if peers.is_empty() { "none".into() } else { peers.join(", ") });
-    let torn = if torn_bytes > 0 { format!(" (cut a torn tail of {torn_bytes} bytes)") } else { String::new() };
-    println!("data: {} ({replayed} log records replayed){torn}", dir.display());
+        .with_wal(opened.wal)
+        .with_peers(peers.iter().map(|t| (t.id as NodeId, t.addr)))
+        .on_leader_change(move |leader| {
+            match leader {
+                Some(l) if l == me_id => println!("leader: tracker {l} (this one)"),
+                Some(l) => println!("leader: tracker {l}"),
+                None => println!("leader: none known"),
+            }
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        });
+    banner(server.local_addr().map_err(|e| e.to_string())?);
     server.run().map_err(|e| format!("tracker stopped: {e}"))
 }

@@ -2,33 +2,117 @@
 //!
 //! A node proposes entries and applies, in order, whatever comes out of
 //! [`Replicator::poll_decided`]. Every node of a cluster sees the same decided
-//! sequence. [`SoloReplicator`] is the one-node case: what is proposed is
-//! decided at once.
+//! sequence. Two implementations:
+//!
+//! - [`SoloReplicator`], a cluster of one: what is proposed is decided at once;
+//! - [`super::omni::OmniReplicator`], omnipaxos across the trackers of
+//!   `tracker_info.txt`.
+//!
+//! Calling contract (the tracker node does this for its driver): after every
+//! input, drain [`Replicator::poll_persist`] (records the driver makes durable
+//! before it sends anything that follows them), then [`Replicator::poll_send`]
+//! (messages to other trackers), then [`Replicator::poll_decided`].
 
 use std::collections::VecDeque;
 
-use crate::meta::Entry;
+use crate::meta::{Entry, MetaState};
+use crate::time::Millis;
+use crate::wire::FrameError;
+
+/// A tracker's id: its line in `tracker_info.txt` (1-based).
+pub type NodeId = u64;
+
+/// What the log hands the state machine, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decided {
+    /// Apply this entry.
+    Entry(Entry),
+    /// Replace the state with this one (a snapshot of a longer prefix of the
+    /// log than was applied: this node was far behind, or starts empty).
+    Install(Box<MetaState>),
+}
+
+/// A record for the durable log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Persist {
+    /// Append it.
+    Append(Vec<u8>),
+    /// Replace the whole log with this one record (after compaction).
+    Rewrite(Vec<u8>),
+}
 
 pub trait Replicator {
     /// Offers an entry for the log. It may be decided later, or never (then
     /// the client times out and retries with the same request id).
     fn propose(&mut self, entry: Entry);
     /// The next decided entry, in log order.
-    fn poll_decided(&mut self) -> Option<Entry>;
+    fn poll_decided(&mut self) -> Option<Decided>;
+    /// The next record to make durable.
+    fn poll_persist(&mut self) -> Option<Persist>;
+    /// The next message for another tracker.
+    fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>)> {
+        None
+    }
+    /// A message from tracker `from`.
+    fn handle_message(&mut self, _from: NodeId, _bytes: &[u8]) -> Result<(), FrameError> {
+        Ok(())
+    }
+    /// A link to tracker `node` was (re)established.
+    fn handle_peer_up(&mut self, _node: NodeId) {}
+    fn handle_timeout(&mut self, _now: Millis) {}
+    fn poll_timeout(&self) -> Option<Millis> {
+        None
+    }
+    /// Who leads, as far as this node knows.
+    fn leader(&self) -> Option<NodeId>;
+    /// Whether this node has caught up with the cluster since it started: it
+    /// may answer reads only then.
+    fn is_synced(&self) -> bool {
+        true
+    }
+    fn me(&self) -> NodeId;
+    fn peers(&self) -> &[NodeId] {
+        &[]
+    }
 }
 
 /// A log of one: every proposal is decided immediately.
 #[derive(Debug, Default)]
 pub struct SoloReplicator {
     decided: VecDeque<Entry>,
+    persist: VecDeque<Vec<u8>>,
+}
+
+impl SoloReplicator {
+    /// Rebuilds the log from its durable records (each one entry), oldest first.
+    pub fn recover<'a>(records: impl IntoIterator<Item = &'a [u8]>) -> Result<SoloReplicator, FrameError> {
+        let mut r = SoloReplicator::default();
+        for rec in records {
+            r.decided.push_back(crate::wire::decode(rec)?);
+        }
+        Ok(r)
+    }
 }
 
 impl Replicator for SoloReplicator {
     fn propose(&mut self, entry: Entry) {
+        self.persist.push_back(postcard::to_allocvec(&entry).expect("postcard encoding into a Vec"));
         self.decided.push_back(entry);
     }
 
-    fn poll_decided(&mut self) -> Option<Entry> {
-        self.decided.pop_front()
+    fn poll_decided(&mut self) -> Option<Decided> {
+        self.decided.pop_front().map(Decided::Entry)
+    }
+
+    fn poll_persist(&mut self) -> Option<Persist> {
+        self.persist.pop_front().map(Persist::Append)
+    }
+
+    fn leader(&self) -> Option<NodeId> {
+        Some(1)
+    }
+
+    fn me(&self) -> NodeId {
+        1
     }
 }

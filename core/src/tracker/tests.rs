@@ -177,8 +177,17 @@ fn failed_logins_are_limited_per_user_and_per_address() {
 struct Stuck;
 impl Replicator for Stuck {
     fn propose(&mut self, _: Entry) {}
-    fn poll_decided(&mut self) -> Option<Entry> {
+    fn poll_decided(&mut self) -> Option<Decided> {
         None
+    }
+    fn poll_persist(&mut self) -> Option<Persist> {
+        None
+    }
+    fn leader(&self) -> Option<NodeId> {
+        None
+    }
+    fn me(&self) -> NodeId {
+        1
     }
 }
 
@@ -207,4 +216,31 @@ fn overlong_passwords_are_refused_before_hashing() {
     bytes.extend(req(1, None, Request::CreateUser { user: UserId::new("al").unwrap(), password: long }));
     n.handle_bytes(C, &bytes, Millis(0));
     assert_eq!(answer(&drain(&mut n)), Err(ApiError::PasswordTooLong));
+}
+
+#[test]
+fn a_write_not_decided_in_time_is_answered_no_quorum_and_frees_its_slot() {
+    let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
+    let mut n = TrackerNode::new(cfg, Rng::from_u64(1), Stuck);
+    n.handle_connected(C, REMOTE, Millis(0));
+    n.handle_bytes(C, &hello(), Millis(0));
+    for i in 0..MAX_WRITES_IN_FLIGHT as u64 {
+        let r = Request::CreateUser { user: UserId::new(format!("u{i}")).unwrap(), password: "p".into() };
+        n.handle_bytes(C, &req(i, None, r), Millis(0));
+    }
+    assert!(drain(&mut n).is_empty());
+    let deadline = n.poll_timeout().expect("a sweep is due");
+    assert!(deadline <= WRITE_DEADLINE.plus(Millis(1_000)));
+    n.handle_timeout(Millis(500));
+    assert!(drain(&mut n).is_empty(), "not yet");
+    n.handle_timeout(WRITE_DEADLINE.plus(Millis(1_000)));
+    let outs = drain(&mut n);
+    assert_eq!(outs.len(), MAX_WRITES_IN_FLIGHT);
+    for o in &outs {
+        assert_eq!(answer(std::slice::from_ref(o)), Err(ApiError::NoQuorum));
+    }
+    // The slots are free again.
+    let r = Request::CreateUser { user: UserId::new("later").unwrap(), password: "p".into() };
+    n.handle_bytes(C, &req(999, None, r), Millis(4_000));
+    assert!(drain(&mut n).is_empty(), "waiting for the log again, not refused");
 }

@@ -1,0 +1,557 @@
+//! The replicated log of a tracker cluster: omnipaxos behind [`Replicator`].
+//!
+//! [`OmniReplicator`] wraps an `omnipaxos::OmniPaxos` (sans-IO, tick driven)
+//! with three things of ours:
+//!
+//! - [`DurableStorage`], omnipaxos's storage: everything in memory, and every
+//!   change also journaled as a [`Persist`] record that the driver appends to
+//!   its write-ahead log and fsyncs before sending anything that follows. At
+//!   start-up the records are replayed ([`OmniReplicator::recover`]) and
+//!   omnipaxos is rebuilt from what they describe. After a snapshot the
+//!   journal asks for a rewrite: the whole storage as one record, replacing the
+//!   log, so the file stays the size of the state plus a short suffix.
+//! - [`MetaSnapshot`], omnipaxos's snapshot type: the metadata state after a
+//!   prefix of the log. A peer that is too far behind (or whose data dir was
+//!   wiped) receives one and installs it ([`Decided::Install`]), then the
+//!   suffix.
+//! - virtual time: [`Replicator::handle_timeout`] turns `now` into omnipaxos
+//!   ticks (one per [`TICK`]), so leader election and resends run on the
+//!   driver's clock (or the simulator's).
+//!
+//! Calling contract: the same as [`Replicator`]'s. Drain `poll_persist`
+//! before `poll_send`, and make those records durable before sending.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use omnipaxos::ballot_leader_election::Ballot;
+use omnipaxos::messages::Message as PaxosMessage;
+use omnipaxos::storage::{Snapshot, StopSign, Storage, StorageOp, StorageResult};
+use omnipaxos::util::LogEntry;
+use omnipaxos::{ClusterConfig, OmniPaxos, OmniPaxosConfig, ServerConfig};
+use serde::{Deserialize, Serialize};
+
+use super::replicator::{Decided, NodeId, Persist, Replicator};
+use crate::meta::{Entry, MetaState};
+use crate::time::Millis;
+use crate::wire::FrameError;
+
+/// One omnipaxos tick. Election and resend timeouts are counted in ticks.
+pub const TICK: Millis = Millis(10);
+/// Ticks between leader heartbeat rounds: a dead leader is replaced in about
+/// two rounds (0.4-0.6 s).
+pub const ELECTION_TICKS: u64 = 20;
+/// Ticks before an unanswered Prepare/Promise/Decide is resent.
+pub const RESEND_TICKS: u64 = 50;
+/// Decided entries kept in the log before the state is snapshotted and the
+/// log trimmed (locally: each tracker compacts on its own).
+pub const SNAPSHOT_EVERY: usize = 20_000;
+
+impl omnipaxos::storage::Entry for Entry {
+    type Snapshot = MetaSnapshot;
+}
+
+/// The metadata after a prefix of the log, or (as a delta on the wire) a run
+/// of decided entries to apply on top of one.
+///
+/// omnipaxos creates snapshots from runs of entries and merges deltas into
+/// the snapshot it stores; a stored snapshot always covers the log from index
+/// 0, so merging folds everything into `state`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaSnapshot {
+    state: Option<MetaState>,
+    entries: Vec<Entry>,
+}
+
+impl MetaSnapshot {
+    /// The state this snapshot stands for, when it covers the log from 0.
+    pub fn into_state(self) -> MetaState {
+        let mut state = self.state.unwrap_or_default();
+        for e in &self.entries {
+            let _ = state.apply(e);
+        }
+        state
+    }
+
+    fn fold(&mut self) {
+        if self.state.is_none() || !self.entries.is_empty() {
+            let me = std::mem::replace(self, MetaSnapshot { state: None, entries: Vec::new() });
+            self.state = Some(me.into_state());
+        }
+    }
+}
+
+impl Snapshot<Entry> for MetaSnapshot {
+    fn create(entries: &[Entry]) -> Self {
+        MetaSnapshot { state: None, entries: entries.to_vec() }
+    }
+
+    fn merge(&mut self, delta: Self) {
+        // `self` covers the log from 0 (see above): fold it, then apply.
+        self.fold();
+        let state = self.state.as_mut().expect("folded");
+        if let Some(s) = delta.state {
+            // A complete snapshot replaces what we had.
+            *state = s;
+        }
+        for e in &delta.entries {
+            let _ = state.apply(e);
+        }
+    }
+
+    fn use_snapshots() -> bool {
+        true
+    }
+}
+
+/// One change of the consensus storage, as journaled.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Op {
+    Append(Vec<Entry>),
+    AppendOnPrefix(u64, Vec<Entry>),
+    Promise(Ballot),
+    Decided(u64),
+    AcceptedRound(Ballot),
+    Compacted(u64),
+    Trim(u64),
+    StopSign(Option<StopSign>),
+    Snapshot(Option<MetaSnapshot>),
+}
+
+/// The whole storage: the first record of a rewritten log.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Image {
+    promise: Option<Ballot>,
+    accepted_round: Option<Ballot>,
+    decided_idx: u64,
+    compacted_idx: u64,
+    trimmed_idx: u64,
+    stopsign: Option<StopSign>,
+    snapshot: Option<MetaSnapshot>,
+    log: Vec<Entry>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum Record {
+    Ops(Vec<Op>),
+    Image(Box<Image>),
+}
+
+/// The storage's contents and its journal.
+#[derive(Default)]
+struct Inner {
+    s: Image,
+    /// Changes not yet handed to the driver.
+    journal: VecDeque<Vec<u8>>,
+    /// The log was compacted: the next record replaces the file.
+    rewrite: bool,
+}
+
+/// omnipaxos's storage: memory, journaled for the driver's write-ahead log.
+///
+/// omnipaxos owns its storage and gives no access to it, so the replicator
+/// keeps a second handle on the same contents to drain the journal.
+#[derive(Clone, Default)]
+pub struct DurableStorage {
+    inner: Rc<RefCell<Inner>>,
+}
+
+impl Inner {
+    fn apply(&mut self, op: Op) {
+        let s = &mut self.s;
+        match op {
+            Op::Append(mut v) => s.log.append(&mut v),
+            Op::AppendOnPrefix(from, mut v) => {
+                let keep = (from.saturating_sub(s.trimmed_idx) as usize).min(s.log.len());
+                s.log.truncate(keep);
+                s.log.append(&mut v);
+            }
+            Op::Promise(b) => s.promise = Some(b),
+            Op::Decided(i) => s.decided_idx = i,
+            Op::AcceptedRound(b) => s.accepted_round = Some(b),
+            Op::Compacted(i) => s.compacted_idx = i,
+            Op::Trim(i) => {
+                if i > s.trimmed_idx {
+                    let n = ((i - s.trimmed_idx) as usize).min(s.log.len());
+                    s.log.drain(..n);
+                    s.trimmed_idx = i;
+                }
+            }
+            Op::StopSign(ss) => s.stopsign = ss,
+            Op::Snapshot(mut snap) => {
+                // Stored snapshots cover the log from 0: keep them folded.
+                if let Some(sn) = snap.as_mut() {
+                    sn.fold();
+                }
+                s.snapshot = snap;
+            }
+        }
+    }
+
+    fn record(&mut self, ops: Vec<Op>) {
+        if ops.iter().any(|o| matches!(o, Op::Trim(_) | Op::Snapshot(_) | Op::Compacted(_))) {
+            self.rewrite = true;
+        }
+        if !self.rewrite {
+            self.journal.push_back(postcard::to_allocvec(&Record::Ops(ops.clone())).expect("encode to Vec"));
+        }
+        for op in ops {
+            self.apply(op);
+        }
+    }
+
+    /// Refuses a log whose records check out one by one but not together
+    /// (tampering, or a bug): omnipaxos assumes these hold.
+    fn check(&self) -> Result<(), FrameError> {
+        let s = &self.s;
+        let end = s.trimmed_idx + s.log.len() as u64;
+        let bad = |why: &str| Err(FrameError::Malformed(format!("inconsistent consensus log: {why}")));
+        if s.decided_idx > end {
+            return bad("decided beyond the end of the log");
+        }
+        if s.compacted_idx > s.decided_idx || s.trimmed_idx > s.compacted_idx {
+            return bad("compacted beyond what is decided");
+        }
+        if s.compacted_idx > 0 && s.snapshot.is_none() {
+            return bad("compacted without a snapshot");
+        }
+        if s.stopsign.is_some() {
+            return bad("a reconfiguration stop-sign (shoal never reconfigures)");
+        }
+        if let (Some(p), Some(a)) = (s.promise, s.accepted_round) {
+            if a > p {
+                return bad("accepted a round above its promise");
+            }
+        }
+        Ok(())
+    }
+
+    fn slice(&self, from: usize, to: usize) -> Vec<Entry> {
+        let start = self.s.trimmed_idx as usize;
+        if from < start || to < from || to > start + self.s.log.len() {
+            return Vec::new();
+        }
+        self.s.log[from - start..to - start].to_vec()
+    }
+}
+
+impl DurableStorage {
+    /// Rebuilds the storage from the records of its log, oldest first.
+    pub fn replay<'a>(records: impl IntoIterator<Item = &'a [u8]>) -> Result<DurableStorage, FrameError> {
+        let mut st = Inner::default();
+        for r in records {
+            match crate::wire::decode::<Record>(r)? {
+                Record::Image(img) => st.s = *img,
+                Record::Ops(ops) => {
+                    for op in ops {
+                        st.apply(op);
+                    }
+                }
+            }
+        }
+        st.check()?;
+        Ok(DurableStorage { inner: Rc::new(RefCell::new(st)) })
+    }
+
+    fn one(&mut self, op: Op) -> StorageResult<()> {
+        self.inner.borrow_mut().record(vec![op]);
+        Ok(())
+    }
+
+    /// The next record for the durable log.
+    pub fn poll_persist(&self) -> Option<Persist> {
+        let mut inner = self.inner.borrow_mut();
+        if inner.rewrite {
+            inner.rewrite = false;
+            inner.journal.clear();
+            let image = Record::Image(Box::new(inner.s.clone()));
+            return Some(Persist::Rewrite(postcard::to_allocvec(&image).expect("encode to Vec")));
+        }
+        inner.journal.pop_front().map(Persist::Append)
+    }
+}
+
+fn convert(op: StorageOp<Entry>) -> Op {
+    match op {
+        StorageOp::AppendEntry(e) => Op::Append(vec![e]),
+        StorageOp::AppendEntries(v) => Op::Append(v),
+        StorageOp::AppendOnPrefix(i, v) => Op::AppendOnPrefix(i as u64, v),
+        StorageOp::SetPromise(b) => Op::Promise(b),
+        StorageOp::SetDecidedIndex(i) => Op::Decided(i as u64),
+        StorageOp::SetAcceptedRound(b) => Op::AcceptedRound(b),
+        StorageOp::SetCompactedIdx(i) => Op::Compacted(i as u64),
+        StorageOp::Trim(i) => Op::Trim(i as u64),
+        StorageOp::SetStopsign(s) => Op::StopSign(s),
+        StorageOp::SetSnapshot(s) => Op::Snapshot(s),
+    }
+}
+
+impl Storage<Entry> for DurableStorage {
+    fn write_atomically(&mut self, ops: Vec<StorageOp<Entry>>) -> StorageResult<()> {
+        // One record: its checksum makes the group all-or-nothing on disk.
+        self.inner.borrow_mut().record(ops.into_iter().map(convert).collect());
+        Ok(())
+    }
+    fn append_entry(&mut self, entry: Entry) -> StorageResult<()> {
+        self.one(Op::Append(vec![entry]))
+    }
+    fn append_entries(&mut self, entries: Vec<Entry>) -> StorageResult<()> {
+        self.one(Op::Append(entries))
+    }
+    fn append_on_prefix(&mut self, from_idx: usize, entries: Vec<Entry>) -> StorageResult<()> {
+        self.one(Op::AppendOnPrefix(from_idx as u64, entries))
+    }
+    fn set_promise(&mut self, n_prom: Ballot) -> StorageResult<()> {
+        self.one(Op::Promise(n_prom))
+    }
+    fn set_decided_idx(&mut self, ld: usize) -> StorageResult<()> {
+        self.one(Op::Decided(ld as u64))
+    }
+    fn get_decided_idx(&self) -> StorageResult<usize> {
+        Ok(self.inner.borrow().s.decided_idx as usize)
+    }
+    fn set_accepted_round(&mut self, na: Ballot) -> StorageResult<()> {
+        self.one(Op::AcceptedRound(na))
+    }
+    fn get_accepted_round(&self) -> StorageResult<Option<Ballot>> {
+        Ok(self.inner.borrow().s.accepted_round)
+    }
+    fn get_entries(&self, from: usize, to: usize) -> StorageResult<Vec<Entry>> {
+        Ok(self.inner.borrow().slice(from, to))
+    }
+    fn get_log_len(&self) -> StorageResult<usize> {
+        Ok(self.inner.borrow().s.log.len())
+    }
+    fn get_suffix(&self, from: usize) -> StorageResult<Vec<Entry>> {
+        let inner = self.inner.borrow();
+        let start = inner.s.trimmed_idx as usize;
+        if from < start {
+            return Ok(Vec::new());
+        }
+        Ok(inner.s.log[(from - start).min(inner.s.log.len())..].to_vec())
+    }
+    fn get_promise(&self) -> StorageResult<Option<Ballot>> {
+        Ok(self.inner.borrow().s.promise)
+    }
+    fn set_stopsign(&mut self, s: Option<StopSign>) -> StorageResult<()> {
+        self.one(Op::StopSign(s))
+    }
+    fn get_stopsign(&self) -> StorageResult<Option<StopSign>> {
+        Ok(self.inner.borrow().s.stopsign.clone())
+    }
+    fn trim(&mut self, idx: usize) -> StorageResult<()> {
+        self.one(Op::Trim(idx as u64))
+    }
+    fn set_compacted_idx(&mut self, idx: usize) -> StorageResult<()> {
+        self.one(Op::Compacted(idx as u64))
+    }
+    fn get_compacted_idx(&self) -> StorageResult<usize> {
+        Ok(self.inner.borrow().s.compacted_idx as usize)
+    }
+    fn set_snapshot(&mut self, snapshot: Option<MetaSnapshot>) -> StorageResult<()> {
+        self.one(Op::Snapshot(snapshot))
+    }
+    fn get_snapshot(&self) -> StorageResult<Option<MetaSnapshot>> {
+        Ok(self.inner.borrow().s.snapshot.clone())
+    }
+}
+
+/// Errors building a replicated tracker.
+#[derive(Debug, thiserror::Error)]
+pub enum OmniError {
+    #[error("a replicated tracker needs at least 2 trackers and its own id among them (got {me} of {nodes:?})")]
+    Config { me: NodeId, nodes: Vec<NodeId> },
+    #[error("the tracker's log does not decode: {0}")]
+    Log(#[from] FrameError),
+}
+
+pub struct OmniReplicator {
+    op: OmniPaxos<Entry, DurableStorage>,
+    /// The same storage as omnipaxos's, to drain its journal.
+    journal: DurableStorage,
+    me: NodeId,
+    peers: Vec<NodeId>,
+    /// Log entries applied to the state machine (by the tracker node).
+    applied: usize,
+    ready: VecDeque<Decided>,
+    outgoing: Vec<PaxosMessage<Entry>>,
+    next_tick: Millis,
+    /// Whether this node has been in sync with a leader since it started.
+    synced: bool,
+    snapshot_every: usize,
+}
+
+impl OmniReplicator {
+    /// A node of the cluster `nodes`, rebuilt from the records of its durable
+    /// log (none for a new or wiped data dir: it then catches up from the others).
+    pub fn recover<'a>(
+        me: NodeId,
+        nodes: &[NodeId],
+        records: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<OmniReplicator, OmniError> {
+        let storage = DurableStorage::replay(records)?;
+        let journal = storage.clone();
+        let config = OmniPaxosConfig {
+            cluster_config: ClusterConfig { configuration_id: 1, nodes: nodes.to_vec(), flexible_quorum: None },
+            server_config: ServerConfig {
+                pid: me,
+                election_tick_timeout: ELECTION_TICKS,
+                resend_message_tick_timeout: RESEND_TICKS,
+                // Entries are batched by the loop turn instead (see below).
+                batch_size: 1,
+                ..ServerConfig::default()
+            },
+        };
+        let op = config.build(storage).map_err(|_| OmniError::Config { me, nodes: nodes.to_vec() })?;
+        Ok(OmniReplicator {
+            op,
+            journal,
+            me,
+            peers: nodes.iter().copied().filter(|n| *n != me).collect(),
+            applied: 0,
+            ready: VecDeque::new(),
+            outgoing: Vec::new(),
+            next_tick: Millis::ZERO,
+            synced: false,
+            snapshot_every: SNAPSHOT_EVERY,
+        })
+    }
+
+    /// Snapshots after `n` decided entries instead of [`SNAPSHOT_EVERY`] (tests, simulation).
+    pub fn with_snapshot_every(mut self, n: usize) -> Self {
+        self.snapshot_every = n.max(1);
+        self
+    }
+
+    /// The log index up to which entries are decided.
+    pub fn decided_idx(&self) -> usize {
+        self.op.get_decided_idx()
+    }
+
+    /// The log index below which entries live only in the snapshot.
+    pub fn compacted_idx(&self) -> usize {
+        self.op.get_compacted_idx()
+    }
+
+    fn collect_decided(&mut self) {
+        let decided = self.op.get_decided_idx();
+        if decided <= self.applied {
+            return;
+        }
+        let Some(entries) = self.op.read_decided_suffix(self.applied) else { return };
+        for e in entries {
+            match e {
+                LogEntry::Decided(e) => {
+                    self.ready.push_back(Decided::Entry(e));
+                    self.applied += 1;
+                }
+                LogEntry::Snapshotted(s) => {
+                    if s.trimmed_idx > self.applied {
+                        tracing::info!(from = self.applied, to = s.trimmed_idx, "installing a snapshot");
+                        self.ready.push_back(Decided::Install(Box::new(s.snapshot.into_state())));
+                        self.applied = s.trimmed_idx;
+                    }
+                }
+                LogEntry::Trimmed(i) => {
+                    // Never produced: this log is only compacted by snapshots.
+                    tracing::error!(from = self.applied, to = i, "log trimmed without a snapshot");
+                    self.applied = self.applied.max(i);
+                }
+                LogEntry::StopSign(..) => self.applied += 1,
+                LogEntry::Undecided(_) => break,
+            }
+        }
+        if decided.saturating_sub(self.op.get_compacted_idx()) >= self.snapshot_every && self.applied >= decided {
+            if let Err(e) = self.op.snapshot(None, true) {
+                tracing::warn!(?e, "snapshot failed");
+            } else {
+                tracing::info!(compacted = self.op.get_compacted_idx(), "log snapshotted and trimmed");
+            }
+        }
+    }
+}
+
+impl Replicator for OmniReplicator {
+    fn propose(&mut self, entry: Entry) {
+        if let Err(e) = self.op.append(entry) {
+            tracing::warn!(?e, "proposal refused");
+        }
+    }
+
+    fn poll_decided(&mut self) -> Option<Decided> {
+        if self.ready.is_empty() {
+            self.collect_decided();
+        }
+        self.ready.pop_front()
+    }
+
+    fn poll_persist(&mut self) -> Option<Persist> {
+        self.journal.poll_persist()
+    }
+
+    fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>)> {
+        if self.outgoing.is_empty() {
+            self.op.take_outgoing_messages(&mut self.outgoing);
+            self.outgoing.reverse();
+        }
+        let m = self.outgoing.pop()?;
+        Some((m.get_receiver(), postcard::to_allocvec(&m).expect("encode to Vec")))
+    }
+
+    fn handle_message(&mut self, from: NodeId, bytes: &[u8]) -> Result<(), FrameError> {
+        let m: PaxosMessage<Entry> = crate::wire::decode(bytes)?;
+        if m.get_sender() != from || m.get_receiver() != self.me {
+            return Err(FrameError::Malformed("consensus message with wrong sender or receiver".into()));
+        }
+        self.op.handle_incoming(m);
+        Ok(())
+    }
+
+    fn handle_peer_up(&mut self, node: NodeId) {
+        if self.peers.contains(&node) {
+            self.op.reconnected(node);
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Millis) {
+        if self.next_tick == Millis::ZERO {
+            self.next_tick = now;
+        }
+        // After a long pause, tick a bounded number of times: time that
+        // nobody observed must not fire a burst of elections.
+        let mut n = 0;
+        while self.next_tick <= now && n < 5 {
+            self.op.tick();
+            self.next_tick = self.next_tick.plus(TICK);
+            n += 1;
+        }
+        if self.next_tick <= now {
+            self.next_tick = now.plus(TICK);
+        }
+        if !self.synced && self.op.get_current_leader().is_some_and(|(_, accepted)| accepted) {
+            tracing::info!(leader = ?self.leader(), decided = self.decided_idx(), "in sync with the cluster");
+            self.synced = true;
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Millis> {
+        Some(self.next_tick)
+    }
+
+    fn leader(&self) -> Option<NodeId> {
+        self.op.get_current_leader().map(|(l, _)| l)
+    }
+
+    fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    fn me(&self) -> NodeId {
+        self.me
+    }
+
+    fn peers(&self) -> &[NodeId] {
+        &self.peers
+    }
+}
