@@ -62,6 +62,9 @@ pub struct TrackerConfig {
     /// The address each other tracker connects from: a `Join` naming a
     /// tracker is accepted only from its address. Empty: not checked.
     pub peer_ips: BTreeMap<NodeId, IpAddr>,
+    /// Emit [`TrackerOutput::Applied`] for every log entry applied (the
+    /// simulator checks that trackers agree on them).
+    pub report_applied: bool,
 }
 
 impl Default for TrackerConfig {
@@ -70,6 +73,7 @@ impl Default for TrackerConfig {
             password_params: PasswordParams::DEFAULT,
             session_lease: Millis::from_secs(15),
             peer_ips: BTreeMap::new(),
+            report_applied: false,
         }
     }
 }
@@ -96,6 +100,12 @@ pub enum TrackerOutput {
     /// Who leads changed (for the operator: print it, log it).
     LeaderChanged {
         leader: Option<NodeId>,
+    },
+    /// Only with [`TrackerConfig::report_applied`]: log entry `index` (1-based)
+    /// was applied; `None` when a snapshot up to `index` was installed.
+    Applied {
+        index: u64,
+        entry: Option<Entry>,
     },
 }
 
@@ -795,6 +805,9 @@ impl<R: Replicator> TrackerNode<R> {
             Decided::Entry(e) => e,
             Decided::Install(state) => {
                 self.meta = *state;
+                if self.cfg.report_applied {
+                    self.out.push_back(TrackerOutput::Applied { index: self.meta.applied(), entry: None });
+                }
                 // Writes we were waiting for may be inside the snapshot.
                 let done: Vec<(RequestId, ConnId, Result<Reply, ApiError>)> = self
                     .waiting
@@ -810,6 +823,9 @@ impl<R: Replicator> TrackerNode<R> {
             }
         };
         let result = self.meta.apply(&entry);
+        if self.cfg.report_applied {
+            self.out.push_back(TrackerOutput::Applied { index: self.meta.applied(), entry: Some(entry.clone()) });
+        }
         match (&entry.cmd, &result) {
             (Command::OpenSession { token, .. }, Ok(_)) => {
                 self.leases.insert(*token, now.plus(self.cfg.session_lease));

@@ -292,6 +292,7 @@ impl<R: Replicator> TrackerServer<R> {
                     }
                     continue;
                 }
+                TrackerOutput::Applied { .. } => continue,
                 TrackerOutput::LeaderChanged { leader } => {
                     if let Some(f) = &mut self.on_leader {
                         f(leader);

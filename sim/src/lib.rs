@@ -1,31 +1,143 @@
 //! Deterministic simulation of shoal over the production state machines.
 //!
-//! A [`World`] holds a tracker node and any number of client engines from
-//! `shoal-core`, unchanged, and plays the network between them in virtual
-//! time: every byte a node transmits is delivered after a latency drawn from
-//! the world's one seeded PRNG, in order per connection, and every timer fires
-//! when virtual time reaches it. No sockets, threads or clocks are involved,
-//! so a seed determines the whole run; [`World::digest`] hashes its trace so
-//! two runs can be compared bit for bit.
+//! A [`World`] holds 1-5 tracker nodes and any number of client engines from
+//! `shoal-core`, unchanged, and plays the network and disks between them in
+//! virtual time. Every byte a node transmits is delivered after a latency
+//! drawn from the world's one seeded PRNG, in order per connection; every
+//! timer fires when the node's own (possibly skewed) clock reaches it. No
+//! sockets, threads or clocks are involved, so a seed determines the whole
+//! run; [`World::digest`] hashes its trace so two runs can be compared bit
+//! for bit.
+//!
+//! Faults the world can inject: tracker crash and restart (the durable log
+//! kept, memory lost), a wiped data dir, client crash and restart, cuts
+//! between any two endpoints in one or both directions (partitions, partial
+//! partitions, one-way loss), connection resets, slow peers, corrupt files,
+//! and clock skew (each node's timers run at their own rate).
+//!
+//! Invariants it checks as it goes (a violation panics at once):
+//! no two trackers apply different entries at the same log index; no chunk is
+//! ever written to a part file unless it matches its SHA1; a finished download
+//! equals the source (the simulated disk renames only on a whole-file match).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::net::SocketAddr;
 
 use sha1::{Digest, Sha1};
 use shoal_core::chunk::{FileDigest, FileHasher, Sha1Digest, CHUNK_SIZE};
 use shoal_core::client::{ClientConfig, ClientEngine, ClientOutput, DownloadId, Prepared, Ticket};
 use shoal_core::download::PeerConnId;
-use shoal_core::meta::PasswordParams;
+use shoal_core::meta::{Entry, MetaState, PasswordParams};
 use shoal_core::peer::Bitmap;
 use shoal_core::rng::Rng;
 use shoal_core::shell::{parse, ShellError};
 use shoal_core::time::Millis;
-use shoal_core::tracker::{ConnId, SoloReplicator, TrackerConfig, TrackerNode, TrackerOutput};
+use shoal_core::tracker::{
+    ConnId, Decided, NodeId, OmniReplicator, Persist, Replicator, SoloReplicator, TrackerConfig, TrackerNode,
+    TrackerOutput,
+};
+use shoal_core::wire::FrameError;
 
 /// The seed from `SIM_SEED`, or `default`.
 pub fn seed_from_env(default: u64) -> u64 {
     std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+/// The seeds a sweep test runs: `SIM_SEED` alone, else `SIM_SEEDS` (a count,
+/// from 0), else `0..default_count`.
+pub fn seeds(default_count: u64) -> Vec<u64> {
+    if std::env::var("SIM_SEED").is_ok() {
+        return vec![seed_from_env(0)];
+    }
+    let n = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default_count);
+    (0..n).collect()
+}
+
+/// Either replicator, so one world type runs clusters of one and of many.
+pub enum Rep {
+    Solo(SoloReplicator),
+    Omni(Box<OmniReplicator>),
+}
+
+macro_rules! both {
+    ($self:ident, $r:ident => $e:expr) => {
+        match $self {
+            Rep::Solo($r) => $e,
+            Rep::Omni($r) => $e,
+        }
+    };
+}
+
+impl Replicator for Rep {
+    fn propose(&mut self, entry: Entry) {
+        both!(self, r => r.propose(entry))
+    }
+    fn poll_decided(&mut self) -> Option<Decided> {
+        both!(self, r => r.poll_decided())
+    }
+    fn poll_persist(&mut self) -> Option<Persist> {
+        both!(self, r => r.poll_persist())
+    }
+    fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>)> {
+        both!(self, r => r.poll_send())
+    }
+    fn handle_message(&mut self, from: NodeId, bytes: &[u8]) -> Result<(), FrameError> {
+        both!(self, r => r.handle_message(from, bytes))
+    }
+    fn handle_peer_up(&mut self, node: NodeId) {
+        both!(self, r => r.handle_peer_up(node))
+    }
+    fn handle_timeout(&mut self, now: Millis) {
+        both!(self, r => r.handle_timeout(now))
+    }
+    fn poll_timeout(&self) -> Option<Millis> {
+        both!(self, r => r.poll_timeout())
+    }
+    fn leader(&self) -> Option<NodeId> {
+        both!(self, r => r.leader())
+    }
+    fn is_synced(&self) -> bool {
+        both!(self, r => r.is_synced())
+    }
+    fn me(&self) -> NodeId {
+        both!(self, r => r.me())
+    }
+    fn peers(&self) -> &[NodeId] {
+        both!(self, r => r.peers())
+    }
+}
+
+/// A node's clock: `local = offset + global * rate_ppm / 10^6`.
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    offset: u64,
+    rate_ppm: u64,
+}
+
+impl Clock {
+    const TRUE: Clock = Clock { offset: 0, rate_ppm: 1_000_000 };
+
+    fn local(&self, global: Millis) -> Millis {
+        Millis(self.offset + (global.0 as u128 * self.rate_ppm as u128 / 1_000_000) as u64)
+    }
+
+    /// The first global time at which the local clock reads `deadline` or more.
+    fn global(&self, deadline: Millis) -> Millis {
+        let d = deadline.0.saturating_sub(self.offset) as u128;
+        let mut g = (d * 1_000_000).div_ceil(self.rate_ppm as u128) as u64;
+        while self.local(Millis(g)) < deadline {
+            g += 1;
+        }
+        Millis(g)
+    }
+}
+
+/// An endpoint of the simulated network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Ep {
+    Tracker(usize),
+    Client(usize),
 }
 
 #[derive(Debug)]
@@ -57,7 +169,7 @@ enum Event {
         id: DownloadId,
         result: Result<(), String>,
     },
-    /// A client's connection attempt reaches the tracker.
+    /// A client's connection attempt reaches (or fails to reach) a tracker.
     Connected {
         client: usize,
         conn: ConnId,
@@ -67,7 +179,17 @@ enum Event {
         bytes: Vec<u8>,
     },
     ToClient {
-        client: usize,
+        conn: ConnId,
+        bytes: Vec<u8>,
+    },
+    /// Tracker `from`'s link to `to` connects (or fails to).
+    LinkConnected {
+        from: usize,
+        to: usize,
+        conn: ConnId,
+    },
+    /// Bytes on a tracker-to-tracker link, arriving at the receiver's `conn`.
+    LinkBytes {
         conn: ConnId,
         bytes: Vec<u8>,
     },
@@ -76,19 +198,24 @@ enum Event {
         job: u64,
         result: Result<FileDigest, String>,
     },
+    /// A tracker closed `conn`; the other side sees it after the bytes before it.
+    CloseConn {
+        conn: ConnId,
+    },
 }
 
 struct SimClient {
     engine: ClientEngine,
-    /// The connection the engine believes is open, if any.
+    clock: Clock,
+    /// The tracker connection the engine believes is open, if any.
     conn: Option<ConnId>,
     results: BTreeMap<Ticket, Result<Vec<String>, ShellError>>,
-    /// When the last byte in each direction is due, to keep per-connection order.
-    up_due: Millis,
-    down_due: Millis,
     listen: SocketAddr,
     /// Downloads' part files: id -> (digest, part, final path).
     parts: BTreeMap<DownloadId, SimPart>,
+    /// Extra latency on everything this client sends to peers (a slow peer).
+    slow: Millis,
+    up: bool,
 }
 
 /// A download in progress; its part file lives on the simulated disk.
@@ -104,7 +231,47 @@ fn part_path(final_path: &str) -> String {
 /// One end of a peer connection: (client, its id for the connection).
 type PeerEnd = (usize, PeerConnId);
 
-/// Knobs of the simulated network.
+/// A tracker's own link to another tracker.
+#[derive(Clone, Copy, Debug)]
+enum Link {
+    Down { retry_at: Millis, backoff: Millis },
+    Connecting(ConnId),
+    /// Connected; `ConnId` is the receiving tracker's id for it.
+    Up(ConnId),
+}
+
+struct SimTracker {
+    node: Option<TrackerNode<Rep>>,
+    addr: SocketAddr,
+    clock: Clock,
+    /// The durable log: what a restart replays.
+    disk: Vec<Vec<u8>>,
+    links: BTreeMap<usize, Link>,
+    /// Log index this tracker has applied up to (for the agreement check).
+    applied: u64,
+}
+
+/// A connection's two ends and when its last bytes are due each way.
+#[derive(Clone, Copy, Debug)]
+enum ConnKind {
+    /// Client `client` to tracker `tracker`.
+    Client { client: usize, tracker: usize },
+    /// Tracker `from`'s link to `to` (data flows from -> to only).
+    Link { from: usize, to: usize },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct LiveConn {
+    kind: ConnKind,
+    /// When the last bytes towards the tracker (or link receiver) are due.
+    up_due: Millis,
+    /// When the last bytes towards the client are due.
+    down_due: Millis,
+    /// Whether the tracker side was told of it (`handle_connected`).
+    accepted: bool,
+}
+
+/// Knobs of the simulated network and cluster.
 #[derive(Clone, Copy, Debug)]
 pub struct NetConfig {
     pub min_latency: Millis,
@@ -117,12 +284,26 @@ impl Default for NetConfig {
     }
 }
 
+/// How a world is built.
+#[derive(Clone, Copy, Debug)]
+pub struct WorldConfig {
+    pub trackers: usize,
+    pub clients: usize,
+    pub net: NetConfig,
+    /// Largest clock rate error of any node, in parts per million.
+    pub max_skew_ppm: u64,
+    /// Snapshot the metadata after this many decided entries.
+    pub snapshot_every: usize,
+}
+
+const REDIAL_MIN: Millis = Millis(100);
+const REDIAL_MAX: Millis = Millis(1_000);
+
 pub struct World {
     now: Millis,
     rng: Rng,
     net: NetConfig,
-    tracker: TrackerNode,
-    tracker_addr: SocketAddr,
+    trackers: Vec<SimTracker>,
     clients: Vec<SimClient>,
     /// Files on the simulated disks: path -> content (shared by all clients).
     files: BTreeMap<String, Vec<u8>>,
@@ -131,8 +312,9 @@ pub struct World {
     next_event: u64,
     next_conn: u64,
     next_ticket: u64,
-    /// conn -> client, for routing tracker output.
-    conn_owner: BTreeMap<ConnId, usize>,
+    conns: BTreeMap<ConnId, LiveConn>,
+    /// Directions that lose everything: (from, to).
+    cuts: BTreeSet<(Ep, Ep)>,
     /// Running hash of every event, in order.
     trace: Sha1,
     steps: u64,
@@ -143,38 +325,75 @@ pub struct World {
     /// (an invariant: must stay zero).
     pub chunks_written: u64,
     pub unverified_writes: u64,
-    /// The tracker's durable log, as a restart would replay it.
-    pub tracker_log: Vec<Vec<u8>>,
+    /// Hash of the entry applied at each log index, by whichever tracker applied it first.
+    canon: Vec<[u8; 20]>,
+    snapshot_every: usize,
+    /// Redial backoff of each tracker link (from, to).
+    link_backoff: BTreeMap<(usize, usize), Millis>,
+    cfg: TrackerConfig,
+}
+
+fn entry_hash(e: &Entry) -> [u8; 20] {
+    Sha1::digest(postcard::to_allocvec(e).expect("encode")).into()
 }
 
 impl World {
+    /// One tracker (no consensus), `clients` clients, true clocks.
     pub fn new(seed: u64, clients: usize, net: NetConfig) -> World {
+        World::build(seed, WorldConfig { trackers: 1, clients, net, max_skew_ppm: 0, snapshot_every: 50 })
+    }
+
+    pub fn build(seed: u64, wc: WorldConfig) -> World {
         let mut rng = Rng::from_u64(seed);
-        let tracker_addr: SocketAddr = "10.0.0.1:7000".parse().expect("valid");
-        let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
-        let tracker = TrackerNode::new(cfg, Rng::from_u64(rng.next_u64()), SoloReplicator::default());
-        let clients = (0..clients)
+        let tracker_addrs: Vec<SocketAddr> =
+            (0..wc.trackers).map(|i| SocketAddr::from(([10, 0, 0, 1 + i as u8], 7000))).collect();
+        let cfg = TrackerConfig {
+            password_params: PasswordParams::INSECURE_FAST,
+            report_applied: true,
+            ..TrackerConfig::default()
+        };
+        let skewed = |rng: &mut Rng| {
+            if wc.max_skew_ppm == 0 {
+                return Clock::TRUE;
+            }
+            let span = 2 * wc.max_skew_ppm + 1;
+            Clock { offset: rng.below(10_000), rate_ppm: 1_000_000 - wc.max_skew_ppm + rng.below(span) }
+        };
+        let trackers = tracker_addrs
+            .iter()
+            .map(|addr| SimTracker {
+                node: None,
+                addr: *addr,
+                clock: skewed(&mut rng),
+                disk: Vec::new(),
+                links: BTreeMap::new(),
+                applied: 0,
+            })
+            .collect();
+        let clients = (0..wc.clients)
             .map(|i| {
                 let listen = SocketAddr::from(([10, 0, 1, i as u8], 9000));
-                let engine =
-                    ClientEngine::new(ClientConfig::new(listen, vec![tracker_addr]), Rng::from_u64(rng.next_u64()));
+                let engine = ClientEngine::new(
+                    ClientConfig::new(listen, tracker_addrs.clone()),
+                    Rng::from_u64(rng.next_u64()),
+                );
                 SimClient {
                     engine,
+                    clock: skewed(&mut rng),
                     conn: None,
                     results: BTreeMap::new(),
-                    up_due: Millis::ZERO,
-                    down_due: Millis::ZERO,
                     listen,
                     parts: BTreeMap::new(),
+                    slow: Millis::ZERO,
+                    up: true,
                 }
             })
             .collect();
-        World {
+        let mut w = World {
             now: Millis::ZERO,
             rng,
-            net,
-            tracker,
-            tracker_addr,
+            net: wc.net,
+            trackers,
             clients,
             files: BTreeMap::new(),
             queue: BinaryHeap::new(),
@@ -182,23 +401,60 @@ impl World {
             next_event: 0,
             next_conn: 1,
             next_ticket: 1,
-            conn_owner: BTreeMap::new(),
+            conns: BTreeMap::new(),
+            cuts: BTreeSet::new(),
             trace: Sha1::new(),
             steps: 0,
             peer_links: BTreeMap::new(),
             next_accepted: 1,
             chunks_written: 0,
             unverified_writes: 0,
-            tracker_log: Vec::new(),
+            canon: Vec::new(),
+            snapshot_every: wc.snapshot_every,
+            link_backoff: BTreeMap::new(),
+            cfg,
+        };
+        for t in 0..wc.trackers {
+            w.start_tracker(t);
         }
+        w
     }
 
     pub fn now(&self) -> Millis {
         self.now
     }
 
-    pub fn tracker(&self) -> &TrackerNode {
-        &self.tracker
+    /// The first tracker (the only one in a world of one).
+    pub fn tracker(&self) -> &TrackerNode<Rep> {
+        self.trackers[0].node.as_ref().expect("tracker 0 is up")
+    }
+
+    /// Tracker `t`, if it is running.
+    pub fn tracker_at(&self, t: usize) -> Option<&TrackerNode<Rep>> {
+        self.trackers[t].node.as_ref()
+    }
+
+    pub fn tracker_count(&self) -> usize {
+        self.trackers.len()
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Tracker `t`'s durable log, as a restart would replay it.
+    pub fn tracker_log(&self, t: usize) -> &[Vec<u8>] {
+        &self.trackers[t].disk
+    }
+
+    /// How many log entries some tracker has applied.
+    pub fn log_len(&self) -> u64 {
+        self.canon.len() as u64
+    }
+
+    /// Log index tracker `t` has applied up to.
+    pub fn applied(&self, t: usize) -> u64 {
+        self.trackers[t].applied
     }
 
     /// Hash of everything that happened so far.
@@ -232,21 +488,226 @@ impl World {
         self.events.insert(id, ev);
     }
 
+    fn reachable(&self, from: Ep, to: Ep) -> bool {
+        !self.cuts.contains(&(from, to))
+    }
+
+    fn new_conn(&mut self) -> ConnId {
+        let c = ConnId(self.next_conn);
+        self.next_conn += 1;
+        c
+    }
+
+    // ---- faults ----
+
+    /// Loses everything sent from `from` to `to` from now on (connections
+    /// that need that direction are reset) until [`World::heal`].
+    pub fn cut(&mut self, from: Ep, to: Ep) {
+        self.record(format!("{} cut {from:?}->{to:?}", self.now.0));
+        self.cuts.insert((from, to));
+        let doomed: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| match c.kind {
+                ConnKind::Client { client, tracker } => {
+                    let pair = (Ep::Client(client), Ep::Tracker(tracker));
+                    (from, to) == pair || (to, from) == pair
+                }
+                ConnKind::Link { from: a, to: b } => (from, to) == (Ep::Tracker(a), Ep::Tracker(b)),
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for c in doomed {
+            self.reset(c);
+        }
+    }
+
+    /// Cuts both directions between `a` and `b`.
+    pub fn cut_both(&mut self, a: Ep, b: Ep) {
+        self.cut(a, b);
+        self.cut(b, a);
+    }
+
+    /// Removes every cut.
+    pub fn heal(&mut self) {
+        self.record(format!("{} heal", self.now.0));
+        self.cuts.clear();
+    }
+
+    /// Resets one open connection (both ends see it close).
+    pub fn reset(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        self.record(format!("{} reset {}", self.now.0, conn.0));
+        match c.kind {
+            ConnKind::Client { client, tracker } => {
+                if c.accepted {
+                    let now = self.tracker_now(tracker);
+                    if let Some(n) = self.trackers[tracker].node.as_mut() {
+                        n.handle_closed(conn, now);
+                    }
+                    self.drain_tracker(tracker);
+                }
+                if self.clients[client].conn == Some(conn) {
+                    self.clients[client].conn = None;
+                    let now = self.client_now(client);
+                    self.clients[client].engine.handle_tracker_closed(now);
+                    self.drain_client(client);
+                }
+            }
+            ConnKind::Link { from, to } => {
+                if c.accepted {
+                    let now = self.tracker_now(to);
+                    if let Some(n) = self.trackers[to].node.as_mut() {
+                        n.handle_closed(conn, now);
+                    }
+                    self.drain_tracker(to);
+                }
+                self.link_down(from, to);
+            }
+        }
+    }
+
+    /// Resets a random open connection, if any.
+    pub fn reset_random(&mut self) {
+        if self.conns.is_empty() {
+            return;
+        }
+        let i = self.rng.below(self.conns.len() as u64) as usize;
+        let id = *self.conns.keys().nth(i).expect("in range");
+        self.reset(id);
+    }
+
+    /// Stops tracker `t` abruptly: memory lost, its durable log kept.
+    pub fn crash_tracker(&mut self, t: usize) {
+        if self.trackers[t].node.is_none() {
+            return;
+        }
+        self.record(format!("{} crash t{t}", self.now.0));
+        let mine: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| match c.kind {
+                ConnKind::Client { tracker, .. } => tracker == t,
+                ConnKind::Link { from, to } => from == t || to == t,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        self.trackers[t].node = None;
+        for c in mine {
+            self.reset(c);
+        }
+        self.trackers[t].links.clear();
+    }
+
+    /// Starts tracker `t` again from its durable log (or from nothing, if `wipe`).
+    pub fn restart_tracker(&mut self, t: usize, wipe: bool) {
+        if self.trackers[t].node.is_some() {
+            return;
+        }
+        self.record(format!("{} restart t{t} wipe={wipe}", self.now.0));
+        if wipe {
+            self.trackers[t].disk.clear();
+        }
+        self.start_tracker(t);
+    }
+
+    pub fn tracker_up(&self, t: usize) -> bool {
+        self.trackers[t].node.is_some()
+    }
+
+    fn start_tracker(&mut self, t: usize) {
+        let n = self.trackers.len();
+        let rng = Rng::from_u64(self.rng.next_u64());
+        let rep = if n == 1 {
+            let recs = self.trackers[t].disk.iter().map(|r| r.as_slice());
+            Rep::Solo(SoloReplicator::recover(recs).expect("own log decodes"))
+        } else {
+            let nodes: Vec<NodeId> = (1..=n as NodeId).collect();
+            let recs = self.trackers[t].disk.iter().map(|r| r.as_slice());
+            let r = OmniReplicator::recover(t as NodeId + 1, &nodes, recs).expect("own log decodes");
+            Rep::Omni(Box::new(r.with_snapshot_every(self.snapshot_every)))
+        };
+        let node = TrackerNode::new(self.cfg.clone(), rng, rep);
+        self.trackers[t].applied = node.meta().applied();
+        self.trackers[t].node = Some(node);
+        for p in 0..n {
+            if p != t {
+                self.trackers[t].links.insert(p, Link::Down { retry_at: self.now, backoff: REDIAL_MIN });
+            }
+        }
+    }
+
+    /// Stops client `c` abruptly: its engine (memory) is lost, its files kept.
+    pub fn crash_client(&mut self, c: usize) {
+        if !self.clients[c].up {
+            return;
+        }
+        self.record(format!("{} crash c{c}", self.now.0));
+        if let Some(conn) = self.clients[c].conn {
+            self.reset(conn);
+        }
+        let ends: Vec<PeerEnd> = self.peer_links.keys().filter(|(x, _)| *x == c).copied().collect();
+        for end in ends {
+            if let Some(((to, other), due)) = self.peer_links.remove(&end) {
+                self.peer_links.remove(&(to, other));
+                let at = self.now.plus(self.net.min_latency).max(due);
+                self.schedule(at, Event::PeerClosed { to, conn: other });
+            }
+        }
+        for (_, p) in std::mem::take(&mut self.clients[c].parts) {
+            self.files.remove(&part_path(&p.final_path));
+        }
+        self.clients[c].up = false;
+    }
+
+    /// Starts client `c` again with a fresh engine (it must log in again).
+    pub fn restart_client(&mut self, c: usize) {
+        if self.clients[c].up {
+            return;
+        }
+        self.record(format!("{} restart c{c}", self.now.0));
+        let trackers: Vec<SocketAddr> = self.trackers.iter().map(|t| t.addr).collect();
+        let cfg = ClientConfig::new(self.clients[c].listen, trackers);
+        self.clients[c].engine = ClientEngine::new(cfg, Rng::from_u64(self.rng.next_u64()));
+        self.clients[c].results.clear();
+        self.clients[c].up = true;
+    }
+
+    pub fn client_up(&self, c: usize) -> bool {
+        self.clients[c].up
+    }
+
+    /// Adds `extra` latency to everything client `c` sends to peers.
+    pub fn set_slow(&mut self, c: usize, extra: Millis) {
+        self.clients[c].slow = extra;
+    }
+
+    // ---- commands ----
+
     /// Types a line into client `c`'s shell; returns its ticket.
     pub fn command(&mut self, c: usize, line: &str) -> Ticket {
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
         self.record(format!("{} c{c} cmd {line}", self.now.0));
         match parse(line) {
-            Ok(cmd) => {
-                self.clients[c].engine.handle_command(ticket, cmd, self.now);
+            Ok(cmd) if self.clients[c].up => {
+                let now = self.client_now(c);
+                self.clients[c].engine.handle_command(ticket, cmd, now);
                 self.drain_client(c);
+            }
+            Ok(_) => {
+                self.clients[c].results.insert(ticket, Err(ShellError::Local("client is down".into())));
             }
             Err(e) => {
                 self.clients[c].results.insert(ticket, Err(e.into()));
             }
         }
         ticket
+    }
+
+    /// The result of `ticket` on client `c`, if it finished.
+    pub fn take_result(&mut self, c: usize, ticket: Ticket) -> Option<Result<Vec<String>, ShellError>> {
+        self.clients[c].results.remove(&ticket)
     }
 
     /// Runs until client `c` finishes `ticket` (or `limit` of virtual time passes).
@@ -275,12 +736,33 @@ impl World {
         self.now = until;
     }
 
+    fn tracker_now(&self, t: usize) -> Millis {
+        self.trackers[t].clock.local(self.now)
+    }
+
+    fn client_now(&self, c: usize) -> Millis {
+        self.clients[c].clock.local(self.now)
+    }
+
+    /// When the next timer of any node fires, in global time.
+    fn next_timer(&self) -> Option<Millis> {
+        let trackers = self.trackers.iter().flat_map(|t| {
+            let node = t.node.as_ref().and_then(|n| n.poll_timeout()).map(|d| t.clock.global(d));
+            let links = t.links.values().filter_map(|l| match l {
+                Link::Down { retry_at, .. } if t.node.is_some() => Some(*retry_at),
+                _ => None,
+            });
+            node.into_iter().chain(links)
+        });
+        let clients =
+            self.clients.iter().filter(|c| c.up).filter_map(|c| c.engine.poll_timeout().map(|d| c.clock.global(d)));
+        trackers.chain(clients).min()
+    }
+
     /// Processes the next event or timer due no later than `until`; false if none.
     fn step(&mut self, until: Millis) -> bool {
         let next_event = self.queue.peek().map(|Reverse((at, _))| *at);
-        let next_timer =
-            self.clients.iter().filter_map(|c| c.engine.poll_timeout()).chain(self.tracker.poll_timeout()).min();
-        let next = match (next_event, next_timer) {
+        let next = match (next_event, self.next_timer()) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => match a.or(b) {
                 Some(t) => t,
@@ -297,14 +779,16 @@ impl World {
             let ev = self.events.remove(&id).expect("scheduled");
             self.deliver(ev);
         } else {
-            let now = self.now;
-            if self.tracker.poll_timeout().is_some_and(|t| t <= now) {
-                self.tracker.handle_timeout(now);
-                self.drain_tracker();
+            for t in 0..self.trackers.len() {
+                self.tracker_timers(t);
             }
             for c in 0..self.clients.len() {
+                if !self.clients[c].up {
+                    continue;
+                }
+                let now = self.client_now(c);
                 if self.clients[c].engine.poll_timeout().is_some_and(|t| t <= now) {
-                    self.record(format!("{} c{c} timeout", now.0));
+                    self.record(format!("{} c{c} timeout", self.now.0));
                     self.clients[c].engine.handle_timeout(now);
                     self.drain_client(c);
                 }
@@ -313,39 +797,165 @@ impl World {
         true
     }
 
+    fn tracker_timers(&mut self, t: usize) {
+        if self.trackers[t].node.is_none() {
+            return;
+        }
+        let now = self.tracker_now(t);
+        let due = self.trackers[t].node.as_ref().and_then(|n| n.poll_timeout()).is_some_and(|d| d <= now);
+        if due {
+            if let Some(n) = self.trackers[t].node.as_mut() {
+                n.handle_timeout(now);
+            }
+            self.drain_tracker(t);
+        }
+        // Redial links that are down.
+        let redial: Vec<usize> = self.trackers[t]
+            .links
+            .iter()
+            .filter(|(_, l)| matches!(l, Link::Down { retry_at, .. } if *retry_at <= self.now))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in redial {
+            let conn = self.new_conn();
+            let Some(Link::Down { backoff, .. }) = self.trackers[t].links.get(&p).copied() else { continue };
+            self.trackers[t].links.insert(p, Link::Connecting(conn));
+            self.conns.insert(
+                conn,
+                LiveConn {
+                    kind: ConnKind::Link { from: t, to: p },
+                    up_due: self.now,
+                    down_due: self.now,
+                    accepted: false,
+                },
+            );
+            let at = self.now.plus(self.latency());
+            self.schedule(at, Event::LinkConnected { from: t, to: p, conn });
+            // Remember the backoff for the next failure.
+            self.link_backoff.insert((t, p), backoff);
+        }
+    }
+
+    fn link_down(&mut self, from: usize, to: usize) {
+        if self.trackers[from].node.is_none() {
+            return;
+        }
+        let Some(l) = self.trackers[from].links.get(&to).copied() else { return };
+        let backoff = self.link_backoff.get(&(from, to)).copied().unwrap_or(REDIAL_MIN);
+        let was_up = matches!(l, Link::Up(_));
+        let next_backoff = if was_up { REDIAL_MIN } else { Millis((backoff.0 * 2).min(REDIAL_MAX.0)) };
+        let retry_at = self.now.plus(if was_up { REDIAL_MIN } else { backoff });
+        self.trackers[from].links.insert(to, Link::Down { retry_at, backoff: next_backoff });
+        self.link_backoff.insert((from, to), next_backoff);
+        if was_up {
+            let now = self.tracker_now(from);
+            if let Some(n) = self.trackers[from].node.as_mut() {
+                n.handle_peer_down(to as NodeId + 1, now);
+            }
+            self.drain_tracker(from);
+        }
+    }
+
     fn deliver(&mut self, ev: Event) {
-        let now = self.now;
         match ev {
             Event::Connected { client, conn } => {
+                let Some(c) = self.conns.get(&conn).copied() else { return };
+                let ConnKind::Client { tracker, .. } = c.kind else { return };
                 if self.clients[client].conn != Some(conn) {
                     return;
                 }
-                self.record(format!("{} c{client} connected {}", now.0, conn.0));
+                let ok = self.trackers[tracker].node.is_some()
+                    && self.reachable(Ep::Client(client), Ep::Tracker(tracker))
+                    && self.reachable(Ep::Tracker(tracker), Ep::Client(client));
+                if !ok {
+                    self.record(format!("{} c{client} connect to t{tracker} failed", self.now.0));
+                    self.conns.remove(&conn);
+                    self.clients[client].conn = None;
+                    let now = self.client_now(client);
+                    self.clients[client].engine.handle_tracker_closed(now);
+                    self.drain_client(client);
+                    return;
+                }
+                self.record(format!("{} c{client} connected t{tracker} {}", self.now.0, conn.0));
+                self.conns.get_mut(&conn).expect("live").accepted = true;
                 let remote = SocketAddr::from(([10, 0, 1, client as u8], 40000));
-                self.tracker.handle_connected(conn, remote, now);
+                let now = self.tracker_now(tracker);
+                self.trackers[tracker].node.as_mut().expect("up").handle_connected(conn, remote, now);
+                self.drain_tracker(tracker);
+                let now = self.client_now(client);
                 self.clients[client].engine.handle_tracker_connected(now);
                 self.drain_client(client);
             }
             Event::ToTracker { conn, bytes } => {
-                self.record(format!("{} ->t {} {}", now.0, conn.0, Sha1Digest::of(&bytes).to_hex()));
-                self.tracker.handle_bytes(conn, &bytes, now);
-                self.drain_tracker();
+                let Some(LiveConn { kind: ConnKind::Client { tracker, .. }, .. }) = self.conns.get(&conn).copied()
+                else {
+                    return;
+                };
+                self.record(format!("{} ->t{tracker} {} {}", self.now.0, conn.0, Sha1Digest::of(&bytes).to_hex()));
+                let now = self.tracker_now(tracker);
+                if let Some(n) = self.trackers[tracker].node.as_mut() {
+                    n.handle_bytes(conn, &bytes, now);
+                }
+                self.drain_tracker(tracker);
             }
-            Event::ToClient { client, conn, bytes } => {
+            Event::ToClient { conn, bytes } => {
+                let Some(LiveConn { kind: ConnKind::Client { client, .. }, .. }) = self.conns.get(&conn).copied()
+                else {
+                    return;
+                };
                 if self.clients[client].conn != Some(conn) {
                     return;
                 }
-                self.record(format!("{} ->c{client} {}", now.0, Sha1Digest::of(&bytes).to_hex()));
+                self.record(format!("{} ->c{client} {}", self.now.0, Sha1Digest::of(&bytes).to_hex()));
+                let now = self.client_now(client);
                 self.clients[client].engine.handle_tracker_bytes(&bytes, now);
                 self.drain_client(client);
+            }
+            Event::LinkConnected { from, to, conn } => {
+                if !self.conns.contains_key(&conn) {
+                    return;
+                }
+                if !matches!(self.trackers[from].links.get(&to), Some(Link::Connecting(c)) if *c == conn) {
+                    self.conns.remove(&conn);
+                    return;
+                }
+                let ok = self.trackers[to].node.is_some() && self.reachable(Ep::Tracker(from), Ep::Tracker(to));
+                if !ok {
+                    self.conns.remove(&conn);
+                    self.link_down(from, to);
+                    return;
+                }
+                self.record(format!("{} t{from}->t{to} linked {}", self.now.0, conn.0));
+                self.conns.get_mut(&conn).expect("live").accepted = true;
+                self.trackers[from].links.insert(to, Link::Up(conn));
+                let remote = SocketAddr::new(self.trackers[from].addr.ip(), 50000);
+                let now = self.tracker_now(to);
+                self.trackers[to].node.as_mut().expect("up").handle_connected(conn, remote, now);
+                self.drain_tracker(to);
+                let now = self.tracker_now(from);
+                self.trackers[from].node.as_mut().expect("up").handle_peer_up(to as NodeId + 1, now);
+                self.drain_tracker(from);
+            }
+            Event::LinkBytes { conn, bytes } => {
+                let Some(LiveConn { kind: ConnKind::Link { from, to }, .. }) = self.conns.get(&conn).copied() else {
+                    return;
+                };
+                self.record(format!("{} t{from}->t{to} {}", self.now.0, Sha1Digest::of(&bytes).to_hex()));
+                let now = self.tracker_now(to);
+                if let Some(n) = self.trackers[to].node.as_mut() {
+                    n.handle_bytes(conn, &bytes, now);
+                }
+                self.drain_tracker(to);
             }
             Event::PeerConnected { from, conn, to, accepted } => {
                 if !self.peer_links.contains_key(&(from, conn)) {
                     return;
                 }
-                self.record(format!("{} c{from}->c{to} peer connected", now.0));
+                self.record(format!("{} c{from}->c{to} peer connected", self.now.0));
+                let now = self.client_now(to);
                 self.clients[to].engine.handle_peer_accepted(accepted, now);
                 self.drain_client(to);
+                let now = self.client_now(from);
                 self.clients[from].engine.handle_peer_connected(conn, now);
                 self.drain_client(from);
             }
@@ -353,51 +963,108 @@ impl World {
                 if !self.peer_links.contains_key(&(to, conn)) {
                     return;
                 }
-                self.record(format!("{} ->c{to} peer {} {}", now.0, conn.0, Sha1Digest::of(&bytes).to_hex()));
+                self.record(format!("{} ->c{to} peer {} {}", self.now.0, conn.0, Sha1Digest::of(&bytes).to_hex()));
+                let now = self.client_now(to);
                 self.clients[to].engine.handle_peer_bytes(conn, &bytes, now);
                 self.drain_client(to);
             }
             Event::PeerClosed { to, conn } => {
-                self.record(format!("{} c{to} peer {} closed", now.0, conn.0));
+                if !self.clients[to].up {
+                    return;
+                }
+                self.record(format!("{} c{to} peer {} closed", self.now.0, conn.0));
+                let now = self.client_now(to);
                 self.clients[to].engine.handle_peer_closed(conn, now);
                 self.drain_client(to);
             }
             Event::Prepared { client, id, result } => {
+                if !self.clients[client].up || !self.clients[client].parts.contains_key(&id) {
+                    return;
+                }
+                let now = self.client_now(client);
                 self.clients[client].engine.handle_download_prepared(id, result, now);
                 self.drain_client(client);
             }
             Event::Finished { client, id, result } => {
-                self.record(format!("{} c{client} download {} finished {:?}", now.0, id.0, result));
+                if !self.clients[client].up {
+                    return;
+                }
+                self.record(format!("{} c{client} download {} finished {:?}", self.now.0, id.0, result));
+                let now = self.client_now(client);
                 self.clients[client].engine.handle_download_finished(id, result, now);
                 self.drain_client(client);
             }
+            Event::CloseConn { conn } => self.reset(conn),
             Event::Hashed { client, job, result } => {
+                if !self.clients[client].up {
+                    return;
+                }
+                let now = self.client_now(client);
                 self.clients[client].engine.handle_file_hashed(job, result, now);
                 self.drain_client(client);
             }
         }
     }
 
-    fn drain_tracker(&mut self) {
-        while let Some(out) = self.tracker.poll_output() {
+    fn drain_tracker(&mut self, t: usize) {
+        loop {
+            let Some(out) = self.trackers[t].node.as_mut().and_then(|n| n.poll_output()) else { return };
             match out {
-                // The simulated disk is synchronous: a record is durable at once.
-                TrackerOutput::Persist { record } => self.tracker_log.push(record),
+                // The simulated disk is synchronous: a record is durable at once,
+                // before anything that follows it is sent.
+                TrackerOutput::Persist(Persist::Append(r)) => self.trackers[t].disk.push(r),
+                TrackerOutput::Persist(Persist::Rewrite(r)) => self.trackers[t].disk = vec![r],
+                TrackerOutput::Applied { index, entry } => self.check_applied(t, index, entry),
+                TrackerOutput::LeaderChanged { leader } => {
+                    self.record(format!("{} t{t} leader {leader:?}", self.now.0));
+                }
                 TrackerOutput::Transmit { conn, bytes } => {
-                    let Some(&client) = self.conn_owner.get(&conn) else { continue };
-                    let at = self.now.plus(self.latency()).max(self.clients[client].down_due);
-                    self.clients[client].down_due = at;
-                    self.schedule(at, Event::ToClient { client, conn, bytes });
+                    let Some(c) = self.conns.get_mut(&conn) else { continue };
+                    let ConnKind::Client { .. } = c.kind else { continue };
+                    let due = c.down_due;
+                    let at = self.now.plus(self.latency()).max(due);
+                    self.conns.get_mut(&conn).expect("live").down_due = at;
+                    self.schedule(at, Event::ToClient { conn, bytes });
                 }
                 TrackerOutput::Close { conn } => {
-                    // Closing is seen by the client after the bytes before it.
-                    if let Some(client) = self.conn_owner.remove(&conn) {
-                        if self.clients[client].conn == Some(conn) {
-                            self.clients[client].conn = None;
-                            self.clients[client].engine.handle_tracker_closed(self.now);
-                            self.drain_client(client);
-                        }
-                    }
+                    // The tracker forgot it; the other side sees the close
+                    // after the bytes sent before it.
+                    let Some(c) = self.conns.get_mut(&conn) else { continue };
+                    c.accepted = false;
+                    let due = c.down_due;
+                    let at = self.now.plus(self.latency()).max(due);
+                    self.schedule(at, Event::CloseConn { conn });
+                }
+                TrackerOutput::PeerSend { node, bytes } => {
+                    let to = node as usize - 1;
+                    let Some(Link::Up(conn)) = self.trackers[t].links.get(&to).copied() else { continue };
+                    let Some(c) = self.conns.get(&conn).copied() else { continue };
+                    let at = self.now.plus(self.latency()).max(c.up_due);
+                    self.conns.get_mut(&conn).expect("live").up_due = at;
+                    self.schedule(at, Event::LinkBytes { conn, bytes });
+                }
+            }
+        }
+    }
+
+    /// Agreement: every tracker applies the same entry at each log index.
+    fn check_applied(&mut self, t: usize, index: u64, entry: Option<Entry>) {
+        let tr = &mut self.trackers[t];
+        match entry {
+            None => {
+                assert!(index as usize <= self.canon.len(), "t{t} installed a snapshot at {index} beyond the log");
+                tr.applied = index;
+            }
+            Some(e) => {
+                assert_eq!(index, tr.applied + 1, "t{t} applied entry {index} after {}", tr.applied);
+                tr.applied = index;
+                let h = entry_hash(&e);
+                let i = index as usize - 1;
+                if i < self.canon.len() {
+                    assert!(self.canon[i] == h, "t{t} applied a different entry at log index {index}: {e:?}");
+                } else {
+                    assert_eq!(i, self.canon.len(), "t{t} applied index {index} past the end");
+                    self.canon.push(h);
                 }
             }
         }
@@ -407,21 +1074,28 @@ impl World {
         while let Some(out) = self.clients[c].engine.poll_output() {
             match out {
                 ClientOutput::Connect { addr } => {
-                    assert_eq!(addr, self.tracker_addr, "one tracker in this world");
+                    let tracker =
+                        self.trackers.iter().position(|t| t.addr == addr).expect("clients dial known trackers");
                     self.close_client_conn(c);
-                    let conn = ConnId(self.next_conn);
-                    self.next_conn += 1;
+                    let conn = self.new_conn();
                     self.clients[c].conn = Some(conn);
-                    self.conn_owner.insert(conn, c);
                     let at = self.now.plus(self.latency());
-                    self.clients[c].up_due = at;
-                    self.clients[c].down_due = at;
+                    self.conns.insert(
+                        conn,
+                        LiveConn {
+                            kind: ConnKind::Client { client: c, tracker },
+                            up_due: at,
+                            down_due: at,
+                            accepted: false,
+                        },
+                    );
                     self.schedule(at, Event::Connected { client: c, conn });
                 }
                 ClientOutput::Transmit(bytes) => {
                     let Some(conn) = self.clients[c].conn else { continue };
-                    let at = self.now.plus(self.latency()).max(self.clients[c].up_due);
-                    self.clients[c].up_due = at;
+                    let Some(lc) = self.conns.get(&conn).copied() else { continue };
+                    let at = self.now.plus(self.latency()).max(lc.up_due);
+                    self.conns.get_mut(&conn).expect("live").up_due = at;
                     self.schedule(at, Event::ToTracker { conn, bytes });
                 }
                 ClientOutput::Disconnect => self.close_client_conn(c),
@@ -444,7 +1118,7 @@ impl World {
                 }
                 ClientOutput::PeerConnect { conn, addr } => {
                     let at = self.now.plus(self.latency());
-                    match self.clients.iter().position(|x| x.listen == addr) {
+                    match self.clients.iter().position(|x| x.listen == addr && x.up) {
                         Some(to) => {
                             let accepted = PeerConnId(self.next_accepted);
                             self.next_accepted += 1;
@@ -476,18 +1150,22 @@ impl World {
                     if result.is_ok() {
                         self.peer_send(c, conn, frame);
                     }
-                    self.clients[c].engine.handle_block_sent(conn, result, self.now);
+                    let now = self.client_now(c);
+                    self.clients[c].engine.handle_block_sent(conn, result, now);
                 }
                 ClientOutput::PrepareDownload { id, dest, name, digest } => {
                     let final_path = if dest.ends_with('/') { format!("{dest}{name}") } else { dest };
-                    let result = if self.files.contains_key(&final_path) {
+                    let result = if self.files.contains_key(&final_path) || self.files.contains_key(&part_path(&final_path))
+                    {
                         Err(format!("{final_path} already exists"))
                     } else {
                         let n = digest.chunks.len() as u32;
                         self.files.insert(part_path(&final_path), vec![0; digest.size as usize]);
-                        self.clients[c].parts.insert(id, SimPart { digest, final_path: final_path.clone() });
-                        Ok(Prepared { part_path: part_path(&final_path), final_path, have: Bitmap::new(n) })
+                        Ok(Prepared { part_path: part_path(&final_path), final_path: final_path.clone(), have: Bitmap::new(n) })
                     };
+                    if result.is_ok() {
+                        self.clients[c].parts.insert(id, SimPart { digest, final_path });
+                    }
                     let at = self.now.plus(self.latency());
                     self.schedule(at, Event::Prepared { client: c, id, result });
                 }
@@ -521,7 +1199,7 @@ impl World {
 
     /// Bytes on a peer connection, delivered in order after a latency.
     fn peer_send(&mut self, c: usize, conn: PeerConnId, bytes: Vec<u8>) {
-        let lat = self.latency();
+        let lat = self.latency().plus(self.clients[c].slow);
         let Some(((to, other), due)) = self.peer_links.get_mut(&(c, conn)) else { return };
         let at = self.now.plus(lat).max(*due);
         *due = at;
@@ -545,9 +1223,20 @@ impl World {
 
     fn close_client_conn(&mut self, c: usize) {
         if let Some(conn) = self.clients[c].conn.take() {
-            self.conn_owner.remove(&conn);
-            self.tracker.handle_closed(conn, self.now);
-            self.drain_tracker();
+            if let Some(lc) = self.conns.remove(&conn) {
+                if let (ConnKind::Client { tracker, .. }, true) = (lc.kind, lc.accepted) {
+                    let now = self.tracker_now(tracker);
+                    if let Some(n) = self.trackers[tracker].node.as_mut() {
+                        n.handle_closed(conn, now);
+                    }
+                    self.drain_tracker(tracker);
+                }
+            }
         }
+    }
+
+    /// Every running tracker's metadata, for convergence checks.
+    pub fn metas(&self) -> Vec<(usize, &MetaState)> {
+        self.trackers.iter().enumerate().filter_map(|(i, t)| t.node.as_ref().map(|n| (i, n.meta()))).collect()
     }
 }

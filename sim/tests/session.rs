@@ -97,11 +97,9 @@ fn the_log_replays_to_the_same_state() {
     use shoal_core::rng::Rng;
     use shoal_core::tracker::{SoloReplicator, TrackerConfig, TrackerNode};
     let w = session(seed_from_env(3));
-    assert!(!w.tracker_log.is_empty());
+    assert!(!w.tracker_log(0).is_empty());
     let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
-    let mut fresh = TrackerNode::new(cfg, Rng::from_u64(99), SoloReplicator::default());
-    for r in &w.tracker_log {
-        fresh.restore(r).unwrap();
-    }
+    let rep = SoloReplicator::recover(w.tracker_log(0).iter().map(|r| r.as_slice())).unwrap();
+    let fresh = TrackerNode::new(cfg, Rng::from_u64(99), rep);
     assert_eq!(fresh.meta(), w.tracker().meta());
 }
