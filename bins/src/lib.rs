@@ -89,31 +89,6 @@ pub fn read_line_bounded(r: &mut impl BufRead, max: usize) -> io::Result<Option<
     Ok(Some(String::from_utf8(buf).map_or(Line::NotUtf8, Line::Text)))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lines(input: &[u8], max: usize) -> Vec<String> {
-        let mut r = io::BufReader::with_capacity(4, input);
-        let mut out = Vec::new();
-        while let Some(l) = read_line_bounded(&mut r, max).unwrap() {
-            out.push(match l {
-                Line::Text(s) => s,
-                Line::TooLong => "<long>".into(),
-                Line::NotUtf8 => "<bin>".into(),
-            });
-        }
-        out
-    }
-
-    #[test]
-    fn bounded_lines() {
-        assert_eq!(lines(b"ab\r\ncdefgh\n\nxy", 4), vec!["ab", "<long>", "", "xy"]);
-        assert_eq!(lines(b"\xff\n", 4), vec!["<bin>"]);
-        assert!(lines(b"", 4).is_empty());
-    }
-}
-
 /// Runs tracker `id` of `trackers` on a thread of this process, in memory
 /// (no data dir): the demo's cluster. Returns once it listens.
 pub fn spawn_tracker(trackers: &[shoal_core::config::TrackerEntry], id: u32) -> Result<(), String> {
@@ -153,4 +128,29 @@ pub fn spawn_tracker(trackers: &[shoal_core::config::TrackerEntry], id: u32) -> 
         })
         .map_err(|e| e.to_string())?;
     rx.recv().map_err(|_| format!("tracker {id} stopped at start"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(input: &[u8], max: usize) -> Vec<String> {
+        let mut r = io::BufReader::with_capacity(4, input);
+        let mut out = Vec::new();
+        while let Some(l) = read_line_bounded(&mut r, max).unwrap() {
+            out.push(match l {
+                Line::Text(s) => s,
+                Line::TooLong => "<long>".into(),
+                Line::NotUtf8 => "<bin>".into(),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn bounded_lines() {
+        assert_eq!(lines(b"ab\r\ncdefgh\n\nxy", 4), vec!["ab", "<long>", "", "xy"]);
+        assert_eq!(lines(b"\xff\n", 4), vec!["<bin>"]);
+        assert!(lines(b"", 4).is_empty());
+    }
 }

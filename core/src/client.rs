@@ -65,6 +65,9 @@ pub struct ClientConfig {
     pub heartbeat_every: Millis,
     /// Pause before reconnecting after every tracker failed in turn.
     pub retry_backoff: Millis,
+    /// How long to keep trying trackers that answer "no quorum" or
+    /// "catching up" before telling the user there is no quorum.
+    pub quorum_wait: Millis,
     pub download: crate::download::DownloadConfig,
     /// Upload at most this many bytes per second, over all peers.
     pub max_upload_rate: Option<u64>,
@@ -79,6 +82,7 @@ impl ClientConfig {
             give_up_after: Millis::from_secs(20),
             heartbeat_every: Millis::from_secs(5),
             retry_backoff: Millis(500),
+            quorum_wait: Millis::from_secs(5),
             download: Default::default(),
             max_upload_rate: None,
         }
@@ -186,6 +190,7 @@ struct Pending {
     give_up_at: Millis,
     /// Trackers that answered "no quorum" or "catching up" to this request.
     refused: usize,
+    sent_at: Millis,
 }
 
 struct HashJob {
@@ -474,7 +479,7 @@ impl ClientEngine {
             Purpose::Shell { cmd: ShellCommand::Exit, .. } => self.cfg.request_timeout,
             _ => self.cfg.give_up_after,
         });
-        self.pending.insert(seq, Pending { purpose, request, give_up_at, refused: 0 });
+        self.pending.insert(seq, Pending { purpose, request, give_up_at, refused: 0, sent_at: now });
         match self.link {
             Link::Up => self.transmit(&msg, now),
             Link::Down => {
@@ -508,7 +513,7 @@ impl ClientEngine {
             // The same request id goes to the next one, so a write that was
             // decided after all is still applied once.
             p.refused += 1;
-            if p.refused < self.cfg.trackers.len() {
+            if p.refused < self.cfg.trackers.len() || now.since(p.sent_at) < self.cfg.quorum_wait {
                 tracing::debug!(tracker = %self.cfg.trackers[self.tracker], "tracker cannot serve, failing over");
                 self.pending.insert(id.seq, p);
                 self.out.push_back(ClientOutput::Disconnect);

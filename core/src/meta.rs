@@ -369,6 +369,43 @@ impl MetaState {
 
     // ---- reads ----
 
+    /// The rules every state must keep (checked by tests and the simulator):
+    /// a group's owner is a member, nobody is both member and pending, every
+    /// sharer of a file is a member of its group and a user, sessions are
+    /// indexed by their address both ways.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (name, g) in &self.groups {
+            if !g.is_member(&g.owner) {
+                return Err(format!("group {name}: owner {} is not a member", g.owner));
+            }
+            if let Some(u) = g.pending.iter().find(|u| g.is_member(u)) {
+                return Err(format!("group {name}: {u} is both member and pending"));
+            }
+            for (f, sf) in &g.files {
+                if let Some(s) = sf.sharers.iter().find(|s| !g.is_member(&s.user)) {
+                    return Err(format!("group {name}: file {f} shared by non-member {}", s.user));
+                }
+                if sf.sharers.is_empty() {
+                    return Err(format!("group {name}: file {f} has no sharer"));
+                }
+            }
+            for u in g.members.iter().chain(&g.pending) {
+                if !self.users.contains_key(u) {
+                    return Err(format!("group {name}: unknown user {u}"));
+                }
+            }
+        }
+        for (t, s) in &self.sessions {
+            if self.session_at.get(&s.listen) != Some(t) {
+                return Err(format!("session of {} at {} is not indexed", s.user, s.listen));
+            }
+        }
+        if self.session_at.len() != self.sessions.len() {
+            return Err("session index has stale entries".into());
+        }
+        Ok(())
+    }
+
     pub fn user_exists(&self, user: &UserId) -> bool {
         self.users.contains_key(user)
     }

@@ -382,7 +382,7 @@ impl<R: Replicator> TrackerNode<R> {
                 Kind::TrackerHello => {
                     let ok = match &msg {
                         Message::Tracker(TrackerFrame::Join { node }) => {
-                            let from_ip = self.cfg.peer_ips.get(node).map_or(true, |ip| *ip == c.remote);
+                            let from_ip = self.cfg.peer_ips.get(node).is_none_or(|ip| *ip == c.remote);
                             (self.replicator.peers().contains(node) && from_ip).then_some(*node)
                         }
                         _ => None,
@@ -391,6 +391,11 @@ impl<R: Replicator> TrackerNode<R> {
                         Some(node) => {
                             c.kind = Kind::Tracker(node);
                             c.decoder.set_limit(MAX_TRACKER_FRAME);
+                            // Its link to us is new: what it sent before may
+                            // be lost. omnipaxos resyncs a follower from its
+                            // leader when told of a reconnection.
+                            self.replicator.handle_peer_up(node);
+                            self.pump(now);
                         }
                         None => {
                             self.refuse(conn, "not a tracker of this cluster".into());

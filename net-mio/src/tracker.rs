@@ -91,7 +91,8 @@ impl<R: Replicator> TrackerServer<R> {
     /// The other trackers of the cluster, to keep a link open to each.
     pub fn with_peers(mut self, peers: impl IntoIterator<Item = (NodeId, SocketAddr)>) -> Self {
         for (node, addr) in peers {
-            self.links.insert(node, Link { addr, state: LinkState::Down { retry_at: Millis::ZERO, backoff: REDIAL_MIN } });
+            self.links
+                .insert(node, Link { addr, state: LinkState::Down { retry_at: Millis::ZERO, backoff: REDIAL_MIN } });
         }
         self
     }
@@ -170,7 +171,8 @@ impl<R: Replicator> TrackerServer<R> {
                 continue;
             }
             let token = Token(PEER_BASE + *node as usize);
-            let next = LinkState::Down { retry_at: now.plus(backoff), backoff: Millis((backoff.0 * 2).min(REDIAL_MAX.0)) };
+            let next =
+                LinkState::Down { retry_at: now.plus(backoff), backoff: Millis((backoff.0 * 2).min(REDIAL_MAX.0)) };
             link.state = match TcpStream::connect(link.addr) {
                 Ok(mut s) => {
                     match self.poll.registry().register(&mut s, token, Interest::READABLE | Interest::WRITABLE) {
@@ -186,7 +188,8 @@ impl<R: Replicator> TrackerServer<R> {
     fn link_down(&mut self, node: NodeId, now: Millis) {
         let Some(link) = self.links.get_mut(&node) else { return };
         let was_up = matches!(link.state, LinkState::Up(_));
-        let old = std::mem::replace(&mut link.state, LinkState::Down { retry_at: now.plus(REDIAL_MIN), backoff: REDIAL_MIN });
+        let old =
+            std::mem::replace(&mut link.state, LinkState::Down { retry_at: now.plus(REDIAL_MIN), backoff: REDIAL_MIN });
         if let LinkState::Connecting(mut c) | LinkState::Up(mut c) = old {
             let _ = self.poll.registry().deregister(&mut c.stream);
         }

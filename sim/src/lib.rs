@@ -234,7 +234,10 @@ type PeerEnd = (usize, PeerConnId);
 /// A tracker's own link to another tracker.
 #[derive(Clone, Copy, Debug)]
 enum Link {
-    Down { retry_at: Millis, backoff: Millis },
+    Down {
+        retry_at: Millis,
+        backoff: Millis,
+    },
     Connecting(ConnId),
     /// Connected; `ConnId` is the receiving tracker's id for it.
     Up(ConnId),
@@ -328,8 +331,14 @@ pub struct World {
     /// Hash of the entry applied at each log index, by whichever tracker applied it first.
     canon: Vec<[u8; 20]>,
     snapshot_every: usize,
+    /// The state after the canonical log, and who was ever a member or owner of which group.
+    canon_state: MetaState,
+    ever_member: BTreeSet<(String, String)>,
+    ever_owner: BTreeSet<(String, String)>,
     /// Redial backoff of each tracker link (from, to).
     link_backoff: BTreeMap<(usize, usize), Millis>,
+    /// `SIM_TRACE=1`: print the trace as it is recorded.
+    verbose: bool,
     cfg: TrackerConfig,
 }
 
@@ -373,10 +382,8 @@ impl World {
         let clients = (0..wc.clients)
             .map(|i| {
                 let listen = SocketAddr::from(([10, 0, 1, i as u8], 9000));
-                let engine = ClientEngine::new(
-                    ClientConfig::new(listen, tracker_addrs.clone()),
-                    Rng::from_u64(rng.next_u64()),
-                );
+                let engine =
+                    ClientEngine::new(ClientConfig::new(listen, tracker_addrs.clone()), Rng::from_u64(rng.next_u64()));
                 SimClient {
                     engine,
                     clock: skewed(&mut rng),
@@ -412,6 +419,10 @@ impl World {
             canon: Vec::new(),
             snapshot_every: wc.snapshot_every,
             link_backoff: BTreeMap::new(),
+            verbose: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
+            canon_state: MetaState::new(),
+            ever_member: BTreeSet::new(),
+            ever_owner: BTreeSet::new(),
             cfg,
         };
         for t in 0..wc.trackers {
@@ -472,6 +483,9 @@ impl World {
     }
 
     fn record(&mut self, line: String) {
+        if self.verbose {
+            eprintln!("{line}");
+        }
         self.trace.update(line.as_bytes());
         self.trace.update(b"\n");
     }
@@ -1065,6 +1079,16 @@ impl World {
                 } else {
                     assert_eq!(i, self.canon.len(), "t{t} applied index {index} past the end");
                     self.canon.push(h);
+                    let _ = self.canon_state.apply(&e);
+                    if let Err(why) = self.canon_state.check_invariants() {
+                        panic!("metadata rule broken after log index {index}: {why}");
+                    }
+                    for (g, grp) in self.canon_state.groups() {
+                        self.ever_owner.insert((g.to_string(), grp.owner.to_string()));
+                        for m in &grp.members {
+                            self.ever_member.insert((g.to_string(), m.to_string()));
+                        }
+                    }
                 }
             }
         }
@@ -1155,14 +1179,18 @@ impl World {
                 }
                 ClientOutput::PrepareDownload { id, dest, name, digest } => {
                     let final_path = if dest.ends_with('/') { format!("{dest}{name}") } else { dest };
-                    let result = if self.files.contains_key(&final_path) || self.files.contains_key(&part_path(&final_path))
-                    {
-                        Err(format!("{final_path} already exists"))
-                    } else {
-                        let n = digest.chunks.len() as u32;
-                        self.files.insert(part_path(&final_path), vec![0; digest.size as usize]);
-                        Ok(Prepared { part_path: part_path(&final_path), final_path: final_path.clone(), have: Bitmap::new(n) })
-                    };
+                    let result =
+                        if self.files.contains_key(&final_path) || self.files.contains_key(&part_path(&final_path)) {
+                            Err(format!("{final_path} already exists"))
+                        } else {
+                            let n = digest.chunks.len() as u32;
+                            self.files.insert(part_path(&final_path), vec![0; digest.size as usize]);
+                            Ok(Prepared {
+                                part_path: part_path(&final_path),
+                                final_path: final_path.clone(),
+                                have: Bitmap::new(n),
+                            })
+                        };
                     if result.is_ok() {
                         self.clients[c].parts.insert(id, SimPart { digest, final_path });
                     }
@@ -1233,6 +1261,20 @@ impl World {
                 }
             }
         }
+    }
+
+    /// The metadata after every entry decided so far (by whichever tracker applied it first).
+    pub fn canon_state(&self) -> &MetaState {
+        &self.canon_state
+    }
+
+    /// Whether `user` was ever a member (or owner) of `group` in the decided history.
+    pub fn ever_member(&self, group: &str, user: &str) -> bool {
+        self.ever_member.contains(&(group.to_string(), user.to_string()))
+    }
+
+    pub fn ever_owner(&self, group: &str, user: &str) -> bool {
+        self.ever_owner.contains(&(group.to_string(), user.to_string()))
     }
 
     /// Every running tracker's metadata, for convergence checks.
