@@ -199,14 +199,15 @@ fn tracker_survives_garbage_on_its_port() {
     assert!(tracker.is_running());
 }
 
-/// A tracker listed in tracker_info that is down is skipped by itself.
+/// A tracker listed in tracker_info that is down is skipped by itself (the
+/// other two are a majority of three).
 #[test]
 fn client_fails_over_past_a_dead_tracker() {
     let dir = TempDir::new("failover");
-    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let live: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let info = tracker_info(dir.path(), &[dead, live]);
-    let _t = Tracker::start(&info, 2);
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap()).collect();
+    let info = tracker_info(dir.path(), &addrs);
+    let _t2 = Tracker::start(&info, 2);
+    let _t3 = Tracker::start(&info, 3);
     for i in 0..3 {
         let mut c = Client::start("c", &info);
         c.expect(&format!("create_user u{i} pw"), &[&format!("user u{i} created")]);

@@ -125,9 +125,14 @@ struct Source {
     conn: Option<PeerConnId>,
     banned: bool,
     retry_at: Millis,
+    /// Refusals in a row: each doubles the pause before asking again.
+    refusals: u32,
     /// Verified bytes it supplied.
     supplied: u64,
 }
+
+/// Longest pause before asking a peer that refused us again.
+pub const MAX_REFUSED_BACKOFF: Millis = Millis(30_000);
 
 pub struct Download {
     cfg: DownloadConfig,
@@ -273,6 +278,9 @@ impl Download {
             PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer } => {}
             PeerMessage::Have { chunks, load } => {
                 let p = self.peers.get_mut(&peer).expect("checked");
+                if let Some(s) = self.sources.get_mut(&p.addr) {
+                    s.refusals = 0;
+                }
                 if !chunks.fits(n) || p.have.is_some() {
                     return self.drop_peer(peer, false, now);
                 }
@@ -295,8 +303,17 @@ impl Download {
             }
             PeerMessage::Refused { reason } => {
                 tracing::debug!(%reason, "peer refused");
-                // A refusal is final for this download (no access, or it stopped sharing).
-                return self.drop_peer(peer, true, now);
+                // Maybe for good (no access, it stopped sharing), maybe for
+                // now (our grant has not reached its tracker yet, or that
+                // tracker just failed): ask again later, less and less often.
+                let addr = self.peers[&peer].addr;
+                self.drop_peer(peer, false, now);
+                if let Some(s) = self.sources.get_mut(&addr) {
+                    s.refusals = s.refusals.saturating_add(1);
+                    let pause = self.cfg.reconnect_after.0.saturating_mul(1 << s.refusals.min(16));
+                    s.retry_at = now.plus(Millis(pause.min(MAX_REFUSED_BACKOFF.0)));
+                }
+                return;
             }
             _ => return self.drop_peer(peer, false, now),
         }

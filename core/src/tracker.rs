@@ -769,14 +769,16 @@ impl<R: Replicator> TrackerNode<R> {
         let mut bits = [0u8; 16];
         self.rng.fill(&mut bits);
         let grant = Grant(bits);
-        if !self.replicator.peers().is_empty() {
-            self.dirty.grants.push(SoftGrant {
-                grant,
-                user: me.clone(),
-                group: group.clone(),
-                name: name.clone(),
-                ttl_ms: GRANT_TTL.0,
-            });
+        if !self.links_up.is_empty() {
+            // Gossiped at once, not with the next sweep: the downloader is
+            // about to show it to a peer that checks it with its own tracker.
+            let g =
+                SoftGrant { grant, user: me.clone(), group: group.clone(), name: name.clone(), ttl_ms: GRANT_TTL.0 };
+            let bytes =
+                encode(&Message::Tracker(TrackerFrame::Soft(SoftState { grants: vec![g], ..SoftState::default() })));
+            for node in &self.links_up {
+                self.out.push_back(TrackerOutput::PeerSend { node: *node, bytes: bytes.clone() });
+            }
         }
         self.grants.insert(grant, GrantInfo { user: me.clone(), group, name, expires: now.plus(GRANT_TTL) });
         Ok(Reply::Download { digest, sharers, grant })

@@ -71,7 +71,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     let nodes: Vec<NodeId> = trackers.iter().map(|t| t.id as NodeId).collect();
     let rep = OmniReplicator::recover(me.id as NodeId, &nodes, records).map_err(|e| format!("{log}: {e}"))?;
-    println!("log: decided up to entry {}, snapshot up to {}", rep.decided_idx(), rep.compacted_idx());
+    let log_line = format!("log: decided up to entry {}, snapshot up to {}", rep.decided_idx(), rep.compacted_idx());
     let node = TrackerNode::new(cfg, Rng::from_seed(seed), rep);
     let me_id = me.id as NodeId;
     let server = TrackerServer::bind(me.addr, node)
@@ -87,5 +87,6 @@ fn run(args: Args) -> Result<(), String> {
             let _ = std::io::Write::flush(&mut std::io::stdout());
         });
     banner(server.local_addr().map_err(|e| e.to_string())?);
+    println!("{log_line}");
     server.run().map_err(|e| format!("tracker stopped: {e}"))
 }

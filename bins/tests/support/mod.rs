@@ -106,6 +106,27 @@ impl Tracker {
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+
+    /// Reads what the tracker printed so far; returns the last leader it named.
+    pub fn leader_so_far(&mut self, last: &mut Option<u32>) {
+        while let Ok(l) = self.out.try_recv() {
+            if let Some(rest) = l.strip_prefix("leader: tracker ") {
+                *last = rest.split_whitespace().next().and_then(|n| n.parse().ok());
+            } else if l.starts_with("leader: none") {
+                *last = None;
+            }
+        }
+    }
+
+    /// Waits (bounded) for the tracker to print a line starting with `prefix`.
+    pub fn wait_for(&mut self, prefix: &str) -> String {
+        loop {
+            let l = self.out.recv_timeout(WAIT).unwrap_or_else(|_| panic!("tracker never printed {prefix:?}"));
+            if l.starts_with(prefix) {
+                return l;
+            }
+        }
+    }
 }
 
 impl Drop for Tracker {
@@ -162,6 +183,27 @@ impl Client {
                     .unwrap_or_else(|_| panic!("{}: no output line {} within {WAIT:?}", self.name, i + 1))
             })
             .collect()
+    }
+
+    /// Runs `cmd` and returns its first `n` output lines, skipping log lines.
+    pub fn answers(&mut self, cmd: &str, n: usize) -> Vec<String> {
+        self.send_raw(format!("{cmd}\n").as_bytes());
+        let mut got = Vec::new();
+        while got.len() < n {
+            let l = self
+                .out
+                .recv_timeout(WAIT)
+                .unwrap_or_else(|_| panic!("{}: `{cmd}`: no answer within {WAIT:?} (got {got:?})", self.name));
+            let log = [" INFO ", " WARN ", " DEBUG ", " ERROR "].iter().any(|k| l.contains(k));
+            if !log {
+                got.push(l);
+            }
+        }
+        got
+    }
+
+    pub fn answer(&mut self, cmd: &str) -> String {
+        self.answers(cmd, 1).remove(0)
     }
 
     /// Runs `cmd` and checks its output lines. An expected line ending in `*`
