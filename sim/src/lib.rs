@@ -337,6 +337,8 @@ pub struct World {
     ever_owner: BTreeSet<(String, String)>,
     /// Redial backoff of each tracker link (from, to).
     link_backoff: BTreeMap<(usize, usize), Millis>,
+    /// How many faults of each kind were injected.
+    pub faults: BTreeMap<&'static str, u64>,
     /// `SIM_TRACE=1`: print the trace as it is recorded.
     verbose: bool,
     cfg: TrackerConfig,
@@ -419,6 +421,7 @@ impl World {
             canon: Vec::new(),
             snapshot_every: wc.snapshot_every,
             link_backoff: BTreeMap::new(),
+            faults: BTreeMap::new(),
             verbose: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
             canon_state: MetaState::new(),
             ever_member: BTreeSet::new(),
@@ -518,6 +521,7 @@ impl World {
     /// that need that direction are reset) until [`World::heal`].
     pub fn cut(&mut self, from: Ep, to: Ep) {
         self.record(format!("{} cut {from:?}->{to:?}", self.now.0));
+        *self.faults.entry("cut").or_default() += 1;
         self.cuts.insert((from, to));
         let doomed: Vec<ConnId> = self
             .conns
@@ -552,6 +556,7 @@ impl World {
     pub fn reset(&mut self, conn: ConnId) {
         let Some(c) = self.conns.remove(&conn) else { return };
         self.record(format!("{} reset {}", self.now.0, conn.0));
+        *self.faults.entry("reset").or_default() += 1;
         match c.kind {
             ConnKind::Client { client, tracker } => {
                 if c.accepted {
@@ -597,6 +602,7 @@ impl World {
             return;
         }
         self.record(format!("{} crash t{t}", self.now.0));
+        *self.faults.entry("tracker crash").or_default() += 1;
         let mine: Vec<ConnId> = self
             .conns
             .iter()
@@ -620,9 +626,21 @@ impl World {
         }
         self.record(format!("{} restart t{t} wipe={wipe}", self.now.0));
         if wipe {
+            *self.faults.entry("wipe").or_default() += 1;
             self.trackers[t].disk.clear();
         }
         self.start_tracker(t);
+    }
+
+    /// Whether tracker `t` may lose its data dir without the cluster losing
+    /// decided entries: every other tracker is up, reachable and holds every
+    /// decided entry. (A wiped tracker forgets its votes; if the others do not
+    /// hold everything a majority agreed on, no consensus protocol can recover
+    /// it. Wiping is losing a replica.)
+    pub fn safe_to_wipe(&self, t: usize) -> bool {
+        let n = self.log_len();
+        self.cuts.is_empty()
+            && (0..self.trackers.len()).filter(|o| *o != t).all(|o| self.tracker_up(o) && self.applied(o) == n)
     }
 
     pub fn tracker_up(&self, t: usize) -> bool {
@@ -657,6 +675,7 @@ impl World {
             return;
         }
         self.record(format!("{} crash c{c}", self.now.0));
+        *self.faults.entry("client crash").or_default() += 1;
         if let Some(conn) = self.clients[c].conn {
             self.reset(conn);
         }
@@ -693,6 +712,9 @@ impl World {
 
     /// Adds `extra` latency to everything client `c` sends to peers.
     pub fn set_slow(&mut self, c: usize, extra: Millis) {
+        if extra > Millis::ZERO {
+            *self.faults.entry("slow peer").or_default() += 1;
+        }
         self.clients[c].slow = extra;
     }
 
@@ -1242,6 +1264,7 @@ impl World {
 
     /// Damages a file on the simulated disk (a sharer whose copy rotted).
     pub fn corrupt_file(&mut self, path: &str) {
+        *self.faults.entry("corrupt file").or_default() += 1;
         if let Some(data) = self.files.get_mut(path) {
             for i in (0..data.len()).step_by(CHUNK_SIZE as usize) {
                 data[i] ^= 0xff;
