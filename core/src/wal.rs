@@ -9,9 +9,10 @@
 //! reads a file back:
 //!
 //! - every whole record whose checksums match is returned, in order;
-//! - an incomplete last record, a last record whose payload does not match
-//!   its checksum, or a tail of zeros is a torn write: recovery stops there and
-//!   reports the length to truncate the file to;
+//! - an incomplete last record, a last record whose header or payload does not
+//!   match its checksum (followed by nothing but zeros: log files are
+//!   preallocated with zeros), or a tail of zeros is a torn write: recovery
+//!   stops there and reports where valid data ends;
 //! - anything else that fails a checksum is corruption of data that may have
 //!   been acknowledged: an error, never silently dropped.
 //!
@@ -63,7 +64,9 @@ pub fn recover(bytes: &[u8]) -> Result<Recovered<'_>, WalError> {
         let word = |i: usize| u32::from_le_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]]);
         let (len, len_crc, crc) = (word(0) as usize, word(4), word(8));
         if crc32fast::hash(&rest[..4]) != len_crc || len > MAX_RECORD {
-            if rest.iter().all(|&b| b == 0) {
+            // A header written in part, then nothing (zeros: the file is
+            // preallocated) is the last append, torn by a crash.
+            if rest[HEADER..].iter().all(|&b| b == 0) {
                 return torn(records, at);
             }
             let after = (rest.len() - HEADER) as u64;
@@ -75,7 +78,7 @@ pub fn recover(bytes: &[u8]) -> Result<Recovered<'_>, WalError> {
         let payload = &rest[HEADER..HEADER + len];
         if crc32fast::hash(payload) != crc {
             let after = (rest.len() - HEADER - len) as u64;
-            if after == 0 {
+            if rest[HEADER + len..].iter().all(|&b| b == 0) {
                 return torn(records, at);
             }
             return Err(WalError::Corrupt { offset: at as u64, reason: "checksum mismatch", after });
@@ -116,6 +119,22 @@ mod tests {
             }
             prop_assert_eq!(r.valid_len as usize, if whole == 0 { 0 } else { ends[whole - 1] });
             prop_assert_eq!(r.torn, cut != r.valid_len as usize);
+        }
+
+        /// The same in a preallocated file: whatever part of the last append
+        /// reached the disk, followed by zeros, recovers a prefix, never an error.
+        #[test]
+        fn a_torn_append_into_zeros_recovers_a_prefix(records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..12), cut in any::<proptest::sample::Index>(), zeros in 0usize..5000) {
+            let (mut log, ends) = log_of(&records);
+            let cut = cut.index(log.len() + 1);
+            log.truncate(cut);
+            log.resize(cut + zeros, 0);
+            let r = recover(&log).expect("a torn append is never corrupt");
+            let whole = ends.iter().filter(|&&e| e <= cut).count();
+            prop_assert!(r.records.len() == whole || (r.records.len() > whole && cut + zeros >= ends[r.records.len() - 1]));
+            for (got, want) in r.records.iter().zip(&records) {
+                prop_assert_eq!(*got, &want[..]);
+            }
         }
 
         /// A flipped bit inside the log is an error unless it is in the last

@@ -55,6 +55,8 @@ pub struct TrackerServer<R: Replicator> {
     wal: Option<WalFile>,
     links: BTreeMap<NodeId, Link>,
     on_leader: Option<LeaderHook>,
+    /// Records that must be durable before the next send are waiting.
+    must_sync: bool,
 }
 
 impl<R: Replicator> TrackerServer<R> {
@@ -73,6 +75,7 @@ impl<R: Replicator> TrackerServer<R> {
             wal: None,
             links: BTreeMap::new(),
             on_leader: None,
+            must_sync: false,
         })
     }
 
@@ -270,66 +273,92 @@ impl<R: Replicator> TrackerServer<R> {
     }
 
     fn sync_wal(&mut self) -> io::Result<()> {
+        if !std::mem::take(&mut self.must_sync) {
+            return Ok(());
+        }
         if let Some(wal) = &mut self.wal {
             wal.sync().map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", wal.path().display())))?;
         }
         Ok(())
     }
 
-    /// Sends the node's outputs. Log records are made durable (one fsync for
-    /// all of them) before anything that follows them goes out.
+    /// Sends the node's outputs. Log records are written first and made
+    /// durable with one fsync for all of them (group commit), then everything
+    /// is queued, then each touched socket is flushed once.
     fn drain(&mut self, now: Millis) -> io::Result<()> {
-        while let Some(out) = self.node.poll_output() {
-            let (token, bytes) = match out {
-                TrackerOutput::Persist(Persist::Append(record)) => {
-                    if let Some(wal) = &mut self.wal {
-                        wal.append(&record);
+        loop {
+            let outs: Vec<TrackerOutput> = std::iter::from_fn(|| self.node.poll_output()).collect();
+            if outs.is_empty() {
+                break;
+            }
+            for out in &outs {
+                let Some(wal) = &mut self.wal else { break };
+                match out {
+                    TrackerOutput::Persist(Persist::Append(record)) => {
+                        wal.append(record);
+                        self.must_sync = true;
                     }
-                    continue;
+                    TrackerOutput::Persist(Persist::Lazy(record)) => wal.append(record),
+                    TrackerOutput::Persist(Persist::Rewrite(record)) => wal.rewrite(record).map_err(|e| {
+                        io::Error::new(e.kind(), format!("cannot rewrite {}: {e}", wal.path().display()))
+                    })?,
+                    _ => {}
                 }
-                TrackerOutput::Persist(Persist::Rewrite(record)) => {
-                    if let Some(wal) = &mut self.wal {
-                        wal.rewrite(&record).map_err(|e| {
-                            io::Error::new(e.kind(), format!("cannot rewrite {}: {e}", wal.path().display()))
-                        })?;
-                    }
-                    continue;
-                }
-                TrackerOutput::Applied { .. } => continue,
-                TrackerOutput::LeaderChanged { leader } => {
-                    if let Some(f) = &mut self.on_leader {
-                        f(leader);
-                    }
-                    continue;
-                }
-                TrackerOutput::PeerSend { node, bytes } => {
-                    self.sync_wal()?;
-                    let token = Token(PEER_BASE + node as usize);
-                    if let Some(Link { state: LinkState::Up(c), .. }) = self.links.get_mut(&node) {
-                        if !c.queue_owned(bytes) || c.flush(self.poll.registry(), token).is_err() {
-                            self.link_down(node, now);
+            }
+            self.sync_wal()?;
+            let mut touched = std::collections::BTreeSet::new();
+            let mut touched_links = std::collections::BTreeSet::new();
+            for out in outs {
+                match out {
+                    TrackerOutput::Persist(_) | TrackerOutput::Applied { .. } => {}
+                    TrackerOutput::LeaderChanged { leader } => {
+                        if let Some(f) = &mut self.on_leader {
+                            f(leader);
                         }
                     }
-                    continue;
+                    TrackerOutput::PeerSend { node, bytes } => {
+                        if let Some(Link { state: LinkState::Up(c), .. }) = self.links.get_mut(&node) {
+                            if c.queue_owned(bytes) {
+                                touched_links.insert(node);
+                            } else {
+                                self.link_down(node, now);
+                            }
+                        }
+                    }
+                    TrackerOutput::Transmit { conn, bytes } => {
+                        let token = Token(conn.0 as usize);
+                        let Some(c) = self.conns.get_mut(&token) else { continue };
+                        if c.queue(&bytes) {
+                            touched.insert(token);
+                        } else {
+                            self.drop_conn(token, now);
+                        }
+                    }
+                    TrackerOutput::Close { conn } => {
+                        let token = Token(conn.0 as usize);
+                        if let Some(c) = self.conns.get_mut(&token) {
+                            c.closing = true;
+                            touched.insert(token);
+                        }
+                    }
                 }
-                TrackerOutput::Transmit { conn, bytes } => (Token(conn.0 as usize), Some(bytes)),
-                TrackerOutput::Close { conn } => (Token(conn.0 as usize), None),
-            };
-            self.sync_wal()?;
-            let Some(c) = self.conns.get_mut(&token) else { continue };
-            let ok = match bytes {
-                Some(b) => c.queue(&b) && c.flush(self.poll.registry(), token).is_ok(),
-                None => {
-                    c.closing = true;
-                    true
+            }
+            for node in touched_links {
+                let token = Token(PEER_BASE + node as usize);
+                if let Some(Link { state: LinkState::Up(c), .. }) = self.links.get_mut(&node) {
+                    if c.flush(self.poll.registry(), token).is_err() {
+                        self.link_down(node, now);
+                    }
                 }
-            };
-            let done = c.closing && !c.has_backlog();
-            if !ok || done {
-                self.drop_conn(token, now);
+            }
+            for token in touched {
+                let Some(c) = self.conns.get_mut(&token) else { continue };
+                let ok = c.flush(self.poll.registry(), token).is_ok();
+                if !ok || (c.closing && !c.has_backlog()) {
+                    self.drop_conn(token, now);
+                }
             }
         }
-        self.sync_wal()?;
         // Connections told to close whose backlog has since drained.
         let finished: Vec<Token> =
             self.conns.iter().filter(|(_, c)| c.closing && !c.has_backlog()).map(|(t, _)| *t).collect();

@@ -249,6 +249,8 @@ struct SimTracker {
     clock: Clock,
     /// The durable log: what a restart replays.
     disk: Vec<Vec<u8>>,
+    /// Lazy records written after the last sync: lost in a crash.
+    volatile: Vec<Vec<u8>>,
     links: BTreeMap<usize, Link>,
     /// Log index this tracker has applied up to (for the agreement check).
     applied: u64,
@@ -377,6 +379,7 @@ impl World {
                 addr: *addr,
                 clock: skewed(&mut rng),
                 disk: Vec::new(),
+                volatile: Vec::new(),
                 links: BTreeMap::new(),
                 applied: 0,
             })
@@ -613,6 +616,7 @@ impl World {
             .map(|(id, _)| *id)
             .collect();
         self.trackers[t].node = None;
+        self.trackers[t].volatile.clear();
         for c in mine {
             self.reset(c);
         }
@@ -1048,8 +1052,17 @@ impl World {
             match out {
                 // The simulated disk is synchronous: a record is durable at once,
                 // before anything that follows it is sent.
-                TrackerOutput::Persist(Persist::Append(r)) => self.trackers[t].disk.push(r),
-                TrackerOutput::Persist(Persist::Rewrite(r)) => self.trackers[t].disk = vec![r],
+                TrackerOutput::Persist(Persist::Append(r)) => {
+                    let tr = &mut self.trackers[t];
+                    tr.disk.append(&mut tr.volatile);
+                    tr.disk.push(r);
+                }
+                // Written but not synced: a crash loses it (see crash_tracker).
+                TrackerOutput::Persist(Persist::Lazy(r)) => self.trackers[t].volatile.push(r),
+                TrackerOutput::Persist(Persist::Rewrite(r)) => {
+                    self.trackers[t].volatile.clear();
+                    self.trackers[t].disk = vec![r];
+                }
                 TrackerOutput::Applied { index, entry } => self.check_applied(t, index, entry),
                 TrackerOutput::LeaderChanged { leader } => {
                     self.record(format!("{} t{t} leader {leader:?}", self.now.0));

@@ -142,8 +142,8 @@ enum Record {
 #[derive(Default)]
 struct Inner {
     s: Image,
-    /// Changes not yet handed to the driver.
-    journal: VecDeque<Vec<u8>>,
+    /// Changes not yet handed to the driver (and whether each is lazy).
+    journal: VecDeque<(Vec<u8>, bool)>,
     /// The log was compacted: the next record replaces the file.
     rewrite: bool,
 }
@@ -194,7 +194,11 @@ impl Inner {
             self.rewrite = true;
         }
         if !self.rewrite {
-            self.journal.push_back(postcard::to_allocvec(&Record::Ops(ops.clone())).expect("encode to Vec"));
+            // Only the decided index may be lost in a crash: consensus does
+            // not depend on it, and the answer to a client depends on the
+            // entry being decided by a majority, not on this node's record of it.
+            let lazy = ops.iter().all(|o| matches!(o, Op::Decided(_)));
+            self.journal.push_back((postcard::to_allocvec(&Record::Ops(ops.clone())).expect("encode to Vec"), lazy));
         }
         for op in ops {
             self.apply(op);
@@ -280,7 +284,7 @@ impl DurableStorage {
             let image = Record::Image(Box::new(inner.s.clone()));
             return Some(Persist::Rewrite(postcard::to_allocvec(&image).expect("encode to Vec")));
         }
-        inner.journal.pop_front().map(Persist::Append)
+        inner.journal.pop_front().map(|(r, lazy)| if lazy { Persist::Lazy(r) } else { Persist::Append(r) })
     }
 }
 

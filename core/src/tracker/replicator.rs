@@ -35,8 +35,13 @@ pub enum Decided {
 /// A record for the durable log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Persist {
-    /// Append it.
+    /// Append it; durable before anything that follows it is sent.
     Append(Vec<u8>),
+    /// Append it, but it need not be durable before sends: a crash may lose
+    /// it until a later `Append` (or `Rewrite`) is made durable. For records
+    /// whose loss recovery tolerates (omnipaxos's decided index: a restarted
+    /// node learns it again from the others).
+    Lazy(Vec<u8>),
     /// Replace the whole log with this one record (after compaction).
     Rewrite(Vec<u8>),
 }
