@@ -30,6 +30,7 @@ use shoal_core::client::{ClientConfig, ClientEngine, ClientOutput, DownloadId, P
 use shoal_core::download::PeerConnId;
 use shoal_core::meta::{Entry, MetaState, PasswordParams};
 use shoal_core::peer::Bitmap;
+use shoal_core::proto::{Message, RequestId};
 use shoal_core::rng::Rng;
 use shoal_core::shell::{parse, ShellError};
 use shoal_core::time::Millis;
@@ -37,7 +38,7 @@ use shoal_core::tracker::{
     ConnId, Decided, NodeId, OmniReplicator, Persist, Replicator, SoloReplicator, TrackerConfig, TrackerNode,
     TrackerOutput,
 };
-use shoal_core::wire::FrameError;
+use shoal_core::wire::{decode, FrameError};
 
 /// The seed from `SIM_SEED`, or `default`.
 pub fn seed_from_env(default: u64) -> u64 {
@@ -339,6 +340,11 @@ pub struct World {
     ever_owner: BTreeSet<(String, String)>,
     /// Redial backoff of each tracker link (from, to).
     link_backoff: BTreeMap<(usize, usize), Millis>,
+    /// Write requests clients sent, and those a tracker answered with success.
+    writes_sent: BTreeSet<RequestId>,
+    acked: BTreeSet<RequestId>,
+    /// Request ids of the entries in the canonical log.
+    canon_ids: BTreeSet<RequestId>,
     /// How many faults of each kind were injected.
     pub faults: BTreeMap<&'static str, u64>,
     /// `SIM_TRACE=1`: print the trace as it is recorded.
@@ -424,6 +430,9 @@ impl World {
             canon: Vec::new(),
             snapshot_every: wc.snapshot_every,
             link_backoff: BTreeMap::new(),
+            writes_sent: BTreeSet::new(),
+            acked: BTreeSet::new(),
+            canon_ids: BTreeSet::new(),
             faults: BTreeMap::new(),
             verbose: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
             canon_state: MetaState::new(),
@@ -1068,6 +1077,16 @@ impl World {
                     self.record(format!("{} t{t} leader {leader:?}", self.now.0));
                 }
                 TrackerOutput::Transmit { conn, bytes } => {
+                    // A write answered with success must already be in the log.
+                    if let Ok(Message::Response { id, result: Ok(_) }) = decode::<Message>(&bytes[4..]) {
+                        if self.writes_sent.contains(&id) {
+                            assert!(
+                                self.canon_ids.contains(&id),
+                                "t{t} acknowledged write {id:?} before any tracker applied it"
+                            );
+                            self.acked.insert(id);
+                        }
+                    }
                     let Some(c) = self.conns.get_mut(&conn) else { continue };
                     let ConnKind::Client { .. } = c.kind else { continue };
                     let due = c.down_due;
@@ -1114,6 +1133,9 @@ impl World {
                 } else {
                     assert_eq!(i, self.canon.len(), "t{t} applied index {index} past the end");
                     self.canon.push(h);
+                    if let Some(id) = e.id {
+                        self.canon_ids.insert(id);
+                    }
                     let _ = self.canon_state.apply(&e);
                     if let Err(why) = self.canon_state.check_invariants() {
                         panic!("metadata rule broken after log index {index}: {why}");
@@ -1151,6 +1173,11 @@ impl World {
                     self.schedule(at, Event::Connected { client: c, conn });
                 }
                 ClientOutput::Transmit(bytes) => {
+                    if let Ok(Message::Request { id, body, .. }) = decode::<Message>(&bytes[4..]) {
+                        if body.is_write() {
+                            self.writes_sent.insert(id);
+                        }
+                    }
                     let Some(conn) = self.clients[c].conn else { continue };
                     let Some(lc) = self.conns.get(&conn).copied() else { continue };
                     let at = self.now.plus(self.latency()).max(lc.up_due);
@@ -1311,6 +1338,11 @@ impl World {
 
     pub fn ever_owner(&self, group: &str, user: &str) -> bool {
         self.ever_owner.contains(&(group.to_string(), user.to_string()))
+    }
+
+    /// How many writes trackers acknowledged with success.
+    pub fn acked_writes(&self) -> usize {
+        self.acked.len()
     }
 
     /// Every running tracker's metadata, for convergence checks.

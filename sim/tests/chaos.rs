@@ -212,7 +212,12 @@ impl Runner {
         let p = &self.plan;
         match roll {
             0..=14 if p.crashes => {
-                let t = self.rng.below(n as u64) as usize;
+                // Half the time the leader: its writes in flight are the ones at risk.
+                let leader = (0..n).find_map(|t| self.w.tracker_at(t).and_then(|x| x.leader()));
+                let t = match leader {
+                    Some(l) if self.rng.below(2) == 0 => l as usize - 1,
+                    _ => self.rng.below(n as u64) as usize,
+                };
                 self.w.crash_tracker(t);
             }
             15..=34 if p.crashes => {
@@ -353,7 +358,9 @@ fn chaos(seed: u64) -> World {
                 r.act(c);
             }
         }
-        r.w.run_for(Millis(100));
+        // Uneven steps, so faults land at any moment of a write's journey.
+        let d = Millis(1 + r.rng.below(199));
+        r.w.run_for(d);
         r.collect();
     }
 
