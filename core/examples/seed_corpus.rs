@@ -130,4 +130,46 @@ fn main() {
     let torn = wal.len() - 3;
     write("wal_log", "torn", &wal[..torn]);
     write("tracker_info", "default", b"127.0.0.1 7001\n127.0.0.1:7002\n# comment\n\n[::1]:7003\n");
+
+    // tracker_link: what tracker 2 says to tracker 1 while a 3-node cluster
+    // elects a leader and decides a few entries, as length-prefixed payloads.
+    use shoal_core::time::Millis;
+    use shoal_core::tracker::{OmniReplicator, Replicator};
+    let mut reps: Vec<OmniReplicator> =
+        (1..=3).map(|me| OmniReplicator::recover(me, &[1, 2, 3], std::iter::empty()).unwrap()).collect();
+    for r in reps.iter_mut() {
+        for p in r.peers().to_vec() {
+            r.handle_peer_up(p);
+        }
+    }
+    let mut to_one = Vec::new();
+    for step in 0..200u64 {
+        let now = Millis(step * 10);
+        if step % 20 == 10 {
+            reps[(step as usize / 20) % 3].propose(entries[(step as usize / 20) % entries.len()].clone());
+        }
+        for i in 0..3 {
+            reps[i].handle_timeout(now);
+            while reps[i].poll_persist().is_some() {}
+            while let Some((to, bytes)) = reps[i].poll_send() {
+                if i == 1 && to == 1 {
+                    to_one.push(bytes.clone());
+                }
+                let _ = reps[to as usize - 1].handle_message(i as u64 + 1, &bytes);
+            }
+            while reps[i].poll_decided().is_some() {}
+        }
+    }
+    let framed = |msgs: &[Vec<u8>]| {
+        let mut out = Vec::new();
+        for m in msgs {
+            out.extend_from_slice(&(m.len() as u16).to_le_bytes());
+            out.extend_from_slice(m);
+        }
+        out
+    };
+    write("tracker_link", "all", &framed(&to_one));
+    for (i, chunk) in to_one.chunks(8).take(6).enumerate() {
+        write("tracker_link", &format!("part{i}"), &framed(chunk));
+    }
 }

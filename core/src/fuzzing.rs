@@ -199,3 +199,33 @@ pub fn wal_log(data: &[u8]) {
         }
     }
 }
+
+/// Frames from another tracker into a replicated tracker node, as its link
+/// would carry them (after `Hello` and `Join`): consensus messages and soft
+/// state. The node must reject what does not decode, never panic.
+pub fn tracker_link(data: &[u8]) {
+    use crate::proto::{Message, Role, TrackerFrame, PROTOCOL_VERSION};
+    let cfg = TrackerConfig { password_params: crate::meta::PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
+    let Ok(rep) = crate::tracker::OmniReplicator::recover(1, &[1, 2, 3], std::iter::empty()) else { return };
+    let mut node = TrackerNode::new(cfg, Rng::from_u64(0), rep);
+    let conn = ConnId(1);
+    let now = crate::time::Millis(1);
+    node.handle_connected(conn, "10.0.0.2:5000".parse().expect("valid"), now);
+    node.handle_bytes(conn, &encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Tracker }), now);
+    node.handle_bytes(conn, &encode(&Message::Tracker(TrackerFrame::Join { node: 2 })), now);
+    // The input is consensus payloads, each a 2-byte length then its bytes,
+    // framed as the link frames them.
+    let mut rest = data;
+    let mut i = 0u64;
+    while rest.len() >= 2 {
+        let n = (u16::from_le_bytes([rest[0], rest[1]]) as usize).min(rest.len() - 2);
+        let frame = encode(&Message::Tracker(TrackerFrame::Consensus(rest[2..2 + n].to_vec())));
+        rest = &rest[2 + n..];
+        i += 1;
+        node.handle_bytes(conn, &frame, crate::time::Millis(1 + i * 10));
+        node.handle_timeout(crate::time::Millis(1 + i * 10));
+        while node.poll_output().is_some() {}
+    }
+    node.handle_bytes(conn, rest, crate::time::Millis(10_000));
+    while node.poll_output().is_some() {}
+}

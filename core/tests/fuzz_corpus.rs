@@ -29,7 +29,7 @@ fn replay(target: &str, f: fn(&[u8])) -> usize {
 
 #[test]
 fn every_corpus_input_passes_its_target() {
-    let targets: [Target; 9] = [
+    let targets: [Target; 10] = [
         ("frame_stream", fuzzing::frame_stream),
         ("message", fuzzing::message),
         ("shell_command", fuzzing::shell_command),
@@ -39,6 +39,7 @@ fn every_corpus_input_passes_its_target() {
         ("download_peer", fuzzing::download_peer),
         ("sidecar", fuzzing::sidecar),
         ("wal_log", fuzzing::wal_log),
+        ("tracker_link", fuzzing::tracker_link),
     ];
     for (name, f) in targets {
         let n = replay(name, f);
