@@ -364,6 +364,23 @@ impl ClientEngine {
         for m in resend {
             self.transmit(&m, now);
         }
+        if self.session.is_some() {
+            // A new tracker (after a failover) learns at once that this
+            // client is alive and which files it holds parts of; the others'
+            // soft state may have died with the old one.
+            if self.pending.is_empty() {
+                self.send(Purpose::Heartbeat, Request::Heartbeat, now);
+            }
+            let partial: Vec<(GroupId, FileName, u32)> = self
+                .shares
+                .iter()
+                .filter(|(_, s)| s.have.count() < s.have.len())
+                .filter_map(|((g, n), s)| s.have.iter_set().next().map(|c| (g.clone(), n.clone(), c)))
+                .collect();
+            for (g, n, c) in partial {
+                self.announce(&g, &n, c, now);
+            }
+        }
     }
 
     pub fn handle_tracker_closed(&mut self, now: Millis) {

@@ -402,7 +402,7 @@ impl ClientEngine {
         let _ = now;
     }
 
-    fn announce(&mut self, group: &GroupId, name: &FileName, chunk: u32, now: Millis) {
+    pub(super) fn announce(&mut self, group: &GroupId, name: &FileName, chunk: u32, now: Millis) {
         if self.session.is_some() {
             let req = Request::HaveChunk { group: group.clone(), name: name.clone(), chunk };
             self.send(Purpose::Announce, req, now);
