@@ -249,10 +249,13 @@ fn a_restarted_tracker_keeps_every_acknowledged_write() {
     b.expect("join_group g", &["join request sent to g"]);
 
     tracker.kill();
-    // A torn append: half a record at the end of the log.
+    // A torn append: half a record where the next one would go (the file is
+    // preallocated with zeros, so that is where the valid data ends).
     let log = dir.path().join("tracker-data-1/log");
-    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-    f.write_all(&[40, 0, 0, 0, 1, 2, 3]).unwrap();
+    let bytes = std::fs::read(&log).unwrap();
+    let end = shoal_core::wal::recover(&bytes).unwrap().valid_len;
+    let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[40, 0, 0, 0, 1, 2, 3], end).unwrap();
     drop(f);
     let mut tracker = Tracker::start(&info, 1);
     tracker.line(); // peers
