@@ -151,7 +151,7 @@ fn main() {
         for i in 0..3 {
             reps[i].handle_timeout(now);
             while reps[i].poll_persist().is_some() {}
-            while let Some((to, bytes)) = reps[i].poll_send() {
+            while let Some((to, bytes, _)) = reps[i].poll_send() {
                 if i == 1 && to == 1 {
                     to_one.push(bytes.clone());
                 }

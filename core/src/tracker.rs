@@ -19,8 +19,10 @@
 //!   [`TrackerNode::new`], which applies what they decided;
 //! - after each of those, drain [`TrackerNode::poll_output`] until `None`:
 //!   append (or rewrite) `Persist` records to the log and make them durable
-//!   before sending any `Transmit` or `PeerSend` that follows them; transmit
-//!   bytes in order per connection; close when told (after flushing).
+//!   before sending any `Transmit` or `PeerSend` marked `after_sync` that
+//!   follows them (others may leave while the records are written; keep the
+//!   order per connection: once one message on a connection waits, the
+//!   later ones on it wait too); close when told (after flushing).
 //!
 //! With several trackers, writes are answered once decided by a majority;
 //! one that is not decided within [`WRITE_DEADLINE`] is answered
@@ -84,29 +86,19 @@ pub enum TrackerOutput {
     /// before any `Transmit` that follows it is sent: a client is answered only
     /// about what a restart will not lose. Several records may share one fsync.
     Persist(Persist),
-    Transmit {
-        conn: ConnId,
-        bytes: Vec<u8>,
-    },
+    /// Send to a client. Unless `after_sync`, it need not wait for the
+    /// records before it to be durable.
+    Transmit { conn: ConnId, bytes: Vec<u8>, after_sync: bool },
     /// Flush what was transmitted to `conn`, then close it.
-    Close {
-        conn: ConnId,
-    },
+    Close { conn: ConnId },
     /// Send on this node's own link to tracker `node` (a whole frame).
-    PeerSend {
-        node: NodeId,
-        bytes: Vec<u8>,
-    },
+    /// Unless `after_sync`, it need not wait for the records before it.
+    PeerSend { node: NodeId, bytes: Vec<u8>, after_sync: bool },
     /// Who leads changed (for the operator: print it, log it).
-    LeaderChanged {
-        leader: Option<NodeId>,
-    },
+    LeaderChanged { leader: Option<NodeId> },
     /// Only with [`TrackerConfig::report_applied`]: log entry `index` (1-based)
     /// was applied; `None` when a snapshot up to `index` was installed.
-    Applied {
-        index: u64,
-        entry: Option<Entry>,
-    },
+    Applied { index: u64, entry: Option<Entry> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,11 +281,11 @@ impl<R: Replicator> TrackerNode<R> {
         }
         self.links_up.insert(node);
         let hello = Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Tracker };
-        self.out.push_back(TrackerOutput::PeerSend { node, bytes: encode(&hello) });
+        self.out.push_back(TrackerOutput::PeerSend { node, bytes: encode(&hello), after_sync: false });
         let join = Message::Tracker(TrackerFrame::Join { node: self.replicator.me() });
-        self.out.push_back(TrackerOutput::PeerSend { node, bytes: encode(&join) });
+        self.out.push_back(TrackerOutput::PeerSend { node, bytes: encode(&join), after_sync: false });
         let soft = Message::Tracker(TrackerFrame::Soft(self.full_soft_state(now)));
-        self.out.push_back(TrackerOutput::PeerSend { node, bytes: encode(&soft) });
+        self.out.push_back(TrackerOutput::PeerSend { node, bytes: encode(&soft), after_sync: false });
         self.replicator.handle_peer_up(node);
         self.pump(now);
     }
@@ -462,13 +454,19 @@ impl<R: Replicator> TrackerNode<R> {
 
     fn refuse(&mut self, conn: ConnId, reason: String) {
         self.conns.remove(&conn);
-        self.out.push_back(TrackerOutput::Transmit { conn, bytes: encode(&Message::Refused { reason }) });
+        self.out.push_back(TrackerOutput::Transmit {
+            conn,
+            bytes: encode(&Message::Refused { reason }),
+            after_sync: false,
+        });
         self.out.push_back(TrackerOutput::Close { conn });
     }
 
     fn respond(&mut self, conn: ConnId, id: RequestId, result: Result<Reply, ApiError>) {
         if self.conns.contains_key(&conn) {
-            self.out.push_back(TrackerOutput::Transmit { conn, bytes: encode(&Message::Response { id, result }) });
+            let bytes = encode(&Message::Response { id, result });
+            let after_sync = self.replicator.answers_need_sync();
+            self.out.push_back(TrackerOutput::Transmit { conn, bytes, after_sync });
         }
     }
 
@@ -622,10 +620,10 @@ impl<R: Replicator> TrackerNode<R> {
             while let Some(p) = self.replicator.poll_persist() {
                 self.out.push_back(TrackerOutput::Persist(p));
             }
-            while let Some((node, bytes)) = self.replicator.poll_send() {
+            while let Some((node, bytes, after_sync)) = self.replicator.poll_send() {
                 if self.links_up.contains(&node) {
                     let bytes = encode(&Message::Tracker(TrackerFrame::Consensus(bytes)));
-                    self.out.push_back(TrackerOutput::PeerSend { node, bytes });
+                    self.out.push_back(TrackerOutput::PeerSend { node, bytes, after_sync });
                 }
             }
             let mut applied = false;
@@ -676,7 +674,7 @@ impl<R: Replicator> TrackerNode<R> {
         }
         let bytes = encode(&Message::Tracker(TrackerFrame::Soft(soft)));
         for node in &self.links_up {
-            self.out.push_back(TrackerOutput::PeerSend { node: *node, bytes: bytes.clone() });
+            self.out.push_back(TrackerOutput::PeerSend { node: *node, bytes: bytes.clone(), after_sync: false });
         }
     }
 
@@ -777,7 +775,7 @@ impl<R: Replicator> TrackerNode<R> {
             let bytes =
                 encode(&Message::Tracker(TrackerFrame::Soft(SoftState { grants: vec![g], ..SoftState::default() })));
             for node in &self.links_up {
-                self.out.push_back(TrackerOutput::PeerSend { node: *node, bytes: bytes.clone() });
+                self.out.push_back(TrackerOutput::PeerSend { node: *node, bytes: bytes.clone(), after_sync: false });
             }
         }
         self.grants.insert(grant, GrantInfo { user: me.clone(), group, name, expires: now.plus(GRANT_TTL) });

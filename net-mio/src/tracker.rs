@@ -305,59 +305,44 @@ impl<R: Replicator> TrackerServer<R> {
                     _ => {}
                 }
             }
-            self.sync_wal()?;
+            // Messages that need not wait for the records leave first, the
+            // others once the records are durable; on any one connection the
+            // order is kept (once a message waits, those after it wait too).
+            let mut waiting_conns = std::collections::BTreeSet::new();
+            let mut waiting_links = std::collections::BTreeSet::new();
+            let (mut early, mut late) = (Vec::new(), Vec::new());
+            for out in outs {
+                let wait = match &out {
+                    TrackerOutput::Transmit { conn, after_sync, .. } => {
+                        let w = *after_sync || waiting_conns.contains(conn);
+                        if w {
+                            waiting_conns.insert(*conn);
+                        }
+                        w
+                    }
+                    TrackerOutput::Close { conn } => waiting_conns.contains(conn),
+                    TrackerOutput::PeerSend { node, after_sync, .. } => {
+                        let w = *after_sync || waiting_links.contains(node);
+                        if w {
+                            waiting_links.insert(*node);
+                        }
+                        w
+                    }
+                    _ => false,
+                };
+                if wait {
+                    late.push(out);
+                } else {
+                    early.push(out);
+                }
+            }
             let mut touched = std::collections::BTreeSet::new();
             let mut touched_links = std::collections::BTreeSet::new();
-            for out in outs {
-                match out {
-                    TrackerOutput::Persist(_) | TrackerOutput::Applied { .. } => {}
-                    TrackerOutput::LeaderChanged { leader } => {
-                        if let Some(f) = &mut self.on_leader {
-                            f(leader);
-                        }
-                    }
-                    TrackerOutput::PeerSend { node, bytes } => {
-                        if let Some(Link { state: LinkState::Up(c), .. }) = self.links.get_mut(&node) {
-                            if c.queue_owned(bytes) {
-                                touched_links.insert(node);
-                            } else {
-                                self.link_down(node, now);
-                            }
-                        }
-                    }
-                    TrackerOutput::Transmit { conn, bytes } => {
-                        let token = Token(conn.0 as usize);
-                        let Some(c) = self.conns.get_mut(&token) else { continue };
-                        if c.queue(&bytes) {
-                            touched.insert(token);
-                        } else {
-                            self.drop_conn(token, now);
-                        }
-                    }
-                    TrackerOutput::Close { conn } => {
-                        let token = Token(conn.0 as usize);
-                        if let Some(c) = self.conns.get_mut(&token) {
-                            c.closing = true;
-                            touched.insert(token);
-                        }
-                    }
-                }
-            }
-            for node in touched_links {
-                let token = Token(PEER_BASE + node as usize);
-                if let Some(Link { state: LinkState::Up(c), .. }) = self.links.get_mut(&node) {
-                    if c.flush(self.poll.registry(), token).is_err() {
-                        self.link_down(node, now);
-                    }
-                }
-            }
-            for token in touched {
-                let Some(c) = self.conns.get_mut(&token) else { continue };
-                let ok = c.flush(self.poll.registry(), token).is_ok();
-                if !ok || (c.closing && !c.has_backlog()) {
-                    self.drop_conn(token, now);
-                }
-            }
+            self.send_outputs(early, &mut touched, &mut touched_links, now);
+            self.flush_touched(&mut touched, &mut touched_links, now);
+            self.sync_wal()?;
+            self.send_outputs(late, &mut touched, &mut touched_links, now);
+            self.flush_touched(&mut touched, &mut touched_links, now);
         }
         // Connections told to close whose backlog has since drained.
         let finished: Vec<Token> =
@@ -366,5 +351,72 @@ impl<R: Replicator> TrackerServer<R> {
             self.drop_conn(t, now);
         }
         Ok(())
+    }
+
+    fn send_outputs(
+        &mut self,
+        outs: Vec<TrackerOutput>,
+        touched: &mut std::collections::BTreeSet<Token>,
+        touched_links: &mut std::collections::BTreeSet<NodeId>,
+        now: Millis,
+    ) {
+        for out in outs {
+            match out {
+                TrackerOutput::Persist(_) | TrackerOutput::Applied { .. } => {}
+                TrackerOutput::LeaderChanged { leader } => {
+                    if let Some(f) = &mut self.on_leader {
+                        f(leader);
+                    }
+                }
+                TrackerOutput::PeerSend { node, bytes, .. } => {
+                    if let Some(Link { state: LinkState::Up(c), .. }) = self.links.get_mut(&node) {
+                        if c.queue_owned(bytes) {
+                            touched_links.insert(node);
+                        } else {
+                            self.link_down(node, now);
+                        }
+                    }
+                }
+                TrackerOutput::Transmit { conn, bytes, .. } => {
+                    let token = Token(conn.0 as usize);
+                    let Some(c) = self.conns.get_mut(&token) else { continue };
+                    if c.queue(&bytes) {
+                        touched.insert(token);
+                    } else {
+                        self.drop_conn(token, now);
+                    }
+                }
+                TrackerOutput::Close { conn } => {
+                    let token = Token(conn.0 as usize);
+                    if let Some(c) = self.conns.get_mut(&token) {
+                        c.closing = true;
+                        touched.insert(token);
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush_touched(
+        &mut self,
+        touched: &mut std::collections::BTreeSet<Token>,
+        touched_links: &mut std::collections::BTreeSet<NodeId>,
+        now: Millis,
+    ) {
+        for node in std::mem::take(touched_links) {
+            let token = Token(PEER_BASE + node as usize);
+            if let Some(Link { state: LinkState::Up(c), .. }) = self.links.get_mut(&node) {
+                if c.flush(self.poll.registry(), token).is_err() {
+                    self.link_down(node, now);
+                }
+            }
+        }
+        for token in std::mem::take(touched) {
+            let Some(c) = self.conns.get_mut(&token) else { continue };
+            let ok = c.flush(self.poll.registry(), token).is_ok();
+            if !ok || (c.closing && !c.has_backlog()) {
+                self.drop_conn(token, now);
+            }
+        }
     }
 }

@@ -80,8 +80,11 @@ impl Replicator for Rep {
     fn poll_persist(&mut self) -> Option<Persist> {
         both!(self, r => r.poll_persist())
     }
-    fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>)> {
+    fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>, bool)> {
         both!(self, r => r.poll_send())
+    }
+    fn answers_need_sync(&self) -> bool {
+        both!(self, r => r.answers_need_sync())
     }
     fn handle_message(&mut self, from: NodeId, bytes: &[u8]) -> Result<(), FrameError> {
         both!(self, r => r.handle_message(from, bytes))
@@ -345,6 +348,8 @@ pub struct World {
     acked: BTreeSet<RequestId>,
     /// Request ids of the entries in the canonical log.
     canon_ids: BTreeSet<RequestId>,
+    /// A tracker armed to crash in the middle of its next step with records.
+    mid_step_crash: Option<usize>,
     /// How many faults of each kind were injected.
     pub faults: BTreeMap<&'static str, u64>,
     /// `SIM_TRACE=1`: print the trace as it is recorded.
@@ -433,6 +438,7 @@ impl World {
             writes_sent: BTreeSet::new(),
             acked: BTreeSet::new(),
             canon_ids: BTreeSet::new(),
+            mid_step_crash: None,
             faults: BTreeMap::new(),
             verbose: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
             canon_state: MetaState::new(),
@@ -627,7 +633,21 @@ impl World {
         self.trackers[t].node = None;
         self.trackers[t].volatile.clear();
         for c in mine {
-            self.reset(c);
+            // What the process wrote to a socket before it died still
+            // arrives (the kernel sends it), then the connection closes.
+            let lc = self.conns[&c];
+            let out_due = match lc.kind {
+                ConnKind::Client { .. } => Some(lc.down_due),
+                ConnKind::Link { from, .. } if from == t => Some(lc.up_due),
+                ConnKind::Link { .. } => None,
+            };
+            match out_due {
+                Some(due) if due > self.now => {
+                    self.conns.get_mut(&c).expect("listed").accepted = false;
+                    self.schedule(due, Event::CloseConn { conn: c });
+                }
+                _ => self.reset(c),
+            }
         }
         self.trackers[t].links.clear();
     }
@@ -636,6 +656,9 @@ impl World {
     pub fn restart_tracker(&mut self, t: usize, wipe: bool) {
         if self.trackers[t].node.is_some() {
             return;
+        }
+        if self.mid_step_crash == Some(t) {
+            self.mid_step_crash = None;
         }
         self.record(format!("{} restart t{t} wipe={wipe}", self.now.0));
         if wipe {
@@ -708,11 +731,17 @@ impl World {
 
     /// Starts client `c` again with a fresh engine (it must log in again).
     pub fn restart_client(&mut self, c: usize) {
+        let all: Vec<usize> = (0..self.trackers.len()).collect();
+        self.restart_client_with(c, &all);
+    }
+
+    /// Starts client `c` again, knowing only the trackers `only`.
+    pub fn restart_client_with(&mut self, c: usize, only: &[usize]) {
         if self.clients[c].up {
             return;
         }
         self.record(format!("{} restart c{c}", self.now.0));
-        let trackers: Vec<SocketAddr> = self.trackers.iter().map(|t| t.addr).collect();
+        let trackers: Vec<SocketAddr> = only.iter().map(|t| self.trackers[*t].addr).collect();
         let cfg = ClientConfig::new(self.clients[c].listen, trackers);
         self.clients[c].engine = ClientEngine::new(cfg, Rng::from_u64(self.rng.next_u64()));
         self.clients[c].results.clear();
@@ -1057,61 +1086,129 @@ impl World {
 
     fn drain_tracker(&mut self, t: usize) {
         loop {
-            let Some(out) = self.trackers[t].node.as_mut().and_then(|n| n.poll_output()) else { return };
-            match out {
-                // The simulated disk is synchronous: a record is durable at once,
-                // before anything that follows it is sent.
-                TrackerOutput::Persist(Persist::Append(r)) => {
-                    let tr = &mut self.trackers[t];
-                    tr.disk.append(&mut tr.volatile);
-                    tr.disk.push(r);
-                }
-                // Written but not synced: a crash loses it (see crash_tracker).
-                TrackerOutput::Persist(Persist::Lazy(r)) => self.trackers[t].volatile.push(r),
-                TrackerOutput::Persist(Persist::Rewrite(r)) => {
-                    self.trackers[t].volatile.clear();
-                    self.trackers[t].disk = vec![r];
-                }
-                TrackerOutput::Applied { index, entry } => self.check_applied(t, index, entry),
-                TrackerOutput::LeaderChanged { leader } => {
-                    self.record(format!("{} t{t} leader {leader:?}", self.now.0));
-                }
-                TrackerOutput::Transmit { conn, bytes } => {
-                    // A write answered with success must already be in the log.
-                    if let Ok(Message::Response { id, result: Ok(_) }) = decode::<Message>(&bytes[4..]) {
-                        if self.writes_sent.contains(&id) {
-                            assert!(
-                                self.canon_ids.contains(&id),
-                                "t{t} acknowledged write {id:?} before any tracker applied it"
-                            );
-                            self.acked.insert(id);
+            let outs: Vec<TrackerOutput> = match self.trackers[t].node.as_mut() {
+                Some(n) => std::iter::from_fn(|| n.poll_output()).collect(),
+                None => return,
+            };
+            if outs.is_empty() {
+                return;
+            }
+            // An armed mid-step crash strikes once records are in flight: the
+            // messages that need not wait for them are out, the records are
+            // not on disk, and nothing else leaves.
+            let crash = self.mid_step_crash == Some(t) && outs.iter().any(|o| matches!(o, TrackerOutput::Persist(_)));
+            let mut waiting: BTreeSet<(bool, u64)> = BTreeSet::new();
+            let (mut early, mut late) = (Vec::new(), Vec::new());
+            for out in outs {
+                match out {
+                    // The simulated disk syncs when the step's records are
+                    // written: before anything that waits for them is sent.
+                    TrackerOutput::Persist(Persist::Append(r)) if !crash => {
+                        let tr = &mut self.trackers[t];
+                        tr.disk.append(&mut tr.volatile);
+                        tr.disk.push(r);
+                    }
+                    // Written but not synced: a crash loses it (see crash_tracker).
+                    TrackerOutput::Persist(Persist::Lazy(r)) if !crash => self.trackers[t].volatile.push(r),
+                    TrackerOutput::Persist(Persist::Rewrite(r)) if !crash => {
+                        self.trackers[t].volatile.clear();
+                        self.trackers[t].disk = vec![r];
+                    }
+                    TrackerOutput::Persist(_) => {}
+                    // A tracker alone decides an entry by writing it: if it dies
+                    // before the write is durable, the entry never was decided
+                    // (and nobody was answered). With consensus, what a tracker
+                    // applies was already durable on a majority.
+                    TrackerOutput::Applied { .. } if crash && self.trackers.len() == 1 => {}
+                    TrackerOutput::Applied { index, entry } => self.check_applied(t, index, entry),
+                    TrackerOutput::LeaderChanged { leader } => {
+                        self.record(format!("{} t{t} leader {leader:?}", self.now.0));
+                    }
+                    out => {
+                        // Keep each connection's order: once one waits, the rest wait.
+                        let (key, after_sync) = match &out {
+                            TrackerOutput::Transmit { conn, after_sync, .. } => ((false, conn.0), *after_sync),
+                            TrackerOutput::Close { conn } => ((false, conn.0), false),
+                            TrackerOutput::PeerSend { node, after_sync, .. } => ((true, *node), *after_sync),
+                            _ => unreachable!("handled above"),
+                        };
+                        if after_sync || waiting.contains(&key) {
+                            waiting.insert(key);
+                            late.push(out);
+                        } else {
+                            early.push(out);
                         }
                     }
-                    let Some(c) = self.conns.get_mut(&conn) else { continue };
-                    let ConnKind::Client { .. } = c.kind else { continue };
-                    let due = c.down_due;
-                    let at = self.now.plus(self.latency()).max(due);
-                    self.conns.get_mut(&conn).expect("live").down_due = at;
-                    self.schedule(at, Event::ToClient { conn, bytes });
-                }
-                TrackerOutput::Close { conn } => {
-                    // The tracker forgot it; the other side sees the close
-                    // after the bytes sent before it.
-                    let Some(c) = self.conns.get_mut(&conn) else { continue };
-                    c.accepted = false;
-                    let due = c.down_due;
-                    let at = self.now.plus(self.latency()).max(due);
-                    self.schedule(at, Event::CloseConn { conn });
-                }
-                TrackerOutput::PeerSend { node, bytes } => {
-                    let to = node as usize - 1;
-                    let Some(Link::Up(conn)) = self.trackers[t].links.get(&to).copied() else { continue };
-                    let Some(c) = self.conns.get(&conn).copied() else { continue };
-                    let at = self.now.plus(self.latency()).max(c.up_due);
-                    self.conns.get_mut(&conn).expect("live").up_due = at;
-                    self.schedule(at, Event::LinkBytes { conn, bytes });
                 }
             }
+            for out in early {
+                self.send_tracker_output(t, out);
+            }
+            if crash {
+                self.mid_step_crash = None;
+                self.record(format!("{} t{t} crashes mid-step", self.now.0));
+                *self.faults.entry("mid-step crash").or_default() += 1;
+                self.crash_tracker(t);
+                return;
+            }
+            for out in late {
+                self.send_tracker_output(t, out);
+            }
+        }
+    }
+
+    fn send_tracker_output(&mut self, t: usize, out: TrackerOutput) {
+        match out {
+            TrackerOutput::Transmit { conn, bytes, .. } => {
+                // A write answered with success must already be in the log.
+                if let Ok(Message::Response { id, result: Ok(_) }) = decode::<Message>(&bytes[4..]) {
+                    if self.writes_sent.contains(&id) {
+                        assert!(
+                            self.canon_ids.contains(&id),
+                            "t{t} acknowledged write {id:?} before any tracker applied it"
+                        );
+                        self.acked.insert(id);
+                    }
+                }
+                let Some(c) = self.conns.get_mut(&conn) else { return };
+                let ConnKind::Client { .. } = c.kind else { return };
+                let due = c.down_due;
+                let at = self.now.plus(self.latency()).max(due);
+                self.conns.get_mut(&conn).expect("live").down_due = at;
+                self.schedule(at, Event::ToClient { conn, bytes });
+            }
+            TrackerOutput::Close { conn } => {
+                // The tracker forgot it; the other side sees the close
+                // after the bytes sent before it.
+                let Some(c) = self.conns.get_mut(&conn) else { return };
+                c.accepted = false;
+                let due = c.down_due;
+                let at = self.now.plus(self.latency()).max(due);
+                self.schedule(at, Event::CloseConn { conn });
+            }
+            TrackerOutput::PeerSend { node, bytes, .. } => {
+                let to = node as usize - 1;
+                let Some(Link::Up(conn)) = self.trackers[t].links.get(&to).copied() else { return };
+                let Some(c) = self.conns.get(&conn).copied() else { return };
+                let at = self.now.plus(self.latency()).max(c.up_due);
+                self.conns.get_mut(&conn).expect("live").up_due = at;
+                self.schedule(at, Event::LinkBytes { conn, bytes });
+            }
+            _ => {}
+        }
+    }
+
+    /// Cancels a mid-step crash that has not struck yet.
+    pub fn disarm(&mut self) {
+        self.mid_step_crash = None;
+    }
+
+    /// Crashes tracker `t` in the middle of its next step that writes
+    /// records: after it sent what need not wait for them, before they are
+    /// durable (the moment the driver's fsync would have protected).
+    pub fn crash_tracker_mid_step(&mut self, t: usize) {
+        if self.trackers[t].node.is_some() {
+            self.mid_step_crash = Some(t);
         }
     }
 

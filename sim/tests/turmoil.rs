@@ -193,7 +193,7 @@ async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
                 TrackerOutput::Persist(Persist::Rewrite(r)) => {
                     shared.disks.lock().unwrap().insert(me, vec![r]);
                 }
-                TrackerOutput::Transmit { conn, bytes } => {
+                TrackerOutput::Transmit { conn, bytes, .. } => {
                     shared.trace.lock().unwrap().update(&bytes);
                     if let Some(w) = conns.get(&conn.0) {
                         let _ = w.send(Some(bytes));
@@ -204,7 +204,7 @@ async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
                         let _ = w.send(None);
                     }
                 }
-                TrackerOutput::PeerSend { node: p, bytes } => {
+                TrackerOutput::PeerSend { node: p, bytes, .. } => {
                     shared.trace.lock().unwrap().update(&bytes);
                     if let Some(w) = links.get(&p) {
                         let _ = w.send(Some(bytes));

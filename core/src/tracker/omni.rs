@@ -26,6 +26,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use omnipaxos::ballot_leader_election::Ballot;
+use omnipaxos::messages::sequence_paxos::PaxosMsg;
 use omnipaxos::messages::Message as PaxosMessage;
 use omnipaxos::storage::{Snapshot, StopSign, Storage, StorageOp, StorageResult};
 use omnipaxos::util::LogEntry;
@@ -506,13 +507,27 @@ impl Replicator for OmniReplicator {
         self.journal.poll_persist()
     }
 
-    fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>)> {
+    fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>, bool)> {
         if self.outgoing.is_empty() {
             self.op.take_outgoing_messages(&mut self.outgoing);
             self.outgoing.reverse();
         }
         let m = self.outgoing.pop()?;
-        Some((m.get_receiver(), postcard::to_allocvec(&m).expect("encode to Vec")))
+        // Votes promise what this node's storage holds: they leave only once
+        // it is durable. Everything else (a leader's accepts and decisions,
+        // forwards, heartbeats) may leave while it is written: this node's
+        // own vote counts only when another node's answer arrives, in a
+        // later step, after the driver made this step's records durable.
+        let vote = matches!(
+            &m,
+            PaxosMessage::SequencePaxos(p)
+                if matches!(p.msg, PaxosMsg::Promise(_) | PaxosMsg::Accepted(_) | PaxosMsg::NotAccepted(_))
+        );
+        Some((m.get_receiver(), postcard::to_allocvec(&m).expect("encode to Vec"), vote))
+    }
+
+    fn answers_need_sync(&self) -> bool {
+        false
     }
 
     fn handle_message(&mut self, from: NodeId, bytes: &[u8]) -> Result<(), FrameError> {

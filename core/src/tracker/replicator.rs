@@ -54,8 +54,10 @@ pub trait Replicator {
     fn poll_decided(&mut self) -> Option<Decided>;
     /// The next record to make durable.
     fn poll_persist(&mut self) -> Option<Persist>;
-    /// The next message for another tracker.
-    fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>)> {
+    /// The next message for another tracker, and whether it must wait until
+    /// the records polled before it are durable (a vote: it promises what
+    /// those records hold). Other messages may leave while they are written.
+    fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>, bool)> {
         None
     }
     /// A message from tracker `from`.
@@ -67,6 +69,13 @@ pub trait Replicator {
     fn handle_timeout(&mut self, _now: Millis) {}
     fn poll_timeout(&self) -> Option<Millis> {
         None
+    }
+    /// Whether answers to clients must wait until the records polled before
+    /// them are durable. True when an entry is decided in the same step it is
+    /// written (a log of one); with consensus, an answered entry was made
+    /// durable by a majority in earlier steps, so answers need not wait.
+    fn answers_need_sync(&self) -> bool {
+        true
     }
     /// Who leads, as far as this node knows.
     fn leader(&self) -> Option<NodeId>;

@@ -85,7 +85,7 @@ fn a_session_works_and_its_lease_decides_liveness() {
 
 fn closed(outs: &[TrackerOutput], conn: ConnId) -> Option<String> {
     outs.iter().find_map(|o| match o {
-        TrackerOutput::Transmit { conn: c, bytes } if *c == conn => match decode(&bytes[4..]) {
+        TrackerOutput::Transmit { conn: c, bytes, .. } if *c == conn => match decode(&bytes[4..]) {
             Ok(Message::Refused { reason }) => Some(reason),
             _ => None,
         },
