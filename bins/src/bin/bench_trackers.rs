@@ -201,9 +201,13 @@ fn run(args: &Args) -> Result<(), String> {
                     format!("cannot start {}: {e} (run `cargo build --release` first)", tracker_bin.display())
                 })?;
             let out = child.stdout.take().expect("piped");
+            let leader_log = std::env::var("BENCH_SHOW_LEADERS").is_ok();
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if leader_log && line.starts_with("leader") {
+                        eprintln!("tracker {id}: {line}");
+                    }
                     if line.contains("listening on") {
                         let _ = tx.send(());
                     }

@@ -46,8 +46,10 @@ pub const ELECTION_TICKS: u64 = 20;
 /// Ticks before an unanswered Prepare/Promise/Decide is resent.
 pub const RESEND_TICKS: u64 = 50;
 /// Decided entries kept in the log before the state is snapshotted and the
-/// log trimmed (locally: each tracker compacts on its own).
-pub const SNAPSHOT_EVERY: usize = 20_000;
+/// log trimmed (locally: each tracker compacts on its own). etcd's default
+/// snapshot count is the same; a snapshot pauses the tracker for the time it
+/// takes to write the state once.
+pub const SNAPSHOT_EVERY: usize = 100_000;
 
 impl omnipaxos::storage::Entry for Entry {
     type Snapshot = MetaSnapshot;
@@ -137,6 +139,15 @@ struct Image {
 enum Record {
     Ops(Vec<Op>),
     Image(Box<Image>),
+}
+
+/// [`Record`] borrowed, to write an image without copying the state first
+/// (same encoding: serde encodes a reference as what it points to).
+#[derive(Serialize)]
+enum RecordRef<'a> {
+    #[allow(dead_code)]
+    Ops(&'a [Op]),
+    Image(&'a Image),
 }
 
 /// The storage's contents and its journal.
@@ -282,7 +293,7 @@ impl DurableStorage {
         if inner.rewrite {
             inner.rewrite = false;
             inner.journal.clear();
-            let image = Record::Image(Box::new(inner.s.clone()));
+            let image = RecordRef::Image(&inner.s);
             return Some(Persist::Rewrite(postcard::to_allocvec(&image).expect("encode to Vec")));
         }
         inner.journal.pop_front().map(|(r, lazy)| if lazy { Persist::Lazy(r) } else { Persist::Append(r) })
