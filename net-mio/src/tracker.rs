@@ -7,12 +7,15 @@
 //! the node emits are appended to the write-ahead log and fsync'ed (one fsync
 //! per loop turn) before anything that follows them is sent.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 use shoal_core::tracker::{ConnId, NodeId, Persist, Replicator, TrackerNode, TrackerOutput};
 use shoal_core::Millis;
 
@@ -21,6 +24,8 @@ use crate::conn::{Conn, ReadOutcome};
 use crate::wal::WalFile;
 
 const LISTENER: Token = Token(0);
+/// The sync thread finished an fsync.
+const SYNCED: Token = Token((1 << 40) - 1);
 /// Tokens of our links to other trackers: this base plus the tracker's id.
 const PEER_BASE: usize = 1 << 40;
 /// First pause before redialing a tracker; it doubles up to [`REDIAL_MAX`].
@@ -43,6 +48,70 @@ struct Link {
 
 type LeaderHook = Box<dyn FnMut(Option<NodeId>) + Send>;
 
+enum SyncCmd {
+    /// Make everything written so far durable, then report `seq` done.
+    Sync(u64),
+    /// The log was rewritten: sync this file from now on.
+    File(File),
+}
+
+/// The thread that fsyncs the log, so the event loop goes on reading and
+/// deciding while the disk works (group commit, pipelined one deep).
+struct Syncer {
+    tx: mpsc::Sender<SyncCmd>,
+    done: Arc<AtomicU64>,
+    error: Arc<Mutex<Option<io::Error>>>,
+}
+
+impl Syncer {
+    fn start(file: File, waker: Waker) -> io::Result<Syncer> {
+        let (tx, rx) = mpsc::channel::<SyncCmd>();
+        let done = Arc::new(AtomicU64::new(0));
+        let error = Arc::new(Mutex::new(None));
+        let (d, e) = (done.clone(), error.clone());
+        std::thread::Builder::new().name("shoal-wal-sync".into()).spawn(move || {
+            let mut file = file;
+            while let Ok(cmd) = rx.recv() {
+                let mut upto = 0;
+                let mut cmds = vec![cmd];
+                // Everything asked meanwhile is covered by one fsync.
+                cmds.extend(rx.try_iter());
+                for c in cmds {
+                    match c {
+                        SyncCmd::Sync(k) => upto = upto.max(k),
+                        SyncCmd::File(f) => file = f,
+                    }
+                }
+                if upto == 0 {
+                    continue;
+                }
+                if let Err(err) = file.sync_data() {
+                    *e.lock().expect("not poisoned") = Some(err);
+                }
+                d.store(upto, Ordering::Release);
+                let _ = waker.wake();
+            }
+        })?;
+        Ok(Syncer { tx, done, error })
+    }
+}
+
+/// Where an output goes, to keep each destination's order.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Dest {
+    Conn(u64),
+    Link(NodeId),
+}
+
+fn dest(out: &TrackerOutput) -> Option<(Dest, bool)> {
+    match out {
+        TrackerOutput::Transmit { conn, after_sync, .. } => Some((Dest::Conn(conn.0), *after_sync)),
+        TrackerOutput::Close { conn } => Some((Dest::Conn(conn.0), false)),
+        TrackerOutput::PeerSend { node, after_sync, .. } => Some((Dest::Link(*node), *after_sync)),
+        _ => None,
+    }
+}
+
 pub struct TrackerServer<R: Replicator> {
     poll: Poll,
     listener: TcpListener,
@@ -57,6 +126,13 @@ pub struct TrackerServer<R: Replicator> {
     on_leader: Option<LeaderHook>,
     /// Records that must be durable before the next send are waiting.
     must_sync: bool,
+    syncer: Option<Syncer>,
+    /// Syncs asked of the syncer so far.
+    requested: u64,
+    /// Outputs waiting for sync `seq`, in order.
+    held: VecDeque<(u64, TrackerOutput)>,
+    /// Destinations with outputs in `held` (later ones to them wait too).
+    held_dests: BTreeSet<Dest>,
 }
 
 impl<R: Replicator> TrackerServer<R> {
@@ -76,13 +152,20 @@ impl<R: Replicator> TrackerServer<R> {
             links: BTreeMap::new(),
             on_leader: None,
             must_sync: false,
+            syncer: None,
+            requested: 0,
+            held: VecDeque::new(),
+            held_dests: BTreeSet::new(),
         })
     }
 
-    /// Makes every log record durable in `wal` before what depends on it is sent.
-    pub fn with_wal(mut self, wal: WalFile) -> Self {
+    /// Makes every log record durable in `wal` before what depends on it is
+    /// sent. A thread does the fsyncs.
+    pub fn with_wal(mut self, wal: WalFile) -> io::Result<Self> {
+        let waker = Waker::new(self.poll.registry(), SYNCED)?;
+        self.syncer = Some(Syncer::start(wal.sync_handle()?, waker)?);
         self.wal = Some(wal);
-        self
+        Ok(self)
     }
 
     /// Caps the connections held at once (default [`MAX_TRACKER_CONNECTIONS`]).
@@ -140,6 +223,7 @@ impl<R: Replicator> TrackerServer<R> {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(now)?,
+                    SYNCED => self.release(now)?,
                     token if token.0 >= PEER_BASE => {
                         let node = (token.0 - PEER_BASE) as NodeId;
                         self.link_event(node, ev.is_readable() || ev.is_read_closed() || ev.is_error(), now, &mut buf);
@@ -272,25 +356,18 @@ impl<R: Replicator> TrackerServer<R> {
         }
     }
 
-    fn sync_wal(&mut self) -> io::Result<()> {
-        if !std::mem::take(&mut self.must_sync) {
-            return Ok(());
-        }
-        if let Some(wal) = &mut self.wal {
-            wal.sync().map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", wal.path().display())))?;
-        }
-        Ok(())
-    }
-
-    /// Sends the node's outputs. Log records are written first and made
-    /// durable with one fsync for all of them (group commit), then everything
-    /// is queued, then each touched socket is flushed once.
+    /// Sends the node's outputs. Log records are written first; one fsync
+    /// (on the sync thread) covers all of them (group commit). What need not
+    /// wait for it is sent at once; the rest is held until that fsync is
+    /// done, while the loop goes on. Each destination keeps its order: once
+    /// something to it is held, what follows to it is held too.
     fn drain(&mut self, now: Millis) -> io::Result<()> {
         loop {
             let outs: Vec<TrackerOutput> = std::iter::from_fn(|| self.node.poll_output()).collect();
             if outs.is_empty() {
                 break;
             }
+            let mut rewritten = false;
             for out in &outs {
                 let Some(wal) = &mut self.wal else { break };
                 match out {
@@ -299,58 +376,87 @@ impl<R: Replicator> TrackerServer<R> {
                         self.must_sync = true;
                     }
                     TrackerOutput::Persist(Persist::Lazy(record)) => wal.append(record),
-                    TrackerOutput::Persist(Persist::Rewrite(record)) => wal.rewrite(record).map_err(|e| {
-                        io::Error::new(e.kind(), format!("cannot rewrite {}: {e}", wal.path().display()))
-                    })?,
+                    TrackerOutput::Persist(Persist::Rewrite(record)) => {
+                        wal.rewrite(record).map_err(|e| {
+                            io::Error::new(e.kind(), format!("cannot rewrite {}: {e}", wal.path().display()))
+                        })?;
+                        rewritten = true;
+                    }
                     _ => {}
                 }
             }
-            // Messages that need not wait for the records leave first, the
-            // others once the records are durable; on any one connection the
-            // order is kept (once a message waits, those after it wait too).
-            let mut waiting_conns = std::collections::BTreeSet::new();
-            let mut waiting_links = std::collections::BTreeSet::new();
-            let (mut early, mut late) = (Vec::new(), Vec::new());
-            for out in outs {
-                let wait = match &out {
-                    TrackerOutput::Transmit { conn, after_sync, .. } => {
-                        let w = *after_sync || waiting_conns.contains(conn);
-                        if w {
-                            waiting_conns.insert(*conn);
-                        }
-                        w
+            if let Some(wal) = &mut self.wal {
+                wal.write_pending()
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", wal.path().display())))?;
+                if rewritten {
+                    // The new file holds (and synced) everything: what waited is free.
+                    if let Some(s) = &self.syncer {
+                        let _ = s.tx.send(SyncCmd::File(wal.sync_handle()?));
                     }
-                    TrackerOutput::Close { conn } => waiting_conns.contains(conn),
-                    TrackerOutput::PeerSend { node, after_sync, .. } => {
-                        let w = *after_sync || waiting_links.contains(node);
-                        if w {
-                            waiting_links.insert(*node);
-                        }
-                        w
-                    }
-                    _ => false,
-                };
-                if wait {
-                    late.push(out);
-                } else {
-                    early.push(out);
+                    self.requested += 1;
+                    let everything = std::mem::take(&mut self.held);
+                    self.held_dests.clear();
+                    self.send_all(everything.into_iter().map(|(_, o)| o).collect(), now);
                 }
             }
-            let mut touched = std::collections::BTreeSet::new();
-            let mut touched_links = std::collections::BTreeSet::new();
-            self.send_outputs(early, &mut touched, &mut touched_links, now);
-            self.flush_touched(&mut touched, &mut touched_links, now);
-            self.sync_wal()?;
-            self.send_outputs(late, &mut touched, &mut touched_links, now);
-            self.flush_touched(&mut touched, &mut touched_links, now);
+            if std::mem::take(&mut self.must_sync) {
+                if let Some(s) = &self.syncer {
+                    self.requested += 1;
+                    let _ = s.tx.send(SyncCmd::Sync(self.requested));
+                }
+            }
+            let done = self.syncer.as_ref().map_or(self.requested, |s| s.done.load(Ordering::Acquire));
+            let mut now_out = Vec::new();
+            for out in outs {
+                match dest(&out) {
+                    Some((d, after_sync)) if (after_sync && done < self.requested) || self.held_dests.contains(&d) => {
+                        self.held_dests.insert(d);
+                        self.held.push_back((self.requested, out));
+                    }
+                    _ => now_out.push(out),
+                }
+            }
+            self.send_all(now_out, now);
         }
-        // Connections told to close whose backlog has since drained.
+        self.close_finished(now);
+        Ok(())
+    }
+
+    /// The sync thread finished: send what waited for it.
+    fn release(&mut self, now: Millis) -> io::Result<()> {
+        let Some(s) = &self.syncer else { return Ok(()) };
+        if let Some(e) = s.error.lock().expect("not poisoned").take() {
+            let path = self.wal.as_ref().map(|w| w.path().display().to_string()).unwrap_or_default();
+            return Err(io::Error::new(e.kind(), format!("cannot sync {path}: {e}")));
+        }
+        let done = s.done.load(Ordering::Acquire);
+        let mut ready = Vec::new();
+        while self.held.front().is_some_and(|(seq, _)| *seq <= done) {
+            ready.push(self.held.pop_front().expect("checked").1);
+        }
+        if ready.is_empty() {
+            return Ok(());
+        }
+        self.held_dests = self.held.iter().filter_map(|(_, o)| dest(o).map(|(d, _)| d)).collect();
+        self.send_all(ready, now);
+        self.close_finished(now);
+        Ok(())
+    }
+
+    fn send_all(&mut self, outs: Vec<TrackerOutput>, now: Millis) {
+        let mut touched = std::collections::BTreeSet::new();
+        let mut touched_links = std::collections::BTreeSet::new();
+        self.send_outputs(outs, &mut touched, &mut touched_links, now);
+        self.flush_touched(&mut touched, &mut touched_links, now);
+    }
+
+    /// Connections told to close whose backlog has since drained.
+    fn close_finished(&mut self, now: Millis) {
         let finished: Vec<Token> =
             self.conns.iter().filter(|(_, c)| c.closing && !c.has_backlog()).map(|(t, _)| *t).collect();
         for t in finished {
             self.drop_conn(t, now);
         }
-        Ok(())
     }
 
     fn send_outputs(

@@ -72,6 +72,17 @@ impl WalFile {
         if self.pending.is_empty() {
             return Ok(());
         }
+        self.write_pending()?;
+        self.file.sync_data()
+    }
+
+    /// Writes what was appended to the file, without waiting for the disk:
+    /// a `sync_data` on [`WalFile::sync_handle`] (on another thread) then
+    /// makes it durable.
+    pub fn write_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
         let end = self.len + self.pending.len() as u64;
         if end > self.allocated {
             // Zero-fill the next stretch (a size change: one full sync).
@@ -82,10 +93,14 @@ impl WalFile {
             self.allocated += grow;
         }
         self.file.write_all_at(&self.pending, self.len)?;
-        self.file.sync_data()?;
         self.len = end;
         self.pending.clear();
         Ok(())
+    }
+
+    /// Another handle on the log file, for a thread that syncs it.
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
     }
 
     /// Replaces the whole log with one record (an image of the state after

@@ -64,7 +64,8 @@ fn run(args: Args) -> Result<(), String> {
         let node = TrackerNode::new(cfg, Rng::from_seed(seed), rep);
         let server = TrackerServer::bind(me.addr, node)
             .map_err(|e| format!("cannot listen on {}: {e}", me.addr))?
-            .with_wal(opened.wal);
+            .with_wal(opened.wal)
+            .map_err(|e| format!("cannot start the log's sync thread: {e}"))?;
         banner(server.local_addr().map_err(|e| e.to_string())?);
         println!("leader: tracker {} (this one, alone)", me.id);
         return server.run().map_err(|e| format!("tracker stopped: {e}"));
@@ -77,6 +78,7 @@ fn run(args: Args) -> Result<(), String> {
     let server = TrackerServer::bind(me.addr, node)
         .map_err(|e| format!("cannot listen on {}: {e}", me.addr))?
         .with_wal(opened.wal)
+        .map_err(|e| format!("cannot start the log's sync thread: {e}"))?
         .with_peers(peers.iter().map(|t| (t.id as NodeId, t.addr)))
         .on_leader_change(move |leader| {
             match leader {

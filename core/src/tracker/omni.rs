@@ -145,7 +145,6 @@ enum Record {
 /// (same encoding: serde encodes a reference as what it points to).
 #[derive(Serialize)]
 enum RecordRef<'a> {
-    #[allow(dead_code)]
     Ops(&'a [Op]),
     Image(&'a Image),
 }
@@ -210,7 +209,7 @@ impl Inner {
             // not depend on it, and the answer to a client depends on the
             // entry being decided by a majority, not on this node's record of it.
             let lazy = ops.iter().all(|o| matches!(o, Op::Decided(_)));
-            self.journal.push_back((postcard::to_allocvec(&Record::Ops(ops.clone())).expect("encode to Vec"), lazy));
+            self.journal.push_back((postcard::to_allocvec(&RecordRef::Ops(&ops)).expect("encode to Vec"), lazy));
         }
         for op in ops {
             self.apply(op);
