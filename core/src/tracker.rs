@@ -164,6 +164,8 @@ pub struct TrackerNode<R: Replicator = SoloReplicator> {
     links_up: BTreeSet<NodeId>,
     /// Soft state learned from our clients since the last gossip.
     dirty: SoftState,
+    /// Sessions our clients renewed since the last gossip (each told once).
+    dirty_leases: BTreeSet<SessionToken>,
     leader: Option<NodeId>,
     /// Soft state: when each session's lease runs out.
     leases: BTreeMap<SessionToken, Millis>,
@@ -210,6 +212,7 @@ impl<R: Replicator> TrackerNode<R> {
             waiting: BTreeMap::new(),
             links_up: BTreeSet::new(),
             dirty: SoftState::default(),
+            dirty_leases: BTreeSet::new(),
             leader: None,
             leases: BTreeMap::new(),
             out: VecDeque::new(),
@@ -343,7 +346,7 @@ impl<R: Replicator> TrackerNode<R> {
             self.write_answered(conn);
             self.respond(conn, id, Err(ApiError::NoQuorum));
         }
-        self.gossip();
+        self.gossip(now);
     }
 
     pub fn handle_bytes(&mut self, conn: ConnId, bytes: &[u8], now: Millis) {
@@ -498,7 +501,7 @@ impl<R: Replicator> TrackerNode<R> {
         if let Some((t, _, _)) = &user {
             self.leases.insert(*t, now.plus(self.cfg.session_lease));
             if !self.replicator.peers().is_empty() {
-                self.dirty.leases.push((*t, self.cfg.session_lease.0));
+                self.dirty_leases.insert(*t);
             }
         }
         let needs_session = !matches!(body, Request::CreateUser { .. } | Request::Login { .. });
@@ -667,8 +670,13 @@ impl<R: Replicator> TrackerNode<R> {
     }
 
     /// Sends what our clients told us since the last gossip to every tracker we reach.
-    fn gossip(&mut self) {
-        let soft = std::mem::take(&mut self.dirty);
+    fn gossip(&mut self, now: Millis) {
+        let mut soft = std::mem::take(&mut self.dirty);
+        let leases = &self.leases;
+        soft.leases = std::mem::take(&mut self.dirty_leases)
+            .into_iter()
+            .filter_map(|t| leases.get(&t).map(|until| (t, until.0.saturating_sub(now.0))))
+            .collect();
         if soft == SoftState::default() || self.links_up.is_empty() {
             return;
         }
