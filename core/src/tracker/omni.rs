@@ -407,6 +407,8 @@ pub struct OmniReplicator {
     /// Whether this node has been in sync with a leader since it started.
     synced: bool,
     snapshot_every: usize,
+    /// Ticks this node has believed itself leader without leading (see handle_timeout).
+    stuck_ticks: u64,
 }
 
 impl OmniReplicator {
@@ -442,6 +444,7 @@ impl OmniReplicator {
             next_tick: Millis::ZERO,
             synced: false,
             snapshot_every: SNAPSHOT_EVERY,
+            stuck_ticks: 0,
         })
     }
 
@@ -545,6 +548,25 @@ impl Replicator for OmniReplicator {
         if m.get_sender() != from || m.get_receiver() != self.me {
             return Err(FrameError::Malformed("consensus message with wrong sender or receiver".into()));
         }
+        // Also an omnipaxos 0.2.4 liveness fault: a leader ignores a follower
+        // that promised a higher ballot (its PrepareReq, NotAccepted), and that
+        // follower never catches up. The leader takes a ballot above it.
+        if let PaxosMessage::SequencePaxos(p) = &m {
+            if let PaxosMsg::PrepareReq(omnipaxos::messages::sequence_paxos::PrepareReq { n })
+            | PaxosMsg::NotAccepted(omnipaxos::messages::sequence_paxos::NotAccepted { n }) = &p.msg
+            {
+                let leading = self.op.get_current_leader().is_some_and(|(l, _)| l == self.me);
+                if leading && *n > self.op.get_promise() {
+                    tracing::info!(from, "a follower promised a higher ballot; preparing above it");
+                    for _ in 0..64 {
+                        if self.op.get_promise().n > n.n {
+                            break;
+                        }
+                        self.op.try_become_leader();
+                    }
+                }
+            }
+        }
         self.op.handle_incoming(m);
         Ok(())
     }
@@ -566,6 +588,22 @@ impl Replicator for OmniReplicator {
             self.op.tick();
             self.next_tick = self.next_tick.plus(TICK);
             n += 1;
+            // Works around an omnipaxos 0.2.4 liveness fault: a node that
+            // restarts with its own ballot as its stored promise believes it
+            // leads, but never prepares again (that ballot is not above its
+            // promise), so it and whoever promised it stay behind forever.
+            // If that lasts a few election rounds, take a higher ballot.
+            match self.op.get_current_leader() {
+                Some((l, false)) if l == self.me => {
+                    self.stuck_ticks += 1;
+                    if self.stuck_ticks > 3 * ELECTION_TICKS {
+                        tracing::info!("leading in name only; preparing a higher ballot");
+                        self.op.try_become_leader();
+                        self.stuck_ticks = 0;
+                    }
+                }
+                _ => self.stuck_ticks = 0,
+            }
         }
         if self.next_tick <= now {
             self.next_tick = now.plus(TICK);
