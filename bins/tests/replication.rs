@@ -114,6 +114,14 @@ fn writes_survive_the_leader_dying_and_every_tracker_restarting() {
     let mut w2 = Client::start_with("writer2", &cl.info, "127.0.0.1:0", &[]);
     assert_eq!(w2.answer("login w pw"), "logged in as w");
     assert_eq!(w2.answer("create_group after"), "group after created");
+    // A tracker whose data dir is lost rejoins empty and catches up in full
+    // (the other two hold every decided entry).
+    cl.kill(3);
+    std::fs::remove_dir_all(cl.dir.path().join("tracker-data-3")).unwrap();
+    cl.restart(3);
+    let mut all = all;
+    all.insert("after".into());
+    assert_eq!(groups_via(&cl, 3, "w", n + 1), all, "tracker 3 after losing its data dir");
 }
 
 /// With two of three trackers down: writes fail with the quorum error after a
