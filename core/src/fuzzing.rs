@@ -204,7 +204,7 @@ pub fn wal_log(data: &[u8]) {
 /// would carry them (after `Hello` and `Join`): consensus messages and soft
 /// state. The node must reject what does not decode, never panic.
 pub fn tracker_link(data: &[u8]) {
-    use crate::proto::{Message, Role, TrackerFrame, PROTOCOL_VERSION};
+    use crate::proto::TrackerFrame;
     let cfg = TrackerConfig { password_params: crate::meta::PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
     let Ok(rep) = crate::tracker::OmniReplicator::recover(1, &[1, 2, 3], std::iter::empty()) else { return };
     let mut node = TrackerNode::new(cfg, Rng::from_u64(0), rep);

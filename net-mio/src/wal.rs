@@ -63,19 +63,6 @@ impl WalFile {
         encode_record(record, &mut self.pending);
     }
 
-    pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
-    /// Writes what was appended and waits until it is on disk.
-    pub fn sync(&mut self) -> io::Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        self.write_pending()?;
-        self.file.sync_data()
-    }
-
     /// Writes what was appended to the file, without waiting for the disk:
     /// a `sync_data` on [`WalFile::sync_handle`] (on another thread) then
     /// makes it durable.

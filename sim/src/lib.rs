@@ -578,11 +578,7 @@ impl World {
         match c.kind {
             ConnKind::Client { client, tracker } => {
                 if c.accepted {
-                    let now = self.tracker_now(tracker);
-                    if let Some(n) = self.trackers[tracker].node.as_mut() {
-                        n.handle_closed(conn, now);
-                    }
-                    self.drain_tracker(tracker);
+                    self.tracker_conn_closed(tracker, conn);
                 }
                 if self.clients[client].conn == Some(conn) {
                     self.clients[client].conn = None;
@@ -593,15 +589,20 @@ impl World {
             }
             ConnKind::Link { from, to } => {
                 if c.accepted {
-                    let now = self.tracker_now(to);
-                    if let Some(n) = self.trackers[to].node.as_mut() {
-                        n.handle_closed(conn, now);
-                    }
-                    self.drain_tracker(to);
+                    self.tracker_conn_closed(to, conn);
                 }
                 self.link_down(from, to);
             }
         }
+    }
+
+    /// Tracker `t` learns that its side of `conn` closed.
+    fn tracker_conn_closed(&mut self, t: usize, conn: ConnId) {
+        let now = self.tracker_now(t);
+        if let Some(n) = self.trackers[t].node.as_mut() {
+            n.handle_closed(conn, now);
+        }
+        self.drain_tracker(t);
     }
 
     /// Resets a random open connection, if any.
@@ -1413,11 +1414,7 @@ impl World {
         if let Some(conn) = self.clients[c].conn.take() {
             if let Some(lc) = self.conns.remove(&conn) {
                 if let (ConnKind::Client { tracker, .. }, true) = (lc.kind, lc.accepted) {
-                    let now = self.tracker_now(tracker);
-                    if let Some(n) = self.trackers[tracker].node.as_mut() {
-                        n.handle_closed(conn, now);
-                    }
-                    self.drain_tracker(tracker);
+                    self.tracker_conn_closed(tracker, conn);
                 }
             }
         }

@@ -286,17 +286,18 @@ impl Runner {
         }
     }
 
-    /// Runs client `c`'s `line` to the end (liveness phase: it must finish).
-    fn must(&mut self, c: usize, line: &str) -> Result<Vec<String>, String> {
-        if let Some((t, l)) = self.busy.remove(&c) {
+    /// Lets client `c`'s running command finish (and the one its result
+    /// may start), within bounded time.
+    fn settle(&mut self, c: usize) {
+        while let Some((t, l)) = self.busy.remove(&c) {
             let r = self.w.wait(c, t, Millis::from_secs(120)).unwrap_or_else(|| panic!("c{c}: `{l}` never finished"));
             self.check(c, &l, r.map_err(|e| e.to_string()));
-            if let Some((t, l)) = self.busy.remove(&c) {
-                let r =
-                    self.w.wait(c, t, Millis::from_secs(120)).unwrap_or_else(|| panic!("c{c}: `{l}` never finished"));
-                self.check(c, &l, r.map_err(|e| e.to_string()));
-            }
         }
+    }
+
+    /// Runs client `c`'s `line` to the end (liveness phase: it must finish).
+    fn must(&mut self, c: usize, line: &str) -> Result<Vec<String>, String> {
+        self.settle(c);
         let r = self.w.run(c, line).map_err(|e| e.to_string());
         self.check(c, line, r.clone());
         r
@@ -382,13 +383,7 @@ fn chaos(seed: u64) -> World {
     // Outstanding commands finish (or fail) within bounded time.
     let busy: Vec<usize> = r.busy.keys().copied().collect();
     for c in busy {
-        let (t, l) = r.busy.remove(&c).expect("listed");
-        let res = r.w.wait(c, t, Millis::from_secs(120)).unwrap_or_else(|| panic!("c{c}: `{l}` never finished"));
-        r.check(c, &l, res.map_err(|e| e.to_string()));
-        if let Some((t, l)) = r.busy.remove(&c) {
-            let res = r.w.wait(c, t, Millis::from_secs(120)).unwrap_or_else(|| panic!("c{c}: `{l}` never finished"));
-            r.check(c, &l, res.map_err(|e| e.to_string()));
-        }
+        r.settle(c);
     }
     // A write through the healed cluster, so every tracker learns everything.
     let _ = r.must(0, "create_group after");

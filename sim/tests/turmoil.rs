@@ -93,6 +93,30 @@ fn spawn_writer(mut w: turmoil::net::tcp::OwnedWriteHalf) -> UnboundedSender<Opt
     tx
 }
 
+/// Connects to `addr` in the background: `up` with the writer, then bytes
+/// and `closed`; or `failed` if the connection cannot be made.
+fn spawn_connect<E: Send + 'static>(
+    addr: SocketAddr,
+    tx: UnboundedSender<E>,
+    up: impl FnOnce(UnboundedSender<Option<Vec<u8>>>) -> E + Send + 'static,
+    bytes: impl Fn(Vec<u8>) -> E + Send + 'static,
+    closed: E,
+    failed: E,
+) {
+    tokio::spawn(async move {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let (r, w) = s.into_split();
+                let _ = tx.send(up(spawn_writer(w)));
+                spawn_reader(r, tx, bytes, closed);
+            }
+            Err(_) => {
+                let _ = tx.send(failed);
+            }
+        }
+    });
+}
+
 fn millis(start: Instant) -> Millis {
     Millis(start.elapsed().as_millis() as u64)
 }
@@ -355,19 +379,15 @@ impl ClientDriver {
                         let _ = w.send(None);
                     }
                     self.tracker_gen += 1;
-                    let (g, tx) = (self.tracker_gen, self.tx.clone());
-                    tokio::spawn(async move {
-                        match TcpStream::connect(addr).await {
-                            Ok(s) => {
-                                let (r, w) = s.into_split();
-                                let _ = tx.send(CEv::TrackerUp(g, spawn_writer(w)));
-                                spawn_reader(r, tx, move |b| CEv::TrackerBytes(g, b), CEv::TrackerDown(g));
-                            }
-                            Err(_) => {
-                                let _ = tx.send(CEv::TrackerDown(g));
-                            }
-                        }
-                    });
+                    let g = self.tracker_gen;
+                    spawn_connect(
+                        addr,
+                        self.tx.clone(),
+                        move |w| CEv::TrackerUp(g, w),
+                        move |b| CEv::TrackerBytes(g, b),
+                        CEv::TrackerDown(g),
+                        CEv::TrackerDown(g),
+                    );
                 }
                 ClientOutput::Transmit(b) => {
                     if let Some((_, w)) = &self.tracker {
@@ -393,21 +413,14 @@ impl ClientDriver {
                 ClientOutput::Done { ticket, result } => {
                     self.results.insert(ticket, result.map_err(|e| e.to_string()));
                 }
-                ClientOutput::PeerConnect { conn, addr } => {
-                    let tx = self.tx.clone();
-                    tokio::spawn(async move {
-                        match TcpStream::connect(addr).await {
-                            Ok(s) => {
-                                let (r, w) = s.into_split();
-                                let _ = tx.send(CEv::PeerUp(conn, spawn_writer(w)));
-                                spawn_reader(r, tx, move |b| CEv::PeerBytes(conn, b), CEv::PeerClosed(conn));
-                            }
-                            Err(_) => {
-                                let _ = tx.send(CEv::PeerFailed(conn));
-                            }
-                        }
-                    });
-                }
+                ClientOutput::PeerConnect { conn, addr } => spawn_connect(
+                    addr,
+                    self.tx.clone(),
+                    move |w| CEv::PeerUp(conn, w),
+                    move |b| CEv::PeerBytes(conn, b),
+                    CEv::PeerClosed(conn),
+                    CEv::PeerFailed(conn),
+                ),
                 ClientOutput::PeerTransmit { conn, bytes } => {
                     if let Some(w) = self.peers.get(&conn) {
                         let _ = w.send(Some(bytes));

@@ -191,12 +191,18 @@ impl Replicator for Stuck {
     }
 }
 
-#[test]
-fn writes_in_flight_per_connection_are_bounded() {
+/// A greeted connection to a node whose log never decides.
+fn stuck_node() -> TrackerNode<Stuck> {
     let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
     let mut n = TrackerNode::new(cfg, Rng::from_u64(1), Stuck);
     n.handle_connected(C, REMOTE, Millis(0));
     n.handle_bytes(C, &hello(), Millis(0));
+    n
+}
+
+#[test]
+fn writes_in_flight_per_connection_are_bounded() {
+    let mut n = stuck_node();
     for i in 0..MAX_WRITES_IN_FLIGHT as u64 {
         let r = Request::CreateUser { user: UserId::new(format!("u{i}")).unwrap(), password: "p".into() };
         n.handle_bytes(C, &req(i, None, r), Millis(0));
@@ -220,10 +226,7 @@ fn overlong_passwords_are_refused_before_hashing() {
 
 #[test]
 fn a_write_not_decided_in_time_is_answered_no_quorum_and_frees_its_slot() {
-    let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
-    let mut n = TrackerNode::new(cfg, Rng::from_u64(1), Stuck);
-    n.handle_connected(C, REMOTE, Millis(0));
-    n.handle_bytes(C, &hello(), Millis(0));
+    let mut n = stuck_node();
     for i in 0..MAX_WRITES_IN_FLIGHT as u64 {
         let r = Request::CreateUser { user: UserId::new(format!("u{i}")).unwrap(), password: "p".into() };
         n.handle_bytes(C, &req(i, None, r), Millis(0));
