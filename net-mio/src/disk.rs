@@ -131,19 +131,21 @@ pub fn prepare(dest: &str, name: &FileName, digest: &FileDigest) -> Result<(Prep
     let n = digest.chunks.len() as u32;
     let claimed = read_state(&paths.state, digest);
     let mut have = Bitmap::new(n);
-    match claimed {
-        Some(claimed) => {
-            let mut buf = vec![0u8; CHUNK_SIZE as usize];
-            for c in claimed.iter_set() {
-                let len = chunk_len(digest.size, c as u64) as usize;
-                let ok = file.read_exact_at(&mut buf[..len], c as u64 * CHUNK_SIZE).is_ok()
-                    && Sha1Digest::of(&buf[..len]) == digest.chunks[c as usize];
-                if ok {
-                    have.set(c);
-                }
+    // Without a sidecar nothing in an old part file counts: every chunk is
+    // written whole before it is read back, so stale bytes need no clearing.
+    // (Truncating to zero first would also make ext4 flush the whole file
+    // to disk when it is closed, its replace-by-truncate heuristic: measured
+    // as 0.6 s of a 3 s download of 1 GiB.)
+    if let Some(claimed) = claimed {
+        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+        for c in claimed.iter_set() {
+            let len = chunk_len(digest.size, c as u64) as usize;
+            let ok = file.read_exact_at(&mut buf[..len], c as u64 * CHUNK_SIZE).is_ok()
+                && Sha1Digest::of(&buf[..len]) == digest.chunks[c as usize];
+            if ok {
+                have.set(c);
             }
         }
-        None => file.set_len(0).map_err(|e| e.to_string())?,
     }
     file.set_len(digest.size).map_err(|e| format!("{}: {e}", paths.part.display()))?;
     let prepared = Prepared {
