@@ -22,7 +22,7 @@
 //!   ones the listener accepts, then `handle_peer_connected`, `handle_peer_bytes`,
 //!   `handle_peer_backlog` (unsent bytes after a flush) and `handle_peer_closed`;
 //! - disk: [`ClientOutput::HashFile`] → [`ClientEngine::handle_file_hashed`];
-//!   [`ClientOutput::SendBlock`] → fill and send the frame, then
+//!   [`ClientOutput::SendBlock`] → send the header and the file bytes, then
 //!   [`ClientEngine::handle_block_sent`];
 //!   [`ClientOutput::PrepareDownload`] → [`ClientEngine::handle_download_prepared`];
 //!   [`ClientOutput::WriteChunk`] and [`ClientOutput::SaveProgress`] in order,
@@ -122,14 +122,16 @@ pub enum ClientOutput {
     PeerClose {
         conn: PeerConnId,
     },
-    /// Fill `frame[data_at..]` with the bytes at `offset` of the file at
-    /// `path`, queue the frame on `conn`, then report with `handle_block_sent`.
+    /// Send `header`, then the `len` bytes at `offset` of the file at `path`
+    /// (together one `Block` frame; the data never needs to pass through the
+    /// engine), then report with `handle_block_sent`. If the file cannot be
+    /// read, send nothing and report the error.
     SendBlock {
         conn: PeerConnId,
         path: String,
         offset: u64,
-        frame: Vec<u8>,
-        data_at: usize,
+        header: Vec<u8>,
+        len: u32,
     },
     /// Resolve `dest` (a directory or a file path), open or resume its part
     /// file, re-hash the chunks its sidecar claims.

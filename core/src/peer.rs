@@ -223,18 +223,18 @@ pub fn encode_block(chunk: u32, offset: u32, load: Load, data: &[u8]) -> Vec<u8>
     out
 }
 
-/// A `Block` frame whose last `len` bytes are left for the data, and where
-/// they start: a sharer reads the file straight into it, with no extra copy.
-pub fn block_frame(chunk: u32, offset: u32, load: Load, len: u32) -> (Vec<u8>, usize) {
-    let mut out = Vec::with_capacity(len as usize + 32);
+/// The start of a `Block` frame carrying `len` data bytes: the length
+/// prefix (which counts the data) and the message up to the data. A sharer
+/// sends it and then the `len` bytes straight from the file (`sendfile`),
+/// so block data is never copied through user space.
+pub fn block_header(chunk: u32, offset: u32, load: Load, len: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
     out.extend_from_slice(&[0; 4]);
     let mut out = postcard::to_extend(&(BLOCK_TAG, chunk, offset, load, len as usize), out)
         .expect("postcard encoding into a Vec");
-    let data_at = out.len();
-    out.resize(data_at + len as usize, 0);
-    let frame_len = (out.len() - 4) as u32;
+    let frame_len = (out.len() - 4 + len as usize) as u32;
     out[..4].copy_from_slice(&frame_len.to_be_bytes());
-    (out, data_at)
+    out
 }
 
 /// Whether a block request lies inside chunk `chunk` of a file of `size` bytes.
@@ -285,12 +285,12 @@ mod tests {
         assert_eq!(decode_block(&f[4..]), Some(BlockRef { chunk: 300, offset: 65536, load, data: &[1, 2, 3] }));
         assert_eq!(decode_block(&encode(&PeerMessage::HaveOne { chunk: 6 })[4..]), None);
         assert_eq!(decode_block(&[BLOCK_TAG, 0xff]), None);
-        let (mut frame, at) = block_frame(300, 65536, load, 3);
-        frame[at..].copy_from_slice(&[1, 2, 3]);
+        let mut frame = block_header(300, 65536, load, 3);
+        frame.extend_from_slice(&[1, 2, 3]);
         assert_eq!(frame, f);
         let big = vec![9u8; BLOCK_SIZE as usize];
-        let (mut frame, at) = block_frame(1 << 20, 0, load, BLOCK_SIZE);
-        frame[at..].copy_from_slice(&big);
+        let mut frame = block_header(1 << 20, 0, load, BLOCK_SIZE);
+        frame.extend_from_slice(&big);
         assert_eq!(frame, encode_block(1 << 20, 0, load, &big));
     }
 

@@ -377,12 +377,14 @@ impl Driver {
                         let _ = self.poll.registry().deregister(&mut p.conn.stream);
                     }
                 }
-                ClientOutput::SendBlock { conn, path, offset, mut frame, data_at } => {
-                    let result = self.readers.read_into(&path, offset, &mut frame[data_at..]);
+                ClientOutput::SendBlock { conn, path, offset, header, len } => {
+                    let result = self.readers.open_range(&path, offset, len as u64);
                     let t = token(conn);
-                    if result.is_ok() {
+                    if let Ok(file) = &result {
                         if let Some(p) = self.peers.get_mut(&t) {
-                            if !p.conn.queue_owned(frame) || p.conn.flush(self.poll.registry(), t).is_err() {
+                            let queued =
+                                p.conn.queue_owned(header) && p.conn.queue_file(file.clone(), offset, len as usize);
+                            if !queued || p.conn.flush(self.poll.registry(), t).is_err() {
                                 self.drop_peer(t, now);
                                 continue;
                             }
@@ -390,7 +392,7 @@ impl Driver {
                             self.engine.handle_peer_backlog(conn, backlog, now);
                         }
                     }
-                    self.engine.handle_block_sent(conn, result, now);
+                    self.engine.handle_block_sent(conn, result.map(|_| ()), now);
                 }
                 ClientOutput::PrepareDownload { id, dest, name, digest } => {
                     self.spawn("shoal-prepare", move || Inbox::Prepared(id, disk::prepare(&dest, &name, &digest)));

@@ -1,7 +1,9 @@
 //! A non-blocking TCP connection with an outgoing buffer.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
+use std::fs::File;
+use std::io::{self, IoSlice, Read};
+use std::sync::Arc;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
@@ -11,16 +13,37 @@ pub const MAX_WRITE_BACKLOG: usize = 64 * 1024 * 1024;
 
 pub struct Conn {
     pub stream: TcpStream,
-    /// Frames waiting to be written, oldest first; large ones are queued as
-    /// they are, without a copy.
-    out: VecDeque<Vec<u8>>,
-    /// Bytes of the front frame already written.
+    /// What waits to be written, oldest first: frames (large ones queued as
+    /// they are, without a copy) and ranges of files.
+    out: VecDeque<Out>,
+    /// Bytes of the front item already written.
     sent: usize,
     /// Bytes in `out`, less `sent`.
     pending: usize,
     /// Close once `out` is flushed.
     pub closing: bool,
     writable_registered: bool,
+}
+
+/// One queued piece of the outgoing stream.
+enum Out {
+    Bytes(Vec<u8>),
+    /// `len` bytes of `file` from `offset`, sent by the kernel from the page
+    /// cache (`sendfile`) without passing through this process.
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: usize,
+    },
+}
+
+impl Out {
+    fn len(&self) -> usize {
+        match self {
+            Out::Bytes(b) => b.len(),
+            Out::File { len, .. } => *len,
+        }
+    }
 }
 
 pub enum ReadOutcome {
@@ -58,7 +81,7 @@ impl Conn {
     pub fn queue(&mut self, bytes: &[u8]) -> bool {
         // Small messages share one buffer, so a burst of them is one write.
         match self.out.back_mut() {
-            Some(last) if last.len() < 64 * 1024 => {
+            Some(Out::Bytes(last)) if last.len() < 64 * 1024 => {
                 last.extend_from_slice(bytes);
                 self.pending += bytes.len();
                 self.pending <= MAX_WRITE_BACKLOG
@@ -69,8 +92,20 @@ impl Conn {
 
     /// Queues a whole frame without copying it.
     pub fn queue_owned(&mut self, frame: Vec<u8>) -> bool {
-        self.pending += frame.len();
-        self.out.push_back(frame);
+        self.push(Out::Bytes(frame))
+    }
+
+    /// Queues `len` bytes of `file` from `offset`. If the file turns out
+    /// shorter, [`Conn::flush`] fails: the stream has promised those bytes.
+    pub fn queue_file(&mut self, file: Arc<File>, offset: u64, len: usize) -> bool {
+        self.push(Out::File { file, offset, len })
+    }
+
+    fn push(&mut self, item: Out) -> bool {
+        self.pending += item.len();
+        if item.len() > 0 {
+            self.out.push_back(item);
+        }
         self.pending <= MAX_WRITE_BACKLOG
     }
 
@@ -83,31 +118,56 @@ impl Conn {
         self.backlog() > 0
     }
 
+    /// Accounts `k` bytes written from the front of the queue.
+    fn advance(&mut self, mut k: usize) {
+        self.pending -= k;
+        while k > 0 {
+            let front = self.out.front().expect("wrote from it").len() - self.sent;
+            if k >= front {
+                k -= front;
+                self.out.pop_front();
+                self.sent = 0;
+            } else {
+                self.sent += k;
+                k = 0;
+            }
+        }
+    }
+
+    /// Writes the frames at the front of the queue, up to the next file range.
+    fn write_bytes(&mut self) -> io::Result<usize> {
+        let mut slices = [IoSlice::new(&[]); 16];
+        let mut n = 0;
+        for (i, item) in self.out.iter().take(slices.len()).enumerate() {
+            let Out::Bytes(f) = item else { break };
+            slices[i] = IoSlice::new(if i == 0 { &f[self.sent..] } else { f });
+            n += 1;
+        }
+        // A file range follows: hold these bytes (a block's header) back so
+        // they leave in one segment with the data, not as a tiny packet.
+        let more = n < self.out.len();
+        send_vectored(&self.stream, &slices[..n], more)
+    }
+
+    fn write_file(&mut self) -> io::Result<usize> {
+        let Some(Out::File { file, offset, len }) = self.out.front() else { unreachable!("front is a file range") };
+        let at = offset + self.sent as u64;
+        match send_file(&self.stream, file, at, len - self.sent)? {
+            0 => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the shared file is shorter than expected")),
+            k => Ok(k),
+        }
+    }
+
     /// Writes what the socket takes; keeps WRITABLE interest only while needed.
     pub fn flush(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        while !self.out.is_empty() {
-            let mut slices = [IoSlice::new(&[]); 16];
-            let mut n = 0;
-            for (i, f) in self.out.iter().take(slices.len()).enumerate() {
-                slices[i] = IoSlice::new(if i == 0 { &f[self.sent..] } else { f });
-                n += 1;
-            }
-            match self.stream.write_vectored(&slices[..n]) {
+        while let Some(front) = self.out.front() {
+            let written = match front {
+                Out::Bytes(_) => self.write_bytes(),
+                Out::File { .. } => self.write_file(),
+            };
+            match written {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(mut k) => {
-                    self.pending -= k;
-                    while k > 0 {
-                        let front = self.out.front().expect("wrote from it").len() - self.sent;
-                        if k >= front {
-                            k -= front;
-                            self.out.pop_front();
-                            self.sent = 0;
-                        } else {
-                            self.sent += k;
-                            k = 0;
-                        }
-                    }
-                }
+                Ok(k) => self.advance(k),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -120,5 +180,128 @@ impl Conn {
             self.writable_registered = want;
         }
         Ok(())
+    }
+}
+
+/// Writes `slices`, telling the kernel more data follows if `more` (Linux:
+/// `MSG_MORE`, so a block's header and its data share a segment).
+#[cfg(target_os = "linux")]
+fn send_vectored(stream: &TcpStream, slices: &[IoSlice<'_>], more: bool) -> io::Result<usize> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendFlags};
+    let flags = if more { SendFlags::MORE | SendFlags::NOSIGNAL } else { SendFlags::NOSIGNAL };
+    Ok(sendmsg(stream, slices, &mut SendAncillaryBuffer::default(), flags)?)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_vectored(mut stream: &TcpStream, slices: &[IoSlice<'_>], _more: bool) -> io::Result<usize> {
+    use std::io::Write;
+    stream.write_vectored(slices)
+}
+
+/// Sends up to `len` bytes of `file` from `offset` on `stream`: Linux's
+/// `sendfile`, straight from the page cache; elsewhere a read and a write.
+#[cfg(target_os = "linux")]
+fn send_file(stream: &TcpStream, file: &File, offset: u64, len: usize) -> io::Result<usize> {
+    let mut at = offset;
+    Ok(rustix::fs::sendfile(stream, file, Some(&mut at), len)?)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_file(mut stream: &TcpStream, file: &File, offset: u64, len: usize) -> io::Result<usize> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len.min(256 * 1024)];
+    let n = file.read_at(&mut buf, offset)?;
+    if n == 0 {
+        return Ok(0);
+    }
+    stream.write(&buf[..n])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::Duration;
+
+    /// A connected pair: our non-blocking end (registered) and a blocking peer.
+    fn pair() -> (Conn, std::net::TcpStream, mio::Poll) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut stream = TcpStream::from_std(ours);
+        let poll = mio::Poll::new().unwrap();
+        poll.registry().register(&mut stream, Token(1), Interest::READABLE).unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (Conn::new(stream), peer, poll)
+    }
+
+    fn scratch_file(name: &str, bytes: &[u8]) -> Arc<File> {
+        let path = std::env::temp_dir().join(format!("shoal-conn-{}-{name}", std::process::id()));
+        std::fs::File::create(&path).unwrap().write_all(bytes).unwrap();
+        let f = File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        Arc::new(f)
+    }
+
+    /// Flushes until the queue is empty or `flush` fails; reads what arrives
+    /// meanwhile so the socket never stays full.
+    fn pump(
+        conn: &mut Conn,
+        peer: &mut std::net::TcpStream,
+        poll: &mio::Poll,
+        want: usize,
+    ) -> (Vec<u8>, io::Result<()>) {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let result = loop {
+            if let Err(e) = conn.flush(poll.registry(), Token(1)) {
+                break Err(e);
+            }
+            if !conn.has_backlog() {
+                break Ok(());
+            }
+            let n = peer.read(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+        };
+        while got.len() < want && result.is_ok() {
+            let n = peer.read(&mut buf).unwrap();
+            assert!(n > 0, "the stream ended early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        (got, result)
+    }
+
+    #[test]
+    fn frames_and_file_ranges_leave_in_order() {
+        let (mut conn, mut peer, poll) = pair();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let file = scratch_file("ranges", &data);
+        let mut want = Vec::new();
+        for (i, (offset, len)) in
+            [(0usize, 65_536usize), (1_000_001, 700_000), (2_999_990, 10), (5, 0)].into_iter().enumerate()
+        {
+            let header = vec![i as u8; 3 + i];
+            assert!(conn.queue(&header));
+            assert!(conn.queue_file(file.clone(), offset as u64, len));
+            want.extend_from_slice(&header);
+            want.extend_from_slice(&data[offset..offset + len]);
+        }
+        assert_eq!(conn.backlog(), want.len());
+        let (got, result) = pump(&mut conn, &mut peer, &poll, want.len());
+        result.unwrap();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "bytes differ");
+    }
+
+    #[test]
+    fn a_file_shorter_than_its_range_fails_the_flush() {
+        let (mut conn, mut peer, poll) = pair();
+        let file = scratch_file("short", &[7u8; 1000]);
+        assert!(conn.queue_owned(vec![1, 2, 3]));
+        assert!(conn.queue_file(file, 500, 1000));
+        let (_, result) = pump(&mut conn, &mut peer, &poll, 0);
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha1::{Digest, Sha1};
 use shoal_core::chunk::{chunk_len, FileDigest, FileHasher, Sha1Digest, CHUNK_SIZE};
@@ -42,26 +43,34 @@ pub fn hash_file(path: &str) -> Result<FileDigest, String> {
 /// Open files of shared content, for serving blocks.
 #[derive(Default)]
 pub struct ReadCache {
-    files: HashMap<String, File>,
+    files: HashMap<String, Arc<File>>,
 }
 
 /// Files kept open for serving at once.
 const MAX_OPEN_SHARED: usize = 64;
 
 impl ReadCache {
-    /// Fills `buf` with the bytes at `offset` of the file at `path`.
-    pub fn read_into(&mut self, path: &str, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+    /// The open file at `path`, checked to hold `len` bytes at `offset`.
+    pub fn open_range(&mut self, path: &str, offset: u64, len: u64) -> Result<Arc<File>, String> {
         if !self.files.contains_key(path) {
             if self.files.len() >= MAX_OPEN_SHARED {
                 self.files.clear();
             }
             let f = File::open(path).map_err(|e| format!("{path}: {e}"))?;
-            self.files.insert(path.to_string(), f);
+            self.files.insert(path.to_string(), Arc::new(f));
         }
-        self.files[path].read_exact_at(buf, offset).map_err(|e| {
-            self.files.remove(path);
-            format!("{path}: {e}")
-        })
+        let f = &self.files[path];
+        match f.metadata() {
+            Ok(m) if m.len() >= offset + len => Ok(f.clone()),
+            Ok(_) => {
+                self.files.remove(path);
+                Err(format!("{path}: shorter than when it was shared"))
+            }
+            Err(e) => {
+                self.files.remove(path);
+                Err(format!("{path}: {e}"))
+            }
+        }
     }
 }
 

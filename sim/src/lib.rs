@@ -1322,17 +1322,17 @@ impl World {
                         self.schedule(at, Event::PeerClosed { to, conn: other });
                     }
                 }
-                ClientOutput::SendBlock { conn, path, offset, mut frame, data_at } => {
-                    let len = frame.len() - data_at;
+                ClientOutput::SendBlock { conn, path, offset, mut header, len } => {
+                    let range = offset as usize..offset as usize + len as usize;
                     let result = match self.files.get(&path) {
-                        Some(data) if (offset as usize + len) <= data.len() => {
-                            frame[data_at..].copy_from_slice(&data[offset as usize..offset as usize + len]);
+                        Some(data) if range.end <= data.len() => {
+                            header.extend_from_slice(&data[range]);
                             Ok(())
                         }
                         _ => Err(format!("{path}: cannot read")),
                     };
                     if result.is_ok() {
-                        self.peer_send(c, conn, frame);
+                        self.peer_send(c, conn, header);
                     }
                     let now = self.client_now(c);
                     self.clients[c].engine.handle_block_sent(conn, result, now);

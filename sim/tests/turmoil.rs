@@ -431,13 +431,13 @@ impl ClientDriver {
                         let _ = w.send(None);
                     }
                 }
-                ClientOutput::SendBlock { conn, path, offset, mut frame, data_at } => {
-                    let len = frame.len() - data_at;
+                ClientOutput::SendBlock { conn, path, offset, mut header, len } => {
+                    let range = offset as usize..offset as usize + len as usize;
                     let r = match self.files.get(&path) {
-                        Some(d) if offset as usize + len <= d.len() => {
-                            frame[data_at..].copy_from_slice(&d[offset as usize..offset as usize + len]);
+                        Some(d) if range.end <= d.len() => {
+                            header.extend_from_slice(&d[range]);
                             if let Some(w) = self.peers.get(&conn) {
-                                let _ = w.send(Some(frame));
+                                let _ = w.send(Some(header));
                             }
                             Ok(())
                         }

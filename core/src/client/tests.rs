@@ -179,10 +179,10 @@ fn a_peer_that_does_not_read_gets_at_most_the_high_water_mark() {
             break;
         }
         for s in sends {
-            let ClientOutput::SendBlock { frame, .. } = s else { unreachable!() };
+            let ClientOutput::SendBlock { header, len, .. } = s else { unreachable!() };
             blocks += 1;
             // The socket takes nothing: everything stays queued.
-            queued_bytes += frame.len();
+            queued_bytes += header.len() + len as usize;
             e.handle_block_sent(conn, Ok(()), Millis(1));
             e.handle_peer_backlog(conn, queued_bytes, Millis(1));
         }

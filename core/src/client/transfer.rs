@@ -597,9 +597,9 @@ impl ClientEngine {
             let Some(s) = self.shares.get(&(group.clone(), name.clone())) else { return };
             up.reading.push_back(len);
             let path = s.path.clone();
-            let (frame, data_at) = crate::peer::block_frame(chunk, block, self.load(), len);
+            let header = crate::peer::block_header(chunk, block, self.load(), len);
             let offset = chunk_offset(chunk) + block as u64;
-            self.out.push_back(ClientOutput::SendBlock { conn, path, offset, frame, data_at });
+            self.out.push_back(ClientOutput::SendBlock { conn, path, offset, header, len });
         }
     }
 
