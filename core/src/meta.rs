@@ -65,13 +65,25 @@ impl PasswordHash {
 }
 
 fn argon2id(password: &str, salt: &[u8; 16], p: PasswordParams) -> [u8; 32] {
+    thread_local! {
+        /// argon2's working memory (19 MiB by default), kept for the next
+        /// hash. Allocated anew each time, these blocks came from the heap
+        /// once malloc had raised its mmap threshold, and fragments of
+        /// several stayed resident: a tracker after four logins held 78 MiB
+        /// of heap (the flood test). Reused, a thread holds one. It only
+        /// affects memory, never a result.
+        static SCRATCH: std::cell::RefCell<Vec<argon2::Block>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let mut out = [0u8; 32];
     let ok = argon2::Params::new(p.m_kib.max(8), p.t_cost.max(1), 1, Some(32)).and_then(|params| {
-        argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params).hash_password_into(
-            password.as_bytes(),
-            salt,
-            &mut out,
-        )
+        let blocks = params.block_count();
+        let hasher = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        SCRATCH.with_borrow_mut(|scratch| {
+            if scratch.len() < blocks {
+                scratch.resize(blocks, argon2::Block::default());
+            }
+            hasher.hash_password_into_with_memory(password.as_bytes(), salt, &mut out, &mut scratch[..blocks])
+        })
     });
     // Parameters are clamped into argon2's range and the salt is 16 bytes, so
     // this only fails for passwords over 4 GiB, which no frame can carry.

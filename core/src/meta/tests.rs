@@ -241,3 +241,25 @@ fn a_group_holds_a_bounded_number_of_files() {
     // The same content under a taken name still adds a sharer.
     run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), meta: file("f0", 1, 1) }).unwrap();
 }
+
+#[test]
+fn password_hashes_with_reused_memory_match_argon2s_own() {
+    // Hashes are stored and replicated: reusing argon2's working memory must
+    // not change a single one, whatever size the previous hash used.
+    let fresh = |password: &str, salt: &[u8; 16], p: PasswordParams| {
+        let params = argon2::Params::new(p.m_kib, p.t_cost, 1, Some(32)).unwrap();
+        let mut out = [0u8; 32];
+        argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+            .hash_password_into(password.as_bytes(), salt, &mut out)
+            .unwrap();
+        out
+    };
+    let small = PasswordParams::INSECURE_FAST;
+    let large = PasswordParams { m_kib: 256, t_cost: 2 };
+    for (i, p) in [small, large, small, large, small].into_iter().enumerate() {
+        let salt = [i as u8; 16];
+        let h = PasswordHash::derive("correct horse", salt, p);
+        assert_eq!(h.hash, fresh("correct horse", &salt, p), "params {p:?}");
+        assert!(h.verify("correct horse") && !h.verify("correct horsf"));
+    }
+}
