@@ -45,17 +45,23 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 }
 
 /// Reassembles frames from a byte stream.
+///
+/// Bytes come in either by [`FrameDecoder::push`] (a copy) or straight from
+/// the socket: [`FrameDecoder::recv_buf`] lends the free space after the
+/// buffered bytes and [`FrameDecoder::commit`] counts what was read into it,
+/// so bulk data is copied once, by the kernel, on its way in.
 #[derive(Debug)]
 pub struct FrameDecoder {
+    /// Initialised storage; `buf[start..end]` are the bytes held.
     buf: Vec<u8>,
-    /// Start of the unconsumed bytes in `buf`.
     start: usize,
+    end: usize,
     limit: usize,
 }
 
 impl FrameDecoder {
     pub fn new(limit: usize) -> FrameDecoder {
-        FrameDecoder { buf: Vec::new(), start: 0, limit }
+        FrameDecoder { buf: Vec::new(), start: 0, end: 0, limit }
     }
 
     /// Changes the largest frame accepted from now on (e.g. once a peer said Hello).
@@ -65,28 +71,50 @@ impl FrameDecoder {
 
     /// Bytes held but not yet returned as a frame.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
+    }
+
+    /// Storage in use, held or free; what a peer can make this decoder take.
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// At least `want` bytes of free space after the bytes held, to receive
+    /// into. Consumed bytes are reclaimed first (moving the held ones, at most
+    /// one partial frame, to the front), so the storage stays within the
+    /// largest partial frame plus `want`.
+    pub fn recv_buf(&mut self, want: usize) -> &mut [u8] {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.buf.len() - self.end < want && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() - self.end < want {
+            self.buf.resize(self.end + want, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// Counts `n` bytes received into [`FrameDecoder::recv_buf`]'s space.
+    pub fn commit(&mut self, n: usize) {
+        assert!(n <= self.buf.len() - self.end, "committed more than the receive space");
+        self.end += n;
     }
 
     /// Appends received bytes. Call [`FrameDecoder::next_message`] until it
     /// returns `Ok(None)` afterwards.
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > 0 && self.buf.capacity() - self.buf.len() < bytes.len() {
-            // Reclaim the consumed front instead of growing: the tail left is
-            // less than one frame, so the buffer stays within limit + a read.
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        self.buf.extend_from_slice(bytes);
+        self.recv_buf(bytes.len())[..bytes.len()].copy_from_slice(bytes);
+        self.commit(bytes.len());
     }
 
     /// The next whole frame's body, `Ok(None)` if more bytes are needed.
     /// After an error the stream is unusable: close the connection.
     pub fn next_frame(&mut self) -> Result<Option<&[u8]>, FrameError> {
-        let avail = &self.buf[self.start..];
+        let avail = &self.buf[self.start..self.end];
         if avail.len() < LEN_BYTES {
             return Ok(None);
         }
@@ -200,6 +228,40 @@ mod tests {
                 while let Some(m) = dec.next_message().unwrap() {
                     out.push(m);
                 }
+            }
+            prop_assert_eq!(out, msgs);
+            prop_assert_eq!(dec.buffered(), 0);
+        }
+
+        #[test]
+        fn receiving_in_place_matches_pushing(
+            msgs in proptest::collection::vec(message_strategy(), 1..8),
+            pieces in proptest::collection::vec((1usize..300, 0usize..300, any::<bool>()), 1..40),
+        ) {
+            let stream: Vec<u8> = msgs.iter().flat_map(encode).collect();
+            let largest = msgs.iter().map(|m| encode(m).len()).max().unwrap_or(0);
+            let mut dec = FrameDecoder::new(MAX_CONTROL_FRAME);
+            let mut out: Vec<Message> = Vec::new();
+            let (mut at, mut i, mut max_want) = (0, 0, 0);
+            while at < stream.len() {
+                let (len, extra, in_place) = pieces[i % pieces.len()];
+                i += 1;
+                let piece = &stream[at..stream.len().min(at + len)];
+                if in_place {
+                    // Like a socket read: the space offered may exceed what arrives.
+                    let want = piece.len() + extra;
+                    max_want = max_want.max(want);
+                    dec.recv_buf(want)[..piece.len()].copy_from_slice(piece);
+                    dec.commit(piece.len());
+                } else {
+                    max_want = max_want.max(piece.len());
+                    dec.push(piece);
+                }
+                at += piece.len();
+                while let Some(m) = dec.next_message().unwrap() {
+                    out.push(m);
+                }
+                prop_assert!(dec.capacity() <= largest + max_want, "{} > {} + {}", dec.capacity(), largest, max_want);
             }
             prop_assert_eq!(out, msgs);
             prop_assert_eq!(dec.buffered(), 0);

@@ -183,7 +183,7 @@ impl Driver {
                     WAKER => {}
                     LISTENER => self.accept_peers(now),
                     TRACKER => self.tracker_event(ev, &mut buf, now),
-                    t => self.peer_event(t, ev, &mut buf, now),
+                    t => self.peer_event(t, ev, now),
                 }
                 self.drain(now);
             }
@@ -255,7 +255,7 @@ impl Driver {
         }
     }
 
-    fn peer_event(&mut self, t: Token, ev: &mio::event::Event, buf: &mut [u8], now: Millis) {
+    fn peer_event(&mut self, t: Token, ev: &mio::event::Event, now: Millis) {
         let id = PeerConnId(t.0 as u64);
         let Some(p) = self.peers.get_mut(&t) else { return };
         if p.connecting {
@@ -273,10 +273,19 @@ impl Driver {
                 _ => return self.drop_peer(t, now),
             }
         }
-        let engine = &mut self.engine;
         let mut closed = false;
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-            closed = matches!(p.conn.read_all(buf, |b| engine.handle_peer_bytes(id, b, now)), ReadOutcome::Closed);
+            // Straight into the engine's frame decoder: block data is copied
+            // once, by the kernel, before it is hashed into its chunk.
+            while let Some(space) = self.engine.peer_recv_buf(id) {
+                match p.conn.read_once(space) {
+                    Ok(n) => self.engine.handle_peer_received(id, n, now),
+                    Err(outcome) => {
+                        closed = matches!(outcome, ReadOutcome::Closed);
+                        break;
+                    }
+                }
+            }
         }
         // The engine may have closed it while handling those bytes.
         let Some(p) = self.peers.get_mut(&t) else { return };

@@ -67,13 +67,24 @@ impl Conn {
     /// Reads everything available, handing each piece to `sink`.
     pub fn read_all(&mut self, buf: &mut [u8], mut sink: impl FnMut(&[u8])) -> ReadOutcome {
         loop {
-            match self.stream.read(buf) {
-                Ok(0) => return ReadOutcome::Closed,
+            match self.read_once(buf) {
                 Ok(n) => sink(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Open,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return ReadOutcome::Closed,
+                Err(outcome) => return outcome,
             }
+        }
+    }
+
+    /// One read into `buf`: the byte count, or why there is nothing (more)
+    /// for now. Retries reads interrupted by a signal.
+    pub fn read_once(&mut self, buf: &mut [u8]) -> Result<usize, ReadOutcome> {
+        loop {
+            return match self.stream.read(buf) {
+                Ok(0) => Err(ReadOutcome::Closed),
+                Ok(n) => Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(ReadOutcome::Open),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => Err(ReadOutcome::Closed),
+            };
         }
     }
 

@@ -25,6 +25,10 @@ use crate::wire::{encode, FrameDecoder};
 pub const MAX_UPLOAD_CONNECTIONS: usize = 64;
 /// Unsent bytes on an upload connection above which no more blocks are read.
 pub const SEND_HIGH_WATER: usize = 1 << 20;
+/// Receive space offered per read on a download's connection: several blocks.
+const PEER_RECV_WINDOW: usize = 256 * 1024;
+/// Receive space offered per read on a serving connection (requests are small).
+const SERVE_RECV_WINDOW: usize = 16 * 1024;
 /// Connection ids of outgoing (download) connections have this bit set; the
 /// driver numbers accepted connections below it.
 pub const OUTGOING: u64 = 1 << 62;
@@ -468,12 +472,36 @@ impl ClientEngine {
         }
     }
 
-    pub fn handle_peer_bytes(&mut self, conn: PeerConnId, bytes: &[u8], now: Millis) {
+    /// Bytes arrived on a peer connection (a copy; the driver of real sockets
+    /// reads in place with [`ClientEngine::peer_recv_buf`] instead).
+    pub fn handle_peer_bytes(&mut self, conn: PeerConnId, mut bytes: &[u8], now: Millis) {
+        while !bytes.is_empty() {
+            let Some(buf) = self.peer_recv_buf(conn) else { return };
+            let n = buf.len().min(bytes.len());
+            buf[..n].copy_from_slice(&bytes[..n]);
+            self.handle_peer_received(conn, n, now);
+            bytes = &bytes[n..];
+        }
+    }
+
+    /// Where to read the next bytes of a peer connection: free space in its
+    /// frame decoder, so a block's bytes are copied once on their way from
+    /// the socket to the chunk. `None` if the connection is not known (any
+    /// more). Report what was read with [`ClientEngine::handle_peer_received`].
+    pub fn peer_recv_buf(&mut self, conn: PeerConnId) -> Option<&mut [u8]> {
+        match self.peers.get_mut(&conn)? {
+            PeerLink::Out { decoder, .. } => Some(decoder.recv_buf(PEER_RECV_WINDOW)),
+            PeerLink::In(up) => Some(up.decoder.recv_buf(SERVE_RECV_WINDOW)),
+        }
+    }
+
+    /// `n` bytes were read into [`ClientEngine::peer_recv_buf`]'s space.
+    pub fn handle_peer_received(&mut self, conn: PeerConnId, n: usize, now: Millis) {
         match self.peers.get_mut(&conn) {
             None => {}
             Some(PeerLink::Out { download, decoder }) => {
                 let id = *download;
-                decoder.push(bytes);
+                decoder.commit(n);
                 let Some(DownloadEntry { state: DlState::Running(dl), .. }) = self.downloads.get_mut(&id) else {
                     return;
                 };
@@ -513,7 +541,7 @@ impl ClientEngine {
             }
             Some(PeerLink::In(up)) => {
                 up.last_seen = now;
-                up.decoder.push(bytes);
+                up.decoder.commit(n);
                 loop {
                     let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
                     match up.decoder.next_message::<PeerMessage>() {
