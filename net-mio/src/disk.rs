@@ -157,6 +157,9 @@ pub fn prepare(dest: &str, name: &FileName, digest: &FileDigest) -> Result<(Prep
         }
     }
     file.set_len(digest.size).map_err(|e| format!("{}: {e}", paths.part.display()))?;
+    if !os::reserve(&file, digest.size) {
+        return Err(format!("not enough disk space for {} ({} bytes)", paths.part.display(), digest.size));
+    }
     let prepared = Prepared {
         final_path: paths.final_path.display().to_string(),
         part_path: paths.part.display().to_string(),
@@ -230,6 +233,7 @@ impl PartFile {
         let report = std::sync::Arc::new(report);
         let file = self.file.try_clone()?;
         let (size, paths, r) = (self.size, self.paths.clone(), report.clone());
+        let progress = page_out(&self.file)?;
         std::thread::Builder::new().name("shoal-hasher".into()).spawn(move || {
             let mut w = PrefixHasher {
                 written: have,
@@ -239,6 +243,7 @@ impl PartFile {
                 buf: Vec::new(),
                 size,
                 file,
+                progress,
             };
             if let Err(e) = w.advance() {
                 return r(WriterEvent::Failed(e));
@@ -295,6 +300,120 @@ struct PrefixHasher {
     buf: Vec<u8>,
     size: u64,
     file: File,
+    /// Tells the page-out thread how far the hash has come.
+    progress: std::sync::mpsc::SyncSender<u32>,
+}
+
+/// Chunks whose writeback starts together, in file order, behind the hasher.
+const PAGE_OUT_BATCH: u32 = 16;
+/// Chunks of a download kept in the page cache behind the hasher (64 MiB);
+/// older ones are dropped once on disk.
+const PAGE_CACHE_WINDOW: u32 = 128;
+
+/// Starts a download's page-out thread; it ends when the sender is dropped.
+fn page_out(file: &File) -> io::Result<std::sync::mpsc::SyncSender<u32>> {
+    let file = file.try_clone()?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<u32>(64);
+    std::thread::Builder::new().name("shoal-pageout".into()).spawn(move || {
+        let mut paged = PageOut::default();
+        while let Ok(mut hashed) = rx.recv() {
+            while let Ok(later) = rx.try_recv() {
+                hashed = hashed.max(later);
+            }
+            paged.advance(&file, hashed);
+        }
+    })?;
+    Ok(tx)
+}
+
+/// Drop-behind: keeps a download's part file from piling up in the page cache.
+///
+/// The whole-file hasher is the last to need a chunk's bytes, so once it has
+/// passed a batch of chunks their writeback is started (in file order, so the
+/// disk sees sequential writes), and a window later they are dropped from
+/// the cache once written. This runs on a thread of its own: waiting for the
+/// disk never holds up the download (measured: a 0.4 s stall of the whole
+/// pipeline when the hasher waited itself); if it falls behind, the page
+/// cache just grows as it would without it. A download then holds at most about 72 MiB of page
+/// cache however large the file, does not push other programs' data out of
+/// memory, and writes into pages it freed itself a moment ago: on a VM,
+/// fresh pages the host has not backed cost several times more to fill
+/// (bench: a plain writer's rate varies 0.6-1.9 GB/s with that). Files under
+/// the window are never dropped. A chunk served to a peer after it was
+/// dropped is read back from disk. Best effort: where the calls do nothing
+/// (tmpfs, other systems) the page cache behaves as before.
+#[derive(Default)]
+struct PageOut {
+    /// Chunks below this have had their writeback started.
+    started: u32,
+    /// Chunks below this have been dropped from the page cache.
+    dropped: u32,
+}
+
+impl PageOut {
+    fn advance(&mut self, file: &File, hashed: u32) {
+        while hashed >= self.started + PAGE_OUT_BATCH {
+            os::start_writeback(file, chunk_offset(self.started), chunk_offset(PAGE_OUT_BATCH));
+            self.started += PAGE_OUT_BATCH;
+        }
+        while self.started >= self.dropped + PAGE_CACHE_WINDOW + PAGE_OUT_BATCH {
+            os::drop_cached(file, chunk_offset(self.dropped), chunk_offset(PAGE_OUT_BATCH));
+            self.dropped += PAGE_OUT_BATCH;
+        }
+    }
+}
+
+fn chunk_offset(chunks: u32) -> u64 {
+    chunks as u64 * CHUNK_SIZE
+}
+
+#[cfg(target_os = "linux")]
+mod os {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+
+    /// Allocates the file's blocks up front (what is already there stays):
+    /// a full disk shows at the start, not halfway, and writing back a
+    /// chunk behind the writer need not allocate while the writer does (on
+    /// ext4 both take the inode's block-map lock; measured: pwrite stalls of
+    /// 0.1-0.3 s). A file system that cannot preallocate keeps a sparse file.
+    /// False if the disk has no room for the file.
+    pub fn reserve(file: &File, size: u64) -> bool {
+        size == 0
+            || rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size)
+                != Err(rustix::io::Errno::NOSPC)
+    }
+
+    /// Starts writing back `len` bytes from `offset`, without waiting.
+    pub fn start_writeback(file: &File, offset: u64, len: u64) {
+        // SAFETY: a plain system call on a descriptor `file` keeps open; no
+        // memory is passed. Failure only means the kernel writes back later.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+
+    /// Waits until `len` bytes from `offset` are on disk, then drops them
+    /// from the page cache (clean pages only; nothing is lost either way).
+    pub fn drop_cached(file: &File, offset: u64, len: u64) {
+        let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: as in `start_writeback`.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, all);
+        }
+        if let Some(len) = std::num::NonZeroU64::new(len) {
+            let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::DontNeed);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod os {
+    pub fn reserve(_: &std::fs::File, _: u64) -> bool {
+        true
+    }
+    pub fn start_writeback(_: &std::fs::File, _: u64, _: u64) {}
+    pub fn drop_cached(_: &std::fs::File, _: u64, _: u64) {}
 }
 
 impl PrefixHasher {
@@ -324,6 +443,9 @@ impl PrefixHasher {
             }
             self.cursor += 1;
         }
+        // A full queue only means the page-out thread is behind; it will
+        // see a later position.
+        let _ = self.progress.try_send(self.cursor);
         Ok(())
     }
 
