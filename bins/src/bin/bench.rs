@@ -7,6 +7,11 @@
 //! clients sharing the file and one downloader (the real `tracker` and `client`
 //! binaries beside this one), times the download and reads the downloader's
 //! peak RSS. It prints the figures and the ratio to the hash limit.
+//!
+//! It also times a reference pipeline on the same file and machine, before
+//! and after the download ([`pipeline_rate`]): writing new pages is what
+//! varies most on a VM (memory the host has not backed yet costs several
+//! times more to touch), so the ratio to the reference is the steadier figure.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -106,6 +111,61 @@ fn hash_rate(path: &Path) -> std::io::Result<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
+/// The reference: the same bytes through what a user would otherwise run,
+/// `curl | tee >(openssl sha1) | dd`, done as lean as it gets in-process: a
+/// server thread sends the file over loopback TCP (`std::io::copy`, which is
+/// sendfile on Linux), the receiver reads 1 MiB at a time and hands each
+/// buffer to a SHA1 thread and to a writer thread that appends it to a new
+/// file. One SHA1 pass (a shoal download makes two: every chunk, then the
+/// whole file) and no re-sharing. Returns bytes/s; `out` is left in place.
+fn pipeline_rate(src: &Path, out: &Path) -> std::io::Result<f64> {
+    use std::sync::mpsc::sync_channel;
+    use std::sync::Arc;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let src = src.to_path_buf();
+    let server = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut sock, _) = listener.accept()?;
+        std::io::copy(&mut std::fs::File::open(src)?, &mut sock)
+    });
+    let mut sock = std::net::TcpStream::connect(addr)?;
+    let t = Instant::now();
+    let (htx, hrx) = sync_channel::<Arc<Vec<u8>>>(8);
+    let (wtx, wrx) = sync_channel::<Arc<Vec<u8>>>(8);
+    let hasher = std::thread::spawn(move || {
+        let mut h = Sha1::new();
+        for b in hrx {
+            h.update(&b[..]);
+        }
+        h.finalize()
+    });
+    let mut file = std::fs::File::create(out)?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        for b in wrx {
+            file.write_all(&b)?;
+        }
+        Ok(())
+    });
+    loop {
+        let mut buf = vec![0u8; 1 << 20];
+        let n = sock.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        buf.truncate(n);
+        let buf = Arc::new(buf);
+        if htx.send(buf.clone()).is_err() || wtx.send(buf).is_err() {
+            break;
+        }
+    }
+    drop((htx, wtx));
+    let _ = hasher.join();
+    writer.join().map_err(|_| std::io::Error::other("writer panicked"))??;
+    let secs = t.elapsed().as_secs_f64();
+    let sent = server.join().map_err(|_| std::io::Error::other("server panicked"))??;
+    Ok(sent as f64 / secs)
+}
+
 fn main() {
     let args = Args::parse();
     if let Err(e) = run(&args) {
@@ -165,6 +225,10 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize) -> Result<(), Strin
     d.cmd("login dl pw")?;
     d.cmd("join_group bench")?;
     owner.cmd("accept_request bench dl")?;
+    // The reference runs before and after the download, each into a new file
+    // kept until the end: no run reuses memory another just freed (on a VM
+    // that is much cheaper than memory not touched for a while).
+    let before = pipeline_rate(&file, &dir.join("pipeline-1.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
     println!("downloading {mib} MiB from {sharers} sharers ...");
     let _ = std::io::stdout().flush();
     let start = Instant::now();
@@ -189,13 +253,22 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize) -> Result<(), Strin
     let rss = d.peak_rss_kib().unwrap_or(0);
     let size = (mib << 20) as f64;
     let rate = size / secs;
+    let after = pipeline_rate(&file, &dir.join("pipeline-2.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
+    let reference = (before + after) / 2.0;
     let same = std::fs::read(dir.join("out/data.bin")).ok().map(|b| Sha1::digest(&b))
         == std::fs::read(&file).ok().map(|b| Sha1::digest(&b));
     println!("file {mib} MiB, {sharers} sharers, 1 downloader, loopback");
     println!("  SHA1 hash limit (1 thread):  {:8.0} MB/s", limit / 1e6);
+    println!(
+        "  reference recv|sha1|write:   {:8.0} MB/s  (before {:.0}, after {:.0})",
+        reference / 1e6,
+        before / 1e6,
+        after / 1e6
+    );
     println!("  upload_file (hash + chunks): {:8.0} MB/s", size / upload_secs / 1e6);
     println!("  download:                    {:8.0} MB/s  ({secs:.2} s)", rate / 1e6);
     println!("  download / hash limit:       {:8.2}", rate / limit);
+    println!("  download / reference:        {:8.2}", rate / reference);
     println!("  downloader peak RSS:         {:8.1} MiB", rss as f64 / 1024.0);
     println!("  result identical:            {same}");
     let _ = std::fs::remove_dir_all(&dir);
