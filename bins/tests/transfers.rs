@@ -199,7 +199,8 @@ fn a_killed_downloader_resumes_without_refetching() {
     let out = s.path("d/big.bin");
     let state = s.path("d/big.bin.part.state");
     d.expect(&format!("download_file g big.bin {}", out.display()), &["downloading big.bin into *"]);
-    wait_progress(&mut d, |l| percent(l) >= 30 && state.exists());
+    // The state file exists from the start; wait until progress is in it.
+    wait_progress(&mut d, |l| percent(l) >= 30 && state.metadata().is_ok_and(|m| m.len() > 0));
     d.kill();
     assert!(!out.exists(), "no final file before the whole-file check");
     assert!(s.path("d/big.bin.part").exists());

@@ -98,6 +98,10 @@ fn main() {
     let mut have = Bitmap::new(3);
     have.set(1);
     write("sidecar", "one_chunk", &shoal_core::sidecar::encode(&d, &have));
+    let mut two_slots = shoal_core::sidecar::slot(&shoal_core::sidecar::encode(&d, &have), 6);
+    have.set(2);
+    two_slots.extend(shoal_core::sidecar::slot(&shoal_core::sidecar::encode(&d, &have), 7));
+    write("sidecar", "two_slots", &two_slots);
     // Log records as a tracker writes them: postcard-encoded entries.
     use shoal_core::meta::{Command, Entry, PasswordHash, PasswordParams};
     let entries = [

@@ -164,7 +164,7 @@ pub fn download_peer(data: &[u8]) {
     }
 }
 
-/// A download state file read back from disk.
+/// A download state file, or one record of it, read back from disk.
 pub fn sidecar(data: &[u8]) {
     use crate::chunk::{FileDigest, Sha1Digest};
     let digest = FileDigest {
@@ -173,6 +173,10 @@ pub fn sidecar(data: &[u8]) {
         chunks: vec![Sha1Digest([2; 20]); 3],
     };
     if let Ok(b) = crate::sidecar::decode(data, &digest) {
+        assert!(b.fits(3));
+    }
+    // The same bytes as a whole state file (two slots, or the first format).
+    if let Ok((b, _)) = crate::sidecar::latest(data, &digest) {
         assert!(b.fits(3));
     }
 }
