@@ -32,6 +32,10 @@ struct Args {
     /// How many clients share the file.
     #[arg(long, default_value_t = 4)]
     sharers: usize,
+    /// Downloads per size; the summary gives the median (this machine's rate
+    /// of filling new memory varies a lot between runs).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
     /// Scratch directory (default: the system's temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -70,6 +74,11 @@ impl Proc {
         let stdin = self.stdin.as_mut().ok_or("stdin closed")?;
         writeln!(stdin, "{line}").map_err(|e| e.to_string())?;
         self.out.recv_timeout(Duration::from_secs(120)).map_err(|_| format!("no answer to `{line}`"))
+    }
+
+    /// User plus system CPU time of the process so far, in seconds.
+    fn cpu_secs(&self) -> f64 {
+        cpu_secs(self.child.id())
     }
 
     fn peak_rss_kib(&self) -> Option<u64> {
@@ -166,6 +175,35 @@ fn pipeline_rate(src: &Path, out: &Path) -> std::io::Result<f64> {
     Ok(sent as f64 / secs)
 }
 
+/// User plus system CPU time of process `pid` so far, in seconds (Linux).
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // The fields after the command name (which may hold spaces): state, ppid, ...
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 here.
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// SHA1 of a file, streamed.
+fn sha1_of(path: &Path) -> Result<[u8; 20], String> {
+    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut h = Sha1::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf).map_err(|e| e.to_string())? {
+            0 => return Ok(h.finalize().into()),
+            n => h.update(&buf[..n]),
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 fn main() {
     let args = Args::parse();
     if let Err(e) = run(&args) {
@@ -178,14 +216,14 @@ fn run(args: &Args) -> Result<(), String> {
     let bindir = std::env::current_exe().map_err(|e| e.to_string())?.parent().ok_or("no bin dir")?.to_path_buf();
     let base = args.dir.clone().unwrap_or_else(std::env::temp_dir).join(format!("shoal-bench-{}", std::process::id()));
     std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
-    let result = args.sizes.iter().try_for_each(|&mib| one(&bindir, &base, mib, args.sharers));
+    let result = args.sizes.iter().try_for_each(|&mib| one(&bindir, &base, mib, args.sharers, args.runs.max(1)));
     let _ = std::fs::remove_dir_all(&base);
     result
 }
 
-fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize) -> Result<(), String> {
+fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Result<(), String> {
     let dir = base.join(format!("{mib}"));
-    std::fs::create_dir_all(dir.join("out")).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let file = dir.join("data.bin");
     shoal_bins::write_random_file(&file, mib << 20).map_err(|e| e.to_string())?;
     // Twice: the first read warms the page cache, like the sharers' reads will.
@@ -220,60 +258,85 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize) -> Result<(), Strin
     for p in peers.iter_mut() {
         p.cmd(&format!("upload_file {} bench", file.display()))?;
     }
-    let mut d = client(())?;
-    d.cmd("create_user dl pw")?;
-    d.cmd("login dl pw")?;
-    d.cmd("join_group bench")?;
-    owner.cmd("accept_request bench dl")?;
-    // The reference runs before and after the download, each into a new file
-    // kept until the end: no run reuses memory another just freed (on a VM
-    // that is much cheaper than memory not touched for a while).
-    let before = pipeline_rate(&file, &dir.join("pipeline-1.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
-    println!("downloading {mib} MiB from {sharers} sharers ...");
-    let _ = std::io::stdout().flush();
-    let start = Instant::now();
-    let first = d.cmd(&format!("download_file bench data.bin {}", dir.join("out").display()))?;
-    if !first.starts_with("downloading") {
-        return Err(format!("download did not start: {first}"));
-    }
-    loop {
-        let line = d.cmd("show_downloads")?;
-        if line.starts_with("[C]") {
-            break;
-        }
-        if line.starts_with("[F]") {
-            return Err(line);
-        }
-        if start.elapsed() > Duration::from_secs(600) {
-            return Err("download took over 10 minutes".into());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let rss = d.peak_rss_kib().unwrap_or(0);
+    // Whose CPU time each run reports: the tracker, then the sharers.
+    let pids: Vec<u32> = [&tracker, &owner].into_iter().chain(peers.iter()).map(|p| p.child.id()).collect();
+    let source_sha1 = sha1_of(&file)?;
     let size = (mib << 20) as f64;
-    let rate = size / secs;
-    let after = pipeline_rate(&file, &dir.join("pipeline-2.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
-    let reference = (before + after) / 2.0;
-    let same = std::fs::read(dir.join("out/data.bin")).ok().map(|b| Sha1::digest(&b))
-        == std::fs::read(&file).ok().map(|b| Sha1::digest(&b));
-    println!("file {mib} MiB, {sharers} sharers, 1 downloader, loopback");
+    println!("file {mib} MiB, {sharers} sharers, 1 downloader, loopback, {runs} runs");
     println!("  SHA1 hash limit (1 thread):  {:8.0} MB/s", limit / 1e6);
-    println!(
-        "  reference recv|sha1|write:   {:8.0} MB/s  (before {:.0}, after {:.0})",
-        reference / 1e6,
-        before / 1e6,
-        after / 1e6
-    );
     println!("  upload_file (hash + chunks): {:8.0} MB/s", size / upload_secs / 1e6);
-    println!("  download:                    {:8.0} MB/s  ({secs:.2} s)", rate / 1e6);
+    let mut rates = Vec::new();
+    let mut references = Vec::new();
+    let mut peak_rss = 0;
+    for run in 1..=runs {
+        // A fresh downloader each run, so its peak RSS is this run's.
+        let mut d = client(())?;
+        d.cmd(&format!("create_user dl{run} pw"))?;
+        d.cmd(&format!("login dl{run} pw"))?;
+        d.cmd("join_group bench")?;
+        owner.cmd(&format!("accept_request bench dl{run}"))?;
+        let out = dir.join(format!("out-{run}"));
+        std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+        // The reference runs before and after the download, each into a new
+        // file kept until the run ends: neither reuses memory the other just
+        // freed (on a VM that is much cheaper than memory not touched lately).
+        let before =
+            pipeline_rate(&file, &out.join("pipeline-1.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
+        let cpu_before: Vec<f64> = pids.iter().map(|&p| cpu_secs(p)).chain([d.cpu_secs()]).collect();
+        let start = Instant::now();
+        let first = d.cmd(&format!("download_file bench data.bin {}", out.display()))?;
+        if !first.starts_with("downloading") {
+            return Err(format!("download did not start: {first}"));
+        }
+        loop {
+            let line = d.cmd("show_downloads")?;
+            if line.starts_with("[C]") {
+                break;
+            }
+            if line.starts_with("[F]") {
+                return Err(line);
+            }
+            if start.elapsed() > Duration::from_secs(600) {
+                return Err("download took over 10 minutes".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let cpu: Vec<f64> =
+            pids.iter().map(|&p| cpu_secs(p)).chain([d.cpu_secs()]).zip(cpu_before).map(|(a, b)| a - b).collect();
+        let rss = d.peak_rss_kib().unwrap_or(0);
+        peak_rss = peak_rss.max(rss);
+        let after =
+            pipeline_rate(&file, &out.join("pipeline-2.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
+        if sha1_of(&out.join("data.bin"))? != source_sha1 {
+            return Err(format!("run {run}: the downloaded file differs from the source"));
+        }
+        let (rate, reference) = (size / secs, (before + after) / 2.0);
+        let sharers_cpu: f64 = cpu[1..cpu.len() - 1].iter().sum();
+        println!(
+            "  run {run}: download {:4.0} MB/s ({secs:.2} s), reference {:4.0} MB/s ({:.0}/{:.0}); \
+             CPU s: downloader {:.2}, sharers {:.2}, tracker {:.2}; peak RSS {:.1} MiB",
+            rate / 1e6,
+            reference / 1e6,
+            before / 1e6,
+            after / 1e6,
+            cpu[cpu.len() - 1],
+            sharers_cpu,
+            cpu[0],
+            rss as f64 / 1024.0,
+        );
+        rates.push(rate);
+        references.push(reference);
+        drop(d);
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    let (rate, reference) = (median(&mut rates), median(&mut references));
+    println!("  download (median):           {:8.0} MB/s", rate / 1e6);
+    println!("  reference (median):          {:8.0} MB/s", reference / 1e6);
     println!("  download / hash limit:       {:8.2}", rate / limit);
     println!("  download / reference:        {:8.2}", rate / reference);
-    println!("  downloader peak RSS:         {:8.1} MiB", rss as f64 / 1024.0);
-    println!("  result identical:            {same}");
+    println!("  downloader peak RSS (max):   {:8.1} MiB", peak_rss as f64 / 1024.0);
+    println!("  every result identical:      true");
     let _ = std::fs::remove_dir_all(&dir);
-    if !same {
-        return Err("downloaded file differs".into());
-    }
     Ok(())
 }
