@@ -63,11 +63,7 @@ fn session(seed: u64) -> World {
 
 #[test]
 fn scripted_session_over_many_seeds() {
-    let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
-        Ok(_) => vec![seed_from_env(0)],
-        Err(_) => (0..64).collect(),
-    };
-    for seed in seeds {
+    for seed in sim::seeds(64) {
         let result = std::panic::catch_unwind(|| session(seed));
         match result {
             Ok(w) => println!("seed={seed} digest={} steps={} virtual_ms={}", w.digest(), w.steps(), w.now().0),

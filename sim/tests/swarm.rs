@@ -58,11 +58,7 @@ fn swarm(seed: u64) -> World {
 
 #[test]
 fn swarm_downloads_over_many_seeds() {
-    let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
-        Ok(_) => vec![seed_from_env(0)],
-        Err(_) => (0..24).collect(),
-    };
-    for seed in seeds {
+    for seed in sim::seeds(24) {
         match std::panic::catch_unwind(|| swarm(seed)) {
             Ok(w) => println!("seed={seed} digest={} steps={} virtual_ms={}", w.digest(), w.steps(), w.now().0),
             Err(e) => {
