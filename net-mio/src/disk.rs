@@ -87,9 +87,11 @@ pub struct PartFile {
     file: File,
     paths: PartPaths,
     size: u64,
-    /// The state file, and the sequence number of its next record.
+    /// The state file, the sequence number of its next record and the
+    /// length of its records.
     state: File,
     state_seq: u64,
+    slot_len: Option<usize>,
 }
 
 fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
@@ -183,7 +185,7 @@ pub fn prepare(dest: &str, name: &FileName, digest: &FileDigest) -> Result<(Prep
         part_path: paths.part.display().to_string(),
         have,
     };
-    Ok((prepared, PartFile { file, paths, size: digest.size, state, state_seq }))
+    Ok((prepared, PartFile { file, paths, size: digest.size, state, state_seq, slot_len: None }))
 }
 
 /// The chunks the state file claims, its newest record's sequence number,
@@ -233,10 +235,18 @@ impl PartFile {
     /// Writes the sidecar record into the older of the state file's two
     /// slots, in place ([`sidecar::slot`]).
     fn save_state(&mut self, record: &[u8]) -> Result<(), String> {
+        let err = |e: io::Error| format!("{}: {e}", self.paths.state.display());
+        // A download's records all have one length; should that ever change,
+        // the slots start over (from slot 0) rather than overlap.
+        if self.slot_len.is_some_and(|l| l != record.len()) {
+            self.state.set_len(0).map_err(err)?;
+            self.state_seq += self.state_seq % 2;
+        }
+        self.slot_len = Some(record.len());
         let slot = sidecar::slot(record, self.state_seq);
         let at = (self.state_seq % 2) * slot.len() as u64;
         self.state_seq += 1;
-        self.state.write_all_at(&slot, at).map_err(|e| format!("{}: {e}", self.paths.state.display()))
+        self.state.write_all_at(&slot, at).map_err(err)
     }
 
     /// Moves the part file to two threads of its own: a writer that writes
@@ -486,5 +496,75 @@ impl PrefixHasher {
         std::fs::rename(&p.part, &p.final_path).map_err(|e| format!("{}: {e}", p.final_path.display()))?;
         let _ = std::fs::remove_file(&p.state);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_core::chunk::FileHasher;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("shoal-disk-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn digest_of(data: &[u8]) -> FileDigest {
+        let mut h = FileHasher::new();
+        h.update(data).unwrap();
+        h.finish().unwrap()
+    }
+
+    fn bits(n: u32, set: &[u32]) -> Bitmap {
+        let mut b = Bitmap::new(n);
+        set.iter().for_each(|&c| b.set(c));
+        b
+    }
+
+    #[test]
+    fn progress_survives_in_the_newest_intact_slot() {
+        let dir = scratch("slots");
+        let data: Vec<u8> = (0..3 * CHUNK_SIZE as usize + 1000).map(|i| (i % 253) as u8).collect();
+        let d = digest_of(&data);
+        let name = FileName::new("f.bin").unwrap();
+        let dest = dir.display().to_string();
+        let chunk = |c: u32| &data[chunk_offset(c) as usize..(chunk_offset(c) + chunk_len(d.size, c as u64)) as usize];
+
+        let (p, mut part) = prepare(&dest, &name, &d).unwrap();
+        assert_eq!(p.have.count(), 0);
+        for c in [0, 2] {
+            part.write_chunk(c, chunk(c)).unwrap();
+        }
+        part.save_state(&sidecar::encode(&d, &bits(4, &[0]))).unwrap();
+        part.save_state(&sidecar::encode(&d, &bits(4, &[0, 2]))).unwrap();
+        drop(part);
+        let state = dir.join("f.bin.part.state");
+        let slot_len = std::fs::metadata(&state).unwrap().len() / 2;
+
+        // Resuming takes the newest slot (seq 1), and goes on after it.
+        let (p, mut part) = prepare(&dest, &name, &d).unwrap();
+        assert_eq!(p.have, bits(4, &[0, 2]));
+        part.write_chunk(3, chunk(3)).unwrap();
+        part.save_state(&sidecar::encode(&d, &bits(4, &[0, 2, 3]))).unwrap();
+        drop(part);
+        assert_eq!(std::fs::metadata(&state).unwrap().len(), 2 * slot_len, "two slots, written in place");
+        let (p, _) = prepare(&dest, &name, &d).unwrap();
+        assert_eq!(p.have, bits(4, &[0, 2, 3]));
+
+        // A damaged newest slot (seq 2, slot 0) falls back to seq 1.
+        let mut bytes = std::fs::read(&state).unwrap();
+        bytes[20] ^= 1;
+        std::fs::write(&state, &bytes).unwrap();
+        let (p, _) = prepare(&dest, &name, &d).unwrap();
+        assert_eq!(p.have, bits(4, &[0, 2]));
+
+        // A claimed chunk whose bytes are wrong is not trusted.
+        let file = OpenOptions::new().write(true).open(dir.join("f.bin.part")).unwrap();
+        file.write_all_at(&[0xee; 10], chunk_offset(2)).unwrap();
+        let (p, _) = prepare(&dest, &name, &d).unwrap();
+        assert_eq!(p.have, bits(4, &[0]));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
