@@ -88,6 +88,7 @@ impl ClientHandle {
             next_ticket: 1,
             readers: disk::ReadCache::default(),
             writers: HashMap::new(),
+            hashers: Vec::new(),
         };
         let thread = std::thread::Builder::new().name("shoal-engine".into()).spawn(move || driver.run())?;
         Ok(ClientHandle { tx, waker, thread: Some(thread), listen })
@@ -159,6 +160,8 @@ struct Driver {
     readers: disk::ReadCache,
     /// Each running download's writer thread.
     writers: HashMap<DownloadId, std::sync::mpsc::SyncSender<WriterMsg>>,
+    /// The downloads' hasher threads, joined when the client stops.
+    hashers: Vec<JoinHandle<()>>,
 }
 
 fn token(conn: PeerConnId) -> Token {
@@ -209,7 +212,15 @@ impl Driver {
                     Inbox::Stats(tx) => {
                         let _ = tx.send(self.engine.download_stats(now));
                     }
-                    Inbox::Stop => return,
+                    Inbox::Stop => {
+                        // A finished download's hasher may still be removing
+                        // its state file; let it, so none is left behind.
+                        self.writers.clear();
+                        for h in self.hashers.drain(..) {
+                            let _ = h.join();
+                        }
+                        return;
+                    }
                 }
                 self.drain(now);
             }
@@ -454,8 +465,11 @@ impl Driver {
             });
             let _ = waker.wake();
         };
-        let w = file.spawn_writer(p.have.clone(), report).map_err(|e| format!("cannot start a writer thread: {e}"))?;
+        let (w, hasher) =
+            file.spawn_writer(p.have.clone(), report).map_err(|e| format!("cannot start a writer thread: {e}"))?;
         self.writers.insert(id, w);
+        self.hashers.retain(|h| !h.is_finished());
+        self.hashers.push(hasher);
         Ok(())
     }
 
