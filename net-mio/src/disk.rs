@@ -255,6 +255,9 @@ impl PartFile {
     /// chunks the writer hands on, reading back only what it could not hold),
     /// so the final check costs only what is left when the last chunk lands.
     /// Measured: this beats writing on the engine thread (bench, 1 GiB).
+    /// The hasher also feeds the page-out thread ([`PageOut`]). Returns the
+    /// writer's queue and the hasher thread, which outlives the report of a
+    /// finished download by the state file's removal.
     pub fn spawn_writer(
         mut self,
         have: Bitmap,
