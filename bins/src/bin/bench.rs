@@ -277,6 +277,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
     let mut rates = Vec::new();
     let mut references = Vec::new();
     let mut peak_rss = 0;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     for run in 1..=runs {
         // A fresh downloader each run, so its peak RSS is this run's.
         let mut d = client(())?;
@@ -322,9 +323,12 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
         }
         let (rate, reference) = (size / secs, (before + after) / 2.0);
         let sharers_cpu: f64 = cpu[1..cpu.len() - 1].iter().sum();
+        // How busy the machine's cores were with the swarm: below ~100% the
+        // download waited on something other than CPU.
+        let busy = cpu.iter().sum::<f64>() / (cores * secs) * 100.0;
         println!(
             "  run {run}: download {:4.0} MB/s ({secs:.2} s), reference {:4.0} MB/s ({:.0}/{:.0}); \
-             CPU s: downloader {:.2}, sharers {:.2}, tracker {:.2}; peak RSS {:.1} MiB",
+             CPU s: downloader {:.2}, sharers {:.2}, tracker {:.2} ({busy:.0}% of {cores} cores); peak RSS {:.1} MiB",
             rate / 1e6,
             reference / 1e6,
             before / 1e6,
