@@ -17,6 +17,7 @@ use std::sync::Arc;
 use sha1::{Digest, Sha1};
 use shoal_core::chunk::{chunk_len, FileDigest, FileHasher, Sha1Digest, CHUNK_SIZE};
 use shoal_core::client::Prepared;
+use shoal_core::download::chunk_offset;
 use shoal_core::ids::FileName;
 use shoal_core::peer::Bitmap;
 use shoal_core::sidecar;
@@ -135,20 +136,16 @@ pub fn prepare(dest: &str, name: &FileName, digest: &FileDigest) -> Result<(Prep
     };
     refuse_symlink(&paths.part)?;
     refuse_symlink(&paths.state)?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&paths.part)
-        .map_err(|e| format!("{}: {e}", paths.part.display()))?;
-    let state = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&paths.state)
-        .map_err(|e| format!("{}: {e}", paths.state.display()))?;
+    let open = |p: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(p)
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let (file, state) = (open(&paths.part)?, open(&paths.state)?);
     let n = digest.chunks.len() as u32;
     let (claimed, state_seq) = match read_state(&state, &paths.state, digest) {
         Some((have, seq, true)) => (Some(have), seq + 1),
@@ -169,7 +166,7 @@ pub fn prepare(dest: &str, name: &FileName, digest: &FileDigest) -> Result<(Prep
         let mut buf = vec![0u8; CHUNK_SIZE as usize];
         for c in claimed.iter_set() {
             let len = chunk_len(digest.size, c as u64) as usize;
-            let ok = file.read_exact_at(&mut buf[..len], c as u64 * CHUNK_SIZE).is_ok()
+            let ok = file.read_exact_at(&mut buf[..len], chunk_offset(c)).is_ok()
                 && Sha1Digest::of(&buf[..len]) == digest.chunks[c as usize];
             if ok {
                 have.set(c);
@@ -227,9 +224,7 @@ const WRITER_QUEUE: usize = 16;
 
 impl PartFile {
     fn write_chunk(&self, chunk: u32, data: &[u8]) -> Result<(), String> {
-        self.file
-            .write_all_at(data, chunk as u64 * CHUNK_SIZE)
-            .map_err(|e| format!("{}: {e}", self.paths.part.display()))
+        self.file.write_all_at(data, chunk_offset(chunk)).map_err(|e| format!("{}: {e}", self.paths.part.display()))
     }
 
     /// Writes the sidecar record into the older of the state file's two
@@ -412,10 +407,6 @@ impl PageOut {
     }
 }
 
-fn chunk_offset(chunks: u32) -> u64 {
-    chunks as u64 * CHUNK_SIZE
-}
-
 #[cfg(target_os = "linux")]
 mod os {
     use std::fs::File;
@@ -486,7 +477,7 @@ impl PrefixHasher {
                 None => {
                     let len = chunk_len(self.size, c as u64) as usize;
                     self.buf.resize(len, 0);
-                    self.file.read_exact_at(&mut self.buf, c as u64 * CHUNK_SIZE).map_err(|e| e.to_string())?;
+                    self.file.read_exact_at(&mut self.buf, chunk_offset(c)).map_err(|e| e.to_string())?;
                     self.hasher.update(&self.buf);
                 }
             }

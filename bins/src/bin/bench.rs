@@ -76,11 +76,6 @@ impl Proc {
         self.out.recv_timeout(Duration::from_secs(120)).map_err(|_| format!("no answer to `{line}`"))
     }
 
-    /// User plus system CPU time of the process so far, in seconds.
-    fn cpu_secs(&self) -> f64 {
-        cpu_secs(self.child.id())
-    }
-
     fn peak_rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
         status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
@@ -102,21 +97,9 @@ fn free_addr() -> String {
 }
 
 /// Single-thread SHA1 of the file as read from the page cache, in bytes/s.
-fn hash_rate(path: &Path) -> std::io::Result<f64> {
-    let mut f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut h = Sha1::new();
+fn hash_rate(path: &Path) -> Result<f64, String> {
     let t = Instant::now();
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
-    }
-    let _ = h.finalize();
+    let (_, n) = sha1_of(path)?;
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
@@ -156,12 +139,11 @@ fn pipeline_rate(src: &Path, out: &Path) -> std::io::Result<f64> {
         Ok(())
     });
     loop {
-        let mut buf = vec![0u8; 1 << 20];
-        let n = sock.read(&mut buf)?;
-        if n == 0 {
+        // Into fresh capacity, which read_to_end fills without zeroing it first.
+        let mut buf = Vec::with_capacity(1 << 20);
+        if (&mut sock).take(1 << 20).read_to_end(&mut buf)? == 0 {
             break;
         }
-        buf.truncate(n);
         let buf = Arc::new(buf);
         if htx.send(buf.clone()).is_err() || wtx.send(buf).is_err() {
             break;
@@ -194,15 +176,19 @@ fn settle_disk() {
     let _ = Command::new("sync").status();
 }
 
-/// SHA1 of a file, streamed.
-fn sha1_of(path: &Path) -> Result<[u8; 20], String> {
+/// SHA1 of a file, streamed 1 MiB at a time, and its length.
+fn sha1_of(path: &Path) -> Result<([u8; 20], u64), String> {
     let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut h = Sha1::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
     loop {
         match f.read(&mut buf).map_err(|e| e.to_string())? {
-            0 => return Ok(h.finalize().into()),
-            n => h.update(&buf[..n]),
+            0 => return Ok((h.finalize().into(), len)),
+            n => {
+                h.update(&buf[..n]);
+                len += n as u64;
+            }
         }
     }
 }
@@ -236,7 +222,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
     shoal_bins::write_random_file(&file, mib << 20).map_err(|e| e.to_string())?;
     // Twice: the first read warms the page cache, like the sharers' reads will.
     let _ = hash_rate(&file);
-    let limit = hash_rate(&file).map_err(|e| e.to_string())?;
+    let limit = hash_rate(&file)?;
 
     let info = dir.join("tracker_info.txt");
     let taddr = free_addr();
@@ -268,7 +254,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
     }
     // Whose CPU time each run reports: the tracker, then the sharers.
     let pids: Vec<u32> = [&tracker, &owner].into_iter().chain(peers.iter()).map(|p| p.child.id()).collect();
-    let source_sha1 = sha1_of(&file)?;
+    let (source_sha1, _) = sha1_of(&file)?;
     settle_disk();
     let size = (mib << 20) as f64;
     println!("file {mib} MiB, {sharers} sharers, 1 downloader, loopback, {runs} runs");
@@ -292,7 +278,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
         // freed (on a VM that is much cheaper than memory not touched lately).
         let before =
             pipeline_rate(&file, &out.join("pipeline-1.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
-        let cpu_before: Vec<f64> = pids.iter().map(|&p| cpu_secs(p)).chain([d.cpu_secs()]).collect();
+        let cpu_before: Vec<f64> = pids.iter().map(|&p| cpu_secs(p)).chain([cpu_secs(d.child.id())]).collect();
         let start = Instant::now();
         let first = d.cmd(&format!("download_file bench data.bin {}", out.display()))?;
         if !first.starts_with("downloading") {
@@ -312,13 +298,18 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
             std::thread::sleep(Duration::from_millis(5));
         }
         let secs = start.elapsed().as_secs_f64();
-        let cpu: Vec<f64> =
-            pids.iter().map(|&p| cpu_secs(p)).chain([d.cpu_secs()]).zip(cpu_before).map(|(a, b)| a - b).collect();
+        let cpu: Vec<f64> = pids
+            .iter()
+            .map(|&p| cpu_secs(p))
+            .chain([cpu_secs(d.child.id())])
+            .zip(cpu_before)
+            .map(|(a, b)| a - b)
+            .collect();
         let rss = d.peak_rss_kib().unwrap_or(0);
         peak_rss = peak_rss.max(rss);
         let after =
             pipeline_rate(&file, &out.join("pipeline-2.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
-        if sha1_of(&out.join("data.bin"))? != source_sha1 {
+        if sha1_of(&out.join("data.bin"))?.0 != source_sha1 {
             return Err(format!("run {run}: the downloaded file differs from the source"));
         }
         let (rate, reference) = (size / secs, (before + after) / 2.0);
