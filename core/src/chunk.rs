@@ -25,6 +25,12 @@ impl Sha1Digest {
         Sha1Digest(Sha1::digest(data).into())
     }
 
+    /// Whether `data` hashes to this digest: the check every received chunk
+    /// passes before it is written or shared.
+    pub fn matches(&self, data: &[u8]) -> bool {
+        Sha1Digest::of(data) == *self
+    }
+
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }

@@ -25,8 +25,9 @@
 //!   [`ClientOutput::SendBlock`] → send the header and the file bytes, then
 //!   [`ClientEngine::handle_block_sent`];
 //!   [`ClientOutput::PrepareDownload`] → [`ClientEngine::handle_download_prepared`];
-//!   [`ClientOutput::WriteChunk`] and [`ClientOutput::SaveProgress`] in order,
-//!   reporting failures with [`ClientEngine::handle_disk_error`];
+//!   [`ClientOutput::WriteChunk`] (check, write if it matches, report with
+//!   [`ClientEngine::handle_chunk_checked`]) and [`ClientOutput::SaveProgress`]
+//!   in order, reporting failures with [`ClientEngine::handle_disk_error`];
 //!   [`ClientOutput::FinishDownload`] → [`ClientEngine::handle_download_finished`];
 //! - deadlines: [`ClientEngine::poll_timeout`] / [`ClientEngine::handle_timeout`];
 //! - after every input, drain [`ClientEngine::poll_output`] until `None`.
@@ -141,11 +142,17 @@ pub enum ClientOutput {
         name: FileName,
         digest: FileDigest,
     },
-    /// Write a verified chunk into the part file at `chunk * CHUNK_SIZE`.
+    /// A chunk arrived whole: check it against `sha1` and, only if it
+    /// matches, write it into the part file at `chunk * CHUNK_SIZE`; then
+    /// report the verdict with [`ClientEngine::handle_chunk_checked`]. The
+    /// check is the costly part of receiving a chunk, which is why it is the
+    /// driver's to place (the real client does it on the download's writer
+    /// thread, beside the engine's).
     WriteChunk {
         id: DownloadId,
         chunk: u32,
         data: Vec<u8>,
+        sha1: crate::chunk::Sha1Digest,
     },
     /// Replace the sidecar with these bytes (see [`crate::sidecar`]).
     SaveProgress {

@@ -6,9 +6,12 @@
 //! rate), picked rarest first by the [`PieceSelector`]. Each peer has at most
 //! `chunks_per_peer` chunks in flight, all of whose blocks are requested at
 //! once so the connection stays busy. A chunk comes whole from one peer and is
-//! checked against its SHA1 before anything is written: a mismatch bans that
-//! peer for this download and the chunk goes back to the pool. A peer that
-//! sends nothing for `stall_timeout` while it owes blocks loses its chunks.
+//! handed out to be checked against its SHA1 and written
+//! ([`DownloadOutput::Check`], off the engine thread in the real client); the
+//! verdict comes back through [`Download::handle_checked`]. Only then is the
+//! chunk verified and announced; a mismatch bans the peer that sent it for
+//! this download and the chunk goes back to the pool. A peer that sends
+//! nothing for `stall_timeout` while it owes blocks loses its chunks.
 //!
 //! Driven by [`crate::client::ClientEngine`]: `handle_*` inputs, outputs drained
 //! with [`Download::poll_output`], deadlines from [`Download::poll_timeout`].
@@ -16,9 +19,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 
-use sha1::{Digest, Sha1};
-
-use crate::chunk::{chunk_len, FileDigest, Sha1Digest, CHUNK_SIZE};
+use crate::chunk::{chunk_len, FileDigest, CHUNK_SIZE};
 use crate::ids::{FileName, GroupId};
 use crate::peer::{Bitmap, Grant, Load, PeerMessage, BLOCK_SIZE};
 use crate::picker::PieceSelector;
@@ -73,10 +74,16 @@ pub enum DownloadOutput {
     Close {
         peer: PeerConnId,
     },
-    /// A chunk passed its SHA1: write it at `chunk * CHUNK_SIZE`, then share it.
-    Verified {
+    /// A chunk arrived whole from one peer: check it against its SHA1
+    /// (`digest().chunks[chunk]`), write it at `chunk * CHUNK_SIZE` only if
+    /// it matches, and report the verdict with [`Download::handle_checked`].
+    Check {
         chunk: u32,
         data: Vec<u8>,
+    },
+    /// A chunk passed its SHA1 and is written: share and announce it.
+    Verified {
+        chunk: u32,
     },
     /// A peer sent a chunk that failed its SHA1; it is banned for this file.
     Banned {
@@ -93,9 +100,8 @@ pub enum DownloadOutput {
 
 struct Fetch {
     chunk: u32,
-    /// Blocks arrive in order; each is appended and hashed while it is hot.
+    /// Blocks arrive in order; each is appended.
     buf: Vec<u8>,
-    hasher: Sha1,
     /// Bytes requested so far / received so far.
     requested: u32,
     received: u32,
@@ -144,6 +150,8 @@ pub struct Download {
     selector: PieceSelector,
     peers: BTreeMap<PeerConnId, Peer>,
     sources: BTreeMap<SocketAddr, Source>,
+    /// Chunks that arrived whole and wait for their verdict: who sent them.
+    checking: BTreeMap<u32, SocketAddr>,
     next_refresh: Millis,
     /// When the last verified chunk arrived (or the download started).
     last_chunk: Millis,
@@ -180,6 +188,7 @@ impl Download {
             selector: PieceSelector::new(have, window),
             peers: BTreeMap::new(),
             sources: BTreeMap::new(),
+            checking: BTreeMap::new(),
             next_refresh: now.plus(Millis(500)),
             last_chunk: now,
             failed: false,
@@ -449,7 +458,7 @@ impl Download {
         p.load = load;
         let Some(i) = p.fetches.iter().position(|f| f.chunk == chunk) else {
             // A block for a chunk we cancelled (endgame) may still arrive.
-            return self.selector.done().get(chunk);
+            return self.selector.done().get(chunk) || self.selector.is_checking(chunk);
         };
         let f = &mut p.fetches[i];
         let end = offset as u64 + data.len() as u64;
@@ -457,7 +466,6 @@ impl Download {
             return false;
         }
         f.buf.extend_from_slice(data);
-        f.hasher.update(data);
         f.received = end as u32;
         p.last_progress = now;
         p.bytes += data.len() as u64;
@@ -465,20 +473,10 @@ impl Download {
             return true;
         }
         let f = p.fetches.remove(i);
-        let addr = p.addr;
-        if Sha1Digest(f.hasher.finalize().into()) != self.digest.chunks[chunk as usize] {
-            tracing::warn!(%addr, chunk, "chunk failed its SHA1; banning the peer for this file");
-            self.selector.abandon(chunk);
-            self.out.push_back(DownloadOutput::Banned { addr, chunk });
-            self.drop_peer(peer, true, now);
-            return true;
-        }
-        self.selector.complete(chunk);
-        self.last_chunk = now;
-        if let Some(s) = self.sources.get_mut(&addr) {
-            s.supplied += f.buf.len() as u64;
-        }
-        // Endgame: cancel the other copies of this chunk.
+        self.selector.received(chunk);
+        self.checking.insert(chunk, p.addr);
+        // Endgame: cancel the other copies of this chunk. Should this one
+        // fail its SHA1, the chunk is free again and fetched anew.
         for (other, q) in self.peers.iter_mut() {
             if let Some(j) = q.fetches.iter().position(|g| g.chunk == chunk) {
                 let g = q.fetches.remove(j);
@@ -490,11 +488,38 @@ impl Download {
                 }
             }
         }
-        self.out.push_back(DownloadOutput::Verified { chunk, data: f.buf });
-        if self.is_complete() {
-            self.close_all();
-        }
+        self.out.push_back(DownloadOutput::Check { chunk, data: f.buf });
         true
+    }
+
+    /// The verdict on a chunk handed out with [`DownloadOutput::Check`]: it
+    /// matched its SHA1 and is written (`ok`), or it did not and was not
+    /// written, and the peer that sent it is banned for this file (its
+    /// connection closed if still open) and the chunk fetched from another.
+    pub fn handle_checked(&mut self, chunk: u32, ok: bool, now: Millis) {
+        let Some(addr) = self.checking.remove(&chunk) else { return };
+        if ok {
+            self.selector.verified(chunk);
+            self.last_chunk = now;
+            if let Some(s) = self.sources.get_mut(&addr) {
+                s.supplied += chunk_len(self.digest.size, chunk as u64);
+            }
+            self.out.push_back(DownloadOutput::Verified { chunk });
+            if self.is_complete() {
+                self.close_all();
+            }
+            return;
+        }
+        tracing::warn!(%addr, chunk, "chunk failed its SHA1; banning the peer for this file");
+        self.selector.rejected(chunk);
+        self.out.push_back(DownloadOutput::Banned { addr, chunk });
+        let s = self.sources.entry(addr).or_default();
+        s.banned = true;
+        let conn = s.conn;
+        match conn {
+            Some(peer) => self.drop_peer(peer, true, now),
+            None => self.fill(now),
+        }
     }
 
     /// Gives free chunks to peers with room, least loaded first.
@@ -528,13 +553,7 @@ impl Download {
                     continue;
                 };
                 let len = chunk_len(self.digest.size, chunk as u64) as u32;
-                p.fetches.push(Fetch {
-                    chunk,
-                    buf: Vec::with_capacity(len as usize),
-                    hasher: Sha1::new(),
-                    requested: len,
-                    received: 0,
-                });
+                p.fetches.push(Fetch { chunk, buf: Vec::with_capacity(len as usize), requested: len, received: 0 });
                 if p.fetches.len() == 1 {
                     p.last_progress = now;
                 }

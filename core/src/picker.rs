@@ -5,7 +5,13 @@
 //! so downloaders starting together spread out). When every missing chunk is
 //! in flight, the endgame begins: a peer may take a chunk already in flight
 //! elsewhere (at most [`MAX_ENDGAME_COPIES`] at once), and the first copy to
-//! verify cancels the others.
+//! arrive whole cancels the others.
+//!
+//! A chunk moves from free to in flight ([`PieceSelector::pick`]), then to
+//! checking once it arrived whole ([`PieceSelector::received`]) while its
+//! SHA1 is checked off the engine thread, and to done
+//! ([`PieceSelector::verified`]) or back to free ([`PieceSelector::rejected`],
+//! [`PieceSelector::abandon`]). A chunk being checked is never handed out.
 //!
 //! Which peer asks first is the caller's choice: [`crate::download`] offers
 //! free chunks to the least-loaded peers first.
@@ -23,6 +29,8 @@ pub struct PieceSelector {
     availability: Vec<u32>,
     /// How many peers are fetching each chunk now.
     in_flight: Vec<u8>,
+    /// Chunks that arrived whole and wait for their SHA1 verdict.
+    checking: Bitmap,
     window: usize,
 }
 
@@ -30,7 +38,8 @@ impl PieceSelector {
     /// A selector for a file of `done.len()` chunks, of which `done` are held already.
     pub fn new(done: Bitmap, window: usize) -> PieceSelector {
         let n = done.len() as usize;
-        PieceSelector { done, availability: vec![0; n], in_flight: vec![0; n], window: window.max(1) }
+        let checking = Bitmap::new(done.len());
+        PieceSelector { done, availability: vec![0; n], in_flight: vec![0; n], checking, window: window.max(1) }
     }
 
     pub fn done(&self) -> &Bitmap {
@@ -51,6 +60,11 @@ impl PieceSelector {
 
     pub fn in_flight(&self, chunk: u32) -> u8 {
         self.in_flight[chunk as usize]
+    }
+
+    /// Whether `chunk` arrived whole and waits for its verdict.
+    pub fn is_checking(&self, chunk: u32) -> bool {
+        self.checking.get(chunk)
     }
 
     /// A peer joined with this chunk map (already checked to fit).
@@ -81,7 +95,7 @@ impl PieceSelector {
         let mut endgame: Option<(u8, u32, u32)> = None;
         for c in have.iter_set() {
             let i = c as usize;
-            if self.done.get(c) || fetching.contains(&c) {
+            if self.done.get(c) || self.checking.get(c) || fetching.contains(&c) {
                 continue;
             }
             if self.in_flight[i] == 0 {
@@ -113,20 +127,32 @@ impl PieceSelector {
     }
 
     fn all_missing_in_flight(&self) -> bool {
-        (0..self.done.len()).all(|c| self.done.get(c) || self.in_flight[c as usize] > 0)
+        (0..self.done.len()).all(|c| self.done.get(c) || self.checking.get(c) || self.in_flight[c as usize] > 0)
     }
 
-    /// A fetch of `chunk` ended without a verified chunk (stall, bad hash, hang-up).
+    /// A fetch of `chunk` ended before the chunk arrived (stall, hang-up, cancelled copy).
     pub fn abandon(&mut self, chunk: u32) {
         let f = &mut self.in_flight[chunk as usize];
         *f = f.saturating_sub(1);
     }
 
-    /// `chunk` verified. Other fetches of it should be cancelled by the caller
-    /// and reported with [`PieceSelector::abandon`].
-    pub fn complete(&mut self, chunk: u32) {
-        self.done.set(chunk);
+    /// A fetch of `chunk` brought it whole; its SHA1 is being checked. Other
+    /// fetches of it should be cancelled by the caller and reported with
+    /// [`PieceSelector::abandon`].
+    pub fn received(&mut self, chunk: u32) {
         self.abandon(chunk);
+        self.checking.set(chunk);
+    }
+
+    /// `chunk` passed its SHA1 (and is stored).
+    pub fn verified(&mut self, chunk: u32) {
+        self.checking.clear(chunk);
+        self.done.set(chunk);
+    }
+
+    /// `chunk` failed its SHA1: it is free to fetch again.
+    pub fn rejected(&mut self, chunk: u32) {
+        self.checking.clear(chunk);
     }
 }
 
@@ -171,8 +197,25 @@ mod tests {
         let e = s.pick(&all, &[], &mut rng).unwrap();
         assert!(e == a || e == b);
         assert_eq!(s.in_flight(e), 2);
-        s.complete(e);
-        assert!(s.done().get(e));
+        s.received(e);
+        assert!(s.is_checking(e) && !s.done().get(e));
+        s.verified(e);
+        assert!(s.done().get(e) && !s.is_checking(e));
+    }
+
+    #[test]
+    fn a_chunk_being_checked_is_not_handed_out_until_rejected() {
+        let mut s = PieceSelector::new(Bitmap::new(1), 4);
+        let all = map(1, &[0]);
+        s.add_peer(&all);
+        s.add_peer(&all);
+        let mut rng = Rng::from_u64(4);
+        assert_eq!(s.pick(&all, &[], &mut rng), Some(0));
+        s.received(0);
+        assert_eq!(s.in_flight(0), 0);
+        assert_eq!(s.pick(&all, &[], &mut rng), None, "checking, not free, not endgame");
+        s.rejected(0);
+        assert_eq!(s.pick(&all, &[], &mut rng), Some(0), "free again after a bad hash");
     }
 
     #[test]
@@ -184,9 +227,10 @@ mod tests {
     }
 
     proptest! {
-        /// Random peers taking, abandoning and completing chunks always end
-        /// with every chunk verified, never picking a done chunk or one the
-        /// peer lacks, and never more copies than allowed.
+        /// Random peers taking, abandoning, receiving, verifying and
+        /// rejecting chunks always end with every chunk verified, never
+        /// picking a done or checking chunk or one the peer lacks, and never
+        /// more copies than allowed.
         #[test]
         fn picks_are_always_legal_and_finish(n in 1u32..40, peers in proptest::collection::vec(proptest::collection::vec(any::<bool>(), 40), 1..5), seed in any::<u64>(), fail_every in 2u64..7) {
             let maps: Vec<Bitmap> = peers.iter().map(|bits| {
@@ -201,24 +245,40 @@ mod tests {
             for m in &maps { s.add_peer(m); }
             let mut rng = Rng::from_u64(seed);
             let mut fetching: Vec<Vec<u32>> = vec![vec![]; maps.len()];
+            let mut checking: Vec<u32> = Vec::new();
             let mut step = 0u64;
             while !s.is_complete() {
                 step += 1;
                 prop_assert!(step < 10_000, "no progress");
+                if !checking.is_empty() && rng.below(3) == 0 {
+                    let c = checking.swap_remove(rng.below(checking.len() as u64) as usize);
+                    if rng.below(fail_every) == 0 { s.rejected(c) } else { s.verified(c) }
+                    continue;
+                }
                 let p = rng.below(maps.len() as u64) as usize;
                 if fetching[p].len() < 2 {
                     if let Some(c) = s.pick(&maps[p], &fetching[p], &mut rng) {
-                        prop_assert!(maps[p].get(c) && !s.done().get(c));
+                        prop_assert!(maps[p].get(c) && !s.done().get(c) && !s.is_checking(c));
                         prop_assert!(s.in_flight(c) <= MAX_ENDGAME_COPIES);
                         fetching[p].push(c);
                         continue;
                     }
                 }
                 if let Some(c) = fetching[p].pop() {
-                    if rng.below(fail_every) == 0 || s.done().get(c) {
+                    if rng.below(fail_every) == 0 || s.done().get(c) || s.is_checking(c) {
                         s.abandon(c);
                     } else {
-                        s.complete(c);
+                        s.received(c);
+                        checking.push(c);
+                        // The caller cancels the other copies.
+                        for (q, f) in fetching.iter_mut().enumerate() {
+                            if q != p {
+                                if let Some(i) = f.iter().position(|&x| x == c) {
+                                    f.remove(i);
+                                    s.abandon(c);
+                                }
+                            }
+                        }
                     }
                 }
             }

@@ -48,6 +48,8 @@ enum Inbox {
     Hashed(u64, Result<FileDigest, String>),
     Prepared(DownloadId, Result<(Prepared, PartFile), String>),
     Finished(DownloadId, Result<(), String>),
+    /// A chunk's SHA1 verdict from the writer (true: it matched and is written).
+    Checked(DownloadId, u32, bool),
     DiskFailed(DownloadId, String),
     WaitDownloads(Sender<()>),
     Stats(Sender<Vec<DownloadStat>>),
@@ -204,6 +206,7 @@ impl Driver {
                         self.engine.handle_download_prepared(id, result, now);
                     }
                     Inbox::Finished(id, result) => self.engine.handle_download_finished(id, result, now),
+                    Inbox::Checked(id, chunk, ok) => self.engine.handle_chunk_checked(id, chunk, ok, now),
                     Inbox::DiskFailed(id, e) => {
                         self.writers.remove(&id);
                         self.engine.handle_disk_error(id, e, now);
@@ -418,9 +421,9 @@ impl Driver {
                     self.spawn("shoal-prepare", move || Inbox::Prepared(id, disk::prepare(&dest, &name, &digest)));
                 }
                 // A writer that died has reported why through the inbox.
-                ClientOutput::WriteChunk { id, chunk, data } => {
+                ClientOutput::WriteChunk { id, chunk, data, sha1 } => {
                     if let Some(w) = self.writers.get(&id) {
-                        let _ = w.send(WriterMsg::Chunk(chunk, data));
+                        let _ = w.send(WriterMsg::Chunk(chunk, data, sha1));
                     }
                 }
                 ClientOutput::SaveProgress { id, sidecar } => {
@@ -460,6 +463,7 @@ impl Driver {
         let (tx, waker) = (self.tx.clone(), self.waker.clone());
         let report = move |ev: WriterEvent| {
             let _ = tx.send(match ev {
+                WriterEvent::Checked(chunk, ok) => Inbox::Checked(id, chunk, ok),
                 WriterEvent::Failed(e) => Inbox::DiskFailed(id, e),
                 WriterEvent::Finished(r) => Inbox::Finished(id, r),
             });

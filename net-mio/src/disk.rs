@@ -204,8 +204,9 @@ fn read_state(f: &File, path: &Path, digest: &FileDigest) -> Option<(Bitmap, u64
 
 /// What the writer thread of a download is told, in order.
 pub enum WriterMsg {
-    /// A verified chunk to write at `chunk * CHUNK_SIZE`.
-    Chunk(u32, Vec<u8>),
+    /// A chunk to check against its SHA1 and, if it matches, write at
+    /// `chunk * CHUNK_SIZE`; the verdict is reported.
+    Chunk(u32, Vec<u8>, Sha1Digest),
     /// New sidecar bytes.
     State(Vec<u8>),
     /// Every chunk was sent: check the whole file against this SHA1 and rename.
@@ -214,6 +215,8 @@ pub enum WriterMsg {
 
 /// What the writer and hasher threads report back.
 pub enum WriterEvent {
+    /// A chunk matched its SHA1 and is written (true), or did not and was not.
+    Checked(u32, bool),
     Failed(String),
     Finished(Result<(), String>),
 }
@@ -244,8 +247,9 @@ impl PartFile {
         self.state.write_all_at(&slot, at).map_err(err)
     }
 
-    /// Moves the part file to two threads of its own: a writer that writes
-    /// chunks and keeps the sidecar, and a hasher that computes the whole
+    /// Moves the part file to two threads of its own: a writer that checks
+    /// each received chunk's SHA1, writes the ones that match and keeps the
+    /// sidecar, and a hasher that computes the whole
     /// file's SHA1 along the growing prefix of written chunks (mostly from the
     /// chunks the writer hands on, reading back only what it could not hold),
     /// so the final check costs only what is left when the last chunk lands.
@@ -280,7 +284,7 @@ impl PartFile {
             }
             for msg in hrx {
                 match msg {
-                    WriterMsg::Chunk(c, data) => {
+                    WriterMsg::Chunk(c, data, _) => {
                         if let Err(e) = w.take(c, data) {
                             return r(WriterEvent::Failed(e));
                         }
@@ -307,11 +311,16 @@ impl PartFile {
         std::thread::Builder::new().name("shoal-writer".into()).spawn(move || {
             for msg in rx {
                 match msg {
-                    WriterMsg::Chunk(c, data) => {
+                    WriterMsg::Chunk(c, data, sha1) => {
+                        if !sha1.matches(&data) {
+                            report(WriterEvent::Checked(c, false));
+                            continue;
+                        }
                         if let Err(e) = self.write_chunk(c, &data) {
                             return report(WriterEvent::Failed(e));
                         }
-                        if htx.send(WriterMsg::Chunk(c, data)).is_err() {
+                        report(WriterEvent::Checked(c, true));
+                        if htx.send(WriterMsg::Chunk(c, data, sha1)).is_err() {
                             return;
                         }
                     }

@@ -173,6 +173,17 @@ enum Event {
         id: DownloadId,
         result: Result<(), String>,
     },
+    /// A download's writer checks a chunk's SHA1, writes it if it matches,
+    /// and reports: a while after the engine handed it over, as a writer
+    /// thread would.
+    ChunkChecked {
+        client: usize,
+        id: DownloadId,
+        serial: u64,
+        chunk: u32,
+        data: Vec<u8>,
+        sha1: Sha1Digest,
+    },
     /// A client's connection attempt reaches (or fails to reach) a tracker.
     Connected {
         client: usize,
@@ -224,8 +235,13 @@ struct SimClient {
 
 /// A download in progress; its part file lives on the simulated disk.
 struct SimPart {
-    digest: FileDigest,
     final_path: String,
+    /// Tells this part from a later one with the same id (after a restart).
+    serial: u64,
+    /// Chunks written to the part file, each after it matched its SHA1.
+    stored: Bitmap,
+    /// When the writer reports its last queued chunk: it works in order.
+    due: Millis,
 }
 
 fn part_path(final_path: &str) -> String {
@@ -330,10 +346,12 @@ pub struct World {
     /// Open peer connections, both directions, with when their last bytes are due.
     peer_links: BTreeMap<PeerEnd, (PeerEnd, Millis)>,
     next_accepted: u64,
-    /// Chunks written to part files, and how many of them failed their SHA1
-    /// (an invariant: must stay zero).
+    /// Chunks written to part files, and how many blocks were served from a
+    /// part file's chunk before that chunk was written there (an invariant:
+    /// must stay zero; such a block holds whatever the file held before).
     pub chunks_written: u64,
-    pub unverified_writes: u64,
+    pub unwritten_serves: u64,
+    next_part: u64,
     /// Hash of the entry applied at each log index, by whichever tracker applied it first.
     canon: Vec<[u8; 20]>,
     snapshot_every: usize,
@@ -431,7 +449,8 @@ impl World {
             peer_links: BTreeMap::new(),
             next_accepted: 1,
             chunks_written: 0,
-            unverified_writes: 0,
+            unwritten_serves: 0,
+            next_part: 0,
             canon: Vec::new(),
             snapshot_every: wc.snapshot_every,
             link_backoff: BTreeMap::new(),
@@ -514,6 +533,18 @@ impl World {
     fn latency(&mut self) -> Millis {
         let span = self.net.max_latency.0.saturating_sub(self.net.min_latency.0) + 1;
         Millis(self.net.min_latency.0 + self.rng.below(span))
+    }
+
+    /// How long a download's writer takes to check and write a chunk: a
+    /// network latency, and now and then a disk that stalls for several
+    /// round trips (long enough for peers to ask for what is not written yet).
+    fn disk_lag(&mut self) -> Millis {
+        let lag = self.latency();
+        if self.rng.below(8) == 0 {
+            lag.plus(Millis(self.net.max_latency.0.saturating_mul(6)))
+        } else {
+            lag
+        }
     }
 
     fn schedule(&mut self, at: Millis, ev: Event) {
@@ -1073,6 +1104,27 @@ impl World {
                 self.clients[client].engine.handle_download_finished(id, result, now);
                 self.drain_client(client);
             }
+            Event::ChunkChecked { client, id, serial, chunk, data, sha1 } => {
+                if !self.clients[client].up {
+                    return;
+                }
+                let Some(p) = self.clients[client].parts.get_mut(&id).filter(|p| p.serial == serial) else { return };
+                let ok = sha1.matches(&data);
+                let line = format!("{} c{client} download {} chunk {chunk} checked {ok}", self.now.0, id.0);
+                if ok {
+                    p.stored.set(chunk);
+                    let at = chunk as usize * CHUNK_SIZE as usize;
+                    let path = part_path(&p.final_path);
+                    self.chunks_written += 1;
+                    if let Some(part) = self.files.get_mut(&path) {
+                        part[at..at + data.len()].copy_from_slice(&data);
+                    }
+                }
+                self.record(line);
+                let now = self.client_now(client);
+                self.clients[client].engine.handle_chunk_checked(id, chunk, ok, now);
+                self.drain_client(client);
+            }
             Event::CloseConn { conn } => self.reset(conn),
             Event::Hashed { client, job, result } => {
                 if !self.clients[client].up {
@@ -1324,6 +1376,13 @@ impl World {
                 }
                 ClientOutput::SendBlock { conn, path, offset, mut header, len } => {
                     let range = offset as usize..offset as usize + len as usize;
+                    let unwritten = self.clients[c]
+                        .parts
+                        .values()
+                        .any(|p| part_path(&p.final_path) == path && !p.stored.get((offset / CHUNK_SIZE) as u32));
+                    if unwritten {
+                        self.unwritten_serves += 1;
+                    }
                     let result = match self.files.get(&path) {
                         Some(data) if range.end <= data.len() => {
                             header.extend_from_slice(&data[range]);
@@ -1352,21 +1411,20 @@ impl World {
                             })
                         };
                     if result.is_ok() {
-                        self.clients[c].parts.insert(id, SimPart { digest, final_path });
+                        self.next_part += 1;
+                        let (serial, stored) = (self.next_part, Bitmap::new(digest.chunks.len() as u32));
+                        self.clients[c].parts.insert(id, SimPart { final_path, serial, stored, due: Millis::ZERO });
                     }
                     let at = self.now.plus(self.latency());
                     self.schedule(at, Event::Prepared { client: c, id, result });
                 }
-                ClientOutput::WriteChunk { id, chunk, data } => {
-                    let Some(p) = self.clients[c].parts.get(&id) else { continue };
-                    self.chunks_written += 1;
-                    if Sha1Digest::of(&data) != p.digest.chunks[chunk as usize] {
-                        self.unverified_writes += 1;
-                    }
-                    let at = chunk as usize * CHUNK_SIZE as usize;
-                    if let Some(part) = self.files.get_mut(&part_path(&p.final_path)) {
-                        part[at..at + data.len()].copy_from_slice(&data);
-                    }
+                ClientOutput::WriteChunk { id, chunk, data, sha1 } => {
+                    let lag = self.disk_lag();
+                    let Some(p) = self.clients[c].parts.get_mut(&id) else { continue };
+                    let at = self.now.plus(lag).max(p.due);
+                    p.due = at;
+                    let serial = p.serial;
+                    self.schedule(at, Event::ChunkChecked { client: c, id, serial, chunk, data, sha1 });
                 }
                 ClientOutput::SaveProgress { .. } => {}
                 ClientOutput::FinishDownload { id, sha1 } => {

@@ -444,7 +444,7 @@ fn chaos(seed: u64) -> World {
         r.w.run_for(Millis(200));
     }
     assert!(r.w.file("/dl/final/f0.bin") == Some(&r.contents["f0.bin"][..]), "the download differs from the source");
-    assert_eq!(r.w.unverified_writes, 0, "a chunk was written unverified");
+    assert_eq!(r.w.unwritten_serves, 0, "a chunk was served before it was written");
     r.w
 }
 

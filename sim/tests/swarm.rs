@@ -1,6 +1,7 @@
 //! Downloads in the simulated world: many peers, one of them corrupt, seeded
-//! latency. Invariants: no chunk is ever written unverified, and a finished
-//! download equals its source, bit for bit. `SIM_SEED=<n>` replays one seed.
+//! latency, two downloaders. Invariants: no chunk is served from a part
+//! file before it is written there, and a finished download equals its
+//! source, bit for bit. `SIM_SEED=<n>` replays one seed.
 
 use shoal_core::chunk::CHUNK_SIZE;
 use shoal_core::rng::Rng;
@@ -11,23 +12,24 @@ fn ok(w: &mut World, c: usize, line: &str) -> Vec<String> {
     w.run(c, line).unwrap_or_else(|e| panic!("`{line}` on c{c} failed: {e}"))
 }
 
-/// Clients 0..sharers share the file (client 1 from a rotten copy), the last
-/// client downloads it. Returns the world.
+/// Clients 0..sharers share the file (client 1 from a rotten copy), the
+/// last two clients download it, the second starting a little later so that
+/// it also fetches from the first before that one finishes. Returns the world.
 fn swarm(seed: u64) -> World {
     let mut rng = Rng::from_u64(seed);
     let sharers = 2 + rng.below(3) as usize;
     let net = NetConfig { min_latency: Millis(1), max_latency: Millis(1 + rng.below(150)) };
-    let mut w = World::new(seed, sharers + 1, net);
+    let mut w = World::new(seed, sharers + 2, net);
     let size = (CHUNK_SIZE * (3 + rng.below(10)) + rng.below(CHUNK_SIZE)) as usize;
     let mut content = vec![0u8; size];
     rng.fill(&mut content);
-    let d = sharers;
-    for c in 0..=sharers {
+    let (d, d2) = (sharers, sharers + 1);
+    for c in 0..=d2 {
         ok(&mut w, c, &format!("create_user u{c} pw"));
         ok(&mut w, c, &format!("login u{c} pw"));
     }
     ok(&mut w, 0, "create_group g");
-    for c in 1..=sharers {
+    for c in 1..=d2 {
         ok(&mut w, c, "join_group g");
         ok(&mut w, 0, &format!("accept_request g u{c}"));
     }
@@ -39,20 +41,27 @@ fn swarm(seed: u64) -> World {
     w.corrupt_file("/home/u1/data.bin");
     let first = ok(&mut w, d, "download_file g data.bin /home/dl/");
     assert!(first[0].starts_with("downloading data.bin into /home/dl/data.bin"), "{first:?}");
+    w.run_for(Millis(rng.below(400)));
+    ok(&mut w, d2, "download_file g data.bin /home/dl2/");
     let start = w.now();
-    loop {
-        let line = ok(&mut w, d, "show_downloads").remove(0);
-        if line.starts_with("[C]") {
-            break;
+    for c in [d, d2] {
+        loop {
+            let line = ok(&mut w, c, "show_downloads").remove(0);
+            if line.starts_with("[C]") {
+                break;
+            }
+            assert!(!line.starts_with("[F]"), "download on c{c} failed: {line}");
+            assert!(w.now().since(start) < Millis::from_secs(600), "no progress on c{c}: {line}");
+            w.run_for(Millis(100));
         }
-        assert!(!line.starts_with("[F]"), "download failed: {line}");
-        assert!(w.now().since(start) < Millis::from_secs(600), "no progress: {line}");
-        w.run_for(Millis(100));
     }
-    assert_eq!(w.unverified_writes, 0, "a chunk was written unverified");
-    assert!(w.chunks_written >= (size as u64).div_ceil(CHUNK_SIZE));
-    assert!(w.file("/home/dl/data.bin") == Some(&content[..]), "the download differs from the source");
-    assert!(w.file("/home/dl/data.bin.part").is_none());
+    assert_eq!(w.unwritten_serves, 0, "a chunk was served before it was written");
+    assert!(w.chunks_written >= 2 * (size as u64).div_ceil(CHUNK_SIZE));
+    for dir in ["/home/dl", "/home/dl2"] {
+        let got = w.file(&format!("{dir}/data.bin"));
+        assert!(got == Some(&content[..]), "the download into {dir} differs from the source");
+        assert!(w.file(&format!("{dir}/data.bin.part")).is_none());
+    }
     w
 }
 

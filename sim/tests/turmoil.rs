@@ -457,10 +457,14 @@ impl ClientDriver {
                     };
                     self.engine.handle_download_prepared(id, r, now);
                 }
-                ClientOutput::WriteChunk { id, chunk, data } => {
+                ClientOutput::WriteChunk { id, chunk, data, sha1 } => {
                     if let Some(p) = self.parts.get_mut(&id) {
-                        let at = chunk as usize * shoal_core::chunk::CHUNK_SIZE as usize;
-                        p.data[at..at + data.len()].copy_from_slice(&data);
+                        let ok = sha1.matches(&data);
+                        if ok {
+                            let at = chunk as usize * shoal_core::chunk::CHUNK_SIZE as usize;
+                            p.data[at..at + data.len()].copy_from_slice(&data);
+                        }
+                        self.engine.handle_chunk_checked(id, chunk, ok, now);
                     }
                 }
                 ClientOutput::SaveProgress { .. } => {}

@@ -312,6 +312,14 @@ impl ClientEngine {
         self.drain_download(id, now);
     }
 
+    /// The verdict on a [`ClientOutput::WriteChunk`]: the chunk matched its
+    /// SHA1 and is written (`ok`), or it did not and was not written.
+    pub fn handle_chunk_checked(&mut self, id: DownloadId, chunk: u32, ok: bool, now: Millis) {
+        let Some(DownloadEntry { state: DlState::Running(dl), .. }) = self.downloads.get_mut(&id) else { return };
+        dl.handle_checked(chunk, ok, now);
+        self.drain_download(id, now);
+    }
+
     /// Writing a chunk or the sidecar failed: the download cannot go on.
     pub fn handle_disk_error(&mut self, id: DownloadId, err: String, now: Millis) {
         self.fail_download(id, format!("disk error: {err}"), now);
@@ -685,8 +693,16 @@ impl ClientEngine {
                     self.peers.remove(&peer);
                     self.out.push_back(ClientOutput::PeerClose { conn: peer });
                 }
-                DownloadOutput::Verified { chunk, data } => {
-                    self.out.push_back(ClientOutput::WriteChunk { id, chunk, data });
+                DownloadOutput::Check { chunk, data } => {
+                    let Some(sha1) = self.downloads.get(&id).and_then(|e| e.digest.chunks.get(chunk as usize)) else {
+                        continue;
+                    };
+                    let sha1 = *sha1;
+                    self.out.push_back(ClientOutput::WriteChunk { id, chunk, data, sha1 });
+                }
+                // Only now is the chunk on disk: serving it before would
+                // send what the part file held before it was written.
+                DownloadOutput::Verified { chunk } => {
                     if let Some(s) = self.shares.get_mut(&key) {
                         s.have.set(chunk);
                     }

@@ -16,6 +16,9 @@ struct Harness {
     peers: BTreeMap<SocketAddr, (Behaviour, Load)>,
     conns: BTreeMap<PeerConnId, SocketAddr>,
     written: BTreeMap<u32, Vec<u8>>,
+    /// Verdicts not yet delivered, as from a writer thread that lags behind.
+    verdicts: VecDeque<(u32, bool)>,
+    verified: BTreeSet<u32>,
     banned: BTreeSet<SocketAddr>,
     closed: BTreeSet<SocketAddr>,
     failed: Option<String>,
@@ -47,6 +50,8 @@ impl Harness {
             peers: peers.iter().enumerate().map(|(i, b)| (addr(i as u8 + 1), *b)).collect(),
             conns: BTreeMap::new(),
             written: BTreeMap::new(),
+            verdicts: VecDeque::new(),
+            verified: BTreeSet::new(),
             banned: BTreeSet::new(),
             closed: BTreeSet::new(),
             failed: None,
@@ -111,8 +116,16 @@ impl Harness {
                             _ => {}
                         }
                     }
-                    DownloadOutput::Verified { chunk, data } => {
-                        assert!(self.written.insert(chunk, data).is_none(), "chunk {chunk} verified twice");
+                    DownloadOutput::Check { chunk, data } => {
+                        let ok = digest_of(&self.content).chunks[chunk as usize].matches(&data);
+                        if ok {
+                            assert!(self.written.insert(chunk, data).is_none(), "chunk {chunk} written twice");
+                        }
+                        self.verdicts.push_back((chunk, ok));
+                    }
+                    DownloadOutput::Verified { chunk } => {
+                        assert!(self.written.contains_key(&chunk), "chunk {chunk} verified before it was written");
+                        assert!(self.verified.insert(chunk), "chunk {chunk} verified twice");
                     }
                     DownloadOutput::Banned { addr, .. } => {
                         self.banned.insert(addr);
@@ -121,10 +134,21 @@ impl Harness {
                     DownloadOutput::Failed { reason } => self.failed = Some(reason),
                 }
             }
+            // Verdicts and peer messages interleave: blocks keep arriving
+            // while earlier chunks are being checked.
             if let Some((peer, msg)) = inbox.pop_front() {
                 if self.conns.contains_key(&peer) {
                     d.handle_message(peer, msg, self.now);
                 }
+                if inbox.len().is_multiple_of(3) {
+                    if let Some((chunk, ok)) = self.verdicts.pop_front() {
+                        d.handle_checked(chunk, ok, self.now);
+                    }
+                }
+                continue;
+            }
+            if let Some((chunk, ok)) = self.verdicts.pop_front() {
+                d.handle_checked(chunk, ok, self.now);
                 continue;
             }
             if d.is_complete() || self.failed.is_some() {
@@ -136,7 +160,7 @@ impl Harness {
     }
 
     fn pending(&self, d: &Download) -> bool {
-        !d.out.is_empty()
+        !d.out.is_empty() || !self.verdicts.is_empty()
     }
 
     fn assemble(&self) -> Vec<u8> {
@@ -234,4 +258,55 @@ fn a_download_nobody_can_serve_fails_instead_of_waiting_forever() {
     assert!(reason.contains("no chunk arrived for 60 s"), "{reason}");
     assert!(h.now >= Millis::from_secs(60) && h.now < Millis::from_secs(61));
     assert_eq!(d.poll_timeout(), None, "a failed download asks for no more timers");
+}
+
+#[test]
+fn a_bad_chunk_bans_its_sender_even_after_it_hung_up() {
+    let content = content(CHUNK_SIZE as usize / 2);
+    let digest = digest_of(&content);
+    let mut d = Download::new(
+        DownloadConfig::default(),
+        GroupId::new("g").unwrap(),
+        FileName::new("f").unwrap(),
+        digest,
+        Grant([1; 16]),
+        Bitmap::new(1),
+        0,
+        Rng::from_u64(5),
+        Millis(0),
+    );
+    let outs = |d: &mut Download| std::iter::from_fn(|| d.poll_output()).collect::<Vec<_>>();
+    d.handle_sources(&[addr(1)], Millis(0));
+    let Some(DownloadOutput::Connect { peer, .. }) = outs(&mut d).into_iter().next() else { panic!("no connect") };
+    d.handle_connected(peer, Millis(1));
+    d.handle_message(peer, PeerMessage::Have { chunks: Bitmap::full(1), load: Load::default() }, Millis(2));
+    let mut check = None;
+    for o in outs(&mut d) {
+        if let DownloadOutput::Send { msg: PeerMessage::Request { chunk, offset, len }, .. } = o {
+            let mut data = content[offset as usize..(offset + len) as usize].to_vec();
+            data[0] ^= 1;
+            d.handle_block(peer, chunk, offset, Load::default(), &data, Millis(3));
+            check = outs(&mut d).into_iter().find(|o| matches!(o, DownloadOutput::Check { .. })).or(check);
+        }
+    }
+    assert!(matches!(check, Some(DownloadOutput::Check { chunk: 0, .. })), "the whole chunk went to be checked");
+    // It hangs up before the verdict comes back.
+    d.handle_closed(peer, Millis(4));
+    d.handle_checked(0, false, Millis(5));
+    assert!(outs(&mut d).contains(&DownloadOutput::Banned { addr: addr(1), chunk: 0 }));
+    assert!(!d.is_complete());
+    // Banned: it is never dialled again, a new source is.
+    d.handle_sources(&[addr(1), addr(2)], Millis(10_000));
+    d.handle_timeout(Millis(10_000));
+    let dialled: Vec<SocketAddr> = outs(&mut d)
+        .into_iter()
+        .filter_map(|o| match o {
+            DownloadOutput::Connect { addr, .. } => Some(addr),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dialled, vec![addr(2)]);
+    // A verdict for a chunk not being checked (late, duplicate) changes nothing.
+    d.handle_checked(0, true, Millis(10_001));
+    assert!(!d.is_complete());
 }
