@@ -234,7 +234,9 @@ pub struct ClientEngine {
     decoder: FrameDecoder,
     pending: BTreeMap<u64, Pending>,
     hash_jobs: BTreeMap<u64, HashJob>,
-    /// Last time the tracker said anything, or we connected.
+    /// Where the tracker's silence is counted from: the last time it said
+    /// anything, we connected, or we sent a request on an idle link (a link
+    /// quiet for longer than `request_timeout` is not a silent tracker).
     last_heard: Millis,
     last_sent: Millis,
     out: VecDeque<ClientOutput>,
@@ -505,9 +507,15 @@ impl ClientEngine {
             Purpose::Shell { cmd: ShellCommand::Exit, .. } => self.cfg.request_timeout,
             _ => self.cfg.give_up_after,
         });
+        let idle = self.pending.is_empty();
         self.pending.insert(seq, Pending { purpose, request, give_up_at, refused: 0, sent_at: now });
         match self.link {
-            Link::Up => self.transmit(&msg, now),
+            Link::Up => {
+                if idle {
+                    self.last_heard = now;
+                }
+                self.transmit(&msg, now)
+            }
             Link::Down => {
                 self.last_heard = now;
                 self.connect()

@@ -209,3 +209,26 @@ fn a_peer_queueing_too_many_requests_is_refused() {
     assert!(refused, "{outs:?}");
     assert!(outs.iter().any(|o| matches!(o, ClientOutput::PeerClose { conn: c } if *c == conn)));
 }
+
+#[test]
+fn a_request_after_a_quiet_spell_waits_its_full_timeout() {
+    let mut e = engine();
+    let create = |u: &str| ShellCommand::CreateUser { user: UserId::new(u).unwrap(), password: "p".into() };
+    e.handle_command(Ticket(1), create("a"), Millis(0));
+    drain(&mut e);
+    e.handle_tracker_connected(Millis(10));
+    let outs = drain(&mut e);
+    answer_all(&mut e, outs, |_| Ok(Reply::Done));
+    // Quiet for longer than the request timeout, then a new request: the
+    // tracker has had no time to answer it yet, so it is not silent.
+    let later = Millis(10).plus(e.cfg.request_timeout).plus(Millis(5_000));
+    e.handle_command(Ticket(2), create("b"), later);
+    assert_eq!(sent_requests(&drain(&mut e)).len(), 1);
+    let deadline = e.poll_timeout().expect("waiting for an answer");
+    assert_eq!(deadline, later.plus(e.cfg.request_timeout));
+    e.handle_timeout(later.plus(Millis(1)));
+    assert!(!drain(&mut e).contains(&ClientOutput::Disconnect), "failed over a tracker that had no time to answer");
+    // Silent for the whole timeout after the request: now it fails over.
+    e.handle_timeout(deadline);
+    assert!(drain(&mut e).contains(&ClientOutput::Disconnect));
+}
