@@ -171,7 +171,10 @@ fn cpu_secs(pid: u32) -> f64 {
 /// Waits until what the file system still owes the disk is done (`sync`):
 /// deleting the last run's gigabytes queues writeback and, with a `discard`
 /// mount, discards, which otherwise slow the next run's start (measured: its
-/// `download_file` answered after 0.65 s instead of 5 ms).
+/// `download_file` answered after 0.65 s instead of 5 ms). Run before each
+/// timed phase, so that neither the download nor the reference pays for the
+/// writeback of the gigabyte the other just wrote (measured: the first
+/// verified chunk 0.5 s late after the reference's writes).
 fn settle_disk() {
     let _ = Command::new("sync").status();
 }
@@ -278,16 +281,26 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
         // freed (on a VM that is much cheaper than memory not touched lately).
         let before =
             pipeline_rate(&file, &out.join("pipeline-1.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
+        settle_disk();
         let cpu_before: Vec<f64> = pids.iter().map(|&p| cpu_secs(p)).chain([cpu_secs(d.child.id())]).collect();
         let start = Instant::now();
         let first = d.cmd(&format!("download_file bench data.bin {}", out.display()))?;
         if !first.starts_with("downloading") {
             return Err(format!("download did not start: {first}"));
         }
+        // When the first verified bytes showed, and when the last chunk
+        // did (the whole-file check then finishes the download).
+        let (mut first_data, mut all_chunks) = (None, None);
         loop {
             let line = d.cmd("show_downloads")?;
             if line.starts_with("[C]") {
                 break;
+            }
+            if first_data.is_none() && line.starts_with("[D]") && !line.contains(" 0% ") {
+                first_data = Some(start.elapsed().as_secs_f64());
+            }
+            if all_chunks.is_none() && line.contains("100% verifying") {
+                all_chunks = Some(start.elapsed().as_secs_f64());
             }
             if line.starts_with("[F]") {
                 return Err(line);
@@ -298,6 +311,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
             std::thread::sleep(Duration::from_millis(5));
         }
         let secs = start.elapsed().as_secs_f64();
+        let (first_data, all_chunks) = (first_data.unwrap_or(secs), all_chunks.unwrap_or(secs));
         let cpu: Vec<f64> = pids
             .iter()
             .map(|&p| cpu_secs(p))
@@ -307,6 +321,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
             .collect();
         let rss = d.peak_rss_kib().unwrap_or(0);
         peak_rss = peak_rss.max(rss);
+        settle_disk();
         let after =
             pipeline_rate(&file, &out.join("pipeline-2.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
         if sha1_of(&out.join("data.bin"))?.0 != source_sha1 {
@@ -318,7 +333,8 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
         // download waited on something other than CPU.
         let busy = cpu.iter().sum::<f64>() / (cores * secs) * 100.0;
         println!(
-            "  run {run}: download {:4.0} MB/s ({secs:.2} s), reference {:4.0} MB/s ({:.0}/{:.0}); \
+            "  run {run}: download {:4.0} MB/s ({secs:.2} s: first data {first_data:.2}, last chunk {all_chunks:.2}), \
+             reference {:4.0} MB/s ({:.0}/{:.0}); \
              CPU s: downloader {:.2}, sharers {:.2}, tracker {:.2} ({busy:.0}% of {cores} cores); peak RSS {:.1} MiB",
             rate / 1e6,
             reference / 1e6,
