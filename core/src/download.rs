@@ -100,7 +100,7 @@ pub enum DownloadOutput {
 
 struct Fetch {
     chunk: u32,
-    /// Blocks arrive in order; each is appended.
+    /// The chunk's bytes; `buf[..received]` have arrived (blocks come in order).
     buf: Vec<u8>,
     /// Bytes requested so far / received so far.
     requested: u32,
@@ -137,6 +137,9 @@ struct Source {
     supplied: u64,
 }
 
+/// Chunk buffers a download keeps for reuse, at most (8 MiB).
+pub const MAX_SPARE_BUFFERS: usize = 16;
+
 /// Longest pause before asking a peer that refused us again.
 pub const MAX_REFUSED_BACKOFF: Millis = Millis(30_000);
 
@@ -152,6 +155,9 @@ pub struct Download {
     sources: BTreeMap<SocketAddr, Source>,
     /// Chunks that arrived whole and wait for their verdict: who sent them.
     checking: BTreeMap<u32, SocketAddr>,
+    /// Chunk buffers handed back after writing, for the next fetches: no
+    /// allocation, zeroing or page faults per chunk.
+    spare: Vec<Vec<u8>>,
     next_refresh: Millis,
     /// When the last verified chunk arrived (or the download started).
     last_chunk: Millis,
@@ -189,6 +195,7 @@ impl Download {
             peers: BTreeMap::new(),
             sources: BTreeMap::new(),
             checking: BTreeMap::new(),
+            spare: Vec::new(),
             next_refresh: now.plus(Millis(500)),
             last_chunk: now,
             failed: false,
@@ -439,38 +446,72 @@ impl Download {
         }
     }
 
-    /// Files a block; false on a protocol violation.
-    /// A block from a peer, borrowed straight from its frame (no copy before
-    /// it lands in the chunk buffer). Same as `handle_message` with a `Block`.
+    /// A block from a peer, borrowed straight from its frame. Same as
+    /// `handle_message` with a `Block`.
     pub fn handle_block(&mut self, peer: PeerConnId, chunk: u32, offset: u32, load: Load, data: &[u8], now: Millis) {
         if !self.peers.contains_key(&peer) {
             return;
         }
-        if !self.take_block(peer, chunk, offset, load, data, now) {
-            return self.drop_peer(peer, false, now);
+        // A block for a chunk we cancelled (endgame) may still arrive.
+        let cancelled =
+            !self.is_fetching(peer, chunk) && (self.selector.done().get(chunk) || self.selector.is_checking(chunk));
+        match self.recv_space(peer, chunk, offset) {
+            Some(space) if !data.is_empty() && data.len() <= space.len() => {
+                space[..data.len()].copy_from_slice(data);
+                self.handle_block_landed(peer, chunk, offset, load, data.len() as u32, now);
+            }
+            None if cancelled => {
+                self.peers.get_mut(&peer).expect("checked").load = load;
+                self.fill(now);
+            }
+            _ => self.drop_peer(peer, false, now),
         }
-        self.fill(now);
     }
 
-    fn take_block(&mut self, peer: PeerConnId, chunk: u32, offset: u32, load: Load, data: &[u8], now: Millis) -> bool {
+    /// Where the data of `peer`'s block for `chunk` at `offset` goes, if
+    /// that is the next thing expected from it: the rest of the chunk's
+    /// buffer. A driver may receive a block's data straight into it and then
+    /// report it with [`Download::handle_block_landed`] (no copy on the way).
+    pub fn recv_space(&mut self, peer: PeerConnId, chunk: u32, offset: u32) -> Option<&mut [u8]> {
+        let f = self.peers.get_mut(&peer)?.fetches.iter_mut().find(|f| f.chunk == chunk)?;
+        (offset == f.received).then(|| &mut f.buf[f.received as usize..f.requested as usize])
+    }
+
+    fn is_fetching(&self, peer: PeerConnId, chunk: u32) -> bool {
+        self.peers.get(&peer).is_some_and(|p| p.fetches.iter().any(|f| f.chunk == chunk))
+    }
+
+    /// `n` bytes of `peer`'s block for `chunk` at `offset` are in place at
+    /// the start of [`Download::recv_space`] (all of a block, or a piece of
+    /// it as it arrives).
+    pub fn handle_block_landed(&mut self, peer: PeerConnId, chunk: u32, offset: u32, load: Load, n: u32, now: Millis) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let load_changed = p.load != load;
+        match self.land(peer, chunk, offset, load, n, now) {
+            None => self.drop_peer(peer, false, now),
+            // A finished chunk frees a place in the peer's pipeline.
+            Some(complete) if complete || load_changed => self.fill(now),
+            Some(_) => {}
+        }
+    }
+
+    /// Files landed block bytes: whether that completed the chunk, `None` on
+    /// a protocol violation.
+    fn land(&mut self, peer: PeerConnId, chunk: u32, offset: u32, load: Load, n: u32, now: Millis) -> Option<bool> {
         let size = self.digest.size;
         let p = self.peers.get_mut(&peer).expect("checked");
         p.load = load;
-        let Some(i) = p.fetches.iter().position(|f| f.chunk == chunk) else {
-            // A block for a chunk we cancelled (endgame) may still arrive.
-            return self.selector.done().get(chunk) || self.selector.is_checking(chunk);
-        };
+        let i = p.fetches.iter().position(|f| f.chunk == chunk)?;
         let f = &mut p.fetches[i];
-        let end = offset as u64 + data.len() as u64;
-        if offset != f.received || end > f.requested as u64 || data.is_empty() {
-            return false;
+        let end = offset as u64 + n as u64;
+        if offset != f.received || end > f.requested as u64 || n == 0 {
+            return None;
         }
-        f.buf.extend_from_slice(data);
         f.received = end as u32;
         p.last_progress = now;
-        p.bytes += data.len() as u64;
+        p.bytes += n as u64;
         if (f.received as u64) < chunk_len(size, chunk as u64) {
-            return true;
+            return Some(false);
         }
         let f = p.fetches.remove(i);
         self.selector.received(chunk);
@@ -489,7 +530,15 @@ impl Download {
             }
         }
         self.out.push_back(DownloadOutput::Check { chunk, data: f.buf });
-        true
+        Some(true)
+    }
+
+    /// A chunk buffer handed out with [`DownloadOutput::Check`], no longer
+    /// needed: later fetches reuse it (up to [`MAX_SPARE_BUFFERS`]).
+    pub fn reuse_buffer(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < MAX_SPARE_BUFFERS && buf.capacity() <= CHUNK_SIZE as usize {
+            self.spare.push(buf);
+        }
     }
 
     /// The verdict on a chunk handed out with [`DownloadOutput::Check`]: it
@@ -553,7 +602,15 @@ impl Download {
                     continue;
                 };
                 let len = chunk_len(self.digest.size, chunk as u64) as u32;
-                p.fetches.push(Fetch { chunk, buf: Vec::with_capacity(len as usize), requested: len, received: 0 });
+                let buf = match self.spare.pop() {
+                    // Old bytes in it are overwritten before they are read.
+                    Some(mut b) => {
+                        b.resize(len as usize, 0);
+                        b
+                    }
+                    None => vec![0; len as usize],
+                };
+                p.fetches.push(Fetch { chunk, buf, requested: len, received: 0 });
                 if p.fetches.len() == 1 {
                     p.last_progress = now;
                 }

@@ -180,7 +180,7 @@ pub struct BlockRef<'a> {
 }
 
 /// postcard's tag of [`PeerMessage::Block`] (its variant index, one varint byte).
-const BLOCK_TAG: u8 = 6;
+pub(crate) const BLOCK_TAG: u8 = 6;
 
 /// Decodes a frame body if it is a `Block`, without copying its data; any
 /// other message (or garbage) gives `None` and goes through
@@ -193,6 +193,30 @@ pub fn decode_block(body: &[u8]) -> Option<BlockRef<'_>> {
         },
         _ => None,
     }
+}
+
+/// The fields of a `Block` frame up to its data, read from the start of the
+/// frame's body: enough to know where the data goes before it arrives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockHead {
+    pub chunk: u32,
+    pub offset: u32,
+    pub load: Load,
+    /// Data bytes that follow the header.
+    pub len: u32,
+    /// Bytes of the body before the data.
+    pub header_len: usize,
+}
+
+/// Reads a `Block` header from `prefix`, the first bytes of a frame body of
+/// `body_len` bytes. `None` if the body is not a block, its header is not
+/// all in `prefix` yet, or the header's data length disagrees with the frame's.
+pub fn decode_block_head(body_len: usize, prefix: &[u8]) -> Option<BlockHead> {
+    let (&BLOCK_TAG, rest) = prefix.split_first()? else { return None };
+    let ((chunk, offset, load, len), after) = postcard::take_from_bytes::<(u32, u32, Load, usize)>(rest).ok()?;
+    let header_len = prefix.len() - after.len();
+    let len = u32::try_from(len).ok()?;
+    (header_len.checked_add(len as usize)? == body_len).then_some(BlockHead { chunk, offset, load, len, header_len })
 }
 
 /// Encodes a `Block` frame with one allocation of the right size.
@@ -292,6 +316,25 @@ mod tests {
         let mut frame = block_header(1 << 20, 0, load, BLOCK_SIZE);
         frame.extend_from_slice(&big);
         assert_eq!(frame, encode_block(1 << 20, 0, load, &big));
+    }
+
+    #[test]
+    fn a_block_header_reads_from_any_prefix_that_holds_it() {
+        let load = Load { uploads: 2, queued: 300 };
+        let f = encode_block(70_000, 65536, load, &[5; 1000]);
+        let body = &f[4..];
+        let head = decode_block_head(body.len(), body).expect("a block");
+        assert_eq!((head.chunk, head.offset, head.load, head.len), (70_000, 65536, load, 1000));
+        assert_eq!(&body[head.header_len..], &[5; 1000][..]);
+        for cut in 0..head.header_len {
+            assert_eq!(decode_block_head(body.len(), &body[..cut]), None, "header cut at {cut}");
+        }
+        for cut in head.header_len..body.len() {
+            assert_eq!(decode_block_head(body.len(), &body[..cut]), Some(head));
+        }
+        assert_eq!(decode_block_head(body.len() + 1, body), None, "frame length disagrees");
+        let have = encode(&PeerMessage::HaveOne { chunk: 6 });
+        assert_eq!(decode_block_head(have.len() - 4, &have[4..]), None);
     }
 
     #[test]

@@ -130,6 +130,29 @@ impl FrameDecoder {
         Ok(Some(&self.buf[body_start..body_start + len]))
     }
 
+    /// The frame being received when its length prefix is held but not all
+    /// of its body: the body's length and the part of it held. `None` when a
+    /// whole frame is held, nothing is, or the length is not complete yet.
+    /// (A length over the limit shows as an error from `next_frame`.)
+    pub fn partial_frame(&self) -> Option<(usize, &[u8])> {
+        let avail = &self.buf[self.start..self.end];
+        let len = u32::from_be_bytes(avail.get(..LEN_BYTES)?.try_into().expect("4 bytes")) as usize;
+        (avail.len() < LEN_BYTES + len && len <= self.limit).then(|| (len, &avail[LEN_BYTES..]))
+    }
+
+    /// Drops the first `n` bytes held (at most all of them): bytes the
+    /// caller has no use for.
+    pub fn skip(&mut self, n: usize) {
+        self.start += n.min(self.end - self.start);
+    }
+
+    /// Drops the partial frame's length prefix and the first `body_bytes`
+    /// of its body ([`FrameDecoder::partial_frame`]): the caller took them
+    /// and receives the rest of the frame elsewhere.
+    pub fn take_partial(&mut self, body_bytes: usize) {
+        self.skip(LEN_BYTES + body_bytes);
+    }
+
     /// The next whole message, `Ok(None)` if more bytes are needed.
     pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         match self.next_frame()? {

@@ -50,6 +50,8 @@ enum Inbox {
     Finished(DownloadId, Result<(), String>),
     /// A chunk's SHA1 verdict from the writer (true: it matched and is written).
     Checked(DownloadId, u32, bool),
+    /// A chunk buffer the writer and hasher are done with.
+    Spare(DownloadId, Vec<u8>),
     DiskFailed(DownloadId, String),
     WaitDownloads(Sender<()>),
     Stats(Sender<Vec<DownloadStat>>),
@@ -207,6 +209,7 @@ impl Driver {
                     }
                     Inbox::Finished(id, result) => self.engine.handle_download_finished(id, result, now),
                     Inbox::Checked(id, chunk, ok) => self.engine.handle_chunk_checked(id, chunk, ok, now),
+                    Inbox::Spare(id, buf) => self.engine.handle_chunk_buffer(id, buf),
                     Inbox::DiskFailed(id, e) => {
                         self.writers.remove(&id);
                         self.engine.handle_disk_error(id, e, now);
@@ -289,10 +292,15 @@ impl Driver {
         }
         let mut closed = false;
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-            // Straight into the engine's frame decoder: block data is copied
-            // once, by the kernel, before it is hashed into its chunk.
-            while let Some(space) = self.engine.peer_recv_buf(id) {
-                match p.conn.read_once(space) {
+            // Block data straight into its chunk, the rest into the engine's
+            // frame decoder: block data is copied once, by the kernel.
+            while let Some((data, frames)) = self.engine.peer_recv_bufs(id) {
+                let read = if data.is_empty() {
+                    p.conn.read_once(frames)
+                } else {
+                    p.conn.read_vectored_once(&mut [io::IoSliceMut::new(data), io::IoSliceMut::new(frames)])
+                };
+                match read {
                     Ok(n) => self.engine.handle_peer_received(id, n, now),
                     Err(outcome) => {
                         closed = matches!(outcome, ReadOutcome::Closed);
@@ -464,6 +472,7 @@ impl Driver {
         let report = move |ev: WriterEvent| {
             let _ = tx.send(match ev {
                 WriterEvent::Checked(chunk, ok) => Inbox::Checked(id, chunk, ok),
+                WriterEvent::Spare(buf) => Inbox::Spare(id, buf),
                 WriterEvent::Failed(e) => Inbox::DiskFailed(id, e),
                 WriterEvent::Finished(r) => Inbox::Finished(id, r),
             });

@@ -77,8 +77,13 @@ impl Conn {
     /// One read into `buf`: the byte count, or why there is nothing (more)
     /// for now. Retries reads interrupted by a signal.
     pub fn read_once(&mut self, buf: &mut [u8]) -> Result<usize, ReadOutcome> {
+        self.read_vectored_once(&mut [io::IoSliceMut::new(buf)])
+    }
+
+    /// One read filling `bufs` in order (`readv`), as [`Conn::read_once`].
+    pub fn read_vectored_once(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> Result<usize, ReadOutcome> {
         loop {
-            return match self.stream.read(buf) {
+            return match self.stream.read_vectored(bufs) {
                 Ok(0) => Err(ReadOutcome::Closed),
                 Ok(n) => Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(ReadOutcome::Open),

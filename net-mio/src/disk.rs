@@ -217,6 +217,8 @@ pub enum WriterMsg {
 pub enum WriterEvent {
     /// A chunk matched its SHA1 and is written (true), or did not and was not.
     Checked(u32, bool),
+    /// A chunk's buffer, done with: for the download to reuse.
+    Spare(Vec<u8>),
     Failed(String),
     Finished(Result<(), String>),
 }
@@ -274,6 +276,7 @@ impl PartFile {
                 cursor: 0,
                 hasher: Sha1::new(),
                 held: std::collections::BTreeMap::new(),
+                spent: Vec::new(),
                 buf: Vec::new(),
                 size,
                 file,
@@ -287,6 +290,9 @@ impl PartFile {
                     WriterMsg::Chunk(c, data, _) => {
                         if let Err(e) = w.take(c, data) {
                             return r(WriterEvent::Failed(e));
+                        }
+                        for buf in w.spent.drain(..) {
+                            r(WriterEvent::Spare(buf));
                         }
                     }
                     WriterMsg::State(_) => {}
@@ -314,6 +320,7 @@ impl PartFile {
                     WriterMsg::Chunk(c, data, sha1) => {
                         if !sha1.matches(&data) {
                             report(WriterEvent::Checked(c, false));
+                            report(WriterEvent::Spare(data));
                             continue;
                         }
                         if let Err(e) = self.write_chunk(c, &data) {
@@ -350,6 +357,8 @@ struct PrefixHasher {
     hasher: Sha1,
     /// Written chunks past the cursor, kept to hash without reading back.
     held: std::collections::BTreeMap<u32, Vec<u8>>,
+    /// Chunk buffers hashed (or not kept): to hand back for reuse.
+    spent: Vec<Vec<u8>>,
     buf: Vec<u8>,
     size: u64,
     file: File,
@@ -470,9 +479,12 @@ impl PrefixHasher {
         self.written.set(c);
         if c != self.cursor && self.held.len() < MAX_HELD_CHUNKS {
             self.held.insert(c, data);
-        } else if c == self.cursor {
-            self.hasher.update(&data);
-            self.cursor += 1;
+        } else {
+            if c == self.cursor {
+                self.hasher.update(&data);
+                self.cursor += 1;
+            }
+            self.spent.push(data);
         }
         self.advance()
     }
@@ -482,7 +494,10 @@ impl PrefixHasher {
         while self.cursor < self.written.len() && self.written.get(self.cursor) {
             let c = self.cursor;
             match self.held.remove(&c) {
-                Some(data) => self.hasher.update(&data),
+                Some(data) => {
+                    self.hasher.update(&data);
+                    self.spent.push(data);
+                }
                 None => {
                     let len = chunk_len(self.size, c as u64) as usize;
                     self.buf.resize(len, 0);

@@ -1123,6 +1123,8 @@ impl World {
                 self.record(line);
                 let now = self.client_now(client);
                 self.clients[client].engine.handle_chunk_checked(id, chunk, ok, now);
+                // The buffer comes back for reuse, its old bytes still in it.
+                self.clients[client].engine.handle_chunk_buffer(id, data);
                 self.drain_client(client);
             }
             Event::CloseConn { conn } => self.reset(conn),

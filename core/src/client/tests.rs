@@ -107,6 +107,17 @@ fn answer_all(
     rest
 }
 
+/// Logs `e` in as "me", the tracker answering with `reply`.
+fn log_in(e: &mut ClientEngine, reply: impl Fn(&Request) -> Result<Reply, ApiError>) {
+    let login = ShellCommand::Login { user: UserId::new("me").unwrap(), password: "pw".into() };
+    e.handle_command(Ticket(1), login, Millis(0));
+    drain(e);
+    e.handle_tracker_connected(Millis(0));
+    let outs = drain(e);
+    answer_all(e, outs, reply);
+    assert!(e.user().is_some());
+}
+
 /// A logged-in engine sharing a 4 MiB file in group g, with one accepted peer
 /// connection that passed the grant check.
 fn serving_engine() -> (ClientEngine, crate::download::PeerConnId) {
@@ -118,16 +129,7 @@ fn serving_engine() -> (ClientEngine, crate::download::PeerConnId) {
         Request::CheckGrant { .. } => Ok(Reply::GrantValid { user: UserId::new("dl").unwrap() }),
         _ => Ok(Reply::Done),
     };
-    e.handle_command(
-        Ticket(1),
-        ShellCommand::Login { user: UserId::new("me").unwrap(), password: "pw".into() },
-        Millis(0),
-    );
-    drain(&mut e);
-    e.handle_tracker_connected(Millis(0));
-    let outs = drain(&mut e);
-    answer_all(&mut e, outs, tracker_reply);
-    assert!(e.user().is_some());
+    log_in(&mut e, tracker_reply);
     let g = GroupId::new("g").unwrap();
     e.handle_command(Ticket(2), ShellCommand::UploadFile { path: "/x/f.bin".into(), group: g.clone() }, Millis(0));
     let job = drain(&mut e)
@@ -231,4 +233,123 @@ fn a_request_after_a_quiet_spell_waits_its_full_timeout() {
     // Silent for the whole timeout after the request: now it fails over.
     e.handle_timeout(deadline);
     assert!(drain(&mut e).contains(&ClientOutput::Disconnect));
+}
+
+/// A logged-in engine downloading `content` (file f.bin of group g) from one
+/// peer: the peer connection is open and its chunk map and requests are the
+/// next thing the test sends.
+fn downloading_engine(content: &[u8]) -> (ClientEngine, crate::download::PeerConnId, DownloadId) {
+    use crate::peer::{Bitmap, Grant};
+    let mut e = engine();
+    let mut h = crate::chunk::FileHasher::new();
+    h.update(content).unwrap();
+    let digest = h.finish().unwrap();
+    let peer: std::net::SocketAddr = "127.0.0.1:7000".parse().unwrap();
+    let reply = |req: &Request| match req {
+        Request::Login { .. } => Ok(Reply::Session { token: SessionToken([5; 16]) }),
+        Request::DownloadFile { .. } => {
+            Ok(Reply::Download { digest: digest.clone(), sharers: vec![peer], grant: Grant([1; 16]) })
+        }
+        _ => Ok(Reply::Done),
+    };
+    log_in(&mut e, reply);
+    let cmd = ShellCommand::DownloadFile {
+        group: GroupId::new("g").unwrap(),
+        name: FileName::new("f.bin").unwrap(),
+        destination: "/dl/".into(),
+    };
+    e.handle_command(Ticket(2), cmd, Millis(0));
+    let outs = drain(&mut e);
+    let rest = answer_all(&mut e, outs, reply);
+    let rest = [rest, drain(&mut e)].concat();
+    let id = rest
+        .iter()
+        .find_map(|o| if let ClientOutput::PrepareDownload { id, .. } = o { Some(*id) } else { None })
+        .expect("the download prepares its part file");
+    let n = digest.chunks.len() as u32;
+    let prepared =
+        Prepared { final_path: "/dl/f.bin".into(), part_path: "/dl/f.bin.part".into(), have: Bitmap::new(n) };
+    e.handle_download_prepared(id, Ok(prepared), Millis(0));
+    let conn = drain(&mut e)
+        .iter()
+        .find_map(|o| if let ClientOutput::PeerConnect { conn, .. } = o { Some(*conn) } else { None })
+        .expect("connects to the sharer");
+    e.handle_peer_connected(conn, Millis(0));
+    drain(&mut e);
+    (e, conn, id)
+}
+
+/// Block requests among `outs`, in order.
+fn peer_requests(outs: &[ClientOutput]) -> Vec<(u32, u32, u32)> {
+    use crate::peer::PeerMessage;
+    let mut v = Vec::new();
+    for o in outs {
+        if let ClientOutput::PeerTransmit { bytes, .. } = o {
+            let mut d = FrameDecoder::new(crate::peer::MAX_PEER_FRAME);
+            d.push(bytes);
+            while let Ok(Some(PeerMessage::Request { chunk, offset, len })) = d.next_message::<PeerMessage>() {
+                v.push((chunk, offset, len));
+            }
+        }
+    }
+    v
+}
+
+proptest::proptest! {
+    /// A sharer's bytes arrive in reads of any size, as a socket gives them:
+    /// block data lands straight in its chunk (`peer_recv_bufs`), the rest
+    /// goes through the frame decoder, and every chunk handed out to be
+    /// checked holds exactly the file's bytes; the download completes.
+    #[test]
+    fn block_data_received_in_place_assembles_every_chunk(
+        len in 1usize..(3 * crate::chunk::CHUNK_SIZE as usize),
+        seed in proptest::prelude::any::<u64>(),
+        haves in proptest::prelude::any::<bool>(),
+    ) {
+        use crate::peer::{Bitmap, Load, PeerMessage, encode_block};
+        let mut content = vec![0u8; len];
+        Rng::from_u64(seed).fill(&mut content);
+        let (mut e, conn, id) = downloading_engine(&content);
+        let n = crate::chunk::chunk_count(len as u64) as u32;
+        let mut wire = encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
+        wire.extend(encode(&PeerMessage::Have { chunks: Bitmap::full(n), load: Load::default() }));
+        let mut rng = Rng::from_u64(seed ^ 0x5eed);
+        let mut checked = Bitmap::new(n);
+        let mut step = 0;
+        while !checked.is_full() {
+            step += 1;
+            proptest::prop_assert!(step < 100_000, "no progress");
+            // The sharer answers every request so far.
+            let outs = drain(&mut e);
+            for (chunk, offset, l) in peer_requests(&outs) {
+                let at = crate::download::chunk_offset(chunk) as usize + offset as usize;
+                wire.extend(encode_block(chunk, offset, Load::default(), &content[at..at + l as usize]));
+                if haves && rng.below(3) == 0 {
+                    wire.extend(encode(&PeerMessage::HaveOne { chunk }));
+                }
+            }
+            for o in outs {
+                if let ClientOutput::WriteChunk { id: i, chunk, data, sha1 } = o {
+                    let at = crate::download::chunk_offset(chunk) as usize;
+                    proptest::prop_assert!(data[..] == content[at..at + data.len()], "chunk {} assembled wrong", chunk);
+                    proptest::prop_assert!(sha1.matches(&data));
+                    checked.set(chunk);
+                    e.handle_chunk_checked(i, chunk, true, Millis(0));
+                }
+            }
+            if wire.is_empty() || checked.is_full() {
+                continue;
+            }
+            // One read: up to a random count, filling data space first.
+            let Some((data, frames)) = e.peer_recv_bufs(conn) else { proptest::prop_assert!(false, "connection dropped"); unreachable!() };
+            let want = 1 + rng.below(wire.len().min(70_000) as u64) as usize;
+            let a = data.len().min(want);
+            data[..a].copy_from_slice(&wire[..a]);
+            let b = frames.len().min(want - a);
+            frames[..b].copy_from_slice(&wire[a..a + b]);
+            wire.drain(..a + b);
+            e.handle_peer_received(conn, a + b, Millis(0));
+        }
+        let _ = id;
+    }
 }

@@ -25,8 +25,13 @@ use crate::wire::{encode, FrameDecoder};
 pub const MAX_UPLOAD_CONNECTIONS: usize = 64;
 /// Unsent bytes on an upload connection above which no more blocks are read.
 pub const SEND_HIGH_WATER: usize = 1 << 20;
-/// Receive space offered per read on a download's connection: several blocks.
+/// Most receive space offered per read into a download connection's frame
+/// decoder (for a long non-block frame such as a large chunk map).
 const PEER_RECV_WINDOW: usize = 256 * 1024;
+/// Receive space offered for what follows a block's data: enough for the
+/// next block's header (and a short message or two), so that the next
+/// block's data is read into its chunk rather than copied there.
+const HEAD_WINDOW: usize = 64;
 /// Receive space offered per read on a serving connection (requests are small).
 const SERVE_RECV_WINDOW: usize = 16 * 1024;
 /// Connection ids of outgoing (download) connections have this bit set; the
@@ -106,8 +111,27 @@ pub(super) struct Upload {
 }
 
 pub(super) enum PeerLink {
-    Out { download: DownloadId, decoder: FrameDecoder },
+    Out {
+        download: DownloadId,
+        decoder: FrameDecoder,
+        /// The block whose data is being received straight into its chunk.
+        stream: Option<BlockStream>,
+    },
     In(Box<Upload>),
+}
+
+/// A block whose header has been read and whose data arrives next.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct BlockStream {
+    chunk: u32,
+    /// Where the next data byte goes in the chunk.
+    offset: u32,
+    load: Load,
+    /// Data bytes still to come.
+    left: u32,
+    /// The chunk no longer wants them (its fetch was cancelled meanwhile):
+    /// they are read and dropped.
+    discard: bool,
 }
 
 /// A snapshot of a download, for programs that embed the client (demo, bench).
@@ -320,6 +344,14 @@ impl ClientEngine {
         self.drain_download(id, now);
     }
 
+    /// A chunk buffer from a [`ClientOutput::WriteChunk`] the driver is done
+    /// with (written and hashed, or refused): the download reuses it.
+    pub fn handle_chunk_buffer(&mut self, id: DownloadId, buf: Vec<u8>) {
+        if let Some(DownloadEntry { state: DlState::Running(dl), .. }) = self.downloads.get_mut(&id) {
+            dl.reuse_buffer(buf);
+        }
+    }
+
     /// Writing a chunk or the sidecar failed: the download cannot go on.
     pub fn handle_disk_error(&mut self, id: DownloadId, err: String, now: Millis) {
         self.fail_download(id, format!("disk error: {err}"), now);
@@ -481,50 +513,115 @@ impl ClientEngine {
     }
 
     /// Bytes arrived on a peer connection (a copy; the driver of real sockets
-    /// reads in place with [`ClientEngine::peer_recv_buf`] instead).
+    /// reads in place with [`ClientEngine::peer_recv_bufs`] instead).
     pub fn handle_peer_bytes(&mut self, conn: PeerConnId, mut bytes: &[u8], now: Millis) {
         while !bytes.is_empty() {
-            let Some(buf) = self.peer_recv_buf(conn) else { return };
-            let n = buf.len().min(bytes.len());
-            buf[..n].copy_from_slice(&bytes[..n]);
-            self.handle_peer_received(conn, n, now);
-            bytes = &bytes[n..];
+            let Some((data, frames)) = self.peer_recv_bufs(conn) else { return };
+            let a = data.len().min(bytes.len());
+            data[..a].copy_from_slice(&bytes[..a]);
+            let b = frames.len().min(bytes.len() - a);
+            frames[..b].copy_from_slice(&bytes[a..a + b]);
+            self.handle_peer_received(conn, a + b, now);
+            bytes = &bytes[a + b..];
         }
     }
 
-    /// Where to read the next bytes of a peer connection: free space in its
-    /// frame decoder, so a block's bytes are copied once on their way from
-    /// the socket to the chunk. `None` if the connection is not known (any
-    /// more). Report what was read with [`ClientEngine::handle_peer_received`].
-    pub fn peer_recv_buf(&mut self, conn: PeerConnId) -> Option<&mut [u8]> {
+    /// Where to read the next bytes of a peer connection, in order: first
+    /// into `data` (possibly empty: the rest of the block being received,
+    /// straight into its chunk's buffer), then into `frames` (free space in
+    /// the connection's frame decoder; never empty). A read fills `data`
+    /// before any byte goes to `frames` (`readv`). So block data is copied
+    /// once, by the kernel, from the socket to its chunk. `None` if the
+    /// connection is not known (any more). Report what was read with
+    /// [`ClientEngine::handle_peer_received`].
+    pub fn peer_recv_bufs(&mut self, conn: PeerConnId) -> Option<(&mut [u8], &mut [u8])> {
         match self.peers.get_mut(&conn)? {
-            PeerLink::Out { decoder, .. } => Some(decoder.recv_buf(PEER_RECV_WINDOW)),
-            PeerLink::In(up) => Some(up.decoder.recv_buf(SERVE_RECV_WINDOW)),
+            PeerLink::In(up) => Some((&mut [], up.decoder.recv_buf(SERVE_RECV_WINDOW))),
+            PeerLink::Out { download, decoder, stream } => {
+                let dl = match self.downloads.get_mut(download) {
+                    Some(DownloadEntry { state: DlState::Running(dl), .. }) => Some(dl),
+                    _ => None,
+                };
+                let Some(s) = stream else {
+                    // A long frame that is not a block is read whole; the
+                    // start of anything else just far enough to see where
+                    // a block's data goes.
+                    let window = match decoder.partial_frame() {
+                        Some((len, held))
+                            if held.len() < HEAD_WINDOW
+                                && held.first().is_none_or(|&t| t == BLOCK_TAG_BYTE)
+                                && crate::peer::decode_block_head(len, held).is_none() =>
+                        {
+                            HEAD_WINDOW
+                        }
+                        Some((len, held)) => (len - held.len()).clamp(HEAD_WINDOW, PEER_RECV_WINDOW),
+                        None => HEAD_WINDOW,
+                    };
+                    return Some((&mut [], decoder.recv_buf(window)));
+                };
+                let space = dl.and_then(|dl| dl.recv_space(conn, s.chunk, s.offset)).filter(|_| !s.discard);
+                match space {
+                    Some(space) => Some((&mut space[..s.left as usize], decoder.recv_buf(HEAD_WINDOW))),
+                    None => {
+                        s.discard = true;
+                        Some((&mut [], decoder.recv_buf((s.left as usize).min(PEER_RECV_WINDOW))))
+                    }
+                }
+            }
         }
     }
 
-    /// `n` bytes were read into [`ClientEngine::peer_recv_buf`]'s space.
+    /// `n` bytes were read into [`ClientEngine::peer_recv_bufs`]' spaces.
     pub fn handle_peer_received(&mut self, conn: PeerConnId, n: usize, now: Millis) {
         match self.peers.get_mut(&conn) {
             None => {}
-            Some(PeerLink::Out { download, decoder }) => {
+            Some(PeerLink::Out { download, decoder, stream }) => {
                 let id = *download;
-                decoder.commit(n);
                 let Some(DownloadEntry { state: DlState::Running(dl), .. }) = self.downloads.get_mut(&id) else {
-                    return;
+                    return decoder.commit(n);
                 };
+                match stream {
+                    Some(s) if s.discard => {
+                        decoder.commit(n);
+                        let k = n.min(s.left as usize);
+                        decoder.skip(k);
+                        s.left -= k as u32;
+                    }
+                    Some(s) => {
+                        let k = n.min(s.left as usize);
+                        decoder.commit(n - k);
+                        s.left -= k as u32;
+                        let (chunk, offset, load) = (s.chunk, s.offset, s.load);
+                        s.offset += k as u32;
+                        if k > 0 {
+                            dl.handle_block_landed(conn, chunk, offset, load, k as u32, now);
+                        }
+                    }
+                    None => decoder.commit(n),
+                }
+                if stream.is_some_and(|s| s.left == 0) {
+                    *stream = None;
+                }
                 let mut bad = false;
-                loop {
+                while dl.owns(conn) {
                     let body = match decoder.next_frame() {
                         Ok(Some(body)) => body,
-                        Ok(None) => break,
+                        Ok(None) => {
+                            // A block whose data is still on its way: take the
+                            // data that came with its header, then receive
+                            // the rest in place.
+                            if stream.is_none() {
+                                *stream = start_stream(dl, conn, decoder, now);
+                            }
+                            break;
+                        }
                         Err(e) => {
                             tracing::debug!(conn = conn.0, error = %e, "bad frame from a peer");
                             bad = true;
                             break;
                         }
                     };
-                    // Blocks, the bulk of the traffic, are read in place.
+                    // Blocks that arrived whole are read in place too.
                     if let Some(b) = crate::peer::decode_block(body) {
                         dl.handle_block(conn, b.chunk, b.offset, b.load, b.data, now);
                     } else {
@@ -535,9 +632,6 @@ impl ClientEngine {
                                 break;
                             }
                         }
-                    }
-                    if !dl.owns(conn) {
-                        break;
                     }
                 }
                 if bad && dl.owns(conn) {
@@ -685,7 +779,7 @@ impl ClientEngine {
             match o {
                 DownloadOutput::Connect { peer, addr } => {
                     let decoder = FrameDecoder::new(MAX_PEER_FRAME);
-                    self.peers.insert(peer, PeerLink::Out { download: id, decoder });
+                    self.peers.insert(peer, PeerLink::Out { download: id, decoder, stream: None });
                     self.out.push_back(ClientOutput::PeerConnect { conn: peer, addr });
                 }
                 DownloadOutput::Send { peer, msg } => self.peer_send(peer, &msg),
@@ -832,4 +926,35 @@ impl ClientEngine {
             }
         }
     }
+}
+
+/// The first byte of a `Block` frame's body.
+const BLOCK_TAG_BYTE: u8 = crate::peer::BLOCK_TAG;
+
+/// If the decoder holds the start of a block frame, header complete, whose
+/// data `dl` expects next from `conn`: moves the data that came with the
+/// header into the chunk and returns the stream for the rest. Otherwise
+/// the frame stays in the decoder, to be handled whole.
+fn start_stream(dl: &mut Download, conn: PeerConnId, decoder: &mut FrameDecoder, now: Millis) -> Option<BlockStream> {
+    let (len, held) = decoder.partial_frame()?;
+    let h = crate::peer::decode_block_head(len, held)?;
+    let present = &held[h.header_len..];
+    let space = dl.recv_space(conn, h.chunk, h.offset)?;
+    if h.len == 0 || h.len as usize > space.len() {
+        return None;
+    }
+    let k = present.len();
+    space[..k].copy_from_slice(present);
+    decoder.take_partial(h.header_len + k);
+    if k > 0 {
+        dl.handle_block_landed(conn, h.chunk, h.offset, h.load, k as u32, now);
+    }
+    let s = BlockStream {
+        chunk: h.chunk,
+        offset: h.offset + k as u32,
+        load: h.load,
+        left: h.len - k as u32,
+        discard: false,
+    };
+    Some(s)
 }
