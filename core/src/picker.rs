@@ -31,6 +31,10 @@ pub struct PieceSelector {
     in_flight: Vec<u8>,
     /// Chunks that arrived whole and wait for their SHA1 verdict.
     checking: Bitmap,
+    /// How many free chunks (not done, checking or in flight) have each
+    /// availability: the lowest one bounds what a scan can still find, so
+    /// `pick` stops once its window holds that many of the rarest.
+    free_at: Vec<u32>,
     window: usize,
 }
 
@@ -39,7 +43,44 @@ impl PieceSelector {
     pub fn new(done: Bitmap, window: usize) -> PieceSelector {
         let n = done.len() as usize;
         let checking = Bitmap::new(done.len());
-        PieceSelector { done, availability: vec![0; n], in_flight: vec![0; n], checking, window: window.max(1) }
+        let free_at = vec![done.len() - done.count()];
+        PieceSelector {
+            done,
+            availability: vec![0; n],
+            in_flight: vec![0; n],
+            checking,
+            free_at,
+            window: window.max(1),
+        }
+    }
+
+    fn is_free(&self, c: u32) -> bool {
+        !self.done.get(c) && !self.checking.get(c) && self.in_flight[c as usize] == 0
+    }
+
+    /// Moves a chunk's availability by `delta`, keeping `free_at` right.
+    fn shift_availability(&mut self, c: u32, up: bool) {
+        let i = c as usize;
+        let free = self.is_free(c);
+        if free {
+            self.free_at[self.availability[i] as usize] -= 1;
+        }
+        let a = &mut self.availability[i];
+        *a = if up { a.saturating_add(1) } else { a.saturating_sub(1) };
+        if free {
+            self.count_if_free(c);
+        }
+    }
+
+    /// A chunk became free (if it is): count it.
+    fn count_if_free(&mut self, c: u32) {
+        if self.is_free(c) {
+            let a = self.availability[c as usize] as usize;
+            if self.free_at.len() <= a {
+                self.free_at.resize(a + 1, 0);
+            }
+            self.free_at[a] += 1;
+        }
     }
 
     pub fn done(&self) -> &Bitmap {
@@ -70,47 +111,61 @@ impl PieceSelector {
     /// A peer joined with this chunk map (already checked to fit).
     pub fn add_peer(&mut self, have: &Bitmap) {
         for c in have.iter_set() {
-            self.availability[c as usize] += 1;
+            self.shift_availability(c, true);
         }
     }
 
     /// A peer left; `have` is its chunk map as it was last known.
     pub fn remove_peer(&mut self, have: &Bitmap) {
         for c in have.iter_set() {
-            self.availability[c as usize] = self.availability[c as usize].saturating_sub(1);
+            self.shift_availability(c, false);
         }
     }
 
     /// A connected peer gained a chunk.
     pub fn add_have(&mut self, chunk: u32) {
-        if let Some(a) = self.availability.get_mut(chunk as usize) {
-            *a += 1;
+        if chunk < self.done.len() {
+            self.shift_availability(chunk, true);
         }
     }
 
     /// The chunk a peer with map `have` should fetch next, or `None`.
     /// `fetching` are the chunks that peer is already fetching.
     pub fn pick(&mut self, have: &Bitmap, fetching: &[u32], rng: &mut Rng) -> Option<u32> {
+        // No free chunk is rarer than this.
+        let floor = self.free_at.iter().position(|&n| n > 0).unwrap_or(usize::MAX) as u32;
         let mut best: Vec<(u32, u32)> = Vec::with_capacity(self.window + 1);
         let mut endgame: Option<(u8, u32, u32)> = None;
-        for c in have.iter_set() {
-            let i = c as usize;
-            if self.done.get(c) || self.checking.get(c) || fetching.contains(&c) {
-                continue;
-            }
-            if self.in_flight[i] == 0 {
-                let key = (self.availability[i], c);
-                if best.len() < self.window {
-                    best.push(key);
-                } else if let Some(worst) = best.iter_mut().max() {
-                    if key < *worst {
-                        *worst = key;
-                    }
+        // Chunks the peer has that are neither done nor being checked, eight at a time.
+        let (h, d, k) = (have.to_bytes(), self.done.to_bytes(), self.checking.to_bytes());
+        'scan: for (byte, ((&h, &d), &k)) in h.iter().zip(d).zip(k).enumerate() {
+            let mut bits = h & !(d | k);
+            while bits != 0 {
+                let c = byte as u32 * 8 + bits.trailing_zeros();
+                bits &= bits - 1;
+                let i = c as usize;
+                if c >= self.done.len() || fetching.contains(&c) {
+                    continue;
                 }
-            } else if self.in_flight[i] < MAX_ENDGAME_COPIES {
-                let key = (self.in_flight[i], self.availability[i], c);
-                if endgame.is_none_or(|e| key < e) {
-                    endgame = Some(key);
+                if self.in_flight[i] == 0 {
+                    let key = (self.availability[i], c);
+                    if best.len() < self.window {
+                        best.push(key);
+                    } else if let Some(worst) = best.iter_mut().max() {
+                        if key < *worst {
+                            *worst = key;
+                        }
+                    }
+                    // Later chunks cannot be rarer than the floor, and at
+                    // equal rarity the lower index already won.
+                    if best.len() == self.window && best.iter().all(|&(a, _)| a <= floor) {
+                        break 'scan;
+                    }
+                } else if self.in_flight[i] < MAX_ENDGAME_COPIES {
+                    let key = (self.in_flight[i], self.availability[i], c);
+                    if endgame.is_none_or(|e| key < e) {
+                        endgame = Some(key);
+                    }
                 }
             }
         }
@@ -122,8 +177,22 @@ impl PieceSelector {
         } else {
             return None;
         };
+        if self.is_free(chunk) {
+            self.free_at[self.availability[chunk as usize] as usize] -= 1;
+        }
         self.in_flight[chunk as usize] += 1;
         Some(chunk)
+    }
+
+    /// `free_at` agrees with the chunks' states (tests).
+    #[cfg(test)]
+    fn assert_counts(&self) {
+        let mut want = vec![0u32; self.free_at.len().max(1)];
+        for c in (0..self.done.len()).filter(|&c| self.is_free(c)) {
+            want[self.availability[c as usize] as usize] += 1;
+        }
+        want.resize(self.free_at.len(), 0);
+        assert_eq!(self.free_at, want);
     }
 
     fn all_missing_in_flight(&self) -> bool {
@@ -133,26 +202,36 @@ impl PieceSelector {
     /// A fetch of `chunk` ended before the chunk arrived (stall, hang-up, cancelled copy).
     pub fn abandon(&mut self, chunk: u32) {
         let f = &mut self.in_flight[chunk as usize];
-        *f = f.saturating_sub(1);
+        if *f > 0 {
+            *f -= 1;
+            self.count_if_free(chunk);
+        }
     }
 
     /// A fetch of `chunk` brought it whole; its SHA1 is being checked. Other
     /// fetches of it should be cancelled by the caller and reported with
     /// [`PieceSelector::abandon`].
     pub fn received(&mut self, chunk: u32) {
-        self.abandon(chunk);
         self.checking.set(chunk);
+        self.abandon(chunk);
     }
 
     /// `chunk` passed its SHA1 (and is stored).
     pub fn verified(&mut self, chunk: u32) {
+        if self.is_free(chunk) {
+            // Not through `received` (a caller's shortcut): it stops being free.
+            self.free_at[self.availability[chunk as usize] as usize] -= 1;
+        }
         self.checking.clear(chunk);
         self.done.set(chunk);
     }
 
     /// `chunk` failed its SHA1: it is free to fetch again.
     pub fn rejected(&mut self, chunk: u32) {
-        self.checking.clear(chunk);
+        if self.checking.get(chunk) {
+            self.checking.clear(chunk);
+            self.count_if_free(chunk);
+        }
     }
 }
 
@@ -160,7 +239,7 @@ impl PieceSelector {
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use proptest::prelude::{any, prop_assert, proptest};
+    use proptest::prelude::{any, prop_assert, prop_assert_eq, proptest};
 
     fn map(n: u32, set: &[u32]) -> Bitmap {
         let mut b = Bitmap::new(n);
@@ -168,6 +247,33 @@ mod tests {
             b.set(c);
         }
         b
+    }
+
+    /// The plain scan `pick` must agree with: every chunk, no shortcuts.
+    fn reference_pick(s: &PieceSelector, have: &Bitmap, fetching: &[u32], rng: &mut Rng) -> Option<u32> {
+        let mut free: Vec<(u32, u32)> = Vec::new();
+        let mut endgame: Option<(u8, u32, u32)> = None;
+        for c in have.iter_set() {
+            let i = c as usize;
+            if s.done.get(c) || s.checking.get(c) || fetching.contains(&c) {
+                continue;
+            }
+            if s.in_flight[i] == 0 {
+                free.push((s.availability[i], c));
+            } else if s.in_flight[i] < MAX_ENDGAME_COPIES {
+                let key = (s.in_flight[i], s.availability[i], c);
+                endgame = endgame.min(Some(key)).or(Some(key));
+            }
+        }
+        free.sort_unstable();
+        free.truncate(s.window);
+        if !free.is_empty() {
+            Some(free[rng.below(free.len() as u64) as usize].1)
+        } else if s.all_missing_in_flight() {
+            endgame.map(|e| e.2)
+        } else {
+            None
+        }
     }
 
     #[test]
@@ -233,7 +339,7 @@ mod tests {
         /// more copies than allowed.
         #[test]
         fn picks_are_always_legal_and_finish(n in 1u32..40, peers in proptest::collection::vec(proptest::collection::vec(any::<bool>(), 40), 1..5), seed in any::<u64>(), fail_every in 2u64..7) {
-            let maps: Vec<Bitmap> = peers.iter().map(|bits| {
+            let mut maps: Vec<Bitmap> = peers.iter().map(|bits| {
                 let mut b = Bitmap::new(n);
                 for (i, &x) in bits.iter().take(n as usize).enumerate() { if x { b.set(i as u32); } }
                 b
@@ -255,9 +361,31 @@ mod tests {
                     if rng.below(fail_every) == 0 { s.rejected(c) } else { s.verified(c) }
                     continue;
                 }
+                s.assert_counts();
                 let p = rng.below(maps.len() as u64) as usize;
+                // Now and then a peer leaves (its fetches end) and comes
+                // back, or gains a chunk.
+                if rng.below(25) == 0 {
+                    s.remove_peer(&maps[p]);
+                    for c in fetching[p].drain(..) {
+                        s.abandon(c);
+                    }
+                    s.add_peer(&maps[p]);
+                    continue;
+                }
+                if rng.below(25) == 0 {
+                    let c = rng.below(n as u64) as u32;
+                    if !maps[p].get(c) {
+                        maps[p].set(c);
+                        s.add_have(c);
+                    }
+                    continue;
+                }
                 if fetching[p].len() < 2 {
-                    if let Some(c) = s.pick(&maps[p], &fetching[p], &mut rng) {
+                    let expected = reference_pick(&s, &maps[p], &fetching[p], &mut rng.clone());
+                    let picked = s.pick(&maps[p], &fetching[p], &mut rng);
+                    prop_assert_eq!(picked, expected);
+                    if let Some(c) = picked {
                         prop_assert!(maps[p].get(c) && !s.done().get(c) && !s.is_checking(c));
                         prop_assert!(s.in_flight(c) <= MAX_ENDGAME_COPIES);
                         fetching[p].push(c);

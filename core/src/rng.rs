@@ -7,6 +7,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
 /// A seeded, portable PRNG (ChaCha20: its output is the same on every platform).
+#[derive(Clone)]
 pub struct Rng(ChaCha20Rng);
 
 impl Rng {
