@@ -176,4 +176,39 @@ fn main() {
     for (i, chunk) in to_one.chunks(8).take(6).enumerate() {
         write("tracker_link", &format!("part{i}"), &framed(chunk));
     }
+    // download_stream: a sharer's answer to the requests a downloading
+    // engine makes (found by running it), whole and with one byte flipped.
+    let (stream, corrupt) = sharer_stream();
+    write("download_stream", "answer", &[[3].as_slice(), &stream].concat());
+    write("download_stream", "answer_small_reads", &[[200].as_slice(), &stream].concat());
+    write("download_stream", "corrupt", &[[9].as_slice(), &corrupt].concat());
+}
+
+/// The bytes a sharer sends a downloading engine (`fuzzing::downloading_engine`):
+/// handshake, chunk map, then every requested block in order; and the same
+/// with one data byte flipped.
+fn sharer_stream() -> (Vec<u8>, Vec<u8>) {
+    use shoal_core::client::ClientOutput;
+    use shoal_core::peer::{encode_block, Bitmap, Load, PeerMessage};
+    use shoal_core::wire::FrameDecoder;
+    let content = shoal_core::fuzzing::download_stream_content();
+    let (mut e, conn, _) = shoal_core::fuzzing::downloading_engine(&content);
+    let n = shoal_core::chunk::chunk_count(content.len() as u64) as u32;
+    let mut stream = encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
+    stream.extend(encode(&PeerMessage::Have { chunks: Bitmap::full(n), load: Load::default() }));
+    e.handle_peer_bytes(conn, &stream, shoal_core::time::Millis(0));
+    let mut corrupt_at = 0;
+    for o in std::iter::from_fn(|| e.poll_output()) {
+        let ClientOutput::PeerTransmit { bytes, .. } = o else { continue };
+        let mut d = FrameDecoder::new(shoal_core::peer::MAX_PEER_FRAME);
+        d.push(&bytes);
+        while let Ok(Some(PeerMessage::Request { chunk, offset, len })) = d.next_message::<PeerMessage>() {
+            let at = shoal_core::download::chunk_offset(chunk) as usize + offset as usize;
+            stream.extend(encode_block(chunk, offset, Load::default(), &content[at..at + len as usize]));
+            corrupt_at = stream.len() - 1;
+        }
+    }
+    let mut corrupt = stream.clone();
+    corrupt[corrupt_at] ^= 0xff;
+    (stream, corrupt)
 }

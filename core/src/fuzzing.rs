@@ -245,3 +245,118 @@ pub fn tracker_link(data: &[u8]) {
     node.handle_bytes(conn, rest, crate::time::Millis(10_000));
     while node.poll_output().is_some() {}
 }
+
+/// The file [`download_stream`] downloads: two chunks and a bit, fixed.
+pub fn download_stream_content() -> Vec<u8> {
+    (0..(crate::chunk::CHUNK_SIZE as usize + 100)).map(|i| (i % 251) as u8).collect()
+}
+
+/// A logged-in client engine downloading `content` (file f.bin of group g)
+/// from one sharer, its connection open: what the sharer sends next goes
+/// through [`crate::client::ClientEngine::peer_recv_bufs`]. Returns the engine,
+/// the connection and the engine's outputs so far (the peer handshake).
+pub fn downloading_engine(
+    content: &[u8],
+) -> (crate::client::ClientEngine, crate::download::PeerConnId, Vec<crate::client::ClientOutput>) {
+    use crate::client::{ClientConfig, ClientEngine, ClientOutput, Prepared, Ticket};
+    use crate::ids::{FileName, GroupId, SessionToken, UserId};
+    use crate::peer::{Bitmap, Grant};
+    use crate::proto::{Reply, Request};
+    use crate::shell::ShellCommand;
+    let mut h = crate::chunk::FileHasher::new();
+    h.update(content).expect("small");
+    let digest = h.finish().expect("small");
+    let peer: std::net::SocketAddr = "127.0.0.1:7000".parse().expect("valid");
+    let cfg = ClientConfig::new("127.0.0.1:9".parse().expect("valid"), vec!["127.0.0.1:1".parse().expect("valid")]);
+    let mut e = ClientEngine::new(cfg, Rng::from_u64(3));
+    let drain = |e: &mut ClientEngine| std::iter::from_fn(|| e.poll_output()).collect::<Vec<_>>();
+    // Answers the requests among `outs` as the tracker would; returns the rest.
+    let answer = |e: &mut ClientEngine, outs: Vec<ClientOutput>| {
+        let mut rest = Vec::new();
+        for o in outs {
+            let ClientOutput::Transmit(bytes) = &o else {
+                rest.push(o);
+                continue;
+            };
+            if let Ok(Message::Request { id, body, .. }) = decode::<Message>(&bytes[4..]) {
+                let result = match body {
+                    Request::Login { .. } => Ok(Reply::Session { token: SessionToken([5; 16]) }),
+                    Request::DownloadFile { .. } => {
+                        Ok(Reply::Download { digest: digest.clone(), sharers: vec![peer], grant: Grant([1; 16]) })
+                    }
+                    _ => Ok(Reply::Done),
+                };
+                e.handle_tracker_bytes(&encode(&Message::Response { id, result }), Millis(0));
+            }
+        }
+        rest
+    };
+    let login = ShellCommand::Login { user: UserId::new("me").expect("valid"), password: "pw".into() };
+    e.handle_command(Ticket(1), login, Millis(0));
+    drain(&mut e);
+    e.handle_tracker_connected(Millis(0));
+    let outs = drain(&mut e);
+    answer(&mut e, outs);
+    let cmd = ShellCommand::DownloadFile {
+        group: GroupId::new("g").expect("valid"),
+        name: FileName::new("f.bin").expect("valid"),
+        destination: "/dl/".into(),
+    };
+    e.handle_command(Ticket(2), cmd, Millis(0));
+    let outs = drain(&mut e);
+    let rest = [answer(&mut e, outs), drain(&mut e)].concat();
+    let id = rest
+        .iter()
+        .find_map(|o| if let ClientOutput::PrepareDownload { id, .. } = o { Some(*id) } else { None })
+        .expect("the download prepares its part file");
+    let n = digest.chunks.len() as u32;
+    let prepared =
+        Prepared { final_path: "/dl/f.bin".into(), part_path: "/dl/f.bin.part".into(), have: Bitmap::new(n) };
+    e.handle_download_prepared(id, Ok(prepared), Millis(0));
+    let conn = drain(&mut e)
+        .iter()
+        .find_map(|o| if let ClientOutput::PeerConnect { conn, .. } = o { Some(*conn) } else { None })
+        .expect("connects to the sharer");
+    e.handle_peer_connected(conn, Millis(0));
+    let handshake = drain(&mut e);
+    (e, conn, handshake)
+}
+
+/// A sharer's byte stream into a downloading client engine, read the way a
+/// socket gives it (through `peer_recv_bufs`, block data straight into its
+/// chunk): the first byte sets the read sizes, the rest is the stream. No
+/// panic, receive space stays bounded, and a chunk handed out to be checked
+/// that passes its SHA1 is the file's chunk.
+pub fn download_stream(data: &[u8]) {
+    use crate::client::ClientOutput;
+    static CONTENT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let content = CONTENT.get_or_init(download_stream_content);
+    let Some((&sizes, mut stream)) = data.split_first() else { return };
+    let (mut e, conn, _) = downloading_engine(content);
+    let mut rng = Rng::from_u64(sizes as u64);
+    let mut now = 1;
+    while !stream.is_empty() {
+        let Some((space, frames)) = e.peer_recv_bufs(conn) else { return };
+        assert!(frames.len() <= 2 * crate::peer::MAX_PEER_FRAME, "receive space beyond the frame limit");
+        let want = 1 + rng.below(stream.len().min(1 << 17) as u64) as usize;
+        let a = space.len().min(want);
+        space[..a].copy_from_slice(&stream[..a]);
+        let b = frames.len().min(want - a);
+        frames[..b].copy_from_slice(&stream[a..a + b]);
+        stream = &stream[a + b..];
+        now += 10;
+        e.handle_peer_received(conn, a + b, Millis(now));
+        let outs: Vec<ClientOutput> = std::iter::from_fn(|| e.poll_output()).collect();
+        for o in outs {
+            if let ClientOutput::WriteChunk { id, chunk, data, sha1 } = o {
+                let ok = sha1.matches(&data);
+                if ok {
+                    let at = crate::download::chunk_offset(chunk) as usize;
+                    assert!(data[..] == content[at..at + data.len()], "chunk {chunk} matched its SHA1 but differs");
+                }
+                e.handle_chunk_checked(id, chunk, ok, Millis(now));
+                e.handle_chunk_buffer(id, data);
+            }
+        }
+    }
+}

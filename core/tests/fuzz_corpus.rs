@@ -29,7 +29,7 @@ fn replay(target: &str, f: fn(&[u8])) -> usize {
 
 #[test]
 fn every_corpus_input_passes_its_target() {
-    let targets: [Target; 10] = [
+    let targets: [Target; 11] = [
         ("frame_stream", fuzzing::frame_stream),
         ("message", fuzzing::message),
         ("shell_command", fuzzing::shell_command),
@@ -37,6 +37,7 @@ fn every_corpus_input_passes_its_target() {
         ("tracker_node", fuzzing::tracker_node),
         ("peer_message", fuzzing::peer_message),
         ("download_peer", fuzzing::download_peer),
+        ("download_stream", fuzzing::download_stream),
         ("sidecar", fuzzing::sidecar),
         ("wal_log", fuzzing::wal_log),
         ("tracker_link", fuzzing::tracker_link),

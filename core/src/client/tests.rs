@@ -235,50 +235,6 @@ fn a_request_after_a_quiet_spell_waits_its_full_timeout() {
     assert!(drain(&mut e).contains(&ClientOutput::Disconnect));
 }
 
-/// A logged-in engine downloading `content` (file f.bin of group g) from one
-/// peer: the peer connection is open and its chunk map and requests are the
-/// next thing the test sends.
-fn downloading_engine(content: &[u8]) -> (ClientEngine, crate::download::PeerConnId, DownloadId) {
-    use crate::peer::{Bitmap, Grant};
-    let mut e = engine();
-    let mut h = crate::chunk::FileHasher::new();
-    h.update(content).unwrap();
-    let digest = h.finish().unwrap();
-    let peer: std::net::SocketAddr = "127.0.0.1:7000".parse().unwrap();
-    let reply = |req: &Request| match req {
-        Request::Login { .. } => Ok(Reply::Session { token: SessionToken([5; 16]) }),
-        Request::DownloadFile { .. } => {
-            Ok(Reply::Download { digest: digest.clone(), sharers: vec![peer], grant: Grant([1; 16]) })
-        }
-        _ => Ok(Reply::Done),
-    };
-    log_in(&mut e, reply);
-    let cmd = ShellCommand::DownloadFile {
-        group: GroupId::new("g").unwrap(),
-        name: FileName::new("f.bin").unwrap(),
-        destination: "/dl/".into(),
-    };
-    e.handle_command(Ticket(2), cmd, Millis(0));
-    let outs = drain(&mut e);
-    let rest = answer_all(&mut e, outs, reply);
-    let rest = [rest, drain(&mut e)].concat();
-    let id = rest
-        .iter()
-        .find_map(|o| if let ClientOutput::PrepareDownload { id, .. } = o { Some(*id) } else { None })
-        .expect("the download prepares its part file");
-    let n = digest.chunks.len() as u32;
-    let prepared =
-        Prepared { final_path: "/dl/f.bin".into(), part_path: "/dl/f.bin.part".into(), have: Bitmap::new(n) };
-    e.handle_download_prepared(id, Ok(prepared), Millis(0));
-    let conn = drain(&mut e)
-        .iter()
-        .find_map(|o| if let ClientOutput::PeerConnect { conn, .. } = o { Some(*conn) } else { None })
-        .expect("connects to the sharer");
-    e.handle_peer_connected(conn, Millis(0));
-    drain(&mut e);
-    (e, conn, id)
-}
-
 /// Block requests among `outs`, in order.
 fn peer_requests(outs: &[ClientOutput]) -> Vec<(u32, u32, u32)> {
     use crate::peer::PeerMessage;
@@ -309,7 +265,7 @@ proptest::proptest! {
         use crate::peer::{Bitmap, Load, PeerMessage, encode_block};
         let mut content = vec![0u8; len];
         Rng::from_u64(seed).fill(&mut content);
-        let (mut e, conn, id) = downloading_engine(&content);
+        let (mut e, conn, _) = crate::fuzzing::downloading_engine(&content);
         let n = crate::chunk::chunk_count(len as u64) as u32;
         let mut wire = encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
         wire.extend(encode(&PeerMessage::Have { chunks: Bitmap::full(n), load: Load::default() }));
@@ -350,6 +306,5 @@ proptest::proptest! {
             wire.drain(..a + b);
             e.handle_peer_received(conn, a + b, Millis(0));
         }
-        let _ = id;
     }
 }
