@@ -772,6 +772,10 @@ impl ClientEngine {
         let DlState::Running(dl) = &mut e.state else { return };
         let outs: Vec<DownloadOutput> = std::iter::from_fn(|| dl.poll_output()).collect();
         let complete = dl.is_complete();
+        if outs.is_empty() && !complete {
+            // Most reads of block data end here.
+            return;
+        }
         let key = (e.group.clone(), e.name.clone());
         let mut want_sources = false;
         let mut failed = None;
