@@ -23,7 +23,7 @@ use crate::ids::{FileName, GroupId};
 use crate::proto::Role;
 
 /// Size of the blocks a chunk is requested in.
-pub const BLOCK_SIZE: u32 = 64 * 1024;
+pub const BLOCK_SIZE: u32 = 128 * 1024;
 /// Largest frame on a peer connection: a block plus its header, or the chunk
 /// map of the largest file (2^20 bits).
 pub const MAX_PEER_FRAME: usize = (MAX_FILE_CHUNKS as usize / 8) + 1024;

@@ -14,7 +14,7 @@ use crate::ids::{FileName, GroupId, SessionToken, UserId};
 use crate::peer::Grant;
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Longest password accepted, in bytes: hashing is slow, so its input is bounded.
 pub const MAX_PASSWORD_LEN: usize = 1024;

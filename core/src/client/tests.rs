@@ -168,8 +168,11 @@ fn serving_engine() -> (ClientEngine, crate::download::PeerConnId) {
 fn a_peer_that_does_not_read_gets_at_most_the_high_water_mark() {
     use crate::peer::{PeerMessage, BLOCK_SIZE, MAX_QUEUED_REQUESTS};
     let (mut e, conn) = serving_engine();
+    let per = crate::chunk::CHUNK_SIZE as u32 / BLOCK_SIZE;
     let reqs: Vec<u8> = (0..MAX_QUEUED_REQUESTS as u32)
-        .flat_map(|i| encode(&PeerMessage::Request { chunk: i / 8, offset: (i % 8) * BLOCK_SIZE, len: BLOCK_SIZE }))
+        .flat_map(|i| {
+            encode(&PeerMessage::Request { chunk: (i / per) % 8, offset: (i % per) * BLOCK_SIZE, len: BLOCK_SIZE })
+        })
         .collect();
     e.handle_peer_bytes(conn, &reqs, Millis(1));
     let mut queued_bytes = 0usize;
@@ -200,9 +203,10 @@ fn a_peer_that_does_not_read_gets_at_most_the_high_water_mark() {
 fn a_peer_queueing_too_many_requests_is_refused() {
     use crate::peer::{PeerMessage, BLOCK_SIZE, MAX_QUEUED_REQUESTS};
     let (mut e, conn) = serving_engine();
+    let per = crate::chunk::CHUNK_SIZE as u32 / BLOCK_SIZE;
     let reqs: Vec<u8> = (0..=MAX_QUEUED_REQUESTS as u32)
         .flat_map(|i| {
-            encode(&PeerMessage::Request { chunk: (i / 8) % 8, offset: (i % 8) * BLOCK_SIZE, len: BLOCK_SIZE })
+            encode(&PeerMessage::Request { chunk: (i / per) % 8, offset: (i % per) * BLOCK_SIZE, len: BLOCK_SIZE })
         })
         .collect();
     e.handle_peer_bytes(conn, &reqs, Millis(1));
