@@ -470,12 +470,19 @@ impl Driver {
     fn start_writer(&mut self, id: DownloadId, p: &Prepared, file: PartFile) -> Result<(), String> {
         let (tx, waker) = (self.tx.clone(), self.waker.clone());
         let report = move |ev: WriterEvent| {
-            let _ = tx.send(match ev {
+            let msg = match ev {
                 WriterEvent::Checked(chunk, ok) => Inbox::Checked(id, chunk, ok),
-                WriterEvent::Spare(buf) => Inbox::Spare(id, buf),
+                // No wake-up for a buffer coming back (one per chunk): the
+                // engine drains its inbox on every turn, and it turns for
+                // each chunk's verdict anyway.
+                WriterEvent::Spare(buf) => {
+                    let _ = tx.send(Inbox::Spare(id, buf));
+                    return;
+                }
                 WriterEvent::Failed(e) => Inbox::DiskFailed(id, e),
                 WriterEvent::Finished(r) => Inbox::Finished(id, r),
-            });
+            };
+            let _ = tx.send(msg);
             let _ = waker.wake();
         };
         let (w, hasher) =
