@@ -19,14 +19,17 @@
 //!   bytes from it: [`ClientEngine::handle_tracker_bytes`];
 //! - peers: [`ClientOutput::PeerConnect`] / `PeerTransmit` / `PeerClose` for
 //!   connections the engine opens, [`ClientEngine::handle_peer_accepted`] for
-//!   ones the listener accepts, then `handle_peer_connected`, `handle_peer_bytes`,
+//!   ones the listener accepts, then `handle_peer_connected`, received bytes
+//!   (read in place into [`ClientEngine::peer_recv_bufs`], reported with
+//!   `handle_peer_received`; or copied in with `handle_peer_bytes`),
 //!   `handle_peer_backlog` (unsent bytes after a flush) and `handle_peer_closed`;
 //! - disk: [`ClientOutput::HashFile`] → [`ClientEngine::handle_file_hashed`];
 //!   [`ClientOutput::SendBlock`] → send the header and the file bytes, then
 //!   [`ClientEngine::handle_block_sent`];
 //!   [`ClientOutput::PrepareDownload`] → [`ClientEngine::handle_download_prepared`];
 //!   [`ClientOutput::WriteChunk`] (check, write if it matches, report with
-//!   [`ClientEngine::handle_chunk_checked`]) and [`ClientOutput::SaveProgress`]
+//!   [`ClientEngine::handle_chunk_checked`], hand the buffer back with
+//!   [`ClientEngine::handle_chunk_buffer`]) and [`ClientOutput::SaveProgress`]
 //!   in order, reporting failures with [`ClientEngine::handle_disk_error`];
 //!   [`ClientOutput::FinishDownload`] → [`ClientEngine::handle_download_finished`];
 //! - deadlines: [`ClientEngine::poll_timeout`] / [`ClientEngine::handle_timeout`];
