@@ -452,15 +452,19 @@ impl Download {
         if !self.peers.contains_key(&peer) {
             return;
         }
-        // A block for a chunk we cancelled (endgame) may still arrive.
-        let cancelled =
-            !self.is_fetching(peer, chunk) && (self.selector.done().get(chunk) || self.selector.is_checking(chunk));
-        match self.recv_space(peer, chunk, offset) {
-            Some(space) if !data.is_empty() && data.len() <= space.len() => {
+        let copied = self.recv_space(peer, chunk, offset).map(|space| {
+            let fits = !data.is_empty() && data.len() <= space.len();
+            if fits {
                 space[..data.len()].copy_from_slice(data);
-                self.handle_block_landed(peer, chunk, offset, load, data.len() as u32, now);
             }
-            None if cancelled => {
+            fits
+        });
+        match copied {
+            Some(true) => self.handle_block_landed(peer, chunk, offset, load, data.len() as u32, now),
+            // A block for a chunk we cancelled (endgame) may still arrive.
+            None if !self.is_fetching(peer, chunk)
+                && (self.selector.done().get(chunk) || self.selector.is_checking(chunk)) =>
+            {
                 self.peers.get_mut(&peer).expect("checked").load = load;
                 self.fill(now);
             }

@@ -58,18 +58,24 @@ impl PieceSelector {
         !self.done.get(c) && !self.checking.get(c) && self.in_flight[c as usize] == 0
     }
 
-    /// Moves a chunk's availability by `delta`, keeping `free_at` right.
+    /// Moves a chunk's availability one up or down, keeping `free_at` right.
     fn shift_availability(&mut self, c: u32, up: bool) {
         let i = c as usize;
-        let free = self.is_free(c);
-        if free {
-            self.free_at[self.availability[i] as usize] -= 1;
-        }
+        let free = self.uncount_if_free(c);
         let a = &mut self.availability[i];
         *a = if up { a.saturating_add(1) } else { a.saturating_sub(1) };
         if free {
             self.count_if_free(c);
         }
+    }
+
+    /// A chunk is about to stop being free (if it is): uncount it. Whether it was.
+    fn uncount_if_free(&mut self, c: u32) -> bool {
+        let free = self.is_free(c);
+        if free {
+            self.free_at[self.availability[c as usize] as usize] -= 1;
+        }
+        free
     }
 
     /// A chunk became free (if it is): count it.
@@ -177,9 +183,7 @@ impl PieceSelector {
         } else {
             return None;
         };
-        if self.is_free(chunk) {
-            self.free_at[self.availability[chunk as usize] as usize] -= 1;
-        }
+        self.uncount_if_free(chunk);
         self.in_flight[chunk as usize] += 1;
         Some(chunk)
     }
@@ -218,10 +222,8 @@ impl PieceSelector {
 
     /// `chunk` passed its SHA1 (and is stored).
     pub fn verified(&mut self, chunk: u32) {
-        if self.is_free(chunk) {
-            // Not through `received` (a caller's shortcut): it stops being free.
-            self.free_at[self.availability[chunk as usize] as usize] -= 1;
-        }
+        // Not through `received` (a caller's shortcut): it stops being free.
+        self.uncount_if_free(chunk);
         self.checking.clear(chunk);
         self.done.set(chunk);
     }

@@ -295,12 +295,7 @@ impl Driver {
             // Block data straight into its chunk, the rest into the engine's
             // frame decoder: block data is copied once, by the kernel.
             while let Some((data, frames)) = self.engine.peer_recv_bufs(id) {
-                let read = if data.is_empty() {
-                    p.conn.read_once(frames)
-                } else {
-                    p.conn.read_vectored_once(&mut [io::IoSliceMut::new(data), io::IoSliceMut::new(frames)])
-                };
-                match read {
+                match p.conn.read_vectored_once(&mut [io::IoSliceMut::new(data), io::IoSliceMut::new(frames)]) {
                     Ok(n) => self.engine.handle_peer_received(id, n, now),
                     Err(outcome) => {
                         closed = matches!(outcome, ReadOutcome::Closed);

@@ -173,8 +173,7 @@ fn cpu_secs(pid: u32) -> f64 {
 /// mount, discards, which otherwise slow the next run's start (measured: its
 /// `download_file` answered after 0.65 s instead of 5 ms). Run before each
 /// timed phase, so that neither the download nor the reference pays for the
-/// writeback of the gigabyte the other just wrote (measured: the first
-/// verified chunk 0.5 s late after the reference's writes).
+/// writeback of the gigabyte the other just wrote.
 fn settle_disk() {
     let _ = Command::new("sync").status();
 }
@@ -296,7 +295,10 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
         let before =
             pipeline_rate(&file, &out.join("pipeline-1.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
         settle_disk();
-        let cpu_before: Vec<f64> = pids.iter().map(|&p| cpu_secs(p)).chain([cpu_secs(d.child.id())]).collect();
+        // CPU seconds so far of the tracker, the sharers and the downloader.
+        let dl_pid = d.child.id();
+        let cpu_now = || -> Vec<f64> { pids.iter().chain([&dl_pid]).map(|&p| cpu_secs(p)).collect() };
+        let cpu_before = cpu_now();
         let start = Instant::now();
         let first = d.cmd(&format!("download_file bench data.bin {}", out.display()))?;
         if !first.starts_with("downloading") {
@@ -326,13 +328,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
         }
         let secs = start.elapsed().as_secs_f64();
         let (first_data, all_chunks) = (first_data.unwrap_or(secs), all_chunks.unwrap_or(secs));
-        let cpu: Vec<f64> = pids
-            .iter()
-            .map(|&p| cpu_secs(p))
-            .chain([cpu_secs(d.child.id())])
-            .zip(cpu_before)
-            .map(|(a, b)| a - b)
-            .collect();
+        let cpu: Vec<f64> = cpu_now().into_iter().zip(cpu_before).map(|(a, b)| a - b).collect();
         let rss = d.peak_rss_kib().unwrap_or(0);
         peak_rss = peak_rss.max(rss);
         settle_disk();

@@ -549,7 +549,7 @@ impl ClientEngine {
                     let window = match decoder.partial_frame() {
                         Some((len, held))
                             if held.len() < HEAD_WINDOW
-                                && held.first().is_none_or(|&t| t == BLOCK_TAG_BYTE)
+                                && held.first().is_none_or(|&t| t == crate::peer::BLOCK_TAG)
                                 && crate::peer::decode_block_head(len, held).is_none() =>
                         {
                             HEAD_WINDOW
@@ -931,9 +931,6 @@ impl ClientEngine {
         }
     }
 }
-
-/// The first byte of a `Block` frame's body.
-const BLOCK_TAG_BYTE: u8 = crate::peer::BLOCK_TAG;
 
 /// If the decoder holds the start of a block frame, header complete, whose
 /// data `dl` expects next from `conn`: moves the data that came with the
