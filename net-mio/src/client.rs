@@ -50,7 +50,7 @@ enum Inbox {
     Finished(DownloadId, Result<(), String>),
     /// A chunk's SHA1 verdict from the writer (true: it matched and is written).
     Checked(DownloadId, u32, bool),
-    /// A chunk buffer the writer and hasher are done with.
+    /// A chunk buffer the writer is done with.
     Spare(DownloadId, Vec<u8>),
     DiskFailed(DownloadId, String),
     WaitDownloads(Sender<()>),
@@ -92,7 +92,7 @@ impl ClientHandle {
             next_ticket: 1,
             readers: disk::ReadCache::default(),
             writers: HashMap::new(),
-            hashers: Vec::new(),
+            writer_threads: Vec::new(),
         };
         let thread = std::thread::Builder::new().name("shoal-engine".into()).spawn(move || driver.run())?;
         Ok(ClientHandle { tx, waker, thread: Some(thread), listen })
@@ -164,8 +164,8 @@ struct Driver {
     readers: disk::ReadCache,
     /// Each running download's writer thread.
     writers: HashMap<DownloadId, std::sync::mpsc::SyncSender<WriterMsg>>,
-    /// The downloads' hasher threads, joined when the client stops.
-    hashers: Vec<JoinHandle<()>>,
+    /// The downloads' writer threads, joined when the client stops.
+    writer_threads: Vec<JoinHandle<()>>,
 }
 
 fn token(conn: PeerConnId) -> Token {
@@ -219,10 +219,10 @@ impl Driver {
                         let _ = tx.send(self.engine.download_stats(now));
                     }
                     Inbox::Stop => {
-                        // A finished download's hasher may still be removing
+                        // A finished download's writer may still be removing
                         // its state file; let it, so none is left behind.
                         self.writers.clear();
-                        for h in self.hashers.drain(..) {
+                        for h in self.writer_threads.drain(..) {
                             let _ = h.join();
                         }
                         return;
@@ -480,11 +480,11 @@ impl Driver {
             let _ = tx.send(msg);
             let _ = waker.wake();
         };
-        let (w, hasher) =
+        let (w, thread) =
             file.spawn_writer(p.have.clone(), report).map_err(|e| format!("cannot start a writer thread: {e}"))?;
         self.writers.insert(id, w);
-        self.hashers.retain(|h| !h.is_finished());
-        self.hashers.push(hasher);
+        self.writer_threads.retain(|h| !h.is_finished());
+        self.writer_threads.push(thread);
         Ok(())
     }
 
