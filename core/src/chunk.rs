@@ -4,7 +4,7 @@
 //! yields the SHA1 of every chunk and of the whole file in constant memory.
 
 use serde::{Deserialize, Serialize};
-use sha1::{Digest, Sha1};
+use shoal_sha1x::Sha1;
 use thiserror::Error;
 
 use crate::ids::FileName;
@@ -22,7 +22,14 @@ pub struct Sha1Digest(pub [u8; 20]);
 
 impl Sha1Digest {
     pub fn of(data: &[u8]) -> Sha1Digest {
-        Sha1Digest(Sha1::digest(data).into())
+        Sha1Digest(Sha1::digest(data))
+    }
+
+    /// The digests of two inputs, computed together (two SHA1 streams at
+    /// once: on x86 with SHA-NI barely slower than one).
+    pub fn of_two(a: &[u8], b: &[u8]) -> (Sha1Digest, Sha1Digest) {
+        let (a, b) = Sha1::digest2(a, b);
+        (Sha1Digest(a), Sha1Digest(b))
     }
 
     /// Whether `data` hashes to this digest: the check every received chunk
@@ -117,13 +124,13 @@ impl FileHasher {
         FileHasher { whole: Sha1::new(), chunk: Sha1::new(), in_chunk: 0, size: 0, chunks: Vec::new() }
     }
 
-    /// Feeds the next bytes of the file.
+    /// Feeds the next bytes of the file. The whole file's hash and the
+    /// chunk's run as two streams at once over the same bytes.
     pub fn update(&mut self, mut data: &[u8]) -> Result<(), DigestError> {
-        self.whole.update(data);
         while !data.is_empty() {
             let room = (CHUNK_SIZE - self.in_chunk) as usize;
             let take = room.min(data.len());
-            self.chunk.update(&data[..take]);
+            Sha1::update2(&mut self.whole, &data[..take], &mut self.chunk, &data[..take]);
             self.in_chunk += take as u64;
             self.size += take as u64;
             data = &data[take..];
@@ -139,7 +146,7 @@ impl FileHasher {
             return Err(DigestError::TooLarge { chunks: self.chunks.len() as u64 + 1 });
         }
         let done = std::mem::replace(&mut self.chunk, Sha1::new());
-        self.chunks.push(Sha1Digest(done.finalize().into()));
+        self.chunks.push(Sha1Digest(done.finalize()));
         self.in_chunk = 0;
         Ok(())
     }
@@ -153,7 +160,7 @@ impl FileHasher {
         if self.in_chunk > 0 {
             self.close_chunk()?;
         }
-        Ok(FileDigest { size: self.size, sha1: Sha1Digest(self.whole.finalize().into()), chunks: self.chunks })
+        Ok(FileDigest { size: self.size, sha1: Sha1Digest(self.whole.finalize()), chunks: self.chunks })
     }
 }
 
@@ -162,11 +169,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// With the `sha1` crate: an implementation independent of ours.
     fn digest_at_once(data: &[u8]) -> FileDigest {
+        use sha1::Digest;
+        let of = |d: &[u8]| Sha1Digest(sha1::Sha1::digest(d).into());
         FileDigest {
             size: data.len() as u64,
-            sha1: Sha1Digest::of(data),
-            chunks: data.chunks(CHUNK_SIZE as usize).map(Sha1Digest::of).collect(),
+            sha1: of(data),
+            chunks: data.chunks(CHUNK_SIZE as usize).map(of).collect(),
         }
     }
 

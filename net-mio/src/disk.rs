@@ -163,13 +163,26 @@ pub fn prepare(dest: &str, name: &FileName, digest: &FileDigest) -> Result<(Prep
     // to disk when it is closed, its replace-by-truncate heuristic: measured
     // as 0.6 s of a 3 s download of 1 GiB.)
     if let Some(claimed) = claimed {
-        let mut buf = vec![0u8; CHUNK_SIZE as usize];
-        for c in claimed.iter_set() {
-            let len = chunk_len(digest.size, c as u64) as usize;
-            let ok = file.read_exact_at(&mut buf[..len], chunk_offset(c)).is_ok()
-                && Sha1Digest::of(&buf[..len]) == digest.chunks[c as usize];
-            if ok {
-                have.set(c);
+        // Two chunks at a time, hashed together (two SHA1 streams at once).
+        let mut bufs = [vec![0u8; CHUNK_SIZE as usize], vec![0u8; CHUNK_SIZE as usize]];
+        let claimed: Vec<u32> = claimed.iter_set().collect();
+        for pair in claimed.chunks(2) {
+            let mut read = [false; 2];
+            for ((&c, buf), read) in pair.iter().zip(&mut bufs).zip(&mut read) {
+                buf.resize(chunk_len(digest.size, c as u64) as usize, 0);
+                *read = file.read_exact_at(buf, chunk_offset(c)).is_ok();
+            }
+            let got = match pair {
+                [_, _] => {
+                    let (a, b) = Sha1Digest::of_two(&bufs[0], &bufs[1]);
+                    [a, b]
+                }
+                _ => [Sha1Digest::of(&bufs[0]); 2],
+            };
+            for ((&c, read), got) in pair.iter().zip(read).zip(got) {
+                if read && got == digest.chunks[c as usize] {
+                    have.set(c);
+                }
             }
         }
     }
