@@ -385,15 +385,22 @@ impl ClientEngine {
             if self.pending.is_empty() {
                 self.send(Purpose::Heartbeat, Request::Heartbeat, now);
             }
-            let partial: Vec<(GroupId, FileName, u32)> = self
-                .shares
-                .iter()
-                .filter(|(_, s)| s.have.count() < s.have.len())
-                .filter_map(|((g, n), s)| s.have.iter_set().next().map(|c| (g.clone(), n.clone(), c)))
-                .collect();
-            for (g, n, c) in partial {
-                self.announce(&g, &n, c, now);
-            }
+            self.announce_partial(now);
+        }
+    }
+
+    /// Tells the tracker again which files this client holds parts of (a
+    /// download announces its first chunk only): with every heartbeat, so
+    /// a record the tracker dropped when a lease lapsed comes back.
+    fn announce_partial(&mut self, now: Millis) {
+        let partial: Vec<(GroupId, FileName, u32)> = self
+            .shares
+            .iter()
+            .filter(|(_, s)| s.have.count() < s.have.len())
+            .filter_map(|((g, n), s)| s.have.iter_set().next().map(|c| (g.clone(), n.clone(), c)))
+            .collect();
+        for (g, n, c) in partial {
+            self.announce(&g, &n, c, now);
         }
     }
 
@@ -452,6 +459,7 @@ impl ClientEngine {
                     self.fail_over(now);
                 } else if !waiting && self.session.is_some() && now.since(self.last_sent) >= self.cfg.heartbeat_every {
                     self.send(Purpose::Heartbeat, Request::Heartbeat, now);
+                    self.announce_partial(now);
                 }
             }
             Link::Connecting if now.since(self.last_heard) >= self.cfg.request_timeout => {

@@ -255,60 +255,98 @@ fn peer_requests(outs: &[ClientOutput]) -> Vec<(u32, u32, u32)> {
     v
 }
 
+/// Announcements of a partial file among `outs`.
+fn announces(outs: &[ClientOutput]) -> usize {
+    sent_requests(outs).iter().filter(|(_, r)| matches!(r, Request::HaveChunk { .. })).count()
+}
+
+/// Downloads `content` from one sharer whose bytes arrive in reads of random
+/// sizes (`seed`), until `stop_after` chunks are checked; asserts that every
+/// chunk handed out to be checked holds the file's bytes. Returns the engine
+/// and how many times it announced the file to the tracker.
+fn download_in_random_reads(content: &[u8], seed: u64, haves: bool, stop_after: u32) -> (ClientEngine, usize) {
+    use crate::peer::{encode_block, Bitmap, Load, PeerMessage};
+    let (mut e, conn, _) = crate::fuzzing::downloading_engine(content);
+    let n = crate::chunk::chunk_count(content.len() as u64) as u32;
+    let mut wire = encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
+    wire.extend(encode(&PeerMessage::Have { chunks: Bitmap::full(n), load: Load::default() }));
+    let mut rng = Rng::from_u64(seed ^ 0x5eed);
+    let mut checked = Bitmap::new(n);
+    let mut announced = 0;
+    let mut step = 0;
+    loop {
+        step += 1;
+        assert!(step < 100_000, "no progress");
+        // The sharer answers every request so far.
+        let outs = drain(&mut e);
+        announced += announces(&outs);
+        let outs = answer_all(&mut e, outs, |_| Ok(Reply::Done));
+        if checked.count() >= stop_after {
+            return (e, announced);
+        }
+        for (chunk, offset, l) in peer_requests(&outs) {
+            let at = crate::download::chunk_offset(chunk) as usize + offset as usize;
+            wire.extend(encode_block(chunk, offset, Load::default(), &content[at..at + l as usize]));
+            if haves && rng.below(3) == 0 {
+                wire.extend(encode(&PeerMessage::HaveOne { chunk }));
+            }
+        }
+        for o in outs {
+            if let ClientOutput::WriteChunk { id: i, chunk, data, sha1 } = o {
+                let at = crate::download::chunk_offset(chunk) as usize;
+                assert!(data[..] == content[at..at + data.len()], "chunk {chunk} assembled wrong");
+                assert!(sha1.matches(&data));
+                checked.set(chunk);
+                e.handle_chunk_checked(i, chunk, true, Millis(0));
+            }
+        }
+        if wire.is_empty() || checked.count() >= stop_after {
+            continue;
+        }
+        // One read: up to a random count, filling data space first.
+        let (data, frames) = e.peer_recv_bufs(conn).expect("connection dropped");
+        let want = 1 + rng.below(wire.len().min(70_000) as u64) as usize;
+        let a = data.len().min(want);
+        data[..a].copy_from_slice(&wire[..a]);
+        let b = frames.len().min(want - a);
+        frames[..b].copy_from_slice(&wire[a..a + b]);
+        wire.drain(..a + b);
+        e.handle_peer_received(conn, a + b, Millis(0));
+    }
+}
+
+#[test]
+fn a_partial_download_is_announced_once_and_again_with_each_heartbeat() {
+    // The tracker records partial holders, not chunks: one announcement
+    // when the first chunk is verified, not one per chunk.
+    let content: Vec<u8> = (0..5 * crate::chunk::CHUNK_SIZE as usize).map(|i| (i % 249) as u8).collect();
+    let (mut e, announced) = download_in_random_reads(&content, 7, false, 3);
+    assert_eq!(announced, 1);
+    // Once the link is quiet, each heartbeat repeats it, so a record the
+    // tracker dropped with a lapsed lease comes back.
+    let later = Millis(0).plus(e.cfg.heartbeat_every);
+    e.handle_timeout(later);
+    let outs = drain(&mut e);
+    assert!(sent_requests(&outs).iter().any(|(_, r)| matches!(r, Request::Heartbeat)));
+    assert_eq!(announces(&outs), 1);
+}
+
 proptest::proptest! {
     /// A sharer's bytes arrive in reads of any size, as a socket gives them:
     /// block data lands straight in its chunk (`peer_recv_bufs`), the rest
     /// goes through the frame decoder, and every chunk handed out to be
-    /// checked holds exactly the file's bytes; the download completes.
+    /// checked holds exactly the file's bytes; the download completes and
+    /// announces itself to the tracker once.
     #[test]
     fn block_data_received_in_place_assembles_every_chunk(
         len in 1usize..(3 * crate::chunk::CHUNK_SIZE as usize),
         seed in proptest::prelude::any::<u64>(),
         haves in proptest::prelude::any::<bool>(),
     ) {
-        use crate::peer::{Bitmap, Load, PeerMessage, encode_block};
         let mut content = vec![0u8; len];
         Rng::from_u64(seed).fill(&mut content);
-        let (mut e, conn, _) = crate::fuzzing::downloading_engine(&content);
         let n = crate::chunk::chunk_count(len as u64) as u32;
-        let mut wire = encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
-        wire.extend(encode(&PeerMessage::Have { chunks: Bitmap::full(n), load: Load::default() }));
-        let mut rng = Rng::from_u64(seed ^ 0x5eed);
-        let mut checked = Bitmap::new(n);
-        let mut step = 0;
-        while !checked.is_full() {
-            step += 1;
-            proptest::prop_assert!(step < 100_000, "no progress");
-            // The sharer answers every request so far.
-            let outs = drain(&mut e);
-            for (chunk, offset, l) in peer_requests(&outs) {
-                let at = crate::download::chunk_offset(chunk) as usize + offset as usize;
-                wire.extend(encode_block(chunk, offset, Load::default(), &content[at..at + l as usize]));
-                if haves && rng.below(3) == 0 {
-                    wire.extend(encode(&PeerMessage::HaveOne { chunk }));
-                }
-            }
-            for o in outs {
-                if let ClientOutput::WriteChunk { id: i, chunk, data, sha1 } = o {
-                    let at = crate::download::chunk_offset(chunk) as usize;
-                    proptest::prop_assert!(data[..] == content[at..at + data.len()], "chunk {} assembled wrong", chunk);
-                    proptest::prop_assert!(sha1.matches(&data));
-                    checked.set(chunk);
-                    e.handle_chunk_checked(i, chunk, true, Millis(0));
-                }
-            }
-            if wire.is_empty() || checked.is_full() {
-                continue;
-            }
-            // One read: up to a random count, filling data space first.
-            let Some((data, frames)) = e.peer_recv_bufs(conn) else { proptest::prop_assert!(false, "connection dropped"); unreachable!() };
-            let want = 1 + rng.below(wire.len().min(70_000) as u64) as usize;
-            let a = data.len().min(want);
-            data[..a].copy_from_slice(&wire[..a]);
-            let b = frames.len().min(want - a);
-            frames[..b].copy_from_slice(&wire[a..a + b]);
-            wire.drain(..a + b);
-            e.handle_peer_received(conn, a + b, Millis(0));
-        }
+        let (_, announced) = download_in_random_reads(&content, seed, haves, n);
+        proptest::prop_assert_eq!(announced, 1);
     }
 }

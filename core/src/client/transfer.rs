@@ -85,6 +85,10 @@ pub(super) struct DownloadEntry {
     mark: (Millis, u64),
     rate: u64,
     dirty: bool,
+    /// Whether the tracker was told this client holds part of the file:
+    /// it records partial holders, not chunks, so once is enough (a new
+    /// tracker after a failover is told again).
+    announced: bool,
     sources_pending: bool,
     supplied: Vec<(SocketAddr, u64)>,
     started: Millis,
@@ -261,6 +265,7 @@ impl ClientEngine {
                 mark: (now, 0),
                 rate: 0,
                 dirty: false,
+                announced: false,
                 sources_pending: false,
                 supplied: Vec::new(),
                 started: now,
@@ -321,6 +326,7 @@ impl ClientEngine {
             now,
         );
         e.mark = (now, dl.verified_bytes());
+        e.announced = already > 0;
         e.state = DlState::Running(Box::new(dl));
         self.shares.insert(key.clone(), shared);
         if already > 0 {
@@ -805,9 +811,11 @@ impl ClientEngine {
                         s.have.set(chunk);
                     }
                     self.tell_servers(&key, chunk);
-                    self.announce(&key.0, &key.1, chunk, now);
                     if let Some(e) = self.downloads.get_mut(&id) {
                         e.dirty = true;
+                        if !std::mem::replace(&mut e.announced, true) {
+                            self.announce(&key.0, &key.1, chunk, now);
+                        }
                     }
                 }
                 DownloadOutput::Banned { addr, chunk } => {
