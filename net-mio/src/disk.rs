@@ -568,9 +568,12 @@ impl PrefixHasher {
     /// The whole-file hash has taken in the chunk at the cursor.
     fn advanced(&mut self) {
         self.cursor += 1;
-        // A full queue only means the page-out thread is behind; it will
-        // see a later position.
-        let _ = self.progress.try_send(self.cursor);
+        // The page-out thread acts on whole batches only: waking it for
+        // every chunk cost a context switch each (2,048 per GiB). A full
+        // queue only means it is behind; it will see a later position.
+        if self.cursor.is_multiple_of(PAGE_OUT_BATCH) {
+            let _ = self.progress.try_send(self.cursor);
+        }
     }
 
     /// Keeps a written chunk past the cursor for the whole-file hash, or
