@@ -93,6 +93,7 @@ impl ClientHandle {
             readers: disk::ReadCache::default(),
             writers: HashMap::new(),
             writer_threads: Vec::new(),
+            unflushed: Vec::new(),
         };
         let thread = std::thread::Builder::new().name("shoal-engine".into()).spawn(move || driver.run())?;
         Ok(ClientHandle { tx, waker, thread: Some(thread), listen })
@@ -164,6 +165,9 @@ struct Driver {
     readers: disk::ReadCache,
     /// Each running download's writer thread.
     writers: HashMap<DownloadId, std::sync::mpsc::SyncSender<WriterMsg>>,
+    /// Outgoing peer connections with bytes queued by this drain, flushed
+    /// when it ends.
+    unflushed: Vec<Token>,
     /// The downloads' writer threads, joined when the client stops.
     writer_threads: Vec<JoinHandle<()>>,
 }
@@ -353,6 +357,26 @@ impl Driver {
     }
 
     fn drain(&mut self, now: Millis) {
+        loop {
+            self.drain_outputs(now);
+            // Requests to sharers go out once the engine has said all it
+            // had to: a chunk's block requests share one write (they took
+            // one `sendmsg` each, four per chunk, each waking the sharer).
+            let mut dropped = false;
+            for t in std::mem::take(&mut self.unflushed) {
+                let Some(p) = self.peers.get_mut(&t) else { continue };
+                if p.conn.flush(self.poll.registry(), t).is_err() {
+                    self.drop_peer(t, now);
+                    dropped = true;
+                }
+            }
+            if !dropped {
+                return;
+            }
+        }
+    }
+
+    fn drain_outputs(&mut self, now: Millis) {
         while let Some(out) = self.engine.poll_output() {
             match out {
                 ClientOutput::Connect { addr } => self.connect_tracker(addr, now),
@@ -388,12 +412,19 @@ impl Driver {
                 ClientOutput::PeerTransmit { conn, bytes } => {
                     let t = token(conn);
                     let Some(p) = self.peers.get_mut(&t) else { continue };
-                    let ok = p.conn.queue(&bytes) && (p.connecting || p.conn.flush(self.poll.registry(), t).is_ok());
-                    if !ok {
+                    if !p.conn.queue(&bytes) {
                         self.drop_peer(t, now);
                     } else if p.incoming {
+                        // Serving: flushed at once, and the engine told the
+                        // backlog it bounds its uploads by.
+                        if p.conn.flush(self.poll.registry(), t).is_err() {
+                            self.drop_peer(t, now);
+                            continue;
+                        }
                         let backlog = p.conn.backlog();
                         self.engine.handle_peer_backlog(conn, backlog, now);
+                    } else if !p.connecting && !self.unflushed.contains(&t) {
+                        self.unflushed.push(t);
                     }
                 }
                 ClientOutput::PeerClose { conn } => {
