@@ -236,8 +236,9 @@ pub enum WriterEvent {
     Finished(Result<(), String>),
 }
 
-/// Chunks queued to a checker (and from it to the writer) at most; a full queue makes the engine wait,
-/// which bounds the memory a fast network and a slow disk can take.
+/// Chunks queued to a checker, and from it to the writer, at most: a full
+/// queue makes the engine wait, which bounds the memory a fast network and
+/// a slow disk can take.
 const WRITER_QUEUE: usize = 16;
 
 impl PartFile {
