@@ -1421,10 +1421,17 @@ impl World {
                     self.schedule(at, Event::Prepared { client: c, id, result });
                 }
                 ClientOutput::WriteChunk { id, chunk, data, sha1 } => {
-                    let lag = self.disk_lag();
+                    // As in net-mio: the checker reports a bad chunk at once;
+                    // good ones queue, in order, for the writer, and are
+                    // reported once written. A bad verdict may thus overtake
+                    // earlier good ones.
+                    let bad = !sha1.matches(&data);
+                    let lag = if bad { self.latency() } else { self.disk_lag() };
                     let Some(p) = self.clients[c].parts.get_mut(&id) else { continue };
-                    let at = self.now.plus(lag).max(p.due);
-                    p.due = at;
+                    let at = if bad { self.now.plus(lag) } else { self.now.plus(lag).max(p.due) };
+                    if !bad {
+                        p.due = at;
+                    }
                     let serial = p.serial;
                     self.schedule(at, Event::ChunkChecked { client: c, id, serial, chunk, data, sha1 });
                 }
