@@ -485,12 +485,8 @@ impl<R: Fn(WriterEvent)> Checker<R> {
             p.stats.same += 1;
         } else if p.pending() {
             // Whole-file work at the cursor, from memory or read back.
-            let held = p.held.remove(&p.cursor);
-            if held.is_none() {
-                p.read_back()?;
-            }
-            let next = held.as_deref().unwrap_or(&p.buf);
-            Sha1::update2(&mut check, &data, &mut p.whole, next);
+            let held = p.next_chunk()?;
+            Sha1::update2(&mut check, &data, &mut p.whole, held.as_deref().unwrap_or(&p.buf));
             p.advanced();
             p.stats.paired += 1;
             if let Some(held) = held {
@@ -680,6 +676,14 @@ impl PrefixHasher {
         self.cursor < self.available.len() && self.available.get(self.cursor)
     }
 
+    /// The chunk at the cursor: held, or else read back into `buf` (None).
+    fn next_chunk(&mut self) -> Result<Option<Arc<Vec<u8>>>, String> {
+        match self.held.remove(&self.cursor) {
+            Some(data) => Ok(Some(data)),
+            None => self.read_back().map(|()| None),
+        }
+    }
+
     /// Reads the chunk at the cursor back from the part file into `buf`,
     /// once the writer has written it.
     fn read_back(&mut self) -> Result<(), String> {
@@ -732,18 +736,11 @@ impl PrefixHasher {
     /// returns it when it was held.
     fn step(&mut self) -> Result<Option<Arc<Vec<u8>>>, String> {
         debug_assert!(self.pending());
-        let c = self.cursor;
         self.stats.idle += 1;
-        let spent = self.held.remove(&c);
-        match &spent {
-            Some(data) => self.whole.update(data),
-            None => {
-                self.read_back()?;
-                self.whole.update(&self.buf);
-            }
-        }
+        let held = self.next_chunk()?;
+        self.whole.update(held.as_deref().unwrap_or(&self.buf));
         self.advanced();
-        Ok(spent)
+        Ok(held)
     }
 
     /// Completes the whole-file hash and compares it with `sha1`.

@@ -182,7 +182,8 @@ enum Event {
         serial: u64,
         chunk: u32,
         data: Vec<u8>,
-        sha1: Sha1Digest,
+        /// Whether `data` matched the chunk's SHA1 (checked when handed over).
+        ok: bool,
     },
     /// A client's connection attempt reaches (or fails to reach) a tracker.
     Connected {
@@ -1104,12 +1105,11 @@ impl World {
                 self.clients[client].engine.handle_download_finished(id, result, now);
                 self.drain_client(client);
             }
-            Event::ChunkChecked { client, id, serial, chunk, data, sha1 } => {
+            Event::ChunkChecked { client, id, serial, chunk, data, ok } => {
                 if !self.clients[client].up {
                     return;
                 }
                 let Some(p) = self.clients[client].parts.get_mut(&id).filter(|p| p.serial == serial) else { return };
-                let ok = sha1.matches(&data);
                 let line = format!("{} c{client} download {} chunk {chunk} checked {ok}", self.now.0, id.0);
                 if ok {
                     p.stored.set(chunk);
@@ -1425,15 +1425,15 @@ impl World {
                     // good ones queue, in order, for the writer, and are
                     // reported once written. A bad verdict may thus overtake
                     // earlier good ones.
-                    let bad = !sha1.matches(&data);
-                    let lag = if bad { self.latency() } else { self.disk_lag() };
+                    let ok = sha1.matches(&data);
+                    let lag = if ok { self.disk_lag() } else { self.latency() };
                     let Some(p) = self.clients[c].parts.get_mut(&id) else { continue };
-                    let at = if bad { self.now.plus(lag) } else { self.now.plus(lag).max(p.due) };
-                    if !bad {
+                    let at = if ok { self.now.plus(lag).max(p.due) } else { self.now.plus(lag) };
+                    if ok {
                         p.due = at;
                     }
                     let serial = p.serial;
-                    self.schedule(at, Event::ChunkChecked { client: c, id, serial, chunk, data, sha1 });
+                    self.schedule(at, Event::ChunkChecked { client: c, id, serial, chunk, data, ok });
                 }
                 ClientOutput::SaveProgress { .. } => {}
                 ClientOutput::FinishDownload { id, sha1 } => {

@@ -63,17 +63,7 @@ impl Harness {
     fn download(&self, cfg: DownloadConfig) -> Download {
         let d = digest_of(&self.content);
         let n = d.chunks.len() as u32;
-        Download::new(
-            cfg,
-            GroupId::new("g").unwrap(),
-            FileName::new("f").unwrap(),
-            d,
-            Grant([1; 16]),
-            Bitmap::new(n),
-            1 << 32,
-            Rng::from_u64(9),
-            self.now,
-        )
+        new_download(cfg, d, Bitmap::new(n), 1 << 32, 9, self.now)
     }
 
     /// Runs until complete or `limit` of virtual time.
@@ -225,6 +215,20 @@ fn the_least_loaded_peer_is_asked_first() {
     assert!(idle > loaded, "idle peer got {idle} requests, loaded one {loaded}");
 }
 
+/// A download of file "f" in group "g" with grant [1; 16]: `have` already
+/// verified, peer connections numbered from `conn_base`, randomness from `seed`.
+fn new_download(
+    cfg: DownloadConfig,
+    digest: FileDigest,
+    have: Bitmap,
+    conn_base: u64,
+    seed: u64,
+    now: Millis,
+) -> Download {
+    let (group, name) = (GroupId::new("g").unwrap(), FileName::new("f").unwrap());
+    Download::new(cfg, group, name, digest, Grant([1; 16]), have, conn_base, Rng::from_u64(seed), now)
+}
+
 #[test]
 fn resuming_fetches_only_what_is_missing() {
     let mut h = Harness::new(6 * CHUNK_SIZE as usize, &[(Behaviour::Good, Load::default())]);
@@ -233,17 +237,7 @@ fn resuming_fetches_only_what_is_missing() {
     for c in [0, 2, 5] {
         have.set(c);
     }
-    let mut d = Download::new(
-        DownloadConfig::default(),
-        GroupId::new("g").unwrap(),
-        FileName::new("f").unwrap(),
-        d0,
-        Grant([1; 16]),
-        have,
-        0,
-        Rng::from_u64(1),
-        Millis(0),
-    );
+    let mut d = new_download(DownloadConfig::default(), d0, have, 0, 1, Millis(0));
     h.run(&mut d, Millis::from_secs(60));
     assert!(d.is_complete());
     assert_eq!(h.written.keys().copied().collect::<Vec<_>>(), vec![1, 3, 4]);
@@ -264,17 +258,7 @@ fn a_download_nobody_can_serve_fails_instead_of_waiting_forever() {
 fn a_bad_chunk_bans_its_sender_even_after_it_hung_up() {
     let content = content(CHUNK_SIZE as usize / 2);
     let digest = digest_of(&content);
-    let mut d = Download::new(
-        DownloadConfig::default(),
-        GroupId::new("g").unwrap(),
-        FileName::new("f").unwrap(),
-        digest,
-        Grant([1; 16]),
-        Bitmap::new(1),
-        0,
-        Rng::from_u64(5),
-        Millis(0),
-    );
+    let mut d = new_download(DownloadConfig::default(), digest, Bitmap::new(1), 0, 5, Millis(0));
     let outs = |d: &mut Download| std::iter::from_fn(|| d.poll_output()).collect::<Vec<_>>();
     d.handle_sources(&[addr(1)], Millis(0));
     let Some(DownloadOutput::Connect { peer, .. }) = outs(&mut d).into_iter().next() else { panic!("no connect") };
