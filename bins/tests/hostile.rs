@@ -126,6 +126,7 @@ fn guessed_session_tokens_get_nothing() {
         rng.fill(&mut t);
         let body = Request::ListRequests { group: shoal_core::ids::GroupId::new("secret").unwrap() };
         s.write_all(&encode(&Message::Request {
+            settled_below: 0,
             id: RequestId { client: 1, seq },
             session: Some(SessionToken(t)),
             body,

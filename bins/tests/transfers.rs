@@ -229,7 +229,8 @@ fn tracker_call(
 ) -> Result<Reply, shoal_core::proto::ApiError> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(&encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client })).unwrap();
-    s.write_all(&encode(&Message::Request { id: RequestId { client: 99, seq: 1 }, session, body })).unwrap();
+    s.write_all(&encode(&Message::Request { id: RequestId { client: 99, seq: 1 }, settled_below: 0, session, body }))
+        .unwrap();
     read_frames(&mut s, |m: Message| match m {
         Message::Response { result, .. } => Some(result),
         _ => None,

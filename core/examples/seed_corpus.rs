@@ -21,16 +21,32 @@ fn main() {
     let s = Some(SessionToken([9; 16]));
     let msgs = vec![
         Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client },
-        Message::Request { id, session: None, body: Request::CreateUser { user: u.clone(), password: "pw".into() } },
         Message::Request {
+            id,
+            settled_below: 0,
+            session: None,
+            body: Request::CreateUser { user: u.clone(), password: "pw".into() },
+        },
+        Message::Request {
+            settled_below: 0,
             id,
             session: None,
             body: Request::Login { user: u.clone(), password: "pw".into(), listen: "127.0.0.1:9000".parse().unwrap() },
         },
-        Message::Request { id, session: s, body: Request::CreateGroup { group: g.clone() } },
-        Message::Request { id, session: s, body: Request::AcceptRequest { group: g.clone(), user: u.clone() } },
-        Message::Request { id, session: s, body: Request::UploadFile { group: g.clone(), meta: meta.clone() } },
-        Message::Request { id, session: s, body: Request::ListFiles { group: g.clone() } },
+        Message::Request { id, settled_below: 0, session: s, body: Request::CreateGroup { group: g.clone() } },
+        Message::Request {
+            id,
+            settled_below: 0,
+            session: s,
+            body: Request::AcceptRequest { group: g.clone(), user: u.clone() },
+        },
+        Message::Request {
+            id,
+            settled_below: 0,
+            session: s,
+            body: Request::UploadFile { group: g.clone(), meta: meta.clone() },
+        },
+        Message::Request { id, settled_below: 0, session: s, body: Request::ListFiles { group: g.clone() } },
         Message::Response {
             id,
             result: Ok(Reply::Download {
@@ -107,6 +123,7 @@ fn main() {
     let entries = [
         Entry {
             id: Some(id),
+            settled_below: 0,
             cmd: Command::CreateUser {
                 user: u.clone(),
                 password: PasswordHash::derive("pw", [1; 16], PasswordParams::INSECURE_FAST),
@@ -114,15 +131,21 @@ fn main() {
         },
         Entry {
             id: None,
+            settled_below: 0,
             cmd: Command::OpenSession {
                 user: u.clone(),
                 token: SessionToken([9; 16]),
                 listen: "127.0.0.1:9000".parse().unwrap(),
             },
         },
-        Entry { id: None, cmd: Command::CreateGroup { token: SessionToken([9; 16]), group: g.clone() } },
         Entry {
             id: None,
+            settled_below: 0,
+            cmd: Command::CreateGroup { token: SessionToken([9; 16]), group: g.clone() },
+        },
+        Entry {
+            id: None,
+            settled_below: 0,
             cmd: Command::AddFile { token: SessionToken([9; 16]), group: g.clone(), meta: meta.clone() },
         },
     ];

@@ -373,7 +373,12 @@ impl ClientEngine {
         let resend: Vec<Message> = self
             .pending
             .iter()
-            .map(|(seq, p)| Message::Request { id: self.id(*seq), session: self.token(), body: p.request.clone() })
+            .map(|(seq, p)| Message::Request {
+                id: self.id(*seq),
+                settled_below: self.settled_below(),
+                session: self.token(),
+                body: p.request.clone(),
+            })
             .collect();
         for m in resend {
             self.transmit(&m, now);
@@ -495,6 +500,12 @@ impl ClientEngine {
         RequestId { client: self.client_id, seq }
     }
 
+    /// Every request below this has its answer (or was given up on): the
+    /// oldest still pending, or the next to be sent.
+    fn settled_below(&self) -> u64 {
+        self.pending.keys().next().copied().unwrap_or(self.next_seq)
+    }
+
     fn token(&self) -> Option<SessionToken> {
         self.session.as_ref().map(|(t, _)| *t)
     }
@@ -511,8 +522,9 @@ impl ClientEngine {
 
     fn send(&mut self, purpose: Purpose, request: Request, now: Millis) {
         let seq = self.next_seq;
+        let settled_below = self.settled_below();
         self.next_seq += 1;
-        let msg = Message::Request { id: self.id(seq), session: self.token(), body: request.clone() };
+        let msg = Message::Request { id: self.id(seq), settled_below, session: self.token(), body: request.clone() };
         let give_up_at = now.plus(match purpose {
             // Exit logs out, but must not keep the user waiting long.
             Purpose::Shell { cmd: ShellCommand::Exit, .. } => self.cfg.request_timeout,

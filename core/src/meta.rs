@@ -20,8 +20,12 @@ use crate::proto::{ApiError, FileSummary, GroupSummary, MyGroup, Reply, RequestI
 
 /// Most files one group may list.
 pub const MAX_FILES_PER_GROUP: usize = 10_000;
-/// Most clients whose last write result is remembered for retries.
+/// Most clients whose write results are remembered for retries.
 pub const MAX_REMEMBERED_CLIENTS: usize = 100_000;
+/// Most results remembered per client: its writes applied and not yet
+/// settled (answered, as far as the client has told). A client keeps far
+/// fewer in flight ([`crate::tracker::MAX_WRITES_IN_FLIGHT`] per connection).
+pub const MAX_RESULTS_PER_CLIENT: usize = 64;
 
 /// Argon2id cost. Production uses [`PasswordParams::DEFAULT`]; tests and the
 /// simulator may choose a cheaper one. The parameters travel with each hash.
@@ -147,6 +151,10 @@ pub enum Command {
 pub struct Entry {
     /// The client request this came from: a retried request is applied once.
     pub id: Option<RequestId>,
+    /// Every request of that client with a lower sequence number has its
+    /// answer (the client said so when it sent this one): their results
+    /// can be forgotten. 0 without an id.
+    pub settled_below: u64,
     pub cmd: Command,
 }
 
@@ -186,10 +194,23 @@ impl Group {
     }
 }
 
+/// What a client's writes did, for its retries: Raft's client sessions. A
+/// result is kept per request, not per client, so a client's writes may
+/// reach the log in any order (a background re-share overtaking a command
+/// delayed by a failover) and each is applied once with its own result.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct ClientWrites {
+    /// Requests below this are settled: answered, or given up by the client.
+    settled_below: u64,
+    /// Results of applied requests at or above `settled_below`, by seq.
+    results: BTreeMap<u64, Result<Reply, ApiError>>,
+    /// Apply index of this client's last write, its key in `by_age`.
+    age: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Dedupe {
-    /// Per client: its last applied request's seq and result.
-    last: BTreeMap<u64, (u64, u64, Result<Reply, ApiError>)>,
+    clients: BTreeMap<u64, ClientWrites>,
     /// (apply index, client), to forget the least recently active client first.
     by_age: BTreeSet<(u64, u64)>,
 }
@@ -216,45 +237,67 @@ impl MetaState {
     }
 
     /// Applies the next log entry. A request id seen before returns the
-    /// result it had the first time and changes nothing.
+    /// result it had the first time and changes nothing; so does one the
+    /// client had already settled (it no longer waits for it, and its
+    /// result may be forgotten): such a late copy is never applied.
     pub fn apply(&mut self, entry: &Entry) -> Result<Reply, ApiError> {
         self.applied += 1;
-        if let Some(id) = entry.id {
-            if let Some((seq, _, result)) = self.dedupe.last.get(&id.client) {
-                if id.seq == *seq {
-                    return result.clone();
-                }
-                if id.seq < *seq {
-                    return Err(ApiError::Limit("request superseded by a later one".into()));
-                }
-            }
+        let Some(id) = entry.id else { return self.execute(&entry.cmd) };
+        let w = self.touch(id.client);
+        if entry.settled_below > w.settled_below {
+            w.settled_below = entry.settled_below;
+            w.results = w.results.split_off(&entry.settled_below);
+        }
+        if let Some(result) = w.results.get(&id.seq) {
+            return result.clone();
+        }
+        if id.seq < w.settled_below {
+            return Err(ApiError::Limit("request already settled by the client".into()));
         }
         let result = self.execute(&entry.cmd);
-        if let Some(id) = entry.id {
-            self.remember(id, result.clone());
+        if let Some(w) = self.dedupe.clients.get_mut(&id.client) {
+            w.results.insert(id.seq, result.clone());
+            while w.results.len() > MAX_RESULTS_PER_CLIENT {
+                // The oldest is forgotten, and counts as settled: a copy of
+                // it arriving later is refused rather than applied twice.
+                if let Some((seq, _)) = w.results.pop_first() {
+                    w.settled_below = w.settled_below.max(seq + 1);
+                }
+            }
         }
         result
     }
 
     /// The result a request had when it was applied, if it was (and is still remembered).
     pub fn result_of(&self, id: RequestId) -> Option<Result<Reply, ApiError>> {
-        match self.dedupe.last.get(&id.client) {
-            Some((seq, _, result)) if *seq == id.seq => Some(result.clone()),
-            _ => None,
-        }
+        self.dedupe.clients.get(&id.client)?.results.get(&id.seq).cloned()
     }
 
-    fn remember(&mut self, id: RequestId, result: Result<Reply, ApiError>) {
-        if let Some((_, age, _)) = self.dedupe.last.get(&id.client) {
-            self.dedupe.by_age.remove(&(*age, id.client));
+    /// A client's write record, marked as its most recently active, and the
+    /// least recently active forgotten past [`MAX_REMEMBERED_CLIENTS`].
+    fn touch(&mut self, client: u64) -> &mut ClientWrites {
+        let applied = self.applied;
+        let d = &mut self.dedupe;
+        let age = d.clients.get(&client).map(|w| w.age);
+        if let Some(age) = age {
+            d.by_age.remove(&(age, client));
         }
-        self.dedupe.last.insert(id.client, (id.seq, self.applied, result));
-        self.dedupe.by_age.insert((self.applied, id.client));
-        while self.dedupe.last.len() > MAX_REMEMBERED_CLIENTS {
-            if let Some((_, client)) = self.dedupe.by_age.pop_first() {
-                self.dedupe.last.remove(&client);
+        d.by_age.insert((applied, client));
+        while d.clients.len() >= MAX_REMEMBERED_CLIENTS && age.is_none() {
+            match d.by_age.pop_first() {
+                Some((_, old)) if old != client => {
+                    d.clients.remove(&old);
+                }
+                Some(mine) => {
+                    d.by_age.insert(mine);
+                    break;
+                }
+                None => break,
             }
         }
+        let w = d.clients.entry(client).or_default();
+        w.age = applied;
+        w
     }
 
     fn execute(&mut self, cmd: &Command) -> Result<Reply, ApiError> {

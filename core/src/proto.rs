@@ -14,7 +14,7 @@ use crate::ids::{FileName, GroupId, SessionToken, UserId};
 use crate::peer::Grant;
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Longest password accepted, in bytes: hashing is slow, so its input is bounded.
 pub const MAX_PASSWORD_LEN: usize = 1024;
@@ -48,6 +48,9 @@ pub enum Message {
     },
     Request {
         id: RequestId,
+        /// Every earlier request of this client below this sequence number
+        /// has its answer (or was given up): trackers may forget their results.
+        settled_below: u64,
         session: Option<SessionToken>,
         body: Request,
     },

@@ -425,7 +425,9 @@ impl<R: Replicator> TrackerNode<R> {
                 },
             }
             match msg {
-                Message::Request { id, session, body } => self.handle_request(conn, id, session, body, now),
+                Message::Request { id, settled_below, session, body } => {
+                    self.handle_request(conn, (id, settled_below), session, body, now)
+                }
                 other => {
                     tracing::debug!(?conn, "unexpected {:?}", std::mem::discriminant(&other));
                     self.refuse(conn, "clients may only send requests".into());
@@ -488,7 +490,7 @@ impl<R: Replicator> TrackerNode<R> {
     fn handle_request(
         &mut self,
         conn: ConnId,
-        id: RequestId,
+        (id, settled_below): (RequestId, u64),
         session: Option<SessionToken>,
         body: Request,
         now: Millis,
@@ -591,7 +593,7 @@ impl<R: Replicator> TrackerNode<R> {
             // The same request again (a retry on another connection): answer the newest.
             self.write_answered(old);
         }
-        self.replicator.propose(Entry { id: Some(id), cmd });
+        self.replicator.propose(Entry { id: Some(id), settled_below, cmd });
         self.pump(now);
     }
 

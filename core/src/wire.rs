@@ -231,6 +231,7 @@ mod tests {
             (any::<u64>(), any::<u64>(), proptest::option::of(any::<[u8; 16]>()), request_strategy()).prop_map(
                 |(client, seq, session, body)| Message::Request {
                     id: RequestId { client, seq },
+                    settled_below: seq / 2,
                     session: session.map(SessionToken),
                     body
                 }
@@ -307,8 +308,12 @@ mod tests {
 
     #[test]
     fn trailing_bytes_in_a_frame_are_malformed() {
-        let mut f =
-            encode(&Message::Request { id: RequestId { client: 1, seq: 2 }, session: None, body: Request::ListGroups });
+        let mut f = encode(&Message::Request {
+            id: RequestId { client: 1, seq: 2 },
+            settled_below: 0,
+            session: None,
+            body: Request::ListGroups,
+        });
         f.push(0);
         let len = (f.len() - 4) as u32;
         f[..4].copy_from_slice(&len.to_be_bytes());

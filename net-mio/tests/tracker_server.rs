@@ -25,8 +25,12 @@ fn start(max: usize) -> std::net::SocketAddr {
 fn ask(s: &mut TcpStream) -> Option<Message> {
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let hello = encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client });
-    let req =
-        encode(&Message::Request { id: RequestId { client: 1, seq: 1 }, session: None, body: Request::ListGroups });
+    let req = encode(&Message::Request {
+        id: RequestId { client: 1, seq: 1 },
+        settled_below: 0,
+        session: None,
+        body: Request::ListGroups,
+    });
     if s.write_all(&hello).and_then(|_| s.write_all(&req)).is_err() {
         return None;
     }

@@ -84,7 +84,8 @@ impl Conn {
     fn call(&mut self, body: Request) -> Result<Reply, String> {
         self.seq += 1;
         let id = RequestId { client: self.client, seq: self.seq };
-        let msg = Message::Request { id, session: self.session, body };
+        // One request at a time: every earlier one has its answer.
+        let msg = Message::Request { id, settled_below: self.seq, session: self.session, body };
         self.stream.write_all(&encode(&msg)).map_err(|e| e.to_string())?;
         let mut buf = [0u8; 64 * 1024];
         loop {

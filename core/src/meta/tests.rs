@@ -26,7 +26,7 @@ fn file(name: &str, fill: u8, size: u64) -> FileMeta {
     }
 }
 fn run(s: &mut MetaState, cmd: Command) -> Result<Reply, ApiError> {
-    s.apply(&Entry { id: None, cmd })
+    s.apply(&Entry { id: None, settled_below: 0, cmd })
 }
 fn hash() -> PasswordHash {
     PasswordHash::derive("pw", [7; 16], PasswordParams::INSECURE_FAST)
@@ -145,10 +145,62 @@ fn a_new_login_at_the_same_address_replaces_the_old_session() {
 fn a_retried_request_is_applied_once() {
     let mut s = two_users();
     let id = Some(RequestId { client: 5, seq: 1 });
-    let e = Entry { id, cmd: Command::JoinGroup { token: tok(2), group: g("g1") } };
+    let e = Entry { id, settled_below: 0, cmd: Command::JoinGroup { token: tok(2), group: g("g1") } };
     assert_eq!(s.apply(&e), Ok(Reply::Done));
     assert_eq!(s.apply(&e), Ok(Reply::Done), "the retry sees the first answer, not AlreadyRequested");
     assert_eq!(s.group(&g("g1")).unwrap().pending, vec![u("bob")]);
+}
+
+/// A client's older write reaching the log after a newer one (a command
+/// delayed by a failover, overtaken by a background re-share) is applied
+/// with its own result; retries of either see their own first answer.
+#[test]
+fn a_clients_writes_apply_in_any_order_each_with_its_own_result() {
+    let mut s = two_users();
+    let at = |seq, settled_below, cmd| Entry { id: Some(RequestId { client: 5, seq }), settled_below, cmd };
+    let older = at(7, 7, Command::CreateGroup { token: tok(2), group: g("later") });
+    let newer = at(8, 7, Command::JoinGroup { token: tok(2), group: g("g1") });
+    assert_eq!(s.apply(&newer), Ok(Reply::Done));
+    assert_eq!(s.apply(&older), Ok(Reply::Done), "the older write is applied, not superseded");
+    assert!(s.group(&g("later")).is_some());
+    assert_eq!(s.apply(&older), Ok(Reply::Done), "its retry sees its first answer");
+    assert_eq!(s.apply(&newer), Ok(Reply::Done));
+    assert_eq!(s.result_of(RequestId { client: 5, seq: 7 }), Some(Ok(Reply::Done)));
+    // Once the client says both are settled, their results are forgotten and
+    // a late copy changes nothing.
+    let next = at(9, 9, Command::LeaveGroup { token: tok(2), group: g("later") });
+    assert!(s.apply(&next).is_ok());
+    assert_eq!(s.result_of(RequestId { client: 5, seq: 7 }), None);
+    let before = s.clone();
+    assert!(matches!(s.apply(&older), Err(ApiError::Limit(_))));
+    assert_eq!(s.group(&g("later")), before.group(&g("later")));
+}
+
+/// However many writes a client leaves unsettled, what is remembered for it
+/// stays bounded, and a write whose result was forgotten is never re-applied.
+#[test]
+fn unsettled_results_per_client_are_bounded() {
+    let mut s = two_users();
+    let n = MAX_RESULTS_PER_CLIENT as u64 + 10;
+    for seq in 0..n {
+        let group = g(&format!("x{seq}"));
+        let e = Entry {
+            id: Some(RequestId { client: 5, seq }),
+            settled_below: 0,
+            cmd: Command::CreateGroup { token: tok(2), group },
+        };
+        assert_eq!(s.apply(&e), Ok(Reply::Done));
+    }
+    let w = &s.dedupe.clients[&5];
+    assert_eq!(w.results.len(), MAX_RESULTS_PER_CLIENT);
+    assert_eq!(w.settled_below, 10);
+    let first = Entry {
+        id: Some(RequestId { client: 5, seq: 0 }),
+        settled_below: 0,
+        cmd: Command::LeaveGroup { token: tok(2), group: g("x0") },
+    };
+    assert!(matches!(s.apply(&first), Err(ApiError::Limit(_))), "forgotten, so refused rather than applied again");
+    assert!(s.group(&g("x0")).is_some());
 }
 
 fn command_strategy() -> impl Strategy<Value = Entry> {
@@ -193,8 +245,11 @@ fn command_strategy() -> impl Strategy<Value = Entry> {
             name: FileName::new(n).unwrap()
         }),
     ];
-    (proptest::option::of((0u64..3, 0u64..6)), cmd)
-        .prop_map(|(id, cmd)| Entry { id: id.map(|(client, seq)| RequestId { client, seq }), cmd })
+    (proptest::option::of((0u64..3, 0u64..6, 0u64..4)), cmd).prop_map(|(id, cmd)| Entry {
+        id: id.map(|(client, seq, _)| RequestId { client, seq }),
+        settled_below: id.map_or(0, |(_, seq, back)| seq.saturating_sub(back)),
+        cmd,
+    })
 }
 
 fn check_invariants(s: &MetaState) {

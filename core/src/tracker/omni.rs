@@ -645,7 +645,7 @@ mod tests {
     fn entry(i: u64) -> Entry {
         let user = UserId::new(format!("u{i}")).unwrap();
         let password = PasswordHash::derive("", [i as u8; 16], PasswordParams::INSECURE_FAST);
-        Entry { id: None, cmd: Command::CreateUser { user, password } }
+        Entry { id: None, settled_below: 0, cmd: Command::CreateUser { user, password } }
     }
 
     #[derive(Debug, Clone)]

@@ -16,7 +16,7 @@ fn hello() -> Vec<u8> {
 }
 
 fn req(seq: u64, session: Option<SessionToken>, body: Request) -> Vec<u8> {
-    encode(&Message::Request { id: RequestId { client: 7, seq }, session, body })
+    encode(&Message::Request { id: RequestId { client: 7, seq }, settled_below: 0, session, body })
 }
 
 /// The one response among `outs` (log records aside, which must come first).
