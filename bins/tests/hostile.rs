@@ -8,8 +8,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use shoal_core::client::peer::PeerMessage;
 use shoal_core::ids::SessionToken;
-use shoal_core::peer::PeerMessage;
 use shoal_core::proto::{ApiError, Message, Request, RequestId, Role, PROTOCOL_VERSION};
 use shoal_core::rng::Rng;
 use shoal_core::wire::{encode, FrameDecoder};

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use shoal_core::chunk::{Sha1Digest, CHUNK_SIZE};
+use shoal_core::client::peer::{Grant, PeerMessage};
 use shoal_core::ids::{FileName, GroupId, UserId};
-use shoal_core::peer::{Grant, PeerMessage};
 use shoal_core::proto::{Message, Reply, Request, RequestId, Role, PROTOCOL_VERSION};
 use shoal_core::rng::Rng;
 use shoal_core::wire::{decode, encode, FrameDecoder};
@@ -411,7 +411,7 @@ fn a_peer_refuses_a_flood_of_block_requests() {
     p.write_all(&encode(&want)).unwrap();
     read_frames(&mut p, |m: PeerMessage| matches!(m, PeerMessage::Have { .. }).then_some(()));
     // Far more than the queue, so it overflows however the reads split.
-    let flood: Vec<u8> = (0..5 * shoal_core::peer::MAX_QUEUED_REQUESTS as u32)
+    let flood: Vec<u8> = (0..5 * shoal_core::client::peer::MAX_QUEUED_REQUESTS as u32)
         .flat_map(|i| encode(&PeerMessage::Request { chunk: i % 8, offset: 0, len: 65536 }))
         .collect();
     p.write_all(&flood).unwrap();

@@ -52,7 +52,7 @@ fn main() {
             result: Ok(Reply::Download {
                 digest: meta.digest.clone(),
                 sharers: vec![],
-                grant: shoal_core::peer::Grant([5; 16]),
+                grant: shoal_core::client::peer::Grant([5; 16]),
             }),
         },
         Message::Response { id, result: Err(ApiError::NotMember) },
@@ -85,7 +85,7 @@ fn main() {
     {
         write("shell_command", &format!("line{i}"), line.as_bytes());
     }
-    use shoal_core::peer::{Bitmap, Grant, Load, PeerMessage};
+    use shoal_core::client::peer::{Bitmap, Grant, Load, PeerMessage};
     let peer_msgs = [
         PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer },
         PeerMessage::Want { group: g.clone(), name: meta.name.clone(), sha1: meta.digest.sha1, grant: Grant([3; 16]) },
@@ -113,10 +113,10 @@ fn main() {
     };
     let mut have = Bitmap::new(3);
     have.set(1);
-    write("sidecar", "one_chunk", &shoal_core::sidecar::encode(&d, &have));
-    let mut two_slots = shoal_core::sidecar::slot(&shoal_core::sidecar::encode(&d, &have), 6);
+    write("sidecar", "one_chunk", &shoal_core::client::sidecar::encode(&d, &have));
+    let mut two_slots = shoal_core::client::sidecar::slot(&shoal_core::client::sidecar::encode(&d, &have), 6);
     have.set(2);
-    two_slots.extend(shoal_core::sidecar::slot(&shoal_core::sidecar::encode(&d, &have), 7));
+    two_slots.extend(shoal_core::client::sidecar::slot(&shoal_core::client::sidecar::encode(&d, &have), 7));
     write("sidecar", "two_slots", &two_slots);
     // Log records as a tracker writes them: postcard-encoded entries.
     use shoal_core::meta::{Command, Entry, PasswordHash, PasswordParams};
@@ -211,8 +211,8 @@ fn main() {
 /// handshake, chunk map, then every requested block in order; and the same
 /// with one data byte flipped.
 fn sharer_stream() -> (Vec<u8>, Vec<u8>) {
+    use shoal_core::client::peer::{encode_block, Bitmap, Load, PeerMessage};
     use shoal_core::client::ClientOutput;
-    use shoal_core::peer::{encode_block, Bitmap, Load, PeerMessage};
     use shoal_core::wire::FrameDecoder;
     let content = shoal_core::fuzzing::download_stream_content();
     let (mut e, conn, _) = shoal_core::fuzzing::downloading_engine(&content);
@@ -223,10 +223,10 @@ fn sharer_stream() -> (Vec<u8>, Vec<u8>) {
     let mut corrupt_at = 0;
     for o in std::iter::from_fn(|| e.poll_output()) {
         let ClientOutput::PeerTransmit { bytes, .. } = o else { continue };
-        let mut d = FrameDecoder::new(shoal_core::peer::MAX_PEER_FRAME);
+        let mut d = FrameDecoder::new(shoal_core::client::peer::MAX_PEER_FRAME);
         d.push(&bytes);
         while let Ok(Some(PeerMessage::Request { chunk, offset, len })) = d.next_message::<PeerMessage>() {
-            let at = shoal_core::download::chunk_offset(chunk) as usize + offset as usize;
+            let at = shoal_core::client::download::chunk_offset(chunk) as usize + offset as usize;
             stream.extend(encode_block(chunk, offset, Load::default(), &content[at..at + len as usize]));
             corrupt_at = stream.len() - 1;
         }

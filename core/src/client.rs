@@ -8,7 +8,7 @@
 //! unanswered request again with the *same* id, so a write is applied once.
 //! A request nobody answered within `give_up_after` fails.
 //!
-//! Downloads ([`crate::download::Download`]) and the chunk server (see
+//! Downloads ([`crate::client::download::Download`]) and the chunk server (see
 //! `client/transfer.rs`) run beside the tracker link over peer connections.
 //!
 //! Calling contract, for the driver:
@@ -39,15 +39,19 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 
 use crate::chunk::{chunk_count, FileDigest, FileMeta};
-use crate::download::PeerConnId;
+use crate::client::download::PeerConnId;
+use crate::client::peer::Bitmap;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
-use crate::peer::Bitmap;
 use crate::proto::{ApiError, Message, Reply, Request, RequestId, Role, PROTOCOL_VERSION};
 use crate::rng::Rng;
 use crate::shell::{render, ShellCommand, ShellError};
 use crate::time::Millis;
 use crate::wire::{encode, FrameDecoder, MAX_CONTROL_FRAME};
 
+pub mod download;
+pub mod peer;
+pub mod picker;
+pub mod sidecar;
 mod transfer;
 use transfer::{DownloadEntry, PeerLink, Shared};
 pub use transfer::{DownloadId, DownloadStat, Prepared, MAX_UPLOAD_CONNECTIONS, OUTGOING};
@@ -72,7 +76,7 @@ pub struct ClientConfig {
     /// How long to keep trying trackers that answer "no quorum" or
     /// "catching up" before telling the user there is no quorum.
     pub quorum_wait: Millis,
-    pub download: crate::download::DownloadConfig,
+    pub download: crate::client::download::DownloadConfig,
     /// Upload at most this many bytes per second, over all peers.
     pub max_upload_rate: Option<u64>,
 }
@@ -157,7 +161,7 @@ pub enum ClientOutput {
         data: Vec<u8>,
         sha1: crate::chunk::Sha1Digest,
     },
-    /// Replace the sidecar with these bytes (see [`crate::sidecar`]).
+    /// Replace the sidecar with these bytes (see [`crate::client::sidecar`]).
     SaveProgress {
         id: DownloadId,
         sidecar: Vec<u8>,

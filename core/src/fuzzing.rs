@@ -82,7 +82,7 @@ pub fn tracker_node(data: &[u8]) {
 /// One peer frame body: decodes or not, never panics; the in-place block
 /// decoder agrees with the full one.
 pub fn peer_message(data: &[u8]) {
-    use crate::peer::{decode_block, PeerMessage};
+    use crate::client::peer::{decode_block, PeerMessage};
     let full = decode::<PeerMessage>(data);
     if let Ok(m) = &full {
         let bytes = encode(m);
@@ -102,9 +102,9 @@ pub fn peer_message(data: &[u8]) {
 /// is ever reported verified unless data that matched its SHA1 was checked.
 pub fn download_peer(data: &[u8]) {
     use crate::chunk::{FileDigest, FileHasher};
-    use crate::download::{Download, DownloadConfig, DownloadOutput};
+    use crate::client::download::{Download, DownloadConfig, DownloadOutput};
+    use crate::client::peer::{decode_block, Bitmap, Grant, PeerMessage};
     use crate::ids::{FileName, GroupId};
-    use crate::peer::{decode_block, Bitmap, Grant, PeerMessage};
     // Hashing the 2-chunk file is most of an input's cost: do it once.
     static DIGEST: std::sync::OnceLock<FileDigest> = std::sync::OnceLock::new();
     let digest = DIGEST
@@ -155,7 +155,7 @@ pub fn download_peer(data: &[u8]) {
     for c in conns.clone() {
         d.handle_connected(c, Millis(1));
     }
-    let mut dec = FrameDecoder::new(crate::peer::MAX_PEER_FRAME);
+    let mut dec = FrameDecoder::new(crate::client::peer::MAX_PEER_FRAME);
     let mut now = 1;
     for (i, piece) in data.split(|&b| b == 0xfe).enumerate() {
         let Some(&peer) = conns.get(i % conns.len().max(1)) else { return };
@@ -184,11 +184,11 @@ pub fn sidecar(data: &[u8]) {
         sha1: Sha1Digest([1; 20]),
         chunks: vec![Sha1Digest([2; 20]); 3],
     };
-    if let Ok(b) = crate::sidecar::decode(data, &digest) {
+    if let Ok(b) = crate::client::sidecar::decode(data, &digest) {
         assert!(b.fits(3));
     }
     // The same bytes as a whole state file (two slots, or the first format).
-    if let Ok((b, _)) = crate::sidecar::latest(data, &digest) {
+    if let Ok((b, _)) = crate::client::sidecar::latest(data, &digest) {
         assert!(b.fits(3));
     }
 }
@@ -257,10 +257,10 @@ pub fn download_stream_content() -> Vec<u8> {
 /// the connection and the engine's outputs so far (the peer handshake).
 pub fn downloading_engine(
     content: &[u8],
-) -> (crate::client::ClientEngine, crate::download::PeerConnId, Vec<crate::client::ClientOutput>) {
+) -> (crate::client::ClientEngine, crate::client::download::PeerConnId, Vec<crate::client::ClientOutput>) {
+    use crate::client::peer::{Bitmap, Grant};
     use crate::client::{ClientConfig, ClientEngine, ClientOutput, Prepared, Ticket};
     use crate::ids::{FileName, GroupId, SessionToken, UserId};
-    use crate::peer::{Bitmap, Grant};
     use crate::proto::{Reply, Request};
     use crate::shell::ShellCommand;
     let mut h = crate::chunk::FileHasher::new();
@@ -337,7 +337,7 @@ pub fn download_stream(data: &[u8]) {
     let mut now = 1;
     while !stream.is_empty() {
         let Some((space, frames)) = e.peer_recv_bufs(conn) else { return };
-        assert!(frames.len() <= 2 * crate::peer::MAX_PEER_FRAME, "receive space beyond the frame limit");
+        assert!(frames.len() <= 2 * crate::client::peer::MAX_PEER_FRAME, "receive space beyond the frame limit");
         let want = 1 + rng.below(stream.len().min(1 << 17) as u64) as usize;
         let a = space.len().min(want);
         space[..a].copy_from_slice(&stream[..a]);
@@ -351,7 +351,7 @@ pub fn download_stream(data: &[u8]) {
             if let ClientOutput::WriteChunk { id, chunk, data, sha1 } = o {
                 let ok = sha1.matches(&data);
                 if ok {
-                    let at = crate::download::chunk_offset(chunk) as usize;
+                    let at = crate::client::download::chunk_offset(chunk) as usize;
                     assert!(data[..] == content[at..at + data.len()], "chunk {chunk} matched its SHA1 but differs");
                 }
                 e.handle_chunk_checked(id, chunk, ok, Millis(now));

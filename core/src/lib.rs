@@ -26,17 +26,13 @@
 pub mod chunk;
 pub mod client;
 pub mod config;
-pub mod download;
 pub mod fuzzing;
 pub mod ids;
 pub mod meta;
-pub mod peer;
-pub mod picker;
 pub mod proto;
 pub mod rate;
 pub mod rng;
 pub mod shell;
-pub mod sidecar;
 pub mod time;
 pub mod tracker;
 pub mod wal;

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::chunk::{FileDigest, FileMeta};
+use crate::client::peer::Grant;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
-use crate::peer::Grant;
 
 /// Bumped on any incompatible change of the messages below.
 pub const PROTOCOL_VERSION: u32 = 3;

@@ -36,9 +36,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
+use crate::client::peer::Grant;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
 use crate::meta::{Command, Entry, MetaState, PasswordHash, PasswordParams, Sharer};
-use crate::peer::Grant;
 use crate::proto::{
     ApiError, Message, Reply, Request, RequestId, Role, SoftGrant, SoftState, TrackerFrame, MAX_PASSWORD_LEN,
     PROTOCOL_VERSION,

@@ -1,5 +1,5 @@
 //! Framing and encoding: a 4-byte big-endian length, then a postcard-encoded
-//! message ([`crate::proto::Message`] to trackers, [`crate::peer::PeerMessage`]
+//! message ([`crate::proto::Message`] to trackers, [`crate::client::peer::PeerMessage`]
 //! between peers).
 //!
 //! [`FrameDecoder`] is fed whatever bytes arrive, split anywhere, and hands back

@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 use shoal_core::chunk::{chunk_len, FileDigest, FileHasher, Sha1Digest, CHUNK_SIZE};
+use shoal_core::client::download::chunk_offset;
+use shoal_core::client::peer::Bitmap;
+use shoal_core::client::sidecar;
 use shoal_core::client::Prepared;
-use shoal_core::download::chunk_offset;
 use shoal_core::ids::FileName;
-use shoal_core::peer::Bitmap;
-use shoal_core::sidecar;
 use shoal_sha1x::Sha1;
 
 /// Streams a file through the chunk hasher in 1 MiB reads: constant memory.

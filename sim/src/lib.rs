@@ -26,10 +26,10 @@ use std::net::SocketAddr;
 
 use sha1::{Digest, Sha1};
 use shoal_core::chunk::{FileDigest, FileHasher, Sha1Digest, CHUNK_SIZE};
+use shoal_core::client::download::PeerConnId;
+use shoal_core::client::peer::Bitmap;
 use shoal_core::client::{ClientConfig, ClientEngine, ClientOutput, DownloadId, Prepared, Ticket};
-use shoal_core::download::PeerConnId;
 use shoal_core::meta::{Entry, MetaState, PasswordParams};
-use shoal_core::peer::Bitmap;
 use shoal_core::proto::{Message, RequestId};
 use shoal_core::rng::Rng;
 use shoal_core::shell::{parse, ShellError};

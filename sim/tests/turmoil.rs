@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use sha1::{Digest, Sha1};
 use shoal_core::chunk::{FileHasher, Sha1Digest};
+use shoal_core::client::download::PeerConnId;
+use shoal_core::client::peer::Bitmap;
 use shoal_core::client::{ClientConfig, ClientEngine, ClientOutput, DownloadId, Prepared, Ticket};
-use shoal_core::download::PeerConnId;
 use shoal_core::meta::{MetaState, PasswordParams};
-use shoal_core::peer::Bitmap;
 use shoal_core::rng::Rng;
 use shoal_core::shell::parse;
 use shoal_core::time::Millis;

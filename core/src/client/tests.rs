@@ -120,8 +120,8 @@ fn log_in(e: &mut ClientEngine, reply: impl Fn(&Request) -> Result<Reply, ApiErr
 
 /// A logged-in engine sharing a 4 MiB file in group g, with one accepted peer
 /// connection that passed the grant check.
-fn serving_engine() -> (ClientEngine, crate::download::PeerConnId) {
-    use crate::peer::{Grant, PeerMessage};
+fn serving_engine() -> (ClientEngine, crate::client::download::PeerConnId) {
+    use crate::client::peer::{Grant, PeerMessage};
     let mut e = engine();
     let token = SessionToken([5; 16]);
     let tracker_reply = |req: &Request| match req {
@@ -145,7 +145,7 @@ fn serving_engine() -> (ClientEngine, crate::download::PeerConnId) {
     e.handle_file_hashed(job, Ok(digest.clone()), Millis(0));
     let outs = drain(&mut e);
     answer_all(&mut e, outs, tracker_reply);
-    let conn = crate::download::PeerConnId(16);
+    let conn = crate::client::download::PeerConnId(16);
     e.handle_peer_accepted(conn, Millis(0));
     let mut hs = encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
     let want =
@@ -166,7 +166,7 @@ fn serving_engine() -> (ClientEngine, crate::download::PeerConnId) {
 /// SEND_HIGH_WATER ahead of the socket, however many blocks it was asked for.
 #[test]
 fn a_peer_that_does_not_read_gets_at_most_the_high_water_mark() {
-    use crate::peer::{PeerMessage, BLOCK_SIZE, MAX_QUEUED_REQUESTS};
+    use crate::client::peer::{PeerMessage, BLOCK_SIZE, MAX_QUEUED_REQUESTS};
     let (mut e, conn) = serving_engine();
     let per = crate::chunk::CHUNK_SIZE as u32 / BLOCK_SIZE;
     let reqs: Vec<u8> = (0..MAX_QUEUED_REQUESTS as u32)
@@ -201,7 +201,7 @@ fn a_peer_that_does_not_read_gets_at_most_the_high_water_mark() {
 
 #[test]
 fn a_peer_queueing_too_many_requests_is_refused() {
-    use crate::peer::{PeerMessage, BLOCK_SIZE, MAX_QUEUED_REQUESTS};
+    use crate::client::peer::{PeerMessage, BLOCK_SIZE, MAX_QUEUED_REQUESTS};
     let (mut e, conn) = serving_engine();
     let per = crate::chunk::CHUNK_SIZE as u32 / BLOCK_SIZE;
     let reqs: Vec<u8> = (0..=MAX_QUEUED_REQUESTS as u32)
@@ -241,11 +241,11 @@ fn a_request_after_a_quiet_spell_waits_its_full_timeout() {
 
 /// Block requests among `outs`, in order.
 fn peer_requests(outs: &[ClientOutput]) -> Vec<(u32, u32, u32)> {
-    use crate::peer::PeerMessage;
+    use crate::client::peer::PeerMessage;
     let mut v = Vec::new();
     for o in outs {
         if let ClientOutput::PeerTransmit { bytes, .. } = o {
-            let mut d = FrameDecoder::new(crate::peer::MAX_PEER_FRAME);
+            let mut d = FrameDecoder::new(crate::client::peer::MAX_PEER_FRAME);
             d.push(bytes);
             while let Ok(Some(PeerMessage::Request { chunk, offset, len })) = d.next_message::<PeerMessage>() {
                 v.push((chunk, offset, len));
@@ -265,7 +265,7 @@ fn announces(outs: &[ClientOutput]) -> usize {
 /// chunk handed out to be checked holds the file's bytes. Returns the engine
 /// and how many times it announced the file to the tracker.
 fn download_in_random_reads(content: &[u8], seed: u64, haves: bool, stop_after: u32) -> (ClientEngine, usize) {
-    use crate::peer::{encode_block, Bitmap, Load, PeerMessage};
+    use crate::client::peer::{encode_block, Bitmap, Load, PeerMessage};
     let (mut e, conn, _) = crate::fuzzing::downloading_engine(content);
     let n = crate::chunk::chunk_count(content.len() as u64) as u32;
     let mut wire = encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
@@ -285,7 +285,7 @@ fn download_in_random_reads(content: &[u8], seed: u64, haves: bool, stop_after: 
             return (e, announced);
         }
         for (chunk, offset, l) in peer_requests(&outs) {
-            let at = crate::download::chunk_offset(chunk) as usize + offset as usize;
+            let at = crate::client::download::chunk_offset(chunk) as usize + offset as usize;
             wire.extend(encode_block(chunk, offset, Load::default(), &content[at..at + l as usize]));
             if haves && rng.below(3) == 0 {
                 wire.extend(encode(&PeerMessage::HaveOne { chunk }));
@@ -293,7 +293,7 @@ fn download_in_random_reads(content: &[u8], seed: u64, haves: bool, stop_after: 
         }
         for o in outs {
             if let ClientOutput::WriteChunk { id: i, chunk, data, sha1 } = o {
-                let at = crate::download::chunk_offset(chunk) as usize;
+                let at = crate::client::download::chunk_offset(chunk) as usize;
                 assert!(data[..] == content[at..at + data.len()], "chunk {chunk} assembled wrong");
                 assert!(sha1.matches(&data));
                 checked.set(chunk);

@@ -12,9 +12,9 @@ use std::net::SocketAddr;
 
 use super::{ClientEngine, ClientOutput, Purpose, Ticket};
 use crate::chunk::{FileDigest, FileMeta, Sha1Digest};
-use crate::download::{chunk_offset, Download, DownloadOutput, PeerConnId};
+use crate::client::download::{chunk_offset, Download, DownloadOutput, PeerConnId};
+use crate::client::peer::{valid_block, Bitmap, Grant, Load, PeerMessage, MAX_PEER_FRAME, MAX_QUEUED_REQUESTS};
 use crate::ids::{FileName, GroupId};
-use crate::peer::{valid_block, Bitmap, Grant, Load, PeerMessage, MAX_PEER_FRAME, MAX_QUEUED_REQUESTS};
 use crate::proto::{Reply, Request, Role, PROTOCOL_VERSION};
 use crate::rng::Rng;
 use crate::shell::ShellError;
@@ -555,8 +555,8 @@ impl ClientEngine {
                     let window = match decoder.partial_frame() {
                         Some((len, held))
                             if held.len() < HEAD_WINDOW
-                                && held.first().is_none_or(|&t| t == crate::peer::BLOCK_TAG)
-                                && crate::peer::decode_block_head(len, held).is_none() =>
+                                && held.first().is_none_or(|&t| t == crate::client::peer::BLOCK_TAG)
+                                && crate::client::peer::decode_block_head(len, held).is_none() =>
                         {
                             HEAD_WINDOW
                         }
@@ -628,7 +628,7 @@ impl ClientEngine {
                         }
                     };
                     // Blocks that arrived whole are read in place too.
-                    if let Some(b) = crate::peer::decode_block(body) {
+                    if let Some(b) = crate::client::peer::decode_block(body) {
                         dl.handle_block(conn, b.chunk, b.offset, b.load, b.data, now);
                     } else {
                         match crate::wire::decode::<PeerMessage>(body) {
@@ -733,7 +733,7 @@ impl ClientEngine {
             let Some(s) = self.shares.get(&(group.clone(), name.clone())) else { return };
             up.reading.push_back(len);
             let path = s.path.clone();
-            let header = crate::peer::block_header(chunk, block, self.load(), len);
+            let header = crate::client::peer::block_header(chunk, block, self.load(), len);
             let offset = chunk_offset(chunk) + block as u64;
             self.out.push_back(ClientOutput::SendBlock { conn, path, offset, header, len });
         }
@@ -844,7 +844,7 @@ impl ClientEngine {
             let secs = now.since(e.started).0 as f64 / 1000.0;
             tracing::info!("all chunks of {} verified after {secs:.2} s; checking the whole file", e.name);
             let have = Bitmap::full(e.digest.chunks.len() as u32);
-            let sidecar = crate::sidecar::encode(&e.digest, &have);
+            let sidecar = crate::client::sidecar::encode(&e.digest, &have);
             let sha1 = e.digest.sha1;
             self.out.push_back(ClientOutput::SaveProgress { id, sidecar });
             self.out.push_back(ClientOutput::FinishDownload { id, sha1 });
@@ -870,7 +870,7 @@ impl ClientEngine {
             _ => None,
         });
         let throttle = match (&self.upload_limit, self.throttled) {
-            (Some(b), true) => Some(b.ready_at(crate::peer::BLOCK_SIZE as u64)),
+            (Some(b), true) => Some(b.ready_at(crate::client::peer::BLOCK_SIZE as u64)),
             _ => None,
         };
         let uploads = self.peers.values().any(|p| matches!(p, PeerLink::In(_))).then_some(self.next_tick);
@@ -879,7 +879,7 @@ impl ClientEngine {
 
     pub(super) fn downloads_timeout(&mut self, now: Millis) {
         if self.throttled
-            && self.upload_limit.as_ref().is_some_and(|b| b.ready_at(crate::peer::BLOCK_SIZE as u64) <= now)
+            && self.upload_limit.as_ref().is_some_and(|b| b.ready_at(crate::client::peer::BLOCK_SIZE as u64) <= now)
         {
             self.throttled = false;
             let ups: Vec<PeerConnId> =
@@ -933,7 +933,7 @@ impl ClientEngine {
             }
             if e.dirty {
                 e.dirty = false;
-                let sidecar = crate::sidecar::encode(&e.digest, dl.done());
+                let sidecar = crate::client::sidecar::encode(&e.digest, dl.done());
                 self.out.push_back(ClientOutput::SaveProgress { id: *id, sidecar });
             }
         }
@@ -946,7 +946,7 @@ impl ClientEngine {
 /// the frame stays in the decoder, to be handled whole.
 fn start_stream(dl: &mut Download, conn: PeerConnId, decoder: &mut FrameDecoder, now: Millis) -> Option<BlockStream> {
     let (len, held) = decoder.partial_frame()?;
-    let h = crate::peer::decode_block_head(len, held)?;
+    let h = crate::client::peer::decode_block_head(len, held)?;
     let present = &held[h.header_len..];
     let space = dl.recv_space(conn, h.chunk, h.offset)?;
     if h.len == 0 || h.len as usize > space.len() {

@@ -13,10 +13,10 @@
 //! ([`PieceSelector::verified`]) or back to free ([`PieceSelector::rejected`],
 //! [`PieceSelector::abandon`]). A chunk being checked is never handed out.
 //!
-//! Which peer asks first is the caller's choice: [`crate::download`] offers
+//! Which peer asks first is the caller's choice: [`crate::client::download`] offers
 //! free chunks to the least-loaded peers first.
 
-use crate::peer::Bitmap;
+use crate::client::peer::Bitmap;
 use crate::rng::Rng;
 
 /// How many peers may fetch the same chunk at once in the endgame.

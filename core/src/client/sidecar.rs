@@ -18,12 +18,12 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::chunk::{FileDigest, Sha1Digest};
-use crate::peer::Bitmap;
+use crate::client::peer::Bitmap;
 
 const MAGIC: &[u8; 8] = b"SHOALDL1";
 
 /// Largest sidecar read: the chunk map of the largest file plus a header.
-pub const MAX_SIDECAR_LEN: usize = crate::peer::MAX_PEER_FRAME + 64;
+pub const MAX_SIDECAR_LEN: usize = crate::client::peer::MAX_PEER_FRAME + 64;
 
 #[derive(Serialize, Deserialize)]
 struct Record {

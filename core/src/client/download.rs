@@ -20,9 +20,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 
 use crate::chunk::{chunk_len, FileDigest, CHUNK_SIZE};
+use crate::client::peer::{Bitmap, Grant, Load, PeerMessage, BLOCK_SIZE};
+use crate::client::picker::PieceSelector;
 use crate::ids::{FileName, GroupId};
-use crate::peer::{Bitmap, Grant, Load, PeerMessage, BLOCK_SIZE};
-use crate::picker::PieceSelector;
 use crate::proto::{Role, PROTOCOL_VERSION};
 use crate::rng::Rng;
 use crate::time::Millis;
