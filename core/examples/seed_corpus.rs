@@ -212,14 +212,15 @@ fn main() {
 /// with one data byte flipped.
 fn sharer_stream() -> (Vec<u8>, Vec<u8>) {
     use shoal_core::client::peer::{encode_block, Bitmap, Load, PeerMessage};
-    use shoal_core::client::ClientOutput;
+    use shoal_core::client::{ClientInput, ClientOutput, PeerEvent};
     use shoal_core::wire::FrameDecoder;
     let content = shoal_core::fuzzing::download_stream_content();
-    let (mut e, conn, _) = shoal_core::fuzzing::downloading_engine(&content);
+    let mut disk = shoal_core::fuzzing::ScratchDisk::default();
+    let (mut e, conn, _) = shoal_core::fuzzing::downloading_engine(&content, &mut disk);
     let n = shoal_core::chunk::chunk_count(content.len() as u64) as u32;
     let mut stream = encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
     stream.extend(encode(&PeerMessage::Have { chunks: Bitmap::full(n), load: Load::default() }));
-    e.handle_peer_bytes(conn, &stream, shoal_core::time::Millis(0));
+    e.handle_input(ClientInput::Peer(conn, PeerEvent::Bytes(&stream)), shoal_core::time::Millis(0));
     let mut corrupt_at = 0;
     for o in std::iter::from_fn(|| e.poll_output()) {
         let ClientOutput::PeerTransmit { bytes, .. } = o else { continue };

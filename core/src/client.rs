@@ -8,39 +8,44 @@
 //! unanswered request again with the *same* id, so a write is applied once.
 //! A request nobody answered within `give_up_after` fails.
 //!
-//! Downloads ([`crate::client::download::Download`]) and the chunk server (see
-//! `client/transfer.rs`) run beside the tracker link over peer connections.
+//! Beside the tracker link: downloads ([`fetch`]: peers and piece selection
+//! in [`download::Download`], chunk and whole-file verification in
+//! [`verify::Verifier`]), the zero-copy receive path ([`receive`]) and the
+//! chunk server ([`serve`]). The disk is the driver's: the engine asks for
+//! reads, hashes, writes and renames ([`disk::DiskOp`]) and decides on what
+//! comes back.
 //!
-//! Calling contract, for the driver:
-//! - a line from the user: [`ClientEngine::handle_command`] with a [`Ticket`];
-//! - [`ClientOutput::Connect`]: open TCP to that tracker, then report
-//!   [`ClientEngine::handle_tracker_connected`] or
-//!   [`ClientEngine::handle_tracker_closed`] (also when an open one drops);
-//!   bytes from it: [`ClientEngine::handle_tracker_bytes`];
-//! - peers: [`ClientOutput::PeerConnect`] / `PeerTransmit` / `PeerClose` for
-//!   connections the engine opens, [`ClientEngine::handle_peer_accepted`] for
-//!   ones the listener accepts, then `handle_peer_connected`, received bytes
-//!   (read in place into [`ClientEngine::peer_recv_bufs`], reported with
-//!   `handle_peer_received`; or copied in with `handle_peer_bytes`),
-//!   `handle_peer_backlog` (unsent bytes after a flush) and `handle_peer_closed`;
-//! - disk: [`ClientOutput::HashFile`] → [`ClientEngine::handle_file_hashed`];
-//!   [`ClientOutput::SendBlock`] → send the header and the file bytes, then
-//!   [`ClientEngine::handle_block_sent`];
-//!   [`ClientOutput::PrepareDownload`] → [`ClientEngine::handle_download_prepared`];
-//!   [`ClientOutput::WriteChunk`] (check, write if it matches, report with
-//!   [`ClientEngine::handle_chunk_checked`], hand the buffer back with
-//!   [`ClientEngine::handle_chunk_buffer`]) and [`ClientOutput::SaveProgress`]
-//!   in order, reporting failures with [`ClientEngine::handle_disk_error`];
-//!   [`ClientOutput::FinishDownload`] → [`ClientEngine::handle_download_finished`];
-//! - deadlines: [`ClientEngine::poll_timeout`] / [`ClientEngine::handle_timeout`];
-//! - after every input, drain [`ClientEngine::poll_output`] until `None`.
+//! # Calling contract
+//!
+//! Inputs, grouped by where they come from ([`ClientInput`]), go in through
+//! [`ClientEngine::handle_input`] with the driver's `now`, which never goes
+//! backwards:
+//! - the user: a shell line ([`ClientInput::User`]), answered by one
+//!   [`ClientOutput::Done`] with its [`Ticket`];
+//! - the tracker connection ([`TrackerEvent`]): after a
+//!   [`ClientOutput::Connect`], `Connected` or `Closed` (also when an open one
+//!   drops), and the bytes it sends;
+//! - peer connections ([`PeerEvent`]): `Accepted` for a connection the
+//!   listener took (ids below [`OUTGOING`]), `Connected` or `Closed` after a
+//!   [`ClientOutput::PeerConnect`], `Backlog` (unsent bytes after a flush) and
+//!   `BlockSent` after a [`ClientOutput::SendBlock`];
+//! - the disk: one [`disk::DiskDone`] for every [`disk::DiskOp`], in any
+//!   order;
+//! - timers: [`ClientInput::Timeout`] once [`ClientEngine::poll_timeout`]
+//!   has passed (early is harmless).
+//!
+//! The one exception is the receive path of peer connections: the driver
+//! reads into the buffers [`ClientEngine::peer_recv_bufs`] lends it (block
+//! data straight into its chunk) and reports the count with
+//! [`ClientEngine::handle_peer_received`]; `PeerEvent::Bytes` copies instead.
+//!
+//! After every input, drain [`ClientEngine::poll_output`] until `None`, in
+//! order, then ask `poll_timeout` again. No input may be fed while draining.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 
 use crate::chunk::{chunk_count, FileDigest, FileMeta};
-use crate::client::download::PeerConnId;
-use crate::client::peer::Bitmap;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
 use crate::proto::{ApiError, Message, Reply, Request, RequestId, Role, PROTOCOL_VERSION};
 use crate::rng::Rng;
@@ -48,13 +53,31 @@ use crate::shell::{render, ShellCommand, ShellError};
 use crate::time::Millis;
 use crate::wire::{encode, FrameDecoder, MAX_CONTROL_FRAME};
 
+pub mod disk;
 pub mod download;
+pub mod fetch;
 pub mod peer;
 pub mod picker;
+pub mod receive;
+pub mod serve;
 pub mod sidecar;
-mod transfer;
-use transfer::{DownloadEntry, PeerLink, Shared};
-pub use transfer::{DownloadId, DownloadStat, Prepared, MAX_UPLOAD_CONNECTIONS, OUTGOING};
+pub mod verify;
+
+use disk::{DiskDone, DiskOp};
+use download::PeerConnId;
+use fetch::DownloadEntry;
+pub use fetch::{DownloadId, DownloadStat};
+use peer::Bitmap;
+use receive::BlockStream;
+use serve::{Shared, Upload};
+pub use serve::{MAX_UPLOAD_CONNECTIONS, PEER_HANDSHAKE_TIMEOUT, PEER_IDLE_TIMEOUT, SEND_HIGH_WATER};
+
+/// Connection ids of outgoing (download) connections have this bit set; the
+/// driver numbers accepted connections below it.
+pub const OUTGOING: u64 = 1 << 62;
+/// How often download rates are sampled, progress saved and upload
+/// connections' deadlines checked.
+const TICK: Millis = Millis(500);
 
 /// The shell's handle on one command, echoed in its [`ClientOutput::Done`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -97,7 +120,8 @@ impl ClientConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What the engine asks of its driver.
+#[derive(Debug)]
 pub enum ClientOutput {
     /// Open a connection to this tracker (closing any other first).
     Connect {
@@ -107,11 +131,6 @@ pub enum ClientOutput {
     Transmit(Vec<u8>),
     /// Close the tracker connection.
     Disconnect,
-    /// Read and hash the file at `path`.
-    HashFile {
-        job: u64,
-        path: String,
-    },
     /// A command finished: print `Ok` lines on stdout, an `Err` as `error: ...`.
     Done {
         ticket: Ticket,
@@ -132,7 +151,7 @@ pub enum ClientOutput {
     },
     /// Send `header`, then the `len` bytes at `offset` of the file at `path`
     /// (together one `Block` frame; the data never needs to pass through the
-    /// engine), then report with `handle_block_sent`. If the file cannot be
+    /// engine), then report [`PeerEvent::BlockSent`]. If the file cannot be
     /// read, send nothing and report the error.
     SendBlock {
         conn: PeerConnId,
@@ -141,36 +160,60 @@ pub enum ClientOutput {
         header: Vec<u8>,
         len: u32,
     },
-    /// Resolve `dest` (a directory or a file path), open or resume its part
-    /// file, re-hash the chunks its sidecar claims.
-    PrepareDownload {
-        id: DownloadId,
-        dest: String,
-        name: FileName,
-        digest: FileDigest,
+    /// Disk work; each op is answered by one [`DiskDone`].
+    Disk(DiskOp),
+}
+
+/// An input, by where it comes from.
+#[derive(Debug)]
+pub enum ClientInput<'a> {
+    /// A line the user typed, parsed.
+    User {
+        ticket: Ticket,
+        cmd: ShellCommand,
     },
-    /// A chunk arrived whole: check it against `sha1` and, only if it
-    /// matches, write it into the part file at `chunk * CHUNK_SIZE`; then
-    /// report the verdict with [`ClientEngine::handle_chunk_checked`]. The
-    /// check is the costly part of receiving a chunk, which is why it is the
-    /// driver's to place (the real client does it on the download's writer
-    /// thread, beside the engine's).
-    WriteChunk {
-        id: DownloadId,
-        chunk: u32,
-        data: Vec<u8>,
-        sha1: crate::chunk::Sha1Digest,
+    Tracker(TrackerEvent<'a>),
+    Peer(PeerConnId, PeerEvent<'a>),
+    Disk(DiskDone),
+    /// [`ClientEngine::poll_timeout`] has passed.
+    Timeout,
+}
+
+/// What happened on the tracker connection.
+#[derive(Debug)]
+pub enum TrackerEvent<'a> {
+    Connected,
+    /// It failed to open, or an open one dropped.
+    Closed,
+    Bytes(&'a [u8]),
+}
+
+/// What happened on a peer connection.
+#[derive(Debug)]
+pub enum PeerEvent<'a> {
+    /// The listener accepted it (an upload; ids below [`OUTGOING`]).
+    Accepted,
+    /// A [`ClientOutput::PeerConnect`] connected.
+    Connected,
+    /// Bytes arrived (a copy; see [`ClientEngine::peer_recv_bufs`]).
+    Bytes(&'a [u8]),
+    /// Unsent bytes after the driver's last flush.
+    Backlog(usize),
+    /// A [`ClientOutput::SendBlock`] was queued (or its file could not be read).
+    BlockSent(Result<(), String>),
+    /// It closed, or failed to open.
+    Closed,
+}
+
+/// A peer connection: one of our downloads' or one we serve.
+pub(crate) enum PeerLink {
+    Out {
+        download: DownloadId,
+        decoder: FrameDecoder,
+        /// The block whose data is being received straight into its chunk.
+        stream: Option<BlockStream>,
     },
-    /// Replace the sidecar with these bytes (see [`crate::client::sidecar`]).
-    SaveProgress {
-        id: DownloadId,
-        sidecar: Vec<u8>,
-    },
-    /// Every chunk is written: check the whole file's SHA1, then give it its name.
-    FinishDownload {
-        id: DownloadId,
-        sha1: crate::chunk::Sha1Digest,
-    },
+    In(Box<Upload>),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -209,7 +252,8 @@ struct Pending {
     sent_at: Millis,
 }
 
-struct HashJob {
+/// An `upload_file` waiting for its file's digest.
+struct UploadHash {
     ticket: Ticket,
     cmd: ShellCommand,
     group: GroupId,
@@ -240,7 +284,7 @@ pub struct ClientEngine {
     link: Link,
     decoder: FrameDecoder,
     pending: BTreeMap<u64, Pending>,
-    hash_jobs: BTreeMap<u64, HashJob>,
+    hash_jobs: BTreeMap<u64, UploadHash>,
     /// Where the tracker's silence is counted from: the last time it said
     /// anything, we connected, or we sent a request on an idle link (a link
     /// quiet for longer than `request_timeout` is not a silent tracker).
@@ -290,7 +334,28 @@ impl ClientEngine {
 
     // ---- inputs ----
 
-    pub fn handle_command(&mut self, ticket: Ticket, cmd: ShellCommand, now: Millis) {
+    /// Feeds one input; then drain [`ClientEngine::poll_output`].
+    pub fn handle_input(&mut self, input: ClientInput<'_>, now: Millis) {
+        match input {
+            ClientInput::User { ticket, cmd } => self.handle_command(ticket, cmd, now),
+            ClientInput::Tracker(TrackerEvent::Connected) => self.tracker_connected(now),
+            ClientInput::Tracker(TrackerEvent::Closed) => self.tracker_closed(now),
+            ClientInput::Tracker(TrackerEvent::Bytes(b)) => self.tracker_bytes(b, now),
+            ClientInput::Peer(conn, ev) => match ev {
+                PeerEvent::Accepted => self.peer_accepted(conn, now),
+                PeerEvent::Connected => self.peer_connected(conn, now),
+                PeerEvent::Bytes(b) => self.peer_bytes(conn, b, now),
+                PeerEvent::Backlog(n) => self.peer_backlog(conn, n, now),
+                PeerEvent::BlockSent(r) => self.block_sent(conn, r, now),
+                PeerEvent::Closed => self.peer_closed(conn, now),
+            },
+            ClientInput::Disk(DiskDone::FileHashed { job, result }) => self.file_hashed(job, result, now),
+            ClientInput::Disk(done) => self.disk_done(done, now),
+            ClientInput::Timeout => self.timeout(now),
+        }
+    }
+
+    fn handle_command(&mut self, ticket: Ticket, cmd: ShellCommand, now: Millis) {
         let done = |this: &mut Self, result| this.out.push_back(ClientOutput::Done { ticket, result });
         let logged_in = self.session.is_some();
         match &cmd {
@@ -333,8 +398,8 @@ impl ClientEngine {
                 };
                 let job = self.next_job;
                 self.next_job += 1;
-                self.hash_jobs.insert(job, HashJob { ticket, cmd: cmd.clone(), group: group.clone(), name });
-                self.out.push_back(ClientOutput::HashFile { job, path: path.clone() });
+                self.hash_jobs.insert(job, UploadHash { ticket, cmd: cmd.clone(), group: group.clone(), name });
+                self.out.push_back(ClientOutput::Disk(DiskOp::HashFile { job, path: path.clone() }));
                 return;
             }
             ShellCommand::DownloadFile { group, name, .. } => {
@@ -350,7 +415,7 @@ impl ClientEngine {
         self.send(Purpose::Shell { ticket, cmd }, request, now);
     }
 
-    pub fn handle_file_hashed(&mut self, job: u64, result: Result<FileDigest, String>, now: Millis) {
+    fn file_hashed(&mut self, job: u64, result: Result<FileDigest, String>, now: Millis) {
         let Some(j) = self.hash_jobs.remove(&job) else { return };
         let ShellCommand::UploadFile { path, .. } = &j.cmd else { unreachable!("hash jobs come from uploads") };
         match result {
@@ -369,7 +434,7 @@ impl ClientEngine {
         }
     }
 
-    pub fn handle_tracker_connected(&mut self, now: Millis) {
+    fn tracker_connected(&mut self, now: Millis) {
         self.link = Link::Up;
         self.last_heard = now;
         self.decoder = FrameDecoder::new(MAX_CONTROL_FRAME);
@@ -413,7 +478,7 @@ impl ClientEngine {
         }
     }
 
-    pub fn handle_tracker_closed(&mut self, now: Millis) {
+    fn tracker_closed(&mut self, now: Millis) {
         if self.link == Link::Down || matches!(self.link, Link::Backoff(_)) {
             return;
         }
@@ -426,7 +491,7 @@ impl ClientEngine {
         self.fail_over(now);
     }
 
-    pub fn handle_tracker_bytes(&mut self, bytes: &[u8], now: Millis) {
+    fn tracker_bytes(&mut self, bytes: &[u8], now: Millis) {
         if self.link != Link::Up {
             return;
         }
@@ -445,7 +510,7 @@ impl ClientEngine {
         }
     }
 
-    pub fn handle_timeout(&mut self, now: Millis) {
+    fn timeout(&mut self, now: Millis) {
         // Give up on requests nobody answered in time.
         let expired: Vec<u64> = self.pending.iter().filter(|(_, p)| p.give_up_at <= now).map(|(s, _)| *s).collect();
         for seq in expired {
@@ -477,7 +542,13 @@ impl ClientEngine {
             }
             _ => {}
         }
+        self.uploads_timeout(now);
         self.downloads_timeout(now);
+        if now >= self.next_tick {
+            self.next_tick = now.plus(TICK);
+            self.uploads_tick(now);
+            self.downloads_tick(now);
+        }
     }
 
     // ---- outputs ----
@@ -495,7 +566,9 @@ impl ClientEngine {
             Link::Connecting => Some(self.last_heard.plus(self.cfg.request_timeout)),
             _ => None,
         };
-        [give_up, link, self.downloads_deadline()].into_iter().flatten().min()
+        let ticking = !self.peers.is_empty() || self.downloads_running();
+        let tick = ticking.then_some(self.next_tick);
+        [give_up, link, tick, self.downloads_deadline(), self.uploads_deadline()].into_iter().flatten().min()
     }
 
     // ---- internals ----
@@ -593,7 +666,7 @@ impl ClientEngine {
             Purpose::Shell { ticket, cmd } => (ticket, cmd),
             Purpose::Heartbeat | Purpose::Announce => return,
             Purpose::Sources(id) => return self.sources_answered(id, result, now),
-            Purpose::CheckGrant(conn) => return self.grant_checked(conn, result, now),
+            Purpose::CheckGrant(conn) => return self.grant_checked(conn, result),
             Purpose::Reshare(id) => return self.reshared(id, result),
         };
         let result = match (&cmd, result) {

@@ -4,6 +4,11 @@
 //! Each function takes arbitrary bytes and must not panic, hang, or allocate
 //! beyond the limits the code under test claims.
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::client::disk::{DiskDone, DiskOp, OpenedPart, PartPaths, PathKind};
+use crate::client::download::PeerConnId;
+use crate::client::{ClientEngine, ClientInput, ClientOutput, DownloadId, PeerEvent};
 use crate::proto::{Message, Role, PROTOCOL_VERSION};
 use crate::rng::Rng;
 use crate::time::Millis;
@@ -98,23 +103,24 @@ pub fn peer_message(data: &[u8]) {
     }
 }
 
-/// A download fed arbitrary frames from two peers: no panic, and no chunk
-/// is ever reported verified unless data that matched its SHA1 was checked.
+/// A download fed arbitrary frames from two peers, its chunks verified by a
+/// [`crate::client::verify::Verifier`] whose disk work completes one input
+/// later: no panic, and no chunk is ever reported verified unless the part
+/// file holds the file's bytes for it.
 pub fn download_peer(data: &[u8]) {
     use crate::chunk::{FileDigest, FileHasher};
-    use crate::client::download::{Download, DownloadConfig, DownloadOutput};
+    use crate::client::download::{chunk_offset, Download, DownloadConfig, DownloadOutput};
     use crate::client::peer::{decode_block, Bitmap, Grant, PeerMessage};
+    use crate::client::verify::{Verifier, VerifyEvent, VerifyOp};
     use crate::ids::{FileName, GroupId};
     // Hashing the 2-chunk file is most of an input's cost: do it once.
-    static DIGEST: std::sync::OnceLock<FileDigest> = std::sync::OnceLock::new();
-    let digest = DIGEST
-        .get_or_init(|| {
-            let content: Vec<u8> = (0..(crate::chunk::CHUNK_SIZE as usize + 100)).map(|i| (i % 251) as u8).collect();
-            let mut h = FileHasher::new();
-            h.update(&content).expect("small");
-            h.finish().expect("small")
-        })
-        .clone();
+    static FILE: std::sync::OnceLock<(Vec<u8>, FileDigest)> = std::sync::OnceLock::new();
+    let (content, digest) = FILE.get_or_init(|| {
+        let content = download_stream_content();
+        let mut h = FileHasher::new();
+        h.update(&content).expect("small");
+        (content.clone(), h.finish().expect("small"))
+    });
     let n = digest.chunks.len() as u32;
     let mut d = Download::new(
         DownloadConfig::default(),
@@ -127,41 +133,73 @@ pub fn download_peer(data: &[u8]) {
         Rng::from_u64(0),
         Millis(0),
     );
+    let mut v = Verifier::new(digest, &Bitmap::new(n));
+    let mut part = vec![0u8; content.len()];
     let a = "127.0.0.1:1".parse().expect("valid");
     let b = "127.0.0.1:2".parse().expect("valid");
     d.handle_sources(&[a, b], Millis(0));
     let mut conns = Vec::new();
-    // Verdicts are delivered one input later, as a writer thread's would be,
-    // so blocks and timeouts also arrive while chunks are being checked.
-    let mut verdicts: Vec<(u32, bool)> = Vec::new();
-    let mut matched = Bitmap::new(n);
-    let check = |d: &mut Download, conns: &mut Vec<_>, verdicts: &mut Vec<(u32, bool)>, matched: &mut Bitmap| {
+    let mut ops: Vec<VerifyOp> = Vec::new();
+    let mut dec = FrameDecoder::new(crate::client::peer::MAX_PEER_FRAME);
+    let mut now = 1;
+    let mut pieces = data.split(|&b| b == 0xfe).enumerate();
+    loop {
+        // The download's outputs: checks go to the verifier, and back.
+        let mut moved = false;
         while let Some(o) = d.poll_output() {
+            moved = true;
             match o {
                 DownloadOutput::Connect { peer, .. } => conns.push(peer),
-                DownloadOutput::Check { chunk, data } => {
-                    let ok = digest.chunks[chunk as usize].matches(&data);
-                    if ok {
-                        matched.set(chunk);
-                    }
-                    verdicts.push((chunk, ok));
+                DownloadOutput::Check { chunk, data } => v.submit(chunk, data, digest),
+                DownloadOutput::Verified { chunk } => {
+                    let at = chunk_offset(chunk) as usize;
+                    let len = crate::chunk::chunk_len(digest.size, chunk as u64) as usize;
+                    assert!(part[at..at + len] == content[at..at + len], "chunk {chunk} verified but not the file's");
                 }
-                DownloadOutput::Verified { chunk } => assert!(matched.get(chunk), "chunk {chunk} verified unchecked"),
                 _ => {}
             }
         }
-    };
-    check(&mut d, &mut conns, &mut verdicts, &mut matched);
-    for c in conns.clone() {
-        d.handle_connected(c, Millis(1));
-    }
-    let mut dec = FrameDecoder::new(crate::client::peer::MAX_PEER_FRAME);
-    let mut now = 1;
-    for (i, piece) in data.split(|&b| b == 0xfe).enumerate() {
+        while let Some(ev) = v.poll() {
+            moved = true;
+            match ev {
+                VerifyEvent::Op(op) => ops.push(op),
+                VerifyEvent::Good(c) => d.handle_checked(c, true, Millis(now)),
+                VerifyEvent::Bad(c) => d.handle_checked(c, false, Millis(now)),
+                VerifyEvent::Buffer(b) => d.reuse_buffer(b),
+                VerifyEvent::Rechecked | VerifyEvent::Complete => {}
+                VerifyEvent::Failed(e) => panic!("verification failed: {e}"),
+            }
+        }
+        if moved {
+            continue;
+        }
+        let Some((i, piece)) = pieces.next() else { return };
+        if i == 0 {
+            for c in conns.clone() {
+                d.handle_connected(c, Millis(1));
+            }
+        }
         let Some(&peer) = conns.get(i % conns.len().max(1)) else { return };
         now += 100;
-        for (chunk, ok) in std::mem::take(&mut verdicts) {
-            d.handle_checked(chunk, ok, Millis(now));
+        // What the disk was asked for last time is done now.
+        for op in std::mem::take(&mut ops) {
+            match op {
+                VerifyOp::Hash(mut job) => {
+                    job.run();
+                    v.handle_hashed(job, digest);
+                }
+                VerifyOp::Write { chunk, data } => {
+                    let at = chunk_offset(chunk) as usize;
+                    part[at..at + data.len()].copy_from_slice(&data);
+                    v.handle_written(chunk, data, Ok(()), digest);
+                }
+                VerifyOp::Read { chunk, mut buf } => {
+                    let at = chunk_offset(chunk) as usize;
+                    let len = buf.len();
+                    buf.copy_from_slice(&part[at..at + len]);
+                    v.handle_read(chunk, buf, Ok(()), digest);
+                }
+            }
         }
         dec.push(piece);
         while let Ok(Some(body)) = dec.next_frame() {
@@ -172,7 +210,6 @@ pub fn download_peer(data: &[u8]) {
             }
         }
         d.handle_timeout(Millis(now));
-        check(&mut d, &mut conns, &mut verdicts, &mut matched);
     }
 }
 
@@ -246,26 +283,170 @@ pub fn tracker_link(data: &[u8]) {
     while node.poll_output().is_some() {}
 }
 
+/// A disk in memory for core's tests and fuzz targets: runs each
+/// [`DiskOp`] at once (hash jobs too) and hands back its [`DiskDone`]. It
+/// computes and moves bytes; the engine decides. (The simulation's disk, with
+/// latency and faults, is `sim::disk::MemDisk`.)
+#[derive(Default)]
+pub struct ScratchDisk {
+    pub files: BTreeMap<String, Vec<u8>>,
+    pub dirs: BTreeSet<String>,
+    parts: BTreeMap<DownloadId, PartPaths>,
+}
+
+impl ScratchDisk {
+    fn probe(&self, p: &str) -> PathKind {
+        let p = p.trim_end_matches('/');
+        if self.dirs.contains(p) || p.is_empty() {
+            PathKind::Dir
+        } else if self.files.contains_key(p) {
+            PathKind::Other
+        } else {
+            PathKind::Missing
+        }
+    }
+
+    /// Runs `op`; its result, if it has one.
+    pub fn run(&mut self, op: DiskOp) -> Option<DiskDone> {
+        use crate::chunk::CHUNK_SIZE;
+        let at = |chunk: u32| chunk as usize * CHUNK_SIZE as usize;
+        Some(match op {
+            DiskOp::HashFile { job, path } => {
+                let result = match self.files.get(&path) {
+                    Some(d) => {
+                        let mut h = crate::chunk::FileHasher::new();
+                        h.update(d).and_then(|()| h.finish()).map_err(|e| e.to_string())
+                    }
+                    None => Err("No such file or directory".into()),
+                };
+                DiskDone::FileHashed { job, result }
+            }
+            DiskOp::OpenPart { id, dest, name, size } => {
+                let result = crate::client::disk::resolve(&dest, &name, |p| self.probe(p)).map(|paths| {
+                    self.files
+                        .entry(paths.part.clone())
+                        .or_insert_with(|| vec![0; size as usize])
+                        .resize(size as usize, 0);
+                    let state = self.files.entry(paths.state.clone()).or_default().clone();
+                    self.parts.insert(id, paths.clone());
+                    OpenedPart { paths, state }
+                });
+                DiskDone::PartOpened { id, result }
+            }
+            DiskOp::Read { id, chunk, mut buf } => {
+                let part = self.parts.get(&id).and_then(|p| self.files.get(&p.part));
+                let result = match part.and_then(|f| f.get(at(chunk)..at(chunk) + buf.len())) {
+                    Some(bytes) => {
+                        buf.copy_from_slice(bytes);
+                        Ok(())
+                    }
+                    None => Err("short read".into()),
+                };
+                DiskDone::Read { id, chunk, buf, result }
+            }
+            DiskOp::Hash { id, mut job } => {
+                job.run();
+                DiskDone::Hashed { id, job }
+            }
+            DiskOp::Write { id, chunk, data } => {
+                let part = self.parts.get(&id).and_then(|p| self.files.get_mut(&p.part));
+                let result = match part.and_then(|f| f.get_mut(at(chunk)..at(chunk) + data.len())) {
+                    Some(bytes) => {
+                        bytes.copy_from_slice(&data);
+                        Ok(())
+                    }
+                    None => Err("short write".into()),
+                };
+                DiskDone::Written { id, chunk, data, result }
+            }
+            DiskOp::SaveState { id, offset, bytes } => {
+                let result = match self.parts.get(&id).and_then(|p| self.files.get_mut(&p.state)) {
+                    Some(f) => {
+                        crate::client::disk::write_in_memory(f, offset as usize, &bytes);
+                        Ok(())
+                    }
+                    None => Err("no state file".into()),
+                };
+                DiskDone::StateSaved { id, result }
+            }
+            DiskOp::Finish { id } => {
+                let result = match self.parts.remove(&id) {
+                    Some(p) if !self.files.contains_key(&p.final_path) => {
+                        let data = self.files.remove(&p.part).unwrap_or_default();
+                        self.files.remove(&p.state);
+                        self.files.insert(p.final_path, data);
+                        Ok(())
+                    }
+                    Some(p) => Err(format!("{} appeared meanwhile; not replacing it", p.final_path)),
+                    None => Err("no part file".into()),
+                };
+                DiskDone::Finished { id, result }
+            }
+            DiskOp::Release { .. } => return None,
+            DiskOp::Close { id } => {
+                self.parts.remove(&id);
+                return None;
+            }
+        })
+    }
+}
+
+/// Feeds every disk op among `outs` to `disk`, and its result to `e`, until
+/// the engine asks for nothing more; returns the outputs that are not disk ops.
+pub fn run_disk(
+    e: &mut ClientEngine,
+    disk: &mut ScratchDisk,
+    outs: Vec<ClientOutput>,
+    now: Millis,
+) -> Vec<ClientOutput> {
+    run_disk_watched(e, disk, outs, now, |_| {})
+}
+
+/// [`run_disk`], showing every op to `watch` before it runs.
+pub fn run_disk_watched(
+    e: &mut ClientEngine,
+    disk: &mut ScratchDisk,
+    outs: Vec<ClientOutput>,
+    now: Millis,
+    mut watch: impl FnMut(&DiskOp),
+) -> Vec<ClientOutput> {
+    let mut rest = Vec::new();
+    let mut queue: std::collections::VecDeque<ClientOutput> = outs.into();
+    while let Some(o) = queue.pop_front() {
+        match o {
+            ClientOutput::Disk(op) => {
+                watch(&op);
+                if let Some(done) = disk.run(op) {
+                    e.handle_input(ClientInput::Disk(done), now);
+                    queue.extend(std::iter::from_fn(|| e.poll_output()));
+                }
+            }
+            o => rest.push(o),
+        }
+    }
+    rest
+}
+
 /// The file [`download_stream`] downloads: two chunks and a bit, fixed.
 pub fn download_stream_content() -> Vec<u8> {
     (0..(crate::chunk::CHUNK_SIZE as usize + 100)).map(|i| (i % 251) as u8).collect()
 }
 
 /// A logged-in client engine downloading `content` (file f.bin of group g)
-/// from one sharer, its connection open: what the sharer sends next goes
-/// through [`crate::client::ClientEngine::peer_recv_bufs`]. Returns the engine,
-/// the connection and the engine's outputs so far (the peer handshake).
-pub fn downloading_engine(
-    content: &[u8],
-) -> (crate::client::ClientEngine, crate::client::download::PeerConnId, Vec<crate::client::ClientOutput>) {
-    use crate::client::peer::{Bitmap, Grant};
-    use crate::client::{ClientConfig, ClientEngine, ClientOutput, Prepared, Ticket};
+/// from one sharer into `/dl/` of `disk`, its connection open: what the
+/// sharer sends next goes through [`ClientEngine::peer_recv_bufs`]. Returns
+/// the engine, the connection and the engine's outputs so far (the peer
+/// handshake).
+pub fn downloading_engine(content: &[u8], disk: &mut ScratchDisk) -> (ClientEngine, PeerConnId, Vec<ClientOutput>) {
+    use crate::client::peer::Grant;
+    use crate::client::{ClientConfig, Ticket, TrackerEvent};
     use crate::ids::{FileName, GroupId, SessionToken, UserId};
     use crate::proto::{Reply, Request};
     use crate::shell::ShellCommand;
     let mut h = crate::chunk::FileHasher::new();
     h.update(content).expect("small");
     let digest = h.finish().expect("small");
+    disk.dirs.insert("/dl".into());
     let peer: std::net::SocketAddr = "127.0.0.1:7000".parse().expect("valid");
     let cfg = ClientConfig::new("127.0.0.1:9".parse().expect("valid"), vec!["127.0.0.1:1".parse().expect("valid")]);
     let mut e = ClientEngine::new(cfg, Rng::from_u64(3));
@@ -286,15 +467,16 @@ pub fn downloading_engine(
                     }
                     _ => Ok(Reply::Done),
                 };
-                e.handle_tracker_bytes(&encode(&Message::Response { id, result }), Millis(0));
+                let bytes = encode(&Message::Response { id, result });
+                e.handle_input(ClientInput::Tracker(TrackerEvent::Bytes(&bytes)), Millis(0));
             }
         }
         rest
     };
     let login = ShellCommand::Login { user: UserId::new("me").expect("valid"), password: "pw".into() };
-    e.handle_command(Ticket(1), login, Millis(0));
+    e.handle_input(ClientInput::User { ticket: Ticket(1), cmd: login }, Millis(0));
     drain(&mut e);
-    e.handle_tracker_connected(Millis(0));
+    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected), Millis(0));
     let outs = drain(&mut e);
     answer(&mut e, outs);
     let cmd = ShellCommand::DownloadFile {
@@ -302,22 +484,16 @@ pub fn downloading_engine(
         name: FileName::new("f.bin").expect("valid"),
         destination: "/dl/".into(),
     };
-    e.handle_command(Ticket(2), cmd, Millis(0));
+    e.handle_input(ClientInput::User { ticket: Ticket(2), cmd }, Millis(0));
     let outs = drain(&mut e);
-    let rest = [answer(&mut e, outs), drain(&mut e)].concat();
-    let id = rest
-        .iter()
-        .find_map(|o| if let ClientOutput::PrepareDownload { id, .. } = o { Some(*id) } else { None })
-        .expect("the download prepares its part file");
-    let n = digest.chunks.len() as u32;
-    let prepared =
-        Prepared { final_path: "/dl/f.bin".into(), part_path: "/dl/f.bin.part".into(), have: Bitmap::new(n) };
-    e.handle_download_prepared(id, Ok(prepared), Millis(0));
-    let conn = drain(&mut e)
+    let mut rest = answer(&mut e, outs);
+    rest.extend(drain(&mut e));
+    let rest = run_disk(&mut e, disk, rest, Millis(0));
+    let conn = rest
         .iter()
         .find_map(|o| if let ClientOutput::PeerConnect { conn, .. } = o { Some(*conn) } else { None })
         .expect("connects to the sharer");
-    e.handle_peer_connected(conn, Millis(0));
+    e.handle_input(ClientInput::Peer(conn, PeerEvent::Connected), Millis(0));
     let handshake = drain(&mut e);
     (e, conn, handshake)
 }
@@ -325,14 +501,14 @@ pub fn downloading_engine(
 /// A sharer's byte stream into a downloading client engine, read the way a
 /// socket gives it (through `peer_recv_bufs`, block data straight into its
 /// chunk): the first byte sets the read sizes, the rest is the stream. No
-/// panic, receive space stays bounded, and a chunk handed out to be checked
-/// that passes its SHA1 is the file's chunk.
+/// panic, receive space stays bounded, and a chunk the engine writes to the
+/// part file is the file's chunk.
 pub fn download_stream(data: &[u8]) {
-    use crate::client::ClientOutput;
     static CONTENT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     let content = CONTENT.get_or_init(download_stream_content);
     let Some((&sizes, mut stream)) = data.split_first() else { return };
-    let (mut e, conn, _) = downloading_engine(content);
+    let mut disk = ScratchDisk::default();
+    let (mut e, conn, _) = downloading_engine(content, &mut disk);
     let mut rng = Rng::from_u64(sizes as u64);
     let mut now = 1;
     while !stream.is_empty() {
@@ -347,16 +523,11 @@ pub fn download_stream(data: &[u8]) {
         now += 10;
         e.handle_peer_received(conn, a + b, Millis(now));
         let outs: Vec<ClientOutput> = std::iter::from_fn(|| e.poll_output()).collect();
-        for o in outs {
-            if let ClientOutput::WriteChunk { id, chunk, data, sha1 } = o {
-                let ok = sha1.matches(&data);
-                if ok {
-                    let at = crate::client::download::chunk_offset(chunk) as usize;
-                    assert!(data[..] == content[at..at + data.len()], "chunk {chunk} matched its SHA1 but differs");
-                }
-                e.handle_chunk_checked(id, chunk, ok, Millis(now));
-                e.handle_chunk_buffer(id, data);
+        run_disk_watched(&mut e, &mut disk, outs, Millis(now), |op| {
+            if let DiskOp::Write { chunk, data, .. } = op {
+                let at = crate::client::download::chunk_offset(*chunk) as usize;
+                assert!(data[..] == content[at..at + data.len()], "chunk {chunk} was written but differs");
             }
-        }
+        });
     }
 }

@@ -9,14 +9,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use shoal_core::chunk::FileDigest;
+use shoal_core::client::disk::{DiskDone, DiskOp, OpenedPart};
 use shoal_core::client::download::PeerConnId;
-use shoal_core::client::{ClientConfig, ClientEngine, ClientOutput, DownloadId, DownloadStat, Prepared, Ticket};
+use shoal_core::client::{
+    ClientConfig, ClientEngine, ClientInput, ClientOutput, DownloadId, DownloadStat, PeerEvent, Ticket, TrackerEvent,
+};
 use shoal_core::ids::UserId;
 use shoal_core::rng::Rng;
 use shoal_core::shell::{ShellCommand, ShellError};
@@ -24,7 +26,9 @@ use shoal_core::Millis;
 
 use crate::clock::Clock;
 use crate::conn::{Conn, ReadOutcome};
-use crate::disk::{self, PartFile, WriterEvent, WriterMsg};
+use crate::hashers::{hash_file, Hashers};
+use crate::part::{self, PartFile};
+use crate::readcache::ReadCache;
 
 const WAKER: Token = Token(0);
 const TRACKER: Token = Token(1);
@@ -45,14 +49,10 @@ pub struct CommandResult {
 
 enum Inbox {
     Command(ShellCommand, Sender<CommandResult>),
-    Hashed(u64, Result<FileDigest, String>),
-    Prepared(DownloadId, Result<(Prepared, PartFile), String>),
-    Finished(DownloadId, Result<(), String>),
-    /// A chunk's SHA1 verdict from the writer (true: it matched and is written).
-    Checked(DownloadId, u32, bool),
-    /// A chunk buffer the writer is done with.
-    Spare(DownloadId, Vec<u8>),
-    DiskFailed(DownloadId, String),
+    /// A disk operation's result, from a worker thread.
+    Disk(DiskDone),
+    /// A part file opened (its disk thread is started on the engine's).
+    Opened(DownloadId, Result<(OpenedPart, PartFile), String>),
     WaitDownloads(Sender<()>),
     Stats(Sender<Vec<DownloadStat>>),
     Stop,
@@ -90,9 +90,10 @@ impl ClientHandle {
             waiting: BTreeMap::new(),
             download_waiters: Vec::new(),
             next_ticket: 1,
-            readers: disk::ReadCache::default(),
-            writers: HashMap::new(),
-            writer_threads: Vec::new(),
+            readers: ReadCache::default(),
+            parts: HashMap::new(),
+            part_threads: Vec::new(),
+            hashers: None,
             unflushed: Vec::new(),
         };
         let thread = std::thread::Builder::new().name("shoal-engine".into()).spawn(move || driver.run())?;
@@ -162,14 +163,16 @@ struct Driver {
     waiting: BTreeMap<Ticket, Sender<CommandResult>>,
     download_waiters: Vec<Sender<()>>,
     next_ticket: u64,
-    readers: disk::ReadCache,
-    /// Each running download's writer thread.
-    writers: HashMap<DownloadId, std::sync::mpsc::SyncSender<WriterMsg>>,
+    readers: ReadCache,
+    /// Each open download's disk thread: its operations, in order.
+    parts: HashMap<DownloadId, Sender<DiskOp>>,
+    /// The downloads' disk threads, joined when the client stops.
+    part_threads: Vec<JoinHandle<()>>,
+    /// The hash job workers, started with the first download.
+    hashers: Option<Hashers>,
     /// Outgoing peer connections with bytes queued by this drain, flushed
     /// when it ends.
     unflushed: Vec<Token>,
-    /// The downloads' writer threads, joined when the client stops.
-    writer_threads: Vec<JoinHandle<()>>,
 }
 
 fn token(conn: PeerConnId) -> Token {
@@ -204,29 +207,22 @@ impl Driver {
                         let ticket = Ticket(self.next_ticket);
                         self.next_ticket += 1;
                         self.waiting.insert(ticket, reply);
-                        self.engine.handle_command(ticket, cmd, now);
+                        self.engine.handle_input(ClientInput::User { ticket, cmd }, now);
                     }
-                    Inbox::Hashed(job, result) => self.engine.handle_file_hashed(job, result, now),
-                    Inbox::Prepared(id, result) => {
-                        let result = result.and_then(|(p, file)| self.start_writer(id, &p, file).map(|_| p));
-                        self.engine.handle_download_prepared(id, result, now);
-                    }
-                    Inbox::Finished(id, result) => self.engine.handle_download_finished(id, result, now),
-                    Inbox::Checked(id, chunk, ok) => self.engine.handle_chunk_checked(id, chunk, ok, now),
-                    Inbox::Spare(id, buf) => self.engine.handle_chunk_buffer(id, buf),
-                    Inbox::DiskFailed(id, e) => {
-                        self.writers.remove(&id);
-                        self.engine.handle_disk_error(id, e, now);
+                    Inbox::Disk(done) => self.engine.handle_input(ClientInput::Disk(done), now),
+                    Inbox::Opened(id, result) => {
+                        let result = result.and_then(|(opened, part)| self.start_part(id, part).map(|()| opened));
+                        self.engine.handle_input(ClientInput::Disk(DiskDone::PartOpened { id, result }), now);
                     }
                     Inbox::WaitDownloads(tx) => self.download_waiters.push(tx),
                     Inbox::Stats(tx) => {
                         let _ = tx.send(self.engine.download_stats(now));
                     }
                     Inbox::Stop => {
-                        // A finished download's writer may still be removing
-                        // its state file; let it, so none is left behind.
-                        self.writers.clear();
-                        for h in self.writer_threads.drain(..) {
+                        // A finished download's disk thread may still be
+                        // removing its state file; let it, so none is left.
+                        self.parts.clear();
+                        for h in self.part_threads.drain(..) {
                             let _ = h.join();
                         }
                         return;
@@ -235,7 +231,7 @@ impl Driver {
                 self.drain(now);
             }
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
-                self.engine.handle_timeout(now);
+                self.engine.handle_input(ClientInput::Timeout, now);
             }
             self.drain(now);
             if !self.download_waiters.is_empty() && !self.engine.downloads_running() {
@@ -255,24 +251,27 @@ impl Driver {
             match (conn.stream.take_error(), conn.stream.peer_addr()) {
                 (Ok(None), Ok(_)) => {
                     *connecting = false;
-                    self.engine.handle_tracker_connected(now);
+                    self.engine.handle_input(ClientInput::Tracker(TrackerEvent::Connected), now);
                 }
                 _ => {
                     self.close_tracker();
-                    self.engine.handle_tracker_closed(now);
+                    self.engine.handle_input(ClientInput::Tracker(TrackerEvent::Closed), now);
                     return;
                 }
             }
         }
         let Some((conn, _)) = self.tracker.as_mut() else { return };
         let engine = &mut self.engine;
-        let mut closed = matches!(conn.read_all(buf, |b| engine.handle_tracker_bytes(b, now)), ReadOutcome::Closed);
+        let mut closed = matches!(
+            conn.read_all(buf, |b| engine.handle_input(ClientInput::Tracker(TrackerEvent::Bytes(b)), now)),
+            ReadOutcome::Closed
+        );
         if !closed && conn.flush(self.poll.registry(), TRACKER).is_err() {
             closed = true;
         }
         if closed {
             self.close_tracker();
-            self.engine.handle_tracker_closed(now);
+            self.engine.handle_input(ClientInput::Tracker(TrackerEvent::Closed), now);
         }
     }
 
@@ -287,7 +286,7 @@ impl Driver {
                 (Ok(None), Ok(_)) => {
                     p.connecting = false;
                     let _ = p.conn.stream.set_nodelay(true);
-                    self.engine.handle_peer_connected(id, now);
+                    self.engine.handle_input(ClientInput::Peer(id, PeerEvent::Connected), now);
                     // The handshake the engine queued goes out with the drain.
                     return;
                 }
@@ -313,7 +312,7 @@ impl Driver {
         if !closed && ev.is_writable() {
             closed = p.conn.flush(self.poll.registry(), t).is_err();
             if !closed && p.incoming {
-                self.engine.handle_peer_backlog(id, p.conn.backlog(), now);
+                self.engine.handle_input(ClientInput::Peer(id, PeerEvent::Backlog(p.conn.backlog())), now);
             }
         }
         if closed {
@@ -333,7 +332,7 @@ impl Driver {
                     }
                     let _ = stream.set_nodelay(true);
                     self.peers.insert(t, PeerSocket { conn: Conn::new(stream), connecting: false, incoming: true });
-                    self.engine.handle_peer_accepted(id, now);
+                    self.engine.handle_input(ClientInput::Peer(id, PeerEvent::Accepted), now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // WouldBlock, or out of descriptors: try again on the next event.
@@ -346,7 +345,7 @@ impl Driver {
     fn drop_peer(&mut self, t: Token, now: Millis) {
         if let Some(mut p) = self.peers.remove(&t) {
             let _ = self.poll.registry().deregister(&mut p.conn.stream);
-            self.engine.handle_peer_closed(PeerConnId(t.0 as u64), now);
+            self.engine.handle_input(ClientInput::Peer(PeerConnId(t.0 as u64), PeerEvent::Closed), now);
         }
     }
 
@@ -384,14 +383,11 @@ impl Driver {
                     if let Some((conn, _)) = self.tracker.as_mut() {
                         if !conn.queue(&bytes) || conn.flush(self.poll.registry(), TRACKER).is_err() {
                             self.close_tracker();
-                            self.engine.handle_tracker_closed(now);
+                            self.engine.handle_input(ClientInput::Tracker(TrackerEvent::Closed), now);
                         }
                     }
                 }
                 ClientOutput::Disconnect => self.close_tracker(),
-                ClientOutput::HashFile { job, path } => {
-                    self.spawn("shoal-hash", move || Inbox::Hashed(job, disk::hash_file(&path)));
-                }
                 ClientOutput::Done { ticket, result } => {
                     if let Some(reply) = self.waiting.remove(&ticket) {
                         let _ = reply.send(CommandResult { result, user: self.engine.user().cloned() });
@@ -404,10 +400,10 @@ impl Driver {
                             self.peers
                                 .insert(t, PeerSocket { conn: Conn::connecting(s), connecting: true, incoming: false });
                         } else {
-                            self.engine.handle_peer_closed(conn, now);
+                            self.engine.handle_input(ClientInput::Peer(conn, PeerEvent::Closed), now);
                         }
                     }
-                    Err(_) => self.engine.handle_peer_closed(conn, now),
+                    Err(_) => self.engine.handle_input(ClientInput::Peer(conn, PeerEvent::Closed), now),
                 },
                 ClientOutput::PeerTransmit { conn, bytes } => {
                     let t = token(conn);
@@ -422,7 +418,7 @@ impl Driver {
                             continue;
                         }
                         let backlog = p.conn.backlog();
-                        self.engine.handle_peer_backlog(conn, backlog, now);
+                        self.engine.handle_input(ClientInput::Peer(conn, PeerEvent::Backlog(backlog)), now);
                     } else if !p.connecting && !self.unflushed.contains(&t) {
                         self.unflushed.push(t);
                     }
@@ -446,33 +442,93 @@ impl Driver {
                                 continue;
                             }
                             let backlog = p.conn.backlog();
-                            self.engine.handle_peer_backlog(conn, backlog, now);
+                            self.engine.handle_input(ClientInput::Peer(conn, PeerEvent::Backlog(backlog)), now);
                         }
                     }
-                    self.engine.handle_block_sent(conn, result.map(|_| ()), now);
+                    self.engine.handle_input(ClientInput::Peer(conn, PeerEvent::BlockSent(result.map(|_| ()))), now);
                 }
-                ClientOutput::PrepareDownload { id, dest, name, digest } => {
-                    self.spawn("shoal-prepare", move || Inbox::Prepared(id, disk::prepare(&dest, &name, &digest)));
-                }
-                // A writer that died has reported why through the inbox.
-                ClientOutput::WriteChunk { id, chunk, data, sha1 } => {
-                    if let Some(w) = self.writers.get(&id) {
-                        let _ = w.send(WriterMsg::Chunk(chunk, data, sha1));
-                    }
-                }
-                ClientOutput::SaveProgress { id, sidecar } => {
-                    if let Some(w) = self.writers.get(&id) {
-                        let _ = w.send(WriterMsg::State(sidecar));
-                    }
-                }
-                ClientOutput::FinishDownload { id, sha1 } => match self.writers.remove(&id) {
-                    Some(w) => {
-                        let _ = w.send(WriterMsg::Finish(sha1));
-                    }
-                    None => self.engine.handle_download_finished(id, Err("the part file's writer stopped".into()), now),
-                },
+                ClientOutput::Disk(op) => self.disk(op, now),
             }
         }
+    }
+
+    /// Sends a disk operation to the thread that does it.
+    fn disk(&mut self, op: DiskOp, now: Millis) {
+        match op {
+            DiskOp::HashFile { job, path } => {
+                self.spawn("shoal-hash", move || Inbox::Disk(DiskDone::FileHashed { job, result: hash_file(&path) }));
+            }
+            DiskOp::OpenPart { id, dest, name, size } => {
+                self.spawn("shoal-open", move || Inbox::Opened(id, part::open(&dest, &name, size)));
+            }
+            DiskOp::Hash { id, job } => {
+                if self.hashers.is_none() {
+                    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+                    match Hashers::start(threads, self.reporter()) {
+                        Ok(h) => self.hashers = Some(h),
+                        Err(e) => tracing::error!(error = %e, "cannot start the hashing threads"),
+                    }
+                }
+                // Handed back unrun if nothing can run it: core fails the download.
+                let job = match &self.hashers {
+                    Some(h) => match h.run(id, job) {
+                        None => return,
+                        Some(job) => job,
+                    },
+                    None => job,
+                };
+                self.engine.handle_input(ClientInput::Disk(DiskDone::Hashed { id, job }), now);
+            }
+            op @ (DiskOp::Finish { id } | DiskOp::Close { id }) => {
+                if let Some(tx) = self.parts.remove(&id) {
+                    let _ = tx.send(op);
+                } else if matches!(op, DiskOp::Finish { .. }) {
+                    let result = Err("the part file's disk thread stopped".to_string());
+                    self.engine.handle_input(ClientInput::Disk(DiskDone::Finished { id, result }), now);
+                }
+            }
+            op @ (DiskOp::Read { id, .. }
+            | DiskOp::Write { id, .. }
+            | DiskOp::SaveState { id, .. }
+            | DiskOp::Release { id, .. }) => {
+                let Some(tx) = self.parts.get(&id) else {
+                    return self.refuse_disk(op, now);
+                };
+                if let Err(mpsc::SendError(op)) = tx.send(op) {
+                    self.parts.remove(&id);
+                    self.refuse_disk(op, now);
+                }
+            }
+        }
+    }
+
+    /// An operation for a download whose disk thread is gone: it fails.
+    fn refuse_disk(&mut self, op: DiskOp, now: Millis) {
+        let err = || Err("the part file's disk thread stopped".to_string());
+        let done = match op {
+            DiskOp::Read { id, chunk, buf } => DiskDone::Read { id, chunk, buf, result: err() },
+            DiskOp::Write { id, chunk, data } => DiskDone::Written { id, chunk, data, result: err() },
+            DiskOp::SaveState { id, .. } => DiskDone::StateSaved { id, result: err() },
+            _ => return,
+        };
+        self.engine.handle_input(ClientInput::Disk(done), now);
+    }
+
+    /// How worker threads hand results to the engine thread.
+    fn reporter(&self) -> impl Fn(DiskDone) + Send + Sync + 'static {
+        let (tx, waker) = (Mutex::new(self.tx.clone()), self.waker.clone());
+        move |done| {
+            let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(Inbox::Disk(done));
+            let _ = waker.wake();
+        }
+    }
+
+    fn start_part(&mut self, id: DownloadId, part: PartFile) -> Result<(), String> {
+        let (tx, thread) = part.spawn(id, self.reporter()).map_err(|e| format!("cannot start a disk thread: {e}"))?;
+        self.parts.insert(id, tx);
+        self.part_threads.retain(|h| !h.is_finished());
+        self.part_threads.push(thread);
+        Ok(())
     }
 
     fn connect_tracker(&mut self, addr: SocketAddr, now: Millis) {
@@ -483,40 +539,14 @@ impl Driver {
                     let _ = s.set_nodelay(true);
                     self.tracker = Some((Conn::connecting(s), true));
                 } else {
-                    self.engine.handle_tracker_closed(now);
+                    self.engine.handle_input(ClientInput::Tracker(TrackerEvent::Closed), now);
                 }
             }
             Err(e) => {
                 tracing::debug!(%addr, error = %e, "connect failed");
-                self.engine.handle_tracker_closed(now);
+                self.engine.handle_input(ClientInput::Tracker(TrackerEvent::Closed), now);
             }
         }
-    }
-
-    fn start_writer(&mut self, id: DownloadId, p: &Prepared, file: PartFile) -> Result<(), String> {
-        let (tx, waker) = (self.tx.clone(), self.waker.clone());
-        let report = move |ev: WriterEvent| {
-            let msg = match ev {
-                WriterEvent::Checked(chunk, ok) => Inbox::Checked(id, chunk, ok),
-                // No wake-up for a buffer coming back (one per chunk): the
-                // engine drains its inbox on every turn, and it turns for
-                // each chunk's verdict anyway.
-                WriterEvent::Spare(buf) => {
-                    let _ = tx.send(Inbox::Spare(id, buf));
-                    return;
-                }
-                WriterEvent::Failed(e) => Inbox::DiskFailed(id, e),
-                WriterEvent::Finished(r) => Inbox::Finished(id, r),
-            };
-            let _ = tx.send(msg);
-            let _ = waker.wake();
-        };
-        let (w, thread) =
-            file.spawn_writer(p.have.clone(), report).map_err(|e| format!("cannot start a writer thread: {e}"))?;
-        self.writers.insert(id, w);
-        self.writer_threads.retain(|h| !h.is_finished());
-        self.writer_threads.push(thread);
-        Ok(())
     }
 
     /// Runs disk or hashing work off the engine thread; its result comes back

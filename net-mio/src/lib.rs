@@ -7,7 +7,10 @@
 pub mod client;
 mod clock;
 mod conn;
-mod disk;
+mod hashers;
+mod pageout;
+mod part;
+mod readcache;
 pub mod tracker;
 pub mod wal;
 

@@ -39,6 +39,8 @@ struct Plan {
     client_crashes: bool,
     slow: bool,
     corrupt: bool,
+    /// Full disks, read faults and chunks rotting at rest.
+    disk_faults: bool,
 }
 
 /// What the workload knows for sure: writes that were acknowledged.
@@ -63,6 +65,9 @@ struct Runner {
     contents: BTreeMap<String, Vec<u8>>,
     next_group: u64,
     downloads: u64,
+    /// Each client's last download, to run again after it crashed (a resume).
+    last_download: Vec<Option<String>>,
+    retry_download: Vec<Option<String>>,
 }
 
 fn user(c: usize) -> String {
@@ -146,6 +151,9 @@ impl Runner {
         if !self.logged_in[c] {
             return self.issue(c, format!("login {} pw", user(c)));
         }
+        if let Some(line) = self.retry_download[c].take() {
+            return self.issue(c, line);
+        }
         let pick_group = |r: &mut Runner| -> Option<String> {
             if r.groups.is_empty() {
                 return None;
@@ -153,8 +161,18 @@ impl Runner {
             let i = r.rng.below(r.groups.len() as u64) as usize;
             Some(r.groups[i].clone())
         };
+        // Half the picks are the seeder's group, so that downloads (and their
+        // crashes, resumes and disk faults) happen often.
+        let pick_group = |r: &mut Runner| -> Option<String> {
+            if r.rng.below(2) == 0 {
+                return Some("seed".into());
+            }
+            pick_group(r)
+        };
         let roll = self.rng.below(100);
         let line = match roll {
+            // The seeder admits whoever asks to join its group.
+            _ if c == 0 && roll < 50 => "list_requests seed".into(),
             0..=7 => {
                 self.next_group += 1;
                 let g = format!("g{c}x{}", self.next_group);
@@ -182,7 +200,13 @@ impl Runner {
                 let Some(names) = self.files.get(&g).filter(|v| !v.is_empty()) else { return };
                 let name = names[self.rng.below(names.len() as u64) as usize].clone();
                 self.downloads += 1;
-                format!("download_file {g} {name} /dl/c{c}/d{}/", self.downloads)
+                // One directory per client and group: the same file again
+                // after a crash resumes its part file.
+                let dir = format!("/dl/c{c}/{g}");
+                self.w.mkdir(&dir);
+                let line = format!("download_file {g} {name} {dir}/");
+                self.last_download[c] = Some(line.clone());
+                line
             }
             70..=74 => "show_downloads".into(),
             75..=79 => "list_groups".into(),
@@ -264,24 +288,39 @@ impl Runner {
             65..=74 => self.w.heal(),
             75..=82 if p.resets => self.w.reset_random(),
             83..=88 if p.client_crashes => {
-                let c = 1 + self.rng.below(self.plan.clients as u64 - 1) as usize;
+                // Half the time one in the middle of a download: its part
+                // file and sidecar stay for the resume.
+                let busy: Vec<usize> = (1..self.plan.clients).filter(|c| self.w.downloading(*c)).collect();
+                let c = match busy.get(self.rng.below(2 * busy.len().max(1) as u64) as usize) {
+                    Some(&c) => c,
+                    None => 1 + self.rng.below(self.plan.clients as u64 - 1) as usize,
+                };
                 self.w.crash_client(c);
                 self.busy.remove(&c);
                 self.logged_in[c] = false;
+                self.retry_download[c] = self.last_download[c].take();
             }
             89..=94 if p.client_crashes => {
-                let c = 1 + self.rng.below(self.plan.clients as u64 - 1) as usize;
-                self.w.restart_client(c);
+                let down: Vec<usize> = (1..self.plan.clients).filter(|c| !self.w.client_up(*c)).collect();
+                if let Some(&c) = down.get(self.rng.below(down.len().max(1) as u64) as usize) {
+                    self.w.restart_client(c);
+                }
             }
             95..=96 if p.slow => {
                 let c = self.rng.below(self.plan.clients as u64) as usize;
                 let extra = Millis(100 + self.rng.below(700));
                 self.w.set_slow(c, extra);
             }
-            97..=99 if p.corrupt => {
+            97 if p.corrupt => {
                 let c = 1 + self.rng.below(self.plan.clients as u64 - 1) as usize;
                 self.w.corrupt_file(&format!("/home/c{c}/f{c}.bin"));
             }
+            98 if p.disk_faults => {
+                let c = 1 + self.rng.below(self.plan.clients as u64 - 1) as usize;
+                let full = self.rng.below(2) == 0;
+                self.w.set_disk_full(c, full);
+            }
+            99 if p.disk_faults => self.w.rot_a_stored_chunk(),
             _ => {}
         }
     }
@@ -292,6 +331,22 @@ impl Runner {
         while let Some((t, l)) = self.busy.remove(&c) {
             let r = self.w.wait(c, t, Millis::from_secs(120)).unwrap_or_else(|| panic!("c{c}: `{l}` never finished"));
             self.check(c, &l, r.map_err(|e| e.to_string()));
+        }
+    }
+
+    /// Waits until client `c`'s download of the seeder's file is complete
+    /// and at `dest` (liveness phase: it must be, in bounded time).
+    fn wait_download(&mut self, c: usize, dest: &str) {
+        let start = self.w.now();
+        loop {
+            let lines = self.must(c, "show_downloads").expect("show_downloads");
+            let line = lines.into_iter().rfind(|l| l.contains("seed f0.bin")).unwrap_or_default();
+            if line.starts_with("[C]") && self.w.file(dest).is_some() {
+                return;
+            }
+            assert!(!line.starts_with("[F]"), "c{c}: the download into {dest} failed: {line}");
+            assert!(self.w.now().since(start) < Millis::from_secs(120), "c{c}: no progress into {dest}: {line}");
+            self.w.run_for(Millis(200));
         }
     }
 
@@ -319,12 +374,25 @@ fn chaos(seed: u64) -> World {
         client_crashes: flip(&mut rng),
         slow: flip(&mut rng),
         corrupt: flip(&mut rng),
+        disk_faults: flip(&mut rng),
     };
     let net = NetConfig { min_latency: Millis(1), max_latency: Millis(1 + rng.below(120)) };
     let max_skew_ppm = if flip(&mut rng) { rng.below(50_000) } else { 0 };
     let snapshot_every = 10 + rng.below(60) as usize;
+    // Uploads capped at 0.25-2 MB/s half the time, so that a download lasts
+    // long enough for faults to strike it.
+    let max_upload_rate = flip(&mut rng).then(|| 250_000 + rng.below(1_750_000));
+    let disk = sim::DiskConfig {
+        max_latency: Millis(1 + rng.below(30)),
+        read_fault_one_in: if plan.disk_faults { 20 + rng.below(200) } else { 0 },
+        ..sim::DiskConfig::default()
+    };
     // One more client than the workload uses: the final downloader.
-    let w = World::build(seed, WorldConfig { trackers, clients: clients + 1, net, max_skew_ppm, snapshot_every });
+    let w = World::build(
+        seed,
+        WorldConfig { trackers, clients: clients + 1, net, max_skew_ppm, snapshot_every, disk, max_upload_rate },
+    );
+    let plan_clients = plan.clients;
     let mut r = Runner {
         w,
         rng,
@@ -337,9 +405,13 @@ fn chaos(seed: u64) -> World {
         contents: BTreeMap::new(),
         next_group: 0,
         downloads: 0,
+        last_download: vec![None; plan_clients + 1],
+        retry_download: vec![None; plan_clients + 1],
     };
     for c in 0..r.plan.clients {
-        let size = 1 + r.rng.below(5 * CHUNK_SIZE / 2) as usize;
+        // The seeder's file, the one most downloaded, is the larger.
+        let max = if c == 0 { 12 * CHUNK_SIZE } else { 5 * CHUNK_SIZE / 2 };
+        let size = 1 + r.rng.below(max) as usize;
         let mut content = vec![0u8; size];
         r.rng.fill(&mut content);
         let path = format!("/home/c{c}/f{c}.bin");
@@ -379,6 +451,7 @@ fn chaos(seed: u64) -> World {
     for c in 0..r.plan.clients {
         r.w.restart_client(c);
         r.w.set_slow(c, Millis::ZERO);
+        r.w.set_disk_full(c, false);
     }
     // Outstanding commands finish (or fail) within bounded time.
     let busy: Vec<usize> = r.busy.keys().copied().collect();
@@ -410,6 +483,25 @@ fn chaos(seed: u64) -> World {
         }
     }
 
+    // Downloads of the seeder's file that a crash interrupted run again:
+    // they resume (the world checks that nothing verified is fetched again)
+    // and complete, equal to the source.
+    for c in 1..r.plan.clients {
+        let Some(line) = r.retry_download[c].take().filter(|l| l.contains(" seed f0.bin ")) else { continue };
+        let login = r.must(c, &format!("login {} pw", user(c)));
+        assert!(login.is_ok() || login.as_ref().is_err_and(|e| e.starts_with("already logged in")), "{login:?}");
+        let dest = format!("/dl/c{c}/seed/f0.bin");
+        match r.must(c, &line) {
+            Ok(_) => r.wait_download(c, &dest),
+            // Finished before the crash, or no longer a member: nothing to resume.
+            Err(e) if e.contains("already exists") || e.contains("not a member") => {}
+            Err(e) => panic!("c{c}: `{line}` failed on a healed cluster: {e}"),
+        }
+        if r.w.file(&dest).is_some() {
+            assert!(r.w.file(&dest) == Some(&r.contents["f0.bin"][..]), "c{c}'s resumed download differs");
+        }
+    }
+
     // A fresh download of the seeder's file completes and equals it.
     let d = r.plan.clients;
     r.must(d, &format!("create_user u{d} pw")).expect("the cluster is healed");
@@ -419,6 +511,7 @@ fn chaos(seed: u64) -> World {
     r.must(0, &format!("accept_request seed u{d}")).expect("the seeder owns its group");
     // Reads are served by any caught-up tracker, so the acceptance may take a
     // moment to reach the downloader's.
+    r.w.mkdir("/dl/final");
     let mut got = r.must(d, "download_file seed f0.bin /dl/final/");
     for _ in 0..20 {
         if !matches!(&got, Err(e) if e.contains("not a member")) {
@@ -428,23 +521,8 @@ fn chaos(seed: u64) -> World {
         got = r.must(d, "download_file seed f0.bin /dl/final/");
     }
     assert!(got.is_ok(), "the final download did not start: {got:?}");
-    let start = r.w.now();
-    loop {
-        let line = r
-            .must(d, "show_downloads")
-            .expect("show_downloads")
-            .into_iter()
-            .find(|l| l.contains("/dl/final") || l.contains("seed f0.bin"));
-        let line = line.unwrap_or_default();
-        if line.starts_with("[C]") && r.w.file("/dl/final/f0.bin").is_some() {
-            break;
-        }
-        assert!(!line.starts_with("[F]"), "the final download failed: {line}");
-        assert!(r.w.now().since(start) < Millis::from_secs(120), "the final download made no progress: {line}");
-        r.w.run_for(Millis(200));
-    }
+    r.wait_download(d, "/dl/final/f0.bin");
     assert!(r.w.file("/dl/final/f0.bin") == Some(&r.contents["f0.bin"][..]), "the download differs from the source");
-    assert_eq!(r.w.unwritten_serves, 0, "a chunk was served before it was written");
     r.w
 }
 
@@ -456,7 +534,7 @@ fn clusters_survive_chaos_over_many_seeds() {
     for &seed in &seeds {
         match std::panic::catch_unwind(|| chaos(seed)) {
             Ok(w) => {
-                for (k, v) in &w.faults {
+                for (k, v) in w.faults.iter().chain(&w.disk().counts) {
                     *totals.entry(k).or_default() += v;
                 }
                 println!(
@@ -503,8 +581,17 @@ fn a_chaos_run_replays_bit_for_bit() {
 fn a_follower_dying_mid_vote_loses_no_acknowledged_write() {
     for seed in sim::seeds(8) {
         let net = NetConfig { min_latency: Millis(1), max_latency: Millis(5) };
-        let mut w =
-            World::build(seed, WorldConfig { trackers: 3, clients: 1, net, max_skew_ppm: 0, snapshot_every: 1000 });
+        let mut w = World::build(
+            seed,
+            WorldConfig {
+                trackers: 3,
+                clients: 1,
+                net,
+                max_skew_ppm: 0,
+                snapshot_every: 1000,
+                ..WorldConfig::default()
+            },
+        );
         w.run(0, "create_user a pw").expect("a fresh cluster takes writes");
         w.run(0, "login a pw").expect("login");
         w.run_for(Millis(500));

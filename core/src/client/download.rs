@@ -6,12 +6,15 @@
 //! rate), picked rarest first by the [`PieceSelector`]. Each peer has at most
 //! `chunks_per_peer` chunks in flight, all of whose blocks are requested at
 //! once so the connection stays busy. A chunk comes whole from one peer and is
-//! handed out to be checked against its SHA1 and written
-//! ([`DownloadOutput::Check`], off the engine thread in the real client); the
-//! verdict comes back through [`Download::handle_checked`]. Only then is the
-//! chunk verified and announced; a mismatch bans the peer that sent it for
-//! this download and the chunk goes back to the pool. A peer that sends
-//! nothing for `stall_timeout` while it owes blocks loses its chunks.
+//! handed out to be verified ([`DownloadOutput::Check`], to the engine's
+//! [`crate::client::verify::Verifier`]); the verdict comes back through
+//! [`Download::handle_checked`] once the chunk matched its SHA1 and is written,
+//! or failed it. Only then is the chunk verified and announced; a mismatch
+//! bans the peer that sent it for this download and the chunk goes back to
+//! the pool. At most [`MAX_UNVERIFIED`] chunks wait for their verdict: past
+//! that no new chunk is asked for, so a slow disk slows the download instead
+//! of filling memory. A peer that sends nothing for `stall_timeout` while it
+//! owes blocks loses its chunks.
 //!
 //! Driven by [`crate::client::ClientEngine`]: `handle_*` inputs, outputs drained
 //! with [`Download::poll_output`], deadlines from [`Download::poll_timeout`].
@@ -74,9 +77,8 @@ pub enum DownloadOutput {
     Close {
         peer: PeerConnId,
     },
-    /// A chunk arrived whole from one peer: check it against its SHA1
-    /// (`digest().chunks[chunk]`), write it at `chunk * CHUNK_SIZE` only if
-    /// it matches, and report the verdict with [`Download::handle_checked`].
+    /// A chunk arrived whole from one peer: verify it (and write it if it
+    /// matches), then report the verdict with [`Download::handle_checked`].
     Check {
         chunk: u32,
         data: Vec<u8>,
@@ -139,6 +141,10 @@ struct Source {
 
 /// Chunk buffers a download keeps for reuse, at most (8 MiB).
 pub const MAX_SPARE_BUFFERS: usize = 16;
+
+/// Chunks received whole and waiting for their verdict, at most (16 MiB):
+/// the verifier's queue, its hash job and the writes in flight.
+pub const MAX_UNVERIFIED: usize = 32;
 
 /// Longest pause before asking a peer that refused us again.
 pub const MAX_REFUSED_BACKOFF: Millis = Millis(30_000);
@@ -227,6 +233,11 @@ impl Download {
     /// Peers that have sent their chunk map.
     pub fn active_peers(&self) -> usize {
         self.peers.values().filter(|p| p.have.is_some()).count()
+    }
+
+    /// Sources banned for sending a chunk that failed its SHA1.
+    pub fn banned(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.sources.iter().filter(|(_, s)| s.banned).map(|(a, _)| *a)
     }
 
     /// Verified bytes per source address.
@@ -560,6 +571,8 @@ impl Download {
             self.out.push_back(DownloadOutput::Verified { chunk });
             if self.is_complete() {
                 self.close_all();
+            } else {
+                self.fill(now);
             }
             return;
         }
@@ -577,7 +590,7 @@ impl Download {
 
     /// Gives free chunks to peers with room, least loaded first.
     fn fill(&mut self, now: Millis) {
-        if self.is_complete() {
+        if self.is_complete() || self.checking.len() >= MAX_UNVERIFIED {
             return;
         }
         // Peers busier than the least loaded one get a shallower pipeline.

@@ -1,5 +1,6 @@
 use super::*;
 use crate::chunk::FileDigest;
+use crate::client::disk::{DiskDone, DiskOp};
 use crate::ids::{FileName, GroupId};
 use crate::proto::ApiError;
 use crate::wire::decode;
@@ -28,10 +29,14 @@ fn sent_requests(outs: &[ClientOutput]) -> Vec<(RequestId, Request)> {
 #[test]
 fn commands_needing_a_session_fail_locally_without_one() {
     let mut e = engine();
-    e.handle_command(Ticket(1), ShellCommand::ListGroups, Millis(0));
-    assert_eq!(
-        drain(&mut e),
-        vec![ClientOutput::Done { ticket: Ticket(1), result: Err(ShellError::Api(ApiError::NotLoggedIn)) }]
+    e.handle_input(ClientInput::User { ticket: Ticket(1), cmd: ShellCommand::ListGroups }, Millis(0));
+    let outs = drain(&mut e);
+    assert!(
+        matches!(
+            outs.as_slice(),
+            [ClientOutput::Done { ticket: Ticket(1), result: Err(ShellError::Api(ApiError::NotLoggedIn)) }]
+        ),
+        "{outs:?}"
     );
 }
 
@@ -39,23 +44,23 @@ fn commands_needing_a_session_fail_locally_without_one() {
 fn a_silent_tracker_is_failed_over_and_the_request_resent_with_its_id() {
     let mut e = engine();
     let cmd = ShellCommand::CreateUser { user: UserId::new("a").unwrap(), password: "p".into() };
-    e.handle_command(Ticket(1), cmd, Millis(0));
+    e.handle_input(ClientInput::User { ticket: Ticket(1), cmd }, Millis(0));
     let first = match drain(&mut e).as_slice() {
         [ClientOutput::Connect { addr }] => *addr,
         o => panic!("{o:?}"),
     };
-    e.handle_tracker_connected(Millis(10));
+    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected), Millis(10));
     let sent = sent_requests(&drain(&mut e));
     assert_eq!(sent.len(), 1);
     let deadline = e.poll_timeout().unwrap();
-    e.handle_timeout(deadline);
+    e.handle_input(ClientInput::Timeout, deadline);
     let outs = drain(&mut e);
     let second = outs
         .iter()
         .find_map(|o| if let ClientOutput::Connect { addr } = o { Some(*addr) } else { None })
         .expect("fails over");
     assert_ne!(first, second);
-    e.handle_tracker_connected(deadline);
+    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected), deadline);
     let resent = sent_requests(&drain(&mut e));
     assert_eq!(resent, sent, "same request id after failover");
 }
@@ -63,17 +68,14 @@ fn a_silent_tracker_is_failed_over_and_the_request_resent_with_its_id() {
 #[test]
 fn an_unanswered_request_fails_after_the_give_up_time() {
     let mut e = engine();
-    e.handle_command(
-        Ticket(1),
-        ShellCommand::CreateUser { user: UserId::new("a").unwrap(), password: "p".into() },
-        Millis(0),
-    );
+    let cmd = ShellCommand::CreateUser { user: UserId::new("a").unwrap(), password: "p".into() };
+    e.handle_input(ClientInput::User { ticket: Ticket(1), cmd }, Millis(0));
     let mut now = Millis(0);
     let mut done = None;
     for _ in 0..1000 {
         for o in drain(&mut e) {
             match o {
-                ClientOutput::Connect { .. } => e.handle_tracker_closed(now),
+                ClientOutput::Connect { .. } => e.handle_input(ClientInput::Tracker(TrackerEvent::Closed), now),
                 ClientOutput::Done { result, .. } => done = Some(result),
                 _ => {}
             }
@@ -82,7 +84,7 @@ fn an_unanswered_request_fails_after_the_give_up_time() {
             break;
         }
         now = e.poll_timeout().expect("a deadline while a request waits");
-        e.handle_timeout(now);
+        e.handle_input(ClientInput::Timeout, now);
     }
     assert!(matches!(done, Some(Err(ShellError::NoTracker { .. }))));
     assert!(now <= Millis(20_000) && now >= Millis(19_000), "{now}");
@@ -97,7 +99,7 @@ fn answer_all(
     let mut rest = Vec::new();
     for (id, req) in sent_requests(&outs) {
         let bytes = encode(&Message::Response { id, result: reply(&req) });
-        e.handle_tracker_bytes(&bytes, Millis(0));
+        e.handle_input(ClientInput::Tracker(TrackerEvent::Bytes(&bytes)), Millis(0));
     }
     for o in outs {
         if !matches!(o, ClientOutput::Transmit(_) | ClientOutput::Connect { .. }) {
@@ -110,9 +112,9 @@ fn answer_all(
 /// Logs `e` in as "me", the tracker answering with `reply`.
 fn log_in(e: &mut ClientEngine, reply: impl Fn(&Request) -> Result<Reply, ApiError>) {
     let login = ShellCommand::Login { user: UserId::new("me").unwrap(), password: "pw".into() };
-    e.handle_command(Ticket(1), login, Millis(0));
+    e.handle_input(ClientInput::User { ticket: Ticket(1), cmd: login }, Millis(0));
     drain(e);
-    e.handle_tracker_connected(Millis(0));
+    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected), Millis(0));
     let outs = drain(e);
     answer_all(e, outs, reply);
     assert!(e.user().is_some());
@@ -131,10 +133,16 @@ fn serving_engine() -> (ClientEngine, crate::client::download::PeerConnId) {
     };
     log_in(&mut e, tracker_reply);
     let g = GroupId::new("g").unwrap();
-    e.handle_command(Ticket(2), ShellCommand::UploadFile { path: "/x/f.bin".into(), group: g.clone() }, Millis(0));
+    e.handle_input(
+        ClientInput::User {
+            ticket: Ticket(2),
+            cmd: ShellCommand::UploadFile { path: "/x/f.bin".into(), group: g.clone() },
+        },
+        Millis(0),
+    );
     let job = drain(&mut e)
         .iter()
-        .find_map(|o| if let ClientOutput::HashFile { job, .. } = o { Some(*job) } else { None })
+        .find_map(|o| if let ClientOutput::Disk(DiskOp::HashFile { job, .. }) = o { Some(*job) } else { None })
         .expect("the upload asks for hashing");
     let size = 4 << 20;
     let digest = FileDigest {
@@ -142,16 +150,16 @@ fn serving_engine() -> (ClientEngine, crate::client::download::PeerConnId) {
         sha1: crate::chunk::Sha1Digest([1; 20]),
         chunks: vec![crate::chunk::Sha1Digest([2; 20]); crate::chunk::chunk_count(size) as usize],
     };
-    e.handle_file_hashed(job, Ok(digest.clone()), Millis(0));
+    e.handle_input(ClientInput::Disk(DiskDone::FileHashed { job, result: Ok(digest.clone()) }), Millis(0));
     let outs = drain(&mut e);
     answer_all(&mut e, outs, tracker_reply);
     let conn = crate::client::download::PeerConnId(16);
-    e.handle_peer_accepted(conn, Millis(0));
+    e.handle_input(ClientInput::Peer(conn, PeerEvent::Accepted), Millis(0));
     let mut hs = encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
     let want =
         PeerMessage::Want { group: g, name: FileName::new("f.bin").unwrap(), sha1: digest.sha1, grant: Grant([1; 16]) };
     hs.extend(encode(&want));
-    e.handle_peer_bytes(conn, &hs, Millis(0));
+    e.handle_input(ClientInput::Peer(conn, PeerEvent::Bytes(&hs)), Millis(0));
     let outs = drain(&mut e);
     answer_all(&mut e, outs, tracker_reply);
     let have = drain(&mut e);
@@ -174,7 +182,7 @@ fn a_peer_that_does_not_read_gets_at_most_the_high_water_mark() {
             encode(&PeerMessage::Request { chunk: (i / per) % 8, offset: (i % per) * BLOCK_SIZE, len: BLOCK_SIZE })
         })
         .collect();
-    e.handle_peer_bytes(conn, &reqs, Millis(1));
+    e.handle_input(ClientInput::Peer(conn, PeerEvent::Bytes(&reqs)), Millis(1));
     let mut queued_bytes = 0usize;
     let mut blocks = 0;
     loop {
@@ -188,14 +196,14 @@ fn a_peer_that_does_not_read_gets_at_most_the_high_water_mark() {
             blocks += 1;
             // The socket takes nothing: everything stays queued.
             queued_bytes += header.len() + len as usize;
-            e.handle_block_sent(conn, Ok(()), Millis(1));
-            e.handle_peer_backlog(conn, queued_bytes, Millis(1));
+            e.handle_input(ClientInput::Peer(conn, PeerEvent::BlockSent(Ok(()))), Millis(1));
+            e.handle_input(ClientInput::Peer(conn, PeerEvent::Backlog(queued_bytes)), Millis(1));
         }
     }
-    let cap = transfer::SEND_HIGH_WATER / BLOCK_SIZE as usize + 1;
+    let cap = SEND_HIGH_WATER / BLOCK_SIZE as usize + 1;
     assert!(blocks >= 4 && blocks <= cap, "{blocks} blocks read for a peer that reads nothing (cap {cap})");
     // Once the socket drains, serving resumes.
-    e.handle_peer_backlog(conn, 0, Millis(2));
+    e.handle_input(ClientInput::Peer(conn, PeerEvent::Backlog(0)), Millis(2));
     assert!(drain(&mut e).iter().any(|o| matches!(o, ClientOutput::SendBlock { .. })));
 }
 
@@ -209,7 +217,7 @@ fn a_peer_queueing_too_many_requests_is_refused() {
             encode(&PeerMessage::Request { chunk: (i / per) % 8, offset: (i % per) * BLOCK_SIZE, len: BLOCK_SIZE })
         })
         .collect();
-    e.handle_peer_bytes(conn, &reqs, Millis(1));
+    e.handle_input(ClientInput::Peer(conn, PeerEvent::Bytes(&reqs)), Millis(1));
     let outs = drain(&mut e);
     let refused = outs.iter().any(|o| matches!(o, ClientOutput::PeerTransmit { bytes, .. } if decode::<PeerMessage>(&bytes[4..]) == Ok(PeerMessage::Refused { reason: "too many requests in flight".into() })));
     assert!(refused, "{outs:?}");
@@ -220,23 +228,26 @@ fn a_peer_queueing_too_many_requests_is_refused() {
 fn a_request_after_a_quiet_spell_waits_its_full_timeout() {
     let mut e = engine();
     let create = |u: &str| ShellCommand::CreateUser { user: UserId::new(u).unwrap(), password: "p".into() };
-    e.handle_command(Ticket(1), create("a"), Millis(0));
+    e.handle_input(ClientInput::User { ticket: Ticket(1), cmd: create("a") }, Millis(0));
     drain(&mut e);
-    e.handle_tracker_connected(Millis(10));
+    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected), Millis(10));
     let outs = drain(&mut e);
     answer_all(&mut e, outs, |_| Ok(Reply::Done));
     // Quiet for longer than the request timeout, then a new request: the
     // tracker has had no time to answer it yet, so it is not silent.
     let later = Millis(10).plus(e.cfg.request_timeout).plus(Millis(5_000));
-    e.handle_command(Ticket(2), create("b"), later);
+    e.handle_input(ClientInput::User { ticket: Ticket(2), cmd: create("b") }, later);
     assert_eq!(sent_requests(&drain(&mut e)).len(), 1);
     let deadline = e.poll_timeout().expect("waiting for an answer");
     assert_eq!(deadline, later.plus(e.cfg.request_timeout));
-    e.handle_timeout(later.plus(Millis(1)));
-    assert!(!drain(&mut e).contains(&ClientOutput::Disconnect), "failed over a tracker that had no time to answer");
+    e.handle_input(ClientInput::Timeout, later.plus(Millis(1)));
+    assert!(
+        !drain(&mut e).iter().any(|o| matches!(o, ClientOutput::Disconnect)),
+        "failed over a tracker that had no time to answer"
+    );
     // Silent for the whole timeout after the request: now it fails over.
-    e.handle_timeout(deadline);
-    assert!(drain(&mut e).contains(&ClientOutput::Disconnect));
+    e.handle_input(ClientInput::Timeout, deadline);
+    assert!(drain(&mut e).iter().any(|o| matches!(o, ClientOutput::Disconnect)));
 }
 
 /// Block requests among `outs`, in order.
@@ -261,28 +272,41 @@ fn announces(outs: &[ClientOutput]) -> usize {
 }
 
 /// Downloads `content` from one sharer whose bytes arrive in reads of random
-/// sizes (`seed`), until `stop_after` chunks are checked; asserts that every
-/// chunk handed out to be checked holds the file's bytes. Returns the engine
-/// and how many times it announced the file to the tracker.
-fn download_in_random_reads(content: &[u8], seed: u64, haves: bool, stop_after: u32) -> (ClientEngine, usize) {
+/// sizes (`seed`), until `stop_after` chunks are written; asserts that every
+/// chunk written holds the file's bytes. Returns the engine, its disk and how
+/// many times it announced the file to the tracker.
+fn download_in_random_reads(
+    content: &[u8],
+    seed: u64,
+    haves: bool,
+    stop_after: u32,
+) -> (ClientEngine, crate::fuzzing::ScratchDisk, usize) {
     use crate::client::peer::{encode_block, Bitmap, Load, PeerMessage};
-    let (mut e, conn, _) = crate::fuzzing::downloading_engine(content);
+    let mut disk = crate::fuzzing::ScratchDisk::default();
+    let (mut e, conn, _) = crate::fuzzing::downloading_engine(content, &mut disk);
     let n = crate::chunk::chunk_count(content.len() as u64) as u32;
     let mut wire = encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
     wire.extend(encode(&PeerMessage::Have { chunks: Bitmap::full(n), load: Load::default() }));
     let mut rng = Rng::from_u64(seed ^ 0x5eed);
-    let mut checked = Bitmap::new(n);
+    let mut written = Bitmap::new(n);
     let mut announced = 0;
     let mut step = 0;
     loop {
         step += 1;
         assert!(step < 100_000, "no progress");
-        // The sharer answers every request so far.
+        // The sharer answers every request so far; the disk does its work.
         let outs = drain(&mut e);
+        let outs = crate::fuzzing::run_disk_watched(&mut e, &mut disk, outs, Millis(0), |op| {
+            if let DiskOp::Write { chunk, data, .. } = op {
+                let at = crate::client::download::chunk_offset(*chunk) as usize;
+                assert!(data[..] == content[at..at + data.len()], "chunk {chunk} assembled wrong");
+                written.set(*chunk);
+            }
+        });
         announced += announces(&outs);
         let outs = answer_all(&mut e, outs, |_| Ok(Reply::Done));
-        if checked.count() >= stop_after {
-            return (e, announced);
+        if written.count() >= stop_after {
+            return (e, disk, announced);
         }
         for (chunk, offset, l) in peer_requests(&outs) {
             let at = crate::client::download::chunk_offset(chunk) as usize + offset as usize;
@@ -291,16 +315,7 @@ fn download_in_random_reads(content: &[u8], seed: u64, haves: bool, stop_after: 
                 wire.extend(encode(&PeerMessage::HaveOne { chunk }));
             }
         }
-        for o in outs {
-            if let ClientOutput::WriteChunk { id: i, chunk, data, sha1 } = o {
-                let at = crate::client::download::chunk_offset(chunk) as usize;
-                assert!(data[..] == content[at..at + data.len()], "chunk {chunk} assembled wrong");
-                assert!(sha1.matches(&data));
-                checked.set(chunk);
-                e.handle_chunk_checked(i, chunk, true, Millis(0));
-            }
-        }
-        if wire.is_empty() || checked.count() >= stop_after {
+        if wire.is_empty() {
             continue;
         }
         // One read: up to a random count, filling data space first.
@@ -320,12 +335,12 @@ fn a_partial_download_is_announced_once_and_again_with_each_heartbeat() {
     // The tracker records partial holders, not chunks: one announcement
     // when the first chunk is verified, not one per chunk.
     let content: Vec<u8> = (0..5 * crate::chunk::CHUNK_SIZE as usize).map(|i| (i % 249) as u8).collect();
-    let (mut e, announced) = download_in_random_reads(&content, 7, false, 3);
+    let (mut e, _, announced) = download_in_random_reads(&content, 7, false, 3);
     assert_eq!(announced, 1);
     // Once the link is quiet, each heartbeat repeats it, so a record the
     // tracker dropped with a lapsed lease comes back.
     let later = Millis(0).plus(e.cfg.heartbeat_every);
-    e.handle_timeout(later);
+    e.handle_input(ClientInput::Timeout, later);
     let outs = drain(&mut e);
     assert!(sent_requests(&outs).iter().any(|(_, r)| matches!(r, Request::Heartbeat)));
     assert_eq!(announces(&outs), 1);
@@ -346,7 +361,11 @@ proptest::proptest! {
         let mut content = vec![0u8; len];
         Rng::from_u64(seed).fill(&mut content);
         let n = crate::chunk::chunk_count(len as u64) as u32;
-        let (_, announced) = download_in_random_reads(&content, seed, haves, n);
+        let (mut e, mut disk, announced) = download_in_random_reads(&content, seed, haves, n);
         proptest::prop_assert_eq!(announced, 1);
+        // The whole-file hash completes and the file gets its name.
+        let outs = drain(&mut e);
+        crate::fuzzing::run_disk(&mut e, &mut disk, outs, Millis(1));
+        proptest::prop_assert!(disk.files.get("/dl/f.bin").is_some_and(|f| f == &content));
     }
 }

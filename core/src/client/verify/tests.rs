@@ -1,0 +1,299 @@
+use super::*;
+use crate::chunk::{FileHasher, CHUNK_SIZE};
+use crate::rng::Rng;
+use proptest::prelude::*;
+
+fn file_of(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Rng::from_u64(seed).fill(&mut v);
+    v
+}
+
+fn digest_of(data: &[u8]) -> FileDigest {
+    let mut h = FileHasher::new();
+    h.update(data).unwrap();
+    h.finish().unwrap()
+}
+
+fn chunk_of(data: &[u8], c: u32) -> Vec<u8> {
+    let at = c as usize * CHUNK_SIZE as usize;
+    data[at..(at + CHUNK_SIZE as usize).min(data.len())].to_vec()
+}
+
+/// The driver side: a part file in memory, operations completed in a
+/// random order, hash jobs run (or, for a test of that, not).
+struct Disk {
+    part: Vec<u8>,
+    ops: Vec<VerifyOp>,
+    good: Vec<u32>,
+    bad: Vec<u32>,
+    rechecked: bool,
+    complete: bool,
+    failed: Option<String>,
+    max_ops: usize,
+    writes: Vec<u32>,
+}
+
+impl Disk {
+    fn new(size: usize) -> Disk {
+        Disk {
+            part: vec![0; size],
+            ops: Vec::new(),
+            good: Vec::new(),
+            bad: Vec::new(),
+            rechecked: false,
+            complete: false,
+            failed: None,
+            max_ops: 0,
+            writes: Vec::new(),
+        }
+    }
+
+    fn collect(&mut self, v: &mut Verifier) {
+        while let Some(ev) = v.poll() {
+            match ev {
+                VerifyEvent::Op(op) => {
+                    if let VerifyOp::Write { chunk, .. } = &op {
+                        self.writes.push(*chunk);
+                    }
+                    self.ops.push(op)
+                }
+                VerifyEvent::Good(c) => self.good.push(c),
+                VerifyEvent::Bad(c) => self.bad.push(c),
+                VerifyEvent::Buffer(_) => {}
+                VerifyEvent::Rechecked => self.rechecked = true,
+                VerifyEvent::Complete => self.complete = true,
+                VerifyEvent::Failed(e) => self.failed = Some(e),
+            }
+        }
+        self.max_ops = self.max_ops.max(v.ops_out());
+    }
+
+    /// Completes one queued operation, chosen by `rng`.
+    fn step(&mut self, v: &mut Verifier, d: &FileDigest, rng: &mut Rng) -> bool {
+        if self.ops.is_empty() {
+            return false;
+        }
+        let i = rng.below(self.ops.len() as u64) as usize;
+        match self.ops.swap_remove(i) {
+            VerifyOp::Hash(mut job) => {
+                job.run();
+                v.handle_hashed(job, d);
+            }
+            VerifyOp::Read { chunk, mut buf } => {
+                let at = chunk as usize * CHUNK_SIZE as usize;
+                let len = buf.len();
+                buf.copy_from_slice(&self.part[at..at + len]);
+                v.handle_read(chunk, buf, Ok(()), d);
+            }
+            VerifyOp::Write { chunk, data } => {
+                let at = chunk as usize * CHUNK_SIZE as usize;
+                self.part[at..at + data.len()].copy_from_slice(&data);
+                v.handle_written(chunk, data, Ok(()), d);
+            }
+        }
+        self.collect(v);
+        true
+    }
+
+    fn settle(&mut self, v: &mut Verifier, d: &FileDigest, rng: &mut Rng) {
+        while self.step(v, d, rng) {}
+    }
+}
+
+fn damaged(mut b: Vec<u8>) -> Vec<u8> {
+    let mid = b.len() / 2;
+    b[mid] ^= 0x40;
+    b
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Whatever the arrival order, the chunks resumed from an earlier run,
+    /// the damaged copies and the order the driver's results come back in:
+    /// every good chunk is written once and reported good once it is, every
+    /// damaged copy is refused and never written, the whole file completes
+    /// with the right content, and the disk queue stays within its bound.
+    #[test]
+    fn any_arrival_and_completion_order_completes_the_file(
+        n in 1u32..40,
+        tail in 1usize..=CHUNK_SIZE as usize,
+        seed in any::<u64>(),
+        flags in proptest::collection::vec(0u8..8, 40),
+    ) {
+        let len = (n as usize - 1) * CHUNK_SIZE as usize + tail;
+        let data = file_of(len, seed);
+        let d = digest_of(&data);
+        let mut rng = Rng::from_u64(seed);
+        let mut disk = Disk::new(len);
+        let resumed: Vec<u32> = (0..n).filter(|&c| flags[c as usize] == 0).collect();
+        let mut claimed = Bitmap::new(n);
+        for &c in &resumed {
+            claimed.set(c);
+            let at = c as usize * CHUNK_SIZE as usize;
+            let chunk = chunk_of(&data, c);
+            disk.part[at..at + chunk.len()].copy_from_slice(&chunk);
+        }
+        // A claim whose bytes never reached the disk: fetched again.
+        let lost: Vec<u32> = (0..n).filter(|&c| flags[c as usize] == 2).collect();
+        for &c in &lost {
+            claimed.set(c);
+        }
+        let mut v = Verifier::new(&d, &claimed);
+        disk.collect(&mut v);
+        disk.settle(&mut v, &d, &mut rng);
+        prop_assert!(disk.rechecked);
+        let mut expect_stored = Bitmap::new(n);
+        resumed.iter().for_each(|&c| expect_stored.set(c));
+        prop_assert_eq!(v.stored(), &expect_stored, "only claims whose bytes match count");
+        let mut order: Vec<u32> = (0..n).filter(|c| !resumed.contains(c)).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let corrupt: Vec<u32> = (0..n).filter(|&c| flags[c as usize] == 1).collect();
+        for &c in &order {
+            if corrupt.contains(&c) {
+                v.submit(c, damaged(chunk_of(&data, c)), &d);
+                disk.collect(&mut v);
+                // Some results come back before the next chunk arrives.
+                for _ in 0..rng.below(3) {
+                    disk.step(&mut v, &d, &mut rng);
+                }
+                // The damaged copy must be refused before the good one comes.
+                disk.settle(&mut v, &d, &mut rng);
+            }
+            v.submit(c, chunk_of(&data, c), &d);
+            disk.collect(&mut v);
+            for _ in 0..rng.below(3) {
+                disk.step(&mut v, &d, &mut rng);
+            }
+        }
+        disk.settle(&mut v, &d, &mut rng);
+        prop_assert_eq!(disk.failed.clone(), None);
+        prop_assert!(disk.complete, "the file completes");
+        prop_assert_eq!(&disk.part, &data);
+        let mut good = disk.good.clone();
+        good.sort();
+        prop_assert_eq!(good, order.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>());
+        let mut bad = disk.bad.clone();
+        bad.sort();
+        let corrupt_fetched: Vec<u32> = corrupt.iter().copied().filter(|c| order.contains(c)).collect();
+        prop_assert_eq!(bad, corrupt_fetched);
+        let mut writes = disk.writes.clone();
+        writes.sort();
+        writes.dedup();
+        prop_assert_eq!(writes.len(), disk.writes.len(), "a chunk is written once");
+        prop_assert!(disk.max_ops <= crate::client::disk::MAX_DISK_OPS);
+    }
+}
+
+#[test]
+fn a_damaged_chunk_at_the_cursor_leaves_the_whole_file_hash_intact() {
+    // Chunk 0 arrives damaged: its check runs with the whole-file fold over
+    // the same bytes, which must be thrown away.
+    let data = file_of(3 * CHUNK_SIZE as usize + 1000, 1);
+    let d = digest_of(&data);
+    let mut rng = Rng::from_u64(1);
+    let mut disk = Disk::new(data.len());
+    let mut v = Verifier::new(&d, &Bitmap::new(4));
+    disk.collect(&mut v);
+    for c in 0..4 {
+        v.submit(c, damaged(chunk_of(&data, c)), &d);
+        disk.collect(&mut v);
+        disk.settle(&mut v, &d, &mut rng);
+        v.submit(c, chunk_of(&data, c), &d);
+        disk.collect(&mut v);
+        disk.settle(&mut v, &d, &mut rng);
+    }
+    assert_eq!(disk.bad, vec![0, 1, 2, 3]);
+    assert!(disk.complete, "{:?}", disk.failed);
+    assert_eq!(disk.part, data);
+}
+
+#[test]
+fn chunks_far_out_of_order_are_read_back_and_checked_again() {
+    // Reversed: the whole-file hash can start only at the end, with more
+    // chunks past it than are held.
+    let n = MAX_HELD_CHUNKS as u32 + 6;
+    let data = file_of((n as usize - 1) * CHUNK_SIZE as usize + 77, 2);
+    let d = digest_of(&data);
+    let mut rng = Rng::from_u64(2);
+    // Every chunk arrives, last first; `rot` damages the disk after chunk `c` is in.
+    let mut reversed = |rot: &dyn Fn(u32, &mut Disk)| {
+        let mut disk = Disk::new(data.len());
+        let mut v = Verifier::new(&d, &Bitmap::new(n));
+        for c in (0..n).rev() {
+            v.submit(c, chunk_of(&data, c), &d);
+            disk.collect(&mut v);
+            disk.settle(&mut v, &d, &mut rng);
+            rot(c, &mut disk);
+        }
+        disk
+    };
+    let disk = reversed(&|_, _| {});
+    assert!(disk.complete);
+    assert_eq!(disk.part, data);
+
+    // The same, with the first chunk written (the last in the file, soon
+    // not held) rotting on disk before the hash reads it back.
+    let disk = reversed(&|c, disk| {
+        if c == n - 1 {
+            disk.part[(n as usize - 1) * CHUNK_SIZE as usize + 10] ^= 1;
+        }
+    });
+    assert!(!disk.complete);
+    let why = disk.failed.expect("the download fails");
+    assert!(why.contains(&format!("chunk {}", n - 1)) && why.contains("no longer matches"), "{why}");
+}
+
+#[test]
+fn a_hash_job_handed_back_unrun_reports_nothing_good() {
+    let data = file_of(1000, 3);
+    let d = digest_of(&data);
+    let mut v = Verifier::new(&d, &Bitmap::new(1));
+    v.submit(0, data.clone(), &d);
+    let job = std::iter::from_fn(|| v.poll())
+        .find_map(|e| if let VerifyEvent::Op(VerifyOp::Hash(j)) = e { Some(j) } else { None })
+        .expect("a hash job");
+    v.handle_hashed(job, &d);
+    let evs: Vec<VerifyEvent> = std::iter::from_fn(|| v.poll()).collect();
+    assert!(evs.iter().all(|e| !matches!(e, VerifyEvent::Good(_) | VerifyEvent::Op(VerifyOp::Write { .. }))));
+    assert!(evs.iter().any(|e| matches!(e, VerifyEvent::Failed(_))), "{evs:?}");
+}
+
+#[test]
+fn an_empty_file_completes_at_once() {
+    let d = digest_of(&[]);
+    let mut v = Verifier::new(&d, &Bitmap::new(0));
+    let evs: Vec<VerifyEvent> = std::iter::from_fn(|| v.poll()).collect();
+    assert!(matches!(evs.as_slice(), [VerifyEvent::Rechecked, VerifyEvent::Complete]), "{evs:?}");
+}
+
+#[test]
+fn a_job_pairs_folds_with_checks_and_batches_what_waited() {
+    // Chunks 1..=4 are held (written), chunk 0 is being fetched: when 0 and
+    // others arrive while a job is out, the next job carries them together.
+    let data = file_of(12 * CHUNK_SIZE as usize, 4);
+    let d = digest_of(&data);
+    let mut v = Verifier::new(&d, &Bitmap::new(12));
+    v.submit(5, chunk_of(&data, 5), &d);
+    let first = std::iter::from_fn(|| v.poll())
+        .find_map(|e| if let VerifyEvent::Op(VerifyOp::Hash(j)) = e { Some(j) } else { None })
+        .unwrap();
+    for c in [0, 1, 2] {
+        v.submit(c, chunk_of(&data, c), &d);
+    }
+    assert!(
+        std::iter::from_fn(|| v.poll()).all(|e| !matches!(e, VerifyEvent::Op(VerifyOp::Hash(_)))),
+        "one job at a time"
+    );
+    let mut first = first;
+    first.run();
+    v.handle_hashed(first, &d);
+    let second = std::iter::from_fn(|| v.poll())
+        .find_map(|e| if let VerifyEvent::Op(VerifyOp::Hash(j)) = e { Some(j) } else { None })
+        .unwrap();
+    assert_eq!(second.checks.len(), 3, "what arrived meanwhile goes in one job");
+    let folded: Vec<u32> = second.folds.iter().map(|f| f.chunk).collect();
+    assert_eq!(folded, vec![0, 1, 2], "each arrival at the cursor folded over its own bytes");
+}

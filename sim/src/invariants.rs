@@ -1,0 +1,143 @@
+//! What the world checks as it goes, and what tests ask of it afterwards.
+
+use std::collections::BTreeSet;
+
+use sha1::{Digest, Sha1};
+use shoal_core::chunk::{chunk_len, CHUNK_SIZE};
+use shoal_core::client::disk::{DiskDone, DiskOp};
+use shoal_core::client::{sidecar, DownloadId};
+use shoal_core::meta::{Entry, MetaState};
+
+use crate::World;
+
+pub(crate) fn entry_hash(e: &Entry) -> [u8; 20] {
+    Sha1::digest(postcard::to_allocvec(e).expect("encode")).into()
+}
+
+impl World {
+    /// The bytes chunk `chunk` of client `c`'s download `id` must hold: the
+    /// source's (`None` if the file was never put on the disk here).
+    fn expected(&self, c: usize, id: DownloadId, chunk: u32) -> Option<&[u8]> {
+        let d = self.clients[c].engine.download_digest(id)?;
+        let src = self.sources.get(&d.sha1)?;
+        let at = chunk as usize * CHUNK_SIZE as usize;
+        src.get(at..at + chunk_len(d.size, chunk as u64) as usize)
+    }
+
+    /// Before a disk operation runs: nothing unverified is written, and a
+    /// resumed download fetches nothing its part file held verified.
+    pub(crate) fn check_disk_op(&mut self, c: usize, op: &DiskOp) {
+        let DiskOp::Write { id, chunk, data } = op else { return };
+        if let Some(want) = self.expected(c, *id, *chunk) {
+            assert!(data[..] == *want, "c{c} wrote chunk {chunk} of download {} with bytes not the file's", id.0);
+        }
+        self.chunks_written += 1;
+        let kept = self.resume_keep.get(&(c, *id)).is_some_and(|k| k.contains(chunk));
+        let excused = self
+            .disk
+            .part_of(c, *id)
+            .and_then(|p| self.disk.record(&p.part))
+            .is_some_and(|r| r.read_failed.contains(chunk));
+        assert!(
+            !kept || excused,
+            "c{c} fetched chunk {chunk} of download {} again, though its part file held it verified before the crash",
+            id.0
+        );
+    }
+
+    /// After a disk operation: what a resumed download must keep.
+    pub(crate) fn check_disk_done(&mut self, c: usize, done: &DiskDone) {
+        let DiskDone::PartOpened { id, result: Ok(opened) } = done else { return };
+        if opened.state.is_empty() {
+            return;
+        }
+        let Some(d) = self.clients[c].engine.download_digest(*id) else { return };
+        let Ok((claimed, _)) = sidecar::latest(&opened.state, d) else { return };
+        let Some(part) = self.disk.file(&opened.paths.part) else { return };
+        let keep: BTreeSet<u32> = claimed
+            .iter_set()
+            .filter(|&ch| {
+                let at = ch as usize * CHUNK_SIZE as usize;
+                let want = self.expected(c, *id, ch);
+                want.is_some_and(|w| part.get(at..at + w.len()) == Some(w))
+            })
+            .collect();
+        self.resume_keep.insert((c, *id), keep);
+    }
+
+    /// A block served from a part file holds the file's bytes: only verified
+    /// chunks are served.
+    pub(crate) fn check_serve(&mut self, c: usize, path: &str, offset: u64, len: u32) {
+        let Some(id) = self.disk.download_at(c, path) else { return };
+        let chunk = (offset / CHUNK_SIZE) as u32;
+        let Some(want) = self.expected(c, id, chunk) else { return };
+        let at = chunk as usize * CHUNK_SIZE as usize;
+        let stored = self.disk.file(path).and_then(|f| f.get(at..at + want.len()));
+        let rotted = self.disk.record(path).is_some_and(|r| r.rotted.contains(&chunk));
+        assert!(
+            stored == Some(want) || rotted,
+            "c{c} served chunk {chunk} of {path} ({len} bytes at {offset}) before it held the file's bytes"
+        );
+        self.part_serves += 1;
+    }
+
+    /// Agreement: every tracker applies the same entry at each log index.
+    pub(crate) fn check_applied(&mut self, t: usize, index: u64, entry: Option<Entry>) {
+        let tr = &mut self.trackers[t];
+        match entry {
+            None => {
+                assert!(index as usize <= self.canon.len(), "t{t} installed a snapshot at {index} beyond the log");
+                tr.applied = index;
+            }
+            Some(e) => {
+                assert_eq!(index, tr.applied + 1, "t{t} applied entry {index} after {}", tr.applied);
+                tr.applied = index;
+                let h = entry_hash(&e);
+                let i = index as usize - 1;
+                if i < self.canon.len() {
+                    assert!(self.canon[i] == h, "t{t} applied a different entry at log index {index}: {e:?}");
+                } else {
+                    assert_eq!(i, self.canon.len(), "t{t} applied index {index} past the end");
+                    self.canon.push(h);
+                    if let Some(id) = e.id {
+                        self.canon_ids.insert(id);
+                    }
+                    let _ = self.canon_state.apply(&e);
+                    if let Err(why) = self.canon_state.check_invariants() {
+                        panic!("metadata rule broken after log index {index}: {why}");
+                    }
+                    for (g, grp) in self.canon_state.groups() {
+                        self.ever_owner.insert((g.to_string(), grp.owner.to_string()));
+                        for m in &grp.members {
+                            self.ever_member.insert((g.to_string(), m.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The metadata after every entry decided so far (by whichever tracker applied it first).
+    pub fn canon_state(&self) -> &MetaState {
+        &self.canon_state
+    }
+
+    /// Whether `user` was ever a member (or owner) of `group` in the decided history.
+    pub fn ever_member(&self, group: &str, user: &str) -> bool {
+        self.ever_member.contains(&(group.to_string(), user.to_string()))
+    }
+
+    pub fn ever_owner(&self, group: &str, user: &str) -> bool {
+        self.ever_owner.contains(&(group.to_string(), user.to_string()))
+    }
+
+    /// How many writes trackers acknowledged with success.
+    pub fn acked_writes(&self) -> usize {
+        self.acked.len()
+    }
+
+    /// Every running tracker's metadata, for convergence checks.
+    pub fn metas(&self) -> Vec<(usize, &MetaState)> {
+        self.trackers.iter().enumerate().filter_map(|(i, t)| t.node.as_ref().map(|n| (i, n.meta()))).collect()
+    }
+}
