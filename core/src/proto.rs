@@ -63,15 +63,21 @@ pub enum Message {
 }
 
 /// What trackers say to each other. Each tracker opens one connection to
-/// every other and sends on it only; it receives on the ones they open.
+/// every other and sends on it; the other side only answers its `Ping`s.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TrackerFrame {
     /// The first frame after `Hello`: which tracker (line of `tracker_info.txt`) this is.
-    Join { node: u64 },
+    Join {
+        node: u64,
+    },
     /// A consensus message, in the replicator's own encoding.
     Consensus(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Soft state learned since the last one (all of it on a new link).
     Soft(SoftState),
+    /// A link's heartbeat; answered with `Pong` on the same connection (the
+    /// one frame that travels back on a link).
+    Ping,
+    Pong,
 }
 
 /// Soft state, kept out of the log: which sessions are alive, grants issued,

@@ -2,12 +2,14 @@
 //! trackers of its cluster.
 //!
 //! One thread, one mio loop: client connections and the connections other
-//! trackers open to us are accepted on the listener; we open one connection to
-//! every other tracker and redial it with backoff when it fails. Log records
-//! the node emits are appended to the write-ahead log and fsync'ed (one fsync
-//! per loop turn) before anything that follows them is sent.
+//! trackers open to us are accepted on the listener; we open our link to
+//! another tracker when the node says so (it decides when to dial, redial and
+//! hang up). Log records the node emits are appended to the write-ahead log;
+//! a sync it asks for goes to a thread that fsyncs (covering every sync asked
+//! meanwhile: group commit) and reports back, and the node lets out what
+//! waited for it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
@@ -28,22 +30,15 @@ const LISTENER: Token = Token(0);
 const SYNCED: Token = Token((1 << 40) - 1);
 /// Tokens of our links to other trackers: this base plus the tracker's id.
 const PEER_BASE: usize = 1 << 40;
-/// First pause before redialing a tracker; it doubles up to [`REDIAL_MAX`].
-const REDIAL_MIN: Millis = Millis(100);
-const REDIAL_MAX: Millis = Millis(1_000);
 
 /// Most client connections a tracker holds at once; more are refused at accept.
 pub const MAX_TRACKER_CONNECTIONS: usize = 4096;
 
-enum LinkState {
-    Down { retry_at: Millis, backoff: Millis },
-    Connecting(Conn),
-    Up(Conn),
-}
-
+/// This tracker's link to another, as the node dialled it.
 struct Link {
     addr: SocketAddr,
-    state: LinkState,
+    /// The socket, and whether it is still connecting.
+    conn: Option<(Conn, bool)>,
 }
 
 type LeaderHook = Box<dyn FnMut(Option<NodeId>) + Send>;
@@ -96,22 +91,6 @@ impl Syncer {
     }
 }
 
-/// Where an output goes, to keep each destination's order.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Dest {
-    Conn(u64),
-    Link(NodeId),
-}
-
-fn dest(out: &TrackerOutput) -> Option<(Dest, bool)> {
-    match out {
-        TrackerOutput::Transmit { conn, after_sync, .. } => Some((Dest::Conn(conn.0), *after_sync)),
-        TrackerOutput::Close { conn } => Some((Dest::Conn(conn.0), false)),
-        TrackerOutput::PeerSend { node, after_sync, .. } => Some((Dest::Link(*node), *after_sync)),
-        _ => None,
-    }
-}
-
 pub struct TrackerServer<R: Replicator> {
     poll: Poll,
     listener: TcpListener,
@@ -124,15 +103,7 @@ pub struct TrackerServer<R: Replicator> {
     wal: Option<WalFile>,
     links: BTreeMap<NodeId, Link>,
     on_leader: Option<LeaderHook>,
-    /// Records that must be durable before the next send are waiting.
-    must_sync: bool,
     syncer: Option<Syncer>,
-    /// Syncs asked of the syncer so far.
-    requested: u64,
-    /// Outputs waiting for sync `seq`, in order.
-    held: VecDeque<(u64, TrackerOutput)>,
-    /// Destinations with outputs in `held` (later ones to them wait too).
-    held_dests: BTreeSet<Dest>,
 }
 
 impl<R: Replicator> TrackerServer<R> {
@@ -151,11 +122,7 @@ impl<R: Replicator> TrackerServer<R> {
             wal: None,
             links: BTreeMap::new(),
             on_leader: None,
-            must_sync: false,
             syncer: None,
-            requested: 0,
-            held: VecDeque::new(),
-            held_dests: BTreeSet::new(),
         })
     }
 
@@ -177,8 +144,7 @@ impl<R: Replicator> TrackerServer<R> {
     /// The other trackers of the cluster, to keep a link open to each.
     pub fn with_peers(mut self, peers: impl IntoIterator<Item = (NodeId, SocketAddr)>) -> Self {
         for (node, addr) in peers {
-            self.links
-                .insert(node, Link { addr, state: LinkState::Down { retry_at: Millis::ZERO, backoff: REDIAL_MIN } });
+            self.links.insert(node, Link { addr, conn: None });
         }
         self
     }
@@ -198,18 +164,7 @@ impl<R: Replicator> TrackerServer<R> {
         let mut events = Events::with_capacity(1024);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let now = self.clock.now();
-            self.redial(now);
-            let redial_at = self
-                .links
-                .values()
-                .filter_map(|l| match l.state {
-                    LinkState::Down { retry_at, .. } => Some(retry_at),
-                    _ => None,
-                })
-                .min();
-            let deadline = [self.node.poll_timeout(), redial_at].into_iter().flatten().min();
-            let timeout = self.clock.until(deadline);
+            let timeout = self.clock.until(self.node.poll_timeout());
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -223,10 +178,10 @@ impl<R: Replicator> TrackerServer<R> {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(now)?,
-                    SYNCED => self.release(now)?,
+                    SYNCED => self.synced(now)?,
                     token if token.0 >= PEER_BASE => {
                         let node = (token.0 - PEER_BASE) as NodeId;
-                        self.link_event(node, ev.is_readable() || ev.is_read_closed() || ev.is_error(), now, &mut buf);
+                        self.link_event(node, ev, now, &mut buf);
                     }
                     token => {
                         let Some(conn) = self.conns.get_mut(&token) else { continue };
@@ -251,74 +206,57 @@ impl<R: Replicator> TrackerServer<R> {
         }
     }
 
-    fn redial(&mut self, now: Millis) {
-        for (node, link) in self.links.iter_mut() {
-            let LinkState::Down { retry_at, backoff } = link.state else { continue };
-            if retry_at > now {
-                continue;
-            }
-            let token = Token(PEER_BASE + *node as usize);
-            let next =
-                LinkState::Down { retry_at: now.plus(backoff), backoff: Millis((backoff.0 * 2).min(REDIAL_MAX.0)) };
-            link.state = match TcpStream::connect(link.addr) {
-                Ok(mut s) => {
-                    match self.poll.registry().register(&mut s, token, Interest::READABLE | Interest::WRITABLE) {
-                        Ok(()) => LinkState::Connecting(Conn::connecting(s)),
-                        Err(_) => next,
-                    }
-                }
-                Err(_) => next,
-            };
-        }
-    }
-
-    fn link_down(&mut self, node: NodeId, now: Millis) {
+    fn dial(&mut self, node: NodeId, now: Millis) {
         let Some(link) = self.links.get_mut(&node) else { return };
-        let was_up = matches!(link.state, LinkState::Up(_));
-        let old =
-            std::mem::replace(&mut link.state, LinkState::Down { retry_at: now.plus(REDIAL_MIN), backoff: REDIAL_MIN });
-        if let LinkState::Connecting(mut c) | LinkState::Up(mut c) = old {
+        if let Some((mut c, _)) = link.conn.take() {
             let _ = self.poll.registry().deregister(&mut c.stream);
         }
-        if was_up {
-            tracing::info!(node, "link to tracker lost");
-            self.node.handle_peer_down(node, now);
+        let token = Token(PEER_BASE + node as usize);
+        match TcpStream::connect(link.addr) {
+            Ok(mut s) => match self.poll.registry().register(&mut s, token, Interest::READABLE | Interest::WRITABLE) {
+                Ok(()) => link.conn = Some((Conn::connecting(s), true)),
+                Err(_) => self.node.handle_link_down(node, now),
+            },
+            Err(_) => self.node.handle_link_down(node, now),
         }
     }
 
-    fn link_event(&mut self, node: NodeId, readable: bool, now: Millis, buf: &mut [u8]) {
+    fn hang_up(&mut self, node: NodeId) {
+        if let Some((mut c, _)) = self.links.get_mut(&node).and_then(|l| l.conn.take()) {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+        }
+    }
+
+    /// Our link failed: closed here, reported to the node.
+    fn link_failed(&mut self, node: NodeId, now: Millis) {
+        self.hang_up(node);
+        self.node.handle_link_down(node, now);
+    }
+
+    fn link_event(&mut self, node: NodeId, ev: &mio::event::Event, now: Millis, buf: &mut [u8]) {
         let token = Token(PEER_BASE + node as usize);
-        let Some(link) = self.links.get_mut(&node) else { return };
-        match &mut link.state {
-            LinkState::Connecting(c) => match (c.stream.take_error(), c.stream.peer_addr()) {
+        let Some((c, connecting)) = self.links.get_mut(&node).and_then(|l| l.conn.as_mut()) else { return };
+        if *connecting {
+            match (c.stream.take_error(), c.stream.peer_addr()) {
                 (Ok(None), Ok(_)) => {
                     let _ = c.stream.set_nodelay(true);
-                    let LinkState::Connecting(c) =
-                        std::mem::replace(&mut link.state, LinkState::Down { retry_at: now, backoff: REDIAL_MIN })
-                    else {
-                        unreachable!("matched above")
-                    };
-                    link.state = LinkState::Up(c);
-                    tracing::info!(node, addr = %link.addr, "linked to tracker");
-                    self.node.handle_peer_up(node, now);
-                    if let Some(LinkState::Up(c)) = self.links.get_mut(&node).map(|l| &mut l.state) {
-                        if c.flush(self.poll.registry(), token).is_err() {
-                            self.link_down(node, now);
-                        }
-                    }
+                    *connecting = false;
+                    self.node.handle_link_up(node, now);
                 }
-                (Err(_), _) | (Ok(Some(_)), _) => self.link_down(node, now),
+                (Err(_), _) | (Ok(Some(_)), _) => return self.link_failed(node, now),
                 // Not connected yet (spurious wake-up).
-                (Ok(None), Err(_)) => {}
-            },
-            LinkState::Up(c) => {
-                // The other side never speaks on our link: a read is its close.
-                let closed = readable && matches!(c.read_all(buf, |_| {}), ReadOutcome::Closed);
-                if closed || c.flush(self.poll.registry(), token).is_err() {
-                    self.link_down(node, now);
-                }
+                (Ok(None), Err(_)) => return,
             }
-            LinkState::Down { .. } => {}
+        }
+        let Some((c, _)) = self.links.get_mut(&node).and_then(|l| l.conn.as_mut()) else { return };
+        let mut failed = false;
+        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+            let n = &mut self.node;
+            failed = matches!(c.read_all(buf, |b| n.handle_link_bytes(node, b, now)), ReadOutcome::Closed);
+        }
+        let Some((c, _)) = self.links.get_mut(&node).and_then(|l| l.conn.as_mut()) else { return };
+        if failed || c.flush(self.poll.registry(), token).is_err() {
+            self.link_failed(node, now);
         }
     }
 
@@ -356,98 +294,98 @@ impl<R: Replicator> TrackerServer<R> {
         }
     }
 
-    /// Sends the node's outputs. Log records are written first; one fsync
-    /// (on the sync thread) covers all of them (group commit). What need not
-    /// wait for it is sent at once; the rest is held until that fsync is
-    /// done, while the loop goes on. Each destination keeps its order: once
-    /// something to it is held, what follows to it is held too.
+    /// Carries out the node's outputs in order: log records are written,
+    /// a sync is handed to the sync thread (or, without a log, reported at
+    /// once), sends go out. What must wait for a sync the node holds itself.
     fn drain(&mut self, now: Millis) -> io::Result<()> {
         loop {
             let outs: Vec<TrackerOutput> = std::iter::from_fn(|| self.node.poll_output()).collect();
             if outs.is_empty() {
                 break;
             }
-            let mut rewritten = false;
-            for out in &outs {
-                let Some(wal) = &mut self.wal else { break };
+            let mut touched = BTreeSet::new();
+            let mut touched_links = BTreeSet::new();
+            for out in outs {
                 match out {
-                    TrackerOutput::Persist(Persist::Append(record)) => {
-                        wal.append(record);
-                        self.must_sync = true;
+                    TrackerOutput::Persist(p) => {
+                        let Some(wal) = &mut self.wal else { continue };
+                        match p {
+                            Persist::Append(r) | Persist::Lazy(r) => wal.append(&r),
+                            Persist::Rewrite(r) => {
+                                wal.rewrite(&r).map_err(|e| {
+                                    io::Error::new(e.kind(), format!("cannot rewrite {}: {e}", wal.path().display()))
+                                })?;
+                                if let Some(s) = &self.syncer {
+                                    let _ = s.tx.send(SyncCmd::File(wal.sync_handle()?));
+                                }
+                            }
+                        }
                     }
-                    TrackerOutput::Persist(Persist::Lazy(record)) => wal.append(record),
-                    TrackerOutput::Persist(Persist::Rewrite(record)) => {
-                        wal.rewrite(record).map_err(|e| {
-                            io::Error::new(e.kind(), format!("cannot rewrite {}: {e}", wal.path().display()))
-                        })?;
-                        rewritten = true;
+                    TrackerOutput::Sync { seq } => match (&mut self.wal, &self.syncer) {
+                        (Some(wal), Some(s)) => {
+                            wal.write_pending().map_err(|e| {
+                                io::Error::new(e.kind(), format!("cannot write {}: {e}", wal.path().display()))
+                            })?;
+                            let _ = s.tx.send(SyncCmd::Sync(seq));
+                        }
+                        // Nothing to make durable: done at once.
+                        _ => self.node.handle_synced(seq, now),
+                    },
+                    TrackerOutput::Dial { node } => self.dial(node, now),
+                    TrackerOutput::Hangup { node } => self.hang_up(node),
+                    TrackerOutput::LeaderChanged { leader } => {
+                        if let Some(f) = &mut self.on_leader {
+                            f(leader);
+                        }
                     }
-                    _ => {}
+                    TrackerOutput::Applied { .. } => {}
+                    TrackerOutput::PeerSend { node, bytes } => {
+                        if let Some((c, false)) = self.links.get_mut(&node).and_then(|l| l.conn.as_mut()) {
+                            if c.queue_owned(bytes) {
+                                touched_links.insert(node);
+                            } else {
+                                self.link_failed(node, now);
+                            }
+                        }
+                    }
+                    TrackerOutput::Transmit { conn, bytes } => {
+                        let token = Token(conn.0 as usize);
+                        let Some(c) = self.conns.get_mut(&token) else { continue };
+                        if c.queue(&bytes) {
+                            touched.insert(token);
+                        } else {
+                            self.drop_conn(token, now);
+                        }
+                    }
+                    TrackerOutput::Close { conn } => {
+                        let token = Token(conn.0 as usize);
+                        if let Some(c) = self.conns.get_mut(&token) {
+                            c.closing = true;
+                            touched.insert(token);
+                        }
+                    }
                 }
             }
             if let Some(wal) = &mut self.wal {
                 wal.write_pending()
                     .map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", wal.path().display())))?;
-                if rewritten {
-                    // The new file holds (and synced) everything: what waited is free.
-                    if let Some(s) = &self.syncer {
-                        let _ = s.tx.send(SyncCmd::File(wal.sync_handle()?));
-                    }
-                    self.requested += 1;
-                    let everything = std::mem::take(&mut self.held);
-                    self.held_dests.clear();
-                    self.send_all(everything.into_iter().map(|(_, o)| o).collect(), now);
-                }
             }
-            if std::mem::take(&mut self.must_sync) {
-                if let Some(s) = &self.syncer {
-                    self.requested += 1;
-                    let _ = s.tx.send(SyncCmd::Sync(self.requested));
-                }
-            }
-            let done = self.syncer.as_ref().map_or(self.requested, |s| s.done.load(Ordering::Acquire));
-            let mut now_out = Vec::new();
-            for out in outs {
-                match dest(&out) {
-                    Some((d, after_sync)) if (after_sync && done < self.requested) || self.held_dests.contains(&d) => {
-                        self.held_dests.insert(d);
-                        self.held.push_back((self.requested, out));
-                    }
-                    _ => now_out.push(out),
-                }
-            }
-            self.send_all(now_out, now);
+            self.flush_touched(touched, touched_links, now);
         }
         self.close_finished(now);
         Ok(())
     }
 
-    /// The sync thread finished: send what waited for it.
-    fn release(&mut self, now: Millis) -> io::Result<()> {
+    /// The sync thread finished: tell the node, which lets out what waited.
+    fn synced(&mut self, now: Millis) -> io::Result<()> {
         let Some(s) = &self.syncer else { return Ok(()) };
-        if let Some(e) = s.error.lock().expect("not poisoned").take() {
+        if let Some(e) = s.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let path = self.wal.as_ref().map(|w| w.path().display().to_string()).unwrap_or_default();
             return Err(io::Error::new(e.kind(), format!("cannot sync {path}: {e}")));
         }
         let done = s.done.load(Ordering::Acquire);
-        let mut ready = Vec::new();
-        while self.held.front().is_some_and(|(seq, _)| *seq <= done) {
-            ready.push(self.held.pop_front().expect("checked").1);
-        }
-        if ready.is_empty() {
-            return Ok(());
-        }
-        self.held_dests = self.held.iter().filter_map(|(_, o)| dest(o).map(|(d, _)| d)).collect();
-        self.send_all(ready, now);
-        self.close_finished(now);
+        self.node.handle_synced(done, now);
         Ok(())
-    }
-
-    fn send_all(&mut self, outs: Vec<TrackerOutput>, now: Millis) {
-        let mut touched = std::collections::BTreeSet::new();
-        let mut touched_links = std::collections::BTreeSet::new();
-        self.send_outputs(outs, &mut touched, &mut touched_links, now);
-        self.flush_touched(&mut touched, &mut touched_links, now);
     }
 
     /// Connections told to close whose backlog has since drained.
@@ -459,65 +397,16 @@ impl<R: Replicator> TrackerServer<R> {
         }
     }
 
-    fn send_outputs(
-        &mut self,
-        outs: Vec<TrackerOutput>,
-        touched: &mut std::collections::BTreeSet<Token>,
-        touched_links: &mut std::collections::BTreeSet<NodeId>,
-        now: Millis,
-    ) {
-        for out in outs {
-            match out {
-                TrackerOutput::Persist(_) | TrackerOutput::Applied { .. } => {}
-                TrackerOutput::LeaderChanged { leader } => {
-                    if let Some(f) = &mut self.on_leader {
-                        f(leader);
-                    }
-                }
-                TrackerOutput::PeerSend { node, bytes, .. } => {
-                    if let Some(Link { state: LinkState::Up(c), .. }) = self.links.get_mut(&node) {
-                        if c.queue_owned(bytes) {
-                            touched_links.insert(node);
-                        } else {
-                            self.link_down(node, now);
-                        }
-                    }
-                }
-                TrackerOutput::Transmit { conn, bytes, .. } => {
-                    let token = Token(conn.0 as usize);
-                    let Some(c) = self.conns.get_mut(&token) else { continue };
-                    if c.queue(&bytes) {
-                        touched.insert(token);
-                    } else {
-                        self.drop_conn(token, now);
-                    }
-                }
-                TrackerOutput::Close { conn } => {
-                    let token = Token(conn.0 as usize);
-                    if let Some(c) = self.conns.get_mut(&token) {
-                        c.closing = true;
-                        touched.insert(token);
-                    }
-                }
-            }
-        }
-    }
-
-    fn flush_touched(
-        &mut self,
-        touched: &mut std::collections::BTreeSet<Token>,
-        touched_links: &mut std::collections::BTreeSet<NodeId>,
-        now: Millis,
-    ) {
-        for node in std::mem::take(touched_links) {
+    fn flush_touched(&mut self, touched: BTreeSet<Token>, touched_links: BTreeSet<NodeId>, now: Millis) {
+        for node in touched_links {
             let token = Token(PEER_BASE + node as usize);
-            if let Some(Link { state: LinkState::Up(c), .. }) = self.links.get_mut(&node) {
+            if let Some((c, _)) = self.links.get_mut(&node).and_then(|l| l.conn.as_mut()) {
                 if c.flush(self.poll.registry(), token).is_err() {
-                    self.link_down(node, now);
+                    self.link_failed(node, now);
                 }
             }
         }
-        for token in std::mem::take(touched) {
+        for token in touched {
             let Some(c) = self.conns.get_mut(&token) else { continue };
             let ok = c.flush(self.poll.registry(), token).is_ok();
             if !ok || (c.closing && !c.has_backlog()) {

@@ -44,10 +44,36 @@ impl World {
         self.cut(b, a);
     }
 
-    /// Removes every cut.
+    /// Drops everything sent from `from` to `to` from now on, silently: no
+    /// reset, no error, the packets just stop (what was sent arrives after
+    /// [`World::heal`], as TCP would retransmit it). Connection attempts
+    /// across it hang. The nodes must notice by themselves.
+    pub fn cut_silently(&mut self, from: Ep, to: Ep) {
+        self.record(format!("{} silent cut {from:?}->{to:?}", self.now.0));
+        *self.faults.entry("silent cut").or_default() += 1;
+        self.silent.insert((from, to));
+    }
+
+    /// Cuts both directions between `a` and `b` silently.
+    pub fn cut_both_silently(&mut self, a: Ep, b: Ep) {
+        self.cut_silently(a, b);
+        self.cut_silently(b, a);
+    }
+
+    /// Removes every cut; what silent cuts held up arrives now, in order.
     pub fn heal(&mut self) {
         self.record(format!("{} heal", self.now.0));
         self.cuts.clear();
+        self.silent.clear();
+        let at = self.now.plus(self.net.min_latency);
+        for ev in std::mem::take(&mut self.stalled) {
+            self.schedule(at, ev);
+        }
+    }
+
+    /// Whether any cut is in place.
+    pub fn is_cut(&self) -> bool {
+        !self.cuts.is_empty() || !self.silent.is_empty()
     }
 
     /// Resets one open connection (both ends see it close).
@@ -71,7 +97,9 @@ impl World {
                 if c.accepted {
                     self.tracker_conn_closed(to, conn);
                 }
-                self.link_down(from, to);
+                if self.trackers[from].node.is_some() {
+                    self.link_down(from, to, conn);
+                }
             }
         }
     }

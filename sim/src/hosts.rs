@@ -105,13 +105,10 @@ pub(crate) struct SimClient {
     pub(crate) up: bool,
 }
 
-/// A tracker's own link to another tracker.
+/// A tracker's own link to another tracker, as its node dialled it (a
+/// link that is down has no entry).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Link {
-    Down {
-        retry_at: Millis,
-        backoff: Millis,
-    },
     Connecting(ConnId),
     /// Connected; `ConnId` is the receiving tracker's id for it.
     Up(ConnId),

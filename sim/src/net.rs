@@ -63,6 +63,11 @@ pub(crate) enum Event {
         conn: ConnId,
         bytes: Vec<u8>,
     },
+    /// Bytes the receiver of a link sends back on it (its `Pong`s).
+    LinkBack {
+        conn: ConnId,
+        bytes: Vec<u8>,
+    },
     /// A tracker closed `conn`; the other side sees it after the bytes before it.
     CloseConn {
         conn: ConnId,
@@ -104,9 +109,6 @@ impl Default for NetConfig {
     }
 }
 
-pub(crate) const REDIAL_MIN: Millis = Millis(100);
-pub(crate) const REDIAL_MAX: Millis = Millis(1_000);
-
 impl World {
     pub(crate) fn latency(&mut self) -> Millis {
         let span = self.net.max_latency.0.saturating_sub(self.net.min_latency.0) + 1;
@@ -142,54 +144,88 @@ impl World {
             }
             self.drain_tracker(t);
         }
-        // Redial links that are down.
-        let redial: Vec<usize> = self.trackers[t]
-            .links
-            .iter()
-            .filter(|(_, l)| matches!(l, Link::Down { retry_at, .. } if *retry_at <= self.now))
-            .map(|(p, _)| *p)
-            .collect();
-        for p in redial {
-            let conn = self.new_conn();
-            let Some(Link::Down { backoff, .. }) = self.trackers[t].links.get(&p).copied() else { continue };
-            self.trackers[t].links.insert(p, Link::Connecting(conn));
-            self.conns.insert(
-                conn,
-                LiveConn {
-                    kind: ConnKind::Link { from: t, to: p },
-                    up_due: self.now,
-                    down_due: self.now,
-                    accepted: false,
-                },
-            );
-            let at = self.now.plus(self.latency());
-            self.schedule(at, Event::LinkConnected { from: t, to: p, conn });
-            // Remember the backoff for the next failure.
-            self.link_backoff.insert((t, p), backoff);
+    }
+
+    /// Tracker `from` dials its link to `to`.
+    pub(crate) fn dial(&mut self, from: usize, to: usize) {
+        if let Some(Link::Connecting(old) | Link::Up(old)) = self.trackers[from].links.remove(&to) {
+            self.close_link_conn(old);
+        }
+        let conn = self.new_conn();
+        self.trackers[from].links.insert(to, Link::Connecting(conn));
+        let kind = ConnKind::Link { from, to };
+        self.conns.insert(conn, LiveConn { kind, up_due: self.now, down_due: self.now, accepted: false });
+        let at = self.now.plus(self.latency());
+        self.schedule(at, Event::LinkConnected { from, to, conn });
+    }
+
+    /// Tracker `from` hangs up its link to `to` (no report to it).
+    pub(crate) fn hang_up(&mut self, from: usize, to: usize) {
+        if let Some(Link::Connecting(c) | Link::Up(c)) = self.trackers[from].links.remove(&to) {
+            self.close_link_conn(c);
         }
     }
 
-    pub(crate) fn link_down(&mut self, from: usize, to: usize) {
-        if self.trackers[from].node.is_none() {
+    /// A link connection ends: its receiver sees the close after the bytes
+    /// sent before it.
+    fn close_link_conn(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get(&conn).copied() else { return };
+        if c.accepted {
+            let at = self.now.plus(self.latency()).max(c.up_due);
+            self.schedule(at, Event::CloseConn { conn });
+        } else {
+            self.conns.remove(&conn);
+        }
+    }
+
+    /// Link `conn` of tracker `from` to `to` failed: if it is still `from`'s
+    /// link, `from` is told.
+    pub(crate) fn link_down(&mut self, from: usize, to: usize, conn: ConnId) {
+        if !matches!(self.trackers[from].links.get(&to), Some(Link::Connecting(c) | Link::Up(c)) if *c == conn) {
             return;
         }
-        let Some(l) = self.trackers[from].links.get(&to).copied() else { return };
-        let backoff = self.link_backoff.get(&(from, to)).copied().unwrap_or(REDIAL_MIN);
-        let was_up = matches!(l, Link::Up(_));
-        let next_backoff = if was_up { REDIAL_MIN } else { Millis((backoff.0 * 2).min(REDIAL_MAX.0)) };
-        let retry_at = self.now.plus(if was_up { REDIAL_MIN } else { backoff });
-        self.trackers[from].links.insert(to, Link::Down { retry_at, backoff: next_backoff });
-        self.link_backoff.insert((from, to), next_backoff);
-        if was_up {
-            let now = self.tracker_now(from);
-            if let Some(n) = self.trackers[from].node.as_mut() {
-                n.handle_peer_down(to as NodeId + 1, now);
-            }
-            self.drain_tracker(from);
+        self.trackers[from].links.remove(&to);
+        let now = self.tracker_now(from);
+        if let Some(n) = self.trackers[from].node.as_mut() {
+            n.handle_link_down(to as NodeId + 1, now);
         }
+        self.drain_tracker(from);
+    }
+
+    /// The endpoints an event travels between (both ways for a connection
+    /// attempt), for silent cuts; `None` for what a cut cannot hold up.
+    fn path(&self, ev: &Event) -> Option<(Ep, Ep, bool)> {
+        let conn_ends = |conn: &ConnId| {
+            self.conns.get(conn).map(|c| match c.kind {
+                ConnKind::Client { client, tracker } => (Ep::Client(client), Ep::Tracker(tracker)),
+                ConnKind::Link { from, to } => (Ep::Tracker(from), Ep::Tracker(to)),
+            })
+        };
+        match ev {
+            Event::Connected { conn, .. } | Event::LinkConnected { conn, .. } | Event::CloseConn { conn } => {
+                conn_ends(conn).map(|(a, b)| (a, b, true))
+            }
+            Event::ToTracker { conn, .. } | Event::LinkBytes { conn, .. } => {
+                conn_ends(conn).map(|(a, b)| (a, b, false))
+            }
+            Event::ToClient { conn, .. } | Event::LinkBack { conn, .. } => conn_ends(conn).map(|(a, b)| (b, a, false)),
+            Event::PeerConnected { .. } | Event::PeerBytes { .. } | Event::PeerClosed { .. } => None,
+        }
+    }
+
+    /// Whether a silent cut holds `ev` up (until the heal).
+    fn held_by_silence(&self, ev: &Event) -> bool {
+        let Some((a, b, both)) = self.path(ev) else { return false };
+        self.silent.contains(&(a, b)) || (both && self.silent.contains(&(b, a)))
     }
 
     pub(crate) fn deliver(&mut self, ev: Event) {
+        if self.held_by_silence(&ev) {
+            // Nothing is lost or reset: the packets stop, TCP retries, and
+            // all of it arrives, in order, once the cut heals.
+            self.stalled.push(ev);
+            return;
+        }
         match ev {
             Event::Connected { client, conn } => {
                 let Some(c) = self.conns.get(&conn).copied() else { return };
@@ -252,11 +288,12 @@ impl World {
                     self.conns.remove(&conn);
                     return;
                 }
-                let ok = self.trackers[to].node.is_some() && self.reachable(Ep::Tracker(from), Ep::Tracker(to));
+                let ok = self.trackers[to].node.is_some()
+                    && self.reachable(Ep::Tracker(from), Ep::Tracker(to))
+                    && self.reachable(Ep::Tracker(to), Ep::Tracker(from));
                 if !ok {
                     self.conns.remove(&conn);
-                    self.link_down(from, to);
-                    return;
+                    return self.link_down(from, to, conn);
                 }
                 self.record(format!("{} t{from}->t{to} linked {}", self.now.0, conn.0));
                 self.conns.get_mut(&conn).expect("live").accepted = true;
@@ -266,11 +303,15 @@ impl World {
                 self.trackers[to].node.as_mut().expect("up").handle_connected(conn, remote, now);
                 self.drain_tracker(to);
                 let now = self.tracker_now(from);
-                self.trackers[from].node.as_mut().expect("up").handle_peer_up(to as NodeId + 1, now);
+                if let Some(n) = self.trackers[from].node.as_mut() {
+                    n.handle_link_up(to as NodeId + 1, now);
+                }
                 self.drain_tracker(from);
             }
             Event::LinkBytes { conn, bytes } => {
-                let Some(LiveConn { kind: ConnKind::Link { from, to }, .. }) = self.conns.get(&conn).copied() else {
+                let Some(LiveConn { kind: ConnKind::Link { from, to }, accepted: true, .. }) =
+                    self.conns.get(&conn).copied()
+                else {
                     return;
                 };
                 self.record(format!("{} t{from}->t{to} {}", self.now.0, Sha1Digest::of(&bytes).to_hex()));
@@ -279,6 +320,20 @@ impl World {
                     n.handle_bytes(conn, &bytes, now);
                 }
                 self.drain_tracker(to);
+            }
+            Event::LinkBack { conn, bytes } => {
+                let Some(LiveConn { kind: ConnKind::Link { from, to }, .. }) = self.conns.get(&conn).copied() else {
+                    return;
+                };
+                if !matches!(self.trackers[from].links.get(&to), Some(Link::Up(c)) if *c == conn) {
+                    return;
+                }
+                self.record(format!("{} t{to}=>t{from} {}", self.now.0, Sha1Digest::of(&bytes).to_hex()));
+                let now = self.tracker_now(from);
+                if let Some(n) = self.trackers[from].node.as_mut() {
+                    n.handle_link_bytes(to as NodeId + 1, &bytes, now);
+                }
+                self.drain_tracker(from);
             }
             Event::PeerConnected { from, conn, to, accepted } => {
                 if !self.peer_links.contains_key(&(from, conn)) {

@@ -18,7 +18,7 @@ use shoal_core::meta::{MetaState, PasswordParams};
 use shoal_core::rng::Rng;
 use shoal_core::shell::parse;
 use shoal_core::time::Millis;
-use shoal_core::tracker::{ConnId, OmniReplicator, Persist, TrackerConfig, TrackerNode, TrackerOutput};
+use shoal_core::tracker::{ConnId, OmniReplicator, TrackerConfig, TrackerNode, TrackerOutput};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
@@ -114,8 +114,16 @@ fn spawn_connect<E: Send + 'static>(
     });
 }
 
-fn millis(start: Instant) -> Millis {
-    Millis(start.elapsed().as_millis() as u64)
+/// The simulation's clock, the same for every host and across a host's
+/// restart (a restarted host's own tokio clock starts at a fraction of a
+/// millisecond that depends on real time, which would make runs differ).
+fn sim_now() -> Millis {
+    Millis(turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64)
+}
+
+/// The host clock's instant at which the simulation reads `at`.
+fn instant_at(at: Millis) -> Instant {
+    Instant::now() + Duration::from_millis(at.0.saturating_sub(sim_now().0))
 }
 
 // ---- tracker host ----
@@ -124,8 +132,10 @@ enum TEv {
     Accepted(u64, SocketAddr, UnboundedSender<Option<Vec<u8>>>),
     Bytes(u64, Vec<u8>),
     Closed(u64),
-    PeerUp(u64, UnboundedSender<Option<Vec<u8>>>),
-    PeerDown(u64),
+    /// Our link to tracker `.0`, dialled as attempt `.1`, connected / closed / sent bytes back.
+    LinkUp(u64, u64, UnboundedSender<Option<Vec<u8>>>),
+    LinkDown(u64, u64),
+    LinkBytes(u64, u64, Vec<u8>),
 }
 
 /// A tracker host: a `TrackerNode` over omnipaxos, its log on a
@@ -155,33 +165,15 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
             spawn_reader(r, atx.clone(), move |b| TEv::Bytes(id, b), TEv::Closed(id));
         }
     });
-    for p in nodes.iter().copied().filter(|p| *p != me) {
-        let ptx = tx.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Ok(s) = TcpStream::connect((format!("t{p}"), TRACKER_PORT)).await {
-                    let (mut r, w) = s.into_split();
-                    let _ = ptx.send(TEv::PeerUp(p, spawn_writer(w)));
-                    let mut buf = [0u8; 1024];
-                    while let Ok(k) = r.read(&mut buf).await {
-                        if k == 0 {
-                            break;
-                        }
-                    }
-                    let _ = ptx.send(TEv::PeerDown(p));
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
-    }
-    let start = Instant::now();
     let mut conns: BTreeMap<u64, UnboundedSender<Option<Vec<u8>>>> = BTreeMap::new();
     let mut links: BTreeMap<u64, UnboundedSender<Option<Vec<u8>>>> = BTreeMap::new();
+    // The current dial attempt of each link: events of older ones are stale.
+    let mut attempt: BTreeMap<u64, u64> = BTreeMap::new();
     let mut published = u64::MAX;
     loop {
         let ev = match node.poll_timeout() {
             Some(d) => {
-                let at = start + Duration::from_millis(d.0);
+                let at = instant_at(d);
                 tokio::select! {
                     biased;
                     ev = rx.recv() => ev,
@@ -190,7 +182,7 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
             }
             None => rx.recv().await,
         };
-        let now = millis(start);
+        let now = sim_now();
         match ev {
             Some(TEv::Accepted(id, remote, w)) => {
                 conns.insert(id, w);
@@ -201,54 +193,83 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
                 conns.remove(&id);
                 node.handle_closed(ConnId(id), now);
             }
-            Some(TEv::PeerUp(p, w)) => {
+            Some(TEv::LinkUp(p, a, w)) if attempt.get(&p) == Some(&a) => {
                 links.insert(p, w);
-                node.handle_peer_up(p, now);
+                node.handle_link_up(p, now);
             }
-            Some(TEv::PeerDown(p)) => {
-                links.remove(&p);
-                node.handle_peer_down(p, now);
+            // A link that was up and closed is left to its deadline: when
+            // a host crashes, turmoil resets its connections in the order
+            // its tasks happen to be dropped (by tokio task id, a counter of
+            // the process), so reporting the close would make two runs of a
+            // seed differ. The node notices the silence on its own.
+            Some(TEv::LinkDown(p, a)) if attempt.get(&p) == Some(&a) && !links.contains_key(&p) => {
+                node.handle_link_down(p, now);
             }
+            Some(TEv::LinkBytes(p, a, b)) if attempt.get(&p) == Some(&a) => node.handle_link_bytes(p, &b, now),
+            Some(TEv::LinkUp(..) | TEv::LinkDown(..) | TEv::LinkBytes(..)) => {}
             None => node.handle_timeout(now),
         }
         if node.poll_timeout().is_some_and(|d| d <= now) {
             node.handle_timeout(now);
         }
-        while let Some(out) = node.poll_output() {
-            match out {
-                // Written, and synced before anything that follows leaves
-                // (lazy records ride along with the next sync).
-                TrackerOutput::Persist(p) => {
-                    let sync = !matches!(p, Persist::Lazy(_));
-                    let mut logs = shared.logs.lock().unwrap();
-                    let log = logs.entry(me).or_default();
-                    log.persist(p);
-                    if sync {
-                        log.sync();
+        loop {
+            let outs: Vec<TrackerOutput> = std::iter::from_fn(|| node.poll_output()).collect();
+            if outs.is_empty() {
+                break;
+            }
+            for out in outs {
+                match out {
+                    // Written; made durable when the node asks (lazy records
+                    // ride along with the next sync).
+                    TrackerOutput::Persist(p) => shared.logs.lock().unwrap().entry(me).or_default().persist(p),
+                    TrackerOutput::Sync { seq } => {
+                        shared.logs.lock().unwrap().entry(me).or_default().sync();
+                        node.handle_synced(seq, now);
                     }
-                }
-                TrackerOutput::Transmit { conn, bytes, .. } => {
-                    shared.trace.lock().unwrap().update(&bytes);
-                    if let Some(w) = conns.get(&conn.0) {
-                        let _ = w.send(Some(bytes));
+                    TrackerOutput::Transmit { conn, bytes } => {
+                        shared.trace.lock().unwrap().update(&bytes);
+                        if let Some(w) = conns.get(&conn.0) {
+                            let _ = w.send(Some(bytes));
+                        }
                     }
-                }
-                TrackerOutput::Close { conn } => {
-                    if let Some(w) = conns.remove(&conn.0) {
-                        let _ = w.send(None);
+                    TrackerOutput::Close { conn } => {
+                        if let Some(w) = conns.remove(&conn.0) {
+                            let _ = w.send(None);
+                        }
                     }
-                }
-                TrackerOutput::PeerSend { node: p, bytes, .. } => {
-                    shared.trace.lock().unwrap().update(&bytes);
-                    if let Some(w) = links.get(&p) {
-                        let _ = w.send(Some(bytes));
+                    TrackerOutput::Dial { node: p } => {
+                        let a = attempt.get(&p).map_or(1, |a| a + 1);
+                        attempt.insert(p, a);
+                        if let Some(w) = links.remove(&p) {
+                            let _ = w.send(None);
+                        }
+                        spawn_connect(
+                            SocketAddr::new(turmoil::lookup(format!("t{p}")), TRACKER_PORT),
+                            tx.clone(),
+                            move |w| TEv::LinkUp(p, a, w),
+                            move |b| TEv::LinkBytes(p, a, b),
+                            TEv::LinkDown(p, a),
+                            TEv::LinkDown(p, a),
+                        );
                     }
+                    TrackerOutput::Hangup { node: p } => {
+                        *attempt.entry(p).or_default() += 1;
+                        if let Some(w) = links.remove(&p) {
+                            let _ = w.send(None);
+                        }
+                    }
+                    TrackerOutput::PeerSend { node: p, bytes } => {
+                        shared.trace.lock().unwrap().update(&bytes);
+                        if let Some(w) = links.get(&p) {
+                            let _ = w.send(Some(bytes));
+                        }
+                    }
+                    TrackerOutput::LeaderChanged { leader } => {
+                        shared.trace.lock().unwrap().update(format!("t{me} leader {leader:?}").as_bytes());
+                        shared.leaders.lock().unwrap().insert(me, leader);
+                    }
+                    TrackerOutput::Applied { .. } => {}
                 }
-                TrackerOutput::LeaderChanged { leader } => {
-                    shared.trace.lock().unwrap().update(format!("t{me} leader {leader:?}").as_bytes());
-                    shared.leaders.lock().unwrap().insert(me, leader);
-                }
-                TrackerOutput::Applied { .. } => {}
             }
         }
         if node.meta().applied() != published {
@@ -274,7 +295,6 @@ enum CEv {
 /// A ClientEngine over turmoil sockets, with a simulated disk.
 pub struct ClientDriver {
     engine: ClientEngine,
-    start: Instant,
     tx: UnboundedSender<CEv>,
     rx: UnboundedReceiver<CEv>,
     tracker: Option<(u64, UnboundedSender<Option<Vec<u8>>>)>,
@@ -322,7 +342,6 @@ impl ClientDriver {
         disk.mkdir("/dl");
         Ok(ClientDriver {
             engine,
-            start: Instant::now(),
             tx,
             rx,
             tracker: None,
@@ -335,14 +354,14 @@ impl ClientDriver {
     }
 
     fn now(&self) -> Millis {
-        millis(self.start)
+        sim_now()
     }
 
     /// Waits for one event (or the engine's next timer, or a disk
     /// operation's completion) and handles it.
     async fn turn(&mut self, until: Instant) {
         let due = [self.engine.poll_timeout(), self.disk.next_due()].into_iter().flatten().min();
-        let deadline = due.map(|d| self.start + Duration::from_millis(d.0));
+        let deadline = due.map(instant_at);
         let at = deadline.map_or(until, |d| d.min(until));
         let ev = tokio::select! {
             biased;

@@ -15,12 +15,12 @@ use shoal_core::proto::{Message, RequestId};
 use shoal_core::rng::Rng;
 use shoal_core::shell::{parse, ShellError};
 use shoal_core::time::Millis;
-use shoal_core::tracker::{NodeId, OmniReplicator, Persist, SoloReplicator, TrackerConfig, TrackerNode, TrackerOutput};
+use shoal_core::tracker::{NodeId, OmniReplicator, SoloReplicator, TrackerConfig, TrackerNode, TrackerOutput};
 use shoal_core::wire::decode;
 
 use crate::disk::{DiskConfig, MemDisk, TrackerLog};
 use crate::hosts::{Clock, Link, Rep, SimClient, SimTracker};
-use crate::net::{ConnKind, Ep, Event, LiveConn, NetConfig, PeerEnd, REDIAL_MIN};
+use crate::net::{ConnKind, Ep, Event, LiveConn, NetConfig, PeerEnd};
 
 /// How a world is built.
 #[derive(Clone, Copy, Debug)]
@@ -72,8 +72,11 @@ pub struct World {
     pub(crate) next_conn: u64,
     pub(crate) next_ticket: u64,
     pub(crate) conns: BTreeMap<shoal_core::tracker::ConnId, LiveConn>,
-    /// Directions that lose everything: (from, to).
+    /// Directions that lose everything, connections reset: (from, to).
     pub(crate) cuts: BTreeSet<(Ep, Ep)>,
+    /// Directions cut silently, and what they hold up until the heal.
+    pub(crate) silent: BTreeSet<(Ep, Ep)>,
+    pub(crate) stalled: Vec<Event>,
     /// Running hash of every event, in order.
     pub(crate) trace: Sha1,
     pub(crate) steps: u64,
@@ -91,8 +94,6 @@ pub struct World {
     pub(crate) canon_state: MetaState,
     pub(crate) ever_member: BTreeSet<(String, String)>,
     pub(crate) ever_owner: BTreeSet<(String, String)>,
-    /// Redial backoff of each tracker link (from, to).
-    pub(crate) link_backoff: BTreeMap<(usize, usize), Millis>,
     /// Write requests clients sent, and those a tracker answered with success.
     pub(crate) writes_sent: BTreeSet<RequestId>,
     pub(crate) acked: BTreeSet<RequestId>,
@@ -187,6 +188,8 @@ impl World {
             next_ticket: 1,
             conns: BTreeMap::new(),
             cuts: BTreeSet::new(),
+            silent: BTreeSet::new(),
+            stalled: Vec::new(),
             trace: Sha1::new(),
             steps: 0,
             peer_links: BTreeMap::new(),
@@ -195,7 +198,6 @@ impl World {
             part_serves: 0,
             canon: Vec::new(),
             snapshot_every: wc.snapshot_every,
-            link_backoff: BTreeMap::new(),
             writes_sent: BTreeSet::new(),
             acked: BTreeSet::new(),
             canon_ids: BTreeSet::new(),
@@ -364,14 +366,10 @@ impl World {
 
     /// When the next timer of any node fires, in global time.
     pub(crate) fn next_timer(&self) -> Option<Millis> {
-        let trackers = self.trackers.iter().flat_map(|t| {
-            let node = t.node.as_ref().and_then(|n| n.poll_timeout()).map(|d| t.clock.global(d));
-            let links = t.links.values().filter_map(|l| match l {
-                Link::Down { retry_at, .. } if t.node.is_some() => Some(*retry_at),
-                _ => None,
-            });
-            node.into_iter().chain(links)
-        });
+        let trackers = self
+            .trackers
+            .iter()
+            .filter_map(|t| t.node.as_ref().and_then(|n| n.poll_timeout()).map(|d| t.clock.global(d)));
         let clients =
             self.clients.iter().filter(|c| c.up).filter_map(|c| c.engine.poll_timeout().map(|d| c.clock.global(d)));
         trackers.chain(clients).min()
@@ -431,11 +429,7 @@ impl World {
         let node = TrackerNode::new(self.cfg.clone(), rng, rep);
         self.trackers[t].applied = node.meta().applied();
         self.trackers[t].node = Some(node);
-        for p in 0..n {
-            if p != t {
-                self.trackers[t].links.insert(p, Link::Down { retry_at: self.now, backoff: REDIAL_MIN });
-            }
-        }
+        self.trackers[t].links.clear();
     }
 
     pub(crate) fn drain_tracker(&mut self, t: usize) {
@@ -447,26 +441,29 @@ impl World {
             if outs.is_empty() {
                 return;
             }
-            // An armed mid-step crash strikes once records are in flight: the
-            // messages that need not wait for them are out, the records are
-            // not on disk, and nothing else leaves.
-            let crash = self.mid_step_crash == Some(t) && outs.iter().any(|o| matches!(o, TrackerOutput::Persist(_)));
-            let mut waiting: BTreeSet<(bool, u64)> = BTreeSet::new();
-            let (mut early, mut late) = (Vec::new(), Vec::new());
+            // An armed mid-step crash strikes when the step asks for its
+            // records to be made durable: what need not wait for them is
+            // out, they are not on disk, and what waits never leaves.
+            let crash = self.mid_step_crash == Some(t) && outs.iter().any(|o| matches!(o, TrackerOutput::Sync { .. }));
             for out in outs {
                 match out {
-                    // The simulated disk syncs when the step's records are
-                    // written, before anything that waits for them is sent;
-                    // lazy ones become durable with the next sync (a crash
-                    // before it loses them, see crash_tracker).
-                    TrackerOutput::Persist(p) if !crash => {
-                        let sync = matches!(p, Persist::Append(_));
-                        self.trackers[t].log.persist(p);
-                        if sync {
-                            self.trackers[t].log.sync();
+                    // Written, not yet durable: a crash before the sync loses it.
+                    TrackerOutput::Persist(p) => self.trackers[t].log.persist(p),
+                    TrackerOutput::Sync { .. } if crash => {
+                        self.mid_step_crash = None;
+                        self.record(format!("{} t{t} crashes mid-step", self.now.0));
+                        *self.faults.entry("mid-step crash").or_default() += 1;
+                        self.crash_tracker(t);
+                        return;
+                    }
+                    // The simulated disk syncs at once.
+                    TrackerOutput::Sync { seq } => {
+                        self.trackers[t].log.sync();
+                        let now = self.tracker_now(t);
+                        if let Some(n) = self.trackers[t].node.as_mut() {
+                            n.handle_synced(seq, now);
                         }
                     }
-                    TrackerOutput::Persist(_) => {}
                     // A tracker alone decides an entry by writing it: if it dies
                     // before the write is durable, the entry never was decided
                     // (and nobody was answered). With consensus, what a tracker
@@ -476,35 +473,10 @@ impl World {
                     TrackerOutput::LeaderChanged { leader } => {
                         self.record(format!("{} t{t} leader {leader:?}", self.now.0));
                     }
-                    out => {
-                        // Keep each connection's order: once one waits, the rest wait.
-                        let (key, after_sync) = match &out {
-                            TrackerOutput::Transmit { conn, after_sync, .. } => ((false, conn.0), *after_sync),
-                            TrackerOutput::Close { conn } => ((false, conn.0), false),
-                            TrackerOutput::PeerSend { node, after_sync, .. } => ((true, *node), *after_sync),
-                            _ => unreachable!("handled above"),
-                        };
-                        if after_sync || waiting.contains(&key) {
-                            waiting.insert(key);
-                            late.push(out);
-                        } else {
-                            early.push(out);
-                        }
-                    }
+                    TrackerOutput::Dial { node } => self.dial(t, node as usize - 1),
+                    TrackerOutput::Hangup { node } => self.hang_up(t, node as usize - 1),
+                    out => self.send_tracker_output(t, out),
                 }
-            }
-            for out in early {
-                self.send_tracker_output(t, out);
-            }
-            if crash {
-                self.mid_step_crash = None;
-                self.record(format!("{} t{t} crashes mid-step", self.now.0));
-                *self.faults.entry("mid-step crash").or_default() += 1;
-                self.crash_tracker(t);
-                return;
-            }
-            for out in late {
-                self.send_tracker_output(t, out);
             }
         }
     }
@@ -523,11 +495,15 @@ impl World {
                     }
                 }
                 let Some(c) = self.conns.get_mut(&conn) else { return };
-                let ConnKind::Client { .. } = c.kind else { return };
                 let due = c.down_due;
+                let back = matches!(c.kind, ConnKind::Link { .. });
                 let at = self.now.plus(self.latency()).max(due);
                 self.conns.get_mut(&conn).expect("live").down_due = at;
-                self.schedule(at, Event::ToClient { conn, bytes });
+                if back {
+                    self.schedule(at, Event::LinkBack { conn, bytes });
+                } else {
+                    self.schedule(at, Event::ToClient { conn, bytes });
+                }
             }
             TrackerOutput::Close { conn } => {
                 // The tracker forgot it; the other side sees the close

@@ -42,7 +42,7 @@ fn swarm(seed: u64, kill_sharer: bool, min_ms: u64, max_ms: u64) -> Shared {
     let shared = Shared::default();
     let mut sim = builder(seed, min_ms, max_ms).build();
     add_trackers(&mut sim, 3, &shared);
-    let file = content(seed, 3 * 1024 * 1024 + 4321);
+    let file = content(seed, 12 * 1024 * 1024 + 4321);
     for i in 0..3u64 {
         let (s, f) = (shared.clone(), file.clone());
         sim.host(format!("s{i}"), move || {
@@ -255,7 +255,7 @@ fn artificial_latency() {
     for_seeds("artificial_latency", |seed| {
         let s = swarm(seed, false, 40, 160);
         let (sources, total, _) = report_of(&s);
-        assert!(sources >= 2 && total > 3 << 20, "{sources} sources, {total} bytes");
+        assert!(sources >= 2 && total > 12 << 20, "{sources} sources, {total} bytes");
         s
     });
 }

@@ -7,8 +7,22 @@ fn node() -> TrackerNode {
     TrackerNode::new(cfg, Rng::from_u64(1), SoloReplicator::default())
 }
 
+/// The node's outputs, each sync it asks for done at once (as a disk that
+/// syncs instantly would): what waited for it follows.
 fn drain<R: Replicator>(n: &mut TrackerNode<R>) -> Vec<TrackerOutput> {
-    std::iter::from_fn(|| n.poll_output()).collect()
+    let mut all = Vec::new();
+    loop {
+        let outs: Vec<TrackerOutput> = std::iter::from_fn(|| n.poll_output()).collect();
+        if outs.is_empty() {
+            return all;
+        }
+        for o in outs {
+            match o {
+                TrackerOutput::Sync { seq } => n.handle_synced(seq, n.now),
+                o => all.push(o),
+            }
+        }
+    }
 }
 
 fn hello() -> Vec<u8> {

@@ -1,0 +1,418 @@
+//! The tracker node: its state, its inputs and its outputs (see the
+//! module docs of [`super`] for the calling contract).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use super::links::Links;
+use super::outbox::Outbox;
+use super::*;
+
+/// A tracker; see the module docs of [`super`].
+pub struct TrackerNode<R: Replicator = SoloReplicator> {
+    pub(crate) cfg: TrackerConfig,
+    pub(crate) rng: Rng,
+    pub(crate) meta: MetaState,
+    pub(crate) replicator: R,
+    pub(crate) conns: BTreeMap<ConnId, Conn>,
+    /// Writes proposed for a client, answered when applied (or at the deadline).
+    pub(crate) waiting: BTreeMap<RequestId, (ConnId, Millis)>,
+    /// Our links to the other trackers, and what we heard on theirs.
+    pub(crate) links: Links,
+    /// Soft state learned from our clients since the last gossip.
+    pub(crate) dirty: SoftState,
+    /// Sessions our clients renewed since the last gossip (each told once).
+    pub(crate) dirty_leases: BTreeSet<SessionToken>,
+    pub(crate) leader: Option<NodeId>,
+    /// Soft state: when each session's lease runs out.
+    pub(crate) leases: BTreeMap<SessionToken, Millis>,
+    pub(crate) outbox: Outbox,
+    /// The latest `now` an input brought.
+    pub(crate) now: Millis,
+    /// Hashed instead of a missing user's, so a failed login costs the same either way.
+    pub(crate) decoy: PasswordHash,
+    /// Soft state: download grants issued, checked by serving peers.
+    pub(crate) grants: BTreeMap<Grant, GrantInfo>,
+    /// Soft state: peers holding some chunks of a file they are downloading.
+    pub(crate) partial: BTreeMap<(GroupId, FileName), BTreeMap<SocketAddr, UserId>>,
+    /// Failed logins: (window start, count) per user and per address.
+    pub(crate) login_failures: BTreeMap<LoginKey, (Millis, u32)>,
+    pub(crate) next_sweep: Millis,
+}
+
+impl<R: Replicator> TrackerNode<R> {
+    /// A node over `replicator`, which may hold a recovered log: what it
+    /// decided is applied now.
+    pub fn new(cfg: TrackerConfig, mut rng: Rng, replicator: R) -> TrackerNode<R> {
+        let mut salt = [0u8; 16];
+        rng.fill(&mut salt);
+        let decoy = PasswordHash::derive("decoy", salt, cfg.password_params);
+        let links = Links::new(replicator.peers());
+        let mut node = TrackerNode {
+            cfg,
+            rng,
+            meta: MetaState::new(),
+            replicator,
+            conns: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            links,
+            dirty: SoftState::default(),
+            dirty_leases: BTreeSet::new(),
+            leader: None,
+            leases: BTreeMap::new(),
+            outbox: Outbox::default(),
+            now: Millis::ZERO,
+            decoy,
+            grants: BTreeMap::new(),
+            partial: BTreeMap::new(),
+            login_failures: BTreeMap::new(),
+            next_sweep: Millis::ZERO,
+        };
+        while let Some(d) = node.replicator.poll_decided() {
+            match d {
+                Decided::Entry(e) => {
+                    let _ = node.meta.apply(&e);
+                }
+                Decided::Install(state) => node.meta = *state,
+            }
+        }
+        node.leader = node.named_leader();
+        node
+    }
+
+    // ---- getters ----
+
+    // ---- getters ----
+
+    pub fn meta(&self) -> &MetaState {
+        &self.meta
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn replicator(&self) -> &R {
+        &self.replicator
+    }
+
+    /// Who leads the cluster, as far as this node knows: none while it does
+    /// not reach a majority (see [`super::links`]).
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+
+    /// The leader consensus names, if this node reaches a majority.
+    pub(crate) fn named_leader(&self) -> Option<NodeId> {
+        self.replicator.leader().filter(|_| self.links.quorum(self.now))
+    }
+
+    // ---- inputs ----
+
+    // ---- inputs ----
+
+    /// A new connection from `remote`.
+    pub fn handle_connected(&mut self, conn: ConnId, remote: SocketAddr, now: Millis) {
+        self.now = self.now.max(now);
+        let c = Conn {
+            decoder: FrameDecoder::new(HELLO_FRAME_LIMIT),
+            kind: Kind::New,
+            remote: remote.ip(),
+            opened: now,
+            last_seen: now,
+            partial_since: None,
+            in_flight: 0,
+        };
+        self.conns.insert(conn, c);
+        if self.next_sweep <= now {
+            self.next_sweep = now.plus(SWEEP_EVERY);
+        }
+    }
+
+    pub fn handle_closed(&mut self, conn: ConnId, now: Millis) {
+        self.now = self.now.max(now);
+        self.conns.remove(&conn);
+        self.outbox.forget_conn(conn);
+    }
+
+    pub fn handle_timeout(&mut self, now: Millis) {
+        self.now = self.now.max(now);
+        self.replicator.handle_timeout(now);
+        let silent = self.links_timeout(now);
+        let dead: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.kind, Kind::Tracker(n) if silent.contains(&n)))
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in dead {
+            tracing::debug!(?conn, "a tracker's link to us fell silent; closing it");
+            self.refuse(conn, "silent past the link deadline".into());
+        }
+        self.pump(now);
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now.plus(SWEEP_EVERY);
+        let overdue: Vec<(ConnId, &'static str)> = self
+            .conns
+            .iter()
+            .filter_map(|(id, c)| {
+                let greeted = matches!(c.kind, Kind::Client | Kind::Tracker(_));
+                let why = if !greeted && now.since(c.opened) >= HELLO_TIMEOUT {
+                    "no Hello in time"
+                } else if c.partial_since.is_some_and(|t| now.since(t) >= FRAME_TIMEOUT) {
+                    "a frame took too long to arrive"
+                } else if now.since(c.last_seen) >= IDLE_TIMEOUT {
+                    "idle for too long"
+                } else {
+                    return None;
+                };
+                Some((*id, why))
+            })
+            .collect();
+        for (conn, why) in overdue {
+            tracing::debug!(?conn, why, "closing connection");
+            self.refuse(conn, why.into());
+        }
+        self.login_failures.retain(|_, (start, _)| now.since(*start) < LOGIN_WINDOW);
+        self.sweep_soft(now);
+        let expired: Vec<RequestId> =
+            self.waiting.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(id, _)| *id).collect();
+        for id in expired {
+            let (conn, _) = self.waiting.remove(&id).expect("listed above");
+            tracing::debug!(?id, "write not decided in time");
+            self.write_answered(conn);
+            self.respond(conn, id, Err(ApiError::NoQuorum));
+        }
+        self.gossip(now);
+    }
+
+    pub fn handle_bytes(&mut self, conn: ConnId, bytes: &[u8], now: Millis) {
+        self.now = self.now.max(now);
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.decoder.push(bytes);
+        c.last_seen = now;
+        if let Kind::Tracker(node) = c.kind {
+            self.links.heard_in(node, now);
+        }
+        loop {
+            let Some(c) = self.conns.get_mut(&conn) else { return };
+            let msg = match c.decoder.next_message() {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    c.partial_since =
+                        if c.decoder.buffered() > 0 { Some(c.partial_since.unwrap_or(now)) } else { None };
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(?conn, error = %e, "bad frame, closing");
+                    self.refuse(conn, format!("bad frame: {e}"));
+                    return;
+                }
+            };
+            match c.kind {
+                Kind::Client => {}
+                Kind::Tracker(node) => {
+                    self.handle_tracker_frame(conn, node, msg, now);
+                    continue;
+                }
+                Kind::TrackerHello => {
+                    let ok = match &msg {
+                        Message::Tracker(TrackerFrame::Join { node }) => {
+                            let from_ip = self.cfg.peer_ips.get(node).is_none_or(|ip| *ip == c.remote);
+                            (self.replicator.peers().contains(node) && from_ip).then_some(*node)
+                        }
+                        _ => None,
+                    };
+                    match ok {
+                        Some(node) => {
+                            c.kind = Kind::Tracker(node);
+                            c.decoder.set_limit(MAX_TRACKER_FRAME);
+                            self.links.heard_in(node, now);
+                            // Its link to us is new: what it sent before may
+                            // be lost. omnipaxos resyncs a follower from its
+                            // leader when told of a reconnection.
+                            self.replicator.handle_peer_up(node);
+                            self.pump(now);
+                        }
+                        None => {
+                            self.refuse(conn, "not a tracker of this cluster".into());
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                Kind::New => match msg {
+                    Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client } => {
+                        c.kind = Kind::Client;
+                        c.decoder.set_limit(MAX_CONTROL_FRAME);
+                        continue;
+                    }
+                    Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Tracker }
+                        if !self.replicator.peers().is_empty() =>
+                    {
+                        c.kind = Kind::TrackerHello;
+                        continue;
+                    }
+                    Message::Hello { protocol_version, role } => {
+                        self.refuse(
+                            conn,
+                            format!("unsupported hello: protocol {protocol_version} as {role:?} (this tracker speaks {PROTOCOL_VERSION} to clients)"),
+                        );
+                        return;
+                    }
+                    _ => {
+                        self.refuse(conn, "the first message must be Hello".into());
+                        return;
+                    }
+                },
+            }
+            match msg {
+                Message::Request { id, settled_below, session, body } => {
+                    self.handle_request(conn, (id, settled_below), session, body, now)
+                }
+                other => {
+                    tracing::debug!(?conn, "unexpected {:?}", std::mem::discriminant(&other));
+                    self.refuse(conn, "clients may only send requests".into());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The driver made every record up to sync `seq` ([`TrackerOutput::Sync`])
+    /// durable: what waited for them goes out.
+    pub fn handle_synced(&mut self, seq: u64, now: Millis) {
+        self.now = self.now.max(now);
+        self.outbox.synced(seq);
+    }
+
+    // ---- outputs ----
+
+    /// The next output, in order; `None` once the step's outputs are out.
+    pub fn poll_output(&mut self) -> Option<TrackerOutput> {
+        self.outbox.pop()
+    }
+
+    /// Connection deadlines, leases, grants and waiting writes are swept
+    /// once a second; the replicator has its own ticks, links their
+    /// heartbeats and deadlines.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let busy = !self.conns.is_empty()
+            || !self.leases.is_empty()
+            || !self.grants.is_empty()
+            || !self.login_failures.is_empty()
+            || !self.waiting.is_empty();
+        let sweep = busy.then_some(self.next_sweep);
+        [sweep, self.replicator.poll_timeout(), self.links.deadline()].into_iter().flatten().min()
+    }
+
+    // ---- internals ----
+
+    // ---- internals ----
+
+    pub(crate) fn refuse(&mut self, conn: ConnId, reason: String) {
+        self.conns.remove(&conn);
+        self.outbox.send(TrackerOutput::Transmit { conn, bytes: encode(&Message::Refused { reason }) }, false);
+        self.outbox.send(TrackerOutput::Close { conn }, false);
+    }
+
+    pub(crate) fn respond(&mut self, conn: ConnId, id: RequestId, result: Result<Reply, ApiError>) {
+        if self.conns.contains_key(&conn) {
+            let bytes = encode(&Message::Response { id, result });
+            let after_sync = self.replicator.answers_need_sync();
+            self.outbox.send(TrackerOutput::Transmit { conn, bytes }, after_sync);
+        }
+    }
+
+    pub(crate) fn handle_tracker_frame(&mut self, conn: ConnId, node: NodeId, msg: Message, now: Millis) {
+        match msg {
+            Message::Tracker(TrackerFrame::Consensus(bytes)) => {
+                if let Err(e) = self.replicator.handle_message(node, &bytes) {
+                    tracing::warn!(node, error = %e, "bad consensus message, closing");
+                    self.refuse(conn, format!("bad consensus message: {e}"));
+                    return;
+                }
+                self.pump(now);
+            }
+            Message::Tracker(TrackerFrame::Soft(soft)) => self.merge_soft(soft, now),
+            Message::Tracker(TrackerFrame::Ping) => {
+                let pong = encode(&Message::Tracker(TrackerFrame::Pong));
+                self.outbox.send(TrackerOutput::Transmit { conn, bytes: pong }, false);
+            }
+            _ => self.refuse(conn, "unexpected message between trackers".into()),
+        }
+    }
+
+    /// Drains the replicator: records to persist, messages to other
+    /// trackers, then decided entries to apply (and answer).
+    pub(crate) fn pump(&mut self, now: Millis) {
+        loop {
+            while let Some(p) = self.replicator.poll_persist() {
+                self.outbox.push(TrackerOutput::Persist(p));
+            }
+            while let Some((node, bytes, after_sync)) = self.replicator.poll_send() {
+                let bytes = encode(&Message::Tracker(TrackerFrame::Consensus(bytes)));
+                self.link_send(node, bytes, after_sync);
+            }
+            let mut applied = false;
+            while let Some(d) = self.replicator.poll_decided() {
+                applied = true;
+                self.apply(d, now);
+            }
+            if !applied {
+                break;
+            }
+        }
+        let leader = self.named_leader();
+        if leader != self.leader {
+            self.leader = leader;
+            tracing::info!(?leader, me = self.replicator.me(), "leader changed");
+            self.outbox.push(TrackerOutput::LeaderChanged { leader });
+        }
+    }
+
+    pub(crate) fn apply(&mut self, d: Decided, now: Millis) {
+        let entry = match d {
+            Decided::Entry(e) => e,
+            Decided::Install(state) => {
+                self.meta = *state;
+                if self.cfg.report_applied {
+                    self.outbox.push(TrackerOutput::Applied { index: self.meta.applied(), entry: None });
+                }
+                // Writes we were waiting for may be inside the snapshot.
+                let done: Vec<(RequestId, ConnId, Result<Reply, ApiError>)> = self
+                    .waiting
+                    .iter()
+                    .filter_map(|(id, (conn, _))| self.meta.result_of(*id).map(|r| (*id, *conn, r)))
+                    .collect();
+                for (id, conn, result) in done {
+                    self.waiting.remove(&id);
+                    self.write_answered(conn);
+                    self.respond(conn, id, result);
+                }
+                return;
+            }
+        };
+        let result = self.meta.apply(&entry);
+        if self.cfg.report_applied {
+            self.outbox.push(TrackerOutput::Applied { index: self.meta.applied(), entry: Some(entry.clone()) });
+        }
+        match (&entry.cmd, &result) {
+            (Command::OpenSession { token, .. }, Ok(_)) => {
+                self.leases.insert(*token, now.plus(self.cfg.session_lease));
+            }
+            (Command::CloseSession { token }, _) => {
+                self.leases.remove(token);
+            }
+            _ => {}
+        }
+        if let Some(id) = entry.id {
+            if let Some((conn, _)) = self.waiting.remove(&id) {
+                self.write_answered(conn);
+                self.respond(conn, id, result);
+            }
+        }
+    }
+}

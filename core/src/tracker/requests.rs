@@ -1,0 +1,228 @@
+//! What clients ask a tracker: each request read at once or turned into a
+//! command for the log; failed logins counted and limited.
+
+use super::*;
+
+impl<R: Replicator> TrackerNode<R> {
+    pub(crate) fn handle_request(
+        &mut self,
+        conn: ConnId,
+        (id, settled_below): (RequestId, u64),
+        session: Option<SessionToken>,
+        body: Request,
+        now: Millis,
+    ) {
+        if !self.replicator.is_synced() {
+            return self.respond(conn, id, Err(ApiError::CatchingUp));
+        }
+        // A valid session refreshes its lease, whatever the request.
+        let user = session.and_then(|t| self.meta.session(&t).map(|s| (t, s.user.clone(), s.listen)));
+        if let Some((t, _, _)) = &user {
+            self.leases.insert(*t, now.plus(self.cfg.session_lease));
+            if !self.replicator.peers().is_empty() {
+                self.dirty_leases.insert(*t);
+            }
+        }
+        let needs_session = !matches!(body, Request::CreateUser { .. } | Request::Login { .. });
+        let (token, me, my_listen) = match (needs_session, user) {
+            (true, None) => return self.respond(conn, id, Err(ApiError::NotLoggedIn)),
+            (true, Some(u)) => u,
+            // Placeholders, unused by the two requests that need no session.
+            (false, _) => (SessionToken([0; 16]), UserId::new("-").expect("valid id"), unspecified()),
+        };
+        let cmd = match body {
+            Request::CreateUser { user, password } => {
+                if password.len() > MAX_PASSWORD_LEN {
+                    return self.respond(conn, id, Err(ApiError::PasswordTooLong));
+                }
+                let mut salt = [0u8; 16];
+                self.rng.fill(&mut salt);
+                Command::CreateUser { user, password: PasswordHash::derive(&password, salt, self.cfg.password_params) }
+            }
+            Request::Login { user, password, listen } => {
+                let remote = self.conns.get(&conn).map(|c| c.remote);
+                let keys = [Some(LoginKey::User(user.clone())), remote.map(LoginKey::Addr)];
+                if let Some(wait) = self.login_blocked(&keys, now) {
+                    return self.respond(conn, id, Err(ApiError::TooManyAttempts { retry_after_secs: wait }));
+                }
+                let ok = password.len() <= MAX_PASSWORD_LEN
+                    && match self.meta.password_of(&user) {
+                        Some(h) => h.verify(&password),
+                        None => {
+                            self.decoy.verify(&password);
+                            false
+                        }
+                    };
+                if !ok {
+                    self.login_failed(keys, now);
+                    return self.respond(conn, id, Err(ApiError::BadCredentials));
+                }
+                let mut t = [0u8; 16];
+                self.rng.fill(&mut t);
+                Command::OpenSession { user, token: SessionToken(t), listen }
+            }
+            Request::Logout => Command::CloseSession { token },
+            Request::Heartbeat => return self.respond(conn, id, Ok(Reply::Done)),
+            Request::CreateGroup { group } => Command::CreateGroup { token, group },
+            Request::JoinGroup { group } => Command::JoinGroup { token, group },
+            Request::LeaveGroup { group } => Command::LeaveGroup { token, group },
+            Request::AcceptRequest { group, user } => Command::AcceptRequest { token, group, user },
+            Request::RejectRequest { group, user } => Command::RejectRequest { token, group, user },
+            Request::UploadFile { group, meta } => Command::AddFile { token, group, meta },
+            Request::StopShare { group, name } => Command::StopShare { token, group, name },
+            Request::ListGroups => return self.respond(conn, id, Ok(Reply::Groups(self.meta.list_groups()))),
+            Request::ListMyGroups => return self.respond(conn, id, Ok(Reply::MyGroups(self.meta.list_my_groups(&me)))),
+            Request::ListRequests { group } => {
+                let r = self.meta.list_requests(&me, &group).map(Reply::Requests);
+                return self.respond(conn, id, r);
+            }
+            Request::ListFiles { group } => {
+                let r = self.meta.list_files(&me, &group, |s| self.is_live(s, now)).map(Reply::Files);
+                return self.respond(conn, id, r);
+            }
+            Request::DownloadFile { group, name } => {
+                let r = self.download(&me, my_listen, group, name, now);
+                return self.respond(conn, id, r);
+            }
+            Request::HaveChunk { group, name, chunk } => {
+                let r = self.have_chunk(me, my_listen, group, name, chunk);
+                return self.respond(conn, id, r);
+            }
+            Request::CheckGrant { grant, group, name } => {
+                let r = match self.grants.get(&grant) {
+                    Some(g) if g.expires > now && g.group == group && g.name == name => {
+                        match self.meta.group_of_member(&g.user, &group) {
+                            Ok(_) => Ok(Reply::GrantValid { user: g.user.clone() }),
+                            Err(_) => Err(ApiError::BadGrant),
+                        }
+                    }
+                    _ => Err(ApiError::BadGrant),
+                };
+                return self.respond(conn, id, r);
+            }
+        };
+        if !self.links.quorum(now) {
+            // Cut off from the majority: the write cannot be decided here,
+            // and the client is better off at another tracker now.
+            return self.respond(conn, id, Err(ApiError::NoQuorum));
+        }
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.in_flight >= MAX_WRITES_IN_FLIGHT {
+            return self.respond(conn, id, Err(ApiError::Limit("too many requests in flight".into())));
+        }
+        c.in_flight += 1;
+        if let Some((old, _)) = self.waiting.insert(id, (conn, now.plus(WRITE_DEADLINE))) {
+            // The same request again (a retry on another connection): answer the newest.
+            self.write_answered(old);
+        }
+        self.replicator.propose(Entry { id: Some(id), settled_below, cmd });
+        self.pump(now);
+    }
+
+    pub(crate) fn write_answered(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// Seconds to wait if any of `keys` has used up its failed logins.
+    pub(crate) fn login_blocked(&self, keys: &[Option<LoginKey>], now: Millis) -> Option<u64> {
+        keys.iter()
+            .flatten()
+            .filter_map(|k| {
+                let (start, n) = self.login_failures.get(k)?;
+                let max = if matches!(k, LoginKey::User(_)) {
+                    MAX_FAILED_LOGINS_PER_USER
+                } else {
+                    MAX_FAILED_LOGINS_PER_ADDR
+                };
+                let left = LOGIN_WINDOW.0.saturating_sub(now.since(*start).0);
+                (*n >= max && left > 0).then_some(left.div_ceil(1000))
+            })
+            .max()
+    }
+
+    pub(crate) fn login_failed(&mut self, keys: [Option<LoginKey>; 2], now: Millis) {
+        for k in keys.into_iter().flatten() {
+            if !self.login_failures.contains_key(&k) && self.login_failures.len() >= MAX_LOGIN_TRACKED {
+                self.login_failures.retain(|_, (start, _)| now.since(*start) < LOGIN_WINDOW);
+                if self.login_failures.len() >= MAX_LOGIN_TRACKED {
+                    continue;
+                }
+            }
+            let e = self.login_failures.entry(k).or_insert((now, 0));
+            if now.since(e.0) >= LOGIN_WINDOW {
+                *e = (now, 0);
+            }
+            e.1 += 1;
+        }
+    }
+
+    /// Answers a download: the digest, who holds chunks now, and a grant.
+    pub(crate) fn download(
+        &mut self,
+        me: &UserId,
+        my_listen: SocketAddr,
+        group: GroupId,
+        name: FileName,
+        now: Millis,
+    ) -> Result<Reply, ApiError> {
+        let g = self.meta.group_of_member(me, &group)?;
+        let f = g.files.get(&name).ok_or(ApiError::NoSuchFile)?;
+        let mut sharers: Vec<SocketAddr> =
+            f.sharers.iter().filter(|s| s.listen != my_listen && self.is_live(s, now)).map(|s| s.listen).collect();
+        if let Some(partial) = self.partial.get(&(group.clone(), name.clone())) {
+            for (listen, user) in partial {
+                let s = Sharer { user: user.clone(), listen: *listen };
+                if *listen != my_listen && g.is_member(user) && self.is_live(&s, now) && !sharers.contains(listen) {
+                    sharers.push(*listen);
+                }
+            }
+        }
+        let digest = f.meta.digest.clone();
+        if self.grants.len() >= MAX_GRANTS {
+            return Err(ApiError::Limit("too many downloads in progress".into()));
+        }
+        let mut bits = [0u8; 16];
+        self.rng.fill(&mut bits);
+        let grant = Grant(bits);
+        if self.links.any_up() {
+            // Gossiped at once, not with the next sweep: the downloader is
+            // about to show it to a peer that checks it with its own tracker.
+            let g =
+                SoftGrant { grant, user: me.clone(), group: group.clone(), name: name.clone(), ttl_ms: GRANT_TTL.0 };
+            let bytes =
+                encode(&Message::Tracker(TrackerFrame::Soft(SoftState { grants: vec![g], ..SoftState::default() })));
+            self.broadcast(bytes);
+        }
+        self.grants.insert(grant, GrantInfo { user: me.clone(), group, name, expires: now.plus(GRANT_TTL) });
+        Ok(Reply::Download { digest, sharers, grant })
+    }
+
+    pub(crate) fn have_chunk(
+        &mut self,
+        me: UserId,
+        my_listen: SocketAddr,
+        group: GroupId,
+        name: FileName,
+        chunk: u32,
+    ) -> Result<Reply, ApiError> {
+        let g = self.meta.group_of_member(&me, &group)?;
+        let f = g.files.get(&name).ok_or(ApiError::NoSuchFile)?;
+        if chunk as usize >= f.meta.digest.chunks.len() {
+            return Err(ApiError::InvalidFile(format!("no chunk {chunk}")));
+        }
+        let holders = self.partial.entry((group.clone(), name.clone())).or_default();
+        if holders.len() >= MAX_PARTIAL_HOLDERS && !holders.contains_key(&my_listen) {
+            return Err(ApiError::Limit("too many peers downloading this file".into()));
+        }
+        if holders.insert(my_listen, me.clone()).is_none() && !self.replicator.peers().is_empty() {
+            self.dirty.partial.push((group, name, my_listen, me));
+        }
+        Ok(Reply::Done)
+    }
+}
+
+pub(crate) fn unspecified() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
