@@ -199,19 +199,34 @@ fn tracker_survives_garbage_on_its_port() {
     assert!(tracker.is_running());
 }
 
-/// A tracker listed in tracker_info that is down is skipped by itself (the
-/// other two are a majority of three).
+/// The tracker a client talks to dies (kill -9): the client moves to another
+/// by itself, keeping its session, and its next write succeeds (the other
+/// two are a majority of three). And a client that starts while a tracker of
+/// its list is down skips it.
 #[test]
 fn client_fails_over_past_a_dead_tracker() {
     let dir = TempDir::new("failover");
     let addrs: Vec<SocketAddr> = (0..3).map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap()).collect();
     let info = tracker_info(dir.path(), &addrs);
-    let _t2 = Tracker::start(&info, 2);
-    let _t3 = Tracker::start(&info, 3);
-    for i in 0..3 {
-        let mut c = Client::start("c", &info);
-        c.expect(&format!("create_user u{i} pw"), &[&format!("user u{i} created")]);
-    }
+    let mut trackers: Vec<Tracker> = (1..=3).map(|id| Tracker::start(&info, id)).collect();
+    let mut c = Client::start("c", &info);
+    c.expect("create_user u pw", &["user u created"]);
+    c.expect("login u pw", &["logged in as u"]);
+    // Which tracker it talks to, from its open connections.
+    let pid = c.child.id();
+    let at = connected_ports(pid)
+        .into_iter()
+        .find_map(|p| addrs.iter().position(|a| a.port() == p))
+        .expect("the client holds a connection to one of the trackers");
+    trackers[at].kill();
+    c.expect("create_group g", &["group g created"]);
+    let now_at: Vec<usize> =
+        connected_ports(pid).into_iter().filter_map(|p| addrs.iter().position(|a| a.port() == p)).collect();
+    assert!(!now_at.is_empty() && !now_at.contains(&at), "the client still talks to the dead tracker {at}: {now_at:?}");
+    // A new client, the dead one still in its list, gets through too.
+    let mut c2 = Client::start("c2", &info);
+    c2.expect("login u pw", &["logged in as u"]);
+    c2.expect("list_my_groups", &["g (owner)"]);
 }
 
 #[test]

@@ -157,10 +157,10 @@ fn two_trackers_down_refuse_writes_but_serve_reads_and_downloads() {
     for id in (1..=3).filter(|id| *id != survivor) {
         cl.kill(id);
     }
-    let t = Instant::now();
+    // The trackers died in the middle of the download.
+    let running = d.answer("show_downloads");
+    assert!(running.starts_with("[D] g big.bin"), "the download was no longer running: {running}");
     assert_eq!(d.answer("create_group nope"), "error: no tracker quorum");
-    let waited = t.elapsed();
-    assert!(waited < WAIT, "the quorum error took {waited:?}");
     assert_eq!(d.answer("list_groups"), "g owner=s members=2");
     // At the end of its input the client waits for its downloads, then exits.
     // (It exits with status 1: one of its commands, the refused write, failed.)

@@ -92,21 +92,23 @@ fn percent(line: &str) -> u64 {
     line.split_whitespace().nth(3).and_then(|p| p.strip_suffix('%')).and_then(|p| p.parse().ok()).unwrap_or(0)
 }
 
-/// Bytes fetched per source, from the downloader's completion log line.
-fn per_source(lines: &[String]) -> Vec<(SocketAddr, u64)> {
-    let line = lines
-        .iter()
-        .find(|l| l.contains("bytes fetched per source:"))
-        .unwrap_or_else(|| panic!("no completion line in {lines:?}"));
-    line.rsplit("per source:")
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .map(|kv| {
-            let (a, b) = kv.split_once('=').unwrap();
-            (a.parse().unwrap(), b.parse().unwrap())
-        })
-        .collect()
+/// Waits for the download to complete, then reads what `show_downloads -v`
+/// says of it: bytes per source, and the peers it banned.
+fn completed(c: &mut Client) -> (Vec<(SocketAddr, u64)>, Vec<SocketAddr>) {
+    wait_progress(c, |l| l.starts_with("[C]") || l.starts_with("[F]"));
+    let lines = c.answers_all("show_downloads -v");
+    assert!(lines[0].starts_with("[C]"), "{lines:?}");
+    let mut sources = Vec::new();
+    let mut banned = Vec::new();
+    for l in &lines[1..] {
+        if let Some(rest) = l.strip_prefix("  from ") {
+            let (a, b) = rest.split_once(": ").unwrap();
+            sources.push((a.parse().unwrap(), b.trim_end_matches(" bytes").parse().unwrap()));
+        } else if let Some(rest) = l.strip_prefix("  banned ") {
+            banned.push(rest.split_once(": ").unwrap().0.parse().unwrap());
+        }
+    }
+    (sources, banned)
 }
 
 fn same_file(a: &Path, b: &[u8]) {
@@ -129,10 +131,10 @@ fn three_sharers_serve_one_downloader_bit_identical() {
     d.expect("list_files g", &[&format!("big.bin {} bytes 3 peers", s.content.len())]);
     let out = s.path("d/");
     d.expect(&format!("download_file g big.bin {}", out.display()), &["downloading big.bin into *"]);
+    let (sources, _) = completed(&mut d);
     let (status, log) = d.finish_output();
     assert!(status.success(), "downloader failed: {log:?}");
     same_file(&out.join("big.bin"), &s.content);
-    let sources = per_source(&log);
     let total: u64 = sources.iter().map(|(_, b)| b).sum();
     assert_eq!(total, s.content.len() as u64);
     for l in [la, lb, lc] {
@@ -178,14 +180,12 @@ fn a_corrupt_sharer_is_banned_and_the_result_is_intact() {
     f.flush().unwrap();
     let out = s.path("d/");
     d.expect(&format!("download_file g big.bin {}", out.display()), &["downloading big.bin into *"]);
+    let (sources, banned) = completed(&mut d);
     let (status, log) = d.finish_output();
     assert!(status.success(), "downloader failed: {log:?}");
     same_file(&out.join("big.bin"), &s.content);
-    assert!(
-        log.iter().any(|l| l.contains("corrupt chunk") && l.contains(&lb.to_string())),
-        "the corrupt peer was not reported: {log:?}"
-    );
-    let from_bob = per_source(&log).iter().find(|(a, _)| *a == lb).map(|(_, b)| *b).unwrap_or(0);
+    assert_eq!(banned, vec![lb], "the corrupt peer is banned, and only it");
+    let from_bob = sources.iter().find(|(a, _)| *a == lb).map(|(_, b)| *b).unwrap_or(0);
     assert_eq!(from_bob, 0, "no byte of a corrupt peer is kept");
 }
 
@@ -212,10 +212,11 @@ fn a_killed_downloader_resumes_without_refetching() {
     assert!(first.starts_with("resuming big.bin into "), "{first}");
     let resumed: u64 = first.split(": ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
     assert!(resumed > 0, "{first}");
+    let (sources, _) = completed(&mut d2);
     let (status, log) = d2.finish_output();
     assert!(status.success(), "resumed download failed: {log:?}");
     same_file(&out, &s.content);
-    let fetched: u64 = per_source(&log).iter().map(|(_, b)| b).sum();
+    let fetched: u64 = sources.iter().map(|(_, b)| b).sum();
     let size = s.content.len() as u64;
     assert!(fetched <= size - (resumed - 1) * CHUNK_SIZE, "re-fetched verified chunks: {fetched} of {size}");
     assert!(!state.exists(), "the sidecar is removed once the file is complete");
@@ -324,7 +325,7 @@ fn a_non_member_cannot_get_chunks_from_a_peer() {
 #[test]
 fn a_downloader_reshares_verified_chunks_at_once() {
     let s = Swarm::new("reshare", 48 * MIB);
-    let (mut a, la) = s.client("ann", &["--max-upload-rate", "15"]);
+    let (mut a, _) = s.client("ann", &["--max-upload-rate", "15"]);
     let (mut b, lb) = s.client("bob", &[]);
     let (mut c, _) = s.client("cat", &[]);
     s.group(&mut a, &mut [&mut b, &mut c]);
@@ -335,13 +336,14 @@ fn a_downloader_reshares_verified_chunks_at_once() {
     assert!(at.starts_with("[D]"), "{at}");
     let out_c = s.path("c/");
     c.expect(&format!("download_file g big.bin {}", out_c.display()), &["downloading big.bin into *"]);
+    let (sources, _) = completed(&mut c);
     let (status, log) = c.finish_output();
     assert!(status.success(), "second downloader failed: {log:?}");
     same_file(&out_c.join("big.bin"), &s.content);
-    let sources = per_source(&log);
     let from_bob = sources.iter().find(|(x, _)| *x == lb).map(|(_, n)| *n).unwrap_or(0);
     assert!(from_bob > 0, "cat fetched nothing from bob, who was still downloading: {sources:?}");
-    assert!(sources.iter().any(|(x, _)| *x == la));
+    let total: u64 = sources.iter().map(|(_, n)| n).sum();
+    assert_eq!(total, s.content.len() as u64, "bytes per source add up to the file: {sources:?}");
     let (status, _) = b.finish_output();
     assert!(status.success());
     same_file(&out_b.join("big.bin"), &s.content);

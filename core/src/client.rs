@@ -281,6 +281,8 @@ pub struct ClientEngine {
     tracker: usize,
     /// Trackers tried since the last answer, to know when a round is complete.
     tried: usize,
+    /// A tracker of this round answered "no quorum" or "catching up".
+    refused_round: bool,
     link: Link,
     decoder: FrameDecoder,
     pending: BTreeMap<u64, Pending>,
@@ -315,6 +317,7 @@ impl ClientEngine {
             throttled: false,
             tracker: start,
             tried: 0,
+            refused_round: false,
             link: Link::Down,
             decoder: FrameDecoder::new(MAX_CONTROL_FRAME),
             pending: BTreeMap::new(),
@@ -360,7 +363,7 @@ impl ClientEngine {
         let logged_in = self.session.is_some();
         match &cmd {
             ShellCommand::Help => return done(self, Ok(crate::shell::help())),
-            ShellCommand::ShowDownloads => return done(self, Ok(self.show_downloads())),
+            ShellCommand::ShowDownloads { verbose } => return done(self, Ok(self.show_downloads(*verbose))),
             ShellCommand::Exit if !logged_in => return done(self, Ok(render(&cmd, &Reply::Done))),
             ShellCommand::Login { .. } if logged_in => {
                 let user = self.user().cloned().expect("logged in");
@@ -410,7 +413,7 @@ impl ClientEngine {
             }
             ShellCommand::StopShare { group, name } => Request::StopShare { group: group.clone(), name: name.clone() },
             ShellCommand::Logout | ShellCommand::Exit => Request::Logout,
-            ShellCommand::Help | ShellCommand::ShowDownloads => unreachable!("answered above"),
+            ShellCommand::Help | ShellCommand::ShowDownloads { .. } => unreachable!("answered above"),
         };
         self.send(Purpose::Shell { ticket, cmd }, request, now);
     }
@@ -629,9 +632,16 @@ impl ClientEngine {
         self.tried += 1;
         self.last_heard = now;
         if self.tried >= self.cfg.trackers.len() {
-            // A whole round failed: pause before the next one.
+            // A whole round failed: pause before the next one. Trackers that
+            // answered (no quorum yet, catching up) are alive and are tried
+            // again sooner than ones that did not.
             self.tried = 0;
-            self.link = Link::Backoff(now.plus(self.cfg.retry_backoff));
+            let pause = if std::mem::take(&mut self.refused_round) {
+                Millis(self.cfg.retry_backoff.0 / 5)
+            } else {
+                self.cfg.retry_backoff
+            };
+            self.link = Link::Backoff(now.plus(pause));
         } else {
             self.connect();
         }
@@ -650,6 +660,7 @@ impl ClientEngine {
             if p.refused < self.cfg.trackers.len() || now.since(p.sent_at) < self.cfg.quorum_wait {
                 tracing::debug!(tracker = %self.cfg.trackers[self.tracker], "tracker cannot serve, failing over");
                 self.pending.insert(id.seq, p);
+                self.refused_round = true;
                 self.out.push_back(ClientOutput::Disconnect);
                 return self.fail_over(now);
             }

@@ -144,6 +144,8 @@ pub enum Command {
         group: GroupId,
         name: FileName,
     },
+    /// Changes nothing: a barrier, applied once everything decided before it is.
+    Noop,
 }
 
 /// One slot of the replicated log.
@@ -302,6 +304,7 @@ impl MetaState {
 
     fn execute(&mut self, cmd: &Command) -> Result<Reply, ApiError> {
         match cmd {
+            Command::Noop => Ok(Reply::Done),
             Command::CreateUser { user, password } => {
                 if self.users.contains_key(user) {
                     return Err(ApiError::UserExists);

@@ -14,21 +14,56 @@ pub const MAX_LINE_LEN: usize = 64 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ShellCommand {
-    CreateUser { user: UserId, password: String },
-    Login { user: UserId, password: String },
-    CreateGroup { group: GroupId },
-    JoinGroup { group: GroupId },
-    LeaveGroup { group: GroupId },
-    ListRequests { group: GroupId },
-    AcceptRequest { group: GroupId, user: UserId },
-    RejectRequest { group: GroupId, user: UserId },
+    CreateUser {
+        user: UserId,
+        password: String,
+    },
+    Login {
+        user: UserId,
+        password: String,
+    },
+    CreateGroup {
+        group: GroupId,
+    },
+    JoinGroup {
+        group: GroupId,
+    },
+    LeaveGroup {
+        group: GroupId,
+    },
+    ListRequests {
+        group: GroupId,
+    },
+    AcceptRequest {
+        group: GroupId,
+        user: UserId,
+    },
+    RejectRequest {
+        group: GroupId,
+        user: UserId,
+    },
     ListGroups,
     ListMyGroups,
-    ListFiles { group: GroupId },
-    UploadFile { path: String, group: GroupId },
-    DownloadFile { group: GroupId, name: FileName, destination: String },
-    ShowDownloads,
-    StopShare { group: GroupId, name: FileName },
+    ListFiles {
+        group: GroupId,
+    },
+    UploadFile {
+        path: String,
+        group: GroupId,
+    },
+    DownloadFile {
+        group: GroupId,
+        name: FileName,
+        destination: String,
+    },
+    /// `verbose`: each download's bytes per source and banned peers too.
+    ShowDownloads {
+        verbose: bool,
+    },
+    StopShare {
+        group: GroupId,
+        name: FileName,
+    },
     Logout,
     Exit,
     Help,
@@ -50,7 +85,7 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("list_files", "<group_id>", "a group's files, sizes and live sharers"),
     ("upload_file", "<file_path> <group_id>", "share a file with a group"),
     ("download_file", "<group_id> <file_name> <destination>", "fetch a file from its sharers"),
-    ("show_downloads", "", "this client's downloads"),
+    ("show_downloads", "[-v]", "this client's downloads (-v: bytes per source, banned peers)"),
     ("stop_share", "<group_id> <file_name>", "stop sharing a file"),
     ("logout", "", "end the session; sharing stops until the next login"),
     ("exit", "", "log out and quit"),
@@ -137,7 +172,9 @@ pub fn parse(line: &str) -> Result<ShellCommand, ParseError> {
     let Some(&(_, spec, _)) = COMMANDS.iter().find(|(n, _, _)| *n == name) else {
         return Err(ParseError::Unknown(name.chars().take(64).collect()));
     };
-    if args.len() != spec.split_whitespace().count() {
+    let required = spec.split_whitespace().filter(|w| !w.starts_with('[')).count();
+    let optional = spec.split_whitespace().count() - required;
+    if args.len() < required || args.len() > required + optional {
         return Err(ParseError::Usage(usage(name)));
     }
     let user = |s: &str| UserId::new(s).map_err(|err| ParseError::BadName { what: "bad user id", err });
@@ -160,7 +197,11 @@ pub fn parse(line: &str) -> Result<ShellCommand, ParseError> {
         "download_file" => {
             ShellCommand::DownloadFile { group: group(a(0))?, name: file(a(1))?, destination: a(2).to_string() }
         }
-        "show_downloads" => ShellCommand::ShowDownloads,
+        "show_downloads" => match args.first().map(|a| a.as_str()) {
+            None => ShellCommand::ShowDownloads { verbose: false },
+            Some("-v") => ShellCommand::ShowDownloads { verbose: true },
+            Some(_) => return Err(ParseError::Usage(usage(name))),
+        },
         "stop_share" => ShellCommand::StopShare { group: group(a(0))?, name: file(a(1))? },
         "logout" => ShellCommand::Logout,
         "exit" => ShellCommand::Exit,
@@ -243,9 +284,17 @@ mod tests {
             ShellCommand::UploadFile { path: r#"/tmp/my "big" file"#.into(), group: GroupId::new("g1").unwrap() }
         );
         for (name, args, _) in COMMANDS {
-            let line = format!("{name} {}", args.split_whitespace().map(|_| "x").collect::<Vec<_>>().join(" "));
+            // Required arguments as "x", optional ones as spelled.
+            let words: Vec<&str> = args
+                .split_whitespace()
+                .map(|a| a.strip_prefix('[').and_then(|a| a.strip_suffix(']')).unwrap_or("x"))
+                .collect();
+            let line = format!("{name} {}", words.join(" "));
             assert!(parse(&line).is_ok(), "{line}");
         }
+        assert_eq!(parse("show_downloads").unwrap(), ShellCommand::ShowDownloads { verbose: false });
+        assert_eq!(parse("show_downloads -v").unwrap(), ShellCommand::ShowDownloads { verbose: true });
+        assert_eq!(parse("show_downloads x"), Err(ParseError::Usage("show_downloads [-v]".into())));
     }
 
     #[test]

@@ -58,6 +58,9 @@ impl Replicator for Rep {
     fn leader(&self) -> Option<NodeId> {
         both!(self, r => r.leader())
     }
+    fn term(&self) -> u64 {
+        both!(self, r => r.term())
+    }
     fn is_synced(&self) -> bool {
         both!(self, r => r.is_synced())
     }

@@ -41,6 +41,8 @@ struct Plan {
     corrupt: bool,
     /// Full disks, read faults and chunks rotting at rest.
     disk_faults: bool,
+    /// Partitions drop packets silently (nothing reset) instead of resetting.
+    silent: bool,
 }
 
 /// What the workload knows for sure: writes that were acknowledged.
@@ -68,6 +70,9 @@ struct Runner {
     /// Each client's last download, to run again after it crashed (a resume).
     last_download: Vec<Option<String>>,
     retry_download: Vec<Option<String>>,
+    /// After the heal: when all trackers up named one leader, when a write
+    /// was taken, and whether a majority was up (else it was a restart).
+    rejoin: (Millis, Millis, bool),
 }
 
 fn user(c: usize) -> String {
@@ -264,7 +269,7 @@ impl Runner {
                 for a in 0..n {
                     for b in 0..n {
                         if side[a] && !side[b] {
-                            self.w.cut_both(Ep::Tracker(a), Ep::Tracker(b));
+                            self.sever(Ep::Tracker(a), Ep::Tracker(b), true);
                         }
                     }
                 }
@@ -273,17 +278,17 @@ impl Runner {
                 // Partial: one pair cannot talk, both still see the others.
                 let a = self.rng.below(n as u64) as usize;
                 let b = (a + 1 + self.rng.below(n as u64 - 1) as usize) % n;
-                self.w.cut_both(Ep::Tracker(a), Ep::Tracker(b));
+                self.sever(Ep::Tracker(a), Ep::Tracker(b), true);
             }
             53..=58 if p.one_way && n > 1 => {
                 let a = self.rng.below(n as u64) as usize;
                 let b = (a + 1 + self.rng.below(n as u64 - 1) as usize) % n;
-                self.w.cut(Ep::Tracker(a), Ep::Tracker(b));
+                self.sever(Ep::Tracker(a), Ep::Tracker(b), false);
             }
             59..=64 if p.partitions => {
                 let c = self.rng.below(self.plan.clients as u64) as usize;
                 let t = self.rng.below(n as u64) as usize;
-                self.w.cut_both(Ep::Client(c), Ep::Tracker(t));
+                self.sever(Ep::Client(c), Ep::Tracker(t), true);
             }
             65..=74 => self.w.heal(),
             75..=82 if p.resets => self.w.reset_random(),
@@ -325,6 +330,16 @@ impl Runner {
         }
     }
 
+    /// Cuts `a` from `b` (and `b` from `a` if `both`), silently if the plan says so.
+    fn sever(&mut self, a: Ep, b: Ep, both: bool) {
+        match (self.plan.silent, both) {
+            (true, true) => self.w.cut_both_silently(a, b),
+            (true, false) => self.w.cut_silently(a, b),
+            (false, true) => self.w.cut_both(a, b),
+            (false, false) => self.w.cut(a, b),
+        }
+    }
+
     /// Lets client `c`'s running command finish (and the one its result
     /// may start), within bounded time.
     fn settle(&mut self, c: usize) {
@@ -359,7 +374,9 @@ impl Runner {
     }
 }
 
-fn chaos(seed: u64) -> World {
+/// The world after a seed's run, and how fast the healed cluster came back
+/// (one leader named by all, a write taken), from the heal.
+fn chaos(seed: u64) -> (World, (Millis, Millis, bool)) {
     let mut rng = Rng::from_u64(seed ^ 0x5eed_c4a0_5000_0000);
     let trackers = 1 + rng.below(5) as usize;
     let clients = if rng.below(8) == 0 { 2 + rng.below(19) as usize } else { 2 + rng.below(5) as usize };
@@ -375,6 +392,7 @@ fn chaos(seed: u64) -> World {
         slow: flip(&mut rng),
         corrupt: flip(&mut rng),
         disk_faults: flip(&mut rng),
+        silent: flip(&mut rng),
     };
     let net = NetConfig { min_latency: Millis(1), max_latency: Millis(1 + rng.below(120)) };
     let max_skew_ppm = if flip(&mut rng) { rng.below(50_000) } else { 0 };
@@ -407,6 +425,7 @@ fn chaos(seed: u64) -> World {
         downloads: 0,
         last_download: vec![None; plan_clients + 1],
         retry_download: vec![None; plan_clients + 1],
+        rejoin: (Millis::ZERO, Millis::ZERO, false),
     };
     for c in 0..r.plan.clients {
         // The seeder's file, the one most downloaded, is the larger.
@@ -442,10 +461,50 @@ fn chaos(seed: u64) -> World {
         r.collect();
     }
 
-    // Liveness: heal everything, bring every node back.
+    // Liveness: heal everything. The trackers that are up, if a majority,
+    // name one leader and take a write at once (here through the spare
+    // client, which knows only that leader); then every node comes back.
     r.w.disarm();
     r.w.heal();
-    for t in 0..r.w.tracker_count() {
+    let n = r.w.tracker_count();
+    let up: Vec<usize> = (0..n).filter(|t| r.w.tracker_up(*t)).collect();
+    let majority = 2 * up.len() > n;
+    if !majority {
+        for t in 0..n {
+            r.w.restart_tracker(t, false);
+        }
+    }
+    let healed = r.w.now();
+    let d = r.plan.clients;
+    let leaders = |w: &World| {
+        (0..w.tracker_count())
+            .filter(|t| w.tracker_up(*t))
+            .map(|t| w.tracker_at(t).and_then(|n| n.leader()))
+            .collect::<Vec<_>>()
+    };
+    // One leader named by every tracker up, and up itself (a tracker that
+    // crashed a moment ago may still be named until its links time out).
+    let agreed = |w: &World| {
+        let l = leaders(w);
+        l.windows(2).all(|p| p[0] == p[1]) && l[0].is_some_and(|x| w.tracker_up(x as usize - 1))
+    };
+    while !agreed(&r.w) {
+        assert!(
+            r.w.now().since(healed) < Millis::from_secs(10),
+            "no single leader after the heal: {:?}",
+            leaders(&r.w)
+        );
+        r.w.run_for(Millis(10));
+    }
+    let one_leader = r.w.now().since(healed);
+    let leader = leaders(&r.w)[0].expect("checked") as usize - 1;
+    r.w.crash_client(d);
+    r.w.restart_client_with(d, &[leader]);
+    r.must(d, &format!("create_user u{d} pw")).expect("the healed cluster takes a write");
+    let took_write = r.w.now().since(healed);
+    // Measured for a heal; when a majority was down, for a restart.
+    r.rejoin = (one_leader, took_write, majority);
+    for t in 0..n {
         r.w.restart_tracker(t, false);
     }
     for c in 0..r.plan.clients {
@@ -503,8 +562,8 @@ fn chaos(seed: u64) -> World {
     }
 
     // A fresh download of the seeder's file completes and equals it.
-    let d = r.plan.clients;
-    r.must(d, &format!("create_user u{d} pw")).expect("the cluster is healed");
+    r.w.crash_client(d);
+    r.w.restart_client(d);
     r.must(d, &format!("login u{d} pw")).expect("the cluster is healed");
     r.must(d, "join_group seed").expect("the cluster is healed");
     let _ = r.must(0, "login u0 pw");
@@ -523,27 +582,50 @@ fn chaos(seed: u64) -> World {
     assert!(got.is_ok(), "the final download did not start: {got:?}");
     r.wait_download(d, "/dl/final/f0.bin");
     assert!(r.w.file("/dl/final/f0.bin") == Some(&r.contents["f0.bin"][..]), "the download differs from the source");
-    r.w
+    (r.w, r.rejoin)
 }
+
+/// How long after the heal the cluster must name one leader and take a write;
+/// and, when a majority of trackers was down and restarts, after the restart.
+const REJOIN: Millis = Millis(1_500);
+const RESTART: Millis = Millis(5_000);
 
 #[test]
 fn clusters_survive_chaos_over_many_seeds() {
     let seeds = seeds(200);
     let t0 = std::time::Instant::now();
     let mut totals: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut worst = (Millis::ZERO, Millis::ZERO);
     for &seed in &seeds {
-        match std::panic::catch_unwind(|| chaos(seed)) {
-            Ok(w) => {
+        match std::panic::catch_unwind(|| {
+            let (w, rejoin) = chaos(seed);
+            let bound = if rejoin.2 { REJOIN } else { RESTART };
+            assert!(
+                rejoin.1 <= bound,
+                "the healed cluster took {} ms to name a leader and {} ms to take a write (majority up: {})",
+                rejoin.0 .0,
+                rejoin.1 .0,
+                rejoin.2
+            );
+            (w, rejoin)
+        }) {
+            Ok((w, rejoin)) => {
                 for (k, v) in w.faults.iter().chain(&w.disk().counts) {
                     *totals.entry(k).or_default() += v;
                 }
+                if rejoin.2 {
+                    worst = (worst.0.max(rejoin.0), worst.1.max(rejoin.1));
+                }
                 println!(
-                    "seed={seed} digest={} trackers={} steps={} log={} virtual_ms={}",
+                    "seed={seed} digest={} trackers={} steps={} log={} virtual_ms={} rejoin_ms={}/{}{}",
                     w.digest(),
                     w.tracker_count(),
                     w.steps(),
                     w.log_len(),
-                    w.now().0
+                    w.now().0,
+                    rejoin.0 .0,
+                    rejoin.1 .0,
+                    if rejoin.2 { "" } else { " (restart)" }
                 )
             }
             Err(e) => {
@@ -554,19 +636,21 @@ fn clusters_survive_chaos_over_many_seeds() {
     }
     let secs = t0.elapsed().as_secs_f64();
     println!(
-        "{} seeds in {secs:.1} s: {:.1} seeds/s; faults injected: {totals:?}",
+        "{} seeds in {secs:.1} s: {:.1} seeds/s; after a heal with a majority up, one leader within {} ms and a write within {} ms (worst); faults injected: {totals:?}",
         seeds.len(),
-        seeds.len() as f64 / secs
+        seeds.len() as f64 / secs,
+        worst.0.0,
+        worst.1.0
     );
 }
 
 #[test]
 fn a_chaos_run_replays_bit_for_bit() {
     let seed = sim::seed_from_env(5);
-    let a = chaos(seed);
-    let b = chaos(seed);
+    let a = chaos(seed).0;
+    let b = chaos(seed).0;
     assert_eq!(a.digest(), b.digest(), "seed {seed} is not deterministic");
-    assert_ne!(a.digest(), chaos(seed + 1).digest());
+    assert_ne!(a.digest(), chaos(seed + 1).0.digest());
 }
 
 /// A directed case for the rule that a vote leaves only once what it votes
@@ -606,6 +690,9 @@ fn a_follower_dying_mid_vote_loses_no_acknowledged_write() {
         let t = w.command(0, "create_group x");
         w.run_for(Millis(300));
         let answered = w.take_result(0, t);
+        // The scenario happened: the follower did die in the middle of its vote.
+        assert_eq!(w.faults.get("mid-step crash"), Some(&1), "seed {seed}: the follower did not crash mid-step");
+        assert!(!w.tracker_up(f), "seed {seed}: the follower is still up");
         w.crash_tracker(l);
         w.heal();
         w.restart_tracker(f, false);

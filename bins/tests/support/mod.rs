@@ -63,6 +63,31 @@ fn line_reader(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
     rx
 }
 
+/// The remote ports of the established TCP connections process `pid` holds
+/// (Linux: its socket descriptors, looked up in /proc/net/tcp).
+pub fn connected_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // remote address, state (01: established), ..., inode.
+            if f.len() > 9 && f[3] == "01" && inodes.iter().any(|i| i == f[9]) {
+                if let Some(port) = f[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
+                    ports.push(port);
+                }
+            }
+        }
+    }
+    ports
+}
+
 pub struct Tracker {
     pub child: Child,
     pub addr: SocketAddr,
@@ -149,15 +174,15 @@ impl Client {
         Client::start_with(name, info, "127.0.0.1:0", &[])
     }
 
-    /// A client listening at `listen`, with extra arguments; logs at info level
-    /// so the test can read what downloads report.
+    /// A client listening at `listen`, with extra arguments. Its logs stay
+    /// at their default (warnings): tests read the shell's output only.
     pub fn start_with(name: &str, info: &Path, listen: &str, extra: &[&str]) -> Client {
         let (reader, writer) = std::io::pipe().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_client"))
             .arg(listen)
             .arg(info)
             .args(extra)
-            .env("RUST_LOG", "shoal_core=info")
+            .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
             .stdin(Stdio::piped())
             .stdout(writer.try_clone().unwrap())
@@ -200,6 +225,28 @@ impl Client {
             }
         }
         got
+    }
+
+    /// Runs `cmd` and returns every line it printed, however many (log
+    /// lines aside): a `help` after it marks the end (its last line).
+    pub fn answers_all(&mut self, cmd: &str) -> Vec<String> {
+        self.send_raw(format!("{cmd}\nhelp\n").as_bytes());
+        let help = shoal_core::shell::help();
+        let (first, last) = (help.first().cloned().unwrap_or_default(), help.last().cloned().unwrap_or_default());
+        let mut got = Vec::new();
+        loop {
+            let l = self
+                .out
+                .recv_timeout(WAIT)
+                .unwrap_or_else(|_| panic!("{}: `{cmd}`: no end within {WAIT:?} (got {got:?})", self.name));
+            if l == first {
+                while self.out.recv_timeout(WAIT).is_ok_and(|l| l != last) {}
+                return got;
+            }
+            if ![" INFO ", " WARN ", " DEBUG ", " ERROR "].iter().any(|k| l.contains(k)) {
+                got.push(l);
+            }
+        }
     }
 
     pub fn answer(&mut self, cmd: &str) -> String {

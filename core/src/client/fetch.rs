@@ -153,27 +153,41 @@ impl ClientEngine {
         self.downloads.get(&id).map(|d| &d.digest)
     }
 
-    pub(super) fn show_downloads(&self) -> Vec<String> {
+    /// The lines of `show_downloads`: one a download; with `verbose`, each
+    /// followed by its sources (`  from <addr>: <bytes> bytes`) and the
+    /// peers it banned (`  banned <addr>: sent a chunk that failed its SHA1`).
+    pub(super) fn show_downloads(&self, verbose: bool) -> Vec<String> {
         if self.downloads.is_empty() {
             return vec!["no downloads".into()];
         }
-        self.downloads
-            .values()
-            .map(|d| {
-                let (g, n) = (&d.group, &d.name);
-                match &d.state {
-                    DlState::Opening { .. } | DlState::Checking { .. } => format!("[D] {g} {n} 0% 0 MB/s 0 peers"),
-                    DlState::Running { fetch, .. } if fetch.is_complete() => format!("[D] {g} {n} 100% verifying"),
-                    DlState::Running { fetch, .. } => {
-                        let pct = (fetch.verified_bytes() * 100).checked_div(d.digest.size).unwrap_or(100);
-                        format!("[D] {g} {n} {pct}% {:.0} MB/s {} peers", d.rate as f64 / 1e6, fetch.active_peers())
-                    }
-                    DlState::Finishing => format!("[D] {g} {n} 100% verifying"),
-                    DlState::Complete => format!("[C] {g} {n}"),
-                    DlState::Failed(e) => format!("[F] {g} {n} {e}"),
+        let mut lines = Vec::new();
+        for d in self.downloads.values() {
+            let (g, n) = (&d.group, &d.name);
+            lines.push(match &d.state {
+                DlState::Opening { .. } | DlState::Checking { .. } => format!("[D] {g} {n} 0% 0 MB/s 0 peers"),
+                DlState::Running { fetch, .. } if fetch.is_complete() => format!("[D] {g} {n} 100% verifying"),
+                DlState::Running { fetch, .. } => {
+                    let pct = (fetch.verified_bytes() * 100).checked_div(d.digest.size).unwrap_or(100);
+                    format!("[D] {g} {n} {pct}% {:.0} MB/s {} peers", d.rate as f64 / 1e6, fetch.active_peers())
                 }
-            })
-            .collect()
+                DlState::Finishing => format!("[D] {g} {n} 100% verifying"),
+                DlState::Complete => format!("[C] {g} {n}"),
+                DlState::Failed(e) => format!("[F] {g} {n} {e}"),
+            });
+            if verbose {
+                let (supplied, banned): (Vec<(SocketAddr, u64)>, Vec<SocketAddr>) = match &d.state {
+                    DlState::Running { fetch, .. } => (fetch.supplied().collect(), fetch.banned().collect()),
+                    _ => (d.supplied.clone(), d.banned.clone()),
+                };
+                for (a, b) in supplied.into_iter().filter(|(_, b)| *b > 0) {
+                    lines.push(format!("  from {a}: {b} bytes"));
+                }
+                for a in banned {
+                    lines.push(format!("  banned {a}: sent a chunk that failed its SHA1"));
+                }
+            }
+        }
+        lines
     }
 
     /// Why `download_file` for this file cannot start, if it cannot.

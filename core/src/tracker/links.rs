@@ -45,9 +45,10 @@ enum State {
 pub(crate) struct Link {
     state: State,
     backoff: Millis,
-    /// When something last came back on our link, and when we last sent on it.
+    /// When something last came back on our link, and when we last pinged
+    /// on it (whatever else it carries: only a ping is answered).
     heard: Millis,
-    sent: Millis,
+    pinged: Millis,
     decoder: FrameDecoder,
 }
 
@@ -68,7 +69,7 @@ impl Links {
                     state: State::Down { retry_at: Millis::ZERO },
                     backoff: REDIAL_MIN,
                     heard: Millis::ZERO,
-                    sent: Millis::ZERO,
+                    pinged: Millis::ZERO,
                     decoder: FrameDecoder::new(1024),
                 };
                 (*p, link)
@@ -95,13 +96,6 @@ impl Links {
         self.heard_in.insert(node, now);
     }
 
-    /// We sent on our link to `node`.
-    pub(crate) fn sent(&mut self, node: NodeId, now: Millis) {
-        if let Some(l) = self.map.get_mut(&node) {
-            l.sent = now;
-        }
-    }
-
     fn reachable(&self, node: NodeId, l: &Link, now: Millis) -> bool {
         matches!(l.state, State::Up)
             && now.since(l.heard) < LINK_DEADLINE
@@ -119,7 +113,7 @@ impl Links {
         let links = self.map.values().map(|l| match l.state {
             State::Down { retry_at } => retry_at,
             State::Dialing { since } => since.plus(DIAL_TIMEOUT),
-            State::Up => l.sent.plus(LINK_HEARTBEAT).min(l.heard.plus(LINK_DEADLINE)),
+            State::Up => l.pinged.plus(LINK_HEARTBEAT).min(l.heard.plus(LINK_DEADLINE)),
         });
         // When reachability changes, the leader this node names may too.
         let inbound = self.heard_in.values().map(|t| t.plus(LINK_DEADLINE));
@@ -140,7 +134,7 @@ impl<R: Replicator> TrackerNode<R> {
         l.state = State::Up;
         l.backoff = REDIAL_MIN;
         l.heard = now;
-        l.sent = now;
+        l.pinged = Millis::ZERO;
         l.decoder = FrameDecoder::new(1024);
         let hello = Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Tracker };
         self.link_send(node, encode(&hello), false);
@@ -150,6 +144,10 @@ impl<R: Replicator> TrackerNode<R> {
         self.link_send(node, encode(&soft), false);
         self.replicator.handle_peer_up(node);
         self.pump(now);
+        if self.replicator.leader() == Some(node) {
+            // What was forwarded to it while the link was down was lost.
+            self.repropose();
+        }
     }
 
     /// Our link to tracker `node` failed to connect, or closed.
@@ -191,7 +189,6 @@ impl<R: Replicator> TrackerNode<R> {
         if !self.links.is_up(node) {
             return;
         }
-        self.links.sent(node, self.now);
         self.outbox.send(TrackerOutput::PeerSend { node, bytes }, after_sync);
     }
 
@@ -239,7 +236,8 @@ impl<R: Replicator> TrackerNode<R> {
                     tracing::info!(node, "link to tracker silent past its deadline; redialling");
                     self.link_lost(node, now, true);
                 }
-                State::Up if now.since(l.sent) >= LINK_HEARTBEAT => {
+                State::Up if now.since(l.pinged) >= LINK_HEARTBEAT => {
+                    l.pinged = now;
                     let ping = encode(&Message::Tracker(TrackerFrame::Ping));
                     self.link_send(node, ping, false);
                 }

@@ -8,6 +8,16 @@ use super::links::Links;
 use super::outbox::Outbox;
 use super::*;
 
+/// A write proposed for a client, answered when applied (or at its deadline).
+pub(crate) struct Waiting {
+    pub(crate) conn: ConnId,
+    pub(crate) deadline: Millis,
+    /// Proposed again when a new leader is named (a proposal forwarded to a
+    /// leader over a link that was down is lost; applying one twice is not,
+    /// the log remembers each request's result).
+    pub(crate) entry: Entry,
+}
+
 /// A tracker; see the module docs of [`super`].
 pub struct TrackerNode<R: Replicator = SoloReplicator> {
     pub(crate) cfg: TrackerConfig,
@@ -16,7 +26,13 @@ pub struct TrackerNode<R: Replicator = SoloReplicator> {
     pub(crate) replicator: R,
     pub(crate) conns: BTreeMap<ConnId, Conn>,
     /// Writes proposed for a client, answered when applied (or at the deadline).
-    pub(crate) waiting: BTreeMap<RequestId, (ConnId, Millis)>,
+    pub(crate) waiting: BTreeMap<RequestId, Waiting>,
+    /// Failed logins waiting for their barrier to be applied (by its tag),
+    /// with their deadlines; and the last barrier's number.
+    pub(crate) held_logins: BTreeMap<RequestId, (super::requests::HeldLogin, Millis)>,
+    pub(crate) next_barrier: u64,
+    /// The replicator's term when last looked at.
+    pub(crate) term: u64,
     /// Our links to the other trackers, and what we heard on theirs.
     pub(crate) links: Links,
     /// Soft state learned from our clients since the last gossip.
@@ -48,6 +64,8 @@ impl<R: Replicator> TrackerNode<R> {
         rng.fill(&mut salt);
         let decoy = PasswordHash::derive("decoy", salt, cfg.password_params);
         let links = Links::new(replicator.peers());
+        // Barriers of an earlier run of this tracker may still be in the log.
+        let next_barrier = rng.next_u64() >> 1;
         let mut node = TrackerNode {
             cfg,
             rng,
@@ -55,6 +73,9 @@ impl<R: Replicator> TrackerNode<R> {
             replicator,
             conns: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            held_logins: BTreeMap::new(),
+            next_barrier,
+            term: 0,
             links,
             dirty: SoftState::default(),
             dirty_leases: BTreeSet::new(),
@@ -150,6 +171,12 @@ impl<R: Replicator> TrackerNode<R> {
             self.refuse(conn, "silent past the link deadline".into());
         }
         self.pump(now);
+        if !self.waiting.is_empty() && !self.links.quorum(now) {
+            // Cut off from the majority: what waits cannot be decided here
+            // now; its clients are better off at another tracker at once
+            // (a retry there carries the same request id).
+            self.answer_waiting(|_| true);
+        }
         if now < self.next_sweep {
             return;
         }
@@ -177,15 +204,34 @@ impl<R: Replicator> TrackerNode<R> {
         }
         self.login_failures.retain(|_, (start, _)| now.since(*start) < LOGIN_WINDOW);
         self.sweep_soft(now);
-        let expired: Vec<RequestId> =
-            self.waiting.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(id, _)| *id).collect();
+        self.answer_waiting(|deadline| deadline <= now);
+        self.expire_barriers(now);
+        self.gossip(now);
+    }
+
+    /// Proposes the writes still waiting again: to the leader just named,
+    /// or over a link to it that just came up.
+    pub(crate) fn repropose(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let entries: Vec<Entry> = self.waiting.values().map(|w| w.entry.clone()).collect();
+        tracing::debug!(writes = entries.len(), "proposing the waiting writes again");
+        for e in entries {
+            self.replicator.propose(e);
+        }
+        self.pump(self.now);
+    }
+
+    /// Answers `NoQuorum` to the writes waiting whose deadline passes `due`.
+    fn answer_waiting(&mut self, due: impl Fn(Millis) -> bool) {
+        let expired: Vec<RequestId> = self.waiting.iter().filter(|(_, w)| due(w.deadline)).map(|(id, _)| *id).collect();
         for id in expired {
-            let (conn, _) = self.waiting.remove(&id).expect("listed above");
+            let Some(Waiting { conn, .. }) = self.waiting.remove(&id) else { continue };
             tracing::debug!(?id, "write not decided in time");
             self.write_answered(conn);
             self.respond(conn, id, Err(ApiError::NoQuorum));
         }
-        self.gossip(now);
     }
 
     pub fn handle_bytes(&mut self, conn: ConnId, bytes: &[u8], now: Millis) {
@@ -303,7 +349,8 @@ impl<R: Replicator> TrackerNode<R> {
             || !self.leases.is_empty()
             || !self.grants.is_empty()
             || !self.login_failures.is_empty()
-            || !self.waiting.is_empty();
+            || !self.waiting.is_empty()
+            || !self.held_logins.is_empty();
         let sweep = busy.then_some(self.next_sweep);
         [sweep, self.replicator.poll_timeout(), self.links.deadline()].into_iter().flatten().min()
     }
@@ -365,11 +412,21 @@ impl<R: Replicator> TrackerNode<R> {
                 break;
             }
         }
+        let term = self.replicator.term();
+        if term != self.term {
+            // A new ballot: what this node proposed or forwarded before may
+            // have been dropped with the old one.
+            self.term = term;
+            self.repropose();
+        }
         let leader = self.named_leader();
         if leader != self.leader {
             self.leader = leader;
             tracing::info!(?leader, me = self.replicator.me(), "leader changed");
             self.outbox.push(TrackerOutput::LeaderChanged { leader });
+            if leader.is_some() {
+                self.repropose();
+            }
         }
     }
 
@@ -385,7 +442,7 @@ impl<R: Replicator> TrackerNode<R> {
                 let done: Vec<(RequestId, ConnId, Result<Reply, ApiError>)> = self
                     .waiting
                     .iter()
-                    .filter_map(|(id, (conn, _))| self.meta.result_of(*id).map(|r| (*id, *conn, r)))
+                    .filter_map(|(id, w)| self.meta.result_of(*id).map(|r| (*id, w.conn, r)))
                     .collect();
                 for (id, conn, result) in done {
                     self.waiting.remove(&id);
@@ -409,9 +466,12 @@ impl<R: Replicator> TrackerNode<R> {
             _ => {}
         }
         if let Some(id) = entry.id {
-            if let Some((conn, _)) = self.waiting.remove(&id) {
+            if let Some(Waiting { conn, .. }) = self.waiting.remove(&id) {
                 self.write_answered(conn);
                 self.respond(conn, id, result);
+            }
+            if matches!(entry.cmd, Command::Noop) {
+                self.barrier_passed(id, now);
             }
         }
     }

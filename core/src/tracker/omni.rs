@@ -44,7 +44,7 @@ pub const TICK: Millis = Millis(10);
 /// two rounds (0.4-0.6 s).
 pub const ELECTION_TICKS: u64 = 20;
 /// Ticks before an unanswered Prepare/Promise/Decide is resent.
-pub const RESEND_TICKS: u64 = 50;
+pub const RESEND_TICKS: u64 = 25;
 /// Decided entries kept in the log before the state is snapshotted and the
 /// log trimmed (locally: each tracker compacts on its own). etcd's default
 /// snapshot count is the same; a snapshot pauses the tracker for the time it
@@ -620,6 +620,11 @@ impl Replicator for OmniReplicator {
 
     fn leader(&self) -> Option<NodeId> {
         self.op.get_current_leader().map(|(l, _)| l)
+    }
+
+    fn term(&self) -> u64 {
+        let b = self.op.get_promise();
+        (b.n as u64) << 32 | (b.pid & 0xffff_ffff)
     }
 
     fn is_synced(&self) -> bool {

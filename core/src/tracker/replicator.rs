@@ -79,6 +79,11 @@ pub trait Replicator {
     }
     /// Who leads, as far as this node knows.
     fn leader(&self) -> Option<NodeId>;
+    /// A number that changes whenever leadership may have (a new ballot
+    /// promised): entries proposed before may have been dropped.
+    fn term(&self) -> u64 {
+        0
+    }
     /// Whether this node has caught up with the cluster since it started: it
     /// may answer reads only then.
     fn is_synced(&self) -> bool {

@@ -53,6 +53,16 @@ impl<R: Replicator> TrackerNode<R> {
                             false
                         }
                     };
+                if !ok && !self.replicator.peers().is_empty() {
+                    // This tracker may not have applied the account yet (it
+                    // was created through another one a moment ago): a no
+                    // is final only once everything decided before this
+                    // request is applied here. A barrier through the log
+                    // waits for that (for a wrong password too, so the
+                    // answer's timing tells nobody which accounts exist).
+                    let held = HeldLogin { conn, id, settled_below, user, password, listen, keys };
+                    return self.barrier(held, now);
+                }
                 if !ok {
                     self.login_failed(keys, now);
                     return self.respond(conn, id, Err(ApiError::BadCredentials));
@@ -101,6 +111,11 @@ impl<R: Replicator> TrackerNode<R> {
                 return self.respond(conn, id, r);
             }
         };
+        self.propose_write(conn, (id, settled_below), cmd, now);
+    }
+
+    /// Proposes a client's write; it is answered once applied (or at its deadline).
+    fn propose_write(&mut self, conn: ConnId, (id, settled_below): (RequestId, u64), cmd: Command, now: Millis) {
         if !self.links.quorum(now) {
             // Cut off from the majority: the write cannot be decided here,
             // and the client is better off at another tracker now.
@@ -111,12 +126,66 @@ impl<R: Replicator> TrackerNode<R> {
             return self.respond(conn, id, Err(ApiError::Limit("too many requests in flight".into())));
         }
         c.in_flight += 1;
-        if let Some((old, _)) = self.waiting.insert(id, (conn, now.plus(WRITE_DEADLINE))) {
+        let entry = Entry { id: Some(id), settled_below, cmd };
+        let w = super::node::Waiting { conn, deadline: now.plus(WRITE_DEADLINE), entry: entry.clone() };
+        if let Some(old) = self.waiting.insert(id, w) {
             // The same request again (a retry on another connection): answer the newest.
-            self.write_answered(old);
+            self.write_answered(old.conn);
         }
-        self.replicator.propose(Entry { id: Some(id), settled_below, cmd });
+        self.replicator.propose(entry);
         self.pump(now);
+    }
+
+    /// Holds a failed login until a no-op entry proposed now is applied here:
+    /// then this tracker has everything decided before it, and decides.
+    fn barrier(&mut self, held: HeldLogin, now: Millis) {
+        let (conn, id) = (held.conn, held.id);
+        if !self.links.quorum(now) {
+            return self.respond(conn, id, Err(ApiError::NoQuorum));
+        }
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.in_flight >= MAX_WRITES_IN_FLIGHT {
+            return self.respond(conn, id, Err(ApiError::Limit("too many requests in flight".into())));
+        }
+        c.in_flight += 1;
+        self.next_barrier += 1;
+        let tag = RequestId { client: u64::MAX - self.replicator.me(), seq: self.next_barrier };
+        self.held_logins.insert(tag, (held, now.plus(WRITE_DEADLINE)));
+        self.replicator.propose(Entry { id: Some(tag), settled_below: tag.seq, cmd: Command::Noop });
+        self.pump(now);
+    }
+
+    /// A login's barrier was applied: the account as the cluster knows it.
+    pub(crate) fn barrier_passed(&mut self, tag: RequestId, now: Millis) {
+        let Some((h, _)) = self.held_logins.remove(&tag) else { return };
+        self.write_answered(h.conn);
+        let ok = match self.meta.password_of(&h.user) {
+            Some(hash) => hash.verify(&h.password),
+            None => {
+                self.decoy.verify(&h.password);
+                false
+            }
+        };
+        if !ok {
+            self.login_failed(h.keys, now);
+            return self.respond(h.conn, h.id, Err(ApiError::BadCredentials));
+        }
+        let mut t = [0u8; 16];
+        self.rng.fill(&mut t);
+        let cmd = Command::OpenSession { user: h.user, token: SessionToken(t), listen: h.listen };
+        self.propose_write(h.conn, (h.id, h.settled_below), cmd, now);
+    }
+
+    /// Logins whose barrier was not applied in time: `NoQuorum`.
+    pub(crate) fn expire_barriers(&mut self, now: Millis) {
+        let due: Vec<RequestId> =
+            self.held_logins.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(t, _)| *t).collect();
+        for t in due {
+            if let Some((h, _)) = self.held_logins.remove(&t) {
+                self.write_answered(h.conn);
+                self.respond(h.conn, h.id, Err(ApiError::NoQuorum));
+            }
+        }
     }
 
     pub(crate) fn write_answered(&mut self, conn: ConnId) {
@@ -225,4 +294,15 @@ impl<R: Replicator> TrackerNode<R> {
 
 pub(crate) fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+/// A failed login waiting for its barrier.
+pub(crate) struct HeldLogin {
+    conn: ConnId,
+    id: RequestId,
+    settled_below: u64,
+    user: UserId,
+    password: String,
+    listen: SocketAddr,
+    keys: [Option<LoginKey>; 2],
 }

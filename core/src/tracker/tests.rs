@@ -261,3 +261,81 @@ fn a_write_not_decided_in_time_is_answered_no_quorum_and_frees_its_slot() {
     n.handle_bytes(C, &req(999, None, r), Millis(4_000));
     assert!(drain(&mut n).is_empty(), "waiting for the log again, not refused");
 }
+
+/// Tracker 1 of three, alone: what it dials and sends on its links.
+fn linked_node() -> TrackerNode<OmniReplicator> {
+    let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
+    let rep = OmniReplicator::recover(1, &[1, 2, 3], std::iter::empty()).unwrap();
+    TrackerNode::new(cfg, Rng::from_u64(1), rep)
+}
+
+fn dials(outs: &[TrackerOutput]) -> Vec<NodeId> {
+    outs.iter().filter_map(|o| if let TrackerOutput::Dial { node } = o { Some(*node) } else { None }).collect()
+}
+
+fn hangups(outs: &[TrackerOutput]) -> Vec<NodeId> {
+    outs.iter().filter_map(|o| if let TrackerOutput::Hangup { node } = o { Some(*node) } else { None }).collect()
+}
+
+fn pings_to(outs: &[TrackerOutput], to: NodeId) -> usize {
+    outs.iter()
+        .filter(|o| {
+            matches!(o, TrackerOutput::PeerSend { node, bytes } if *node == to
+            && decode::<Message>(&bytes[4..]) == Ok(Message::Tracker(TrackerFrame::Ping)))
+        })
+        .count()
+}
+
+#[test]
+fn links_are_dialled_pinged_and_hung_up_when_silent() {
+    use super::links::{DIAL_TIMEOUT, LINK_DEADLINE, LINK_HEARTBEAT, REDIAL_MIN};
+    let mut n = linked_node();
+    n.handle_timeout(Millis(1));
+    assert_eq!(dials(&drain(&mut n)), vec![2, 3]);
+    n.handle_link_up(2, Millis(5));
+    let hello = drain(&mut n);
+    assert!(hello.iter().any(|o| matches!(o, TrackerOutput::PeerSend { node: 2, .. })), "introduces itself");
+    // Link 3 never connects: given up after the dial timeout, redialled later.
+    let mut t = Millis(5);
+    let mut pings = 0;
+    let mut out = Vec::new();
+    while t < Millis(5).plus(DIAL_TIMEOUT) {
+        t = t.plus(Millis(10));
+        n.handle_timeout(t);
+        out = drain(&mut n);
+        pings += pings_to(&out, 2);
+        // Link 2 answers its pings.
+        n.handle_link_bytes(2, &encode(&Message::Tracker(TrackerFrame::Pong)), t);
+        drain(&mut n);
+    }
+    assert!(pings as u64 >= DIAL_TIMEOUT.0 / LINK_HEARTBEAT.0 - 1, "{pings} pings");
+    assert_eq!(hangups(&out), vec![3], "the dial that never connected is abandoned");
+    n.handle_timeout(t.plus(REDIAL_MIN));
+    assert_eq!(dials(&drain(&mut n)), vec![3]);
+    // Link 2 falls silent: hung up at its deadline, not before.
+    let quiet = t;
+    let mut hung = None;
+    while hung.is_none() {
+        t = t.plus(Millis(10));
+        n.handle_timeout(t);
+        if hangups(&drain(&mut n)).contains(&2) {
+            hung = Some(t.since(quiet));
+        }
+    }
+    let hung = hung.unwrap();
+    assert!(hung >= LINK_DEADLINE && hung <= LINK_DEADLINE.plus(Millis(20)), "hung up after {hung}");
+}
+
+#[test]
+fn a_lone_member_of_a_cluster_names_no_leader_and_answers_writes_at_once() {
+    let mut n = linked_node();
+    n.handle_connected(C, REMOTE, Millis(0));
+    n.handle_bytes(C, &hello(), Millis(0));
+    drain(&mut n);
+    let r = Request::CreateUser { user: UserId::new("al").unwrap(), password: "pw".into() };
+    n.handle_bytes(C, &req(1, None, r), Millis(1));
+    // Not caught up with anyone either; what matters is the answer comes now.
+    let outs = drain(&mut n);
+    assert!(matches!(answer(&outs), Err(ApiError::NoQuorum | ApiError::CatchingUp)), "{outs:?}");
+    assert_eq!(n.leader(), None);
+}
