@@ -9,7 +9,7 @@
 //! done, or done in part), a full disk refuses to allocate or write, a read
 //! fails, and a chunk stored at rest rots. What it keeps survives a client
 //! crash: part files and sidecars stay for the resume. It decides nothing
-//! about chunks: hash jobs are run as they are ([`HashJob::run`]), and core
+//! about chunks: hash jobs are run as they are ([`shoal_core::client::verify::HashJob::run`]), and core
 //! compares.
 //!
 //! [`TrackerLog`] is a tracker's durable log: records appended since the
@@ -172,6 +172,36 @@ impl MemDisk {
             }
         }
         self.open.retain(|(h, _), _| *h != host);
+    }
+
+    /// Host `host` lost power: as [`MemDisk::crash`], and besides, writes
+    /// that had completed but were not yet on the platter are gone: some of
+    /// the chunks its part files hold revert to zeros while the sidecar that
+    /// counts them may have made it (the part files are never fsynced; the
+    /// resume's re-check is what catches this).
+    pub fn power_loss(&mut self, host: usize) {
+        let open: Vec<String> =
+            self.open.iter().filter(|((h, _), _)| *h == host).map(|(_, p)| p.part.clone()).collect();
+        self.crash(host);
+        self.count("power loss");
+        for path in open {
+            let Some(r) = self.records.get(&path) else { continue };
+            let lost: Vec<u32> = r.written.iter().copied().filter(|_| self.rng.below(3) == 0).collect();
+            let Some(f) = self.files.get_mut(&path) else { continue };
+            for &c in &lost {
+                let at = c as usize * CHUNK_SIZE as usize;
+                let end = (at + CHUNK_SIZE as usize).min(f.len());
+                if at < end {
+                    f[at..end].fill(0);
+                }
+            }
+            if let Some(r) = self.records.get_mut(&path) {
+                for c in lost {
+                    r.written.remove(&c);
+                    *self.counts.entry("chunk lost to power loss").or_default() += 1;
+                }
+            }
+        }
     }
 
     /// A write in flight at a crash, done in part.

@@ -215,6 +215,17 @@ impl World {
         self.clients[c].up = false;
     }
 
+    /// Client `c`'s machine loses power: a crash, and its disk loses writes
+    /// that had not reached the platter (see [`crate::disk::MemDisk::power_loss`]).
+    pub fn power_loss_client(&mut self, c: usize) {
+        if !self.clients[c].up {
+            return;
+        }
+        self.record(format!("{} power loss c{c}", self.now.0));
+        self.disk.power_loss(c);
+        self.crash_client(c);
+    }
+
     /// Starts client `c` again with a fresh engine (it must log in again).
     pub fn restart_client(&mut self, c: usize) {
         let all: Vec<usize> = (0..self.trackers.len()).collect();

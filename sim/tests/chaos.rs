@@ -300,7 +300,13 @@ impl Runner {
                     Some(&c) => c,
                     None => 1 + self.rng.below(self.plan.clients as u64 - 1) as usize,
                 };
-                self.w.crash_client(c);
+                // A third of the time its machine loses power: writes that
+                // had not reached the disk are gone too.
+                if self.rng.below(3) == 0 {
+                    self.w.power_loss_client(c);
+                } else {
+                    self.w.crash_client(c);
+                }
                 self.busy.remove(&c);
                 self.logged_in[c] = false;
                 self.retry_download[c] = self.last_download[c].take();

@@ -1,7 +1,7 @@
 //! The persist-before-send barrier: what a tracker may send only once the
 //! records before it are durable.
 //!
-//! [`Outbox`] queues a node's outputs for its driver. Log records go out at
+//! `Outbox` queues a node's outputs for its driver. Log records go out at
 //! once (the driver writes them); a send that promises what they hold (a
 //! vote, or an answer a log of one decided by writing) is held until the
 //! driver reports, with [`super::TrackerNode::handle_synced`], that a sync
