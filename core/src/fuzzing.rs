@@ -140,6 +140,7 @@ pub fn download_peer(data: &[u8]) {
     d.handle_sources(&[a, b], Millis(0));
     let mut conns = Vec::new();
     let mut ops: Vec<VerifyOp> = Vec::new();
+    let mut chain = crate::client::verify::HashChain::default();
     let mut dec = FrameDecoder::new(crate::client::peer::MAX_PEER_FRAME);
     let mut now = 1;
     let mut pieces = data.split(|&b| b == 0xfe).enumerate();
@@ -185,7 +186,7 @@ pub fn download_peer(data: &[u8]) {
         for op in std::mem::take(&mut ops) {
             match op {
                 VerifyOp::Hash(mut job) => {
-                    job.run();
+                    job.run(&mut chain);
                     v.handle_hashed(job, digest);
                 }
                 VerifyOp::Write { chunk, data } => {
@@ -292,6 +293,7 @@ pub struct ScratchDisk {
     pub files: BTreeMap<String, Vec<u8>>,
     pub dirs: BTreeSet<String>,
     parts: BTreeMap<DownloadId, PartPaths>,
+    chains: BTreeMap<DownloadId, crate::client::verify::HashChain>,
 }
 
 impl ScratchDisk {
@@ -345,7 +347,7 @@ impl ScratchDisk {
                 DiskDone::Read { id, chunk, buf, result }
             }
             DiskOp::Hash { id, mut job } => {
-                job.run();
+                job.run(self.chains.entry(id).or_default());
                 DiskDone::Hashed { id, job }
             }
             DiskOp::Write { id, chunk, data } => {

@@ -26,7 +26,7 @@ use shoal_core::Millis;
 
 use crate::clock::Clock;
 use crate::conn::{Conn, ReadOutcome};
-use crate::hashers::{hash_file, Hashers};
+use crate::hashers::{hash_file, Hasher};
 use crate::part::{self, PartFile};
 use crate::readcache::ReadCache;
 
@@ -93,7 +93,7 @@ impl ClientHandle {
             readers: ReadCache::default(),
             parts: HashMap::new(),
             part_threads: Vec::new(),
-            hashers: None,
+            hashers: HashMap::new(),
             unflushed: Vec::new(),
         };
         let thread = std::thread::Builder::new().name("shoal-engine".into()).spawn(move || driver.run())?;
@@ -168,8 +168,8 @@ struct Driver {
     parts: HashMap<DownloadId, Sender<DiskOp>>,
     /// The downloads' disk threads, joined when the client stops.
     part_threads: Vec<JoinHandle<()>>,
-    /// The hash job workers, started with the first download.
-    hashers: Option<Hashers>,
+    /// Each open download's hashing thread.
+    hashers: HashMap<DownloadId, Hasher>,
     /// Outgoing peer connections with bytes queued by this drain, flushed
     /// when it ends.
     unflushed: Vec<Token>,
@@ -462,16 +462,9 @@ impl Driver {
                 self.spawn("shoal-open", move || Inbox::Opened(id, part::open(&dest, &name, size)));
             }
             DiskOp::Hash { id, job } => {
-                if self.hashers.is_none() {
-                    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-                    match Hashers::start(threads, self.reporter()) {
-                        Ok(h) => self.hashers = Some(h),
-                        Err(e) => tracing::error!(error = %e, "cannot start the hashing threads"),
-                    }
-                }
                 // Handed back unrun if nothing can run it: core fails the download.
-                let job = match &self.hashers {
-                    Some(h) => match h.run(id, job) {
+                let job = match self.hashers.get(&id) {
+                    Some(h) => match h.run(job) {
                         None => return,
                         Some(job) => job,
                     },
@@ -480,6 +473,7 @@ impl Driver {
                 self.engine.handle_input(ClientInput::Disk(DiskDone::Hashed { id, job }), now);
             }
             op @ (DiskOp::Finish { id } | DiskOp::Close { id }) => {
+                self.hashers.remove(&id);
                 if let Some(tx) = self.parts.remove(&id) {
                     let _ = tx.send(op);
                 } else if matches!(op, DiskOp::Finish { .. }) {
@@ -524,6 +518,8 @@ impl Driver {
     }
 
     fn start_part(&mut self, id: DownloadId, part: PartFile) -> Result<(), String> {
+        let hasher = Hasher::start(id, self.reporter()).map_err(|e| format!("cannot start a hashing thread: {e}"))?;
+        self.hashers.insert(id, hasher);
         let (tx, thread) = part.spawn(id, self.reporter()).map_err(|e| format!("cannot start a disk thread: {e}"))?;
         self.parts.insert(id, tx);
         self.part_threads.retain(|h| !h.is_finished());

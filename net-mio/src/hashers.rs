@@ -1,18 +1,18 @@
-//! Hashing off the engine thread: the download's hash jobs on a small pool
-//! of threads, and whole files for `upload_file`.
+//! Hashing off the engine thread: each download's hash jobs on a thread of
+//! its own, and whole files for `upload_file`.
 //!
 //! A hash job ([`HashJob`]) is pure computation that core hands out and takes
-//! back with its digests; any thread may run any job, so the pool needs no
-//! order. Core keeps one job per download out at a time.
+//! back with its digests. A download's jobs continue one another's whole-file
+//! hash, so they run in order, on one thread; core keeps two out at a time,
+//! so that thread always has the next one at hand.
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex};
 
 use shoal_core::chunk::{FileDigest, FileHasher};
 use shoal_core::client::disk::DiskDone;
-use shoal_core::client::verify::HashJob;
+use shoal_core::client::verify::{HashChain, HashJob};
 use shoal_core::client::DownloadId;
 
 /// Streams a file through the chunk hasher in 1 MiB reads: constant memory.
@@ -34,31 +34,27 @@ pub fn hash_file(path: &str) -> Result<FileDigest, String> {
     h.finish().map_err(|e| e.to_string())
 }
 
-/// Threads that run hash jobs and report them done.
-pub struct Hashers {
-    tx: Sender<(DownloadId, HashJob)>,
+/// A download's hashing thread: runs its hash jobs one after another, in
+/// the order they come, with the download's [`HashChain`], and reports each.
+pub struct Hasher {
+    tx: Sender<HashJob>,
 }
 
-impl Hashers {
-    /// `threads` workers (at least one), each reporting through `report`.
-    pub fn start(threads: usize, report: impl Fn(DiskDone) + Send + Sync + 'static) -> io::Result<Hashers> {
-        let (tx, rx) = mpsc::channel::<(DownloadId, HashJob)>();
-        let rx = Arc::new(Mutex::new(rx));
-        let report = Arc::new(report);
-        for _ in 0..threads.max(1) {
-            let (rx, report) = (rx.clone(), report.clone());
-            std::thread::Builder::new().name("shoal-hasher".into()).spawn(move || loop {
-                let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                let Ok((id, mut job)) = next else { return };
-                job.run();
+impl Hasher {
+    pub fn start(id: DownloadId, report: impl Fn(DiskDone) + Send + 'static) -> io::Result<Hasher> {
+        let (tx, rx) = mpsc::channel::<HashJob>();
+        std::thread::Builder::new().name("shoal-hasher".into()).spawn(move || {
+            let mut chain = HashChain::default();
+            for mut job in rx {
+                job.run(&mut chain);
                 report(DiskDone::Hashed { id, job });
-            })?;
-        }
-        Ok(Hashers { tx })
+            }
+        })?;
+        Ok(Hasher { tx })
     }
 
-    /// Queues a job; it comes back if the workers are gone.
-    pub fn run(&self, id: DownloadId, job: HashJob) -> Option<HashJob> {
-        self.tx.send((id, job)).err().map(|e| e.0 .1)
+    /// Queues a job; it comes back if the thread is gone.
+    pub fn run(&self, job: HashJob) -> Option<HashJob> {
+        self.tx.send(job).err().map(|e| e.0)
     }
 }

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use shoal_core::chunk::{FileHasher, CHUNK_SIZE};
 use shoal_core::client::disk::{resolve, write_in_memory, DiskDone, DiskOp, OpenedPart, PartPaths, PathKind};
+use shoal_core::client::verify::HashChain;
 use shoal_core::client::DownloadId;
 use shoal_core::rng::Rng;
 use shoal_core::time::Millis;
@@ -70,6 +71,7 @@ pub struct MemDisk {
     next: u64,
     full: BTreeSet<usize>,
     records: BTreeMap<String, PartRecord>,
+    chains: BTreeMap<(usize, DownloadId), HashChain>,
     /// How many faults of each kind struck.
     pub counts: BTreeMap<&'static str, u64>,
 }
@@ -86,6 +88,7 @@ impl MemDisk {
             next: 0,
             full: BTreeSet::new(),
             records: BTreeMap::new(),
+            chains: BTreeMap::new(),
             counts: BTreeMap::new(),
         }
     }
@@ -172,6 +175,7 @@ impl MemDisk {
             }
         }
         self.open.retain(|(h, _), _| *h != host);
+        self.chains.retain(|(h, _), _| *h != host);
     }
 
     /// Host `host` lost power: as [`MemDisk::crash`], and besides, writes
@@ -263,8 +267,13 @@ impl MemDisk {
         }
     }
 
-    /// Queues `op` of host `host`; it completes a random while later.
-    pub fn submit(&mut self, host: usize, op: DiskOp, now: Millis) {
+    /// Queues `op` of host `host`; it completes a random while later. Hash
+    /// jobs are run now, in the order handed out (they continue each other's
+    /// whole-file hash), and come back a random while later.
+    pub fn submit(&mut self, host: usize, mut op: DiskOp, now: Millis) {
+        if let DiskOp::Hash { id, job } = &mut op {
+            job.run(self.chains.entry((host, *id)).or_default());
+        }
         let at = now.plus(self.latency());
         self.next += 1;
         self.pending.insert((at, self.next), Pending { host, op });
@@ -340,10 +349,8 @@ impl MemDisk {
                 }
                 DiskDone::Read { id, chunk, buf, result }
             }
-            DiskOp::Hash { id, mut job } => {
-                job.run();
-                DiskDone::Hashed { id, job }
-            }
+            // Run when submitted.
+            DiskOp::Hash { id, job } => DiskDone::Hashed { id, job },
             DiskOp::Write { id, chunk, data } => {
                 let part = self.open.get(&(host, id)).map(|p| p.part.clone());
                 let result = match part.as_ref().and_then(|p| self.files.get_mut(p)) {

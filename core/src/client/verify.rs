@@ -56,20 +56,26 @@ pub const MAX_READS: usize = 4;
 /// Most checks one hash job carries: under load, checks that arrived while a
 /// job ran go together in the next, so the hasher waits for the engine once
 /// per batch, not per chunk.
-pub const MAX_CHECKS_PER_JOB: usize = 8;
-/// Hash jobs out at once: one, carrying the whole-file state, so every check
-/// can pair with a fold. (With a second job checking in parallel the checks
-/// outran the sequential folds, held chunks overflowed and were read back:
-/// bench, 1 GiB, twice the chunks read back as there are, 0.26x the hash
-/// limit instead of 0.55x.)
-pub const MAX_JOBS: usize = 1;
-/// Most folds one job does. Folds are taken as far as good chunks reach from
-/// the cursor, paired with the job's checks while there are some: holding
-/// them back for checks to pair with lets the held chunks pile up past
-/// [`MAX_HELD_CHUNKS`] after a late chunk, and every one evicted costs a read
-/// and a second check (bench, 1 GiB: 1,700-1,900 of 2,048 chunks read back
-/// when folds waited for checks, under 300 when they did not).
-pub const MAX_FOLDS_PER_JOB: usize = 16;
+pub const MAX_CHECKS_PER_JOB: usize = 16;
+/// Hash jobs out at once. The second continues the whole-file hash from
+/// where the first leaves it ([`HashChain`]), so the driver's hasher has the
+/// next job at hand when it finishes one instead of waiting a round trip to
+/// the engine. (Two jobs hashing independently, one of them checks only,
+/// let the checks outrun the sequential folds: held chunks overflowed and
+/// were read back, bench 0.26x the hash limit instead of 0.55x.)
+pub const MAX_JOBS: usize = 2;
+/// Held chunks from which folds run without checks to pair with. Below it a
+/// fold waits for a check (two SHA1 streams over one pass cost about one):
+/// the bench paired 1,930 of 2,048 folds so, against 1,300 when folds ran
+/// alone from 16 held. From it, folds run alone to catch up, or the held
+/// chunks pass [`MAX_HELD_CHUNKS`] behind a late chunk and every one evicted
+/// costs a read and a second check (folds that always waited for checks:
+/// 1,700-1,900 of 2,048 chunks read back in the bench, 1 GiB).
+pub const CATCH_UP_HELD: usize = MAX_HELD_CHUNKS * 3 / 4;
+/// Most folds one job does: it takes good chunks as far as they reach from
+/// the cursor, up to this many when catching up (or when no more checks will
+/// come to pair with), as many as it has checks otherwise.
+pub const MAX_FOLDS_PER_JOB: usize = 32;
 
 /// Why a buffer is being checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,14 +110,36 @@ struct Fold {
     src: FoldSrc,
 }
 
+/// Where a job's whole-file hash starts.
+#[derive(Debug)]
+enum Start {
+    /// No folds.
+    None,
+    /// From this state.
+    Given(Box<Sha1>),
+    /// From the state the download's previous job with folds ended with
+    /// (kept by the driver in the download's [`HashChain`]).
+    Chained,
+}
+
+/// The whole-file state a download's hash jobs hand on to the next, kept by
+/// the driver (one per download, default to start). The driver runs a
+/// download's jobs one after another in the order it got them, so a job can
+/// start from the state the previous one ended with without waiting for the
+/// engine.
+#[derive(Debug, Default)]
+pub struct HashChain {
+    state: Option<Sha1>,
+}
+
 /// Hashing work for the driver: chunk checks and whole-file folds, run with
 /// [`HashJob::run`] and handed back unchanged otherwise.
 #[derive(Debug)]
 pub struct HashJob {
+    seq: u64,
     checks: Vec<Check>,
     folds: Vec<Fold>,
-    /// The whole-file state before the folds (when there are any).
-    start: Option<Sha1>,
+    start: Start,
     /// The state after each fold, filled in by `run`.
     after: Vec<Sha1>,
     ran: bool,
@@ -120,9 +148,18 @@ pub struct HashJob {
 impl HashJob {
     /// Computes the digests: each fold paired with a check (two SHA1 streams
     /// at once), the remaining checks two by two. Pure computation, for any
-    /// thread.
-    pub fn run(&mut self) {
-        let mut whole = self.start.clone().unwrap_or_default();
+    /// thread; but a download's jobs run in the order they were handed out,
+    /// each with the download's `chain`.
+    pub fn run(&mut self, chain: &mut HashChain) {
+        let mut whole = match &self.start {
+            Start::None => Sha1::new(),
+            Start::Given(s) => (**s).clone(),
+            Start::Chained => match chain.state.clone() {
+                Some(s) => s,
+                // The chain was lost (a driver's mistake): report nothing.
+                None => return,
+            },
+        };
         let mut states: Vec<Option<Sha1>> = self.checks.iter().map(|_| Some(Sha1::new())).collect();
         let mut next = 0;
         self.after.clear();
@@ -156,6 +193,9 @@ impl HashJob {
         }
         for (c, s) in self.checks.iter_mut().zip(states) {
             c.digest = s.map(|s| Sha1Digest(s.finalize()));
+        }
+        if !self.folds.is_empty() {
+            chain.state = Some(whole);
         }
         self.ran = true;
     }
@@ -231,12 +271,21 @@ pub struct Verifier {
     size: u64,
     /// Chunks verified and written: what the part file holds.
     stored: Bitmap,
-    /// The whole-file hash covers chunks `0..cursor`.
+    /// The whole-file hash covers chunks `0..cursor`, in this state.
     cursor: u32,
-    /// Its state; `None` while a hash job carries it.
-    whole: Option<Sha1>,
-    /// Hash jobs out (at most [`MAX_JOBS`]; the whole-file state is in at most one).
-    jobs_out: usize,
+    whole: Sha1,
+    /// Hash jobs out, in the order handed out (at most [`MAX_JOBS`]): each
+    /// one's number, and how many folds and checks it carries.
+    inflight: VecDeque<(u64, usize, usize)>,
+    /// Jobs back before an earlier one, waiting their turn.
+    parked: BTreeMap<u64, HashJob>,
+    next_job: u64,
+    /// The next chunk a new job folds: past the folds in flight.
+    frontier: u32,
+    /// A job's folds were not all kept while a later one, built on them, is
+    /// out: its folds are thrown away, and none are handed out until every
+    /// job is back.
+    broken: bool,
     unchecked: VecDeque<Check>,
     held: BTreeMap<u32, Vec<u8>>,
     reading: BTreeMap<u32, ReadWhy>,
@@ -264,8 +313,12 @@ impl Verifier {
             size,
             stored: Bitmap::new(n),
             cursor: 0,
-            whole: Some(Sha1::new()),
-            jobs_out: 0,
+            whole: Sha1::new(),
+            inflight: VecDeque::new(),
+            parked: BTreeMap::new(),
+            next_job: 0,
+            frontier: 0,
+            broken: false,
             unchecked: VecDeque::new(),
             held: BTreeMap::new(),
             reading: BTreeMap::new(),
@@ -301,7 +354,7 @@ impl Verifier {
 
     /// Disk operations handed out and not yet back.
     pub fn ops_out(&self) -> usize {
-        self.writing + self.reading.len() + self.jobs_out
+        self.writing + self.reading.len() + self.inflight.len()
     }
 
     // ---- inputs ----
@@ -317,19 +370,41 @@ impl Verifier {
         self.pump_and_finish(digest);
     }
 
-    /// A [`VerifyOp::Hash`] job, run (or not) by the driver.
+    /// A [`VerifyOp::Hash`] job, run (or not) by the driver. Jobs may come
+    /// back in any order; they are taken in the order they were handed out.
     pub fn handle_hashed(&mut self, job: HashJob, digest: &FileDigest) {
-        if self.jobs_out == 0 || self.phase == Phase::Done {
+        if self.phase == Phase::Done || !self.inflight.iter().any(|(q, _, _)| *q == job.seq) {
             return;
         }
-        self.jobs_out -= 1;
-        let HashJob { checks, folds, start, after, ran } = job;
+        self.parked.insert(job.seq, job);
+        while let Some(job) = self.inflight.front().and_then(|(q, _, _)| self.parked.remove(q)) {
+            self.inflight.pop_front();
+            self.take_job(job, digest);
+            if self.phase == Phase::Done {
+                return;
+            }
+        }
+        if self.inflight.is_empty() {
+            self.broken = false;
+            self.frontier = self.cursor;
+        }
+        self.pump_and_finish(digest);
+    }
+
+    fn take_job(&mut self, job: HashJob, digest: &FileDigest) {
+        let HashJob { checks, folds, after, ran, .. } = job;
+        if !ran {
+            return self.fail("a hash job came back without being run".into());
+        }
         let ok: Vec<bool> = checks
             .iter()
-            .map(|c| ran && c.digest.is_some() && c.digest == digest.chunks.get(c.chunk as usize).copied())
+            .map(|c| c.digest.is_some() && c.digest == digest.chunks.get(c.chunk as usize).copied())
             .collect();
-        // The longest prefix of folds over good bytes is kept.
-        let accepted = if ran {
+        // The longest prefix of folds over good bytes is kept, unless an
+        // earlier job's were not (then these were built on a wrong state).
+        let accepted = if self.broken {
+            0
+        } else {
             folds
                 .iter()
                 .take_while(|f| match f.src {
@@ -337,15 +412,19 @@ impl Verifier {
                     FoldSrc::Check(i) => ok[i],
                 })
                 .count()
-        } else {
-            0
         };
-        if !folds.is_empty() {
-            self.whole = match accepted {
-                0 => start,
-                k => after.into_iter().nth(k - 1),
-            };
+        if accepted > 0 {
+            self.whole = after[accepted - 1].clone();
             self.cursor += accepted as u32;
+        }
+        if accepted < folds.len() {
+            if self.inflight.iter().any(|(_, f, _)| *f > 0) {
+                // A later job folds on from the state just thrown away.
+                self.broken = true;
+            } else {
+                // The next folds start again where the hash is.
+                self.frontier = self.cursor;
+            }
         }
         for (k, f) in folds.into_iter().enumerate() {
             if let FoldSrc::Held(buf) = f.src {
@@ -354,6 +433,15 @@ impl Verifier {
                 } else {
                     self.held.insert(f.chunk, buf);
                 }
+            }
+        }
+        // Held chunks the hash has passed (folded from another copy).
+        while let Some((&c, _)) = self.held.first_key_value() {
+            if c >= self.cursor {
+                break;
+            }
+            if let Some(buf) = self.held.remove(&c) {
+                self.give_back(buf);
             }
         }
         for (c, good) in checks.into_iter().zip(ok) {
@@ -378,10 +466,6 @@ impl Verifier {
                 }
             }
         }
-        if !ran {
-            return self.fail("a hash job came back without being run".into());
-        }
-        self.pump_and_finish(digest);
     }
 
     /// A [`VerifyOp::Write`] finished (`buf` is its data, handed back).
@@ -464,7 +548,10 @@ impl Verifier {
     /// its buffer back: when all places are taken, the held chunk farthest
     /// from the cursor makes way for a nearer one.
     fn hold(&mut self, chunk: u32, data: Vec<u8>) {
-        if chunk < self.cursor || self.held.contains_key(&chunk) {
+        // Passed by the hash, or being folded by a job out (if that fold is
+        // not kept, the chunk is read back when the hash gets there).
+        let passed = chunk < self.cursor || (!self.broken && chunk < self.frontier);
+        if passed || self.held.contains_key(&chunk) {
             return self.give_back(data);
         }
         if self.held.len() < MAX_HELD_CHUNKS {
@@ -491,16 +578,20 @@ impl Verifier {
         if self.phase == Phase::Recheck
             && self.to_recheck.is_empty()
             && self.reading.is_empty()
-            && self.jobs_out == 0
+            && self.inflight.is_empty()
             && !self.unchecked.iter().any(|c| c.kind == CheckKind::Claimed)
         {
             self.phase = Phase::Running;
             self.out.push_back(VerifyEvent::Rechecked);
             self.pump();
         }
-        if self.phase == Phase::Running && self.cursor == self.n && self.stored.is_full() && self.writing == 0 {
-            let whole = self.whole.take().unwrap_or_default();
-            let got = Sha1Digest(whole.finalize());
+        if self.phase == Phase::Running
+            && self.cursor == self.n
+            && self.stored.is_full()
+            && self.writing == 0
+            && self.inflight.is_empty()
+        {
+            let got = Sha1Digest(self.whole.clone().finalize());
             if got == digest.sha1 {
                 self.phase = Phase::Done;
                 self.out.push_back(VerifyEvent::Complete);
@@ -530,12 +621,12 @@ impl Verifier {
         }
         // The chunks the whole-file hash reaches next that are on disk only
         // are read back, a few ahead while there is room to hold them.
-        // (While a job carries the hash, the chunks it folds are in that job.)
-        if self.whole.is_some() {
-            let end = self.n.min(self.cursor + MAX_FOLDS_PER_JOB as u32);
-            for c in self.cursor..end {
+        // (The chunks before the frontier are in the jobs out.)
+        if !self.broken {
+            let end = self.n.min(self.frontier + MAX_FOLDS_PER_JOB as u32);
+            for c in self.frontier..end {
                 let room = self.held.len() + self.reading.len() < MAX_HELD_CHUNKS;
-                if self.reading.len() >= MAX_READS || (c > self.cursor && !room) {
+                if self.reading.len() >= MAX_READS || (c > self.frontier && !room) {
                     break;
                 }
                 if !self.stored.get(c) {
@@ -556,19 +647,37 @@ impl Verifier {
         self.dispatch();
     }
 
-    /// The next hash job, if one can go and has work: the checks waiting,
-    /// and the folds the whole-file hash can reach.
+    /// Whether every chunk is on disk or on its way there (checked, or being
+    /// checked): no more checks will come for folds to pair with.
+    fn no_more_checks(&self, taken: usize) -> bool {
+        let in_flight: usize = self.inflight.iter().map(|(_, _, c)| c).sum();
+        let accounted = self.stored.count() as usize
+            + self.to_write.len()
+            + self.writing
+            + self.unchecked.len()
+            + taken
+            + in_flight;
+        self.phase == Phase::Recheck || accounted >= self.n as usize
+    }
+
+    /// The next hash jobs, while they can go and have work: the checks
+    /// waiting, and the folds the whole-file hash can reach. A second job
+    /// goes only with checks to do; its folds continue the first job's.
     fn dispatch(&mut self) {
-        while self.jobs_out < MAX_JOBS {
+        while self.inflight.len() < MAX_JOBS {
+            if !self.inflight.is_empty() && self.unchecked.is_empty() {
+                return;
+            }
             let take = self.unchecked.len().min(MAX_CHECKS_PER_JOB);
             let checks: Vec<Check> = self.unchecked.drain(..take).collect();
             let mut folds = Vec::new();
-            if self.whole.is_some() {
-                // Folds pair with checks; past that only to catch up, once
-                // chunks pile up in memory (or with nothing else to do).
-                let catch_up = self.held.len() >= MAX_HELD_CHUNKS / 4 || checks.is_empty();
+            if !self.broken {
+                // Folds pair with checks (two streams for the price of about
+                // one); alone only to catch up once chunks pile up in memory,
+                // or when no more checks will come to pair with.
+                let catch_up = self.held.len() >= CATCH_UP_HELD || self.no_more_checks(checks.len());
                 let limit = if catch_up { MAX_FOLDS_PER_JOB } else { checks.len() };
-                let mut k = self.cursor;
+                let mut k = self.frontier;
                 while folds.len() < limit && k < self.n {
                     if let Some(buf) = self.held.remove(&k) {
                         folds.push(Fold { chunk: k, src: FoldSrc::Held(buf) });
@@ -583,14 +692,22 @@ impl Verifier {
             if checks.is_empty() && folds.is_empty() {
                 return;
             }
-            let start = if folds.is_empty() { None } else { self.whole.take() };
-            self.jobs_out += 1;
+            let start = if folds.is_empty() {
+                Start::None
+            } else if self.inflight.iter().any(|(_, f, _)| *f > 0) {
+                Start::Chained
+            } else {
+                Start::Given(Box::new(self.whole.clone()))
+            };
+            self.frontier += folds.len() as u32;
+            self.next_job += 1;
+            self.inflight.push_back((self.next_job, folds.len(), checks.len()));
             self.stats.jobs += 1;
             self.stats.checks += checks.len() as u32;
             let paired = folds.len().min(checks.len());
             self.stats.paired_folds += paired as u32;
             self.stats.solo_folds += (folds.len() - paired) as u32;
-            let job = HashJob { checks, folds, start, after: Vec::new(), ran: false };
+            let job = HashJob { seq: self.next_job, checks, folds, start, after: Vec::new(), ran: false };
             self.out.push_back(VerifyEvent::Op(VerifyOp::Hash(job)));
         }
     }

@@ -32,6 +32,7 @@ struct Disk {
     failed: Option<String>,
     max_ops: usize,
     writes: Vec<u32>,
+    chain: HashChain,
 }
 
 impl Disk {
@@ -46,12 +47,18 @@ impl Disk {
             failed: None,
             max_ops: 0,
             writes: Vec::new(),
+            chain: HashChain::default(),
         }
     }
 
     fn collect(&mut self, v: &mut Verifier) {
         while let Some(ev) = v.poll() {
             match ev {
+                // Run in the order handed out (the chain), returned whenever.
+                VerifyEvent::Op(VerifyOp::Hash(mut job)) => {
+                    job.run(&mut self.chain);
+                    self.ops.push(VerifyOp::Hash(job))
+                }
                 VerifyEvent::Op(op) => {
                     if let VerifyOp::Write { chunk, .. } = &op {
                         self.writes.push(*chunk);
@@ -76,10 +83,7 @@ impl Disk {
         }
         let i = rng.below(self.ops.len() as u64) as usize;
         match self.ops.swap_remove(i) {
-            VerifyOp::Hash(mut job) => {
-                job.run();
-                v.handle_hashed(job, d);
-            }
+            VerifyOp::Hash(job) => v.handle_hashed(job, d),
             VerifyOp::Read { chunk, mut buf } => {
                 let at = chunk as usize * CHUNK_SIZE as usize;
                 let len = buf.len();
@@ -159,8 +163,11 @@ proptest! {
                 for _ in 0..rng.below(3) {
                     disk.step(&mut v, &d, &mut rng);
                 }
-                // The damaged copy must be refused before the good one comes.
-                disk.settle(&mut v, &d, &mut rng);
+                // The good copy is asked for once the damaged one is
+                // refused (other results may still be out).
+                let refused = |disk: &Disk| disk.bad.iter().filter(|&&b| b == c).count();
+                let before = refused(&disk);
+                while refused(&disk) == before && disk.step(&mut v, &d, &mut rng) {}
             }
             v.submit(c, chunk_of(&data, c), &d);
             disk.collect(&mut v);
@@ -270,30 +277,101 @@ fn an_empty_file_completes_at_once() {
 }
 
 #[test]
-fn a_job_pairs_folds_with_checks_and_batches_what_waited() {
-    // Chunks 1..=4 are held (written), chunk 0 is being fetched: when 0 and
-    // others arrive while a job is out, the next job carries them together.
+fn a_second_job_checks_what_waited_and_continues_the_first_jobs_folds() {
     let data = file_of(12 * CHUNK_SIZE as usize, 4);
     let d = digest_of(&data);
     let mut v = Verifier::new(&d, &Bitmap::new(12));
-    v.submit(5, chunk_of(&data, 5), &d);
-    let first = std::iter::from_fn(|| v.poll())
-        .find_map(|e| if let VerifyEvent::Op(VerifyOp::Hash(j)) = e { Some(j) } else { None })
-        .unwrap();
-    for c in [0, 1, 2] {
+    let jobs = |v: &mut Verifier| -> Vec<HashJob> {
+        std::iter::from_fn(|| v.poll())
+            .filter_map(|e| if let VerifyEvent::Op(VerifyOp::Hash(j)) = e { Some(j) } else { None })
+            .collect()
+    };
+    v.submit(0, chunk_of(&data, 0), &d);
+    let first = jobs(&mut v);
+    assert_eq!(first.len(), 1);
+    assert!(matches!(first[0].start, Start::Given(_)), "the first fold starts from the engine's state");
+    v.submit(1, chunk_of(&data, 1), &d);
+    let second = jobs(&mut v);
+    assert_eq!(second.len(), 1, "a second job while the first is out");
+    let folded: Vec<u32> = second[0].folds.iter().map(|f| f.chunk).collect();
+    assert_eq!(folded, vec![1], "folded over its own bytes");
+    assert!(matches!(second[0].start, Start::Chained), "from where the first job leaves the hash");
+    for c in [2, 3, 4] {
         v.submit(c, chunk_of(&data, c), &d);
     }
-    assert!(
-        std::iter::from_fn(|| v.poll()).all(|e| !matches!(e, VerifyEvent::Op(VerifyOp::Hash(_)))),
-        "one job at a time"
-    );
-    let mut first = first;
-    first.run();
-    v.handle_hashed(first, &d);
-    let second = std::iter::from_fn(|| v.poll())
-        .find_map(|e| if let VerifyEvent::Op(VerifyOp::Hash(j)) = e { Some(j) } else { None })
-        .unwrap();
-    assert_eq!(second.checks.len(), 3, "what arrived meanwhile goes in one job");
-    let folded: Vec<u32> = second.folds.iter().map(|f| f.chunk).collect();
-    assert_eq!(folded, vec![0, 1, 2], "each arrival at the cursor folded over its own bytes");
+    assert!(jobs(&mut v).is_empty(), "no third job: they wait, to go in one");
+    // Run in order; hand back out of order: the file still completes.
+    let mut chain = HashChain::default();
+    let (mut a, mut b) = (first.into_iter().next().unwrap(), second.into_iter().next().unwrap());
+    a.run(&mut chain);
+    b.run(&mut chain);
+    let mut disk = Disk::new(data.len());
+    v.handle_hashed(b, &d);
+    v.handle_hashed(a, &d);
+    disk.collect(&mut v);
+    let mut rng = Rng::from_u64(4);
+    disk.settle(&mut v, &d, &mut rng);
+    for c in 5..12 {
+        v.submit(c, chunk_of(&data, c), &d);
+        disk.collect(&mut v);
+        disk.settle(&mut v, &d, &mut rng);
+    }
+    assert!(disk.complete, "{:?}", disk.failed);
+    assert_eq!(v.folded(), 12);
+}
+
+#[test]
+fn folds_built_on_a_rejected_fold_are_thrown_away() {
+    // Chunk 0 arrives damaged and is folded speculatively; chunk 1's job,
+    // out at the same time, folds on top of it. Both folds must go.
+    let data = file_of(3 * CHUNK_SIZE as usize, 5);
+    let d = digest_of(&data);
+    let mut v = Verifier::new(&d, &Bitmap::new(3));
+    let mut disk = Disk::new(data.len());
+    disk.collect(&mut v);
+    v.submit(0, damaged(chunk_of(&data, 0)), &d);
+    v.submit(1, chunk_of(&data, 1), &d);
+    disk.collect(&mut v);
+    assert_eq!(v.ops_out(), 2, "both jobs out");
+    let mut rng = Rng::from_u64(5);
+    disk.settle(&mut v, &d, &mut rng);
+    assert_eq!(disk.bad, vec![0]);
+    assert_eq!(v.folded(), 0, "nothing folded past the rejected chunk");
+    for c in [0, 2] {
+        v.submit(c, chunk_of(&data, c), &d);
+        disk.collect(&mut v);
+        disk.settle(&mut v, &d, &mut rng);
+    }
+    assert!(disk.complete, "{:?}", disk.failed);
+    assert_eq!(disk.part, data);
+}
+
+#[test]
+fn a_rejected_fold_with_a_check_only_job_out_restarts_the_folds_at_the_cursor() {
+    // Chunk 0 arrives damaged and is folded speculatively; chunk 5's job,
+    // out at the same time, has nothing to fold. Once the first is refused
+    // the next folds start at chunk 0 again, not past it.
+    let data = file_of(8 * CHUNK_SIZE as usize, 6);
+    let d = digest_of(&data);
+    let mut v = Verifier::new(&d, &Bitmap::new(8));
+    let mut disk = Disk::new(data.len());
+    disk.collect(&mut v);
+    v.submit(0, damaged(chunk_of(&data, 0)), &d);
+    v.submit(5, chunk_of(&data, 5), &d);
+    disk.collect(&mut v);
+    assert_eq!(v.ops_out(), 2, "both jobs out");
+    // The damaged fold's job comes back first; the check-only one stays out.
+    let first = disk.ops.iter().position(|op| matches!(op, VerifyOp::Hash(j) if !j.folds.is_empty())).unwrap();
+    let VerifyOp::Hash(job) = disk.ops.swap_remove(first) else { unreachable!() };
+    v.handle_hashed(job, &d);
+    disk.collect(&mut v);
+    assert_eq!(disk.bad, vec![0]);
+    let mut rng = Rng::from_u64(6);
+    for c in [0, 1, 2, 3, 4, 6, 7] {
+        v.submit(c, chunk_of(&data, c), &d);
+        disk.collect(&mut v);
+    }
+    disk.settle(&mut v, &d, &mut rng);
+    assert!(disk.complete, "{:?}", disk.failed);
+    assert_eq!(disk.part, data);
 }
