@@ -182,3 +182,51 @@ fn a_download_never_writes_through_a_symlink_or_over_a_file() {
     assert_eq!(std::fs::read(&victim).unwrap(), b"do not touch");
     assert_eq!(std::fs::read(out.join("f.bin")).unwrap(), b"mine");
 }
+
+/// Sends `body` as request `seq` on `s` and returns the tracker's answer.
+fn ask(s: &mut TcpStream, seq: u64, body: Request) -> Result<shoal_core::proto::Reply, ApiError> {
+    let req = Message::Request { settled_below: 0, id: RequestId { client: 99, seq }, session: None, body };
+    s.write_all(&encode(&req)).unwrap();
+    let mut answer = None;
+    first_refusal(s, |m: Message| match m {
+        Message::Response { result, .. } => {
+            answer = Some(result);
+            Some(String::new())
+        }
+        _ => None,
+    });
+    answer.expect("the tracker answered")
+}
+
+#[test]
+fn a_login_claiming_another_clients_address_leaves_its_session_and_files() {
+    let dir = TempDir::new("claim");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let info = tracker_info(dir.path(), &[addr]);
+    let _tracker = Tracker::start(&info, 1);
+    let victim_at: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut v = Client::start_with("victim", &info, &victim_at.to_string(), &[]);
+    let file = dir.path().join("f.bin");
+    std::fs::write(&file, vec![3u8; 700_000]).unwrap();
+    v.expect("create_user vic pw", &["user vic created"]);
+    v.expect("login vic pw", &["logged in as vic"]);
+    v.expect("create_group g", &["group g created"]);
+    v.expect(&format!("upload_file {} g", file.display()), &["shared f.bin in g*"]);
+    v.expect("list_files g", &["f.bin 700000 bytes 1 peer"]);
+
+    // Eve, with an account of her own, logs in claiming the victim's
+    // address: from the victim's host (this one), and naming another IP.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client })).unwrap();
+    let eve = shoal_core::ids::UserId::new("eve").unwrap();
+    let create = Request::CreateUser { user: eve.clone(), password: "pw".into() };
+    assert!(ask(&mut s, 1, create).is_ok());
+    let login = |listen: SocketAddr| Request::Login { user: eve.clone(), password: "pw".into(), listen };
+    assert_eq!(ask(&mut s, 2, login(victim_at)), Err(ApiError::AddressInUse));
+    let elsewhere = SocketAddr::new([10, 9, 9, 9].into(), victim_at.port());
+    assert_eq!(ask(&mut s, 3, login(elsewhere)), Err(ApiError::AddressInUse), "the IP claimed is not believed");
+
+    // The victim's session, and the file it shares, are untouched.
+    v.expect("list_files g", &["f.bin 700000 bytes 1 peer"]);
+    v.expect("list_my_groups", &["g (owner)"]);
+}

@@ -103,7 +103,8 @@ pub enum Command {
         password: PasswordHash,
     },
     /// Opens a session for a client listening at `listen`; a previous session
-    /// of a client at that address ends (it restarted or logged in anew).
+    /// of a client at that address ends. Kept to replay logs written before
+    /// [`Command::OpenSessionAt`]; trackers no longer propose it.
     OpenSession {
         user: UserId,
         token: SessionToken,
@@ -146,6 +147,18 @@ pub enum Command {
     },
     /// Changes nothing: a barrier, applied once everything decided before it is.
     Noop,
+    /// Opens a session for a client listening at `listen` (the address the
+    /// tracker saw it connect from, the port it named), if the session at
+    /// that address is still `replaces`: none, one of the same user's, or
+    /// one whose client the proposing tracker no longer heard from. Another
+    /// session opened there meanwhile wins (`AddressInUse`): a login never
+    /// ends a session its tracker did not judge replaceable.
+    OpenSessionAt {
+        user: UserId,
+        token: SessionToken,
+        listen: SocketAddr,
+        replaces: Option<SessionToken>,
+    },
 }
 
 /// One slot of the replicated log.
@@ -311,6 +324,19 @@ impl MetaState {
                 }
                 self.users.insert(user.clone(), password.clone());
                 Ok(Reply::Done)
+            }
+            Command::OpenSessionAt { user, token, listen, replaces } => {
+                if !self.users.contains_key(user) {
+                    return Err(ApiError::BadCredentials);
+                }
+                if self.session_at.get(listen) != replaces.as_ref() {
+                    return Err(ApiError::AddressInUse);
+                }
+                if let Some(old) = self.session_at.insert(*listen, *token) {
+                    self.sessions.remove(&old);
+                }
+                self.sessions.insert(*token, Session { user: user.clone(), listen: *listen });
+                Ok(Reply::Session { token: *token })
             }
             Command::OpenSession { user, token, listen } => {
                 if !self.users.contains_key(user) {

@@ -14,7 +14,7 @@ use crate::client::peer::Grant;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Longest password accepted, in bytes: hashing is slow, so its input is bounded.
 pub const MAX_PASSWORD_LEN: usize = 1024;
@@ -105,7 +105,9 @@ pub enum Request {
         user: UserId,
         password: String,
     },
-    /// `listen` is where this client serves chunks; it names the client as a sharer.
+    /// The client serves chunks on `listen`'s port. The tracker names it as a
+    /// sharer at the address it sees the client connect from, with that port
+    /// (as BitTorrent trackers do): `listen`'s IP is not believed.
     Login {
         user: UserId,
         password: String,
@@ -273,4 +275,10 @@ pub enum ApiError {
     TooManyAttempts { retry_after_secs: u64 },
     #[error("tracker is catching up with the others")]
     CatchingUp,
+    #[error(
+        "another user's client is logged in at this address (seen from your connection, with the port you listen on)"
+    )]
+    AddressInUse,
+    #[error("bad listen address: {0}")]
+    BadAddress(String),
 }

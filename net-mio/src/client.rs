@@ -80,6 +80,7 @@ impl ClientHandle {
             poll,
             engine,
             listener,
+            listen_ip: listen.ip(),
             tracker: None,
             peers: HashMap::new(),
             next_incoming: FIRST_INCOMING,
@@ -152,6 +153,8 @@ struct Driver {
     poll: Poll,
     engine: ClientEngine,
     listener: TcpListener,
+    /// The IP peers reach us at: our tracker connections come from it.
+    listen_ip: std::net::IpAddr,
     /// The tracker connection, and whether it is still being established.
     tracker: Option<(Conn, bool)>,
     peers: HashMap<Token, PeerSocket>,
@@ -529,7 +532,9 @@ impl Driver {
 
     fn connect_tracker(&mut self, addr: SocketAddr, now: Millis) {
         self.close_tracker();
-        match TcpStream::connect(addr) {
+        // From the address we serve on: the tracker names us as a sharer at
+        // the address it sees, with the port we listen on.
+        match crate::conn::connect_from(self.listen_ip, addr) {
             Ok(mut s) => {
                 if self.poll.registry().register(&mut s, TRACKER, Interest::READABLE | Interest::WRITABLE).is_ok() {
                     let _ = s.set_nodelay(true);

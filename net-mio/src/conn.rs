@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, IoSlice, Read};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use mio::net::TcpStream;
@@ -197,6 +198,27 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// Starts a non-blocking connect to `addr` from `local`'s IP (any port), so
+/// the other side sees the address this process serves on; the kernel picks
+/// the source when `local` is unspecified, of the other family, or on the
+/// other side of loopback (a loopback source cannot reach another host).
+pub fn connect_from(local: IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    let bind =
+        !local.is_unspecified() && local.is_ipv4() == addr.is_ipv4() && local.is_loopback() == addr.ip().is_loopback();
+    if !bind {
+        return TcpStream::connect(addr);
+    }
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC, None)?;
+    rustix::net::bind(&fd, &SocketAddr::new(local, 0))?;
+    match rustix::net::connect(&fd, &addr) {
+        Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(TcpStream::from_std(std::net::TcpStream::from(fd)))
 }
 
 /// Writes `slices`, telling the kernel more data follows if `more` (Linux:

@@ -457,7 +457,7 @@ impl<R: Replicator> TrackerNode<R> {
             self.outbox.push(TrackerOutput::Applied { index: self.meta.applied(), entry: Some(entry.clone()) });
         }
         match (&entry.cmd, &result) {
-            (Command::OpenSession { token, .. }, Ok(_)) => {
+            (Command::OpenSession { token, .. } | Command::OpenSessionAt { token, .. }, Ok(_)) => {
                 self.leases.insert(*token, now.plus(self.cfg.session_lease));
             }
             (Command::CloseSession { token }, _) => {

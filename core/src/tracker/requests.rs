@@ -67,9 +67,10 @@ impl<R: Replicator> TrackerNode<R> {
                     self.login_failed(keys, now);
                     return self.respond(conn, id, Err(ApiError::BadCredentials));
                 }
-                let mut t = [0u8; 16];
-                self.rng.fill(&mut t);
-                Command::OpenSession { user, token: SessionToken(t), listen }
+                match self.open_session(conn, user, listen, now) {
+                    Ok(cmd) => cmd,
+                    Err(e) => return self.respond(conn, id, Err(e)),
+                }
             }
             Request::Logout => Command::CloseSession { token },
             Request::Heartbeat => return self.respond(conn, id, Ok(Reply::Done)),
@@ -170,10 +171,38 @@ impl<R: Replicator> TrackerNode<R> {
             self.login_failed(h.keys, now);
             return self.respond(h.conn, h.id, Err(ApiError::BadCredentials));
         }
+        match self.open_session(h.conn, h.user, h.listen, now) {
+            Ok(cmd) => self.propose_write(h.conn, (h.id, h.settled_below), cmd, now),
+            Err(e) => self.respond(h.conn, h.id, Err(e)),
+        }
+    }
+
+    /// The session a login with good credentials opens: at the address the
+    /// connection comes from, with the port the client listens on; replacing
+    /// the session there only if it is the same user's or its client has
+    /// gone quiet past its lease (no login ends another user's live session).
+    fn open_session(
+        &mut self,
+        conn: ConnId,
+        user: UserId,
+        listen: SocketAddr,
+        now: Millis,
+    ) -> Result<Command, ApiError> {
+        let Some(remote) = self.conns.get(&conn).map(|c| c.remote) else {
+            return Err(ApiError::BadAddress("connection closed".into()));
+        };
+        if listen.port() == 0 {
+            return Err(ApiError::BadAddress("port 0".into()));
+        }
+        let listen = SocketAddr::new(remote, listen.port());
+        let replaces = match self.meta.session_at(&listen) {
+            None => None,
+            Some((t, s)) if s.user == user || !self.lease_alive(t, now) => Some(*t),
+            Some(_) => return Err(ApiError::AddressInUse),
+        };
         let mut t = [0u8; 16];
         self.rng.fill(&mut t);
-        let cmd = Command::OpenSession { user: h.user, token: SessionToken(t), listen: h.listen };
-        self.propose_write(h.conn, (h.id, h.settled_below), cmd, now);
+        Ok(Command::OpenSessionAt { user, token: SessionToken(t), listen, replaces })
     }
 
     /// Logins whose barrier was not applied in time: `NoQuorum`.

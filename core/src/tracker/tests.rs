@@ -92,9 +92,111 @@ fn a_session_works_and_its_lease_decides_liveness() {
     let g = GroupId::new("g").unwrap();
     n.handle_bytes(C, &req(5, Some(token), Request::CreateGroup { group: g.clone() }), Millis(0));
     assert_eq!(answer(&drain(&mut n)), Ok(Reply::Done));
-    let sharer = Sharer { user: UserId::new("al").unwrap(), listen };
+    // Named at the address its connection comes from, with its port.
+    let seen = SocketAddr::new(REMOTE.ip(), 9000);
+    assert!(
+        !n.is_live(&Sharer { user: UserId::new("al").unwrap(), listen }, Millis(1000)),
+        "the claimed IP is not believed"
+    );
+    let sharer = Sharer { user: UserId::new("al").unwrap(), listen: seen };
     assert!(n.is_live(&sharer, Millis(1000)));
     assert!(!n.is_live(&sharer, Millis(60_000)), "a silent client's lease runs out");
+}
+
+/// Creates users `names` on a fresh connection `conn` from `remote`, then logs `who` in
+/// there claiming `listen`: its answer.
+fn login_from(
+    n: &mut TrackerNode,
+    conn: ConnId,
+    remote: SocketAddr,
+    seq: u64,
+    who: &str,
+    listen: &str,
+    at: Millis,
+) -> Result<Reply, ApiError> {
+    n.handle_connected(conn, remote, at);
+    n.handle_bytes(conn, &hello(), at);
+    let login =
+        Request::Login { user: UserId::new(who).unwrap(), password: "pw".into(), listen: listen.parse().unwrap() };
+    n.handle_bytes(conn, &req(seq, None, login), at);
+    answer(&drain(n))
+}
+
+#[test]
+fn a_login_never_ends_another_users_live_session() {
+    let mut n = node();
+    n.handle_connected(C, REMOTE, Millis(0));
+    n.handle_bytes(C, &hello(), Millis(0));
+    for (i, u) in ["al", "eve"].into_iter().enumerate() {
+        let create = Request::CreateUser { user: UserId::new(u).unwrap(), password: "pw".into() };
+        n.handle_bytes(C, &req(1 + i as u64, None, create), Millis(0));
+        assert_eq!(answer(&drain(&mut n)), Ok(Reply::Done));
+    }
+    let al_host: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+    let eve_host: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+    let Ok(Reply::Session { token: al }) = login_from(&mut n, ConnId(2), al_host, 10, "al", "10.0.0.1:9001", Millis(0))
+    else {
+        panic!("al logs in")
+    };
+    let at = SocketAddr::new(al_host.ip(), 9001);
+    let owner = |n: &TrackerNode| n.meta().session_at(&at).map(|(t, s)| (*t, s.user.to_string()));
+    // Eve claims al's address from her own host: she is named at hers.
+    let Ok(Reply::Session { token: eve }) =
+        login_from(&mut n, ConnId(3), eve_host, 20, "eve", "10.0.0.1:9001", Millis(10))
+    else {
+        panic!("eve logs in at her own address")
+    };
+    assert_eq!(n.meta().session_at(&SocketAddr::new(eve_host.ip(), 9001)).map(|(t, _)| *t), Some(eve));
+    assert_eq!(owner(&n), Some((al, "al".into())), "al's session is untouched");
+    // From al's host (another process there), she is refused while al's client is live.
+    let r = login_from(&mut n, ConnId(4), SocketAddr::new(al_host.ip(), 40001), 30, "eve", "0.0.0.0:9001", Millis(20));
+    assert_eq!(r, Err(ApiError::AddressInUse));
+    assert_eq!(owner(&n), Some((al, "al".into())), "al's session survives the attempt");
+    n.handle_bytes(ConnId(2), &req(11, Some(al), Request::ListGroups), Millis(30));
+    assert!(answer(&drain(&mut n)).is_ok(), "al's session still works");
+    // Al himself may log in anew there (his client restarted).
+    let Ok(Reply::Session { token: al2 }) =
+        login_from(&mut n, ConnId(5), al_host, 12, "al", "10.0.0.1:9001", Millis(40))
+    else {
+        panic!("al logs in again")
+    };
+    assert_eq!(owner(&n), Some((al2, "al".into())));
+    // Once al's client has gone quiet past its lease, the address is free.
+    let late = Millis(40 + n.cfg.session_lease.0 + 1);
+    let r = login_from(&mut n, ConnId(6), al_host, 31, "eve", "10.0.0.1:9001", late);
+    assert!(matches!(r, Ok(Reply::Session { .. })), "{r:?}");
+    assert_eq!(owner(&n).map(|o| o.1), Some("eve".into()));
+}
+
+#[test]
+fn a_session_opened_at_an_address_meanwhile_wins_over_a_stale_replacement() {
+    let mut s = MetaState::default();
+    let hash = PasswordHash::derive("pw", [1; 16], PasswordParams::INSECURE_FAST);
+    for u in ["al", "eve"] {
+        s.apply(&Entry {
+            id: None,
+            settled_below: 0,
+            cmd: Command::CreateUser { user: UserId::new(u).unwrap(), password: hash.clone() },
+        })
+        .unwrap();
+    }
+    let at: SocketAddr = "10.0.0.1:9001".parse().unwrap();
+    let open = |user: &str, t: u8, replaces: Option<u8>| Entry {
+        id: None,
+        settled_below: 0,
+        cmd: Command::OpenSessionAt {
+            user: UserId::new(user).unwrap(),
+            token: SessionToken([t; 16]),
+            listen: at,
+            replaces: replaces.map(|r| SessionToken([r; 16])),
+        },
+    };
+    assert!(s.apply(&open("al", 1, None)).is_ok());
+    // Proposed by a tracker that saw the address free: al's session came first.
+    assert_eq!(s.apply(&open("eve", 2, None)), Err(ApiError::AddressInUse));
+    assert_eq!(s.session_at(&at).map(|(t, _)| *t), Some(SessionToken([1; 16])));
+    assert!(s.apply(&open("eve", 3, Some(1))).is_ok(), "replacing the session it saw");
+    assert_eq!(s.session_at(&at).map(|(t, _)| *t), Some(SessionToken([3; 16])));
 }
 
 fn closed(outs: &[TrackerOutput], conn: ConnId) -> Option<String> {
