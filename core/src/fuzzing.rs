@@ -57,6 +57,15 @@ pub fn tracker_info(data: &[u8]) {
     if let Ok(s) = std::str::from_utf8(data) {
         if let Ok(list) = crate::config::parse_tracker_info(s) {
             assert!(!list.is_empty());
+            for key in list.iter().filter_map(|t| t.key) {
+                assert_eq!(key.to_string().parse::<crate::identity::KeyId>(), Ok(key));
+            }
+        }
+        // Any word as a key id: refused with a reason, or read back the same.
+        for word in s.split_whitespace().take(8) {
+            if let Ok(key) = word.parse::<crate::identity::KeyId>() {
+                assert_eq!(key.to_string().replace('-', ""), word.replace('-', "").to_uppercase());
+            }
         }
     }
 }

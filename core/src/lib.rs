@@ -22,6 +22,7 @@
 //! - [`wire`]: length-prefixed frames and the postcard codec;
 //! - [`proto`]: the messages clients and trackers exchange;
 //! - [`ids`], [`chunk`]: validated names and the 512 KiB chunk hashing;
+//! - [`identity`]: key ids, who a connection's other end proved to be;
 //! - [`meta`]: the tracker's replicated metadata state machine, `apply(command)`;
 //! - [`tracker`]: a tracker node: requests ([`tracker::node`]), soft state,
 //!   links to the other trackers ([`tracker::links`]), the persist-before-send
@@ -41,6 +42,7 @@ pub mod chunk;
 pub mod client;
 pub mod config;
 pub mod fuzzing;
+pub mod identity;
 pub mod ids;
 pub mod meta;
 pub mod proto;
