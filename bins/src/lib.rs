@@ -2,7 +2,9 @@
 //! reading `tracker_info.txt`. Thin by design; logic lives in `shoal-core`.
 
 use std::io::{self, BufRead, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use shoal_core::identity::KeyId;
 
 use shoal_core::config::{parse_tracker_info, TrackerEntry, MAX_TRACKER_INFO_LEN};
 
@@ -20,17 +22,51 @@ pub fn load_tracker_info(path: &Path) -> Result<Vec<TrackerEntry>, String> {
     file.take(MAX_TRACKER_INFO_LEN as u64 + 1)
         .read_to_string(&mut text)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let trackers = parse_tracker_info(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    // A pinned key that nobody checks would promise what is not there: until
-    // connections carry TLS and prove keys, a line that pins one is refused.
-    if let Some(t) = trackers.iter().find(|t| t.key.is_some()) {
-        return Err(format!(
-            "{}: line {} pins a key id, but this build does not prove keys yet (TLS is on its way); remove the key id",
-            path.display(),
-            t.id
-        ));
+    parse_tracker_info(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Where trackers whose line in `tracker_info` pins no key publish their
+/// key ids, one file a tracker named by its id: `tracker_info.keys/` beside
+/// `tracker_info.txt`. On one host that is all the set-up a cluster needs;
+/// across hosts, pin the ids in `tracker_info.txt` instead (README, "Trust").
+pub fn key_dir(tracker_info: &Path) -> PathBuf {
+    tracker_info.with_extension("keys")
+}
+
+/// The key id tracker `id` published beside `tracker_info`, if any.
+pub fn published_key(tracker_info: &Path, id: u32) -> Option<Result<KeyId, String>> {
+    let path = key_dir(tracker_info).join(id.to_string());
+    let text = std::fs::read_to_string(&path).ok()?;
+    Some(text.trim().parse().map_err(|e| format!("{}: {e}", path.display())))
+}
+
+/// Publishes this tracker's key id beside `tracker_info`. Refuses if another
+/// key is published there for the same id: two trackers claim that line.
+pub fn publish_key(tracker_info: &Path, id: u32, key: KeyId, key_file: &Path) -> Result<(), String> {
+    let dir = key_dir(tracker_info);
+    let path = dir.join(id.to_string());
+    match published_key(tracker_info, id) {
+        Some(Ok(k)) if k == key => return Ok(()),
+        Some(Ok(k)) => {
+            return Err(format!(
+                "{} names key {k} for tracker {id}, but this tracker's key ({}) is {key}: another tracker {id} exists. \
+                 If this is the real one (its data dir was replaced), delete that file",
+                path.display(),
+                key_file.display()
+            ))
+        }
+        _ => {}
     }
-    Ok(trackers)
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let tmp = dir.join(format!(".{id}.tmp"));
+    std::fs::write(&tmp, format!("{key}\n")).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The key each tracker must prove, in `trackers`' order: the one its line
+/// pins, or the one it published beside `tracker_info`.
+pub fn tracker_keys(tracker_info: &Path, trackers: &[TrackerEntry]) -> Vec<Option<KeyId>> {
+    trackers.iter().map(|t| t.key.or_else(|| published_key(tracker_info, t.id).and_then(Result::ok))).collect()
 }
 
 /// Writes `size` bytes of seeded pseudo-random content, in 1 MiB blocks
@@ -100,10 +136,18 @@ pub fn read_line_bounded(r: &mut impl BufRead, max: usize) -> io::Result<Option<
 }
 
 /// Runs tracker `id` of `trackers` on a thread of this process, in memory
-/// (no data dir): the demo's cluster. Returns once it listens.
-pub fn spawn_tracker(trackers: &[shoal_core::config::TrackerEntry], id: u32) -> Result<(), String> {
+/// (no data dir), proving `identity`; `keys` are the trackers' key ids by
+/// position in `trackers`: the demo's cluster. Returns once it listens.
+pub fn spawn_tracker(
+    trackers: &[shoal_core::config::TrackerEntry],
+    id: u32,
+    identity: shoal_net_mio::tls::Identity,
+    keys: &[KeyId],
+) -> Result<(), String> {
     use shoal_core::tracker::{NodeId, OmniReplicator, SoloReplicator, TrackerConfig, TrackerNode};
     use shoal_net_mio::tracker::TrackerServer;
+    let peer_keys = trackers.iter().zip(keys).filter(|(t, _)| t.id != id).map(|(t, k)| (t.id as NodeId, *k)).collect();
+    let cfg = TrackerConfig { peer_keys, ..TrackerConfig::default() };
     let me = trackers.iter().find(|t| t.id == id).ok_or_else(|| format!("no tracker {id}"))?.clone();
     let peers: Vec<(NodeId, std::net::SocketAddr)> =
         trackers.iter().filter(|t| t.id != id).map(|t| (t.id as NodeId, t.addr)).collect();
@@ -116,8 +160,8 @@ pub fn spawn_tracker(trackers: &[shoal_core::config::TrackerEntry], id: u32) -> 
             let rng = shoal_core::rng::Rng::from_seed(seed);
             let bind_err = |e: io::Error| format!("cannot listen on {}: {e}", me.addr);
             let result = if peers.is_empty() {
-                let node = TrackerNode::new(TrackerConfig::default(), rng, SoloReplicator::default());
-                TrackerServer::bind(me.addr, node).map_err(bind_err).map(|s| {
+                let node = TrackerNode::new(cfg, rng, SoloReplicator::default());
+                TrackerServer::bind(me.addr, node, &identity).map_err(bind_err).map(|s| {
                     let _ = tx.send(Ok(()));
                     s.run()
                 })
@@ -126,8 +170,8 @@ pub fn spawn_tracker(trackers: &[shoal_core::config::TrackerEntry], id: u32) -> 
                     Ok(r) => r,
                     Err(e) => return drop(tx.send(Err(e.to_string()))),
                 };
-                let node = TrackerNode::new(TrackerConfig::default(), rng, rep);
-                TrackerServer::bind(me.addr, node).map_err(bind_err).map(|s| {
+                let node = TrackerNode::new(cfg, rng, rep);
+                TrackerServer::bind(me.addr, node, &identity).map_err(bind_err).map(|s| {
                     let _ = tx.send(Ok(()));
                     s.with_peers(peers).run()
                 })

@@ -34,11 +34,11 @@ fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
     }
 }
 
+/// The first message `refused` picks out (reads time out as `s` is set to).
 fn first_refusal<T: serde::de::DeserializeOwned>(
-    s: &mut TcpStream,
+    s: &mut impl Read,
     mut refused: impl FnMut(T) -> Option<String>,
 ) -> Option<String> {
-    s.set_read_timeout(Some(WAIT)).unwrap();
     let mut dec = FrameDecoder::new(1 << 20);
     let mut buf = [0u8; 4096];
     loop {
@@ -77,6 +77,9 @@ fn floods_and_half_open_connections_are_shed_while_others_are_served() {
         flood.push(s);
     }
     let mut peer_flood: Vec<TcpStream> = (0..70).map(|_| TcpStream::connect(peer_listen).unwrap()).collect();
+    for s in &peer_flood {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+    }
 
     // Everyone else is still served, at once.
     let mut c = Client::start("other", &info);
@@ -117,7 +120,7 @@ fn guessed_session_tokens_get_nothing() {
     c.expect("login vic pw", &["logged in as vic"]);
     c.expect("create_group secret", &["group secret created"]);
 
-    let mut s = TcpStream::connect(addr).unwrap();
+    let mut s = tls_connect(addr);
     s.write_all(&encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client })).unwrap();
     let mut rng = Rng::from_u64(42);
     let n = 200;
@@ -184,7 +187,7 @@ fn a_download_never_writes_through_a_symlink_or_over_a_file() {
 }
 
 /// Sends `body` as request `seq` on `s` and returns the tracker's answer.
-fn ask(s: &mut TcpStream, seq: u64, body: Request) -> Result<shoal_core::proto::Reply, ApiError> {
+fn ask(s: &mut TlsStream, seq: u64, body: Request) -> Result<shoal_core::proto::Reply, ApiError> {
     let req = Message::Request { settled_below: 0, id: RequestId { client: 99, seq }, session: None, body };
     s.write_all(&encode(&req)).unwrap();
     let mut answer = None;
@@ -216,7 +219,7 @@ fn a_login_claiming_another_clients_address_leaves_its_session_and_files() {
 
     // Eve, with an account of her own, logs in claiming the victim's
     // address: from the victim's host (this one), and naming another IP.
-    let mut s = TcpStream::connect(addr).unwrap();
+    let mut s = tls_connect(addr);
     s.write_all(&encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client })).unwrap();
     let eve = shoal_core::ids::UserId::new("eve").unwrap();
     let create = Request::CreateUser { user: eve.clone(), password: "pw".into() };

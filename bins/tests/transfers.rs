@@ -228,7 +228,7 @@ fn tracker_call(
     session: Option<shoal_core::ids::SessionToken>,
     body: Request,
 ) -> Result<Reply, shoal_core::proto::ApiError> {
-    let mut s = TcpStream::connect(addr).unwrap();
+    let mut s = tls_connect(addr);
     s.write_all(&encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client })).unwrap();
     s.write_all(&encode(&Message::Request { id: RequestId { client: 99, seq: 1 }, settled_below: 0, session, body }))
         .unwrap();
@@ -238,8 +238,8 @@ fn tracker_call(
     })
 }
 
-fn read_frames<T: serde::de::DeserializeOwned, R>(s: &mut TcpStream, mut f: impl FnMut(T) -> Option<R>) -> R {
-    s.set_read_timeout(Some(WAIT)).unwrap();
+/// Reads frames until `f` picks one (reads time out as `s` is set to).
+fn read_frames<T: serde::de::DeserializeOwned, R>(s: &mut impl Read, mut f: impl FnMut(T) -> Option<R>) -> R {
     let mut dec = FrameDecoder::new(1 << 24);
     let mut buf = [0u8; 4096];
     loop {
@@ -290,6 +290,7 @@ fn a_non_member_cannot_get_chunks_from_a_peer() {
     let sha1 = Sha1Digest::of(&s.content);
     for grant in [h_grant, Grant([7; 16])] {
         let mut p = TcpStream::connect(la).unwrap();
+        p.set_read_timeout(Some(WAIT)).unwrap();
         p.write_all(&encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer })).unwrap();
         let want = PeerMessage::Want {
             group: GroupId::new("g").unwrap(),
@@ -358,6 +359,7 @@ fn stop_share_and_logout_stop_serving() {
     s.share(&mut a, "a/big.bin");
     let want = |la: SocketAddr| {
         let mut p = TcpStream::connect(la).unwrap();
+        p.set_read_timeout(Some(WAIT)).unwrap();
         p.write_all(&encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer })).unwrap();
         let want = PeerMessage::Want {
             group: GroupId::new("g").unwrap(),
@@ -378,6 +380,7 @@ fn stop_share_and_logout_stop_serving() {
     a.expect("logout", &["logged out"]);
     // Logged out, it refuses as soon as it accepts (before any handshake).
     let mut p = TcpStream::connect(la).unwrap();
+    p.set_read_timeout(Some(WAIT)).unwrap();
     let reason = read_frames(&mut p, |m: PeerMessage| match m {
         PeerMessage::Refused { reason } => Some(reason),
         other => panic!("unexpected {other:?}"),
@@ -403,6 +406,7 @@ fn a_peer_refuses_a_flood_of_block_requests() {
     let get = Request::DownloadFile { group: GroupId::new("g").unwrap(), name: FileName::new("big.bin").unwrap() };
     let Ok(Reply::Download { grant, digest, .. }) = tracker_call(tracker, Some(token), get) else { panic!("no grant") };
     let mut p = TcpStream::connect(la).unwrap();
+    p.set_read_timeout(Some(WAIT)).unwrap();
     p.write_all(&encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer })).unwrap();
     let want = PeerMessage::Want {
         group: GroupId::new("g").unwrap(),

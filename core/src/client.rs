@@ -46,6 +46,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 
 use crate::chunk::{chunk_count, FileDigest, FileMeta};
+use crate::identity::KeyId;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
 use crate::proto::{ApiError, Message, Reply, Request, RequestId, Role, PROTOCOL_VERSION};
 use crate::rng::Rng;
@@ -90,6 +91,10 @@ pub struct ClientConfig {
     /// Where this client serves chunks; the trackers name it as a sharer by it.
     pub listen: SocketAddr,
     pub trackers: Vec<SocketAddr>,
+    /// The key each tracker must prove, by position in `trackers` (missing
+    /// or `None`: not pinned; the key it proves first is then required of
+    /// it for the rest of the run).
+    pub tracker_keys: Vec<Option<KeyId>>,
     /// Silence from the tracker after which the engine fails over.
     pub request_timeout: Millis,
     /// A request still unanswered after this fails.
@@ -111,6 +116,7 @@ impl ClientConfig {
         ClientConfig {
             listen,
             trackers,
+            tracker_keys: Vec::new(),
             request_timeout: Millis::from_secs(3),
             give_up_after: Millis::from_secs(20),
             heartbeat_every: Millis::from_secs(5),
@@ -184,7 +190,11 @@ pub enum ClientInput<'a> {
 /// What happened on the tracker connection.
 #[derive(Debug)]
 pub enum TrackerEvent<'a> {
-    Connected,
+    /// The connection opened and its TLS handshake is done: the other end
+    /// proved it holds `key`. Nothing is sent before the engine accepts it.
+    Connected {
+        key: KeyId,
+    },
     /// It failed to open, or an open one dropped.
     Closed,
     Bytes(&'a [u8]),
@@ -271,6 +281,12 @@ pub struct ClientEngine {
     session: Option<(SessionToken, UserId)>,
     /// What this client serves: uploads, finished and running downloads.
     shares: BTreeMap<(GroupId, FileName), Shared>,
+    /// Keys proved by trackers whose key is not pinned, by position: first
+    /// seen, then required.
+    tracker_seen_keys: BTreeMap<usize, KeyId>,
+    /// Trackers that proved the wrong key since one proved the right one:
+    /// once all have, what waits fails at once (nobody it may go to).
+    key_refused: BTreeMap<usize, ShellError>,
     downloads: BTreeMap<DownloadId, DownloadEntry>,
     next_download: u64,
     peers: BTreeMap<PeerConnId, PeerLink>,
@@ -311,6 +327,8 @@ impl ClientEngine {
             next_job: 1,
             session: None,
             shares: BTreeMap::new(),
+            tracker_seen_keys: BTreeMap::new(),
+            key_refused: BTreeMap::new(),
             downloads: BTreeMap::new(),
             next_download: 1,
             peers: BTreeMap::new(),
@@ -343,7 +361,7 @@ impl ClientEngine {
     pub fn handle_input(&mut self, input: ClientInput<'_>, now: Millis) {
         match input {
             ClientInput::User { ticket, cmd } => self.handle_command(ticket, cmd, now),
-            ClientInput::Tracker(TrackerEvent::Connected) => self.tracker_connected(now),
+            ClientInput::Tracker(TrackerEvent::Connected { key }) => self.tracker_connected(key, now),
             ClientInput::Tracker(TrackerEvent::Closed) => self.tracker_closed(now),
             ClientInput::Tracker(TrackerEvent::Bytes(b)) => self.tracker_bytes(b, now),
             ClientInput::Peer(conn, ev) => match ev {

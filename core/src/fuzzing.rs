@@ -487,7 +487,7 @@ pub fn downloading_engine(content: &[u8], disk: &mut ScratchDisk) -> (ClientEngi
     let login = ShellCommand::Login { user: UserId::new("me").expect("valid"), password: "pw".into() };
     e.handle_input(ClientInput::User { ticket: Ticket(1), cmd: login }, Millis(0));
     drain(&mut e);
-    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected), Millis(0));
+    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected { key: crate::identity::KeyId([7; 32]) }), Millis(0));
     let outs = drain(&mut e);
     answer(&mut e, outs);
     let cmd = ShellCommand::DownloadFile {

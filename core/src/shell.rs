@@ -221,6 +221,13 @@ pub enum ShellError {
     AlreadyLoggedIn(UserId),
     #[error("no tracker answered (tried {tried} of them)")]
     NoTracker { tried: usize },
+    #[error("tracker {tracker} proved key {got}, not {expected} ({why}): sent it nothing")]
+    TrackerKey {
+        tracker: std::net::SocketAddr,
+        got: crate::identity::KeyId,
+        expected: crate::identity::KeyId,
+        why: &'static str,
+    },
     #[error("{0}")]
     Local(String),
 }

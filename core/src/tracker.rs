@@ -21,10 +21,12 @@
 //!   (`SoloReplicator::recover`, `OmniReplicator::recover`) and hand it to
 //!   [`TrackerNode::new`], which applies what they decided;
 //! - connections accepted on the listener: [`TrackerNode::handle_connected`],
-//!   their bytes (any split) [`TrackerNode::handle_bytes`], their end
-//!   [`TrackerNode::handle_closed`];
+//!   the key the other end proved once its TLS handshake is done
+//!   [`TrackerNode::handle_secured`], their bytes (any split)
+//!   [`TrackerNode::handle_bytes`], their end [`TrackerNode::handle_closed`];
 //! - this node's links to the other trackers: open one when told
-//!   ([`TrackerOutput::Dial`]) and report [`TrackerNode::handle_link_up`] or
+//!   ([`TrackerOutput::Dial`]) and report [`TrackerNode::handle_link_up`]
+//!   (once its TLS handshake is done, with the key the other end proved) or
 //!   [`TrackerNode::handle_link_down`] (also when an open one fails), the
 //!   bytes that come back on it [`TrackerNode::handle_link_bytes`]; close it
 //!   when told ([`TrackerOutput::Hangup`], no report needed). Dialling
@@ -55,6 +57,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::client::peer::Grant;
+use crate::identity::KeyId;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
 use crate::meta::{Command, Entry, MetaState, PasswordHash, PasswordParams, Sharer};
 use crate::proto::{
@@ -86,9 +89,13 @@ pub struct TrackerConfig {
     pub password_params: PasswordParams,
     /// How long a session counts as live without hearing from its client.
     pub session_lease: Millis,
-    /// The address each other tracker connects from: a `Join` naming a
-    /// tracker is accepted only from its address. Empty: not checked.
-    pub peer_ips: BTreeMap<NodeId, IpAddr>,
+    /// The key each other tracker must prove ([`TrackerNode::handle_secured`]
+    /// on its connections to us, [`TrackerNode::handle_link_up`] on ours):
+    /// a `Join` naming a tracker is accepted only over a connection that
+    /// proved its key, and our link to it only if the other end proves it.
+    /// A peer missing here is refused until its key is learned
+    /// ([`TrackerNode::learn_peer_key`]).
+    pub peer_keys: BTreeMap<NodeId, KeyId>,
     /// Emit [`TrackerOutput::Applied`] for every log entry applied (the
     /// simulator checks that trackers agree on them).
     pub report_applied: bool,
@@ -99,7 +106,7 @@ impl Default for TrackerConfig {
         TrackerConfig {
             password_params: PasswordParams::DEFAULT,
             session_lease: Millis::from_secs(15),
-            peer_ips: BTreeMap::new(),
+            peer_keys: BTreeMap::new(),
             report_applied: false,
         }
     }
@@ -150,6 +157,8 @@ pub(crate) struct Conn {
     pub(crate) partial_since: Option<Millis>,
     /// Writes of this connection proposed and not yet answered.
     pub(crate) in_flight: usize,
+    /// The key the other end proved (TLS), once the driver reports it.
+    pub(crate) key: Option<KeyId>,
 }
 
 /// Largest frame before `Hello`: a stranger cannot make the tracker buffer more.

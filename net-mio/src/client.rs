@@ -25,7 +25,7 @@ use shoal_core::shell::{ShellCommand, ShellError};
 use shoal_core::Millis;
 
 use crate::clock::Clock;
-use crate::conn::{Conn, ReadOutcome};
+use crate::conn::{Conn, Read, ReadOutcome};
 use crate::hashers::{hash_file, Hasher};
 use crate::part::{self, PartFile};
 use crate::readcache::ReadCache;
@@ -74,6 +74,9 @@ impl ClientHandle {
         let mut listener = TcpListener::bind(cfg.listen)?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let listen = listener.local_addr()?;
+        // A key for this run: the session it logs in is bound to it.
+        let identity = crate::tls::Identity::ephemeral().map_err(|e| io::Error::other(e.to_string()))?;
+        let tls_client = identity.client_config().map_err(|e| io::Error::other(e.to_string()))?;
         let engine = ClientEngine::new(ClientConfig { listen, ..cfg }, Rng::from_seed(crate::os_seed()?));
         let (tx, rx) = mpsc::channel();
         let driver = Driver {
@@ -81,6 +84,7 @@ impl ClientHandle {
             engine,
             listener,
             listen_ip: listen.ip(),
+            tls_client,
             tracker: None,
             peers: HashMap::new(),
             next_incoming: FIRST_INCOMING,
@@ -155,6 +159,8 @@ struct Driver {
     listener: TcpListener,
     /// The IP peers reach us at: our tracker connections come from it.
     listen_ip: std::net::IpAddr,
+    /// TLS for our tracker connections, with this client's key.
+    tls_client: Arc<rustls::ClientConfig>,
     /// The tracker connection, and whether it is still being established.
     tracker: Option<(Conn, bool)>,
     peers: HashMap<Token, PeerSocket>,
@@ -252,10 +258,9 @@ impl Driver {
                 return;
             }
             match (conn.stream.take_error(), conn.stream.peer_addr()) {
-                (Ok(None), Ok(_)) => {
-                    *connecting = false;
-                    self.engine.handle_input(ClientInput::Tracker(TrackerEvent::Connected), now);
-                }
+                // Connected: the TLS handshake starts; the engine hears of
+                // it once done, with the key the tracker proved.
+                (Ok(None), Ok(_)) => *connecting = false,
                 _ => {
                     self.close_tracker();
                     self.engine.handle_input(ClientInput::Tracker(TrackerEvent::Closed), now);
@@ -265,10 +270,14 @@ impl Driver {
         }
         let Some((conn, _)) = self.tracker.as_mut() else { return };
         let engine = &mut self.engine;
-        let mut closed = matches!(
-            conn.read_all(buf, |b| engine.handle_input(ClientInput::Tracker(TrackerEvent::Bytes(b)), now)),
-            ReadOutcome::Closed
-        );
+        let mut closed = false;
+        let outcome = conn.read_all(buf, |r| match r {
+            Read::Secured(Some(key)) => engine.handle_input(ClientInput::Tracker(TrackerEvent::Connected { key }), now),
+            Read::Secured(None) => closed = true,
+            Read::Bytes(b) if !closed => engine.handle_input(ClientInput::Tracker(TrackerEvent::Bytes(b)), now),
+            Read::Bytes(_) => {}
+        });
+        closed |= matches!(outcome, ReadOutcome::Closed);
         if !closed && conn.flush(self.poll.registry(), TRACKER).is_err() {
             closed = true;
         }
@@ -538,7 +547,13 @@ impl Driver {
             Ok(mut s) => {
                 if self.poll.registry().register(&mut s, TRACKER, Interest::READABLE | Interest::WRITABLE).is_ok() {
                     let _ = s.set_nodelay(true);
-                    self.tracker = Some((Conn::connecting(s), true));
+                    match rustls::ClientConnection::new(self.tls_client.clone(), crate::tls::server_name()) {
+                        Ok(tls) => self.tracker = Some((Conn::connecting(s).with_tls(tls), true)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot start TLS");
+                            self.engine.handle_input(ClientInput::Tracker(TrackerEvent::Closed), now);
+                        }
+                    }
                 } else {
                     self.engine.handle_input(ClientInput::Tracker(TrackerEvent::Closed), now);
                 }

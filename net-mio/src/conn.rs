@@ -1,13 +1,16 @@
-//! A non-blocking TCP connection with an outgoing buffer.
+//! A non-blocking TCP connection with an outgoing buffer, optionally under
+//! TLS ([`Conn::with_tls`]): then what is queued is plaintext, encrypted as
+//! the socket takes it, and reads return plaintext.
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, IoSlice, Read};
+use std::io::{self, IoSlice, Read as _};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
+use shoal_core::identity::KeyId;
 
 /// Largest backlog of unsent bytes before a connection counts as stuck.
 pub const MAX_WRITE_BACKLOG: usize = 64 * 1024 * 1024;
@@ -24,6 +27,11 @@ pub struct Conn {
     /// Close once `out` is flushed.
     pub closing: bool,
     writable_registered: bool,
+    tls: Option<Box<rustls::Connection>>,
+    /// Whether the end of the TLS handshake was reported ([`Conn::secured`]).
+    secured: bool,
+    /// Whether our TLS close_notify is queued.
+    close_sent: bool,
 }
 
 /// One queued piece of the outgoing stream.
@@ -47,6 +55,14 @@ impl Out {
     }
 }
 
+/// What [`Conn::read_all`] hands its sink, in order.
+pub enum Read<'a> {
+    /// The TLS handshake just completed: the key the other end proved
+    /// (`None`: it showed no usable certificate). Comes before any bytes.
+    Secured(Option<KeyId>),
+    Bytes(&'a [u8]),
+}
+
 pub enum ReadOutcome {
     /// The socket has no more bytes for now.
     Open,
@@ -57,19 +73,57 @@ pub enum ReadOutcome {
 impl Conn {
     /// An accepted stream, registered for READABLE.
     pub fn new(stream: TcpStream) -> Conn {
-        Conn { stream, out: VecDeque::new(), sent: 0, pending: 0, closing: false, writable_registered: false }
+        Conn {
+            stream,
+            out: VecDeque::new(),
+            sent: 0,
+            pending: 0,
+            closing: false,
+            writable_registered: false,
+            tls: None,
+            secured: false,
+            close_sent: false,
+        }
     }
 
     /// A stream still connecting, registered for READABLE | WRITABLE.
     pub fn connecting(stream: TcpStream) -> Conn {
-        Conn { stream, out: VecDeque::new(), sent: 0, pending: 0, closing: false, writable_registered: true }
+        Conn { writable_registered: true, ..Conn::new(stream) }
     }
 
-    /// Reads everything available, handing each piece to `sink`.
-    pub fn read_all(&mut self, buf: &mut [u8], mut sink: impl FnMut(&[u8])) -> ReadOutcome {
+    /// Runs the connection under TLS (`tls` fresh: its handshake starts now).
+    pub fn with_tls(mut self, tls: impl Into<rustls::Connection>) -> Conn {
+        self.tls = Some(Box::new(tls.into()));
+        self
+    }
+
+    /// Once, when the TLS handshake has just completed: the key the other end
+    /// proved (`None` inside if it showed no usable certificate).
+    pub fn secured(&mut self) -> Option<Option<KeyId>> {
+        let tls = self.tls.as_ref()?;
+        if self.secured || tls.is_handshaking() {
+            return None;
+        }
+        self.secured = true;
+        Some(crate::tls::peer_key(tls.peer_certificates()))
+    }
+
+    /// Whether bytes read may be trusted to come from the other end's proven
+    /// key (always false for a plain connection).
+    pub fn is_secured(&self) -> bool {
+        self.secured
+    }
+
+    /// Reads everything available, handing each piece to `sink` (after the
+    /// end of the TLS handshake, if it ends meanwhile).
+    pub fn read_all(&mut self, buf: &mut [u8], mut sink: impl FnMut(Read<'_>)) -> ReadOutcome {
         loop {
-            match self.read_once(buf) {
-                Ok(n) => sink(&buf[..n]),
+            let r = self.read_once(buf);
+            if let Some(key) = self.secured() {
+                sink(Read::Secured(key));
+            }
+            match r {
+                Ok(n) => sink(Read::Bytes(&buf[..n])),
                 Err(outcome) => return outcome,
             }
         }
@@ -82,7 +136,13 @@ impl Conn {
     }
 
     /// One read filling `bufs` in order (`readv`), as [`Conn::read_once`].
+    /// Under TLS, the plaintext the records read so far hold (into the first
+    /// buffer with room).
     pub fn read_vectored_once(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> Result<usize, ReadOutcome> {
+        if self.tls.is_some() {
+            let Some(buf) = bufs.iter_mut().find(|b| !b.is_empty()) else { return Ok(0) };
+            return self.tls_read(buf);
+        }
         loop {
             return match self.stream.read_vectored(bufs) {
                 Ok(0) => Err(ReadOutcome::Closed),
@@ -91,6 +151,32 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => Err(ReadOutcome::Closed),
             };
+        }
+    }
+
+    fn tls_read(&mut self, buf: &mut [u8]) -> Result<usize, ReadOutcome> {
+        let tls = self.tls.as_mut().expect("called under TLS");
+        loop {
+            match tls.reader().read(buf) {
+                Ok(0) => return Err(ReadOutcome::Closed),
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(ReadOutcome::Closed),
+            }
+            match tls.read_tls(&mut self.stream) {
+                Ok(0) => return Err(ReadOutcome::Closed),
+                Ok(_) => {
+                    if let Err(e) = tls.process_new_packets() {
+                        tracing::debug!(error = %e, "TLS failed");
+                        // Tell the other end why (the alert is queued).
+                        let _ = tls.write_tls(&mut self.stream);
+                        return Err(ReadOutcome::Closed);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(ReadOutcome::Open),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(ReadOutcome::Closed),
+            }
         }
     }
 
@@ -132,7 +218,16 @@ impl Conn {
     }
 
     pub fn has_backlog(&self) -> bool {
-        self.backlog() > 0
+        self.backlog() > 0 || self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Whether the socket has something to take now: TLS records, or bytes
+    /// that may be encrypted (not while the handshake runs).
+    fn wants_writable(&self) -> bool {
+        match &self.tls {
+            None => self.pending > 0,
+            Some(t) => t.wants_write() || (self.pending > 0 && !t.is_handshaking()),
+        }
     }
 
     /// Accounts `k` bytes written from the front of the queue.
@@ -175,8 +270,69 @@ impl Conn {
         }
     }
 
+    /// Under TLS: encrypts what is queued and writes the records, as far as
+    /// the socket takes them.
+    fn flush_tls(&mut self) -> io::Result<()> {
+        use std::io::Write;
+        let mut scratch = Vec::new();
+        loop {
+            let tls = self.tls.as_mut().expect("called under TLS");
+            if tls.wants_write() {
+                match tls.write_tls(&mut self.stream) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            if tls.is_handshaking() {
+                if self.closing {
+                    // Closed before its handshake ended: what was queued for
+                    // it (a refusal) can never be sent.
+                    self.out.clear();
+                    self.pending = 0;
+                    self.sent = 0;
+                }
+                return Ok(());
+            }
+            let n = match self.out.front() {
+                None => {
+                    if self.closing && !self.close_sent {
+                        self.close_sent = true;
+                        tls.send_close_notify();
+                        continue;
+                    }
+                    return Ok(());
+                }
+                Some(Out::Bytes(b)) => tls.writer().write(&b[self.sent..])?,
+                Some(Out::File { file, offset, len }) => {
+                    use std::os::unix::fs::FileExt;
+                    let want = (len - self.sent).min(64 * 1024);
+                    scratch.resize(want, 0);
+                    let k = file.read_at(&mut scratch, offset + self.sent as u64)?;
+                    if k == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the shared file is shorter than expected",
+                        ));
+                    }
+                    tls.writer().write(&scratch[..k])?
+                }
+            };
+            if n == 0 && !self.tls.as_ref().is_some_and(|t| t.wants_write()) {
+                return Ok(());
+            }
+            self.advance(n);
+        }
+    }
+
     /// Writes what the socket takes; keeps WRITABLE interest only while needed.
     pub fn flush(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        if self.tls.is_some() {
+            self.flush_tls()?;
+            return self.set_writable(registry, token);
+        }
         while let Some(front) = self.out.front() {
             let written = match front {
                 Out::Bytes(_) => self.write_bytes(),
@@ -190,7 +346,11 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
-        let want = self.has_backlog();
+        self.set_writable(registry, token)
+    }
+
+    fn set_writable(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        let want = self.wants_writable();
         if want != self.writable_registered {
             let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
             registry.reregister(&mut self.stream, token, interest)?;
@@ -341,5 +501,65 @@ mod tests {
         assert!(conn.queue_file(file, 500, 1000));
         let (_, result) = pump(&mut conn, &mut peer, &poll, 0);
         assert_eq!(result.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Two ends under TLS on one poll: each proves its key, and frames and a
+    /// file range cross both ways as plaintext again.
+    #[test]
+    fn tls_ends_prove_their_keys_and_carry_frames_and_file_ranges() {
+        use crate::tls::{server_name, Identity};
+        let (a_id, b_id) = (Identity::ephemeral().unwrap(), Identity::ephemeral().unwrap());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let poll = mio::Poll::new().unwrap();
+        let mut ends = Vec::new();
+        for (i, s) in [server, client].into_iter().enumerate() {
+            s.set_nonblocking(true).unwrap();
+            let mut stream = TcpStream::from_std(s);
+            poll.registry().register(&mut stream, Token(i), Interest::READABLE).unwrap();
+            ends.push(Conn::new(stream));
+        }
+        let mut b = ends.pop().unwrap();
+        let mut a = ends.pop().unwrap();
+        a = a.with_tls(rustls::ServerConnection::new(a_id.server_config().unwrap()).unwrap());
+        b = b.with_tls(rustls::ClientConnection::new(b_id.client_config().unwrap(), server_name()).unwrap());
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let file = scratch_file("tls", &data);
+        // Queued before the handshake: held until it is done.
+        assert!(b.queue(b"hello from b"));
+        assert!(b.queue_file(file.clone(), 1000, 200_000));
+        assert!(a.queue(b"hello from a"));
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        let (mut key_a, mut key_b) = (None, None);
+        let want_a = 12 + 200_000;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut events = mio::Events::with_capacity(16);
+        let mut poll = poll;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            a.flush(poll.registry(), Token(0)).unwrap();
+            b.flush(poll.registry(), Token(1)).unwrap();
+            for (c, got) in [(&mut a, &mut got_a), (&mut b, &mut got_b)] {
+                loop {
+                    match c.read_once(&mut buf) {
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(ReadOutcome::Open) => break,
+                        Err(ReadOutcome::Closed) => panic!("closed"),
+                    }
+                }
+            }
+            key_a = key_a.or(a.secured());
+            key_b = key_b.or(b.secured());
+            if got_a.len() >= want_a && got_b.len() >= 12 {
+                break;
+            }
+            poll.poll(&mut events, Some(Duration::from_millis(100))).unwrap();
+        }
+        assert_eq!(key_a, Some(Some(b_id.id())), "the server learns the client's key");
+        assert_eq!(key_b, Some(Some(a_id.id())), "the client learns the server's key");
+        assert_eq!(&got_a[..12], b"hello from b");
+        assert!(got_a[12..] == data[1000..201_000], "the file range differs");
+        assert_eq!(got_b, b"hello from a");
     }
 }

@@ -1,6 +1,9 @@
 //! Serves a [`TrackerNode`] on a TCP listener, and links it to the other
 //! trackers of its cluster.
 //!
+//! Every connection runs TLS 1.3 with this tracker's key ([`Identity`]); the
+//! key the other end proved goes to the node, which decides who it may be.
+//!
 //! One thread, one mio loop: client connections and the connections other
 //! trackers open to us are accepted on the listener; we open our link to
 //! another tracker when the node says so (it decides when to dial, redial and
@@ -22,7 +25,8 @@ use shoal_core::tracker::{ConnId, NodeId, Persist, Replicator, TrackerNode, Trac
 use shoal_core::Millis;
 
 use crate::clock::Clock;
-use crate::conn::{Conn, ReadOutcome};
+use crate::conn::{Conn, Read, ReadOutcome};
+use crate::tls::{server_name, Identity};
 use crate::wal::WalFile;
 
 const LISTENER: Token = Token(0);
@@ -104,10 +108,19 @@ pub struct TrackerServer<R: Replicator> {
     links: BTreeMap<NodeId, Link>,
     on_leader: Option<LeaderHook>,
     syncer: Option<Syncer>,
+    tls_server: Arc<rustls::ServerConfig>,
+    tls_client: Arc<rustls::ClientConfig>,
+    /// Where the other trackers publish their key ids (one file a tracker,
+    /// named by its id), for those whose keys the node does not know yet.
+    key_dir: Option<std::path::PathBuf>,
 }
 
 impl<R: Replicator> TrackerServer<R> {
-    pub fn bind(addr: SocketAddr, node: TrackerNode<R>) -> io::Result<TrackerServer<R>> {
+    /// Listens at `addr`, proving `identity`'s key on every connection.
+    pub fn bind(addr: SocketAddr, node: TrackerNode<R>, identity: &Identity) -> io::Result<TrackerServer<R>> {
+        let tls_err = |e: crate::tls::IdentityError| io::Error::other(e.to_string());
+        let tls_server = identity.server_config().map_err(tls_err)?;
+        let tls_client = identity.client_config().map_err(tls_err)?;
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(addr)?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -123,7 +136,33 @@ impl<R: Replicator> TrackerServer<R> {
             links: BTreeMap::new(),
             on_leader: None,
             syncer: None,
+            tls_server,
+            tls_client,
+            key_dir: None,
         })
+    }
+
+    /// Reads the key ids of trackers the node does not know yet from `dir`
+    /// (file `<id>`, holding the id as `tracker` prints it), when one of
+    /// them may be calling.
+    pub fn with_key_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.key_dir = Some(dir);
+        self.learn_keys();
+        self
+    }
+
+    fn learn_keys(&mut self) {
+        let Some(dir) = &self.key_dir else { return };
+        for node in self.node.unknown_peer_keys() {
+            let Ok(text) = std::fs::read_to_string(dir.join(node.to_string())) else { continue };
+            match text.trim().parse() {
+                Ok(key) => {
+                    tracing::info!(node, %key, "learned a tracker's key id");
+                    self.node.learn_peer_key(node, key);
+                }
+                Err(e) => tracing::warn!(node, dir = %dir.display(), error = %e, "unreadable key id file"),
+            }
+        }
     }
 
     /// Makes every log record durable in `wal` before what depends on it is
@@ -184,16 +223,25 @@ impl<R: Replicator> TrackerServer<R> {
                         self.link_event(node, ev, now, &mut buf);
                     }
                     token => {
-                        let Some(conn) = self.conns.get_mut(&token) else { continue };
                         let id = ConnId(token.0 as u64);
                         let mut closed = false;
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                            let node = &mut self.node;
-                            if let ReadOutcome::Closed = conn.read_all(&mut buf, |b| node.handle_bytes(id, b, now)) {
-                                closed = true;
+                            if !self.node.unknown_peer_keys().is_empty() {
+                                self.learn_keys();
                             }
+                            let Some(conn) = self.conns.get_mut(&token) else { continue };
+                            let node = &mut self.node;
+                            let outcome = conn.read_all(&mut buf, |r| match r {
+                                Read::Secured(Some(key)) => node.handle_secured(id, key, now),
+                                Read::Secured(None) => closed = true,
+                                Read::Bytes(b) if !closed => node.handle_bytes(id, b, now),
+                                Read::Bytes(_) => {}
+                            });
+                            closed |= matches!(outcome, ReadOutcome::Closed);
                         }
-                        if !closed && ev.is_writable() && conn.flush(self.poll.registry(), token).is_err() {
+                        let Some(conn) = self.conns.get_mut(&token) else { continue };
+                        // Also after a read: TLS answers the handshake.
+                        if !closed && conn.flush(self.poll.registry(), token).is_err() {
                             closed = true;
                         }
                         if closed {
@@ -214,7 +262,10 @@ impl<R: Replicator> TrackerServer<R> {
         let token = Token(PEER_BASE + node as usize);
         match TcpStream::connect(link.addr) {
             Ok(mut s) => match self.poll.registry().register(&mut s, token, Interest::READABLE | Interest::WRITABLE) {
-                Ok(()) => link.conn = Some((Conn::connecting(s), true)),
+                Ok(()) => match rustls::ClientConnection::new(self.tls_client.clone(), server_name()) {
+                    Ok(tls) => link.conn = Some((Conn::connecting(s).with_tls(tls), true)),
+                    Err(_) => self.node.handle_link_down(node, now),
+                },
                 Err(_) => self.node.handle_link_down(node, now),
             },
             Err(_) => self.node.handle_link_down(node, now),
@@ -238,10 +289,11 @@ impl<R: Replicator> TrackerServer<R> {
         let Some((c, connecting)) = self.links.get_mut(&node).and_then(|l| l.conn.as_mut()) else { return };
         if *connecting {
             match (c.stream.take_error(), c.stream.peer_addr()) {
+                // Connected: the TLS handshake starts; the node hears of the
+                // link once it is done, with the key the other end proved.
                 (Ok(None), Ok(_)) => {
                     let _ = c.stream.set_nodelay(true);
                     *connecting = false;
-                    self.node.handle_link_up(node, now);
                 }
                 (Err(_), _) | (Ok(Some(_)), _) => return self.link_failed(node, now),
                 // Not connected yet (spurious wake-up).
@@ -251,8 +303,18 @@ impl<R: Replicator> TrackerServer<R> {
         let Some((c, _)) = self.links.get_mut(&node).and_then(|l| l.conn.as_mut()) else { return };
         let mut failed = false;
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+            if !c.is_secured() && !self.node.unknown_peer_keys().is_empty() {
+                self.learn_keys();
+            }
+            let Some((c, _)) = self.links.get_mut(&node).and_then(|l| l.conn.as_mut()) else { return };
             let n = &mut self.node;
-            failed = matches!(c.read_all(buf, |b| n.handle_link_bytes(node, b, now)), ReadOutcome::Closed);
+            let outcome = c.read_all(buf, |r| match r {
+                Read::Secured(Some(key)) => n.handle_link_up(node, key, now),
+                Read::Secured(None) => failed = true,
+                Read::Bytes(b) if !failed => n.handle_link_bytes(node, b, now),
+                Read::Bytes(_) => {}
+            });
+            failed |= matches!(outcome, ReadOutcome::Closed);
         }
         let Some((c, _)) = self.links.get_mut(&node).and_then(|l| l.conn.as_mut()) else { return };
         if failed || c.flush(self.poll.registry(), token).is_err() {
@@ -272,7 +334,14 @@ impl<R: Replicator> TrackerServer<R> {
                     self.next_token += 1;
                     self.poll.registry().register(&mut stream, token, Interest::READABLE)?;
                     let _ = stream.set_nodelay(true);
-                    self.conns.insert(token, Conn::new(stream));
+                    let tls = match rustls::ServerConnection::new(self.tls_server.clone()) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot start TLS");
+                            continue;
+                        }
+                    };
+                    self.conns.insert(token, Conn::new(stream).with_tls(tls));
                     self.node.handle_connected(ConnId(token.0 as u64), peer, now);
                     tracing::debug!(%peer, conn = token.0, "accepted");
                 }

@@ -45,6 +45,14 @@ pub use net::{Ep, NetConfig};
 pub use world::{World, WorldConfig};
 
 /// The seed from `SIM_SEED`, or `default`.
+/// The key id an honest host at `ip` proves: the simulation plays TLS's
+/// outcome, not its crypto (each host holds the key derived from its
+/// address; a forged identity is a host proving another host's id, or a
+/// key no one expects).
+pub fn key_of(ip: std::net::IpAddr) -> shoal_core::identity::KeyId {
+    shoal_core::identity::KeyId::of_public_key(ip.to_string().as_bytes())
+}
+
 pub fn seed_from_env(default: u64) -> u64 {
     std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }

@@ -249,10 +249,13 @@ impl World {
                 self.conns.get_mut(&conn).expect("live").accepted = true;
                 let remote = SocketAddr::from(([10, 0, 1, client as u8], 40000));
                 let now = self.tracker_now(tracker);
-                self.trackers[tracker].node.as_mut().expect("up").handle_connected(conn, remote, now);
+                let node = self.trackers[tracker].node.as_mut().expect("up");
+                node.handle_connected(conn, remote, now);
+                node.handle_secured(conn, crate::key_of(remote.ip()), now);
                 self.drain_tracker(tracker);
                 let now = self.client_now(client);
-                self.clients[client].engine.handle_input(ClientInput::Tracker(TrackerEvent::Connected), now);
+                let key = crate::key_of(self.trackers[tracker].addr.ip());
+                self.clients[client].engine.handle_input(ClientInput::Tracker(TrackerEvent::Connected { key }), now);
                 self.drain_client(client);
             }
             Event::ToTracker { conn, bytes } => {
@@ -300,11 +303,14 @@ impl World {
                 self.trackers[from].links.insert(to, Link::Up(conn));
                 let remote = SocketAddr::new(self.trackers[from].addr.ip(), 50000);
                 let now = self.tracker_now(to);
-                self.trackers[to].node.as_mut().expect("up").handle_connected(conn, remote, now);
+                let node = self.trackers[to].node.as_mut().expect("up");
+                node.handle_connected(conn, remote, now);
+                node.handle_secured(conn, crate::key_of(remote.ip()), now);
                 self.drain_tracker(to);
                 let now = self.tracker_now(from);
+                let key = crate::key_of(self.trackers[to].addr.ip());
                 if let Some(n) = self.trackers[from].node.as_mut() {
-                    n.handle_link_up(to as NodeId + 1, now);
+                    n.handle_link_up(to as NodeId + 1, key, now);
                 }
                 self.drain_tracker(from);
             }

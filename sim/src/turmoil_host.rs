@@ -150,7 +150,9 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
     };
     let nodes: Vec<u64> = (1..=n).collect();
     let rep = OmniReplicator::recover(me, &nodes, records.iter().map(|r| r.as_slice()))?.with_snapshot_every(40);
-    let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
+    let peer_keys =
+        (1..=n).filter(|p| *p != me).map(|p| (p, crate::key_of(turmoil::lookup(format!("t{p}"))))).collect();
+    let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, peer_keys, ..TrackerConfig::default() };
     let mut node = TrackerNode::new(cfg, Rng::from_u64(me), rep);
     let (tx, mut rx) = unbounded_channel::<TEv>();
     let listener = TcpListener::bind(("0.0.0.0", TRACKER_PORT)).await?;
@@ -187,6 +189,7 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
             Some(TEv::Accepted(id, remote, w)) => {
                 conns.insert(id, w);
                 node.handle_connected(ConnId(id), remote, now);
+                node.handle_secured(ConnId(id), crate::key_of(remote.ip()), now);
             }
             Some(TEv::Bytes(id, b)) => node.handle_bytes(ConnId(id), &b, now),
             Some(TEv::Closed(id)) => {
@@ -195,7 +198,7 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
             }
             Some(TEv::LinkUp(p, a, w)) if attempt.get(&p) == Some(&a) => {
                 links.insert(p, w);
-                node.handle_link_up(p, now);
+                node.handle_link_up(p, crate::key_of(turmoil::lookup(format!("t{p}"))), now);
             }
             // A link that was up and closed is left to its deadline: when
             // a host crashes, turmoil resets its connections in the order
@@ -282,7 +285,8 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
 // ---- client host ----
 
 enum CEv {
-    TrackerUp(u64, UnboundedSender<Option<Vec<u8>>>),
+    /// Connected to the tracker at that IP.
+    TrackerUp(u64, std::net::IpAddr, UnboundedSender<Option<Vec<u8>>>),
     TrackerDown(u64),
     TrackerBytes(u64, Vec<u8>),
     PeerAccepted(PeerConnId, UnboundedSender<Option<Vec<u8>>>),
@@ -371,9 +375,9 @@ impl ClientDriver {
         let now = self.now();
         let e = &mut self.engine;
         match ev {
-            Some(CEv::TrackerUp(g, w)) if g == self.tracker_gen => {
+            Some(CEv::TrackerUp(g, ip, w)) if g == self.tracker_gen => {
                 self.tracker = Some((g, w));
-                e.handle_input(ClientInput::Tracker(TrackerEvent::Connected), now);
+                e.handle_input(ClientInput::Tracker(TrackerEvent::Connected { key: crate::key_of(ip) }), now);
             }
             Some(CEv::TrackerDown(g)) if g == self.tracker_gen => {
                 self.tracker = None;
@@ -422,7 +426,7 @@ impl ClientDriver {
                     spawn_connect(
                         addr,
                         self.tx.clone(),
-                        move |w| CEv::TrackerUp(g, w),
+                        move |w| CEv::TrackerUp(g, addr.ip(), w),
                         move |b| CEv::TrackerBytes(g, b),
                         CEv::TrackerDown(g),
                         CEv::TrackerDown(g),

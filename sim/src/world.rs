@@ -135,6 +135,11 @@ impl World {
         let cfg = TrackerConfig {
             password_params: PasswordParams::INSECURE_FAST,
             report_applied: true,
+            peer_keys: tracker_addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (i as NodeId + 1, crate::key_of(a.ip())))
+                .collect(),
             ..TrackerConfig::default()
         };
         let skewed = |rng: &mut Rng| {

@@ -17,7 +17,7 @@
 //! durable write rate that does not batch.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
@@ -55,9 +55,10 @@ fn free_port() -> Result<u16, String> {
     Ok(TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port())
 }
 
-/// One session on one tracker, speaking the wire protocol directly.
+/// One session on one tracker, speaking the wire protocol directly (over
+/// TLS, as clients do).
 struct Conn {
-    stream: TcpStream,
+    stream: shoal_net_mio::tls::TlsStream,
     decoder: FrameDecoder,
     client: u64,
     seq: u64,
@@ -66,9 +67,10 @@ struct Conn {
 
 impl Conn {
     fn open(addr: SocketAddr, client: u64) -> Result<Conn, String> {
-        let mut stream = TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+        let me = shoal_net_mio::tls::Identity::ephemeral().map_err(|e| e.to_string())?;
+        let (mut stream, _) = shoal_net_mio::tls::connect_blocking(addr, &me, Duration::from_secs(30))
+            .map_err(|e| format!("{addr}: {e}"))?;
+        stream.sock.set_nodelay(true).map_err(|e| e.to_string())?;
         stream
             .write_all(&encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client }))
             .map_err(|e| e.to_string())?;

@@ -31,11 +31,13 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     shoal_bins::init_logging();
-    let trackers = match shoal_bins::load_tracker_info(&args.tracker_info) {
-        Ok(t) => t.into_iter().map(|t| t.addr).collect(),
+    let entries = match shoal_bins::load_tracker_info(&args.tracker_info) {
+        Ok(t) => t,
         Err(e) => return fail(&e),
     };
-    let mut cfg = ClientConfig::new(args.listen, trackers);
+    let mut cfg = ClientConfig::new(args.listen, entries.iter().map(|t| t.addr).collect());
+    // Pinned in tracker_info.txt, or published beside it by the trackers.
+    cfg.tracker_keys = shoal_bins::tracker_keys(&args.tracker_info, &entries);
     match args.max_upload_rate {
         Some(r) if r.is_finite() && r > 0.0 => cfg.max_upload_rate = Some((r * 1e6) as u64),
         Some(_) => return fail("--max-upload-rate must be a positive number of MB/s"),

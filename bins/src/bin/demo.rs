@@ -57,8 +57,14 @@ fn step(client: &ClientHandle, who: &str, line: &str) -> Result<Vec<String>, Str
 
 fn run(args: &Args) -> Result<(), String> {
     let trackers = shoal_bins::load_tracker_info(&args.tracker_info)?;
-    for t in &trackers {
-        shoal_bins::spawn_tracker(&trackers, t.id)?;
+    // In memory, a key pair each; the clients are told the trackers' ids.
+    let mut identities = Vec::new();
+    for _ in &trackers {
+        identities.push(shoal_net_mio::tls::Identity::ephemeral().map_err(|e| e.to_string())?);
+    }
+    let keys: Vec<_> = identities.iter().map(|i| i.id()).collect();
+    for (t, identity) in trackers.iter().zip(identities) {
+        shoal_bins::spawn_tracker(&trackers, t.id, identity, &keys)?;
         println!("tracker {} listening on {}", t.id, t.addr);
     }
     let tracker_addrs: Vec<SocketAddr> = trackers.iter().map(|t| t.addr).collect();
@@ -76,6 +82,7 @@ fn run(args: &Args) -> Result<(), String> {
     let any: SocketAddr = "127.0.0.1:0".parse().expect("valid");
     let start = |rate: Option<f64>| {
         let mut cfg = ClientConfig::new(any, tracker_addrs.clone());
+        cfg.tracker_keys = keys.iter().copied().map(Some).collect();
         cfg.max_upload_rate = rate.map(|r| (r * 1e6) as u64);
         ClientHandle::start(cfg).map_err(|e| e.to_string())
     };

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use shoal_core::rng::Rng;
 use shoal_core::tracker::{NodeId, OmniReplicator, SoloReplicator, TrackerConfig, TrackerNode};
+use shoal_net_mio::tls::Identity;
 use shoal_net_mio::tracker::TrackerServer;
 use shoal_net_mio::wal::WalFile;
 
@@ -21,6 +22,15 @@ struct Args {
     /// Where this tracker keeps its log [default: ./shoal-tracker-<tracker_id>].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// This tracker's private key, made on first start: its identity. Kept
+    /// beside the data dir, not in it, so a tracker whose data is lost keeps
+    /// its identity and catches up [default: <data dir>.key].
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Print this tracker's key id (making its key on first use) and exit:
+    /// what to pin on its line of tracker_info.txt.
+    #[arg(long)]
+    show_id: bool,
 }
 
 fn main() -> ExitCode {
@@ -43,26 +53,53 @@ fn run(args: Args) -> Result<(), String> {
     })?;
     let seed = shoal_net_mio::os_seed().map_err(|e| format!("no randomness from the OS: {e}"))?;
     let dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("shoal-tracker-{}", me.id)));
+    let key_file = args.key_file.clone().unwrap_or_else(|| {
+        let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "shoal-tracker".into());
+        name.push(".key");
+        dir.with_file_name(name)
+    });
+    let identity = Identity::load_or_create(&key_file).map_err(|e| e.to_string())?;
+    let my_key = identity.id();
+    if args.show_id {
+        println!("{my_key}");
+        return Ok(());
+    }
+    match me.key {
+        Some(pinned) if pinned != my_key => {
+            return Err(format!(
+                "{} pins key {pinned} for tracker {}, but this tracker's key ({}) is {my_key}",
+                args.tracker_info.display(),
+                me.id,
+                key_file.display()
+            ))
+        }
+        Some(_) => {}
+        None => shoal_bins::publish_key(&args.tracker_info, me.id, my_key, &key_file)?,
+    }
     let opened = WalFile::open(&dir)?;
     let log = opened.wal.path().display().to_string();
     let (replayed, torn_bytes) = (opened.records.len(), opened.torn_bytes);
     let records = opened.records.iter().map(|r| r.as_slice());
     let peers: Vec<_> = trackers.iter().filter(|t| t.id != me.id).collect();
+    // Known by key: pinned in tracker_info.txt, or published beside it (read
+    // again while one is missing, so trackers may start in any order).
     let cfg = TrackerConfig {
-        peer_ips: peers.iter().map(|t| (t.id as NodeId, t.addr.ip())).collect(),
+        peer_keys: peers.iter().filter_map(|t| t.key.map(|k| (t.id as NodeId, k))).collect(),
         ..TrackerConfig::default()
     };
+    let key_dir = shoal_bins::key_dir(&args.tracker_info);
     let peer_list: Vec<String> = peers.iter().map(|t| format!("{} at {}", t.id, t.addr)).collect();
     let torn = if torn_bytes > 0 { format!(" (cut a torn tail of {torn_bytes} bytes)") } else { String::new() };
     let banner = |addr: SocketAddr| {
         println!("tracker {} listening on {addr}", me.id);
         println!("peers: {}", if peer_list.is_empty() { "none".into() } else { peer_list.join(", ") });
         println!("data: {} ({replayed} log records replayed){torn}", dir.display());
+        println!("key id: {my_key}");
     };
     if peers.is_empty() {
         let rep = SoloReplicator::recover(records).map_err(|e| format!("{log}: unreadable record: {e}"))?;
         let node = TrackerNode::new(cfg, Rng::from_seed(seed), rep);
-        let server = TrackerServer::bind(me.addr, node)
+        let server = TrackerServer::bind(me.addr, node, &identity)
             .map_err(|e| format!("cannot listen on {}: {e}", me.addr))?
             .with_wal(opened.wal)
             .map_err(|e| format!("cannot start the log's sync thread: {e}"))?;
@@ -75,11 +112,12 @@ fn run(args: Args) -> Result<(), String> {
     let log_line = format!("log: decided up to entry {}, snapshot up to {}", rep.decided_idx(), rep.compacted_idx());
     let node = TrackerNode::new(cfg, Rng::from_seed(seed), rep);
     let me_id = me.id as NodeId;
-    let server = TrackerServer::bind(me.addr, node)
+    let server = TrackerServer::bind(me.addr, node, &identity)
         .map_err(|e| format!("cannot listen on {}: {e}", me.addr))?
         .with_wal(opened.wal)
         .map_err(|e| format!("cannot start the log's sync thread: {e}"))?
         .with_peers(peers.iter().map(|t| (t.id as NodeId, t.addr)))
+        .with_key_dir(key_dir)
         .on_leader_change(move |leader| {
             match leader {
                 Some(l) if l == me_id => println!("leader: tracker {l} (this one)"),

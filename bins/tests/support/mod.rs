@@ -36,6 +36,15 @@ fn nanos() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
+pub use shoal_net_mio::tls::TlsStream;
+
+/// A TLS connection to a tracker with a fresh key of our own, the handshake
+/// done (reads time out after [`WAIT`]).
+pub fn tls_connect(addr: SocketAddr) -> TlsStream {
+    let me = shoal_net_mio::tls::Identity::ephemeral().unwrap();
+    shoal_net_mio::tls::connect_blocking(addr, &me, WAIT).expect("TLS handshake with the tracker").0
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -42,7 +42,42 @@ impl ClientEngine {
         }
     }
 
-    pub(super) fn tracker_connected(&mut self, now: Millis) {
+    pub(super) fn tracker_connected(&mut self, key: KeyId, now: Millis) {
+        let at = self.cfg.trackers[self.tracker];
+        let pinned = self.cfg.tracker_keys.get(self.tracker).copied().flatten();
+        match pinned.or_else(|| self.tracker_seen_keys.get(&self.tracker).copied()) {
+            Some(expected) if expected != key => {
+                // Someone else answers at that address: it gets nothing, not
+                // even the password of a login waiting to be sent.
+                let why = if pinned.is_some() { "the key tracker_info pins" } else { "the key it proved before" };
+                // The user reads it as the error of what waited (below), or
+                // not at all if another tracker serves it.
+                tracing::info!(tracker = %at, %key, %expected, "the tracker reached does not hold {why}; sent it nothing");
+                self.key_refused.insert(self.tracker, ShellError::TrackerKey { tracker: at, got: key, expected, why });
+                self.out.push_back(ClientOutput::Disconnect);
+                if self.key_refused.len() == self.cfg.trackers.len() {
+                    // Every tracker listed is someone else: say so now
+                    // rather than when the requests time out.
+                    let err = self.key_refused.remove(&self.tracker).expect("inserted above");
+                    self.key_refused.clear();
+                    let waiting: Vec<u64> = self.pending.keys().copied().collect();
+                    for seq in waiting {
+                        if let Some(p) = self.pending.remove(&seq) {
+                            self.finish_request(p, Err(err.clone()), now);
+                        }
+                    }
+                }
+                return self.fail_over(now);
+            }
+            Some(_) => {
+                self.key_refused.clear();
+            }
+            None => {
+                self.key_refused.clear();
+                tracing::info!(tracker = %at, %key, "tracker_info.txt pins no key for this tracker; requiring this one from now on");
+                self.tracker_seen_keys.insert(self.tracker, key);
+            }
+        }
         self.link = Link::Up;
         self.last_heard = now;
         self.decoder = FrameDecoder::new(MAX_CONTROL_FRAME);

@@ -49,7 +49,7 @@ fn a_silent_tracker_is_failed_over_and_the_request_resent_with_its_id() {
         [ClientOutput::Connect { addr }] => *addr,
         o => panic!("{o:?}"),
     };
-    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected), Millis(10));
+    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected { key: crate::identity::KeyId([7; 32]) }), Millis(10));
     let sent = sent_requests(&drain(&mut e));
     assert_eq!(sent.len(), 1);
     let deadline = e.poll_timeout().unwrap();
@@ -60,7 +60,7 @@ fn a_silent_tracker_is_failed_over_and_the_request_resent_with_its_id() {
         .find_map(|o| if let ClientOutput::Connect { addr } = o { Some(*addr) } else { None })
         .expect("fails over");
     assert_ne!(first, second);
-    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected), deadline);
+    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected { key: crate::identity::KeyId([7; 32]) }), deadline);
     let resent = sent_requests(&drain(&mut e));
     assert_eq!(resent, sent, "same request id after failover");
 }
@@ -114,7 +114,7 @@ fn log_in(e: &mut ClientEngine, reply: impl Fn(&Request) -> Result<Reply, ApiErr
     let login = ShellCommand::Login { user: UserId::new("me").unwrap(), password: "pw".into() };
     e.handle_input(ClientInput::User { ticket: Ticket(1), cmd: login }, Millis(0));
     drain(e);
-    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected), Millis(0));
+    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected { key: crate::identity::KeyId([7; 32]) }), Millis(0));
     let outs = drain(e);
     answer_all(e, outs, reply);
     assert!(e.user().is_some());
@@ -230,7 +230,7 @@ fn a_request_after_a_quiet_spell_waits_its_full_timeout() {
     let create = |u: &str| ShellCommand::CreateUser { user: UserId::new(u).unwrap(), password: "p".into() };
     e.handle_input(ClientInput::User { ticket: Ticket(1), cmd: create("a") }, Millis(0));
     drain(&mut e);
-    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected), Millis(10));
+    e.handle_input(ClientInput::Tracker(TrackerEvent::Connected { key: crate::identity::KeyId([7; 32]) }), Millis(10));
     let outs = drain(&mut e);
     answer_all(&mut e, outs, |_| Ok(Reply::Done));
     // Quiet for longer than the request timeout, then a new request: the
@@ -367,5 +367,72 @@ proptest::proptest! {
         let outs = drain(&mut e);
         crate::fuzzing::run_disk(&mut e, &mut disk, outs, Millis(1));
         proptest::prop_assert!(disk.files.get("/dl/f.bin").is_some_and(|f| f == &content));
+    }
+}
+
+/// A tracker that proves another key than the one pinned (or than the one it
+/// proved before) gets nothing, not even the password of a waiting login:
+/// the engine hangs up, and tries again later.
+#[test]
+fn a_tracker_proving_the_wrong_key_is_sent_nothing() {
+    use crate::identity::KeyId;
+    for pinned in [true, false] {
+        let mut cfg = ClientConfig::new("127.0.0.1:9".parse().unwrap(), vec!["127.0.0.1:1".parse().unwrap()]);
+        if pinned {
+            cfg.tracker_keys = vec![Some(KeyId([1; 32]))];
+        }
+        let mut e = ClientEngine::new(cfg, Rng::from_u64(3));
+        let mut now = Millis(0);
+        let connect = |e: &mut ClientEngine, key: u8, now: Millis| {
+            e.handle_input(ClientInput::Tracker(TrackerEvent::Connected { key: KeyId([key; 32]) }), now);
+            drain(e)
+        };
+        let login = ShellCommand::Login { user: UserId::new("a").unwrap(), password: "secret".into() };
+        if !pinned {
+            // Unpinned: the first key proved is taken, and required from then on.
+            e.handle_input(
+                ClientInput::User {
+                    ticket: Ticket(1),
+                    cmd: ShellCommand::CreateUser { user: UserId::new("a").unwrap(), password: "secret".into() },
+                },
+                now,
+            );
+            drain(&mut e);
+            assert_eq!(sent_requests(&connect(&mut e, 1, now)).len(), 1);
+            e.handle_input(ClientInput::Tracker(TrackerEvent::Closed), now);
+            drain(&mut e);
+        }
+        e.handle_input(ClientInput::User { ticket: Ticket(2), cmd: login }, now);
+        drain(&mut e);
+        let waiting = e.poll_timeout();
+        if let Some(t) = waiting {
+            now = now.max(t);
+            e.handle_input(ClientInput::Timeout, now);
+            drain(&mut e);
+        }
+        let outs = connect(&mut e, 9, now);
+        assert!(
+            outs.iter().all(|o| !matches!(o, ClientOutput::Transmit(_))),
+            "pinned {pinned}: sent to an impostor: {outs:?}"
+        );
+        assert!(matches!(outs.first(), Some(ClientOutput::Disconnect)), "{outs:?}");
+        // The only tracker listed is someone else: the login fails at once, saying so.
+        let failed = outs.iter().any(|o| {
+            matches!(o, ClientOutput::Done { ticket: Ticket(2), result: Err(ShellError::TrackerKey { got, .. }) } if *got == KeyId([9; 32]))
+        });
+        assert!(failed, "pinned {pinned}: {outs:?}");
+        // Tried again once the real tracker is back at that address.
+        let login = ShellCommand::Login { user: UserId::new("a").unwrap(), password: "secret".into() };
+        e.handle_input(ClientInput::User { ticket: Ticket(3), cmd: login }, now);
+        for tries in 0.. {
+            if matches!(drain(&mut e).last(), Some(ClientOutput::Connect { .. })) {
+                break;
+            }
+            assert!(tries < 10, "never dialled again");
+            now = e.poll_timeout().expect("a retry is due");
+            e.handle_input(ClientInput::Timeout, now);
+        }
+        let sent = sent_requests(&connect(&mut e, 1, now));
+        assert!(sent.iter().any(|(_, r)| matches!(r, Request::Login { .. })), "pinned {pinned}: {sent:?}");
     }
 }

@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 
 use super::replicator::{NodeId, Replicator};
 use super::{TrackerNode, TrackerOutput};
+use crate::identity::KeyId;
 use crate::proto::{Message, Role, TrackerFrame, PROTOCOL_VERSION};
 use crate::time::Millis;
 use crate::wire::{encode, FrameDecoder};
@@ -122,14 +123,24 @@ impl Links {
 }
 
 impl<R: Replicator> TrackerNode<R> {
-    /// Our link to tracker `node` connected: introduce ourselves and tell it
-    /// the soft state we know.
-    pub fn handle_link_up(&mut self, node: NodeId, now: Millis) {
+    /// Our link to tracker `node` connected and the other end proved `key`
+    /// (its TLS handshake is done): if that is `node`'s key, introduce
+    /// ourselves and tell it the soft state we know; if not, hang up (whoever
+    /// answers at that address is not that tracker) and dial again later.
+    pub fn handle_link_up(&mut self, node: NodeId, key: KeyId, now: Millis) {
         self.now = self.now.max(now);
-        let Some(l) = self.links.map.get_mut(&node) else { return };
+        let Some(l) = self.links.map.get(&node) else { return };
         if !matches!(l.state, State::Dialing { .. }) {
             return;
         }
+        if self.cfg.peer_keys.get(&node) != Some(&key) {
+            let expected = self.cfg.peer_keys.get(&node).map_or("none known".to_string(), |k| k.to_string());
+            tracing::warn!(node, %key, %expected, "the tracker we reached does not hold that tracker's key; hanging up");
+            self.link_lost(node, now, true);
+            self.pump(now);
+            return;
+        }
+        let Some(l) = self.links.map.get_mut(&node) else { return };
         tracing::info!(node, "linked to tracker");
         l.state = State::Up;
         l.backoff = REDIAL_MIN;

@@ -143,11 +143,34 @@ impl<R: Replicator> TrackerNode<R> {
             last_seen: now,
             partial_since: None,
             in_flight: 0,
+            key: None,
         };
         self.conns.insert(conn, c);
         if self.next_sweep <= now {
             self.next_sweep = now.plus(SWEEP_EVERY);
         }
+    }
+
+    /// The other end of `conn` proved it holds `key` (its TLS handshake is
+    /// done). Reported before any of its bytes.
+    pub fn handle_secured(&mut self, conn: ConnId, key: KeyId, now: Millis) {
+        self.now = self.now.max(now);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.key = Some(key);
+        }
+    }
+
+    /// The operator's files name `key` as tracker `node`'s (a key pinned in
+    /// the configuration is kept).
+    pub fn learn_peer_key(&mut self, node: NodeId, key: KeyId) {
+        if self.replicator.peers().contains(&node) {
+            self.cfg.peer_keys.entry(node).or_insert(key);
+        }
+    }
+
+    /// The peers whose keys this node does not know yet.
+    pub fn unknown_peer_keys(&self) -> Vec<NodeId> {
+        self.replicator.peers().iter().copied().filter(|n| !self.cfg.peer_keys.contains_key(n)).collect()
     }
 
     pub fn handle_closed(&mut self, conn: ConnId, now: Millis) {
@@ -266,8 +289,18 @@ impl<R: Replicator> TrackerNode<R> {
                 Kind::TrackerHello => {
                     let ok = match &msg {
                         Message::Tracker(TrackerFrame::Join { node }) => {
-                            let from_ip = self.cfg.peer_ips.get(node).is_none_or(|ip| *ip == c.remote);
-                            (self.replicator.peers().contains(node) && from_ip).then_some(*node)
+                            // Known by key, not by address: the connection
+                            // must have proved the key that node holds.
+                            let proved = c.key.is_some() && self.cfg.peer_keys.get(node) == c.key.as_ref();
+                            if !proved {
+                                tracing::warn!(
+                                    node,
+                                    from = %c.remote,
+                                    key = %c.key.map_or("none".to_string(), |k| k.to_string()),
+                                    "refused a link claiming to be a tracker: its key is not that tracker's"
+                                );
+                            }
+                            (self.replicator.peers().contains(node) && proved).then_some(*node)
                         }
                         _ => None,
                     };

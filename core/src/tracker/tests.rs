@@ -364,9 +364,18 @@ fn a_write_not_decided_in_time_is_answered_no_quorum_and_frees_its_slot() {
     assert!(drain(&mut n).is_empty(), "waiting for the log again, not refused");
 }
 
+/// Tracker `n`'s key, in these tests.
+fn key(n: u8) -> KeyId {
+    KeyId([n; 32])
+}
+
 /// Tracker 1 of three, alone: what it dials and sends on its links.
 fn linked_node() -> TrackerNode<OmniReplicator> {
-    let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
+    let cfg = TrackerConfig {
+        password_params: PasswordParams::INSECURE_FAST,
+        peer_keys: [(2, key(2)), (3, key(3))].into_iter().collect(),
+        ..TrackerConfig::default()
+    };
     let rep = OmniReplicator::recover(1, &[1, 2, 3], std::iter::empty()).unwrap();
     TrackerNode::new(cfg, Rng::from_u64(1), rep)
 }
@@ -394,7 +403,7 @@ fn links_are_dialled_pinged_and_hung_up_when_silent() {
     let mut n = linked_node();
     n.handle_timeout(Millis(1));
     assert_eq!(dials(&drain(&mut n)), vec![2, 3]);
-    n.handle_link_up(2, Millis(5));
+    n.handle_link_up(2, key(2), Millis(5));
     let hello = drain(&mut n);
     assert!(hello.iter().any(|o| matches!(o, TrackerOutput::PeerSend { node: 2, .. })), "introduces itself");
     // Link 3 never connects: given up after the dial timeout, redialled later.
@@ -440,4 +449,43 @@ fn a_lone_member_of_a_cluster_names_no_leader_and_answers_writes_at_once() {
     let outs = drain(&mut n);
     assert!(matches!(answer(&outs), Err(ApiError::NoQuorum | ApiError::CatchingUp)), "{outs:?}");
     assert_eq!(n.leader(), None);
+}
+
+/// Trackers are known by key: a link whose other end proves another key is
+/// hung up before anything is sent on it, and a connection claiming to be a
+/// tracker is refused unless it proved that tracker's key.
+#[test]
+fn only_the_key_a_tracker_holds_makes_a_link_to_it() {
+    let mut n = linked_node();
+    n.handle_timeout(Millis(1));
+    drain(&mut n);
+    // Our link to 2 reaches someone with another key.
+    n.handle_link_up(2, key(9), Millis(5));
+    let out = drain(&mut n);
+    assert!(!out.iter().any(|o| matches!(o, TrackerOutput::PeerSend { node: 2, .. })), "nothing sent: {out:?}");
+    assert_eq!(hangups(&out), vec![2]);
+    // Connections claiming to be tracker 3: without a key, with the wrong
+    // one, and with its own.
+    let join = {
+        let mut b = encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Tracker });
+        b.extend(encode(&Message::Tracker(TrackerFrame::Join { node: 3 })));
+        b
+    };
+    for (conn, proved, accepted) in
+        [(ConnId(10), None, false), (ConnId(11), Some(key(2)), false), (ConnId(12), Some(key(3)), true)]
+    {
+        n.handle_connected(conn, REMOTE, Millis(6));
+        if let Some(k) = proved {
+            n.handle_secured(conn, k, Millis(6));
+        }
+        n.handle_bytes(conn, &join, Millis(6));
+        let out = drain(&mut n);
+        assert_eq!(closed(&out, conn).is_none(), accepted, "{proved:?}: {out:?}");
+        if !accepted {
+            assert_eq!(closed(&out, conn).as_deref(), Some("not a tracker of this cluster"));
+        }
+    }
+    // Soft state from the impostors was never taken: only the real one's
+    // connection is left.
+    assert_eq!(n.connections(), 1);
 }
