@@ -293,4 +293,41 @@ impl World {
             self.record(format!("{} a stored chunk rots", self.now.0));
         }
     }
+
+    /// A host that is not a tracker calls tracker `t` as tracker `claim`,
+    /// proving a key of its own (or, with `stolen_addr`, calling from tracker
+    /// `claim`'s own address), and sends what a tracker would: its Join,
+    /// soft state naming a grant for `claim`'s clients, and a consensus
+    /// message. The link must be refused before any of it is taken.
+    pub fn forge_tracker_link(&mut self, t: usize, claim: usize, stolen_addr: bool) {
+        use shoal_core::proto::{Message, Role, SoftGrant, SoftState, TrackerFrame, PROTOCOL_VERSION};
+        use shoal_core::wire::encode;
+        let Some(node) = self.trackers[t].node.as_ref() else { return };
+        let before = node.connections();
+        let impostor: std::net::IpAddr = [10, 9, 9, 9].into();
+        let from = if stolen_addr { self.trackers[claim].addr.ip() } else { impostor };
+        let conn = self.new_conn();
+        let now = self.tracker_now(t);
+        let mut bytes = encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Tracker });
+        bytes.extend(encode(&Message::Tracker(TrackerFrame::Join { node: claim as u64 + 1 })));
+        let grant = SoftGrant {
+            grant: shoal_core::client::peer::Grant([0x66; 16]),
+            user: shoal_core::ids::UserId::new("u0").expect("valid id"),
+            group: shoal_core::ids::GroupId::new("seed").expect("valid id"),
+            name: shoal_core::ids::FileName::new("f0.bin").expect("valid name"),
+            ttl_ms: 60_000,
+        };
+        let soft = SoftState { grants: vec![grant], ..SoftState::default() };
+        bytes.extend(encode(&Message::Tracker(TrackerFrame::Soft(soft))));
+        let node = self.trackers[t].node.as_mut().expect("checked above");
+        node.handle_connected(conn, SocketAddr::new(from, 50000), now);
+        node.handle_secured(conn, crate::key_of(impostor), now);
+        node.handle_bytes(conn, &bytes, now);
+        let after = node.connections();
+        assert_eq!(after, before, "t{t} kept a link from a host proving another key than tracker {}'s", claim + 1);
+        assert!(!node.knows_grant(&shoal_core::client::peer::Grant([0x66; 16])), "t{t} took a forged grant");
+        *self.faults.entry("forged tracker refused").or_default() += 1;
+        self.record(format!("{} forged link to t{t} as t{claim} refused", self.now.0));
+        self.drain_tracker(t);
+    }
 }

@@ -55,6 +55,9 @@ struct Acked {
 struct Runner {
     w: World,
     rng: Rng,
+    /// Draws the forged identities, apart from `rng` so that adding them
+    /// left every other fault of a seed where it was.
+    forge_rng: Rng,
     plan: Plan,
     /// The command each client is running, if any.
     busy: BTreeMap<usize, (Ticket, String)>,
@@ -420,6 +423,7 @@ fn chaos(seed: u64) -> (World, (Millis, Millis, bool)) {
     let mut r = Runner {
         w,
         rng,
+        forge_rng: Rng::from_u64(seed ^ 0xf0_a6ed),
         logged_in: vec![false; plan.clients + 1],
         plan,
         busy: BTreeMap::new(),
@@ -455,6 +459,16 @@ fn chaos(seed: u64) -> (World, (Millis, Millis, bool)) {
     for _ in 0..200 {
         if r.rng.below(100) < 8 {
             r.fault();
+        }
+        if r.forge_rng.below(100) < 3 {
+            // Someone with a key of its own calls a tracker as another one
+            // (sometimes from that tracker's own address): refused, and
+            // nothing it sent is taken (World::forge_tracker_link asserts).
+            let n = r.w.tracker_count();
+            let t = r.forge_rng.below(n as u64) as usize;
+            let claim = r.forge_rng.below(n as u64) as usize;
+            let stolen = r.forge_rng.below(2) == 0;
+            r.w.forge_tracker_link(t, claim, stolen);
         }
         for c in 0..r.plan.clients {
             if r.rng.below(4) == 0 {

@@ -113,6 +113,11 @@ impl<R: Replicator> TrackerNode<R> {
         self.conns.len()
     }
 
+    /// Whether this node holds `grant` (issued here or gossiped by a tracker).
+    pub fn knows_grant(&self, grant: &Grant) -> bool {
+        self.grants.contains_key(grant)
+    }
+
     pub fn replicator(&self) -> &R {
         &self.replicator
     }
