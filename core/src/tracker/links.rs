@@ -51,6 +51,9 @@ pub(crate) struct Link {
     heard: Millis,
     pinged: Millis,
     decoder: FrameDecoder,
+    /// The wrong key last seen at this peer's address: warned once, not on
+    /// every redial.
+    impostor: Option<KeyId>,
 }
 
 /// The links of a node, by peer.
@@ -72,6 +75,7 @@ impl Links {
                     heard: Millis::ZERO,
                     pinged: Millis::ZERO,
                     decoder: FrameDecoder::new(1024),
+                    impostor: None,
                 };
                 (*p, link)
             })
@@ -135,12 +139,20 @@ impl<R: Replicator> TrackerNode<R> {
         }
         if self.cfg.peer_keys.get(&node) != Some(&key) {
             let expected = self.cfg.peer_keys.get(&node).map_or("none known".to_string(), |k| k.to_string());
-            tracing::warn!(node, %key, %expected, "the tracker we reached does not hold that tracker's key; hanging up");
+            if l.impostor != Some(key) {
+                tracing::warn!(node, %key, %expected, "the tracker we reached does not hold that tracker's key; hanging up (again at each redial, quietly)");
+            } else {
+                tracing::debug!(node, %key, "the same wrong key again; hanging up");
+            }
+            if let Some(l) = self.links.map.get_mut(&node) {
+                l.impostor = Some(key);
+            }
             self.link_lost(node, now, true);
             self.pump(now);
             return;
         }
         let Some(l) = self.links.map.get_mut(&node) else { return };
+        l.impostor = None;
         tracing::info!(node, "linked to tracker");
         l.state = State::Up;
         l.backoff = REDIAL_MIN;
