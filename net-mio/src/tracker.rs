@@ -151,9 +151,13 @@ impl<R: Replicator> TrackerServer<R> {
         self
     }
 
+    /// Reads the key ids still unknown; called while a connection's TLS
+    /// handshake runs (once it ends, the node checks the key it proved), so
+    /// a missing file costs a read per handshake, not per event.
     fn learn_keys(&mut self) {
         let Some(dir) = &self.key_dir else { return };
-        for node in self.node.unknown_peer_keys() {
+        let unknown: Vec<NodeId> = self.node.unknown_peer_keys().collect();
+        for node in unknown {
             let Ok(text) = std::fs::read_to_string(dir.join(node.to_string())) else { continue };
             match text.trim().parse() {
                 Ok(key) => {
@@ -226,7 +230,8 @@ impl<R: Replicator> TrackerServer<R> {
                         let id = ConnId(token.0 as u64);
                         let mut closed = false;
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                            if !self.node.unknown_peer_keys().is_empty() {
+                            let handshaking = self.conns.get(&token).is_some_and(|c| !c.is_secured());
+                            if handshaking && self.node.unknown_peer_keys().next().is_some() {
                                 self.learn_keys();
                             }
                             let Some(conn) = self.conns.get_mut(&token) else { continue };
@@ -303,7 +308,7 @@ impl<R: Replicator> TrackerServer<R> {
         let Some((c, _)) = self.links.get_mut(&node).and_then(|l| l.conn.as_mut()) else { return };
         let mut failed = false;
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-            if !c.is_secured() && !self.node.unknown_peer_keys().is_empty() {
+            if !c.is_secured() && self.node.unknown_peer_keys().next().is_some() {
                 self.learn_keys();
             }
             let Some((c, _)) = self.links.get_mut(&node).and_then(|l| l.conn.as_mut()) else { return };

@@ -174,8 +174,8 @@ impl<R: Replicator> TrackerNode<R> {
     }
 
     /// The peers whose keys this node does not know yet.
-    pub fn unknown_peer_keys(&self) -> Vec<NodeId> {
-        self.replicator.peers().iter().copied().filter(|n| !self.cfg.peer_keys.contains_key(n)).collect()
+    pub fn unknown_peer_keys(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.replicator.peers().iter().copied().filter(|n| !self.cfg.peer_keys.contains_key(n))
     }
 
     pub fn handle_closed(&mut self, conn: ConnId, now: Millis) {

@@ -45,14 +45,7 @@ impl<R: Replicator> TrackerNode<R> {
                 if let Some(wait) = self.login_blocked(&keys, now) {
                     return self.respond(conn, id, Err(ApiError::TooManyAttempts { retry_after_secs: wait }));
                 }
-                let ok = password.len() <= MAX_PASSWORD_LEN
-                    && match self.meta.password_of(&user) {
-                        Some(h) => h.verify(&password),
-                        None => {
-                            self.decoy.verify(&password);
-                            false
-                        }
-                    };
+                let ok = password.len() <= MAX_PASSWORD_LEN && self.password_matches(&user, &password);
                 if !ok && !self.replicator.peers().is_empty() {
                     // This tracker may not have applied the account yet (it
                     // was created through another one a moment ago): a no
@@ -115,18 +108,40 @@ impl<R: Replicator> TrackerNode<R> {
         self.propose_write(conn, (id, settled_below), cmd, now);
     }
 
-    /// Proposes a client's write; it is answered once applied (or at its deadline).
-    fn propose_write(&mut self, conn: ConnId, (id, settled_below): (RequestId, u64), cmd: Command, now: Millis) {
-        if !self.links.quorum(now) {
-            // Cut off from the majority: the write cannot be decided here,
-            // and the client is better off at another tracker now.
-            return self.respond(conn, id, Err(ApiError::NoQuorum));
+    /// Whether `password` is `user`'s. A missing account costs the same hash
+    /// (the decoy), so the time taken tells nobody which accounts exist.
+    fn password_matches(&self, user: &UserId, password: &str) -> bool {
+        match self.meta.password_of(user) {
+            Some(h) => h.verify(password),
+            None => {
+                self.decoy.verify(password);
+                false
+            }
         }
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+    }
+
+    /// Takes a slot for a write of `conn` about to go through the log, or
+    /// answers request `id` why not: cut off from the majority (the client
+    /// is better off at another tracker now), or too many in flight.
+    fn admit_write(&mut self, conn: ConnId, id: RequestId, now: Millis) -> bool {
+        if !self.links.quorum(now) {
+            self.respond(conn, id, Err(ApiError::NoQuorum));
+            return false;
+        }
+        let Some(c) = self.conns.get_mut(&conn) else { return false };
         if c.in_flight >= MAX_WRITES_IN_FLIGHT {
-            return self.respond(conn, id, Err(ApiError::Limit("too many requests in flight".into())));
+            self.respond(conn, id, Err(ApiError::Limit("too many requests in flight".into())));
+            return false;
         }
         c.in_flight += 1;
+        true
+    }
+
+    /// Proposes a client's write; it is answered once applied (or at its deadline).
+    fn propose_write(&mut self, conn: ConnId, (id, settled_below): (RequestId, u64), cmd: Command, now: Millis) {
+        if !self.admit_write(conn, id, now) {
+            return;
+        }
         let entry = Entry { id: Some(id), settled_below, cmd };
         let w = super::node::Waiting { conn, deadline: now.plus(WRITE_DEADLINE), entry: entry.clone() };
         if let Some(old) = self.waiting.insert(id, w) {
@@ -140,15 +155,9 @@ impl<R: Replicator> TrackerNode<R> {
     /// Holds a failed login until a no-op entry proposed now is applied here:
     /// then this tracker has everything decided before it, and decides.
     fn barrier(&mut self, held: HeldLogin, now: Millis) {
-        let (conn, id) = (held.conn, held.id);
-        if !self.links.quorum(now) {
-            return self.respond(conn, id, Err(ApiError::NoQuorum));
+        if !self.admit_write(held.conn, held.id, now) {
+            return;
         }
-        let Some(c) = self.conns.get_mut(&conn) else { return };
-        if c.in_flight >= MAX_WRITES_IN_FLIGHT {
-            return self.respond(conn, id, Err(ApiError::Limit("too many requests in flight".into())));
-        }
-        c.in_flight += 1;
         self.next_barrier += 1;
         let tag = RequestId { client: u64::MAX - self.replicator.me(), seq: self.next_barrier };
         self.held_logins.insert(tag, (held, now.plus(WRITE_DEADLINE)));
@@ -160,13 +169,7 @@ impl<R: Replicator> TrackerNode<R> {
     pub(crate) fn barrier_passed(&mut self, tag: RequestId, now: Millis) {
         let Some((h, _)) = self.held_logins.remove(&tag) else { return };
         self.write_answered(h.conn);
-        let ok = match self.meta.password_of(&h.user) {
-            Some(hash) => hash.verify(&h.password),
-            None => {
-                self.decoy.verify(&h.password);
-                false
-            }
-        };
+        let ok = self.password_matches(&h.user, &h.password);
         if !ok {
             self.login_failed(h.keys, now);
             return self.respond(h.conn, h.id, Err(ApiError::BadCredentials));
