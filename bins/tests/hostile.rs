@@ -76,10 +76,10 @@ fn floods_and_half_open_connections_are_shed_while_others_are_served() {
         }
         flood.push(s);
     }
-    let mut peer_flood: Vec<TcpStream> = (0..70).map(|_| TcpStream::connect(peer_listen).unwrap()).collect();
-    for s in &peer_flood {
-        s.set_read_timeout(Some(WAIT)).unwrap();
-    }
+    // One never starts TLS; the others finish their TLS handshake and say nothing.
+    let mut peer_raw = TcpStream::connect(peer_listen).unwrap();
+    let flooder = shoal_net_mio::tls::Identity::ephemeral().unwrap();
+    let mut peer_flood: Vec<TlsStream> = (0..69).map(|_| tls_connect_as(peer_listen, &flooder).0).collect();
 
     // Everyone else is still served, at once.
     let mut c = Client::start("other", &info);
@@ -87,10 +87,10 @@ fn floods_and_half_open_connections_are_shed_while_others_are_served() {
     c.expect("login olga pw", &["logged in as olga"]);
     c.expect("list_groups", &["no groups"]);
 
-    // The peer refuses connections over its limit with a reason.
+    // The peer refuses connections over its limit with a reason (inside TLS).
     let refusals = peer_flood
         .iter_mut()
-        .skip(shoal_core::client::MAX_UPLOAD_CONNECTIONS)
+        .skip(shoal_core::client::MAX_UPLOAD_CONNECTIONS - 1)
         .filter_map(|s| {
             first_refusal(s, |m: PeerMessage| if let PeerMessage::Refused { reason } = m { Some(reason) } else { None })
         })
@@ -102,7 +102,8 @@ fn floods_and_half_open_connections_are_shed_while_others_are_served() {
     let limit = Duration::from_secs(20);
     assert!(closed_within(&mut flood[0], limit), "a tracker connection without Hello stays open");
     assert!(closed_within(&mut flood[1], limit));
-    assert!(closed_within(&mut peer_flood[0], limit), "a peer connection without a handshake stays open");
+    assert!(closed_within(&mut peer_raw, limit), "a peer connection without a TLS handshake stays open");
+    assert!(closed_within(peer_flood[0].get_mut(), limit), "a peer connection without a handshake stays open");
     let rss = rss_kib(tracker.child.id());
     assert!(rss < 64 * 1024, "tracker RSS {rss} KiB after the flood");
     assert!(tracker.is_running());
@@ -224,7 +225,12 @@ fn a_login_claiming_another_clients_address_leaves_its_session_and_files() {
     let eve = shoal_core::ids::UserId::new("eve").unwrap();
     let create = Request::CreateUser { user: eve.clone(), password: "pw".into() };
     assert!(ask(&mut s, 1, create).is_ok());
-    let login = |listen: SocketAddr| Request::Login { user: eve.clone(), password: "pw".into(), listen };
+    let login = |listen: SocketAddr| Request::Login {
+        user: eve.clone(),
+        password: "pw".into(),
+        listen,
+        plaintext_peers: false,
+    };
     assert_eq!(ask(&mut s, 2, login(victim_at)), Err(ApiError::AddressInUse));
     let elsewhere = SocketAddr::new([10, 9, 9, 9].into(), victim_at.port());
     assert_eq!(ask(&mut s, 3, login(elsewhere)), Err(ApiError::AddressInUse), "the IP claimed is not believed");

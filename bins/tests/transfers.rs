@@ -3,16 +3,18 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use shoal_core::chunk::{Sha1Digest, CHUNK_SIZE};
 use shoal_core::client::peer::{Grant, PeerMessage};
+use shoal_core::identity::KeyId;
 use shoal_core::ids::{FileName, GroupId, UserId};
 use shoal_core::proto::{Message, Reply, Request, RequestId, Role, PROTOCOL_VERSION};
 use shoal_core::rng::Rng;
 use shoal_core::wire::{decode, encode, FrameDecoder};
+use shoal_net_mio::tls::Identity;
 use support::*;
 
 const MIB: usize = 1 << 20;
@@ -222,15 +224,21 @@ fn a_killed_downloader_resumes_without_refetching() {
     assert!(!state.exists(), "the sidecar is removed once the file is complete");
 }
 
-/// One request to a tracker over the real protocol.
+/// One request to a tracker over the real protocol, from a client holding
+/// key `me` (a session is good only on connections proving its key).
 fn tracker_call(
     addr: SocketAddr,
+    me: &Identity,
     session: Option<shoal_core::ids::SessionToken>,
     body: Request,
 ) -> Result<Reply, shoal_core::proto::ApiError> {
-    let mut s = tls_connect(addr);
+    // A request id of its own: a write's result is kept per id, and a second
+    // login under the same id would be answered with the first one's session.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let client = 1000 + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (mut s, _) = tls_connect_as(addr, me);
     s.write_all(&encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client })).unwrap();
-    s.write_all(&encode(&Message::Request { id: RequestId { client: 99, seq: 1 }, settled_below: 0, session, body }))
+    s.write_all(&encode(&Message::Request { id: RequestId { client, seq: 1 }, settled_below: 0, session, body }))
         .unwrap();
     read_frames(&mut s, |m: Message| match m {
         Message::Response { result, .. } => Some(result),
@@ -254,12 +262,44 @@ fn read_frames<T: serde::de::DeserializeOwned, R>(s: &mut impl Read, mut f: impl
     }
 }
 
+/// Opens a peer connection to `addr` with key `me` and asks for g/big.bin
+/// with `grant`: the key the peer proved, and the first answer that is not
+/// its `Hello` (`Have`, or a refusal).
+fn want_big(addr: SocketAddr, me: &Identity, sha1: Sha1Digest, grant: Grant) -> (KeyId, PeerMessage, TlsStream) {
+    let (mut p, key) = tls_connect_as(addr, me);
+    p.write_all(&encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer })).unwrap();
+    let want =
+        PeerMessage::Want { group: GroupId::new("g").unwrap(), name: FileName::new("big.bin").unwrap(), sha1, grant };
+    p.write_all(&encode(&want)).unwrap();
+    let answer = read_frames(&mut p, |m: PeerMessage| (!matches!(m, PeerMessage::Hello { .. })).then_some(m));
+    (key, answer, p)
+}
+
+/// Asserts `answer` is a refusal starting `prefix`, and that the peer then hangs up.
+fn refused(answer: PeerMessage, mut p: TlsStream, prefix: &str) {
+    let PeerMessage::Refused { reason } = answer else { panic!("got {answer:?}, not a refusal") };
+    assert!(reason.starts_with(prefix), "{reason}");
+    let mut rest = Vec::new();
+    let _ = p.read_to_end(&mut rest);
+    assert!(decode::<PeerMessage>(&rest).is_err() || rest.is_empty());
+}
+
+fn login(user: &str, listen: &str) -> Request {
+    Request::Login {
+        user: UserId::new(user).unwrap(),
+        password: "pw".into(),
+        listen: listen.parse().unwrap(),
+        plaintext_peers: false,
+    }
+}
+
 #[test]
 fn a_non_member_cannot_get_chunks_from_a_peer() {
     let s = Swarm::new("access", 2 * MIB);
     let (mut a, la) = s.client("ann", &[]);
     let (mut x, _) = s.client("xav", &[]);
-    s.group(&mut a, &mut []);
+    let (mut d, _) = s.client("dan", &[]);
+    s.group(&mut a, &mut [&mut d]);
     s.share(&mut a, "a/big.bin");
     // xav owns another group with a file, so he can get a real grant, for that one.
     x.expect("create_group h", &["group h created"]);
@@ -267,58 +307,101 @@ fn a_non_member_cannot_get_chunks_from_a_peer() {
     std::fs::write(&other, b"other content").unwrap();
     x.expect(&format!("upload_file {} h", other.display()), &["shared other.bin in h*"]);
     let tracker: SocketAddr = std::fs::read_to_string(&s.info).unwrap().trim().replace(' ', ":").parse().unwrap();
-    let login = Request::Login {
-        user: UserId::new("xav").unwrap(),
-        password: "pw".into(),
-        listen: "127.0.0.1:1".parse().unwrap(),
+    let xav = Identity::ephemeral().unwrap();
+    let Ok(Reply::Session { token }) = tracker_call(tracker, &xav, None, login("xav", "127.0.0.1:1")) else {
+        panic!("login failed")
     };
-    let Ok(Reply::Session { token }) = tracker_call(tracker, None, login) else { panic!("login failed") };
-    let denied = tracker_call(
-        tracker,
-        Some(token),
-        Request::DownloadFile { group: GroupId::new("g").unwrap(), name: FileName::new("big.bin").unwrap() },
-    );
+    let big = || Request::DownloadFile { group: GroupId::new("g").unwrap(), name: FileName::new("big.bin").unwrap() };
+    let denied = tracker_call(tracker, &xav, Some(token), big());
     assert_eq!(denied, Err(shoal_core::proto::ApiError::NotMember), "the tracker gives a non-member no grant");
     let Ok(Reply::Download { grant: h_grant, .. }) = tracker_call(
         tracker,
+        &xav,
         Some(token),
         Request::DownloadFile { group: GroupId::new("h").unwrap(), name: FileName::new("other.bin").unwrap() },
     ) else {
         panic!("no grant for his own group")
     };
+    // A member's grant, as an eavesdropper on dan's connections would copy
+    // it (dan's session, from another address, with a key of its own).
+    let dan = Identity::ephemeral().unwrap();
+    let Ok(Reply::Session { token: dan_token }) = tracker_call(tracker, &dan, None, login("dan", "127.0.0.1:2")) else {
+        panic!("dan's login failed")
+    };
+    let got = tracker_call(tracker, &dan, Some(dan_token), big());
+    let Ok(Reply::Download { grant: dan_grant, sharers, .. }) = got else { panic!("no grant for a member: {got:?}") };
+    let ann_key = sharers.iter().find(|x| x.addr == la).and_then(|x| x.key).expect("ann named, with her key");
 
     let sha1 = Sha1Digest::of(&s.content);
-    for grant in [h_grant, Grant([7; 16])] {
-        let mut p = TcpStream::connect(la).unwrap();
-        p.set_read_timeout(Some(WAIT)).unwrap();
-        p.write_all(&encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer })).unwrap();
-        let want = PeerMessage::Want {
-            group: GroupId::new("g").unwrap(),
-            name: FileName::new("big.bin").unwrap(),
-            sha1,
-            grant,
-        };
-        p.write_all(&encode(&want)).unwrap();
-        let reason = read_frames(&mut p, |m: PeerMessage| match m {
-            PeerMessage::Hello { .. } => None,
-            PeerMessage::Refused { reason } => Some(reason),
-            other => panic!("a non-member got {other:?}"),
-        });
-        assert!(reason.starts_with("access denied"), "{reason}");
-        // And the peer hangs up.
-        let mut rest = Vec::new();
-        let _ = p.read_to_end(&mut rest);
-        assert!(decode::<PeerMessage>(&rest).is_err() || rest.is_empty());
+    for grant in [h_grant, Grant([7; 16]), dan_grant] {
+        let (key, answer, p) = want_big(la, &xav, sha1, grant);
+        assert_eq!(key, ann_key, "the peer at ann's address proves the key the tracker named");
+        refused(answer, p, "access denied");
     }
+    // The grant is good from the key it was issued to: the test above could fail.
+    let (_, answer, _p) = want_big(la, &dan, sha1, dan_grant);
+    assert!(matches!(answer, PeerMessage::Have { .. }), "dan's own grant: {answer:?}");
     // The sharer still serves members.
-    let (mut d, _) = s.client("dan", &[]);
-    d.expect("join_group g", &["join request sent to g"]);
-    a.expect("accept_request g dan", &["dan is now a member of g"]);
     let out = s.path("d/");
     d.expect(&format!("download_file g big.bin {}", out.display()), &["downloading big.bin into *"]);
     let (status, _) = d.finish_output();
     assert!(status.success());
     same_file(&out.join("big.bin"), &s.content);
+}
+
+/// Someone else answers at the address of the sharer the tracker named
+/// (the sharer is gone, its lease not yet run out): the downloader sees
+/// another key, sends nothing (no request, no grant), and says why.
+#[test]
+fn a_downloader_sends_nothing_to_a_peer_that_is_not_the_named_sharer() {
+    let s = Swarm::new("impostor", 2 * MIB);
+    let (mut a, la) = s.client("ann", &[]);
+    let (mut d, _) = s.client("dan", &[]);
+    s.group(&mut a, &mut [&mut d]);
+    s.share(&mut a, "a/big.bin");
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    // The impostor takes ann's port and proves its own key.
+    let listener = std::net::TcpListener::bind(la).expect("ann's port is free again");
+    let me = Identity::ephemeral().unwrap();
+    let server = me.server_config().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in listener.incoming().take(2) {
+            let Ok(sock) = s else { continue };
+            sock.set_read_timeout(Some(WAIT)).unwrap();
+            let conn = rustls::ServerConnection::new(server.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            // Everything the downloader says after the handshake.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let handshake = loop {
+                if !tls.conn.is_handshaking() {
+                    break true;
+                }
+                if tls.conn.complete_io(&mut tls.sock).is_err() {
+                    break false;
+                }
+            };
+            if handshake {
+                while let Ok(n @ 1..) = tls.read(&mut buf) {
+                    got.extend_from_slice(&buf[..n]);
+                }
+            }
+            let _ = tx.send((handshake, got));
+        }
+    });
+    let out = s.path("d/");
+    d.expect(&format!("download_file g big.bin {}", out.display()), &["downloading big.bin into *"]);
+    let (handshake, got) = rx.recv_timeout(WAIT).expect("the downloader dialled ann's address");
+    assert!(handshake, "the downloader completed the TLS handshake (it learns the key that way)");
+    assert!(got.is_empty(), "the downloader sent {} bytes to an impostor", got.len());
+    let lines = d.answers_all("show_downloads -v");
+    assert!(
+        lines.iter().any(|l| l.starts_with(&format!("  refused {la}: not the sharer the tracker named"))),
+        "{lines:?}"
+    );
+    assert!(!lines[0].starts_with("[C]"), "{lines:?}");
 }
 
 /// A downloader serves the chunks it verified before it finishes: a second
@@ -357,30 +440,18 @@ fn stop_share_and_logout_stop_serving() {
     let (mut a, la) = s.client("ann", &[]);
     s.group(&mut a, &mut []);
     s.share(&mut a, "a/big.bin");
-    let want = |la: SocketAddr| {
-        let mut p = TcpStream::connect(la).unwrap();
-        p.set_read_timeout(Some(WAIT)).unwrap();
-        p.write_all(&encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer })).unwrap();
-        let want = PeerMessage::Want {
-            group: GroupId::new("g").unwrap(),
-            name: FileName::new("big.bin").unwrap(),
-            sha1: Sha1Digest::of(&s.content),
-            grant: Grant([1; 16]),
-        };
-        p.write_all(&encode(&want)).unwrap();
-        read_frames(&mut p, |m: PeerMessage| match m {
-            PeerMessage::Hello { .. } => None,
-            PeerMessage::Refused { reason } => Some(reason),
-            other => panic!("unexpected {other:?}"),
-        })
+    let me = Identity::ephemeral().unwrap();
+    let want = |la: SocketAddr| match want_big(la, &me, Sha1Digest::of(&s.content), Grant([1; 16])).1 {
+        PeerMessage::Refused { reason } => reason,
+        other => panic!("unexpected {other:?}"),
     };
     assert!(want(la).starts_with("access denied"), "a forged grant is refused while sharing");
     a.expect("stop_share g big.bin", &["stopped sharing big.bin in g"]);
     assert_eq!(want(la), "this peer does not share that file");
     a.expect("logout", &["logged out"]);
-    // Logged out, it refuses as soon as it accepts (before any handshake).
-    let mut p = TcpStream::connect(la).unwrap();
-    p.set_read_timeout(Some(WAIT)).unwrap();
+    // Logged out, it refuses as soon as the TLS handshake is done (before
+    // any peer handshake).
+    let (mut p, _) = tls_connect_as(la, &me);
     let reason = read_frames(&mut p, |m: PeerMessage| match m {
         PeerMessage::Refused { reason } => Some(reason),
         other => panic!("unexpected {other:?}"),
@@ -397,25 +468,16 @@ fn a_peer_refuses_a_flood_of_block_requests() {
     s.group(&mut a, &mut [&mut d]);
     s.share(&mut a, "a/big.bin");
     let tracker: SocketAddr = std::fs::read_to_string(&s.info).unwrap().trim().replace(' ', ":").parse().unwrap();
-    let login = Request::Login {
-        user: UserId::new("dan").unwrap(),
-        password: "pw".into(),
-        listen: "127.0.0.1:2".parse().unwrap(),
+    let dan = Identity::ephemeral().unwrap();
+    let Ok(Reply::Session { token }) = tracker_call(tracker, &dan, None, login("dan", "127.0.0.1:2")) else {
+        panic!("login failed")
     };
-    let Ok(Reply::Session { token }) = tracker_call(tracker, None, login) else { panic!("login failed") };
     let get = Request::DownloadFile { group: GroupId::new("g").unwrap(), name: FileName::new("big.bin").unwrap() };
-    let Ok(Reply::Download { grant, digest, .. }) = tracker_call(tracker, Some(token), get) else { panic!("no grant") };
-    let mut p = TcpStream::connect(la).unwrap();
-    p.set_read_timeout(Some(WAIT)).unwrap();
-    p.write_all(&encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer })).unwrap();
-    let want = PeerMessage::Want {
-        group: GroupId::new("g").unwrap(),
-        name: FileName::new("big.bin").unwrap(),
-        sha1: digest.sha1,
-        grant,
+    let Ok(Reply::Download { grant, digest, .. }) = tracker_call(tracker, &dan, Some(token), get) else {
+        panic!("no grant")
     };
-    p.write_all(&encode(&want)).unwrap();
-    read_frames(&mut p, |m: PeerMessage| matches!(m, PeerMessage::Have { .. }).then_some(()));
+    let (_, have, mut p) = want_big(la, &dan, digest.sha1, grant);
+    assert!(matches!(have, PeerMessage::Have { .. }), "{have:?}");
     // Far more than the queue, so it overflows however the reads split.
     let flood: Vec<u8> = (0..5 * shoal_core::client::peer::MAX_QUEUED_REQUESTS as u32)
         .flat_map(|i| encode(&PeerMessage::Request { chunk: i % 8, offset: 0, len: 65536 }))

@@ -31,7 +31,12 @@ fn main() {
             settled_below: 0,
             id,
             session: None,
-            body: Request::Login { user: u.clone(), password: "pw".into(), listen: "127.0.0.1:9000".parse().unwrap() },
+            body: Request::Login {
+                user: u.clone(),
+                password: "pw".into(),
+                listen: "127.0.0.1:9000".parse().unwrap(),
+                plaintext_peers: false,
+            },
         },
         Message::Request { id, settled_below: 0, session: s, body: Request::CreateGroup { group: g.clone() } },
         Message::Request {

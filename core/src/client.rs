@@ -109,6 +109,10 @@ pub struct ClientConfig {
     pub download: crate::client::download::DownloadConfig,
     /// Upload at most this many bytes per second, over all peers.
     pub max_upload_rate: Option<u64>,
+    /// Talk to peers without TLS (`--insecure-plaintext-peers`, for a
+    /// benchmark baseline): no key is proved or checked on peer connections,
+    /// and only peers that also run so are reached or served.
+    pub plaintext_peers: bool,
 }
 
 impl ClientConfig {
@@ -124,6 +128,7 @@ impl ClientConfig {
             quorum_wait: Millis::from_secs(5),
             download: Default::default(),
             max_upload_rate: None,
+            plaintext_peers: false,
         }
     }
 }
@@ -205,8 +210,13 @@ pub enum TrackerEvent<'a> {
 pub enum PeerEvent<'a> {
     /// The listener accepted it (an upload; ids below [`OUTGOING`]).
     Accepted,
-    /// A [`ClientOutput::PeerConnect`] connected.
-    Connected,
+    /// An accepted connection's TLS handshake is done: the other end proved
+    /// it holds `key` (never reported on plaintext connections).
+    Secured { key: KeyId },
+    /// A [`ClientOutput::PeerConnect`] connected and its TLS handshake is
+    /// done: the other end proved `key` (`None` on a plaintext connection).
+    /// Nothing is sent on it before this.
+    Connected { key: Option<KeyId> },
     /// Bytes arrived (a copy; see [`ClientEngine::peer_recv_bufs`]).
     Bytes(&'a [u8]),
     /// Unsent bytes after the driver's last flush.
@@ -314,7 +324,8 @@ pub struct ClientEngine {
 }
 
 impl ClientEngine {
-    pub fn new(cfg: ClientConfig, mut rng: Rng) -> ClientEngine {
+    pub fn new(mut cfg: ClientConfig, mut rng: Rng) -> ClientEngine {
+        cfg.download.plaintext_peers = cfg.plaintext_peers;
         assert!(!cfg.trackers.is_empty(), "a client needs at least one tracker");
         let start = rng.below(cfg.trackers.len() as u64) as usize;
         let upload_limit =
@@ -366,7 +377,8 @@ impl ClientEngine {
             ClientInput::Tracker(TrackerEvent::Bytes(b)) => self.tracker_bytes(b, now),
             ClientInput::Peer(conn, ev) => match ev {
                 PeerEvent::Accepted => self.peer_accepted(conn, now),
-                PeerEvent::Connected => self.peer_connected(conn, now),
+                PeerEvent::Secured { key } => self.peer_secured(conn, key),
+                PeerEvent::Connected { key } => self.peer_connected(conn, key, now),
                 PeerEvent::Bytes(b) => self.peer_bytes(conn, b, now),
                 PeerEvent::Backlog(n) => self.peer_backlog(conn, n, now),
                 PeerEvent::BlockSent(r) => self.block_sent(conn, r, now),

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::client::disk::{DiskDone, DiskOp, OpenedPart, PartPaths, PathKind};
 use crate::client::download::PeerConnId;
 use crate::client::{ClientEngine, ClientInput, ClientOutput, DownloadId, PeerEvent};
-use crate::proto::{Message, Role, PROTOCOL_VERSION};
+use crate::proto::{Message, Role, SharerAddr, PROTOCOL_VERSION};
 use crate::rng::Rng;
 use crate::time::Millis;
 use crate::tracker::{ConnId, SoloReplicator, TrackerConfig, TrackerNode};
@@ -144,8 +144,9 @@ pub fn download_peer(data: &[u8]) {
     );
     let mut v = Verifier::new(digest, &Bitmap::new(n));
     let mut part = vec![0u8; content.len()];
-    let a = "127.0.0.1:1".parse().expect("valid");
-    let b = "127.0.0.1:2".parse().expect("valid");
+    let key = crate::identity::KeyId([9; 32]);
+    let a = SharerAddr { addr: "127.0.0.1:1".parse().expect("valid"), key: Some(key) };
+    let b = SharerAddr { addr: "127.0.0.1:2".parse().expect("valid"), key: Some(key) };
     d.handle_sources(&[a, b], Millis(0));
     let mut conns = Vec::new();
     let mut ops: Vec<VerifyOp> = Vec::new();
@@ -186,7 +187,7 @@ pub fn download_peer(data: &[u8]) {
         let Some((i, piece)) = pieces.next() else { return };
         if i == 0 {
             for c in conns.clone() {
-                d.handle_connected(c, Millis(1));
+                d.handle_connected(c, Some(key), Millis(1));
             }
         }
         let Some(&peer) = conns.get(i % conns.len().max(1)) else { return };
@@ -458,7 +459,8 @@ pub fn downloading_engine(content: &[u8], disk: &mut ScratchDisk) -> (ClientEngi
     h.update(content).expect("small");
     let digest = h.finish().expect("small");
     disk.dirs.insert("/dl".into());
-    let peer: std::net::SocketAddr = "127.0.0.1:7000".parse().expect("valid");
+    let key = crate::identity::KeyId([8; 32]);
+    let peer = SharerAddr { addr: "127.0.0.1:7000".parse().expect("valid"), key: Some(key) };
     let cfg = ClientConfig::new("127.0.0.1:9".parse().expect("valid"), vec!["127.0.0.1:1".parse().expect("valid")]);
     let mut e = ClientEngine::new(cfg, Rng::from_u64(3));
     let drain = |e: &mut ClientEngine| std::iter::from_fn(|| e.poll_output()).collect::<Vec<_>>();
@@ -504,7 +506,7 @@ pub fn downloading_engine(content: &[u8], disk: &mut ScratchDisk) -> (ClientEngi
         .iter()
         .find_map(|o| if let ClientOutput::PeerConnect { conn, .. } = o { Some(*conn) } else { None })
         .expect("connects to the sharer");
-    e.handle_input(ClientInput::Peer(conn, PeerEvent::Connected), Millis(0));
+    e.handle_input(ClientInput::Peer(conn, PeerEvent::Connected { key: Some(key) }), Millis(0));
     let handshake = drain(&mut e);
     (e, conn, handshake)
 }

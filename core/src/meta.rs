@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::FileMeta;
+use crate::identity::KeyId;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
 use crate::proto::{ApiError, FileSummary, GroupSummary, MyGroup, Reply, RequestId};
 
@@ -153,11 +154,16 @@ pub enum Command {
     /// one whose client the proposing tracker no longer heard from. Another
     /// session opened there meanwhile wins (`AddressInUse`): a login never
     /// ends a session its tracker did not judge replaceable.
+    ///
+    /// The session is bound to `key`, the key the client proved on the
+    /// connection it logged in on: its token is good on no other.
     OpenSessionAt {
         user: UserId,
         token: SessionToken,
         listen: SocketAddr,
         replaces: Option<SessionToken>,
+        key: KeyId,
+        plaintext_peers: bool,
     },
 }
 
@@ -173,11 +179,32 @@ pub struct Entry {
     pub cmd: Command,
 }
 
-/// A client's session: who, and where that client serves chunks.
+/// A client's session: who, where that client serves chunks, and the key
+/// it proved.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
     pub user: UserId,
     pub listen: SocketAddr,
+    /// The key the client proved on the connection it logged in on: the
+    /// session's requests must come from a connection proving it, and
+    /// downloaders sent to this client check it holds it. `None` for a
+    /// session from a log written before keys: no connection can use it.
+    pub key: Option<KeyId>,
+    /// The client serves chunks without TLS (`--insecure-plaintext-peers`):
+    /// nobody can check its key on a peer connection.
+    pub plaintext_peers: bool,
+}
+
+impl Session {
+    /// The key a downloader must find at this client's listen address
+    /// (`None`: none can be checked, the client serves in plaintext).
+    pub fn peer_key(&self) -> Option<KeyId> {
+        if self.plaintext_peers {
+            None
+        } else {
+            self.key
+        }
+    }
 }
 
 /// A client that shares a file: the user, and the address its client serves at.
@@ -325,7 +352,7 @@ impl MetaState {
                 self.users.insert(user.clone(), password.clone());
                 Ok(Reply::Done)
             }
-            Command::OpenSessionAt { user, token, listen, replaces } => {
+            Command::OpenSessionAt { user, token, listen, replaces, key, plaintext_peers } => {
                 if !self.users.contains_key(user) {
                     return Err(ApiError::BadCredentials);
                 }
@@ -335,7 +362,9 @@ impl MetaState {
                 if let Some(old) = self.session_at.insert(*listen, *token) {
                     self.sessions.remove(&old);
                 }
-                self.sessions.insert(*token, Session { user: user.clone(), listen: *listen });
+                let s =
+                    Session { user: user.clone(), listen: *listen, key: Some(*key), plaintext_peers: *plaintext_peers };
+                self.sessions.insert(*token, s);
                 Ok(Reply::Session { token: *token })
             }
             Command::OpenSession { user, token, listen } => {
@@ -345,7 +374,8 @@ impl MetaState {
                 if let Some(old) = self.session_at.insert(*listen, *token) {
                     self.sessions.remove(&old);
                 }
-                self.sessions.insert(*token, Session { user: user.clone(), listen: *listen });
+                let s = Session { user: user.clone(), listen: *listen, key: None, plaintext_peers: false };
+                self.sessions.insert(*token, s);
                 Ok(Reply::Session { token: *token })
             }
             Command::CloseSession { token } => {

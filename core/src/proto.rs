@@ -11,10 +11,11 @@ use thiserror::Error;
 
 use crate::chunk::{FileDigest, FileMeta};
 use crate::client::peer::Grant;
+use crate::identity::KeyId;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Longest password accepted, in bytes: hashing is slow, so its input is bounded.
 pub const MAX_PASSWORD_LEN: usize = 1024;
@@ -93,6 +94,9 @@ pub struct SoftState {
 pub struct SoftGrant {
     pub grant: Grant,
     pub user: UserId,
+    /// The key the downloader proved to the tracker that issued it (`None`:
+    /// its session serves and fetches in plaintext).
+    pub key: Option<KeyId>,
     pub group: GroupId,
     pub name: FileName,
     pub ttl_ms: u64,
@@ -107,11 +111,15 @@ pub enum Request {
     },
     /// The client serves chunks on `listen`'s port. The tracker names it as a
     /// sharer at the address it sees the client connect from, with that port
-    /// (as BitTorrent trackers do): `listen`'s IP is not believed.
+    /// (as BitTorrent trackers do): `listen`'s IP is not believed. The
+    /// session is bound to the key this connection proved.
+    /// `plaintext_peers`: the client talks to peers without TLS (an opt-in
+    /// for benchmarks); downloaders cannot check its key then.
     Login {
         user: UserId,
         password: String,
         listen: SocketAddr,
+        plaintext_peers: bool,
     },
     Logout,
     /// Keeps the session's lease alive (sent when the client is otherwise quiet).
@@ -159,11 +167,15 @@ pub enum Request {
         name: FileName,
         chunk: u32,
     },
-    /// A peer asks whether a downloader's grant is a member's, for that file.
+    /// A peer asks whether a downloader's grant is a member's, for that file,
+    /// and was issued to the key `holder` that downloader proved on the peer
+    /// connection (`None`: a plaintext connection, which only a grant issued
+    /// to a plaintext session passes).
     CheckGrant {
         grant: Grant,
         group: GroupId,
         name: FileName,
+        holder: Option<KeyId>,
     },
 }
 
@@ -219,17 +231,26 @@ pub enum Reply {
     MyGroups(Vec<MyGroup>),
     Requests(Vec<UserId>),
     Files(Vec<FileSummary>),
-    /// The file's digest, the listen addresses of live peers holding some of
-    /// it, and a grant that those peers will accept.
+    /// The file's digest, the live peers holding some of it, and a grant
+    /// that those peers will accept (from this client's key only).
     Download {
         digest: FileDigest,
-        sharers: Vec<SocketAddr>,
+        sharers: Vec<SharerAddr>,
         grant: Grant,
     },
     /// The grant is valid: it was issued to this member.
     GrantValid {
         user: UserId,
     },
+}
+
+/// Where a downloader finds a peer holding a file, and the key that peer
+/// proved to its tracker: a peer at `addr` proving another key is not it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SharerAddr {
+    pub addr: SocketAddr,
+    /// `None`: the peer serves in plaintext (`--insecure-plaintext-peers`).
+    pub key: Option<KeyId>,
 }
 
 /// Why a request failed. The `Display` texts are what the user reads.
@@ -281,4 +302,6 @@ pub enum ApiError {
     AddressInUse,
     #[error("bad listen address: {0}")]
     BadAddress(String),
+    #[error("this connection proved no key (TLS is required)")]
+    Unsecured,
 }

@@ -61,8 +61,8 @@ use crate::identity::KeyId;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
 use crate::meta::{Command, Entry, MetaState, PasswordHash, PasswordParams, Sharer};
 use crate::proto::{
-    ApiError, Message, Reply, Request, RequestId, Role, SoftGrant, SoftState, TrackerFrame, MAX_PASSWORD_LEN,
-    PROTOCOL_VERSION,
+    ApiError, Message, Reply, Request, RequestId, Role, SharerAddr, SoftGrant, SoftState, TrackerFrame,
+    MAX_PASSWORD_LEN, PROTOCOL_VERSION,
 };
 use crate::rng::Rng;
 use crate::time::Millis;
@@ -200,6 +200,8 @@ pub const MAX_PARTIAL_HOLDERS: usize = 1024;
 
 pub(crate) struct GrantInfo {
     pub(crate) user: UserId,
+    /// The key the downloader proved (`None`: a plaintext session's grant).
+    pub(crate) key: Option<KeyId>,
     pub(crate) group: GroupId,
     pub(crate) name: FileName,
     expires: Millis,

@@ -189,10 +189,8 @@ mod tests {
         let addr = (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| std::net::SocketAddr::from((ip, port)));
         prop_oneof![
             (user.clone(), ".{0,30}").prop_map(|(user, password)| Request::CreateUser { user, password }),
-            (user.clone(), ".{0,30}", addr).prop_map(|(user, password, listen)| Request::Login {
-                user,
-                password,
-                listen
+            (user.clone(), ".{0,30}", addr, any::<bool>()).prop_map(|(user, password, listen, plaintext_peers)| {
+                Request::Login { user, password, listen, plaintext_peers }
             }),
             Just(Request::Logout),
             Just(Request::Heartbeat),

@@ -19,6 +19,7 @@ use shoal_core::client::download::PeerConnId;
 use shoal_core::client::{
     ClientConfig, ClientEngine, ClientInput, ClientOutput, DownloadId, DownloadStat, PeerEvent, Ticket, TrackerEvent,
 };
+use shoal_core::identity::KeyId;
 use shoal_core::ids::UserId;
 use shoal_core::rng::Rng;
 use shoal_core::shell::{ShellCommand, ShellError};
@@ -77,6 +78,11 @@ impl ClientHandle {
         // A key for this run: the session it logs in is bound to it.
         let identity = crate::tls::Identity::ephemeral().map_err(|e| io::Error::other(e.to_string()))?;
         let tls_client = identity.client_config().map_err(|e| io::Error::other(e.to_string()))?;
+        let tls_server = identity.server_config().map_err(|e| io::Error::other(e.to_string()))?;
+        let plaintext_peers = cfg.plaintext_peers;
+        if plaintext_peers {
+            tracing::warn!("peer connections are PLAINTEXT: file contents and grants cross the network unencrypted");
+        }
         let engine = ClientEngine::new(ClientConfig { listen, ..cfg }, Rng::from_seed(crate::os_seed()?));
         let (tx, rx) = mpsc::channel();
         let driver = Driver {
@@ -85,6 +91,8 @@ impl ClientHandle {
             listener,
             listen_ip: listen.ip(),
             tls_client,
+            tls_server,
+            plaintext_peers,
             tracker: None,
             peers: HashMap::new(),
             next_incoming: FIRST_INCOMING,
@@ -159,8 +167,12 @@ struct Driver {
     listener: TcpListener,
     /// The IP peers reach us at: our tracker connections come from it.
     listen_ip: std::net::IpAddr,
-    /// TLS for our tracker connections, with this client's key.
+    /// TLS for the connections we open (to trackers and peers) and accept
+    /// (from peers), with this client's key.
     tls_client: Arc<rustls::ClientConfig>,
+    tls_server: Arc<rustls::ServerConfig>,
+    /// Peer connections without TLS (`--insecure-plaintext-peers`).
+    plaintext_peers: bool,
     /// The tracker connection, and whether it is still being established.
     tracker: Option<(Conn, bool)>,
     peers: HashMap<Token, PeerSocket>,
@@ -298,9 +310,14 @@ impl Driver {
                 (Ok(None), Ok(_)) => {
                     p.connecting = false;
                     let _ = p.conn.stream.set_nodelay(true);
-                    self.engine.handle_input(ClientInput::Peer(id, PeerEvent::Connected), now);
-                    // The handshake the engine queued goes out with the drain.
-                    return;
+                    if self.plaintext_peers {
+                        let ev = PeerEvent::Connected { key: None };
+                        self.engine.handle_input(ClientInput::Peer(id, ev), now);
+                        // The handshake the engine queued goes out with the drain.
+                        return;
+                    }
+                    // The TLS handshake starts (our hello goes out below);
+                    // the engine hears of the connection once it is done.
                 }
                 _ => return self.drop_peer(t, now),
             }
@@ -308,9 +325,20 @@ impl Driver {
         let mut closed = false;
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
             // Block data straight into its chunk, the rest into the engine's
-            // frame decoder: block data is copied once, by the kernel.
-            while let Some((data, frames)) = self.engine.peer_recv_bufs(id) {
-                match p.conn.read_vectored_once(&mut [io::IoSliceMut::new(data), io::IoSliceMut::new(frames)]) {
+            // frame decoder: block data is copied once (by the kernel, or
+            // out of the decrypted TLS record).
+            loop {
+                let Some(p) = self.peers.get_mut(&t) else { return };
+                let Some((data, frames)) = self.engine.peer_recv_bufs(id) else { break };
+                let r = p.conn.read_vectored_once(&mut [io::IoSliceMut::new(data), io::IoSliceMut::new(frames)]);
+                // The key the other end proved comes before anything it said.
+                if let Some(key) = p.conn.secured() {
+                    let incoming = p.incoming;
+                    if !self.peer_secured(id, incoming, key, now) {
+                        return;
+                    }
+                }
+                match r {
                     Ok(n) => self.engine.handle_peer_received(id, n, now),
                     Err(outcome) => {
                         closed = matches!(outcome, ReadOutcome::Closed);
@@ -321,15 +349,32 @@ impl Driver {
         }
         // The engine may have closed it while handling those bytes.
         let Some(p) = self.peers.get_mut(&t) else { return };
-        if !closed && ev.is_writable() {
+        // After a read too: TLS answers its handshake.
+        if !closed {
             closed = p.conn.flush(self.poll.registry(), t).is_err();
-            if !closed && p.incoming {
+            if !closed && p.incoming && ev.is_writable() {
                 self.engine.handle_input(ClientInput::Peer(id, PeerEvent::Backlog(p.conn.backlog())), now);
             }
         }
         if closed {
             self.drop_peer(t, now);
         }
+    }
+
+    /// A peer connection's TLS handshake is done: tell the engine who the
+    /// other end proved to be. False if the connection is gone (it showed no
+    /// usable certificate).
+    fn peer_secured(&mut self, id: PeerConnId, incoming: bool, key: Option<KeyId>, now: Millis) -> bool {
+        let ev = match (incoming, key) {
+            (_, None) => {
+                self.drop_peer(token(id), now);
+                return false;
+            }
+            (true, Some(key)) => PeerEvent::Secured { key },
+            (false, Some(key)) => PeerEvent::Connected { key: Some(key) },
+        };
+        self.engine.handle_input(ClientInput::Peer(id, ev), now);
+        true
     }
 
     fn accept_peers(&mut self, now: Millis) {
@@ -343,7 +388,13 @@ impl Driver {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    self.peers.insert(t, PeerSocket { conn: Conn::new(stream), connecting: false, incoming: true });
+                    let conn = if self.plaintext_peers {
+                        Conn::new(stream)
+                    } else {
+                        let Ok(tls) = rustls::ServerConnection::new(self.tls_server.clone()) else { continue };
+                        Conn::new(stream).with_tls(tls)
+                    };
+                    self.peers.insert(t, PeerSocket { conn, connecting: false, incoming: true });
                     self.engine.handle_input(ClientInput::Peer(id, PeerEvent::Accepted), now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -408,9 +459,16 @@ impl Driver {
                 ClientOutput::PeerConnect { conn, addr } => match TcpStream::connect(addr) {
                     Ok(mut s) => {
                         let t = token(conn);
-                        if self.poll.registry().register(&mut s, t, Interest::READABLE | Interest::WRITABLE).is_ok() {
-                            self.peers
-                                .insert(t, PeerSocket { conn: Conn::connecting(s), connecting: true, incoming: false });
+                        let registered =
+                            self.poll.registry().register(&mut s, t, Interest::READABLE | Interest::WRITABLE);
+                        let sock = if self.plaintext_peers {
+                            Ok(Conn::connecting(s))
+                        } else {
+                            rustls::ClientConnection::new(self.tls_client.clone(), crate::tls::server_name())
+                                .map(|tls| Conn::connecting(s).with_tls(tls))
+                        };
+                        if let (Ok(()), Ok(sock)) = (registered, sock) {
+                            self.peers.insert(t, PeerSocket { conn: sock, connecting: true, incoming: false });
                         } else {
                             self.engine.handle_input(ClientInput::Peer(conn, PeerEvent::Closed), now);
                         }

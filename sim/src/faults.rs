@@ -4,7 +4,8 @@
 use std::net::SocketAddr;
 
 use shoal_core::chunk::CHUNK_SIZE;
-use shoal_core::client::{ClientConfig, ClientEngine, ClientInput, TrackerEvent};
+use shoal_core::client::download::PeerConnId;
+use shoal_core::client::{ClientConfig, ClientEngine, ClientInput, PeerEvent, TrackerEvent};
 use shoal_core::rng::Rng;
 use shoal_core::time::Millis;
 use shoal_core::tracker::ConnId;
@@ -213,6 +214,9 @@ impl World {
         }
         self.disk.crash(c);
         self.clients[c].up = false;
+        self.forged_dials.retain(|(x, _)| *x != c);
+        self.impostor_serves.retain(|(x, _)| *x != c);
+        self.link_user.retain(|(x, _), _| *x != c);
     }
 
     /// Client `c`'s machine loses power: a crash, and its disk loses writes
@@ -304,7 +308,7 @@ impl World {
         use shoal_core::wire::encode;
         let Some(node) = self.trackers[t].node.as_ref() else { return };
         let before = node.connections();
-        let impostor: std::net::IpAddr = [10, 9, 9, 9].into();
+        let impostor: std::net::IpAddr = IMPOSTOR.into();
         let from = if stolen_addr { self.trackers[claim].addr.ip() } else { impostor };
         let conn = self.new_conn();
         let now = self.tracker_now(t);
@@ -313,6 +317,7 @@ impl World {
         let grant = SoftGrant {
             grant: shoal_core::client::peer::Grant([0x66; 16]),
             user: shoal_core::ids::UserId::new("u0").expect("valid id"),
+            key: Some(crate::key_of(impostor)),
             group: shoal_core::ids::GroupId::new("seed").expect("valid id"),
             name: shoal_core::ids::FileName::new("f0.bin").expect("valid name"),
             ttl_ms: 60_000,
@@ -329,5 +334,45 @@ impl World {
         *self.faults.entry("forged tracker refused").or_default() += 1;
         self.record(format!("{} forged link to t{t} as t{claim} refused", self.now.0));
         self.drain_tracker(t);
+    }
+}
+
+/// Where impostors call from (no tracker or client of the world has it).
+pub const IMPOSTOR: [u8; 4] = [10, 9, 9, 9];
+
+impl World {
+    /// The next peer connection any client opens reaches someone else at the
+    /// sharer's address, who proves its own key: the downloader must send it
+    /// nothing (the world asserts) and close it.
+    pub fn forge_sharer_identity(&mut self) {
+        self.forge_dial = true;
+        self.record(format!("{} the next peer dial reaches an impostor", self.now.0));
+    }
+
+    /// An eavesdropper with a key of its own calls client `c` and shows the
+    /// last `Want` (and grant) a downloader sent: the grant was issued to
+    /// another key, so `c` must refuse it and send nothing of the file.
+    pub fn copy_grant_to(&mut self, c: usize) {
+        use shoal_core::client::peer::PeerMessage;
+        use shoal_core::proto::{Role, PROTOCOL_VERSION};
+        let Some(want) = self.last_want.clone() else { return };
+        if !self.clients[c].up {
+            return;
+        }
+        let conn = PeerConnId(self.next_accepted);
+        self.next_accepted += 1;
+        self.impostor_serves.insert((c, conn));
+        *self.faults.entry("copied grant shown").or_default() += 1;
+        self.record(format!("{} an impostor shows c{c} a copied grant", self.now.0));
+        let now = self.client_now(c);
+        let key = crate::key_of(IMPOSTOR.into());
+        let mut bytes =
+            shoal_core::wire::encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
+        bytes.extend(shoal_core::wire::encode(&want));
+        let e = &mut self.clients[c].engine;
+        e.handle_input(ClientInput::Peer(conn, PeerEvent::Accepted), now);
+        e.handle_input(ClientInput::Peer(conn, PeerEvent::Secured { key }), now);
+        e.handle_input(ClientInput::Peer(conn, PeerEvent::Bytes(&bytes)), now);
+        self.drain_client(c);
     }
 }

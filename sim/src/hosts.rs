@@ -106,6 +106,9 @@ pub(crate) struct SimClient {
     /// Extra latency on everything this client sends to peers (a slow peer).
     pub(crate) slow: Millis,
     pub(crate) up: bool,
+    /// The user it was last logged in as: its downloads (and their grants)
+    /// are that user's, even after a logout.
+    pub(crate) last_user: Option<String>,
 }
 
 /// A tracker's own link to another tracker, as its node dialled it (a

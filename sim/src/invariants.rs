@@ -5,10 +5,16 @@ use std::collections::BTreeSet;
 use sha1::{Digest, Sha1};
 use shoal_core::chunk::{chunk_len, CHUNK_SIZE};
 use shoal_core::client::disk::{DiskDone, DiskOp};
+use shoal_core::client::download::PeerConnId;
+use shoal_core::client::peer::PeerMessage;
 use shoal_core::client::{sidecar, DownloadId};
 use shoal_core::meta::{Entry, MetaState};
+use shoal_core::wire::decode;
 
 use crate::World;
+
+/// postcard's tag of [`PeerMessage::Want`] (its variant index).
+const WANT_TAG: u8 = 1;
 
 pub(crate) fn entry_hash(e: &Entry) -> [u8; 20] {
     Sha1::digest(postcard::to_allocvec(e).expect("encode")).into()
@@ -79,6 +85,67 @@ impl World {
             "c{c} served chunk {chunk} of {path} ({len} bytes at {offset}) before it held the file's bytes"
         );
         self.part_serves += 1;
+    }
+
+    /// What client `c` sends on peer connection `conn`, before it travels:
+    /// nothing to a host that proved another key than the sharer's, and
+    /// nothing of a file (its chunk map, its blocks) to an impostor showing
+    /// a copied grant. Whether it travels on (false: its connection is an
+    /// impostor's, which receives it nowhere).
+    pub(crate) fn check_peer_transmit(&mut self, c: usize, conn: PeerConnId, bytes: &[u8]) -> bool {
+        assert!(
+            !self.forged_dials.contains(&(c, conn)),
+            "c{c} sent {} bytes to a peer that proved a key other than the sharer's",
+            bytes.len()
+        );
+        let body = bytes.get(4..).unwrap_or_default();
+        if self.impostor_serves.contains(&(c, conn)) {
+            if let Ok(m @ (PeerMessage::Have { .. } | PeerMessage::Block { .. })) = decode::<PeerMessage>(body) {
+                panic!("c{c} sent {m:?} to an impostor showing a copied grant (not a member's key)");
+            }
+            return false;
+        }
+        if body.first() == Some(&WANT_TAG) {
+            if let Ok(m @ PeerMessage::Want { .. }) = decode::<PeerMessage>(body) {
+                self.last_want = Some(m);
+            }
+        }
+        true
+    }
+
+    /// Client `c` sends block data on `conn`: only members ever receive chunk
+    /// data (the downloader at the other end was logged in, when it
+    /// dialled, as a user who was a member of the group at some point).
+    pub(crate) fn check_receiver(&mut self, c: usize, conn: PeerConnId) {
+        assert!(
+            !self.impostor_serves.contains(&(c, conn)),
+            "c{c} served file data to an impostor showing a copied grant"
+        );
+        // Closed already (by the other end, the bytes go nowhere; or by
+        // this one in the step that sent this): nobody receives them.
+        let Some(((to, _), _)) = self.peer_links.get(&(c, conn)) else { return };
+        let to = *to;
+        let Some((group, _)) = self.clients[c].engine.serving(conn) else { return };
+        let group = group.to_string();
+        let user = self.link_user.get(&(c, conn)).cloned().flatten();
+        let member = user.as_deref().is_some_and(|u| self.ever_member(&group, u));
+        assert!(member, "c{c} served chunk data of group {group} to c{to} as {user:?}, never a member of it");
+        self.member_serves += 1;
+    }
+
+    /// Client `c` closed peer connection `conn`: forget what was known of it.
+    pub(crate) fn peer_closed_by(&mut self, c: usize, conn: PeerConnId) {
+        if self.forged_dials.remove(&(c, conn)) {
+            *self.faults.entry("forged sharer refused").or_default() += 1;
+        }
+        if self.impostor_serves.remove(&(c, conn)) {
+            *self.faults.entry("copied grant refused").or_default() += 1;
+        }
+        self.link_user.remove(&(c, conn));
+        if let Some(((to, other), _)) = self.peer_links.get(&(c, conn)) {
+            let other_end = (*to, *other);
+            self.link_user.remove(&other_end);
+        }
     }
 
     /// Agreement: every tracker applies the same entry at each log index.

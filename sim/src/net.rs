@@ -35,6 +35,12 @@ pub(crate) enum Event {
         conn: PeerConnId,
         bytes: Vec<u8>,
     },
+    /// Client `from`'s connection `conn` reached a host proving a key that is
+    /// not the sharer's (someone else answering at the sharer's address).
+    ForgedPeerConnected {
+        from: usize,
+        conn: PeerConnId,
+    },
     PeerClosed {
         to: usize,
         conn: PeerConnId,
@@ -209,7 +215,10 @@ impl World {
                 conn_ends(conn).map(|(a, b)| (a, b, false))
             }
             Event::ToClient { conn, .. } | Event::LinkBack { conn, .. } => conn_ends(conn).map(|(a, b)| (b, a, false)),
-            Event::PeerConnected { .. } | Event::PeerBytes { .. } | Event::PeerClosed { .. } => None,
+            Event::PeerConnected { .. }
+            | Event::PeerBytes { .. }
+            | Event::PeerClosed { .. }
+            | Event::ForgedPeerConnected { .. } => None,
         }
     }
 
@@ -346,11 +355,26 @@ impl World {
                     return;
                 }
                 self.record(format!("{} c{from}->c{to} peer connected", self.now.0));
+                // Each end proves its own key (TLS, which the sim does not
+                // run: the key is what the handshake would have proved).
                 let now = self.client_now(to);
                 self.clients[to].engine.handle_input(ClientInput::Peer(accepted, PeerEvent::Accepted), now);
+                let key = crate::key_of(self.clients[from].listen.ip());
+                self.clients[to].engine.handle_input(ClientInput::Peer(accepted, PeerEvent::Secured { key }), now);
                 self.drain_client(to);
                 let now = self.client_now(from);
-                self.clients[from].engine.handle_input(ClientInput::Peer(conn, PeerEvent::Connected), now);
+                let key = Some(crate::key_of(self.clients[to].listen.ip()));
+                self.clients[from].engine.handle_input(ClientInput::Peer(conn, PeerEvent::Connected { key }), now);
+                self.drain_client(from);
+            }
+            Event::ForgedPeerConnected { from, conn } => {
+                if !self.forged_dials.contains(&(from, conn)) {
+                    return;
+                }
+                self.record(format!("{} c{from} peer {} reached an impostor", self.now.0, conn.0));
+                let now = self.client_now(from);
+                let key = Some(crate::key_of(crate::faults::IMPOSTOR.into()));
+                self.clients[from].engine.handle_input(ClientInput::Peer(conn, PeerEvent::Connected { key }), now);
                 self.drain_client(from);
             }
             Event::PeerBytes { to, conn, bytes } => {

@@ -289,8 +289,10 @@ enum CEv {
     TrackerUp(u64, std::net::IpAddr, UnboundedSender<Option<Vec<u8>>>),
     TrackerDown(u64),
     TrackerBytes(u64, Vec<u8>),
-    PeerAccepted(PeerConnId, UnboundedSender<Option<Vec<u8>>>),
-    PeerUp(PeerConnId, UnboundedSender<Option<Vec<u8>>>),
+    /// Accepted from that IP (the key its TLS handshake would prove).
+    PeerAccepted(PeerConnId, std::net::IpAddr, UnboundedSender<Option<Vec<u8>>>),
+    /// Connected to that IP.
+    PeerUp(PeerConnId, std::net::IpAddr, UnboundedSender<Option<Vec<u8>>>),
     PeerFailed(PeerConnId),
     PeerBytes(PeerConnId, Vec<u8>),
     PeerClosed(PeerConnId),
@@ -330,11 +332,11 @@ impl ClientDriver {
         let atx = tx.clone();
         tokio::spawn(async move {
             let mut next = 1u64;
-            while let Ok((s, _)) = listener.accept().await {
+            while let Ok((s, remote)) = listener.accept().await {
                 let (r, w) = s.into_split();
                 let conn = PeerConnId(next);
                 next += 1;
-                let _ = atx.send(CEv::PeerAccepted(conn, spawn_writer(w)));
+                let _ = atx.send(CEv::PeerAccepted(conn, remote.ip(), spawn_writer(w)));
                 spawn_reader(r, atx.clone(), move |b| CEv::PeerBytes(conn, b), CEv::PeerClosed(conn));
             }
         });
@@ -386,13 +388,14 @@ impl ClientDriver {
             Some(CEv::TrackerBytes(g, b)) if g == self.tracker_gen => {
                 e.handle_input(ClientInput::Tracker(TrackerEvent::Bytes(&b)), now)
             }
-            Some(CEv::PeerAccepted(c, w)) => {
+            Some(CEv::PeerAccepted(c, ip, w)) => {
                 self.peers.insert(c, w);
                 e.handle_input(ClientInput::Peer(c, PeerEvent::Accepted), now);
+                e.handle_input(ClientInput::Peer(c, PeerEvent::Secured { key: crate::key_of(ip) }), now);
             }
-            Some(CEv::PeerUp(c, w)) => {
+            Some(CEv::PeerUp(c, ip, w)) => {
                 self.peers.insert(c, w);
-                e.handle_input(ClientInput::Peer(c, PeerEvent::Connected), now);
+                e.handle_input(ClientInput::Peer(c, PeerEvent::Connected { key: Some(crate::key_of(ip)) }), now);
             }
             Some(CEv::PeerFailed(c)) | Some(CEv::PeerClosed(c)) => {
                 self.peers.remove(&c);
@@ -449,7 +452,7 @@ impl ClientDriver {
                 ClientOutput::PeerConnect { conn, addr } => spawn_connect(
                     addr,
                     self.tx.clone(),
-                    move |w| CEv::PeerUp(conn, w),
+                    move |w| CEv::PeerUp(conn, addr.ip(), w),
                     move |b| CEv::PeerBytes(conn, b),
                     CEv::PeerClosed(conn),
                     CEv::PeerFailed(conn),

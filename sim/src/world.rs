@@ -83,10 +83,23 @@ pub struct World {
     /// Open peer connections, both directions, with when their last bytes are due.
     pub(crate) peer_links: BTreeMap<PeerEnd, (PeerEnd, Millis)>,
     pub(crate) next_accepted: u64,
+    /// The user each serving end's downloader was logged in as when it dialled.
+    pub(crate) link_user: BTreeMap<PeerEnd, Option<String>>,
+    /// The next peer connection reaches an impostor instead of the sharer.
+    pub(crate) forge_dial: bool,
+    /// Downloaders' connections that reached an impostor: nothing may be sent on them.
+    pub(crate) forged_dials: BTreeSet<PeerEnd>,
+    /// Serving ends opened by an impostor showing a copied grant: nothing of
+    /// the file may be sent on them.
+    pub(crate) impostor_serves: BTreeSet<PeerEnd>,
+    /// The last `Want` a downloader sent (its grant is what an eavesdropper copies).
+    pub(crate) last_want: Option<shoal_core::client::peer::PeerMessage>,
     /// Chunks written to part files, and blocks served from part files
     /// (each checked against the source).
     pub chunks_written: u64,
     pub part_serves: u64,
+    /// Blocks served whose receiver was checked to be a member.
+    pub member_serves: u64,
     /// Hash of the entry applied at each log index, by whichever tracker applied it first.
     pub(crate) canon: Vec<[u8; 20]>,
     pub(crate) snapshot_every: usize,
@@ -174,6 +187,7 @@ impl World {
                     listen,
                     slow: Millis::ZERO,
                     up: true,
+                    last_user: None,
                 }
             })
             .collect();
@@ -199,8 +213,14 @@ impl World {
             steps: 0,
             peer_links: BTreeMap::new(),
             next_accepted: 1,
+            link_user: BTreeMap::new(),
+            forge_dial: false,
+            forged_dials: BTreeSet::new(),
+            impostor_serves: BTreeSet::new(),
+            last_want: None,
             chunks_written: 0,
             part_serves: 0,
+            member_serves: 0,
             canon: Vec::new(),
             snapshot_every: wc.snapshot_every,
             writes_sent: BTreeSet::new(),
@@ -567,23 +587,38 @@ impl World {
                 ClientOutput::Disconnect => self.close_client_conn(c),
                 ClientOutput::Done { ticket, result } => {
                     self.record(format!("{} c{c} done {:?}", self.now.0, result));
+                    if let Some(u) = self.clients[c].engine.user() {
+                        self.clients[c].last_user = Some(u.to_string());
+                    }
                     self.clients[c].results.insert(ticket, result);
                 }
                 ClientOutput::PeerConnect { conn, addr } => {
                     let at = self.now.plus(self.latency());
+                    if std::mem::take(&mut self.forge_dial) {
+                        *self.faults.entry("forged sharer dialled").or_default() += 1;
+                        self.forged_dials.insert((c, conn));
+                        self.schedule(at, Event::ForgedPeerConnected { from: c, conn });
+                        continue;
+                    }
                     match self.clients.iter().position(|x| x.listen == addr && x.up) {
                         Some(to) => {
                             let accepted = PeerConnId(self.next_accepted);
                             self.next_accepted += 1;
                             self.peer_links.insert((c, conn), ((to, accepted), at));
                             self.peer_links.insert((to, accepted), ((c, conn), at));
+                            self.link_user.insert((to, accepted), self.clients[c].last_user.clone());
                             self.schedule(at, Event::PeerConnected { from: c, conn, to, accepted });
                         }
                         None => self.schedule(at, Event::PeerClosed { to: c, conn }),
                     }
                 }
-                ClientOutput::PeerTransmit { conn, bytes } => self.peer_send(c, conn, bytes),
+                ClientOutput::PeerTransmit { conn, bytes } => {
+                    if self.check_peer_transmit(c, conn, &bytes) {
+                        self.peer_send(c, conn, bytes);
+                    }
+                }
                 ClientOutput::PeerClose { conn } => {
+                    self.peer_closed_by(c, conn);
                     if let Some(((to, other), due)) = self.peer_links.remove(&(c, conn)) {
                         self.peer_links.remove(&(to, other));
                         // The hang-up arrives after the bytes sent before it.
@@ -593,6 +628,7 @@ impl World {
                 }
                 ClientOutput::SendBlock { conn, path, offset, mut header, len } => {
                     self.check_serve(c, &path, offset, len);
+                    self.check_receiver(c, conn);
                     let range = offset as usize..offset as usize + len as usize;
                     let result = match self.disk.file(&path) {
                         Some(data) if range.end <= data.len() => {

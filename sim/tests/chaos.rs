@@ -470,6 +470,19 @@ fn chaos(seed: u64) -> (World, (Millis, Millis, bool)) {
             let stolen = r.forge_rng.below(2) == 0;
             r.w.forge_tracker_link(t, claim, stolen);
         }
+        match r.forge_rng.below(100) {
+            // Someone else answers at a sharer's address with its own key:
+            // the downloader sends it nothing (the world asserts).
+            0..=2 => r.w.forge_sharer_identity(),
+            // An eavesdropper shows a sharer (mostly the seeder) a grant
+            // copied from a downloader's connection: refused, and no chunk
+            // map or block goes to it (the world asserts).
+            3..=5 => {
+                let c = if r.forge_rng.below(2) == 0 { 0 } else { r.forge_rng.below(r.plan.clients as u64) as usize };
+                r.w.copy_grant_to(c);
+            }
+            _ => {}
+        }
         for c in 0..r.plan.clients {
             if r.rng.below(4) == 0 {
                 r.act(c);
@@ -625,6 +638,7 @@ fn clusters_survive_chaos_over_many_seeds() {
                 for (k, v) in w.faults.iter().chain(&w.disk().counts) {
                     *totals.entry(k).or_default() += v;
                 }
+                *totals.entry("blocks served to checked members").or_default() += w.member_serves;
                 let bound = if rejoin.2 { REJOIN } else { RESTART };
                 if rejoin.1 > bound {
                     slow.push(format!(

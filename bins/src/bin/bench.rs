@@ -6,7 +6,10 @@
 //! downloader receives must be hashed once), then starts one tracker, four
 //! clients sharing the file and one downloader (the real `tracker` and `client`
 //! binaries beside this one), times the download and reads the downloader's
-//! peak RSS. It prints the figures and the ratio to the hash limit.
+//! peak RSS. It prints the figures and the ratio to the hash limit. Each run
+//! downloads twice: over TLS (as shoal always runs) and, as the baseline, in
+//! plaintext from a second set of sharers started with
+//! `--insecure-plaintext-peers`; it prints the ratio of the two.
 //!
 //! It also times a reference pipeline on the same file and machine, before
 //! and after the download ([`pipeline_rate`]): writing new pages is what
@@ -236,6 +239,52 @@ fn sha1_of(path: &Path) -> Result<([u8; 20], u64), String> {
     }
 }
 
+/// What one timed download measured.
+struct RunFigures {
+    secs: f64,
+    /// When the first verified bytes showed, and when the last chunk did
+    /// (the whole-file check then finishes the download).
+    first_data: f64,
+    all_chunks: f64,
+    /// CPU seconds of each of `pids`, then of the downloader.
+    cpu: Vec<f64>,
+}
+
+/// Downloads the bench file into `out` with `d` and times it.
+fn download_once(d: &mut Proc, out: &Path, pids: &[u32]) -> Result<RunFigures, String> {
+    let dl_pid = d.child.id();
+    let cpu_now = || -> Vec<f64> { pids.iter().chain([&dl_pid]).map(|&p| cpu_secs(p)).collect() };
+    let cpu_before = cpu_now();
+    let start = Instant::now();
+    let first = d.cmd(&format!("download_file bench data.bin {}", out.display()))?;
+    if !first.starts_with("downloading") {
+        return Err(format!("download did not start: {first}"));
+    }
+    let (mut first_data, mut all_chunks) = (None, None);
+    loop {
+        let line = d.cmd("show_downloads")?;
+        if line.starts_with("[C]") {
+            break;
+        }
+        if first_data.is_none() && line.starts_with("[D]") && !line.contains(" 0% ") {
+            first_data = Some(start.elapsed().as_secs_f64());
+        }
+        if all_chunks.is_none() && line.contains("100% verifying") {
+            all_chunks = Some(start.elapsed().as_secs_f64());
+        }
+        if line.starts_with("[F]") {
+            return Err(line);
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            return Err("download took over 10 minutes".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_now().into_iter().zip(cpu_before).map(|(a, b)| a - b).collect();
+    Ok(RunFigures { secs, first_data: first_data.unwrap_or(secs), all_chunks: all_chunks.unwrap_or(secs), cpu })
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -275,41 +324,57 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
     let tracker =
         Proc::spawn(&bindir.join("tracker"), &[info.display().to_string(), "1".into(), "--data-dir".into(), data])?;
     tracker.out.recv_timeout(Duration::from_secs(30)).map_err(|_| "tracker did not start")?;
-    let client = |_: ()| Proc::spawn(&bindir.join("client"), &[free_addr(), info.display().to_string()]);
+    // Every client runs with TLS on its peer connections, or all of a second
+    // set without (`--insecure-plaintext-peers`, the baseline): a downloader
+    // reaches only sharers of its own kind.
+    let client = |plain: bool| {
+        let mut a = vec![free_addr(), info.display().to_string()];
+        if plain {
+            a.push("--insecure-plaintext-peers".into());
+        }
+        Proc::spawn(&bindir.join("client"), &a)
+    };
 
-    let mut owner = client(())?;
+    let mut owner = client(false)?;
     owner.cmd("create_user s0 pw")?;
     owner.cmd("login s0 pw")?;
     owner.cmd("create_group bench")?;
     let mut peers = vec![];
-    for i in 1..sharers {
-        let mut p = client(())?;
+    let mut plain_peers = vec![];
+    for i in 1..2 * sharers {
+        let plain = i >= sharers;
+        let mut p = client(plain)?;
         p.cmd(&format!("create_user s{i} pw"))?;
         p.cmd(&format!("login s{i} pw"))?;
         p.cmd("join_group bench")?;
         owner.cmd(&format!("accept_request bench s{i}"))?;
-        peers.push(p);
+        if plain {
+            plain_peers.push(p);
+        } else {
+            peers.push(p);
+        }
     }
     let t = Instant::now();
     owner.cmd(&format!("upload_file {} bench", file.display()))?;
     let upload_secs = t.elapsed().as_secs_f64();
-    for p in peers.iter_mut() {
+    for p in peers.iter_mut().chain(plain_peers.iter_mut()) {
         p.cmd(&format!("upload_file {} bench", file.display()))?;
     }
     // Whose CPU time each run reports: the tracker, then the sharers.
     let pids: Vec<u32> = [&tracker, &owner].into_iter().chain(peers.iter()).map(|p| p.child.id()).collect();
+    let plain_pids: Vec<u32> = [&tracker].into_iter().chain(plain_peers.iter()).map(|p| p.child.id()).collect();
     let (source_sha1, _) = sha1_of(&file)?;
-    // Each run writes three copies (reference, download, reference). Where
+    // Each run writes four copies (reference, two downloads, reference). Where
     // the disk has room they stay until the end: deleting a run's gigabytes
     // made the next run's first block allocation wait for the discards on
     // ext4 mounted with `discard` (the download's preallocation: 0.2-0.3 s
     // in half the runs; a writer that lets the kernel allocate at writeback,
     // like the reference, never waits for it): a cost of the bench's own
     // clean-up, not of downloading.
-    let keep = free_bytes(&dir) > (3 * runs as u64 + 2) * (mib << 20);
+    let keep = free_bytes(&dir) > (4 * runs as u64 + 2) * (mib << 20);
     settle_disk();
     let size = (mib << 20) as f64;
-    println!("file {mib} MiB, {sharers} sharers, 1 downloader, loopback, {runs} runs");
+    println!("file {mib} MiB, {sharers} sharers, 1 downloader, loopback, {runs} runs, each with TLS and in plaintext");
     println!("  runs' files kept until the end: {}", if keep { "yes" } else { "no (too little disk space)" });
     println!("  SHA1 hash limit (1 thread):  {:8.0} MB/s", limit / 1e6);
     println!(
@@ -319,94 +384,78 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
     );
     println!("  upload_file (hash + chunks): {:8.0} MB/s", size / upload_secs / 1e6);
     let mut rates = Vec::new();
+    let mut plain_rates = Vec::new();
     let mut references = Vec::new();
     let mut peak_rss = 0;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     for run in 1..=runs {
-        // A fresh downloader each run, so its peak RSS is this run's.
-        let mut d = client(())?;
-        d.cmd(&format!("create_user dl{run} pw"))?;
-        d.cmd(&format!("login dl{run} pw"))?;
-        d.cmd("join_group bench")?;
-        owner.cmd(&format!("accept_request bench dl{run}"))?;
         let out = dir.join(format!("out-{run}"));
         std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
-        // The reference runs before and after the download, each into a new
+        // The reference runs before and after the downloads, each into a new
         // file kept until the run ends: neither reuses memory the other just
         // freed (on a VM that is much cheaper than memory not touched lately).
         let before =
             pipeline_rate(&file, &out.join("pipeline-1.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
         settle_disk();
-        // CPU seconds so far of the tracker, the sharers and the downloader.
-        let dl_pid = d.child.id();
-        let cpu_now = || -> Vec<f64> { pids.iter().chain([&dl_pid]).map(|&p| cpu_secs(p)).collect() };
-        let cpu_before = cpu_now();
-        let start = Instant::now();
-        let first = d.cmd(&format!("download_file bench data.bin {}", out.display()))?;
-        if !first.starts_with("downloading") {
-            return Err(format!("download did not start: {first}"));
+        // Both kinds each run, in turns first, so drift favours neither.
+        let order = if run % 2 == 1 { [false, true] } else { [true, false] };
+        for plain in order {
+            // A fresh downloader each time, so its peak RSS is this run's.
+            let mut d = client(plain)?;
+            let who = format!("dl{run}{}", if plain { "p" } else { "t" });
+            d.cmd(&format!("create_user {who} pw"))?;
+            d.cmd(&format!("login {who} pw"))?;
+            d.cmd("join_group bench")?;
+            owner.cmd(&format!("accept_request bench {who}"))?;
+            let into = out.join(if plain { "plain" } else { "tls" });
+            std::fs::create_dir_all(&into).map_err(|e| e.to_string())?;
+            let r = download_once(&mut d, &into, if plain { &plain_pids } else { &pids })?;
+            if sha1_of(&into.join("data.bin"))?.0 != source_sha1 {
+                return Err(format!("run {run}: the downloaded file differs from the source"));
+            }
+            let rss = d.peak_rss_kib().unwrap_or(0);
+            let rate = size / r.secs;
+            // How busy the machine's cores were with the swarm: below ~100%
+            // the download waited on something other than CPU.
+            let busy = r.cpu.iter().sum::<f64>() / (cores * r.secs) * 100.0;
+            let sharers_cpu: f64 = r.cpu[1..r.cpu.len() - 1].iter().sum();
+            println!(
+                "  run {run} {}: download {:4.0} MB/s ({:.2} s: first data {:.2}, last chunk {:.2}); \
+                 CPU s: downloader {:.2}, sharers {:.2}, tracker {:.2} ({busy:.0}% of {cores} cores); peak RSS {:.1} MiB",
+                if plain { "plaintext" } else { "TLS      " },
+                rate / 1e6,
+                r.secs,
+                r.first_data,
+                r.all_chunks,
+                r.cpu[r.cpu.len() - 1],
+                sharers_cpu,
+                r.cpu[0],
+                rss as f64 / 1024.0,
+            );
+            if plain {
+                plain_rates.push(rate);
+            } else {
+                rates.push(rate);
+                peak_rss = peak_rss.max(rss);
+            }
+            drop(d);
+            settle_disk();
         }
-        // When the first verified bytes showed, and when the last chunk
-        // did (the whole-file check then finishes the download).
-        let (mut first_data, mut all_chunks) = (None, None);
-        loop {
-            let line = d.cmd("show_downloads")?;
-            if line.starts_with("[C]") {
-                break;
-            }
-            if first_data.is_none() && line.starts_with("[D]") && !line.contains(" 0% ") {
-                first_data = Some(start.elapsed().as_secs_f64());
-            }
-            if all_chunks.is_none() && line.contains("100% verifying") {
-                all_chunks = Some(start.elapsed().as_secs_f64());
-            }
-            if line.starts_with("[F]") {
-                return Err(line);
-            }
-            if start.elapsed() > Duration::from_secs(600) {
-                return Err("download took over 10 minutes".into());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let (first_data, all_chunks) = (first_data.unwrap_or(secs), all_chunks.unwrap_or(secs));
-        let cpu: Vec<f64> = cpu_now().into_iter().zip(cpu_before).map(|(a, b)| a - b).collect();
-        let rss = d.peak_rss_kib().unwrap_or(0);
-        peak_rss = peak_rss.max(rss);
-        settle_disk();
         let after =
             pipeline_rate(&file, &out.join("pipeline-2.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
-        if sha1_of(&out.join("data.bin"))?.0 != source_sha1 {
-            return Err(format!("run {run}: the downloaded file differs from the source"));
-        }
-        let (rate, reference) = (size / secs, (before + after) / 2.0);
-        let sharers_cpu: f64 = cpu[1..cpu.len() - 1].iter().sum();
-        // How busy the machine's cores were with the swarm: below ~100% the
-        // download waited on something other than CPU.
-        let busy = cpu.iter().sum::<f64>() / (cores * secs) * 100.0;
-        println!(
-            "  run {run}: download {:4.0} MB/s ({secs:.2} s: first data {first_data:.2}, last chunk {all_chunks:.2}), \
-             reference {:4.0} MB/s ({:.0}/{:.0}); \
-             CPU s: downloader {:.2}, sharers {:.2}, tracker {:.2} ({busy:.0}% of {cores} cores); peak RSS {:.1} MiB",
-            rate / 1e6,
-            reference / 1e6,
-            before / 1e6,
-            after / 1e6,
-            cpu[cpu.len() - 1],
-            sharers_cpu,
-            cpu[0],
-            rss as f64 / 1024.0,
-        );
-        rates.push(rate);
+        let reference = (before + after) / 2.0;
+        println!("  run {run} reference {:4.0} MB/s ({:.0}/{:.0})", reference / 1e6, before / 1e6, after / 1e6);
         references.push(reference);
-        drop(d);
         if !keep {
             let _ = std::fs::remove_dir_all(&out);
         }
         settle_disk();
     }
     let (rate, reference) = (median(&mut rates), median(&mut references));
-    println!("  download (median):           {:8.0} MB/s", rate / 1e6);
+    let plain = median(&mut plain_rates);
+    println!("  download with TLS (median):  {:8.0} MB/s", rate / 1e6);
+    println!("  plaintext baseline (median): {:8.0} MB/s", plain / 1e6);
+    println!("  TLS / plaintext:             {:8.2}", rate / plain);
     println!("  reference (median):          {:8.0} MB/s", reference / 1e6);
     println!("  download / hash limit:       {:8.2}", rate / limit);
     println!("  download / reference:        {:8.2}", rate / reference);

@@ -237,6 +237,7 @@ fn run(args: &Args) -> Result<(), String> {
             user: UserId::new("bench").expect("valid"),
             password: "pw".into(),
             listen,
+            plaintext_peers: false,
         })? {
             Reply::Session { token } => setup.session = Some(token),
             r => return Err(format!("login: unexpected {r:?}")),
@@ -250,6 +251,7 @@ fn run(args: &Args) -> Result<(), String> {
                 user: UserId::new("bench").expect("valid"),
                 password: "pw".into(),
                 listen,
+                plaintext_peers: false,
             })? {
                 Reply::Session { token } => c.session = Some(token),
                 r => return Err(format!("login: unexpected {r:?}")),

@@ -26,6 +26,12 @@ struct Args {
     /// Upload at most this many MB (10^6 bytes) per second, over all peers.
     #[arg(long, value_name = "MB_PER_S")]
     max_upload_rate: Option<f64>,
+    /// INSECURE: talk to peers without TLS. File contents and download grants
+    /// cross the network in the clear and no peer's key is checked. Only for
+    /// measuring TLS's cost: such a client reaches and serves only peers run
+    /// with this flag too (the trackers are still reached over TLS).
+    #[arg(long)]
+    insecure_plaintext_peers: bool,
 }
 
 fn main() -> ExitCode {
@@ -42,6 +48,12 @@ fn main() -> ExitCode {
         Some(r) if r.is_finite() && r > 0.0 => cfg.max_upload_rate = Some((r * 1e6) as u64),
         Some(_) => return fail("--max-upload-rate must be a positive number of MB/s"),
         None => {}
+    }
+    if args.insecure_plaintext_peers {
+        eprintln!(
+            "warning: --insecure-plaintext-peers: peer connections are NOT encrypted and peers' keys are NOT checked"
+        );
+        cfg.plaintext_peers = true;
     }
     let handle = match ClientHandle::start(cfg) {
         Ok(h) => h,

@@ -45,6 +45,12 @@ pub fn tls_connect(addr: SocketAddr) -> TlsStream {
     shoal_net_mio::tls::connect_blocking(addr, &me, WAIT).expect("TLS handshake with the tracker").0
 }
 
+/// A TLS connection to `addr` (a tracker or a peer) with the key `me`, the
+/// handshake done: the stream and the key the other end proved.
+pub fn tls_connect_as(addr: SocketAddr, me: &shoal_net_mio::tls::Identity) -> (TlsStream, shoal_core::identity::KeyId) {
+    shoal_net_mio::tls::connect_blocking(addr, me, WAIT).expect("TLS handshake")
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -24,9 +24,12 @@ impl ClientEngine {
             ShellCommand::CreateUser { user, password } => {
                 Request::CreateUser { user: user.clone(), password: password.clone() }
             }
-            ShellCommand::Login { user, password } => {
-                Request::Login { user: user.clone(), password: password.clone(), listen: self.cfg.listen }
-            }
+            ShellCommand::Login { user, password } => Request::Login {
+                user: user.clone(),
+                password: password.clone(),
+                listen: self.cfg.listen,
+                plaintext_peers: self.cfg.plaintext_peers,
+            },
             ShellCommand::CreateGroup { group } => Request::CreateGroup { group: group.clone() },
             ShellCommand::JoinGroup { group } => Request::JoinGroup { group: group.clone() },
             ShellCommand::LeaveGroup { group } => Request::LeaveGroup { group: group.clone() },

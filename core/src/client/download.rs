@@ -25,8 +25,9 @@ use std::net::SocketAddr;
 use crate::chunk::{chunk_len, FileDigest, CHUNK_SIZE};
 use crate::client::peer::{Bitmap, Grant, Load, PeerMessage, BLOCK_SIZE};
 use crate::client::picker::PieceSelector;
+use crate::identity::KeyId;
 use crate::ids::{FileName, GroupId};
-use crate::proto::{Role, PROTOCOL_VERSION};
+use crate::proto::{Role, SharerAddr, PROTOCOL_VERSION};
 use crate::rng::Rng;
 use crate::time::Millis;
 
@@ -48,6 +49,11 @@ pub struct DownloadConfig {
     /// The download fails when no chunk arrived for this long (no live peer
     /// has what is missing), instead of waiting forever.
     pub give_up_after: Millis,
+    /// Peer connections are plaintext (the client's
+    /// `--insecure-plaintext-peers`; the engine copies its own setting
+    /// here): no key is proved, so none is checked, and only peers that
+    /// serve in plaintext are reached.
+    pub plaintext_peers: bool,
 }
 
 impl Default for DownloadConfig {
@@ -60,6 +66,7 @@ impl Default for DownloadConfig {
             refresh_every: Millis::from_secs(2),
             rarest_window: 4,
             give_up_after: Millis::from_secs(60),
+            plaintext_peers: false,
         }
     }
 }
@@ -91,6 +98,14 @@ pub enum DownloadOutput {
     Banned {
         addr: SocketAddr,
         chunk: u32,
+    },
+    /// The peer at `addr` proved a key that is not the one the tracker named
+    /// for the sharer there: nothing was sent to it, and it is tried again
+    /// only after a pause (the tracker may name a new key by then).
+    NotTheSharer {
+        addr: SocketAddr,
+        expected: Option<KeyId>,
+        found: Option<KeyId>,
     },
     /// Ask the tracker for the file's current sources.
     WantSources,
@@ -130,6 +145,11 @@ impl Peer {
 
 #[derive(Default)]
 struct Source {
+    /// The key the tracker says the sharer at this address proved.
+    key: Option<KeyId>,
+    /// The key the peer last reached there proved instead (`Some(None)`:
+    /// none), until one proves `key`.
+    wrong_key: Option<Option<KeyId>>,
     conn: Option<PeerConnId>,
     banned: bool,
     retry_at: Millis,
@@ -137,6 +157,14 @@ struct Source {
     refusals: u32,
     /// Verified bytes it supplied.
     supplied: u64,
+}
+
+impl Source {
+    /// Over TLS only a peer with a key to check; in plaintext only one
+    /// serving in plaintext (the other kind cannot talk to us).
+    fn reachable(&self, plaintext: bool) -> bool {
+        self.key.is_none() == plaintext
+    }
 }
 
 /// Chunk buffers a download keeps for reuse, at most (8 MiB).
@@ -240,6 +268,12 @@ impl Download {
         self.sources.iter().filter(|(_, s)| s.banned).map(|(a, _)| *a)
     }
 
+    /// Sources where a peer proving another key than the sharer's answered
+    /// last: the address, the key expected, the key found.
+    pub fn not_the_sharer(&self) -> impl Iterator<Item = (SocketAddr, Option<KeyId>, Option<KeyId>)> + '_ {
+        self.sources.iter().filter_map(|(a, s)| Some((*a, s.key, s.wrong_key?)))
+    }
+
     /// Verified bytes per source address.
     pub fn supplied(&self) -> impl Iterator<Item = (SocketAddr, u64)> + '_ {
         self.sources.iter().map(|(a, s)| (*a, s.supplied))
@@ -256,16 +290,38 @@ impl Download {
 
     // ---- inputs ----
 
-    /// The tracker's current list of sources.
-    pub fn handle_sources(&mut self, addrs: &[SocketAddr], now: Millis) {
-        for a in addrs {
-            self.sources.entry(*a).or_default();
+    /// The tracker's current list of sources, each with the key its sharer
+    /// proved (a new key at an address replaces the old one).
+    pub fn handle_sources(&mut self, sharers: &[SharerAddr], now: Millis) {
+        for a in sharers {
+            let s = self.sources.entry(a.addr).or_default();
+            if s.key != a.key {
+                s.key = a.key;
+                s.wrong_key = None;
+                s.retry_at = now;
+                s.refusals = 0;
+            }
         }
         self.connect_more(now);
     }
 
-    pub fn handle_connected(&mut self, peer: PeerConnId, now: Millis) {
+    /// The connection is open; `key` is what the other end proved (`None`
+    /// on a plaintext connection). Unless it is the sharer the tracker named,
+    /// nothing is sent on it: it is closed, and its address tried again later.
+    pub fn handle_connected(&mut self, peer: PeerConnId, key: Option<KeyId>, now: Millis) {
         let Some(p) = self.peers.get_mut(&peer) else { return };
+        let expected = self.sources.get(&p.addr).and_then(|s| s.key);
+        let addr = p.addr;
+        if !self.cfg.plaintext_peers && (key.is_none() || key != expected) {
+            if let Some(s) = self.sources.get_mut(&addr) {
+                s.wrong_key = Some(key);
+            }
+            self.out.push_back(DownloadOutput::NotTheSharer { addr, expected, found: key });
+            return self.refused(peer, now);
+        }
+        if let Some(s) = self.sources.get_mut(&addr) {
+            s.wrong_key = None;
+        }
         p.last_progress = now;
         p.since = now;
         let want = PeerMessage::Want {
@@ -330,17 +386,7 @@ impl Download {
             }
             PeerMessage::Refused { reason } => {
                 tracing::debug!(%reason, "peer refused");
-                // Maybe for good (no access, it stopped sharing), maybe for
-                // now (our grant has not reached its tracker yet, or that
-                // tracker just failed): ask again later, less and less often.
-                let addr = self.peers[&peer].addr;
-                self.drop_peer(peer, false, now);
-                if let Some(s) = self.sources.get_mut(&addr) {
-                    s.refusals = s.refusals.saturating_add(1);
-                    let pause = self.cfg.reconnect_after.0.saturating_mul(1 << s.refusals.min(16));
-                    s.retry_at = now.plus(Millis(pause.min(MAX_REFUSED_BACKOFF.0)));
-                }
-                return;
+                return self.refused(peer, now);
             }
             _ => return self.drop_peer(peer, false, now),
         }
@@ -393,7 +439,13 @@ impl Download {
             .filter(|p| !p.fetches.is_empty() || p.have.is_none())
             .map(|p| p.last_progress.plus(self.cfg.stall_timeout))
             .min();
-        let retry = self.sources.values().filter(|s| s.conn.is_none() && !s.banned).map(|s| s.retry_at).min();
+        let plaintext = self.cfg.plaintext_peers;
+        let retry = self
+            .sources
+            .values()
+            .filter(|s| s.conn.is_none() && !s.banned && s.reachable(plaintext))
+            .map(|s| s.retry_at)
+            .min();
         if self.failed || self.is_complete() {
             return None;
         }
@@ -422,7 +474,7 @@ impl Download {
             if open >= self.cfg.max_peers {
                 break;
             }
-            if s.conn.is_some() || s.banned || s.retry_at > now {
+            if s.conn.is_some() || s.banned || s.retry_at > now || !s.reachable(self.cfg.plaintext_peers) {
                 continue;
             }
             self.next_conn += 1;
@@ -442,6 +494,20 @@ impl Download {
                 },
             );
             self.out.push_back(DownloadOutput::Connect { peer, addr: *addr });
+        }
+    }
+
+    /// Drops a peer that refused us (or is not who the tracker said). Maybe
+    /// for good (no access, it stopped sharing), maybe for now (our grant has
+    /// not reached its tracker yet, that tracker just failed, the sharer
+    /// came back with a new key): ask again later, less and less often.
+    fn refused(&mut self, peer: PeerConnId, now: Millis) {
+        let Some(addr) = self.peers.get(&peer).map(|p| p.addr) else { return };
+        self.drop_peer(peer, false, now);
+        if let Some(s) = self.sources.get_mut(&addr) {
+            s.refusals = s.refusals.saturating_add(1);
+            let pause = self.cfg.reconnect_after.0.saturating_mul(1 << s.refusals.min(16));
+            s.retry_at = now.plus(Millis(pause.min(MAX_REFUSED_BACKOFF.0)));
         }
     }
 

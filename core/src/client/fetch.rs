@@ -22,7 +22,7 @@ use crate::client::serve::Shared;
 use crate::client::sidecar;
 use crate::client::verify::{Verifier, VerifyEvent, VerifyOp};
 use crate::ids::{FileName, GroupId};
-use crate::proto::{Reply, Request};
+use crate::proto::{Reply, Request, SharerAddr};
 use crate::rng::Rng;
 use crate::shell::ShellError;
 use crate::time::Millis;
@@ -36,12 +36,12 @@ const RELEASE_EVERY: u32 = 16;
 
 pub(crate) enum DlState {
     Opening {
-        sharers: Vec<SocketAddr>,
+        sharers: Vec<SharerAddr>,
         grant: Grant,
     },
     /// Resuming: the chunks the sidecar claims are being checked.
     Checking {
-        sharers: Vec<SocketAddr>,
+        sharers: Vec<SharerAddr>,
         grant: Grant,
         verify: Box<Verifier>,
     },
@@ -155,7 +155,9 @@ impl ClientEngine {
 
     /// The lines of `show_downloads`: one a download; with `verbose`, each
     /// followed by its sources (`  from <addr>: <bytes> bytes`) and the
-    /// peers it banned (`  banned <addr>: sent a chunk that failed its SHA1`).
+    /// peers it banned (`  banned <addr>: sent a chunk that failed its SHA1`)
+    /// and the addresses where someone else than the sharer answered
+    /// (`  refused <addr>: not the sharer the tracker named ...`).
     pub(super) fn show_downloads(&self, verbose: bool) -> Vec<String> {
         if self.downloads.is_empty() {
             return vec!["no downloads".into()];
@@ -185,6 +187,16 @@ impl ClientEngine {
                 for a in banned {
                     lines.push(format!("  banned {a}: sent a chunk that failed its SHA1"));
                 }
+                if let DlState::Running { fetch, .. } = &d.state {
+                    let shown = |k: Option<crate::identity::KeyId>| k.map_or("none".to_string(), |k| k.short());
+                    for (a, want, found) in fetch.not_the_sharer() {
+                        lines.push(format!(
+                            "  refused {a}: not the sharer the tracker named (it proved key {}, not {})",
+                            shown(found),
+                            shown(want)
+                        ));
+                    }
+                }
             }
         }
         lines
@@ -212,7 +224,7 @@ impl ClientEngine {
         name: FileName,
         dest: String,
         digest: FileDigest,
-        sharers: Vec<SocketAddr>,
+        sharers: Vec<SharerAddr>,
         grant: Grant,
         now: Millis,
     ) {
@@ -468,6 +480,16 @@ impl ClientEngine {
                 }
                 DownloadOutput::Banned { addr, chunk } => {
                     tracing::warn!(%addr, chunk, file = %key.1, "peer sent a corrupt chunk and is banned for this file");
+                }
+                DownloadOutput::NotTheSharer { addr, expected, found } => {
+                    let shown = |k: Option<crate::identity::KeyId>| k.map_or("none".to_string(), |k| k.short());
+                    tracing::warn!(
+                        %addr,
+                        expected = %shown(expected),
+                        found = %shown(found),
+                        file = %key.1,
+                        "the peer at this address is not the sharer the tracker named (wrong key); nothing sent to it"
+                    );
                 }
                 DownloadOutput::WantSources => want_sources = true,
                 DownloadOutput::Failed { reason } => failed = Some(reason),

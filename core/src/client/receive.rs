@@ -12,6 +12,7 @@
 use super::{ClientEngine, PeerLink};
 use crate::client::download::{Download, PeerConnId};
 use crate::client::peer::{Load, PeerMessage, MAX_PEER_FRAME};
+use crate::identity::KeyId;
 use crate::time::Millis;
 use crate::wire::FrameDecoder;
 
@@ -170,11 +171,11 @@ impl ClientEngine {
         }
     }
 
-    pub(super) fn peer_connected(&mut self, conn: PeerConnId, now: Millis) {
+    pub(super) fn peer_connected(&mut self, conn: PeerConnId, key: Option<KeyId>, now: Millis) {
         if let Some(PeerLink::Out { download, .. }) = self.peers.get(&conn) {
             let id = *download;
             if let Some(dl) = self.downloads.get_mut(&id).and_then(|e| e.fetch_mut()) {
-                dl.handle_connected(conn, now);
+                dl.handle_connected(conn, key, now);
             }
             self.drain_download(id, now);
         }

@@ -16,6 +16,7 @@ use super::{ClientEngine, ClientOutput, PeerLink, Purpose};
 use crate::chunk::Sha1Digest;
 use crate::client::download::{chunk_offset, PeerConnId};
 use crate::client::peer::{valid_block, Bitmap, Load, PeerMessage, MAX_PEER_FRAME, MAX_QUEUED_REQUESTS};
+use crate::identity::KeyId;
 use crate::ids::{FileName, GroupId};
 use crate::proto::{Reply, Request, Role, PROTOCOL_VERSION};
 use crate::shell::ShellError;
@@ -32,6 +33,9 @@ pub(super) const SERVE_RECV_WINDOW: usize = 16 * 1024;
 pub const PEER_HANDSHAKE_TIMEOUT: Millis = Millis(10_000);
 /// An upload connection with nothing asked of it for this long is closed.
 pub const PEER_IDLE_TIMEOUT: Millis = Millis(120_000);
+/// Connections refused at accept and waiting for their TLS handshake to
+/// carry the reason, at most; past it a refused connection is just closed.
+pub const MAX_REFUSING: usize = 64;
 /// Block reads asked of the driver and not yet sent, per connection, at most.
 const MAX_READS_IN_FLIGHT: usize = 4;
 
@@ -45,6 +49,10 @@ pub(crate) struct Shared {
 }
 
 enum UpState {
+    /// Refused at accept; the reason is sent once the TLS handshake is done
+    /// (there is no channel for it before), or the connection is dropped at
+    /// the handshake deadline.
+    Refusing(&'static str),
     AwaitHello,
     AwaitWant,
     Checking(GroupId, FileName),
@@ -52,6 +60,9 @@ enum UpState {
 }
 
 pub(crate) struct Upload {
+    /// The key the downloader proved (TLS); its grant must have been issued
+    /// to that key.
+    key: Option<KeyId>,
     opened: Millis,
     last_seen: Millis,
     pub(super) decoder: FrameDecoder,
@@ -81,7 +92,14 @@ impl ClientEngine {
 
     pub(super) fn peer_accepted(&mut self, conn: PeerConnId, now: Millis) {
         debug_assert!(conn.0 & super::OUTGOING == 0, "the driver numbers accepted connections below OUTGOING");
-        let incoming = self.peers.values().filter(|p| matches!(p, PeerLink::In(_))).count();
+        let (mut incoming, mut refusing) = (0, 0);
+        for p in self.peers.values() {
+            match p {
+                PeerLink::In(up) if matches!(up.state, UpState::Refusing(_)) => refusing += 1,
+                PeerLink::In(_) => incoming += 1,
+                PeerLink::Out { .. } => {}
+            }
+        }
         let refusal = if self.session.is_none() {
             Some("this peer is not logged in")
         } else if incoming >= MAX_UPLOAD_CONNECTIONS {
@@ -89,24 +107,52 @@ impl ClientEngine {
         } else {
             None
         };
-        if let Some(reason) = refusal {
-            self.out.push_back(ClientOutput::PeerTransmit {
-                conn,
-                bytes: encode(&PeerMessage::Refused { reason: reason.into() }),
-            });
-            self.out.push_back(ClientOutput::PeerClose { conn });
-            return;
-        }
+        let state = match refusal {
+            None => UpState::AwaitHello,
+            // Over TLS the reason waits for the handshake (a few at a time).
+            Some(reason) if !self.cfg.plaintext_peers && refusing < MAX_REFUSING => UpState::Refusing(reason),
+            Some(reason) => {
+                self.out.push_back(ClientOutput::PeerTransmit {
+                    conn,
+                    bytes: encode(&PeerMessage::Refused { reason: reason.into() }),
+                });
+                self.out.push_back(ClientOutput::PeerClose { conn });
+                return;
+            }
+        };
         let up = Upload {
+            key: None,
             opened: now,
             last_seen: now,
             decoder: FrameDecoder::new(1024),
-            state: UpState::AwaitHello,
+            state,
             queue: VecDeque::new(),
             reading: VecDeque::new(),
             backlog: 0,
         };
         self.peers.insert(conn, PeerLink::In(Box::new(up)));
+    }
+
+    /// The group and file an upload connection is being served (its grant
+    /// passed), for a driver or simulation checking who receives what.
+    pub fn serving(&self, conn: PeerConnId) -> Option<(&GroupId, &FileName)> {
+        match self.peers.get(&conn) {
+            Some(PeerLink::In(up)) => match &up.state {
+                UpState::Serving(g, n) => Some((g, n)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// An upload connection's TLS handshake is done: the downloader holds `key`.
+    pub(super) fn peer_secured(&mut self, conn: PeerConnId, key: KeyId) {
+        if let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) {
+            up.key = Some(key);
+            if let UpState::Refusing(reason) = up.state {
+                self.refuse_peer(conn, reason);
+            }
+        }
     }
 
     /// Bytes read into an upload connection's decoder: handle its frames.
@@ -157,8 +203,12 @@ impl ClientEngine {
                 if !ok {
                     return self.refuse_peer(conn, "this peer does not share that file");
                 }
+                if up.key.is_none() && !self.cfg.plaintext_peers {
+                    return self.refuse_peer(conn, "no key proved on this connection (TLS is required)");
+                }
+                let holder = up.key;
                 up.state = UpState::Checking(group.clone(), name.clone());
-                self.send(Purpose::CheckGrant(conn), Request::CheckGrant { grant, group, name }, now);
+                self.send(Purpose::CheckGrant(conn), Request::CheckGrant { grant, group, name, holder }, now);
             }
             (UpState::Serving(group, name), PeerMessage::Request { chunk, offset, len }) => {
                 let key = (group.clone(), name.clone());
@@ -302,7 +352,9 @@ impl ClientEngine {
                     UpState::Serving(..) if up.queue.is_empty() && now.since(up.last_seen) >= PEER_IDLE_TIMEOUT => {
                         Some((*c, "idle for too long"))
                     }
-                    UpState::AwaitHello | UpState::AwaitWant if now.since(up.opened) >= PEER_HANDSHAKE_TIMEOUT => {
+                    UpState::Refusing(_) | UpState::AwaitHello | UpState::AwaitWant
+                        if now.since(up.opened) >= PEER_HANDSHAKE_TIMEOUT =>
+                    {
                         Some((*c, "no handshake in time"))
                     }
                     _ => None,

@@ -128,7 +128,11 @@ fn serving_engine() -> (ClientEngine, crate::client::download::PeerConnId) {
     let token = SessionToken([5; 16]);
     let tracker_reply = |req: &Request| match req {
         Request::Login { .. } => Ok(Reply::Session { token }),
-        Request::CheckGrant { .. } => Ok(Reply::GrantValid { user: UserId::new("dl").unwrap() }),
+        // The server asks about the key the downloader proved to it.
+        Request::CheckGrant { holder: Some(k), .. } if *k == KeyId([3; 32]) => {
+            Ok(Reply::GrantValid { user: UserId::new("dl").unwrap() })
+        }
+        Request::CheckGrant { .. } => Err(ApiError::BadGrant),
         _ => Ok(Reply::Done),
     };
     log_in(&mut e, tracker_reply);
@@ -155,6 +159,7 @@ fn serving_engine() -> (ClientEngine, crate::client::download::PeerConnId) {
     answer_all(&mut e, outs, tracker_reply);
     let conn = crate::client::download::PeerConnId(16);
     e.handle_input(ClientInput::Peer(conn, PeerEvent::Accepted), Millis(0));
+    e.handle_input(ClientInput::Peer(conn, PeerEvent::Secured { key: KeyId([3; 32]) }), Millis(0));
     let mut hs = encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
     let want =
         PeerMessage::Want { group: g, name: FileName::new("f.bin").unwrap(), sha1: digest.sha1, grant: Grant([1; 16]) };

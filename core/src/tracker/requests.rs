@@ -15,8 +15,14 @@ impl<R: Replicator> TrackerNode<R> {
         if !self.replicator.is_synced() {
             return self.respond(conn, id, Err(ApiError::CatchingUp));
         }
+        // A session is good only on a connection that proved the key it was
+        // opened with: a token copied to another connection is no session.
+        let conn_key = self.conns.get(&conn).and_then(|c| c.key);
+        let user = session.and_then(|t| {
+            let s = self.meta.session(&t).filter(|s| s.key.is_some() && s.key == conn_key)?;
+            Some((t, s.user.clone(), (s.listen, s.peer_key())))
+        });
         // A valid session refreshes its lease, whatever the request.
-        let user = session.and_then(|t| self.meta.session(&t).map(|s| (t, s.user.clone(), s.listen)));
         if let Some((t, _, _)) = &user {
             self.leases.insert(*t, now.plus(self.cfg.session_lease));
             if !self.replicator.peers().is_empty() {
@@ -28,7 +34,7 @@ impl<R: Replicator> TrackerNode<R> {
             (true, None) => return self.respond(conn, id, Err(ApiError::NotLoggedIn)),
             (true, Some(u)) => u,
             // Placeholders, unused by the two requests that need no session.
-            (false, _) => (SessionToken([0; 16]), UserId::new("-").expect("valid id"), unspecified()),
+            (false, _) => (SessionToken([0; 16]), UserId::new("-").expect("valid id"), (unspecified(), None)),
         };
         let cmd = match body {
             Request::CreateUser { user, password } => {
@@ -39,7 +45,7 @@ impl<R: Replicator> TrackerNode<R> {
                 self.rng.fill(&mut salt);
                 Command::CreateUser { user, password: PasswordHash::derive(&password, salt, self.cfg.password_params) }
             }
-            Request::Login { user, password, listen } => {
+            Request::Login { user, password, listen, plaintext_peers } => {
                 let remote = self.conns.get(&conn).map(|c| c.remote);
                 let keys = [Some(LoginKey::User(user.clone())), remote.map(LoginKey::Addr)];
                 if let Some(wait) = self.login_blocked(&keys, now) {
@@ -53,14 +59,14 @@ impl<R: Replicator> TrackerNode<R> {
                     // request is applied here. A barrier through the log
                     // waits for that (for a wrong password too, so the
                     // answer's timing tells nobody which accounts exist).
-                    let held = HeldLogin { conn, id, settled_below, user, password, listen, keys };
+                    let held = HeldLogin { conn, id, settled_below, user, password, listen, plaintext_peers, keys };
                     return self.barrier(held, now);
                 }
                 if !ok {
                     self.login_failed(keys, now);
                     return self.respond(conn, id, Err(ApiError::BadCredentials));
                 }
-                match self.open_session(conn, user, listen, now) {
+                match self.open_session(conn, user, listen, plaintext_peers, now) {
                     Ok(cmd) => cmd,
                     Err(e) => return self.respond(conn, id, Err(e)),
                 }
@@ -89,12 +95,14 @@ impl<R: Replicator> TrackerNode<R> {
                 return self.respond(conn, id, r);
             }
             Request::HaveChunk { group, name, chunk } => {
-                let r = self.have_chunk(me, my_listen, group, name, chunk);
+                let r = self.have_chunk(me, my_listen.0, group, name, chunk);
                 return self.respond(conn, id, r);
             }
-            Request::CheckGrant { grant, group, name } => {
+            Request::CheckGrant { grant, group, name, holder } => {
                 let r = match self.grants.get(&grant) {
-                    Some(g) if g.expires > now && g.group == group && g.name == name => {
+                    // Issued to the key the downloader proved to the peer:
+                    // a grant copied to another connection is worth nothing.
+                    Some(g) if g.expires > now && g.group == group && g.name == name && g.key == holder => {
                         match self.meta.group_of_member(&g.user, &group) {
                             Ok(_) => Ok(Reply::GrantValid { user: g.user.clone() }),
                             Err(_) => Err(ApiError::BadGrant),
@@ -174,7 +182,7 @@ impl<R: Replicator> TrackerNode<R> {
             self.login_failed(h.keys, now);
             return self.respond(h.conn, h.id, Err(ApiError::BadCredentials));
         }
-        match self.open_session(h.conn, h.user, h.listen, now) {
+        match self.open_session(h.conn, h.user, h.listen, h.plaintext_peers, now) {
             Ok(cmd) => self.propose_write(h.conn, (h.id, h.settled_below), cmd, now),
             Err(e) => self.respond(h.conn, h.id, Err(e)),
         }
@@ -189,11 +197,13 @@ impl<R: Replicator> TrackerNode<R> {
         conn: ConnId,
         user: UserId,
         listen: SocketAddr,
+        plaintext_peers: bool,
         now: Millis,
     ) -> Result<Command, ApiError> {
-        let Some(remote) = self.conns.get(&conn).map(|c| c.remote) else {
+        let Some((remote, key)) = self.conns.get(&conn).map(|c| (c.remote, c.key)) else {
             return Err(ApiError::BadAddress("connection closed".into()));
         };
+        let key = key.ok_or(ApiError::Unsecured)?;
         if listen.port() == 0 {
             return Err(ApiError::BadAddress("port 0".into()));
         }
@@ -205,7 +215,7 @@ impl<R: Replicator> TrackerNode<R> {
         };
         let mut t = [0u8; 16];
         self.rng.fill(&mut t);
-        Ok(Command::OpenSessionAt { user, token: SessionToken(t), listen, replaces })
+        Ok(Command::OpenSessionAt { user, token: SessionToken(t), listen, replaces, key, plaintext_peers })
     }
 
     /// Logins whose barrier was not applied in time: `NoQuorum`.
@@ -263,20 +273,29 @@ impl<R: Replicator> TrackerNode<R> {
     pub(crate) fn download(
         &mut self,
         me: &UserId,
-        my_listen: SocketAddr,
+        (my_listen, my_key): (SocketAddr, Option<KeyId>),
         group: GroupId,
         name: FileName,
         now: Millis,
     ) -> Result<Reply, ApiError> {
         let g = self.meta.group_of_member(me, &group)?;
         let f = g.files.get(&name).ok_or(ApiError::NoSuchFile)?;
-        let mut sharers: Vec<SocketAddr> =
-            f.sharers.iter().filter(|s| s.listen != my_listen && self.is_live(s, now)).map(|s| s.listen).collect();
+        // Each with the key its session proved: the downloader checks it.
+        let at = |listen: SocketAddr| SharerAddr {
+            addr: listen,
+            key: self.meta.session_at(&listen).and_then(|(_, x)| x.peer_key()),
+        };
+        let mut sharers: Vec<SharerAddr> =
+            f.sharers.iter().filter(|s| s.listen != my_listen && self.is_live(s, now)).map(|s| at(s.listen)).collect();
         if let Some(partial) = self.partial.get(&(group.clone(), name.clone())) {
             for (listen, user) in partial {
                 let s = Sharer { user: user.clone(), listen: *listen };
-                if *listen != my_listen && g.is_member(user) && self.is_live(&s, now) && !sharers.contains(listen) {
-                    sharers.push(*listen);
+                if *listen != my_listen
+                    && g.is_member(user)
+                    && self.is_live(&s, now)
+                    && !sharers.iter().any(|x| x.addr == *listen)
+                {
+                    sharers.push(at(*listen));
                 }
             }
         }
@@ -290,13 +309,20 @@ impl<R: Replicator> TrackerNode<R> {
         if self.links.any_up() {
             // Gossiped at once, not with the next sweep: the downloader is
             // about to show it to a peer that checks it with its own tracker.
-            let g =
-                SoftGrant { grant, user: me.clone(), group: group.clone(), name: name.clone(), ttl_ms: GRANT_TTL.0 };
+            let g = SoftGrant {
+                grant,
+                user: me.clone(),
+                key: my_key,
+                group: group.clone(),
+                name: name.clone(),
+                ttl_ms: GRANT_TTL.0,
+            };
             let bytes =
                 encode(&Message::Tracker(TrackerFrame::Soft(SoftState { grants: vec![g], ..SoftState::default() })));
             self.broadcast(bytes);
         }
-        self.grants.insert(grant, GrantInfo { user: me.clone(), group, name, expires: now.plus(GRANT_TTL) });
+        self.grants
+            .insert(grant, GrantInfo { user: me.clone(), key: my_key, group, name, expires: now.plus(GRANT_TTL) });
         Ok(Reply::Download { digest, sharers, grant })
     }
 
@@ -336,5 +362,6 @@ pub(crate) struct HeldLogin {
     user: UserId,
     password: String,
     listen: SocketAddr,
+    plaintext_peers: bool,
     keys: [Option<LoginKey>; 2],
 }

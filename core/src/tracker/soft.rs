@@ -26,6 +26,7 @@ impl<R: Replicator> TrackerNode<R> {
                 .map(|(g, i)| SoftGrant {
                     grant: *g,
                     user: i.user.clone(),
+                    key: i.key,
                     group: i.group.clone(),
                     name: i.name.clone(),
                     ttl_ms: i.expires.0.saturating_sub(now.0),
@@ -68,7 +69,13 @@ impl<R: Replicator> TrackerNode<R> {
                 break;
             }
             let expires = now.plus(Millis(g.ttl_ms.min(GRANT_TTL.0)));
-            self.grants.entry(g.grant).or_insert(GrantInfo { user: g.user, group: g.group, name: g.name, expires });
+            self.grants.entry(g.grant).or_insert(GrantInfo {
+                user: g.user,
+                key: g.key,
+                group: g.group,
+                name: g.name,
+                expires,
+            });
         }
         for (group, name, listen, user) in soft.partial {
             let holders = self.partial.entry((group, name)).or_default();

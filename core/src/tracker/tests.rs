@@ -46,13 +46,26 @@ fn answer(outs: &[TrackerOutput]) -> Result<Reply, ApiError> {
     }
 }
 
+/// Opens `conn` from `remote`, its TLS handshake done: the client behind
+/// it proved a key of its own (one per connection number).
+fn connect<R: Replicator>(n: &mut TrackerNode<R>, conn: ConnId, remote: SocketAddr, at: Millis) {
+    n.handle_connected(conn, remote, at);
+    n.handle_secured(conn, client_key(conn), at);
+}
+
+fn client_key(conn: ConnId) -> KeyId {
+    let mut k = [0xc1; 32];
+    k[..8].copy_from_slice(&conn.0.to_be_bytes());
+    KeyId(k)
+}
+
 const C: ConnId = ConnId(1);
 const REMOTE: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3)), 5000);
 
 #[test]
 fn requests_before_hello_are_refused_and_the_connection_closed() {
     let mut n = node();
-    n.handle_connected(C, REMOTE, Millis(0));
+    connect(&mut n, C, REMOTE, Millis(0));
     n.handle_bytes(C, &req(1, None, Request::ListGroups), Millis(0));
     let out = drain(&mut n);
     assert!(matches!(out.last(), Some(TrackerOutput::Close { conn: C })));
@@ -62,8 +75,8 @@ fn requests_before_hello_are_refused_and_the_connection_closed() {
 #[test]
 fn garbage_and_huge_frames_close_only_that_connection() {
     let mut n = node();
-    n.handle_connected(C, REMOTE, Millis(0));
-    n.handle_connected(ConnId(2), REMOTE, Millis(0));
+    connect(&mut n, C, REMOTE, Millis(0));
+    connect(&mut n, ConnId(2), REMOTE, Millis(0));
     n.handle_bytes(ConnId(2), &hello(), Millis(0));
     n.handle_bytes(C, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3], Millis(0));
     assert!(matches!(drain(&mut n).last(), Some(TrackerOutput::Close { conn: C })));
@@ -74,19 +87,22 @@ fn garbage_and_huge_frames_close_only_that_connection() {
 #[test]
 fn a_session_works_and_its_lease_decides_liveness() {
     let mut n = node();
-    n.handle_connected(C, REMOTE, Millis(0));
+    connect(&mut n, C, REMOTE, Millis(0));
     let mut bytes = hello();
     bytes.extend(req(1, None, Request::CreateUser { user: UserId::new("al").unwrap(), password: "pw".into() }));
     n.handle_bytes(C, &bytes, Millis(0));
     assert_eq!(answer(&drain(&mut n)), Ok(Reply::Done));
     let listen = "127.0.0.1:9000".parse().unwrap();
-    let wrong = Request::Login { user: UserId::new("al").unwrap(), password: "px".into(), listen };
+    let wrong =
+        Request::Login { user: UserId::new("al").unwrap(), password: "px".into(), listen, plaintext_peers: false };
     n.handle_bytes(C, &req(2, None, wrong), Millis(0));
     assert_eq!(answer(&drain(&mut n)), Err(ApiError::BadCredentials));
-    let nobody = Request::Login { user: UserId::new("zed").unwrap(), password: "pw".into(), listen };
+    let nobody =
+        Request::Login { user: UserId::new("zed").unwrap(), password: "pw".into(), listen, plaintext_peers: false };
     n.handle_bytes(C, &req(3, None, nobody), Millis(0));
     assert_eq!(answer(&drain(&mut n)), Err(ApiError::BadCredentials), "same answer for a missing user");
-    let login = Request::Login { user: UserId::new("al").unwrap(), password: "pw".into(), listen };
+    let login =
+        Request::Login { user: UserId::new("al").unwrap(), password: "pw".into(), listen, plaintext_peers: false };
     n.handle_bytes(C, &req(4, None, login), Millis(0));
     let Ok(Reply::Session { token }) = answer(&drain(&mut n)) else { panic!("no session") };
     let g = GroupId::new("g").unwrap();
@@ -114,10 +130,14 @@ fn login_from(
     listen: &str,
     at: Millis,
 ) -> Result<Reply, ApiError> {
-    n.handle_connected(conn, remote, at);
+    connect(n, conn, remote, at);
     n.handle_bytes(conn, &hello(), at);
-    let login =
-        Request::Login { user: UserId::new(who).unwrap(), password: "pw".into(), listen: listen.parse().unwrap() };
+    let login = Request::Login {
+        user: UserId::new(who).unwrap(),
+        password: "pw".into(),
+        listen: listen.parse().unwrap(),
+        plaintext_peers: false,
+    };
     n.handle_bytes(conn, &req(seq, None, login), at);
     answer(&drain(n))
 }
@@ -125,7 +145,7 @@ fn login_from(
 #[test]
 fn a_login_never_ends_another_users_live_session() {
     let mut n = node();
-    n.handle_connected(C, REMOTE, Millis(0));
+    connect(&mut n, C, REMOTE, Millis(0));
     n.handle_bytes(C, &hello(), Millis(0));
     for (i, u) in ["al", "eve"].into_iter().enumerate() {
         let create = Request::CreateUser { user: UserId::new(u).unwrap(), password: "pw".into() };
@@ -189,6 +209,8 @@ fn a_session_opened_at_an_address_meanwhile_wins_over_a_stale_replacement() {
             token: SessionToken([t; 16]),
             listen: at,
             replaces: replaces.map(|r| SessionToken([r; 16])),
+            key: KeyId([t; 32]),
+            plaintext_peers: false,
         },
     };
     assert!(s.apply(&open("al", 1, None)).is_ok());
@@ -217,7 +239,7 @@ fn sweep(n: &mut TrackerNode, at: Millis) -> Vec<TrackerOutput> {
 #[test]
 fn a_connection_that_never_says_hello_is_closed() {
     let mut n = node();
-    n.handle_connected(C, REMOTE, Millis(0));
+    connect(&mut n, C, REMOTE, Millis(0));
     assert!(sweep(&mut n, Millis(5_000)).is_empty());
     assert_eq!(closed(&sweep(&mut n, HELLO_TIMEOUT.plus(Millis(1_000))), C).as_deref(), Some("no Hello in time"));
     assert_eq!(n.connections(), 0);
@@ -226,8 +248,8 @@ fn a_connection_that_never_says_hello_is_closed() {
 #[test]
 fn slow_loris_and_idle_connections_are_closed() {
     let mut n = node();
-    n.handle_connected(C, REMOTE, Millis(0));
-    n.handle_connected(ConnId(2), REMOTE, Millis(0));
+    connect(&mut n, C, REMOTE, Millis(0));
+    connect(&mut n, ConnId(2), REMOTE, Millis(0));
     n.handle_bytes(C, &hello(), Millis(0));
     n.handle_bytes(ConnId(2), &hello(), Millis(0));
     // One byte of a frame every 5 s keeps C "active" but never finishes a frame.
@@ -253,7 +275,7 @@ fn slow_loris_and_idle_connections_are_closed() {
 #[test]
 fn before_hello_only_small_frames_are_accepted() {
     let mut n = node();
-    n.handle_connected(C, REMOTE, Millis(0));
+    connect(&mut n, C, REMOTE, Millis(0));
     n.handle_bytes(C, &((HELLO_FRAME_LIMIT + 1) as u32).to_be_bytes(), Millis(0));
     assert!(closed(&drain(&mut n), C).unwrap().contains("exceeds the limit of 1024"));
 }
@@ -261,13 +283,18 @@ fn before_hello_only_small_frames_are_accepted() {
 #[test]
 fn failed_logins_are_limited_per_user_and_per_address() {
     let mut n = node();
-    n.handle_connected(C, REMOTE, Millis(0));
+    connect(&mut n, C, REMOTE, Millis(0));
     let mut bytes = hello();
     bytes.extend(req(1, None, Request::CreateUser { user: UserId::new("al").unwrap(), password: "pw".into() }));
     n.handle_bytes(C, &bytes, Millis(0));
     drain(&mut n);
     let listen = "127.0.0.1:9000".parse().unwrap();
-    let login = |user: &str, pw: &str| Request::Login { user: UserId::new(user).unwrap(), password: pw.into(), listen };
+    let login = |user: &str, pw: &str| Request::Login {
+        user: UserId::new(user).unwrap(),
+        password: pw.into(),
+        listen,
+        plaintext_peers: false,
+    };
     for i in 0..MAX_FAILED_LOGINS_PER_USER as u64 {
         n.handle_bytes(C, &req(10 + i, None, login("al", "wrong")), Millis(1_000));
         assert_eq!(answer(&drain(&mut n)), Err(ApiError::BadCredentials));
@@ -311,7 +338,7 @@ impl Replicator for Stuck {
 fn stuck_node() -> TrackerNode<Stuck> {
     let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
     let mut n = TrackerNode::new(cfg, Rng::from_u64(1), Stuck);
-    n.handle_connected(C, REMOTE, Millis(0));
+    connect(&mut n, C, REMOTE, Millis(0));
     n.handle_bytes(C, &hello(), Millis(0));
     n
 }
@@ -332,7 +359,7 @@ fn writes_in_flight_per_connection_are_bounded() {
 #[test]
 fn overlong_passwords_are_refused_before_hashing() {
     let mut n = node();
-    n.handle_connected(C, REMOTE, Millis(0));
+    connect(&mut n, C, REMOTE, Millis(0));
     let mut bytes = hello();
     let long = "p".repeat(MAX_PASSWORD_LEN + 1);
     bytes.extend(req(1, None, Request::CreateUser { user: UserId::new("al").unwrap(), password: long }));
@@ -440,7 +467,7 @@ fn links_are_dialled_pinged_and_hung_up_when_silent() {
 #[test]
 fn a_lone_member_of_a_cluster_names_no_leader_and_answers_writes_at_once() {
     let mut n = linked_node();
-    n.handle_connected(C, REMOTE, Millis(0));
+    connect(&mut n, C, REMOTE, Millis(0));
     n.handle_bytes(C, &hello(), Millis(0));
     drain(&mut n);
     let r = Request::CreateUser { user: UserId::new("al").unwrap(), password: "pw".into() };
@@ -474,7 +501,7 @@ fn only_the_key_a_tracker_holds_makes_a_link_to_it() {
     for (conn, proved, accepted) in
         [(ConnId(10), None, false), (ConnId(11), Some(key(2)), false), (ConnId(12), Some(key(3)), true)]
     {
-        n.handle_connected(conn, REMOTE, Millis(6));
+        connect(&mut n, conn, REMOTE, Millis(6));
         if let Some(k) = proved {
             n.handle_secured(conn, k, Millis(6));
         }
@@ -488,4 +515,78 @@ fn only_the_key_a_tracker_holds_makes_a_link_to_it() {
     // Soft state from the impostors was never taken: only the real one's
     // connection is left.
     assert_eq!(n.connections(), 1);
+}
+
+/// Sessions and grants belong to the key that proved them: a token or a
+/// grant copied to another connection is worth nothing, and downloaders
+/// learn the key each sharer proved.
+#[test]
+fn sessions_and_grants_are_bound_to_the_key_that_proved_them() {
+    use crate::chunk::{FileDigest, FileMeta, Sha1Digest};
+    use crate::client::peer::Grant;
+    let mut n = node();
+    let (al_host, bob_host, eve_host): (SocketAddr, SocketAddr, SocketAddr) =
+        ("10.0.0.1:5000".parse().unwrap(), "10.0.0.2:5000".parse().unwrap(), "10.0.0.3:5000".parse().unwrap());
+    let (al, bob, eve) = (ConnId(1), ConnId(2), ConnId(3));
+    let mut seq = 0;
+    let mut ask = |n: &mut TrackerNode, conn: ConnId, session: Option<SessionToken>, body: Request| {
+        seq += 1;
+        n.handle_bytes(conn, &req(seq, session, body), Millis(10));
+        answer(&drain(n))
+    };
+    let login = |user: &str| Request::Login {
+        user: UserId::new(user).unwrap(),
+        password: "pw".into(),
+        listen: "0.0.0.0:9000".parse().unwrap(),
+        plaintext_peers: false,
+    };
+    let mut tokens = Vec::new();
+    for (conn, host, user) in [(al, al_host, "al"), (bob, bob_host, "bob"), (eve, eve_host, "eve")] {
+        connect(&mut n, conn, host, Millis(0));
+        n.handle_bytes(conn, &hello(), Millis(0));
+        let create = Request::CreateUser { user: UserId::new(user).unwrap(), password: "pw".into() };
+        assert_eq!(ask(&mut n, conn, None, create), Ok(Reply::Done));
+        let Ok(Reply::Session { token }) = ask(&mut n, conn, None, login(user)) else { panic!("{user} not in") };
+        tokens.push(token);
+    }
+    let (al_t, bob_t, eve_t) = (tokens[0], tokens[1], tokens[2]);
+    let g = GroupId::new("g").unwrap();
+    assert_eq!(ask(&mut n, al, Some(al_t), Request::CreateGroup { group: g.clone() }), Ok(Reply::Done));
+    assert_eq!(ask(&mut n, bob, Some(bob_t), Request::JoinGroup { group: g.clone() }), Ok(Reply::Done));
+    let accept = Request::AcceptRequest { group: g.clone(), user: UserId::new("bob").unwrap() };
+    assert_eq!(ask(&mut n, al, Some(al_t), accept), Ok(Reply::Done));
+    let name = FileName::new("f.bin").unwrap();
+    let meta = FileMeta {
+        name: name.clone(),
+        digest: FileDigest { size: 10, sha1: Sha1Digest([1; 20]), chunks: vec![Sha1Digest([1; 20])] },
+    };
+    assert_eq!(ask(&mut n, al, Some(al_t), Request::UploadFile { group: g.clone(), meta }), Ok(Reply::Done));
+
+    // Eve holds al's token, but not al's key: no session of hers.
+    assert_eq!(ask(&mut n, eve, Some(al_t), Request::ListMyGroups), Err(ApiError::NotLoggedIn));
+    let stop = Request::StopShare { group: g.clone(), name: name.clone() };
+    assert_eq!(ask(&mut n, eve, Some(al_t), stop), Err(ApiError::NotLoggedIn));
+
+    // Bob is sent to al's address, with the key al proved.
+    let dl = Request::DownloadFile { group: g.clone(), name: name.clone() };
+    let Ok(Reply::Download { sharers, grant, .. }) = ask(&mut n, bob, Some(bob_t), dl) else { panic!("no grant") };
+    assert_eq!(sharers, vec![SharerAddr { addr: SocketAddr::new(al_host.ip(), 9000), key: Some(client_key(al)) }]);
+
+    // Al, serving, checks the grant against the key its holder proved.
+    let check = |holder: Option<KeyId>| Request::CheckGrant { grant, group: g.clone(), name: name.clone(), holder };
+    assert_eq!(
+        ask(&mut n, al, Some(al_t), check(Some(client_key(bob)))),
+        Ok(Reply::GrantValid { user: UserId::new("bob").unwrap() })
+    );
+    assert_eq!(ask(&mut n, al, Some(al_t), check(Some(client_key(eve)))), Err(ApiError::BadGrant), "copied");
+    assert_eq!(ask(&mut n, al, Some(al_t), check(None)), Err(ApiError::BadGrant), "shown in plaintext");
+    let forged = Request::CheckGrant { grant: Grant([9; 16]), group: g.clone(), name, holder: Some(client_key(bob)) };
+    assert_eq!(ask(&mut n, al, Some(al_t), forged), Err(ApiError::BadGrant));
+    let _ = eve_t;
+
+    // A connection that proved no key cannot log in.
+    let bare = ConnId(4);
+    n.handle_connected(bare, "10.0.0.4:5000".parse().unwrap(), Millis(10));
+    n.handle_bytes(bare, &hello(), Millis(10));
+    assert_eq!(ask(&mut n, bare, None, login("eve")), Err(ApiError::Unsecured));
 }

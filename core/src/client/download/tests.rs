@@ -39,6 +39,20 @@ fn digest_of(data: &[u8]) -> FileDigest {
     h.finish().unwrap()
 }
 
+/// The key the sharer at `a` proved to its tracker.
+fn key_at(a: SocketAddr) -> KeyId {
+    let mut k = [0x5a; 32];
+    if let std::net::IpAddr::V4(ip) = a.ip() {
+        k[..4].copy_from_slice(&ip.octets());
+    }
+    k[4..6].copy_from_slice(&a.port().to_be_bytes());
+    KeyId(k)
+}
+
+fn sharers(addrs: &[SocketAddr]) -> Vec<SharerAddr> {
+    addrs.iter().map(|&a| SharerAddr { addr: a, key: Some(key_at(a)) }).collect()
+}
+
 fn addr(i: u8) -> SocketAddr {
     SocketAddr::from(([10, 0, 0, i], 9000))
 }
@@ -69,6 +83,7 @@ impl Harness {
     /// Runs until complete or `limit` of virtual time.
     fn run(&mut self, d: &mut Download, limit: Millis) {
         let addrs: Vec<SocketAddr> = self.peers.keys().copied().collect();
+        let addrs = sharers(&addrs);
         d.handle_sources(&addrs, self.now);
         let mut inbox: VecDeque<(PeerConnId, PeerMessage)> = VecDeque::new();
         // Runs until complete and every output is drained.
@@ -77,7 +92,7 @@ impl Harness {
                 match o {
                     DownloadOutput::Connect { peer, addr } => {
                         self.conns.insert(peer, addr);
-                        d.handle_connected(peer, self.now);
+                        d.handle_connected(peer, Some(key_at(addr)), self.now);
                     }
                     DownloadOutput::Close { peer } => {
                         if let Some(a) = self.conns.remove(&peer) {
@@ -120,6 +135,7 @@ impl Harness {
                     DownloadOutput::Banned { addr, .. } => {
                         self.banned.insert(addr);
                     }
+                    DownloadOutput::NotTheSharer { addr, .. } => panic!("{addr} proved its own key"),
                     DownloadOutput::WantSources => d.handle_sources(&addrs, self.now),
                     DownloadOutput::Failed { reason } => self.failed = Some(reason),
                 }
@@ -260,9 +276,9 @@ fn a_bad_chunk_bans_its_sender_even_after_it_hung_up() {
     let digest = digest_of(&content);
     let mut d = new_download(DownloadConfig::default(), digest, Bitmap::new(1), 0, 5, Millis(0));
     let outs = |d: &mut Download| std::iter::from_fn(|| d.poll_output()).collect::<Vec<_>>();
-    d.handle_sources(&[addr(1)], Millis(0));
+    d.handle_sources(&sharers(&[addr(1)]), Millis(0));
     let Some(DownloadOutput::Connect { peer, .. }) = outs(&mut d).into_iter().next() else { panic!("no connect") };
-    d.handle_connected(peer, Millis(1));
+    d.handle_connected(peer, Some(key_at(addr(1))), Millis(1));
     d.handle_message(peer, PeerMessage::Have { chunks: Bitmap::full(1), load: Load::default() }, Millis(2));
     let mut check = None;
     for o in outs(&mut d) {
@@ -280,7 +296,7 @@ fn a_bad_chunk_bans_its_sender_even_after_it_hung_up() {
     assert!(outs(&mut d).contains(&DownloadOutput::Banned { addr: addr(1), chunk: 0 }));
     assert!(!d.is_complete());
     // Banned: it is never dialled again, a new source is.
-    d.handle_sources(&[addr(1), addr(2)], Millis(10_000));
+    d.handle_sources(&sharers(&[addr(1), addr(2)]), Millis(10_000));
     d.handle_timeout(Millis(10_000));
     let dialled: Vec<SocketAddr> = outs(&mut d)
         .into_iter()
@@ -293,4 +309,70 @@ fn a_bad_chunk_bans_its_sender_even_after_it_hung_up() {
     // A verdict for a chunk not being checked (late, duplicate) changes nothing.
     d.handle_checked(0, true, Millis(10_001));
     assert!(!d.is_complete());
+}
+
+#[test]
+fn a_peer_that_is_not_the_named_sharer_gets_nothing() {
+    let content = content(CHUNK_SIZE as usize / 2);
+    let mut d = new_download(DownloadConfig::default(), digest_of(&content), Bitmap::new(1), 0, 5, Millis(0));
+    let outs = |d: &mut Download| std::iter::from_fn(|| d.poll_output()).collect::<Vec<_>>();
+    d.handle_sources(&sharers(&[addr(1)]), Millis(0));
+    let Some(DownloadOutput::Connect { peer, .. }) = outs(&mut d).into_iter().next() else { panic!("no connect") };
+    // Someone else answers at that address: another key, or none at all.
+    let impostor = KeyId([0xee; 32]);
+    d.handle_connected(peer, Some(impostor), Millis(1));
+    let o = outs(&mut d);
+    assert!(o.iter().all(|o| !matches!(o, DownloadOutput::Send { .. })), "nothing sent to it: {o:?}");
+    assert!(o.contains(&DownloadOutput::NotTheSharer {
+        addr: addr(1),
+        expected: Some(key_at(addr(1))),
+        found: Some(impostor)
+    }));
+    assert!(o.contains(&DownloadOutput::Close { peer }));
+    // Tried again only after a pause...
+    d.handle_timeout(Millis(2));
+    assert!(outs(&mut d).iter().all(|o| !matches!(o, DownloadOutput::Connect { .. })));
+    let (peer, at) = next_dial(&mut d);
+    assert!(at >= DownloadConfig::default().reconnect_after, "redialled at {at:?}");
+    d.handle_connected(peer, None, at);
+    assert!(outs(&mut d).iter().all(|o| !matches!(o, DownloadOutput::Send { .. })), "no key proved: nothing sent");
+    // ... and the real sharer gets the request.
+    let (peer, at) = next_dial(&mut d);
+    d.handle_connected(peer, Some(key_at(addr(1))), at);
+    assert!(outs(&mut d).iter().any(|o| matches!(o, DownloadOutput::Send { msg: PeerMessage::Want { .. }, .. })));
+}
+
+/// Runs a download's timers until it dials: the connection and when.
+fn next_dial(d: &mut Download) -> (PeerConnId, Millis) {
+    for _ in 0..100 {
+        let at = d.poll_timeout().expect("something is due");
+        d.handle_timeout(at);
+        while let Some(o) = d.poll_output() {
+            if let DownloadOutput::Connect { peer, .. } = o {
+                return (peer, at);
+            }
+        }
+    }
+    panic!("never dialled again")
+}
+
+#[test]
+fn plaintext_and_tls_peers_are_not_mixed() {
+    let content = content(CHUNK_SIZE as usize / 2);
+    let outs = |d: &mut Download| std::iter::from_fn(|| d.poll_output()).collect::<Vec<_>>();
+    let mixed = [SharerAddr { addr: addr(1), key: Some(key_at(addr(1))) }, SharerAddr { addr: addr(2), key: None }];
+    let dialled = |plaintext_peers: bool| {
+        let cfg = DownloadConfig { plaintext_peers, ..DownloadConfig::default() };
+        let mut d = new_download(cfg, digest_of(&content), Bitmap::new(1), 0, 5, Millis(0));
+        d.handle_sources(&mixed, Millis(0));
+        let a: Vec<SocketAddr> = outs(&mut d)
+            .into_iter()
+            .filter_map(|o| if let DownloadOutput::Connect { addr, .. } = o { Some(addr) } else { None })
+            .collect();
+        // The unreachable one sets no deadline in the past (no busy loop).
+        assert!(d.poll_timeout().is_some_and(|t| t > Millis(0)));
+        a
+    };
+    assert_eq!(dialled(false), vec![addr(1)], "over TLS only a sharer with a key to check");
+    assert_eq!(dialled(true), vec![addr(2)], "in plaintext only a plaintext sharer");
 }
