@@ -32,7 +32,18 @@ pub struct Conn {
     secured: bool,
     /// Whether our TLS close_notify is queued.
     close_sent: bool,
+    /// Under TLS: records read from the socket and not yet handed to rustls
+    /// (`rx[rx_at..]`). rustls reads at most 4 KiB a call; through this, one
+    /// `read` of the socket brings up to [`TLS_RX_BUF`] (16 times fewer
+    /// system calls for a block stream).
+    rx: Vec<u8>,
+    rx_at: usize,
+    /// Under TLS: file bytes on their way to being encrypted, reused.
+    scratch: Vec<u8>,
 }
+
+/// Socket bytes read at once under TLS.
+const TLS_RX_BUF: usize = 64 * 1024;
 
 /// One queued piece of the outgoing stream.
 enum Out {
@@ -83,6 +94,9 @@ impl Conn {
             tls: None,
             secured: false,
             close_sent: false,
+            rx: Vec::new(),
+            rx_at: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -156,16 +170,48 @@ impl Conn {
 
     fn tls_read(&mut self, buf: &mut [u8]) -> Result<usize, ReadOutcome> {
         let tls = self.tls.as_mut().expect("called under TLS");
+        // rustls refused more records: fine once (its plaintext buffer is
+        // full, and the reader empties it), fatal if nothing can be read.
+        let mut refused = false;
         loop {
             match tls.reader().read(buf) {
                 Ok(0) => return Err(ReadOutcome::Closed),
                 Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !refused => {}
                 Err(_) => return Err(ReadOutcome::Closed),
             }
-            match tls.read_tls(&mut self.stream) {
+            if self.rx_at == self.rx.len() {
+                // Everything read so far went to rustls: read the socket.
+                self.rx.resize(TLS_RX_BUF, 0);
+                self.rx_at = 0;
+                let got = loop {
+                    match self.stream.read(&mut self.rx) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        r => break r,
+                    }
+                };
+                match got {
+                    Ok(n) => self.rx.truncate(n),
+                    Err(e) => {
+                        self.rx.clear();
+                        return Err(if e.kind() == io::ErrorKind::WouldBlock {
+                            ReadOutcome::Open
+                        } else {
+                            ReadOutcome::Closed
+                        });
+                    }
+                }
+                if self.rx.is_empty() {
+                    // The other end closed (with or without close_notify).
+                    return Err(ReadOutcome::Closed);
+                }
+            }
+            let mut pending = &self.rx[self.rx_at..];
+            let before = pending.len();
+            match tls.read_tls(&mut pending) {
                 Ok(0) => return Err(ReadOutcome::Closed),
                 Ok(_) => {
+                    self.rx_at += before - pending.len();
                     if let Err(e) = tls.process_new_packets() {
                         tracing::debug!(error = %e, "TLS failed");
                         // Tell the other end why (the alert is queued).
@@ -173,9 +219,7 @@ impl Conn {
                         return Err(ReadOutcome::Closed);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(ReadOutcome::Open),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Err(ReadOutcome::Closed),
+                Err(_) => refused = true,
             }
         }
     }
@@ -273,8 +317,14 @@ impl Conn {
     /// Under TLS: encrypts what is queued and writes the records, as far as
     /// the socket takes them.
     fn flush_tls(&mut self) -> io::Result<()> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = self.flush_tls_with(&mut scratch);
+        self.scratch = scratch;
+        r
+    }
+
+    fn flush_tls_with(&mut self, scratch: &mut Vec<u8>) -> io::Result<()> {
         use std::io::Write;
-        let mut scratch = Vec::new();
         loop {
             let tls = self.tls.as_mut().expect("called under TLS");
             if tls.wants_write() {
@@ -310,7 +360,7 @@ impl Conn {
                     use std::os::unix::fs::FileExt;
                     let want = (len - self.sent).min(64 * 1024);
                     scratch.resize(want, 0);
-                    let k = file.read_at(&mut scratch, offset + self.sent as u64)?;
+                    let k = file.read_at(&mut scratch[..], offset + self.sent as u64)?;
                     if k == 0 {
                         return Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
