@@ -286,3 +286,80 @@ impl ClientCertVerifier for AnyKey {
         self.schemes()
     }
 }
+
+/// What a fuzzer (or a test) feeds in as a peer would: `data[0]` picks the
+/// door. Even: the rest is what arrives on an accepted connection before and
+/// during its TLS handshake, in pieces whose sizes the following bytes set.
+/// Odd: the rest is a certificate a peer presents, parsed for its key. No
+/// panic, and a handshake never completes without a certificate whose key
+/// signed it.
+#[doc(hidden)]
+pub fn fuzz_peer_input(data: &[u8]) {
+    static SERVER: std::sync::OnceLock<Arc<rustls::ServerConfig>> = std::sync::OnceLock::new();
+    let Some((&door, rest)) = data.split_first() else { return };
+    if door % 2 == 1 {
+        let cert = CertificateDer::from(rest.to_vec());
+        let key = peer_key(Some(std::slice::from_ref(&cert)));
+        if key.is_some() {
+            assert!(AnyKey::check_cert(&cert).is_ok(), "a key from a certificate the verifier refuses");
+        }
+        return;
+    }
+    let cfg = SERVER.get_or_init(|| {
+        let me = Identity::ephemeral().expect("a key pair");
+        me.server_config().expect("a server configuration")
+    });
+    let Ok(mut conn) = rustls::ServerConnection::new(cfg.clone()) else { return };
+    let mut input = rest;
+    while !input.is_empty() {
+        let n = (input[0] as usize % 64 + 1) * 64;
+        let (piece, more) = input[1..].split_at(n.min(input.len() - 1));
+        input = more;
+        let mut r = piece;
+        while !r.is_empty() {
+            match conn.read_tls(&mut r) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if conn.process_new_packets().is_err() {
+                return;
+            }
+        }
+        let mut sink = Vec::new();
+        let _ = conn.write_tls(&mut sink);
+    }
+    assert!(conn.is_handshaking(), "a handshake completed from bytes no key signed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fuzz body over a real ClientHello (whole, cut, and corrupted) and
+    /// a real certificate (whole and cut).
+    #[test]
+    fn handshake_and_certificate_input_never_panics() {
+        let me = Identity::ephemeral().unwrap();
+        let mut client = rustls::ClientConnection::new(me.client_config().unwrap(), server_name()).unwrap();
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+        let cert = me.cert.to_vec();
+        assert_eq!(peer_key(Some(std::slice::from_ref(&me.cert))), Some(me.id()));
+        let mut inputs: Vec<Vec<u8>> = Vec::new();
+        for cut in [0, 1, 5, hello.len() / 2, hello.len()] {
+            inputs.push([&[0u8, 63][..], &hello[..cut]].concat());
+            inputs.push([&[1u8][..], &cert[..cut.min(cert.len())]].concat());
+        }
+        for i in (0..hello.len()).step_by(7) {
+            let mut h = hello.clone();
+            h[i] ^= 0x5a;
+            inputs.push([&[2u8, 0][..], &h].concat());
+            let mut c = cert.clone();
+            c[i % cert.len()] ^= 0x5a;
+            inputs.push([&[3u8][..], &c].concat());
+        }
+        for input in inputs {
+            fuzz_peer_input(&input);
+        }
+    }
+}
