@@ -489,3 +489,49 @@ fn a_peer_refuses_a_flood_of_block_requests() {
     });
     assert_eq!(reason, "too many requests in flight");
 }
+
+/// A client run with `--insecure-plaintext-peers` says so loudly, and never
+/// mixes with normal peers: a TLS handshake with it fails, and plaintext
+/// sent to a normal peer gets nothing back but TLS's refusal. Two plaintext
+/// clients still move a file (the benchmark's baseline).
+#[test]
+fn plaintext_peers_are_loud_and_do_not_mix_with_tls_peers() {
+    let s = Swarm::new("plaintext", 2 * MIB);
+    let (mut a, la) = s.client("ann", &[]);
+    let plain = |user: &str| {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut c = Client::start_with(user, &s.info, &listen.to_string(), &["--insecure-plaintext-peers"]);
+        let warnings = c.lines(2);
+        assert!(warnings[0].starts_with("warning: --insecure-plaintext-peers"), "{warnings:?}");
+        assert!(warnings[1].contains("PLAINTEXT"), "{warnings:?}");
+        c.expect(&format!("create_user {user} pw"), &[&format!("user {user} created")]);
+        c.expect(&format!("login {user} pw"), &[&format!("logged in as {user}")]);
+        (c, listen)
+    };
+    let (mut p, lp) = plain("pat");
+    let (mut q, _) = plain("quin");
+    s.group(&mut a, &mut [&mut p, &mut q]);
+    s.share(&mut a, "a/big.bin");
+    s.share(&mut p, "p/big.bin");
+
+    let me = Identity::ephemeral().unwrap();
+    assert!(
+        shoal_net_mio::tls::connect_blocking(lp, &me, WAIT).is_err(),
+        "a TLS handshake with a plaintext peer succeeded"
+    );
+    let mut raw = std::net::TcpStream::connect(la).unwrap();
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    raw.write_all(&encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer })).unwrap();
+    let mut back = Vec::new();
+    let _ = raw.read_to_end(&mut back);
+    let mut dec = FrameDecoder::new(shoal_core::client::peer::MAX_PEER_FRAME);
+    dec.push(&back);
+    assert!(!matches!(dec.next_message::<PeerMessage>(), Ok(Some(_))), "a TLS peer answered plaintext: {back:?}");
+
+    let out = s.path("q/");
+    q.expect(&format!("download_file g big.bin {}", out.display()), &["downloading big.bin into *"]);
+    let (sources, _) = completed(&mut q);
+    let served: Vec<SocketAddr> = sources.iter().filter(|(_, n)| *n > 0).map(|(a, _)| *a).collect();
+    assert_eq!(served, vec![lp], "only the plaintext sharer served (ann shares over TLS)");
+    same_file(&out.join("big.bin"), &s.content);
+}

@@ -22,7 +22,7 @@
 //! before `poll_send`, and make those records durable before sending.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
 use omnipaxos::ballot_leader_election::Ballot;
@@ -409,6 +409,9 @@ pub struct OmniReplicator {
     snapshot_every: usize,
     /// Ticks this node has believed itself leader without leading (see handle_timeout).
     stuck_ticks: u64,
+    /// The last Promise taken from each peer (its hash), until that peer asks
+    /// to be synced again or its link comes back up (see handle_message).
+    promised: BTreeMap<NodeId, [u8; 20]>,
 }
 
 impl OmniReplicator {
@@ -445,6 +448,7 @@ impl OmniReplicator {
             synced: false,
             snapshot_every: SNAPSHOT_EVERY,
             stuck_ticks: 0,
+            promised: BTreeMap::new(),
         })
     }
 
@@ -585,12 +589,37 @@ impl Replicator for OmniReplicator {
                 }
             }
         }
+        // And a fourth: a follower still waiting for its AcceptSync when its
+        // resend timer fires sends its Promise again; a leader answers every
+        // copy with another AcceptSync in a new sequence session, the
+        // follower keeps the first, and the leader's next write finds it out
+        // of step: it asks to be synced again, two more round trips before
+        // that write is decided (seen in the chaos sweep, SIM_SEED=2168,
+        // ~760 ms at 80-100 ms a hop). A copy of the Promise last taken
+        // from that peer is dropped; one after the peer asked to be synced
+        // again (PrepareReq: it lost its place) or after its link came back
+        // up (what was sent on it may be lost) is taken.
+        if let PaxosMessage::SequencePaxos(p) = &m {
+            match &p.msg {
+                PaxosMsg::Promise(_) => {
+                    let h = crate::chunk::Sha1Digest::of(bytes).0;
+                    if self.promised.insert(from, h) == Some(h) {
+                        return Ok(());
+                    }
+                }
+                PaxosMsg::PrepareReq(_) => {
+                    self.promised.remove(&from);
+                }
+                _ => {}
+            }
+        }
         self.op.handle_incoming(m);
         Ok(())
     }
 
     fn handle_peer_up(&mut self, node: NodeId) {
         if self.peers.contains(&node) {
+            self.promised.remove(&node);
             self.op.reconnected(node);
         }
     }
@@ -789,6 +818,8 @@ mod tests {
         wire: Vec<(Millis, NodeId, NodeId, Vec<u8>)>,
         latency: u64,
         now: Millis,
+        /// Followers' requests to be synced again (PrepareReq) delivered so far.
+        resyncs: usize,
     }
 
     impl Cluster {
@@ -796,7 +827,15 @@ mod tests {
             let ids: Vec<NodeId> = (1..=start.len() as u64).collect();
             let nodes = ids.iter().map(|&me| OmniReplicator::recover(me, &ids, std::iter::empty()).unwrap()).collect();
             let start = start.iter().map(|&t| Millis(t)).collect();
-            Cluster { nodes, alive: vec![true; ids.len()], start, wire: Vec::new(), latency: 0, now: Millis::ZERO }
+            Cluster {
+                nodes,
+                alive: vec![true; ids.len()],
+                start,
+                wire: Vec::new(),
+                latency: 0,
+                now: Millis::ZERO,
+                resyncs: 0,
+            }
         }
 
         /// Delivers every message between live nodes (`keep` says which of
@@ -820,6 +859,10 @@ mod tests {
                     return;
                 }
                 for (_, from, to, bytes) in due {
+                    let m: PaxosMessage<Entry> = crate::wire::decode(&bytes).unwrap();
+                    if matches!(&m, PaxosMessage::SequencePaxos(p) if matches!(p.msg, PaxosMsg::PrepareReq(_))) {
+                        self.resyncs += 1;
+                    }
                     if self.alive[to as usize - 1] && keep(from, to) {
                         self.nodes[to as usize - 1].handle_message(from, &bytes).unwrap();
                     }
@@ -886,5 +929,53 @@ mod tests {
             c.tick(all);
         }
         ticks
+    }
+
+    /// On a path slower than the resend timeout, a follower waiting for its
+    /// AcceptSync sends its Promise again; the leader answered each copy with
+    /// another AcceptSync (a new sequence session), the follower kept the
+    /// first, and the leader's next write found it out of step: it asked to be
+    /// synced again (PrepareReq, Prepare, Promise, AcceptSync: two more round
+    /// trips before the write could be decided; seen in the chaos sweep,
+    /// SIM_SEED=2168, ~760 ms at 80-100 ms a hop). A repeated Promise is now
+    /// taken once. (Without that, these timings delivered 726 PrepareReqs
+    /// after the election; with it, none.)
+    #[test]
+    fn a_repeated_promise_does_not_put_a_follower_out_of_step() {
+        let all = |_: NodeId, _: NodeId| true;
+        let mut resyncs = 0;
+        for latency in [13, 15, 20, 28] {
+            for offsets in [[0, 0, 0], [0, 70, 130], [0, 100, 50], [0, 30, 60]] {
+                let mut c = Cluster::new(&offsets);
+                c.latency = latency;
+                let mut t = 0;
+                while c.agreed().is_none() && t < 100 * ELECTION_TICKS {
+                    c.tick(all);
+                    t += 1;
+                }
+                assert!(c.agreed().is_some(), "no leader");
+                let before = c.resyncs;
+                let leader = c.agreed().expect("agreed above") as usize - 1;
+                for i in 0..5 {
+                    c.nodes[leader].propose(entry(i));
+                    for _ in 0..(4 * latency + RESEND_TICKS) {
+                        c.tick(all);
+                    }
+                }
+                for _ in 0..(100 * ELECTION_TICKS) {
+                    if c.nodes.iter().all(|n| n.decided_idx() >= 5) {
+                        break;
+                    }
+                    c.tick(all);
+                }
+                let decided: Vec<usize> = c.nodes.iter().map(|n| n.decided_idx()).collect();
+                assert!(
+                    decided.iter().all(|&d| d >= 5),
+                    "the writes were not all decided: {decided:?} ({latency}, {offsets:?})"
+                );
+                resyncs += c.resyncs - before;
+            }
+        }
+        assert_eq!(resyncs, 0, "followers asked to be synced again after the election");
     }
 }
