@@ -26,9 +26,12 @@
 //!   [`ClientOutput::Connect`], `Connected` or `Closed` (also when an open one
 //!   drops), and the bytes it sends;
 //! - peer connections ([`PeerEvent`]): `Accepted` for a connection the
-//!   listener took (ids below [`OUTGOING`]), `Connected` or `Closed` after a
-//!   [`ClientOutput::PeerConnect`], `Backlog` (unsent bytes after a flush) and
-//!   `BlockSent` after a [`ClientOutput::SendBlock`];
+//!   listener took (ids below [`OUTGOING`]), then `Secured` with the key the
+//!   other end proved once its TLS handshake is done (before any of its
+//!   bytes); `Connected` with that key (or `Closed`) after a
+//!   [`ClientOutput::PeerConnect`], once TLS is up; `Backlog` (unsent bytes
+//!   after a flush) and `BlockSent` after a [`ClientOutput::SendBlock`]. With
+//!   [`ClientConfig::plaintext_peers`] no key is reported;
 //! - the disk: one [`disk::DiskDone`] for every [`disk::DiskOp`], in any
 //!   order;
 //! - timers: [`ClientInput::Timeout`] once [`ClientEngine::poll_timeout`]

@@ -38,8 +38,21 @@ pub struct Conn {
     /// system calls for a block stream).
     rx: Vec<u8>,
     rx_at: usize,
-    /// Under TLS: file bytes on their way to being encrypted, reused.
-    scratch: Vec<u8>,
+    /// Under TLS: file bytes read and not yet taken by rustls, reused:
+    /// `scratch.data[head..]` are the file's bytes from `at` on.
+    scratch: Scratch,
+}
+
+/// File bytes read ahead for encryption. rustls takes only what fits its
+/// outgoing buffer, often a part of what was read; the rest waits here
+/// rather than being read again.
+#[derive(Default)]
+struct Scratch {
+    data: Vec<u8>,
+    head: usize,
+    /// Which file (its `Arc`'s address) and where `data[head..]` starts in it.
+    file: usize,
+    at: u64,
 }
 
 /// Socket bytes read at once under TLS.
@@ -96,7 +109,7 @@ impl Conn {
             close_sent: false,
             rx: Vec::new(),
             rx_at: 0,
-            scratch: Vec::new(),
+            scratch: Scratch::default(),
         }
     }
 
@@ -323,7 +336,7 @@ impl Conn {
         r
     }
 
-    fn flush_tls_with(&mut self, scratch: &mut Vec<u8>) -> io::Result<()> {
+    fn flush_tls_with(&mut self, scratch: &mut Scratch) -> io::Result<()> {
         use std::io::Write;
         loop {
             let tls = self.tls.as_mut().expect("called under TLS");
@@ -343,6 +356,7 @@ impl Conn {
                     self.out.clear();
                     self.pending = 0;
                     self.sent = 0;
+                    *scratch = Scratch::default();
                 }
                 return Ok(());
             }
@@ -358,16 +372,25 @@ impl Conn {
                 Some(Out::Bytes(b)) => tls.writer().write(&b[self.sent..])?,
                 Some(Out::File { file, offset, len }) => {
                     use std::os::unix::fs::FileExt;
-                    let want = (len - self.sent).min(64 * 1024);
-                    scratch.resize(want, 0);
-                    let k = file.read_at(&mut scratch[..], offset + self.sent as u64)?;
-                    if k == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the shared file is shorter than expected",
-                        ));
+                    let at = offset + self.sent as u64;
+                    let id = Arc::as_ptr(file) as usize;
+                    if scratch.head == scratch.data.len() || scratch.file != id || scratch.at != at {
+                        let want = (len - self.sent).min(64 * 1024);
+                        scratch.data.resize(want, 0);
+                        let k = file.read_at(&mut scratch.data[..], at)?;
+                        if k == 0 {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the shared file is shorter than expected",
+                            ));
+                        }
+                        scratch.data.truncate(k);
+                        (scratch.head, scratch.file, scratch.at) = (0, id, at);
                     }
-                    tls.writer().write(&scratch[..k])?
+                    let n = tls.writer().write(&scratch.data[scratch.head..])?;
+                    scratch.head += n;
+                    scratch.at += n as u64;
+                    n
                 }
             };
             if n == 0 && !self.tls.as_ref().is_some_and(|t| t.wants_write()) {
