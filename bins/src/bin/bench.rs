@@ -43,6 +43,26 @@ struct Args {
     /// Scratch directory (default: the system's temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Which peer connections to measure, each run, in turns: `tls` (as
+    /// shoal runs) and `plaintext` (`--insecure-plaintext-peers`, the
+    /// baseline), each with its own sharers.
+    #[arg(long, value_delimiter = ',', default_value = "tls,plaintext")]
+    kinds: Vec<Kind>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Kind {
+    Tls,
+    Plaintext,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Tls => "TLS      ",
+            Kind::Plaintext => "plaintext",
+        }
+    }
 }
 
 struct Proc {
@@ -302,12 +322,18 @@ fn run(args: &Args) -> Result<(), String> {
     let bindir = std::env::current_exe().map_err(|e| e.to_string())?.parent().ok_or("no bin dir")?.to_path_buf();
     let base = args.dir.clone().unwrap_or_else(std::env::temp_dir).join(format!("shoal-bench-{}", std::process::id()));
     std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
-    let result = args.sizes.iter().try_for_each(|&mib| one(&bindir, &base, mib, args.sharers, args.runs.max(1)));
+    let mut kinds = args.kinds.clone();
+    kinds.dedup();
+    if kinds.is_empty() {
+        return Err("--kinds: name at least one of tls, plaintext".into());
+    }
+    let result =
+        args.sizes.iter().try_for_each(|&mib| one(&bindir, &base, mib, args.sharers, args.runs.max(1), &kinds));
     let _ = std::fs::remove_dir_all(&base);
     result
 }
 
-fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Result<(), String> {
+fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize, kinds: &[Kind]) -> Result<(), String> {
     let dir = base.join(format!("{mib}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let file = dir.join("data.bin");
@@ -327,54 +353,62 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
     // Every client runs with TLS on its peer connections, or all of a second
     // set without (`--insecure-plaintext-peers`, the baseline): a downloader
     // reaches only sharers of its own kind.
-    let client = |plain: bool| {
+    let client = |kind: Kind| {
         let mut a = vec![free_addr(), info.display().to_string()];
-        if plain {
+        if kind == Kind::Plaintext {
             a.push("--insecure-plaintext-peers".into());
         }
         Proc::spawn(&bindir.join("client"), &a)
     };
 
-    let mut owner = client(false)?;
+    // The group's owner is the first kind's first sharer.
+    let mut owner = client(kinds[0])?;
     owner.cmd("create_user s0 pw")?;
     owner.cmd("login s0 pw")?;
     owner.cmd("create_group bench")?;
-    let mut peers = vec![];
-    let mut plain_peers = vec![];
-    for i in 1..2 * sharers {
-        let plain = i >= sharers;
-        let mut p = client(plain)?;
-        p.cmd(&format!("create_user s{i} pw"))?;
-        p.cmd(&format!("login s{i} pw"))?;
-        p.cmd("join_group bench")?;
-        owner.cmd(&format!("accept_request bench s{i}"))?;
-        if plain {
-            plain_peers.push(p);
-        } else {
-            peers.push(p);
+    let mut sharing: Vec<Vec<Proc>> = Vec::new();
+    let mut n = 1;
+    for (k, &kind) in kinds.iter().enumerate() {
+        let mut list = Vec::new();
+        for _ in 0..if k == 0 { sharers - 1 } else { sharers } {
+            let mut p = client(kind)?;
+            p.cmd(&format!("create_user s{n} pw"))?;
+            p.cmd(&format!("login s{n} pw"))?;
+            p.cmd("join_group bench")?;
+            owner.cmd(&format!("accept_request bench s{n}"))?;
+            list.push(p);
+            n += 1;
         }
+        sharing.push(list);
     }
     let t = Instant::now();
     owner.cmd(&format!("upload_file {} bench", file.display()))?;
     let upload_secs = t.elapsed().as_secs_f64();
-    for p in peers.iter_mut().chain(plain_peers.iter_mut()) {
+    for p in sharing.iter_mut().flatten() {
         p.cmd(&format!("upload_file {} bench", file.display()))?;
     }
-    // Whose CPU time each run reports: the tracker, then the sharers.
-    let pids: Vec<u32> = [&tracker, &owner].into_iter().chain(peers.iter()).map(|p| p.child.id()).collect();
-    let plain_pids: Vec<u32> = [&tracker].into_iter().chain(plain_peers.iter()).map(|p| p.child.id()).collect();
+    // Whose CPU time each run reports, by kind: the tracker, then the sharers.
+    let pids: Vec<Vec<u32>> = sharing
+        .iter()
+        .enumerate()
+        .map(|(k, list)| {
+            let owner = (k == 0).then_some(&owner);
+            [&tracker].into_iter().chain(owner).chain(list.iter()).map(|p| p.child.id()).collect()
+        })
+        .collect();
     let (source_sha1, _) = sha1_of(&file)?;
-    // Each run writes four copies (reference, two downloads, reference). Where
+    // Each run writes a copy per kind and two for the reference. Where
     // the disk has room they stay until the end: deleting a run's gigabytes
     // made the next run's first block allocation wait for the discards on
     // ext4 mounted with `discard` (the download's preallocation: 0.2-0.3 s
     // in half the runs; a writer that lets the kernel allocate at writeback,
     // like the reference, never waits for it): a cost of the bench's own
     // clean-up, not of downloading.
-    let keep = free_bytes(&dir) > (4 * runs as u64 + 2) * (mib << 20);
+    let keep = free_bytes(&dir) > ((2 + kinds.len() as u64) * runs as u64 + 2) * (mib << 20);
     settle_disk();
     let size = (mib << 20) as f64;
-    println!("file {mib} MiB, {sharers} sharers, 1 downloader, loopback, {runs} runs, each with TLS and in plaintext");
+    let shown: Vec<&str> = kinds.iter().map(|k| k.label().trim()).collect();
+    println!("file {mib} MiB, {sharers} sharers, 1 downloader, loopback, {runs} runs, each: {}", shown.join(", "));
     println!("  runs' files kept until the end: {}", if keep { "yes" } else { "no (too little disk space)" });
     println!("  SHA1 hash limit (1 thread):  {:8.0} MB/s", limit / 1e6);
     println!(
@@ -383,8 +417,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
         two_streams / limit
     );
     println!("  upload_file (hash + chunks): {:8.0} MB/s", size / upload_secs / 1e6);
-    let mut rates = Vec::new();
-    let mut plain_rates = Vec::new();
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
     let mut references = Vec::new();
     let mut peak_rss = 0;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -397,11 +430,14 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
         let before =
             pipeline_rate(&file, &out.join("pipeline-1.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
         settle_disk();
-        // Both kinds each run, in turns first, so drift favours neither.
-        let order = if run % 2 == 1 { [false, true] } else { [true, false] };
-        for plain in order {
+        // Every kind each run, in turns first, so drift favours none.
+        let mut order: Vec<usize> = (0..kinds.len()).collect();
+        order.rotate_left((run - 1) % kinds.len());
+        for k in order {
+            let kind = kinds[k];
+            let plain = kind == Kind::Plaintext;
             // A fresh downloader each time, so its peak RSS is this run's.
-            let mut d = client(plain)?;
+            let mut d = client(kind)?;
             let who = format!("dl{run}{}", if plain { "p" } else { "t" });
             d.cmd(&format!("create_user {who} pw"))?;
             d.cmd(&format!("login {who} pw"))?;
@@ -409,7 +445,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
             owner.cmd(&format!("accept_request bench {who}"))?;
             let into = out.join(if plain { "plain" } else { "tls" });
             std::fs::create_dir_all(&into).map_err(|e| e.to_string())?;
-            let r = download_once(&mut d, &into, if plain { &plain_pids } else { &pids })?;
+            let r = download_once(&mut d, &into, &pids[k])?;
             if sha1_of(&into.join("data.bin"))?.0 != source_sha1 {
                 return Err(format!("run {run}: the downloaded file differs from the source"));
             }
@@ -422,7 +458,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
             println!(
                 "  run {run} {}: download {:4.0} MB/s ({:.2} s: first data {:.2}, last chunk {:.2}); \
                  CPU s: downloader {:.2}, sharers {:.2}, tracker {:.2} ({busy:.0}% of {cores} cores); peak RSS {:.1} MiB",
-                if plain { "plaintext" } else { "TLS      " },
+                kind.label(),
                 rate / 1e6,
                 r.secs,
                 r.first_data,
@@ -432,10 +468,8 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
                 r.cpu[0],
                 rss as f64 / 1024.0,
             );
-            if plain {
-                plain_rates.push(rate);
-            } else {
-                rates.push(rate);
+            rates[k].push(rate);
+            if k == 0 {
                 peak_rss = peak_rss.max(rss);
             }
             drop(d);
@@ -451,12 +485,21 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize) -> Res
         }
         settle_disk();
     }
-    let (rate, reference) = (median(&mut rates), median(&mut references));
-    let plain = median(&mut plain_rates);
-    println!("  download with TLS (median):  {:8.0} MB/s", rate / 1e6);
-    println!("  plaintext baseline (median): {:8.0} MB/s", plain / 1e6);
-    println!("  TLS / plaintext:             {:8.2}", rate / plain);
+    let reference = median(&mut references);
+    let medians: Vec<f64> = rates.iter_mut().map(|r| median(r)).collect();
+    let of = |kind: Kind| kinds.iter().position(|k| *k == kind).map(|i| medians[i]);
+    if let Some(rate) = of(Kind::Tls) {
+        println!("  download with TLS (median):  {:8.0} MB/s", rate / 1e6);
+    }
+    if let Some(plain) = of(Kind::Plaintext) {
+        println!("  plaintext baseline (median): {:8.0} MB/s", plain / 1e6);
+    }
+    if let (Some(rate), Some(plain)) = (of(Kind::Tls), of(Kind::Plaintext)) {
+        println!("  TLS / plaintext:             {:8.2}", rate / plain);
+    }
     println!("  reference (median):          {:8.0} MB/s", reference / 1e6);
+    // The headline figures are the first kind's (TLS unless told otherwise).
+    let rate = medians[0];
     println!("  download / hash limit:       {:8.2}", rate / limit);
     println!("  download / reference:        {:8.2}", rate / reference);
     println!("  downloader peak RSS (max):   {:8.1} MiB", peak_rss as f64 / 1024.0);
