@@ -186,14 +186,29 @@ impl Conn {
         // rustls refused more records: fine once (its plaintext buffer is
         // full, and the reader empties it), fatal if nothing can be read.
         let mut refused = false;
+        // `buf` is filled from every record already read (a block's data
+        // spans several 16 KiB records: one call hands them all over), and
+        // the socket is read only when nothing is in hand.
+        let mut filled = 0;
         loop {
-            match tls.reader().read(buf) {
+            match tls.reader().read(&mut buf[filled..]) {
+                Ok(0) if filled > 0 => return Ok(filled),
                 Ok(0) => return Err(ReadOutcome::Closed),
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    filled += n;
+                    refused = false;
+                    if filled == buf.len() {
+                        return Ok(filled);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && !refused => {}
+                Err(_) if filled > 0 => return Ok(filled),
                 Err(_) => return Err(ReadOutcome::Closed),
             }
             if self.rx_at == self.rx.len() {
+                if filled > 0 {
+                    return Ok(filled);
+                }
                 // Everything read so far went to rustls: read the socket.
                 self.rx.resize(TLS_RX_BUF, 0);
                 self.rx_at = 0;
