@@ -2,9 +2,14 @@
 //!
 //! ```text
 //! downloader                                   server (any peer holding chunks)
+//!   TLS 1.3 handshake, both ends proving a key  <------>
+//!   (the downloader goes on only if the server proved the key the tracker
+//!   named for the sharer at that address)
 //!   Hello { role: Peer }            ------->
 //!   Want { group, name, sha1, grant } ----->   asks its tracker whether the grant
-//!                                              is a member's, for that file
+//!                                              is a member's, for that file, and
+//!                                              was issued to the key the
+//!                                              downloader proved
 //!                                   <-------   Have { chunks, load }   (or Refused)
 //!   Request { chunk, offset, len } x N ---->
 //!                                   <-------   Block { chunk, offset, load, data } x N
