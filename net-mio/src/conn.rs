@@ -55,6 +55,9 @@ struct Scratch {
     at: u64,
 }
 
+/// Encrypted records rustls holds for the socket, at most, per connection.
+const TLS_TX_BUF: usize = 256 * 1024;
+
 /// Socket bytes read at once under TLS.
 const TLS_RX_BUF: usize = 64 * 1024;
 
@@ -120,7 +123,9 @@ impl Conn {
 
     /// Runs the connection under TLS (`tls` fresh: its handshake starts now).
     pub fn with_tls(mut self, tls: impl Into<rustls::Connection>) -> Conn {
-        self.tls = Some(Box::new(tls.into()));
+        let mut tls = tls.into();
+        tls.set_buffer_limit(Some(TLS_TX_BUF));
+        self.tls = Some(Box::new(tls));
         self
     }
 
@@ -353,12 +358,19 @@ impl Conn {
 
     fn flush_tls_with(&mut self, scratch: &mut Scratch) -> io::Result<()> {
         use std::io::Write;
+        // Records are written once rustls takes no more plaintext (its
+        // buffer is full) or nothing is left to encrypt: one `writev` for up
+        // to TLS_TX_BUF of records, not one per 64 KiB.
+        let mut full = false;
         loop {
             let tls = self.tls.as_mut().expect("called under TLS");
-            if tls.wants_write() {
+            if tls.wants_write() && (full || self.out.is_empty() || tls.is_handshaking()) {
                 match tls.write_tls(&mut self.stream) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(_) => continue,
+                    Ok(_) => {
+                        full = false;
+                        continue;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
@@ -408,8 +420,11 @@ impl Conn {
                     n
                 }
             };
-            if n == 0 && !self.tls.as_ref().is_some_and(|t| t.wants_write()) {
-                return Ok(());
+            if n == 0 {
+                if !self.tls.as_ref().is_some_and(|t| t.wants_write()) {
+                    return Ok(());
+                }
+                full = true;
             }
             self.advance(n);
         }
