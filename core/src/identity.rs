@@ -43,6 +43,12 @@ impl KeyId {
     pub fn short(&self) -> String {
         self.to_string()[..13].to_string()
     }
+
+    /// [`KeyId::short`] of a key that may be missing (`none`): what a
+    /// connection proved, for a message.
+    pub fn short_or_none(key: Option<KeyId>) -> String {
+        key.map_or_else(|| "none".to_string(), |k| k.short())
+    }
 }
 
 impl fmt::Display for KeyId {

@@ -387,6 +387,9 @@ impl World {
                 self.drain_client(to);
             }
             Event::PeerClosed { to, conn } => {
+                // Closed from the other end (or never opened): whoever
+                // dialled this serving end is known no more.
+                self.link_user.remove(&(to, conn));
                 if !self.clients[to].up {
                     return;
                 }

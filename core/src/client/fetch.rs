@@ -188,12 +188,12 @@ impl ClientEngine {
                     lines.push(format!("  banned {a}: sent a chunk that failed its SHA1"));
                 }
                 if let DlState::Running { fetch, .. } = &d.state {
-                    let shown = |k: Option<crate::identity::KeyId>| k.map_or("none".to_string(), |k| k.short());
+                    use crate::identity::KeyId;
                     for (a, want, found) in fetch.not_the_sharer() {
                         lines.push(format!(
                             "  refused {a}: not the sharer the tracker named (it proved key {}, not {})",
-                            shown(found),
-                            shown(want)
+                            KeyId::short_or_none(found),
+                            KeyId::short_or_none(want)
                         ));
                     }
                 }
@@ -482,11 +482,11 @@ impl ClientEngine {
                     tracing::warn!(%addr, chunk, file = %key.1, "peer sent a corrupt chunk and is banned for this file");
                 }
                 DownloadOutput::NotTheSharer { addr, expected, found } => {
-                    let shown = |k: Option<crate::identity::KeyId>| k.map_or("none".to_string(), |k| k.short());
+                    use crate::identity::KeyId;
                     tracing::warn!(
                         %addr,
-                        expected = %shown(expected),
-                        found = %shown(found),
+                        expected = %KeyId::short_or_none(expected),
+                        found = %KeyId::short_or_none(found),
                         file = %key.1,
                         "the peer at this address is not the sharer the tracker named (wrong key); nothing sent to it"
                     );
