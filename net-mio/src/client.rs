@@ -78,7 +78,9 @@ impl ClientHandle {
         // A key for this run: the session it logs in is bound to it.
         let identity = crate::tls::Identity::ephemeral().map_err(|e| io::Error::other(e.to_string()))?;
         let tls_client = identity.client_config().map_err(|e| io::Error::other(e.to_string()))?;
-        let tls_server = identity.server_config().map_err(|e| io::Error::other(e.to_string()))?;
+        // Peer connections leave rustls after their handshake (records.rs).
+        let tls_peer = identity.peer_client_config().map_err(|e| io::Error::other(e.to_string()))?;
+        let tls_server = identity.peer_server_config().map_err(|e| io::Error::other(e.to_string()))?;
         let plaintext_peers = cfg.plaintext_peers;
         if plaintext_peers {
             tracing::warn!("peer connections are PLAINTEXT: file contents and grants cross the network unencrypted");
@@ -91,6 +93,7 @@ impl ClientHandle {
             listener,
             listen_ip: listen.ip(),
             tls_client,
+            tls_peer,
             tls_server,
             plaintext_peers,
             tracker: None,
@@ -169,7 +172,10 @@ struct Driver {
     listen_ip: std::net::IpAddr,
     /// TLS for the connections we open (to trackers and peers) and accept
     /// (from peers), with this client's key.
+    /// To trackers.
     tls_client: Arc<rustls::ClientConfig>,
+    /// To peers, and from them.
+    tls_peer: Arc<rustls::ClientConfig>,
     tls_server: Arc<rustls::ServerConfig>,
     /// Peer connections without TLS (`--insecure-plaintext-peers`).
     plaintext_peers: bool,
@@ -392,7 +398,7 @@ impl Driver {
                         Conn::new(stream)
                     } else {
                         let Ok(tls) = rustls::ServerConnection::new(self.tls_server.clone()) else { continue };
-                        Conn::new(stream).with_tls(tls)
+                        Conn::new(stream).with_tls_bulk(tls)
                     };
                     self.peers.insert(t, PeerSocket { conn, connecting: false, incoming: true });
                     self.engine.handle_input(ClientInput::Peer(id, PeerEvent::Accepted), now);
@@ -464,8 +470,8 @@ impl Driver {
                         let sock = if self.plaintext_peers {
                             Ok(Conn::connecting(s))
                         } else {
-                            rustls::ClientConnection::new(self.tls_client.clone(), crate::tls::server_name())
-                                .map(|tls| Conn::connecting(s).with_tls(tls))
+                            rustls::ClientConnection::new(self.tls_peer.clone(), crate::tls::server_name())
+                                .map(|tls| Conn::connecting(s).with_tls_bulk(tls))
                         };
                         if let (Ok(()), Ok(sock)) = (registered, sock) {
                             self.peers.insert(t, PeerSocket { conn: sock, connecting: true, incoming: false });

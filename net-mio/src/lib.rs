@@ -11,6 +11,7 @@ mod hashers;
 mod pageout;
 mod part;
 mod readcache;
+pub mod records;
 pub mod tls;
 pub mod tracker;
 pub mod wal;

@@ -94,26 +94,55 @@ impl Identity {
     /// The configuration for connections this node accepts: TLS 1.3, the
     /// other end must present a key too.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
+        self.server(false)
+    }
+
+    /// The configuration for connections this node opens.
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
+        self.client(false)
+    }
+
+    /// [`Identity::server_config`] for bulk peer connections: its secrets may
+    /// leave rustls once the handshake is done ([`crate::records`]), and it
+    /// sends no session tickets (nothing but records follows the handshake).
+    pub fn peer_server_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
+        self.server(true)
+    }
+
+    /// [`Identity::client_config`] for bulk peer connections (no resumption:
+    /// every connection proves its key afresh).
+    pub fn peer_client_config(&self) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
+        self.client(true)
+    }
+
+    fn server(&self, bulk: bool) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
         let provider = provider();
-        let cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| IdentityError::Tls(e.to_string()))?
             .with_client_cert_verifier(Arc::new(AnyKey(provider)))
             .with_single_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))
             .map_err(|e| IdentityError::Tls(e.to_string()))?;
+        if bulk {
+            cfg.enable_secret_extraction = true;
+            cfg.send_tls13_tickets = 0;
+        }
         Ok(Arc::new(cfg))
     }
 
-    /// The configuration for connections this node opens.
-    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
+    fn client(&self, bulk: bool) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
         let provider = provider();
-        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| IdentityError::Tls(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyKey(provider)))
             .with_client_auth_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))
             .map_err(|e| IdentityError::Tls(e.to_string()))?;
+        if bulk {
+            cfg.enable_secret_extraction = true;
+            cfg.resumption = rustls::client::Resumption::disabled();
+        }
         Ok(Arc::new(cfg))
     }
 }
