@@ -10,6 +10,8 @@ mod conn;
 mod hashers;
 mod pageout;
 mod part;
+#[doc(hidden)]
+pub mod pathbench;
 mod readcache;
 pub mod records;
 pub mod tls;
