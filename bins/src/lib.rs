@@ -8,6 +8,8 @@ use shoal_core::identity::KeyId;
 
 use shoal_core::config::{parse_tracker_info, TrackerEntry, MAX_TRACKER_INFO_LEN};
 
+pub mod procs;
+
 /// Logs go to stderr, quiet (warnings only) unless `RUST_LOG` says otherwise.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -294,6 +294,8 @@ pub struct ClientEngine {
     session: Option<(SessionToken, UserId)>,
     /// What this client serves: uploads, finished and running downloads.
     shares: BTreeMap<(GroupId, FileName), Shared>,
+    /// Block bytes served since start, over every share.
+    served: u64,
     /// Keys proved by trackers whose key is not pinned, by position: first
     /// seen, then required.
     tracker_seen_keys: BTreeMap<usize, KeyId>,
@@ -341,6 +343,7 @@ impl ClientEngine {
             next_job: 1,
             session: None,
             shares: BTreeMap::new(),
+            served: 0,
             tracker_seen_keys: BTreeMap::new(),
             key_refused: BTreeMap::new(),
             downloads: BTreeMap::new(),

@@ -60,6 +60,8 @@ pub enum ShellCommand {
     ShowDownloads {
         verbose: bool,
     },
+    /// What this client served: bytes per shared file, and in all.
+    ShowUploads,
     StopShare {
         group: GroupId,
         name: FileName,
@@ -86,6 +88,7 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("upload_file", "<file_path> <group_id>", "share a file with a group"),
     ("download_file", "<group_id> <file_name> <destination>", "fetch a file from its sharers"),
     ("show_downloads", "[-v]", "this client's downloads (-v: bytes per source, banned peers)"),
+    ("show_uploads", "", "bytes this client served, per shared file and in all"),
     ("stop_share", "<group_id> <file_name>", "stop sharing a file"),
     ("logout", "", "end the session; sharing stops until the next login"),
     ("exit", "", "log out and quit"),
@@ -202,6 +205,7 @@ pub fn parse(line: &str) -> Result<ShellCommand, ParseError> {
             Some("-v") => ShellCommand::ShowDownloads { verbose: true },
             Some(_) => return Err(ParseError::Usage(usage(name))),
         },
+        "show_uploads" => ShellCommand::ShowUploads,
         "stop_share" => ShellCommand::StopShare { group: group(a(0))?, name: file(a(1))? },
         "logout" => ShellCommand::Logout,
         "exit" => ShellCommand::Exit,
@@ -302,6 +306,7 @@ mod tests {
         assert_eq!(parse("show_downloads").unwrap(), ShellCommand::ShowDownloads { verbose: false });
         assert_eq!(parse("show_downloads -v").unwrap(), ShellCommand::ShowDownloads { verbose: true });
         assert_eq!(parse("show_downloads x"), Err(ParseError::Usage("show_downloads [-v]".into())));
+        assert_eq!(parse("show_uploads").unwrap(), ShellCommand::ShowUploads);
     }
 
     #[test]

@@ -16,15 +16,15 @@
 //! varies most on a VM (memory the host has not backed yet costs several
 //! times more to touch), so the ratio to the reference is the steadier figure.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use sha1::{Digest, Sha1};
+use shoal_bins::procs::{cpu_secs, free_addr, Proc};
 use shoal_core::chunk::CHUNK_SIZE;
 
 #[derive(Parser)]
@@ -63,61 +63,6 @@ impl Kind {
             Kind::Plaintext => "plaintext",
         }
     }
-}
-
-struct Proc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    out: Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(bin: &Path, args: &[String]) -> Result<Proc, String> {
-        let mut child = Command::new(bin)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e} (run `cargo build --release` first)", bin.display()))?;
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, out) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Proc { child, stdin, out })
-    }
-
-    /// Sends a command and returns its first output line.
-    fn cmd(&mut self, line: &str) -> Result<String, String> {
-        let stdin = self.stdin.as_mut().ok_or("stdin closed")?;
-        writeln!(stdin, "{line}").map_err(|e| e.to_string())?;
-        self.out.recv_timeout(Duration::from_secs(120)).map_err(|_| format!("no answer to `{line}`"))
-    }
-
-    fn peak_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_addr() -> String {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a: SocketAddr| a.to_string())
-        .expect("a free port")
 }
 
 /// Single-thread SHA1 of the file as read from the page cache, in bytes/s.
@@ -217,16 +162,6 @@ fn pipeline_rate(src: &Path, out: &Path) -> std::io::Result<f64> {
 }
 
 /// User plus system CPU time of process `pid` so far, in seconds (Linux).
-fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    // The fields after the command name (which may hold spaces): state, ppid, ...
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line: 11 and 12 here.
-    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(11) + ticks(12)) as f64 / 100.0
-}
-
 /// Waits until what the file system still owes the disk is done (`sync`):
 /// deleting the last run's gigabytes queues writeback and, with a `discard`
 /// mount, discards, which otherwise slow the next run's start (measured: its
@@ -344,7 +279,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize, kinds:
     let two_streams = two_stream_rate(&file)?;
 
     let info = dir.join("tracker_info.txt");
-    let taddr = free_addr();
+    let taddr = free_addr()?;
     std::fs::write(&info, format!("{taddr}\n")).map_err(|e| e.to_string())?;
     let data = dir.join("tracker-data").display().to_string();
     let tracker =
@@ -354,7 +289,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize, kinds:
     // set without (`--insecure-plaintext-peers`, the baseline): a downloader
     // reaches only sharers of its own kind.
     let client = |kind: Kind| {
-        let mut a = vec![free_addr(), info.display().to_string()];
+        let mut a = vec![free_addr()?, info.display().to_string()];
         if kind == Kind::Plaintext {
             a.push("--insecure-plaintext-peers".into());
         }

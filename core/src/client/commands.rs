@@ -11,6 +11,7 @@ impl ClientEngine {
         match &cmd {
             ShellCommand::Help => return done(self, Ok(crate::shell::help())),
             ShellCommand::ShowDownloads { verbose } => return done(self, Ok(self.show_downloads(*verbose))),
+            ShellCommand::ShowUploads => return done(self, Ok(self.show_uploads())),
             ShellCommand::Exit if !logged_in => return done(self, Ok(render(&cmd, &Reply::Done))),
             ShellCommand::Login { .. } if logged_in => {
                 let user = self.user().cloned().expect("logged in");
@@ -63,7 +64,9 @@ impl ClientEngine {
             }
             ShellCommand::StopShare { group, name } => Request::StopShare { group: group.clone(), name: name.clone() },
             ShellCommand::Logout | ShellCommand::Exit => Request::Logout,
-            ShellCommand::Help | ShellCommand::ShowDownloads { .. } => unreachable!("answered above"),
+            ShellCommand::Help | ShellCommand::ShowDownloads { .. } | ShellCommand::ShowUploads => {
+                unreachable!("answered above")
+            }
         };
         self.send(Purpose::Shell { ticket, cmd }, request, now);
     }
@@ -120,7 +123,7 @@ impl ClientEngine {
                 let have = Bitmap::full(d.chunks.len() as u32);
                 self.shares.insert(
                     (group.clone(), meta.name.clone()),
-                    Shared { path: path.clone(), size: d.size, sha1: d.sha1, have },
+                    Shared { path: path.clone(), size: d.size, sha1: d.sha1, have, served: 0 },
                 );
                 Ok(vec![line])
             }

@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     pub sha1: Sha1Digest,
     /// The chunks it may serve.
     pub have: Bitmap,
+    /// Block bytes sent from it (handed to the driver to send).
+    pub served: u64,
 }
 
 enum UpState {
@@ -268,13 +270,25 @@ impl ClientEngine {
                 }
             }
             let Some((chunk, block, len)) = up.queue.pop_front() else { return };
-            let Some(s) = self.shares.get(&(group.clone(), name.clone())) else { return };
+            let Some(s) = self.shares.get_mut(&(group.clone(), name.clone())) else { return };
+            s.served += u64::from(len);
+            self.served += u64::from(len);
             up.reading.push_back(len);
             let path = s.path.clone();
             let header = crate::client::peer::block_header(chunk, block, self.load(), len);
             let offset = chunk_offset(chunk) + block as u64;
             self.out.push_back(ClientOutput::SendBlock { conn, path, offset, header, len });
         }
+    }
+
+    /// The lines of `show_uploads`: `[S] <group> <file> <bytes> bytes served`
+    /// a share, then `<bytes> bytes served in all` (shares stopped since
+    /// included).
+    pub(super) fn show_uploads(&self) -> Vec<String> {
+        let mut lines: Vec<String> =
+            self.shares.iter().map(|((g, n), s)| format!("[S] {g} {n} {} bytes served", s.served)).collect();
+        lines.push(format!("{} bytes served in all", self.served));
+        lines
     }
 
     pub(super) fn peer_send(&mut self, conn: PeerConnId, msg: &PeerMessage) {

@@ -207,6 +207,12 @@ fn a_peer_that_does_not_read_gets_at_most_the_high_water_mark() {
     }
     let cap = SEND_HIGH_WATER / BLOCK_SIZE as usize + 1;
     assert!(blocks >= 4 && blocks <= cap, "{blocks} blocks read for a peer that reads nothing (cap {cap})");
+    // `show_uploads` counts every block handed out, per share and in all.
+    let served = blocks as u64 * u64::from(BLOCK_SIZE);
+    assert_eq!(
+        e.show_uploads(),
+        vec![format!("[S] g f.bin {served} bytes served"), format!("{served} bytes served in all")]
+    );
     // Once the socket drains, serving resumes.
     e.handle_input(ClientInput::Peer(conn, PeerEvent::Backlog(0)), Millis(2));
     assert!(drain(&mut e).iter().any(|o| matches!(o, ClientOutput::SendBlock { .. })));
