@@ -1,8 +1,20 @@
 //! Which chunk to fetch next, from whom: the [`PieceSelector`].
 //!
 //! Rarest first: among the chunks a peer has that are neither verified nor in
-//! flight, take one of the `window` least available (at random among them,
-//! so downloaders starting together spread out). When every missing chunk is
+//! flight, take one of the least available. How ties are broken depends on
+//! the swarm:
+//!
+//! - Some free chunk is held by fewer than all connected peers (a swarm:
+//!   leechers that start together, chunks only a seeder has): at random
+//!   over the rarest. The scan starts at a random place and takes the first
+//!   `window` of the lowest availability from there, so downloaders that
+//!   start together ask the seeder for different chunks instead of all for
+//!   the first few.
+//! - Every peer holds every free chunk (sources that are all complete):
+//!   one of the `window` lowest indexes, at random, so chunks arrive nearly
+//!   in order and the whole-file hash streams instead of reading back.
+//!
+//! When every missing chunk is
 //! in flight, the endgame begins: a peer may take a chunk already in flight
 //! elsewhere (at most [`MAX_ENDGAME_COPIES`] at once), and the first copy to
 //! arrive whole cancels the others.
@@ -36,6 +48,8 @@ pub struct PieceSelector {
     /// `pick` stops once its window holds that many of the rarest.
     free_at: Vec<u32>,
     window: usize,
+    /// Peers whose maps are counted in `availability`.
+    peers: u32,
 }
 
 impl PieceSelector {
@@ -51,6 +65,7 @@ impl PieceSelector {
             checking,
             free_at,
             window: window.max(1),
+            peers: 0,
         }
     }
 
@@ -116,6 +131,7 @@ impl PieceSelector {
 
     /// A peer joined with this chunk map (already checked to fit).
     pub fn add_peer(&mut self, have: &Bitmap) {
+        self.peers += 1;
         for c in have.iter_set() {
             self.shift_availability(c, true);
         }
@@ -123,6 +139,7 @@ impl PieceSelector {
 
     /// A peer left; `have` is its chunk map as it was last known.
     pub fn remove_peer(&mut self, have: &Bitmap) {
+        self.peers = self.peers.saturating_sub(1);
         for c in have.iter_set() {
             self.shift_availability(c, false);
         }
@@ -135,17 +152,34 @@ impl PieceSelector {
         }
     }
 
+    /// The lowest availability of any free chunk (`u32::MAX`: none free).
+    fn floor(&self) -> u32 {
+        self.free_at.iter().position(|&n| n > 0).map_or(u32::MAX, |a| a as u32)
+    }
+
+    /// Whether ties go at random over the whole file: some free chunk is
+    /// held by fewer than all connected peers.
+    fn spread(&self) -> bool {
+        self.floor() < self.peers
+    }
+
     /// The chunk a peer with map `have` should fetch next, or `None`.
     /// `fetching` are the chunks that peer is already fetching.
     pub fn pick(&mut self, have: &Bitmap, fetching: &[u32], rng: &mut Rng) -> Option<u32> {
         // No free chunk is rarer than this.
-        let floor = self.free_at.iter().position(|&n| n > 0).unwrap_or(usize::MAX) as u32;
-        let mut best: Vec<(u32, u32)> = Vec::with_capacity(self.window + 1);
-        let mut endgame: Option<(u8, u32, u32)> = None;
-        // Chunks the peer has that are neither done nor being checked, eight at a time.
+        let floor = self.floor();
         let (h, d, k) = (have.to_bytes(), self.done.to_bytes(), self.checking.to_bytes());
-        'scan: for (byte, ((&h, &d), &k)) in h.iter().zip(d).zip(k).enumerate() {
-            let mut bits = h & !(d | k);
+        // Where the scan starts (a byte of the maps), and so which chunks
+        // win ties: the first ones met.
+        let start = if self.spread() && !h.is_empty() { rng.below(h.len() as u64) as usize } else { 0 };
+        // (availability, order met, chunk)
+        let mut best: Vec<(u32, u32, u32)> = Vec::with_capacity(self.window + 1);
+        let mut endgame: Option<(u8, u32, u32)> = None;
+        let mut met = 0u32;
+        // Chunks the peer has that are neither done nor being checked, eight at a time.
+        'scan: for step in 0..h.len() {
+            let byte = (start + step) % h.len();
+            let mut bits = h[byte] & !(d[byte] | k[byte]);
             while bits != 0 {
                 let c = byte as u32 * 8 + bits.trailing_zeros();
                 bits &= bits - 1;
@@ -154,7 +188,8 @@ impl PieceSelector {
                     continue;
                 }
                 if self.in_flight[i] == 0 {
-                    let key = (self.availability[i], c);
+                    let key = (self.availability[i], met, c);
+                    met += 1;
                     if best.len() < self.window {
                         best.push(key);
                     } else if let Some(worst) = best.iter_mut().max() {
@@ -163,8 +198,8 @@ impl PieceSelector {
                         }
                     }
                     // Later chunks cannot be rarer than the floor, and at
-                    // equal rarity the lower index already won.
-                    if best.len() == self.window && best.iter().all(|&(a, _)| a <= floor) {
+                    // equal rarity the one met first already won.
+                    if best.len() == self.window && best.iter().all(|&(a, _, _)| a <= floor) {
                         break 'scan;
                     }
                 } else if self.in_flight[i] < MAX_ENDGAME_COPIES {
@@ -175,9 +210,11 @@ impl PieceSelector {
                 }
             }
         }
-        let chunk = if !best.is_empty() {
+        let chunk = if let Some(rarest) = best.iter().map(|&(a, _, _)| a).min() {
+            // Only the rarest: a window's more plentiful chunks wait.
+            best.retain(|&(a, _, _)| a == rarest);
             best.sort_unstable();
-            best[rng.below(best.len() as u64) as usize].1
+            best[rng.below(best.len() as u64) as usize].2
         } else if self.all_missing_in_flight() {
             endgame?.2
         } else {
@@ -253,7 +290,19 @@ mod tests {
 
     /// The plain scan `pick` must agree with: every chunk, no shortcuts.
     fn reference_pick(s: &PieceSelector, have: &Bitmap, fetching: &[u32], rng: &mut Rng) -> Option<u32> {
-        let mut free: Vec<(u32, u32)> = Vec::new();
+        let free_anywhere = (0..s.done.len()).filter(|&c| s.is_free(c)).map(|c| s.availability[c as usize]);
+        let spread = free_anywhere.min().is_some_and(|floor| floor < s.peers);
+        let bytes = have.to_bytes().len();
+        let start = if spread && bytes > 0 { rng.below(bytes as u64) as usize * 8 } else { 0 };
+        // Each chunk's place in the order the scan meets them: from `start`
+        // to the end, then from the beginning.
+        let n = s.done.len();
+        let mut rank: Vec<u32> = vec![0; n as usize];
+        let from_start = (0..n).filter(|&c| c as usize >= start);
+        for (r, c) in from_start.chain(0..(start as u32).min(n)).enumerate() {
+            rank[c as usize] = r as u32;
+        }
+        let mut free: Vec<(u32, u32, u32)> = Vec::new();
         let mut endgame: Option<(u8, u32, u32)> = None;
         for c in have.iter_set() {
             let i = c as usize;
@@ -261,7 +310,7 @@ mod tests {
                 continue;
             }
             if s.in_flight[i] == 0 {
-                free.push((s.availability[i], c));
+                free.push((s.availability[i], rank[i], c));
             } else if s.in_flight[i] < MAX_ENDGAME_COPIES {
                 let key = (s.in_flight[i], s.availability[i], c);
                 endgame = endgame.min(Some(key)).or(Some(key));
@@ -269,8 +318,9 @@ mod tests {
         }
         free.sort_unstable();
         free.truncate(s.window);
-        if !free.is_empty() {
-            Some(free[rng.below(free.len() as u64) as usize].1)
+        if let Some(&(rarest, _, _)) = free.first() {
+            free.retain(|&(a, _, _)| a == rarest);
+            Some(free[rng.below(free.len() as u64) as usize].2)
         } else if s.all_missing_in_flight() {
             endgame.map(|e| e.2)
         } else {
@@ -324,6 +374,39 @@ mod tests {
         assert_eq!(s.pick(&all, &[], &mut rng), None, "checking, not free, not endgame");
         s.rejected(0);
         assert_eq!(s.pick(&all, &[], &mut rng), Some(0), "free again after a bad hash");
+    }
+
+    /// Leechers that start together, each seeing the seeder (every chunk)
+    /// and an empty peer: their first picks from the seeder spread over the
+    /// file. Sources that are all complete: picks stay at the front, in
+    /// order for the whole-file hash.
+    #[test]
+    fn a_flash_crowd_spreads_and_complete_sources_keep_order() {
+        let n = 256;
+        let seeder = map(n, &(0..n).collect::<Vec<_>>());
+        let first_picks = |with_empty_peer: bool| {
+            let mut firsts: Vec<u32> = (0..64u64)
+                .map(|i| {
+                    let mut s = PieceSelector::new(Bitmap::new(n), 4);
+                    s.add_peer(&seeder);
+                    if with_empty_peer {
+                        s.add_peer(&Bitmap::new(n));
+                    } else {
+                        s.add_peer(&seeder);
+                    }
+                    s.pick(&seeder, &[], &mut Rng::from_u64(i)).unwrap()
+                })
+                .collect();
+            firsts.sort_unstable();
+            firsts
+        };
+        let mut crowd = first_picks(true);
+        let max = *crowd.last().unwrap();
+        crowd.dedup();
+        assert!(crowd.len() >= 40, "64 leechers' first picks hit only {} chunks", crowd.len());
+        assert!(max >= n / 2, "first picks stay below chunk {max}");
+        let ordered = first_picks(false);
+        assert!(ordered.iter().all(|&c| c < 4), "complete sources: {ordered:?}");
     }
 
     #[test]
@@ -385,8 +468,18 @@ mod tests {
                 }
                 if fetching[p].len() < 2 {
                     let expected = reference_pick(&s, &maps[p], &fetching[p], &mut rng.clone());
+                    // The rarest free chunk this peer could give.
+                    let rarest = maps[p]
+                        .iter_set()
+                        .filter(|&c| s.is_free(c) && !fetching[p].contains(&c))
+                        .map(|c| s.availability(c))
+                        .min();
                     let picked = s.pick(&maps[p], &fetching[p], &mut rng);
                     prop_assert_eq!(picked, expected);
+                    if let (Some(c), Some(a)) = (picked, rarest) {
+                        prop_assert_eq!(s.in_flight(c), 1, "a free chunk existed: no endgame copy");
+                        prop_assert_eq!(s.availability(c), a, "not the rarest");
+                    }
                     if let Some(c) = picked {
                         prop_assert!(maps[p].get(c) && !s.done().get(c) && !s.is_checking(c));
                         prop_assert!(s.in_flight(c) <= MAX_ENDGAME_COPIES);
