@@ -124,6 +124,10 @@ fn swarm(bindir: &Path, dir: &Path, args: &Args) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let sent = served(&mut seeder)?;
+    let mut traded = 0;
+    for (p, _) in leechers.iter_mut() {
+        traded += served(p)?;
+    }
     let times: Vec<f64> = done.into_iter().flatten().collect();
     let n = args.leechers as f64;
     let u = args.rate * 1e6;
@@ -142,6 +146,13 @@ fn swarm(bindir: &Path, dir: &Path, args: &Args) -> Result<(), String> {
     println!("  fluid bound:               {bound:.1} s");
     println!("  makespan / bound:          {:.2}", makespan / bound);
     println!("  copies the seeder sent:    {:.2}", sent as f64 / f);
+    // Of what the leechers received, the share they served each other, and
+    // how busy their capped uploads were until the last finished.
+    println!(
+        "  leechers served each other: {:.2} copies ({:.0}% of their upload capacity over the makespan)",
+        traded as f64 / f,
+        traded as f64 / (n * u * makespan) * 100.0
+    );
     Ok(())
 }
 
