@@ -156,7 +156,7 @@ fn main() {
     ];
     let mut wal = Vec::new();
     for e in &entries {
-        shoal_core::wal::encode_record(&postcard::to_allocvec(e).unwrap(), &mut wal);
+        shoal_core::wal::encode_record(&postcard::to_allocvec(e).unwrap(), &mut wal).unwrap();
     }
     write("wal_log", "records", &wal);
     let torn = wal.len() - 3;

@@ -248,7 +248,7 @@ pub fn wal_log(data: &[u8]) {
     if let Ok(r) = crate::wal::recover(data) {
         let mut again = Vec::new();
         for rec in &r.records {
-            crate::wal::encode_record(rec, &mut again);
+            crate::wal::encode_record(rec, &mut again).expect("recovered records fit the limit");
         }
         assert_eq!(&again[..], &data[..r.valid_len as usize]);
         let cfg =

@@ -31,14 +31,26 @@ pub enum WalError {
     Corrupt { offset: u64, reason: &'static str, after: u64 },
 }
 
-/// Appends one record holding `payload` to `out`.
-pub fn encode_record(payload: &[u8], out: &mut Vec<u8>) {
-    assert!(payload.len() <= MAX_RECORD, "record of {} bytes over MAX_RECORD", payload.len());
+/// A record [`encode_record`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("a log record of {len} bytes, over the {MAX_RECORD}-byte limit")]
+pub struct TooLarge {
+    pub len: usize,
+}
+
+/// Appends one record holding `payload` to `out`; a payload over
+/// [`MAX_RECORD`] is refused (and `out` left as it was): recovery would
+/// take it for damage.
+pub fn encode_record(payload: &[u8], out: &mut Vec<u8>) -> Result<(), TooLarge> {
+    if payload.len() > MAX_RECORD {
+        return Err(TooLarge { len: payload.len() });
+    }
     let len = (payload.len() as u32).to_le_bytes();
     out.extend_from_slice(&len);
     out.extend_from_slice(&crc32fast::hash(&len).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     out.extend_from_slice(payload);
+    Ok(())
 }
 
 /// What a log file holds.
@@ -98,10 +110,20 @@ mod tests {
         let mut out = Vec::new();
         let mut ends = Vec::new();
         for r in records {
-            encode_record(r, &mut out);
+            encode_record(r, &mut out).unwrap();
             ends.push(out.len());
         }
         (out, ends)
+    }
+
+    #[test]
+    fn a_record_over_the_limit_is_refused_and_nothing_written() {
+        let mut out = vec![1, 2, 3];
+        let big = vec![0u8; MAX_RECORD + 1];
+        assert_eq!(encode_record(&big, &mut out), Err(TooLarge { len: MAX_RECORD + 1 }));
+        assert_eq!(out, [1, 2, 3]);
+        assert_eq!(encode_record(&big[..MAX_RECORD], &mut out), Ok(()));
+        assert_eq!(recover(&out[3..]).unwrap().records.len(), 1);
     }
 
     proptest! {

@@ -384,7 +384,11 @@ impl<R: Replicator> TrackerServer<R> {
                     TrackerOutput::Persist(p) => {
                         let Some(wal) = &mut self.wal else { continue };
                         match p {
-                            Persist::Append(r) | Persist::Lazy(r) => wal.append(&r),
+                            // A record the log cannot hold stops this tracker
+                            // before anything that depends on it is sent.
+                            Persist::Append(r) | Persist::Lazy(r) => wal.append(&r).map_err(|e| {
+                                io::Error::new(e.kind(), format!("cannot log to {}: {e}", wal.path().display()))
+                            })?,
                             Persist::Rewrite(r) => {
                                 wal.rewrite(&r).map_err(|e| {
                                     io::Error::new(e.kind(), format!("cannot rewrite {}: {e}", wal.path().display()))

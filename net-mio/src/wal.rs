@@ -59,8 +59,10 @@ impl WalFile {
         Ok(Opened { wal, records, torn_bytes })
     }
 
-    pub fn append(&mut self, record: &[u8]) {
-        encode_record(record, &mut self.pending);
+    /// Queues a record for the next write; refused if over the record
+    /// limit (the log would read it back as damage).
+    pub fn append(&mut self, record: &[u8]) -> io::Result<()> {
+        encode_record(record, &mut self.pending).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
     }
 
     /// Writes what was appended to the file, without waiting for the disk:
@@ -98,7 +100,7 @@ impl WalFile {
         self.pending.clear();
         let tmp = self.path.with_extension("new");
         let mut bytes = Vec::with_capacity(record.len() + 12);
-        encode_record(record, &mut bytes);
+        encode_record(record, &mut bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let len = bytes.len() as u64;
         bytes.resize((len.div_ceil(PREALLOCATE) * PREALLOCATE) as usize, 0);
         {
