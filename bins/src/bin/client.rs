@@ -1,6 +1,8 @@
 //! `client <ip>:<port> tracker_info.txt`: a shoal peer with its shell.
 //!
-//! On a terminal: a line editor with history. With stdin piped: one command
+//! On a terminal: a line editor with history; lines typed or pasted while a
+//! command runs wait their turn, and a pasted block of several lines runs
+//! line by line, in order. With stdin piped: one command
 //! a line, each finished before the next is read; results on stdout, failures
 //! as `error: <reason>` on stderr; exit status 0 if every command succeeded.
 
@@ -166,22 +168,26 @@ fn repl(handle: &ClientHandle) -> ExitCode {
             None => "shoal> ".to_string(),
         };
         match rl.readline(&prompt) {
-            Ok(line) => {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                if line.len() <= MAX_LINE_LEN {
-                    let _ = rl.add_history_entry(line.as_str());
-                }
-                match parse(&line) {
-                    Err(e) => eprintln!("error: {e}"),
-                    Ok(cmd) => {
-                        let exit = cmd == ShellCommand::Exit;
-                        let r = handle.run(cmd);
-                        report(&r);
-                        user = r.user.map(|u| u.to_string());
-                        if exit {
-                            return ExitCode::SUCCESS;
+            // A paste of several lines arrives as one text (bracketed
+            // paste): each line runs, in order.
+            Ok(text) => {
+                for line in text.lines() {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    if line.len() <= MAX_LINE_LEN {
+                        let _ = rl.add_history_entry(line);
+                    }
+                    match parse(line) {
+                        Err(e) => eprintln!("error: {e}"),
+                        Ok(cmd) => {
+                            let exit = cmd == ShellCommand::Exit;
+                            let r = handle.run(cmd);
+                            report(&r);
+                            user = r.user.map(|u| u.to_string());
+                            if exit {
+                                return ExitCode::SUCCESS;
+                            }
                         }
                     }
                 }
