@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use shoal_core::ids::{GroupId, UserId};
-use shoal_core::proto::{Message, Reply, Request, RequestId, Role, PROTOCOL_VERSION};
+use shoal_core::proto::{ApiError, Message, Reply, Request, RequestId, Role, PROTOCOL_VERSION};
 use shoal_core::wire::{encode, FrameDecoder};
 
 #[derive(Parser)]
@@ -83,18 +83,33 @@ impl Conn {
         })
     }
 
+    /// Sends a request and waits for its answer. A tracker that cannot
+    /// decide yet (a cluster just started, before its links are up and a
+    /// leader elected) is asked again with the same request id, as a client
+    /// does, for up to [`QUORUM_WAIT`]: a write decided meanwhile is applied
+    /// once.
     fn call(&mut self, body: Request) -> Result<Reply, String> {
         self.seq += 1;
         let id = RequestId { client: self.client, seq: self.seq };
         // One request at a time: every earlier one has its answer.
-        let msg = Message::Request { id, settled_below: self.seq, session: self.session, body };
-        self.stream.write_all(&encode(&msg)).map_err(|e| e.to_string())?;
+        let msg = encode(&Message::Request { id, settled_below: self.seq, session: self.session, body });
+        let deadline = Instant::now() + QUORUM_WAIT;
+        loop {
+            self.stream.write_all(&msg).map_err(|e| e.to_string())?;
+            match self.answer(id)? {
+                Err(ApiError::NoQuorum | ApiError::CatchingUp) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                r => return r.map_err(|e| e.to_string()),
+            }
+        }
+    }
+
+    fn answer(&mut self, id: RequestId) -> Result<Result<Reply, ApiError>, String> {
         let mut buf = [0u8; 64 * 1024];
         loop {
             match self.decoder.next_message::<Message>() {
-                Ok(Some(Message::Response { id: rid, result })) if rid == id => {
-                    return result.map_err(|e| e.to_string());
-                }
+                Ok(Some(Message::Response { id: rid, result })) if rid == id => return Ok(result),
                 Ok(Some(_)) => continue,
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
@@ -107,6 +122,11 @@ impl Conn {
         }
     }
 }
+
+/// How long a request is retried while its tracker answers that it cannot
+/// decide (the client's `quorum_wait` is 5 s; a cold cluster also dials its
+/// links first).
+const QUORUM_WAIT: Duration = Duration::from_secs(10);
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
