@@ -109,6 +109,11 @@ pub(crate) struct SimClient {
     /// The user it was last logged in as: its downloads (and their grants)
     /// are that user's, even after a logout.
     pub(crate) last_user: Option<String>,
+    /// Its capacity for peer traffic, and when (global microseconds) its
+    /// uplink and downlink are free again.
+    pub(crate) link: crate::Bandwidth,
+    pub(crate) up_free_us: u64,
+    pub(crate) down_free_us: u64,
 }
 
 /// A tracker's own link to another tracker, as its node dialled it (a

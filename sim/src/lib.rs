@@ -42,7 +42,7 @@ pub mod world;
 pub use disk::{DiskConfig, MemDisk};
 pub use hosts::Rep;
 pub use net::{Ep, NetConfig};
-pub use world::{World, WorldConfig};
+pub use world::{Bandwidth, World, WorldConfig};
 
 /// The seed from `SIM_SEED`, or `default`.
 /// The key id an honest host at `ip` proves: the simulation plays TLS's

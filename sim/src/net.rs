@@ -402,13 +402,30 @@ impl World {
         }
     }
 
-    /// Bytes on a peer connection, delivered in order after a latency.
+    /// Bytes on a peer connection, delivered in order after the sender's
+    /// uplink, the latency and the receiver's downlink (see [`crate::Bandwidth`]).
     pub(crate) fn peer_send(&mut self, c: usize, conn: PeerConnId, bytes: Vec<u8>) {
         let lat = self.latency().plus(self.clients[c].slow);
-        let Some(((to, other), due)) = self.peer_links.get_mut(&(c, conn)) else { return };
-        let at = self.now.plus(lat).max(*due);
-        *due = at;
-        let (to, other) = (*to, *other);
+        let Some(&((to, other), due)) = self.peer_links.get(&(c, conn)) else { return };
+        let len = bytes.len() as u64;
+        let mut at_us = self.now.0 * 1000;
+        let up = self.clients[c].link.up;
+        if up > 0 {
+            let start = at_us.max(self.clients[c].up_free_us);
+            at_us = start + (len * 1_000_000).div_ceil(up);
+            self.clients[c].up_free_us = at_us;
+        }
+        at_us += lat.0 * 1000;
+        let down = self.clients[to].link.down;
+        if down > 0 {
+            let start = at_us.max(self.clients[to].down_free_us);
+            at_us = start + (len * 1_000_000).div_ceil(down);
+            self.clients[to].down_free_us = at_us;
+        }
+        let at = Millis(at_us.div_ceil(1000)).max(due);
+        if let Some((_, d)) = self.peer_links.get_mut(&(c, conn)) {
+            *d = at;
+        }
         self.schedule(at, Event::PeerBytes { to, conn: other, bytes });
     }
 }

@@ -36,6 +36,21 @@ pub struct WorldConfig {
     pub disk: DiskConfig,
     /// Every client's upload limit, bytes per second (`--max-upload-rate`).
     pub max_upload_rate: Option<u64>,
+    /// Each client's network capacity for peer traffic, by client index
+    /// (`None`, and a rate of 0, unlimited).
+    pub bandwidth: Option<fn(usize) -> Bandwidth>,
+}
+
+/// A host's link for peer traffic, bytes per second each way. What a client
+/// sends to peers leaves one message after another at `up` (one queue for
+/// all its connections, like the uplink of a host); what it receives comes
+/// in one after another at `down`; each message then takes the path's
+/// latency. Deterministic: the order of sends decides the order of the
+/// queues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bandwidth {
+    pub up: u64,
+    pub down: u64,
 }
 
 impl Default for WorldConfig {
@@ -48,6 +63,7 @@ impl Default for WorldConfig {
             snapshot_every: 50,
             disk: DiskConfig::default(),
             max_upload_rate: None,
+            bandwidth: None,
         }
     }
 }
@@ -188,6 +204,9 @@ impl World {
                     slow: Millis::ZERO,
                     up: true,
                     last_user: None,
+                    link: wc.bandwidth.map(|f| f(i)).unwrap_or_default(),
+                    up_free_us: 0,
+                    down_free_us: 0,
                 }
             })
             .collect();

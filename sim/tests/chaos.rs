@@ -417,7 +417,16 @@ fn chaos(seed: u64) -> (World, (Millis, Millis, bool)) {
     // One more client than the workload uses: the final downloader.
     let w = World::build(
         seed,
-        WorldConfig { trackers, clients: clients + 1, net, max_skew_ppm, snapshot_every, disk, max_upload_rate },
+        WorldConfig {
+            trackers,
+            clients: clients + 1,
+            net,
+            max_skew_ppm,
+            snapshot_every,
+            disk,
+            max_upload_rate,
+            bandwidth: None,
+        },
     );
     let plan_clients = plan.clients;
     let mut r = Runner {

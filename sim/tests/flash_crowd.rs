@@ -1,0 +1,129 @@
+//! A flash crowd in virtual time, on a network with bandwidth: one seeder
+//! shares a file and N leechers ask for it at once, every client's uplink
+//! the same (downlinks four times that). Checked: every leecher finishes
+//! (none starves) with the seeder's bytes, bit for bit, and a run replays
+//! bit for bit. Printed: each run's makespan against the fluid-model bound
+//! for the last finisher, F/u (the seeder must send every byte once), and
+//! the copies the seeder sent.
+//!
+//! `SIM_CROWD=<n>` sets the crowd (default 8; up to 250), `SIM_SEEDS` the
+//! seeds, `SIM_SEED=<n>` replays one, `SIM_CROWD_DEBUG=1` prints each
+//! leecher's sources. Known: at 20 leechers and more (past a downloader's
+//! 16 peers) a run does not finish in real time; being looked into.
+//!
+//! What it shows today (seed 0, 8 chunks, 8 MB/s uplinks): 8 leechers
+//! finish at 6.9x the bound and the seeder sends 7.4 copies: leechers start
+//! every chunk from the seeder at once and trade almost nothing.
+
+use shoal_core::chunk::CHUNK_SIZE;
+use shoal_core::rng::Rng;
+use shoal_core::time::Millis;
+use sim::{seed_from_env, Bandwidth, NetConfig, World, WorldConfig};
+
+/// Every client's uplink for peer traffic: 8 MB/s.
+const UP: u64 = 8_000_000;
+
+fn links(_: usize) -> Bandwidth {
+    Bandwidth { up: UP, down: 4 * UP }
+}
+
+fn ok(w: &mut World, c: usize, line: &str) -> Vec<String> {
+    w.run(c, line).unwrap_or_else(|e| panic!("`{line}` on c{c} failed: {e}"))
+}
+
+struct Crowd {
+    world: World,
+    makespan: Millis,
+    bound: Millis,
+    seeder_copies: f64,
+}
+
+fn crowd(seed: u64, leechers: usize) -> Crowd {
+    let mut rng = Rng::from_u64(seed);
+    let net = NetConfig { min_latency: Millis(1), max_latency: Millis(1 + rng.below(30)) };
+    let wc = WorldConfig { clients: leechers + 1, net, bandwidth: Some(links), ..WorldConfig::default() };
+    let mut w = World::build(seed, wc);
+    let size = (CHUNK_SIZE * 8) as usize;
+    let mut content = vec![0u8; size];
+    rng.fill(&mut content);
+    for c in 0..=leechers {
+        ok(&mut w, c, &format!("create_user u{c} pw"));
+        ok(&mut w, c, &format!("login u{c} pw"));
+    }
+    ok(&mut w, 0, "create_group g");
+    for c in 1..=leechers {
+        ok(&mut w, c, "join_group g");
+        ok(&mut w, 0, &format!("accept_request g u{c}"));
+        w.mkdir(&format!("/home/dl{c}"));
+    }
+    w.write_file("/home/u0/data.bin", content.clone());
+    ok(&mut w, 0, "upload_file /home/u0/data.bin g");
+    // All at once: every command typed before any runs.
+    let start = w.now();
+    let tickets: Vec<_> =
+        (1..=leechers).map(|c| (c, w.command(c, &format!("download_file g data.bin /home/dl{c}/")))).collect();
+    for (c, t) in tickets {
+        let r = w.wait(c, t, Millis::from_secs(60)).expect("download_file answered");
+        assert!(r.is_ok_and(|l| l[0].starts_with("downloading")), "c{c} did not start");
+    }
+    let bound = Millis((size as u64 * 1000).div_ceil(UP));
+    let mut done = vec![None; leechers + 1];
+    while done[1..].iter().any(Option::is_none) {
+        for (c, finished) in done.iter_mut().enumerate().skip(1) {
+            if finished.is_some() {
+                continue;
+            }
+            let line = ok(&mut w, c, "show_downloads").remove(0);
+            assert!(!line.starts_with("[F]"), "c{c} failed: {line}");
+            if line.starts_with("[C]") {
+                *finished = Some(w.now().since(start));
+            }
+        }
+        assert!(w.now().since(start) < Millis(bound.0 * 50), "a leecher starves: {done:?}");
+        w.run_for(Millis(5));
+    }
+    for c in 1..=leechers {
+        let got = w.file(&format!("/home/dl{c}/data.bin"));
+        assert!(got == Some(&content[..]), "c{c}'s copy differs from the seeder's");
+    }
+    if std::env::var("SIM_CROWD_DEBUG").is_ok() {
+        for c in 1..=leechers {
+            eprintln!("c{c}: {:?} {:?}", ok(&mut w, c, "show_downloads -v"), ok(&mut w, c, "show_uploads"));
+        }
+    }
+    let served = ok(&mut w, 0, "show_uploads");
+    let total: u64 = served.last().and_then(|l| l.strip_suffix(" bytes served in all")?.parse().ok()).unwrap();
+    let makespan = done.into_iter().flatten().max().unwrap();
+    Crowd { world: w, makespan, bound, seeder_copies: total as f64 / size as f64 }
+}
+
+fn crowd_size() -> usize {
+    std::env::var("SIM_CROWD").ok().and_then(|s| s.parse().ok()).unwrap_or(8).clamp(1, 250)
+}
+
+#[test]
+fn every_leecher_of_a_flash_crowd_finishes() {
+    let n = crowd_size();
+    for seed in sim::seeds(4) {
+        match std::panic::catch_unwind(|| crowd(seed, n)) {
+            Ok(r) => println!(
+                "seed={seed} leechers={n} makespan={} ms bound={} ms ratio={:.2} seeder_copies={:.2} steps={}",
+                r.makespan.0,
+                r.bound.0,
+                r.makespan.0 as f64 / r.bound.0 as f64,
+                r.seeder_copies,
+                r.world.steps()
+            ),
+            Err(e) => {
+                eprintln!("reproduce with SIM_SEED={seed}");
+                std::panic::resume_unwind(e);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_flash_crowd_replays_bit_for_bit() {
+    let seed = seed_from_env(5);
+    assert_eq!(crowd(seed, 6).world.digest(), crowd(seed, 6).world.digest());
+}
