@@ -8,12 +8,12 @@
 //!
 //! `SIM_CROWD=<n>` sets the crowd (default 8; up to 250), `SIM_SEEDS` the
 //! seeds, `SIM_SEED=<n>` replays one, `SIM_CROWD_DEBUG=1` prints each
-//! leecher's sources. Known: at 20 leechers and more (past a downloader's
-//! 16 peers) a run does not finish in real time; being looked into.
+//! leecher's sources.
 //!
 //! What it shows today (seed 0, 8 chunks, 8 MB/s uplinks): 8 leechers
-//! finish at 6.9x the bound and the seeder sends 7.4 copies: leechers start
-//! every chunk from the seeder at once and trade almost nothing.
+//! finish at 6.9x the bound and the seeder sends 7.4 copies, 24 leechers
+//! 21.7x and 21.6: leechers start every chunk from the seeder at once and
+//! trade almost nothing.
 
 use shoal_core::chunk::CHUNK_SIZE;
 use shoal_core::rng::Rng;

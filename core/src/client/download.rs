@@ -440,10 +440,14 @@ impl Download {
             .map(|p| p.last_progress.plus(self.cfg.stall_timeout))
             .min();
         let plaintext = self.cfg.plaintext_peers;
+        // A source waiting to be dialled matters only while there is room
+        // for another peer: with `max_peers` connected, its (past) retry
+        // time would make this deadline always due, and the driver spin.
+        let room = self.peers.len() < self.cfg.max_peers;
         let retry = self
             .sources
             .values()
-            .filter(|s| s.conn.is_none() && !s.banned && s.reachable(plaintext))
+            .filter(|s| room && s.conn.is_none() && !s.banned && s.reachable(plaintext))
             .map(|s| s.retry_at)
             .min();
         if self.failed || self.is_complete() {

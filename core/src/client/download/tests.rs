@@ -376,3 +376,20 @@ fn plaintext_and_tls_peers_are_not_mixed() {
     assert_eq!(dialled(false), vec![addr(1)], "over TLS only a sharer with a key to check");
     assert_eq!(dialled(true), vec![addr(2)], "in plaintext only a plaintext sharer");
 }
+
+/// More sources than `max_peers`: once that many are being dialled, the
+/// ones left waiting set no deadline (a past one would be due at once,
+/// forever: the driver would spin).
+#[test]
+fn sources_beyond_max_peers_set_no_deadline_that_is_always_due() {
+    let cfg = DownloadConfig { max_peers: 4, ..DownloadConfig::default() };
+    let d0 = digest_of(&content(2 * CHUNK_SIZE as usize));
+    let mut d = new_download(cfg, d0, Bitmap::new(2), 0, 1, Millis(0));
+    let many: Vec<SocketAddr> = (1..=10).map(addr).collect();
+    d.handle_sources(&sharers(&many), Millis(0));
+    let dials = std::iter::from_fn(|| d.poll_output()).filter(|o| matches!(o, DownloadOutput::Connect { .. })).count();
+    assert_eq!(dials, 4, "max_peers bounds the dials");
+    let now = Millis(10);
+    let next = d.poll_timeout().expect("a stall or refresh deadline");
+    assert!(next > now, "the next deadline {next:?} is already due at {now:?}");
+}
