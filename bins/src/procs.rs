@@ -71,6 +71,13 @@ impl Drop for Proc {
     }
 }
 
+/// The directory of this program, where `cargo build` put `tracker` and
+/// `client` beside it.
+pub fn bin_dir() -> Result<std::path::PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    Ok(exe.parent().ok_or("this program is in no directory")?.to_path_buf())
+}
+
 /// A loopback address with a port free now.
 pub fn free_addr() -> Result<String, String> {
     TcpListener::bind("127.0.0.1:0")

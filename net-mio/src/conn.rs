@@ -535,10 +535,10 @@ impl Conn {
                 self.seal_queued(&mut layer, &mut tx, &mut end)
             } else if self.closing && !self.close_sent {
                 self.close_sent = true;
-                let n = records::CLOSE_NOTIFY.len();
-                tx[HEADER..HEADER + n].copy_from_slice(&records::CLOSE_NOTIFY);
-                end = HEADER + n + TRAILER;
-                layer.seal(&mut tx, 0, n, ContentType::Alert).map_err(io::Error::other)
+                layer
+                    .seal_copy(&mut tx, 0, &records::CLOSE_NOTIFY, ContentType::Alert)
+                    .map(|n| end = n)
+                    .map_err(io::Error::other)
             } else {
                 Ok(())
             };

@@ -134,14 +134,27 @@ impl Records {
         Ok(())
     }
 
-    /// Appends a sealed record of `plain` of type `typ` to `buf` (small
-    /// records: alerts, tests).
+    /// Seals a record of `plain` of type `typ` into `buf` at `start` (small
+    /// records: alerts, tests): the bytes it took, `buf` having room for
+    /// them.
+    pub fn seal_copy(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        plain: &[u8],
+        typ: ContentType,
+    ) -> Result<usize, RecordError> {
+        let n = plain.len();
+        buf[start + HEADER..start + HEADER + n].copy_from_slice(plain);
+        self.seal(buf, start, n, typ)?;
+        Ok(HEADER + n + TRAILER)
+    }
+
+    /// Appends a sealed record of `plain` of type `typ` to `buf`.
     pub fn seal_append(&mut self, buf: &mut Vec<u8>, plain: &[u8], typ: ContentType) -> Result<(), RecordError> {
         let start = buf.len();
-        buf.resize(start + HEADER, 0);
-        buf.extend_from_slice(plain);
-        buf.resize(buf.len() + TRAILER, 0);
-        let r = self.seal(buf, start, plain.len(), typ);
+        buf.resize(start + HEADER + plain.len() + TRAILER, 0);
+        let r = self.seal_copy(buf, start, plain, typ).map(|_| ());
         if r.is_err() {
             buf.truncate(start);
         }

@@ -57,6 +57,18 @@ pub fn seed_from_env(default: u64) -> u64 {
     std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
+/// Runs one seed of a sweep; if it panics, says how to replay it
+/// (`reproduce with SIM_SEED=<n>`) before the panic goes on.
+pub fn run_seed<T>(seed: u64, f: impl FnOnce(u64) -> T + std::panic::UnwindSafe) -> T {
+    match std::panic::catch_unwind(|| f(seed)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("reproduce with SIM_SEED={seed}");
+            std::panic::resume_unwind(e);
+        }
+    }
+}
+
 /// The seeds a sweep test runs: `SIM_SEED` alone, else `SIM_SEEDS` (a count,
 /// from 0), else `0..default_count`.
 pub fn seeds(default_count: u64) -> Vec<u64> {

@@ -105,20 +105,15 @@ fn crowd_size() -> usize {
 fn every_leecher_of_a_flash_crowd_finishes() {
     let n = crowd_size();
     for seed in sim::seeds(4) {
-        match std::panic::catch_unwind(|| crowd(seed, n)) {
-            Ok(r) => println!(
-                "seed={seed} leechers={n} makespan={} ms bound={} ms ratio={:.2} seeder_copies={:.2} steps={}",
-                r.makespan.0,
-                r.bound.0,
-                r.makespan.0 as f64 / r.bound.0 as f64,
-                r.seeder_copies,
-                r.world.steps()
-            ),
-            Err(e) => {
-                eprintln!("reproduce with SIM_SEED={seed}");
-                std::panic::resume_unwind(e);
-            }
-        }
+        let r = sim::run_seed(seed, |seed| crowd(seed, n));
+        println!(
+            "seed={seed} leechers={n} makespan={} ms bound={} ms ratio={:.2} seeder_copies={:.2} steps={}",
+            r.makespan.0,
+            r.bound.0,
+            r.makespan.0 as f64 / r.bound.0 as f64,
+            r.seeder_copies,
+            r.world.steps()
+        );
     }
 }
 

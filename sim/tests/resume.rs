@@ -119,19 +119,12 @@ fn a_downloader_that_keeps_dying_resumes_and_completes() {
     let mut totals: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut resumes = 0;
     for seed in seeds(16) {
-        match std::panic::catch_unwind(|| resume(seed)) {
-            Ok((w, r)) => {
-                resumes += r;
-                for (k, v) in w.faults.iter().chain(&w.disk().counts) {
-                    *totals.entry(k).or_default() += v;
-                }
-                println!("seed={seed} digest={} resumed={r} part_serves={}", w.digest(), w.part_serves);
-            }
-            Err(e) => {
-                eprintln!("reproduce with SIM_SEED={seed}");
-                std::panic::resume_unwind(e);
-            }
+        let (w, r) = sim::run_seed(seed, resume);
+        resumes += r;
+        for (k, v) in w.faults.iter().chain(&w.disk().counts) {
+            *totals.entry(k).or_default() += v;
         }
+        println!("seed={seed} digest={} resumed={r} part_serves={}", w.digest(), w.part_serves);
     }
     println!("{resumes} runs resumed; faults: {totals:?}");
     assert!(resumes > 0, "no run resumed: the scenario did not happen");

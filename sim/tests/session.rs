@@ -64,14 +64,8 @@ fn session(seed: u64) -> World {
 #[test]
 fn scripted_session_over_many_seeds() {
     for seed in sim::seeds(64) {
-        let result = std::panic::catch_unwind(|| session(seed));
-        match result {
-            Ok(w) => println!("seed={seed} digest={} steps={} virtual_ms={}", w.digest(), w.steps(), w.now().0),
-            Err(e) => {
-                eprintln!("reproduce with SIM_SEED={seed}");
-                std::panic::resume_unwind(e);
-            }
-        }
+        let w = sim::run_seed(seed, session);
+        println!("seed={seed} digest={} steps={} virtual_ms={}", w.digest(), w.steps(), w.now().0);
     }
 }
 

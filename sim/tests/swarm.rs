@@ -89,13 +89,8 @@ fn swarm(seed: u64) -> World {
 #[test]
 fn swarm_downloads_over_many_seeds() {
     for seed in sim::seeds(24) {
-        match std::panic::catch_unwind(|| swarm(seed)) {
-            Ok(w) => println!("seed={seed} digest={} steps={} virtual_ms={}", w.digest(), w.steps(), w.now().0),
-            Err(e) => {
-                eprintln!("reproduce with SIM_SEED={seed}");
-                std::panic::resume_unwind(e);
-            }
-        }
+        let w = sim::run_seed(seed, swarm);
+        println!("seed={seed} digest={} steps={} virtual_ms={}", w.digest(), w.steps(), w.now().0);
     }
 }
 

@@ -254,7 +254,7 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let bindir = std::env::current_exe().map_err(|e| e.to_string())?.parent().ok_or("no bin dir")?.to_path_buf();
+    let bindir = shoal_bins::procs::bin_dir()?;
     let base = args.dir.clone().unwrap_or_else(std::env::temp_dir).join(format!("shoal-bench-{}", std::process::id()));
     std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
     let mut kinds = args.kinds.clone();

@@ -51,8 +51,7 @@ fn run(args: &Args) -> Result<(), String> {
     if !(args.rate.is_finite() && args.rate > 0.0) || args.leechers == 0 || args.mib == 0 {
         return Err("--rate, --leechers and --mib must be positive".into());
     }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let bindir = exe.parent().ok_or("no directory for this program")?.to_path_buf();
+    let bindir = shoal_bins::procs::bin_dir()?;
     let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     let dir = base.join(format!("shoal-bench-swarm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;

@@ -194,7 +194,7 @@ fn fsync_rate(dir: &Path) -> Result<f64, String> {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let bin_dir = std::env::current_exe().map_err(|e| e.to_string())?.parent().expect("in a dir").to_path_buf();
+    let bin_dir = shoal_bins::procs::bin_dir()?;
     let tracker_bin = bin_dir.join("tracker");
     let scratch = args
         .dir

@@ -157,12 +157,6 @@ impl PieceSelector {
         self.free_at.iter().position(|&n| n > 0).map_or(u32::MAX, |a| a as u32)
     }
 
-    /// Whether ties go at random over the whole file: some free chunk is
-    /// held by fewer than all connected peers.
-    fn spread(&self) -> bool {
-        self.floor() < self.peers
-    }
-
     /// The chunk a peer with map `have` should fetch next, or `None`.
     /// `fetching` are the chunks that peer is already fetching.
     pub fn pick(&mut self, have: &Bitmap, fetching: &[u32], rng: &mut Rng) -> Option<u32> {
@@ -171,7 +165,10 @@ impl PieceSelector {
         let (h, d, k) = (have.to_bytes(), self.done.to_bytes(), self.checking.to_bytes());
         // Where the scan starts (a byte of the maps), and so which chunks
         // win ties: the first ones met.
-        let start = if self.spread() && !h.is_empty() { rng.below(h.len() as u64) as usize } else { 0 };
+        // Ties go at random over the whole file when some free chunk is
+        // held by fewer than all connected peers.
+        let spread = floor < self.peers;
+        let start = if spread && !h.is_empty() { rng.below(h.len() as u64) as usize } else { 0 };
         // (availability, order met, chunk)
         let mut best: Vec<(u32, u32, u32)> = Vec::with_capacity(self.window + 1);
         let mut endgame: Option<(u8, u32, u32)> = None;
