@@ -300,6 +300,7 @@ impl<R: Replicator> TrackerNode<R> {
             }
         }
         let digest = f.meta.digest.clone();
+        let sharing = f.sharers.iter().any(|s| s.listen == my_listen);
         if self.grants.len() >= MAX_GRANTS {
             return Err(ApiError::Limit("too many downloads in progress".into()));
         }
@@ -321,6 +322,14 @@ impl<R: Replicator> TrackerNode<R> {
                 encode(&Message::Tracker(TrackerFrame::Soft(SoftState { grants: vec![g], ..SoftState::default() })));
             self.broadcast(bytes);
         }
+        // A downloader is a source from the start, as a BitTorrent peer is
+        // once it announces: the others connect at once and learn each chunk
+        // it gains as it gains it (`HaveOne`). Waiting for its first chunk
+        // and their next refresh would leave a flash crowd fetching only
+        // from the sharer for seconds. Past the limit it is just not listed.
+        if my_listen != unspecified() && !sharing {
+            let _ = self.note_partial(me.clone(), my_listen, group.clone(), name.clone());
+        }
         self.grants
             .insert(grant, GrantInfo { user: me.clone(), key: my_key, group, name, expires: now.plus(GRANT_TTL) });
         Ok(Reply::Download { digest, sharers, grant })
@@ -339,14 +348,21 @@ impl<R: Replicator> TrackerNode<R> {
         if chunk as usize >= f.meta.digest.chunks.len() {
             return Err(ApiError::InvalidFile(format!("no chunk {chunk}")));
         }
+        self.note_partial(me, my_listen, group, name)?;
+        Ok(Reply::Done)
+    }
+
+    /// Lists the client listening at `listen` as a holder of part of the file
+    /// (gossiped to the other trackers), so that downloaders find it.
+    fn note_partial(&mut self, me: UserId, listen: SocketAddr, group: GroupId, name: FileName) -> Result<(), ApiError> {
         let holders = self.partial.entry((group.clone(), name.clone())).or_default();
-        if holders.len() >= MAX_PARTIAL_HOLDERS && !holders.contains_key(&my_listen) {
+        if holders.len() >= MAX_PARTIAL_HOLDERS && !holders.contains_key(&listen) {
             return Err(ApiError::Limit("too many peers downloading this file".into()));
         }
-        if holders.insert(my_listen, me.clone()).is_none() && !self.replicator.peers().is_empty() {
-            self.dirty.partial.push((group, name, my_listen, me));
+        if holders.insert(listen, me.clone()).is_none() && !self.replicator.peers().is_empty() {
+            self.dirty.partial.push((group, name, listen, me));
         }
-        Ok(Reply::Done)
+        Ok(())
     }
 }
 

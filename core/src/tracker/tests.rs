@@ -517,23 +517,24 @@ fn only_the_key_a_tracker_holds_makes_a_link_to_it() {
     assert_eq!(n.connections(), 1);
 }
 
-/// Sessions and grants belong to the key that proved them: a token or a
-/// grant copied to another connection is worth nothing, and downloaders
-/// learn the key each sharer proved.
-#[test]
-fn sessions_and_grants_are_bound_to_the_key_that_proved_them() {
+/// Asks `body` of the node on `conn`, numbering requests with `seq`: the answer.
+fn ask(
+    n: &mut TrackerNode,
+    seq: &mut u64,
+    conn: ConnId,
+    session: Option<SessionToken>,
+    body: Request,
+) -> Result<Reply, ApiError> {
+    *seq += 1;
+    n.handle_bytes(conn, &req(*seq, session, body), Millis(10));
+    answer(&drain(n))
+}
+
+/// Al (conn 1, at 10.0.0.1), bob (2) and eve (3) logged in, each listening
+/// on port 9000; al's group g with `members` of bob and eve accepted; al
+/// shares f.bin in it. Their tokens.
+fn group_sharing_a_file(n: &mut TrackerNode, seq: &mut u64, members: &[&str]) -> Vec<SessionToken> {
     use crate::chunk::{FileDigest, FileMeta, Sha1Digest};
-    use crate::client::peer::Grant;
-    let mut n = node();
-    let (al_host, bob_host, eve_host): (SocketAddr, SocketAddr, SocketAddr) =
-        ("10.0.0.1:5000".parse().unwrap(), "10.0.0.2:5000".parse().unwrap(), "10.0.0.3:5000".parse().unwrap());
-    let (al, bob, eve) = (ConnId(1), ConnId(2), ConnId(3));
-    let mut seq = 0;
-    let mut ask = |n: &mut TrackerNode, conn: ConnId, session: Option<SessionToken>, body: Request| {
-        seq += 1;
-        n.handle_bytes(conn, &req(seq, session, body), Millis(10));
-        answer(&drain(n))
-    };
     let login = |user: &str| Request::Login {
         user: UserId::new(user).unwrap(),
         password: "pw".into(),
@@ -541,26 +542,55 @@ fn sessions_and_grants_are_bound_to_the_key_that_proved_them() {
         plaintext_peers: false,
     };
     let mut tokens = Vec::new();
-    for (conn, host, user) in [(al, al_host, "al"), (bob, bob_host, "bob"), (eve, eve_host, "eve")] {
-        connect(&mut n, conn, host, Millis(0));
+    for (i, user) in ["al", "bob", "eve"].into_iter().enumerate() {
+        let conn = ConnId(i as u64 + 1);
+        connect(n, conn, format!("10.0.0.{}:5000", i + 1).parse().unwrap(), Millis(0));
         n.handle_bytes(conn, &hello(), Millis(0));
         let create = Request::CreateUser { user: UserId::new(user).unwrap(), password: "pw".into() };
-        assert_eq!(ask(&mut n, conn, None, create), Ok(Reply::Done));
-        let Ok(Reply::Session { token }) = ask(&mut n, conn, None, login(user)) else { panic!("{user} not in") };
+        assert_eq!(ask(n, seq, conn, None, create), Ok(Reply::Done));
+        let Ok(Reply::Session { token }) = ask(n, seq, conn, None, login(user)) else { panic!("{user} not in") };
         tokens.push(token);
     }
-    let (al_t, bob_t, eve_t) = (tokens[0], tokens[1], tokens[2]);
     let g = GroupId::new("g").unwrap();
-    assert_eq!(ask(&mut n, al, Some(al_t), Request::CreateGroup { group: g.clone() }), Ok(Reply::Done));
-    assert_eq!(ask(&mut n, bob, Some(bob_t), Request::JoinGroup { group: g.clone() }), Ok(Reply::Done));
-    let accept = Request::AcceptRequest { group: g.clone(), user: UserId::new("bob").unwrap() };
-    assert_eq!(ask(&mut n, al, Some(al_t), accept), Ok(Reply::Done));
-    let name = FileName::new("f.bin").unwrap();
+    assert_eq!(ask(n, seq, ConnId(1), Some(tokens[0]), Request::CreateGroup { group: g.clone() }), Ok(Reply::Done));
+    for m in members {
+        let i = if *m == "bob" { 1 } else { 2 };
+        let join = Request::JoinGroup { group: g.clone() };
+        assert_eq!(ask(n, seq, ConnId(i as u64 + 1), Some(tokens[i]), join), Ok(Reply::Done));
+        let accept = Request::AcceptRequest { group: g.clone(), user: UserId::new(*m).unwrap() };
+        assert_eq!(ask(n, seq, ConnId(1), Some(tokens[0]), accept), Ok(Reply::Done));
+    }
     let meta = FileMeta {
-        name: name.clone(),
+        name: FileName::new("f.bin").unwrap(),
         digest: FileDigest { size: 10, sha1: Sha1Digest([1; 20]), chunks: vec![Sha1Digest([1; 20])] },
     };
-    assert_eq!(ask(&mut n, al, Some(al_t), Request::UploadFile { group: g.clone(), meta }), Ok(Reply::Done));
+    assert_eq!(ask(n, seq, ConnId(1), Some(tokens[0]), Request::UploadFile { group: g, meta }), Ok(Reply::Done));
+    tokens
+}
+
+/// Sessions and grants belong to the key that proved them: a token or a
+/// grant copied to another connection is worth nothing, and downloaders
+/// learn the key each sharer proved.
+#[test]
+fn sessions_and_grants_are_bound_to_the_key_that_proved_them() {
+    use crate::client::peer::Grant;
+    let mut n = node();
+    let mut seq = 0;
+    let tokens = group_sharing_a_file(&mut n, &mut seq, &["bob"]);
+    let mut ask = |n: &mut TrackerNode, conn: ConnId, session: Option<SessionToken>, body: Request| {
+        ask(n, &mut seq, conn, session, body)
+    };
+    let al_host: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+    let (al, bob, eve) = (ConnId(1), ConnId(2), ConnId(3));
+    let (al_t, bob_t, eve_t) = (tokens[0], tokens[1], tokens[2]);
+    let g = GroupId::new("g").unwrap();
+    let name = FileName::new("f.bin").unwrap();
+    let login = |user: &str| Request::Login {
+        user: UserId::new(user).unwrap(),
+        password: "pw".into(),
+        listen: "0.0.0.0:9000".parse().unwrap(),
+        plaintext_peers: false,
+    };
 
     // Eve holds al's token, but not al's key: no session of hers.
     assert_eq!(ask(&mut n, eve, Some(al_t), Request::ListMyGroups), Err(ApiError::NotLoggedIn));
@@ -589,4 +619,28 @@ fn sessions_and_grants_are_bound_to_the_key_that_proved_them() {
     n.handle_connected(bare, "10.0.0.4:5000".parse().unwrap(), Millis(10));
     n.handle_bytes(bare, &hello(), Millis(10));
     assert_eq!(ask(&mut n, bare, None, login("eve")), Err(ApiError::Unsecured));
+}
+
+/// A downloader is a source from its first `download_file`, before it holds
+/// a chunk: the next downloader is sent to it too (with the key it proved),
+/// and a downloader is never sent to itself.
+#[test]
+fn a_downloader_is_listed_as_a_source_from_the_start() {
+    let mut n = node();
+    let mut seq = 0;
+    let tokens = group_sharing_a_file(&mut n, &mut seq, &["bob", "eve"]);
+    let g = GroupId::new("g").unwrap();
+    let dl = Request::DownloadFile { group: g, name: FileName::new("f.bin").unwrap() };
+    let at = |i: u8| SharerAddr {
+        addr: format!("10.0.0.{i}:9000").parse().unwrap(),
+        key: Some(client_key(ConnId(i as u64))),
+    };
+    let sources = |r: Result<Reply, ApiError>| match r {
+        Ok(Reply::Download { sharers, .. }) => sharers,
+        r => panic!("{r:?}"),
+    };
+    assert_eq!(sources(ask(&mut n, &mut seq, ConnId(2), Some(tokens[1]), dl.clone())), vec![at(1)]);
+    assert_eq!(sources(ask(&mut n, &mut seq, ConnId(3), Some(tokens[2]), dl.clone())), vec![at(1), at(2)]);
+    // Asking again (a refresh) lists the others, never itself.
+    assert_eq!(sources(ask(&mut n, &mut seq, ConnId(2), Some(tokens[1]), dl)), vec![at(1), at(3)]);
 }
