@@ -311,6 +311,10 @@ pub struct ClientEngine {
     upload_limit: Option<crate::rate::TokenBucket>,
     /// An upload waits for the rate limit.
     throttled: bool,
+    /// Under the rate limit, the upload connection whose turn it is: the
+    /// one with a chunk part sent, else the one after the last that
+    /// finished a chunk (see `uploads_timeout`).
+    upload_turn: (PeerConnId, bool),
     tracker: usize,
     /// Trackers tried since the last answer, to know when a round is complete.
     tried: usize,
@@ -352,6 +356,7 @@ impl ClientEngine {
             next_tick: Millis::ZERO,
             upload_limit,
             throttled: false,
+            upload_turn: (PeerConnId(0), false),
             tracker: start,
             tried: 0,
             refused_round: false,

@@ -121,10 +121,7 @@ impl ClientEngine {
                     d.sha1
                 );
                 let have = Bitmap::full(d.chunks.len() as u32);
-                self.shares.insert(
-                    (group.clone(), meta.name.clone()),
-                    Shared { path: path.clone(), size: d.size, sha1: d.sha1, have, served: 0 },
-                );
+                self.shares.insert((group.clone(), meta.name.clone()), Shared::new(path.clone(), d.size, d.sha1, have));
                 Ok(vec![line])
             }
             (ShellCommand::StopShare { group, name }, Ok(reply)) => {

@@ -134,6 +134,8 @@ struct Peer {
     /// Bytes received, and since when: the measured rate.
     bytes: u64,
     since: Millis,
+    /// It sent a map of less than the whole file: it is told what we hold.
+    tell: bool,
 }
 
 impl Peer {
@@ -230,7 +232,8 @@ impl Download {
             sources: BTreeMap::new(),
             checking: BTreeMap::new(),
             spare: Vec::new(),
-            next_refresh: now.plus(Millis(500)),
+            // Soon: a crowd that starts together learns of itself.
+            next_refresh: now.plus(Millis(250)),
             last_chunk: now,
             failed: false,
             out: VecDeque::new(),
@@ -368,6 +371,17 @@ impl Download {
                     return self.drop_peer(peer, false, now);
                 }
                 self.selector.add_peer(&chunks);
+                // What we hold, then a `HaveOne` per chunk verified, to a
+                // peer that has not everything: one offering chunks one by
+                // one (super-seeding) offers ones we lack, and one serving
+                // a crowd serves first the chunks fewest of it hold. A
+                // complete sharer that sent its whole map has no use for them.
+                let partial = chunks.count() < n;
+                if partial {
+                    let msg = PeerMessage::Have { chunks: self.selector.done().clone(), load: Load::default() };
+                    self.out.push_back(DownloadOutput::Send { peer, msg });
+                }
+                p.tell = partial;
                 p.have = Some(chunks);
                 p.load = load;
                 p.last_progress = now;
@@ -473,18 +487,23 @@ impl Download {
         if self.is_complete() {
             return;
         }
-        let mut open = self.peers.len();
-        for (addr, s) in self.sources.iter_mut() {
-            if open >= self.cfg.max_peers {
-                break;
-            }
-            if s.conn.is_some() || s.banned || s.retry_at > now || !s.reachable(self.cfg.plaintext_peers) {
-                continue;
-            }
+        let plaintext = self.cfg.plaintext_peers;
+        let mut ready: Vec<SocketAddr> = self
+            .sources
+            .iter()
+            .filter(|(_, s)| s.conn.is_none() && !s.banned && s.retry_at <= now && s.reachable(plaintext))
+            .map(|(a, _)| *a)
+            .collect();
+        // Dialled in random order: a crowd of downloaders given the same
+        // list must not all connect to its first `max_peers` addresses,
+        // leaving the others' uploads unused.
+        while self.peers.len() < self.cfg.max_peers && !ready.is_empty() {
+            let addr = ready.swap_remove(self.rng.below(ready.len() as u64) as usize);
+            let Some(s) = self.sources.get_mut(&addr) else { continue };
             self.next_conn += 1;
             let peer = PeerConnId(self.conn_base + self.next_conn);
             s.conn = Some(peer);
-            open += 1;
+            let addr = &addr;
             self.peers.insert(
                 peer,
                 Peer {
@@ -495,6 +514,7 @@ impl Download {
                     last_progress: now,
                     bytes: 0,
                     since: now,
+                    tell: false,
                 },
             );
             self.out.push_back(DownloadOutput::Connect { peer, addr: *addr });
@@ -572,10 +592,13 @@ impl Download {
     pub fn handle_block_landed(&mut self, peer: PeerConnId, chunk: u32, offset: u32, load: Load, n: u32, now: Millis) {
         let Some(p) = self.peers.get_mut(&peer) else { return };
         let load_changed = p.load != load;
+        // Past half a chunk a shared peer's pipeline takes the next one.
+        let half = (CHUNK_SIZE / 2) as u32;
+        let halfway = offset < half && offset + n >= half;
         match self.land(peer, chunk, offset, load, n, now) {
             None => self.drop_peer(peer, false, now),
             // A finished chunk frees a place in the peer's pipeline.
-            Some(complete) if complete || load_changed => self.fill(now),
+            Some(complete) if complete || load_changed || halfway => self.fill(now),
             Some(_) => {}
         }
     }
@@ -639,6 +662,9 @@ impl Download {
                 s.supplied += chunk_len(self.digest.size, chunk as u64);
             }
             self.out.push_back(DownloadOutput::Verified { chunk });
+            for (&peer, _) in self.peers.iter().filter(|(_, p)| p.tell) {
+                self.out.push_back(DownloadOutput::Send { peer, msg: PeerMessage::HaveOne { chunk } });
+            }
             if self.is_complete() {
                 self.close_all();
             } else {
@@ -666,7 +692,21 @@ impl Download {
         // Peers busier than the least loaded one get a shallower pipeline.
         let lightest = self.peers.values().filter(|p| p.have.is_some()).map(|p| p.load).min().unwrap_or_default();
         let full = self.cfg.chunks_per_peer;
-        let capacity = |p: &Peer| if p.load > lightest { full.div_ceil(2) } else { full };
+        let capacity = |p: &Peer| {
+            if p.load.uploads > 1 {
+                // A peer that serves others too (a swarm): one chunk at a
+                // time, and the next asked for once half of it arrived, so
+                // its queue stays short and what it gains reaches the
+                // others soon, not behind everyone's deep pipelines.
+                let owed: u64 = p.fetches.iter().map(|f| u64::from(f.requested - f.received)).sum();
+                let more = p.fetches.is_empty() || (p.fetches.len() < 2 && owed <= CHUNK_SIZE / 2);
+                p.fetches.len() + usize::from(more)
+            } else if p.load > lightest {
+                full.div_ceil(2)
+            } else {
+                full
+            }
+        };
         let mut order: Vec<(Load, usize, std::cmp::Reverse<u64>, PeerConnId)> = self
             .peers
             .iter()

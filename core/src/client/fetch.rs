@@ -324,13 +324,7 @@ impl ClientEngine {
         e.state_seq = next_seq;
         e.final_path = opened.paths.final_path.clone();
         let key = (e.group.clone(), e.name.clone());
-        let shared = Shared {
-            path: opened.paths.part,
-            size: e.digest.size,
-            sha1: e.digest.sha1,
-            have: Bitmap::new(n),
-            served: 0,
-        };
+        let shared = Shared::new(opened.paths.part, e.digest.size, e.digest.sha1, Bitmap::new(n));
         self.shares.insert(key, shared);
         let verify = Box::new(Verifier::new(&e.digest, &claimed));
         e.state = DlState::Checking { sharers, grant, verify };

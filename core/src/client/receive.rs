@@ -187,8 +187,8 @@ impl ClientEngine {
                 dl.handle_closed(conn, now);
             }
             self.drain_download(download, now);
-        } else {
-            self.peers.remove(&conn);
+        } else if let Some(link) = self.peers.remove(&conn) {
+            self.upload_gone(link);
         }
     }
 

@@ -38,6 +38,14 @@ pub const PEER_IDLE_TIMEOUT: Millis = Millis(120_000);
 pub const MAX_REFUSING: usize = 64;
 /// Block reads asked of the driver and not yet sent, per connection, at most.
 const MAX_READS_IN_FLIGHT: usize = 4;
+/// A complete share serving a crowd offers each later downloader this many
+/// chunks it may start at a time: what a downloader fetches at once from a
+/// peer that serves others too. More would leave many chunks promised and
+/// not yet sent, and the next offers would be second copies.
+pub const OPEN_OFFERS: u32 = 2;
+/// Chunks looked at, from a random place, to choose the next offer: the
+/// least offered among them (a bound for files of a million chunks).
+const OFFER_SCAN: u32 = 4096;
 
 /// A file this client serves: an upload, or a download (finished or not).
 pub(crate) struct Shared {
@@ -48,6 +56,46 @@ pub(crate) struct Shared {
     pub have: Bitmap,
     /// Block bytes sent from it (handed to the driver to send).
     pub served: u64,
+    /// How many downloaders each chunk was offered to (see [`Offers`]);
+    /// empty until the first offer.
+    pub offered: Vec<u32>,
+    /// How many of the downloaders served now say they hold each chunk;
+    /// empty until the first says so.
+    pub held: Vec<u32>,
+}
+
+impl Shared {
+    pub fn new(path: String, size: u64, sha1: Sha1Digest, have: Bitmap) -> Shared {
+        Shared { path, size, sha1, have, served: 0, offered: Vec::new(), held: Vec::new() }
+    }
+
+    fn held(&self, chunk: u32) -> u32 {
+        self.held.get(chunk as usize).copied().unwrap_or(0)
+    }
+
+    fn count_held(&mut self, chunk: u32, up: bool) {
+        let n = self.have.len() as usize;
+        if self.held.len() != n {
+            self.held = vec![0; n];
+        }
+        if let Some(h) = self.held.get_mut(chunk as usize) {
+            *h = if up { h.saturating_add(1) } else { h.saturating_sub(1) };
+        }
+    }
+}
+
+/// A complete share's offers to one downloader of a crowd, as a seeder that
+/// spreads its upload (super-seeding, BEP 16): instead of its whole map, the
+/// downloader is told of [`OPEN_OFFERS`] chunks at a time, those offered to
+/// the fewest downloaders so far among the ones it lacks; each chunk sent to
+/// it whole, or that it reports holding (from another peer), is replaced by
+/// another offer. The seeder's scarce upload then goes out as distinct chunks that
+/// the leechers trade among themselves, not as the same first chunks to all.
+pub(crate) struct Offers {
+    /// Offered to this downloader.
+    told: Bitmap,
+    /// Offered and since started here or held by the downloader.
+    settled: Bitmap,
 }
 
 enum UpState {
@@ -74,6 +122,12 @@ pub(crate) struct Upload {
     reading: VecDeque<u32>,
     /// Unsent bytes on the socket, as the driver last reported.
     backlog: usize,
+    /// Serving from a complete share to one of several downloaders: what
+    /// it was offered (otherwise it was sent the whole map).
+    offers: Option<Offers>,
+    /// What the downloader says it holds (its `Have`, then `HaveOne`s),
+    /// once serving: counted in the share's `held`.
+    has: Option<Bitmap>,
 }
 
 impl ClientEngine {
@@ -131,6 +185,8 @@ impl ClientEngine {
             queue: VecDeque::new(),
             reading: VecDeque::new(),
             backlog: 0,
+            offers: None,
+            has: None,
         };
         self.peers.insert(conn, PeerLink::In(Box::new(up)));
     }
@@ -227,7 +283,19 @@ impl ClientEngine {
             (UpState::Serving(..), PeerMessage::Cancel { chunk, offset, len }) => {
                 up.queue.retain(|r| *r != (chunk, offset, len));
             }
-            (UpState::Serving(..), PeerMessage::Have { .. } | PeerMessage::HaveOne { .. }) => {}
+            // What the downloader holds: counted, so that offers and turns
+            // favour chunks few of them hold, and offers it no longer
+            // needs settle.
+            (UpState::Serving(..), PeerMessage::Have { chunks, .. }) => {
+                let fits = up.has.as_ref().is_some_and(|h| chunks.fits(h.len()));
+                if !fits {
+                    return self.refuse_peer(conn, "chunk map of the wrong size");
+                }
+                for c in chunks.iter_set() {
+                    self.holds(conn, c);
+                }
+            }
+            (UpState::Serving(..), PeerMessage::HaveOne { chunk }) => self.holds(conn, chunk),
             _ => self.refuse_peer(conn, "unexpected message"),
         }
     }
@@ -240,10 +308,27 @@ impl ClientEngine {
         match result {
             Ok(Reply::GrantValid { .. }) => match self.shares.get(&(group.clone(), name.clone())) {
                 Some(s) => {
-                    let chunks = s.have.clone();
-                    up.state = UpState::Serving(group, name);
-                    let load = self.load();
-                    self.peer_send(conn, &PeerMessage::Have { chunks, load });
+                    let n = s.have.len();
+                    let complete = s.have.count() == n;
+                    up.state = UpState::Serving(group.clone(), name.clone());
+                    up.has = Some(Bitmap::new(n));
+                    // A crowd: another downloader of this file is served.
+                    let crowd = self.peers.iter().any(|(c, p)| {
+                        *c != conn
+                            && matches!(p, PeerLink::In(u) if matches!(&u.state, UpState::Serving(g, f) if *g == group && *f == name))
+                    });
+                    if complete && crowd && n > OPEN_OFFERS {
+                        if let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) {
+                            up.offers = Some(Offers { told: Bitmap::new(n), settled: Bitmap::new(n) });
+                        }
+                        let load = self.load();
+                        self.peer_send(conn, &PeerMessage::Have { chunks: Bitmap::new(n), load });
+                        self.top_up_offers(conn);
+                    } else {
+                        let chunks = s.have.clone();
+                        let load = self.load();
+                        self.peer_send(conn, &PeerMessage::Have { chunks, load });
+                    }
                 }
                 None => self.refuse_peer(conn, "not sharing that file any more"),
             },
@@ -252,9 +337,93 @@ impl ClientEngine {
         }
     }
 
+    /// The downloader on `conn` says it holds `chunk`.
+    fn holds(&mut self, conn: PeerConnId, chunk: u32) {
+        let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+        let (UpState::Serving(g, n), Some(has)) = (&up.state, &mut up.has) else { return };
+        if chunk >= has.len() || has.get(chunk) {
+            return;
+        }
+        has.set(chunk);
+        if let Some(s) = self.shares.get_mut(&(g.clone(), n.clone())) {
+            s.count_held(chunk, true);
+        }
+        self.offer_settled(conn, chunk);
+    }
+
+    /// An upload connection is gone: what its downloader held is no longer counted.
+    pub(super) fn upload_gone(&mut self, link: PeerLink) {
+        let PeerLink::In(up) = link else { return };
+        let (UpState::Serving(g, n), Some(has)) = (&up.state, &up.has) else { return };
+        if let Some(s) = self.shares.get_mut(&(g.clone(), n.clone())) {
+            for c in has.iter_set() {
+                s.count_held(c, false);
+            }
+        }
+    }
+
+    /// `chunk` went out whole on `conn`, or the downloader holds it: an
+    /// offer of it is settled, and another takes its place.
+    fn offer_settled(&mut self, conn: PeerConnId, chunk: u32) {
+        let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+        let Some(o) = &mut up.offers else { return };
+        if chunk >= o.told.len() {
+            return;
+        }
+        if o.told.get(chunk) && !o.settled.get(chunk) {
+            o.settled.set(chunk);
+            self.top_up_offers(conn);
+        }
+    }
+
+    /// Offers `conn` more chunks until it has [`OPEN_OFFERS`] unsettled
+    /// ones: each, of up to [`OFFER_SCAN`] chunks it lacks and was not
+    /// offered looked at from a random place, the least offered so far,
+    /// and of those the one the fewest downloaders hold.
+    fn top_up_offers(&mut self, conn: PeerConnId) {
+        loop {
+            let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+            let UpState::Serving(group, name) = &up.state else { return };
+            let (Some(o), Some(has)) = (&mut up.offers, &up.has) else { return };
+            if o.told.count() - o.settled.count() >= OPEN_OFFERS {
+                return;
+            }
+            let Some(s) = self.shares.get_mut(&(group.clone(), name.clone())) else { return };
+            let n = o.told.len();
+            if s.offered.len() != n as usize {
+                s.offered = vec![0; n as usize];
+            }
+            let start = self.rng.below(u64::from(n)) as u32;
+            let mut best: Option<((u32, u32), u32)> = None;
+            let mut looked = 0;
+            for c in (start..n).chain(0..start) {
+                if o.told.get(c) || has.get(c) || !s.have.get(c) {
+                    continue;
+                }
+                let key = (s.offered[c as usize], s.held(c));
+                if best.is_none_or(|(k, _)| key < k) {
+                    best = Some((key, c));
+                }
+                looked += 1;
+                if key == (0, 0) || looked >= OFFER_SCAN {
+                    break;
+                }
+            }
+            let Some((_, c)) = best else { return };
+            s.offered[c as usize] += 1;
+            o.told.set(c);
+            self.peer_send(conn, &PeerMessage::HaveOne { chunk: c });
+        }
+    }
+
     /// Turns queued requests into block reads while the connection has room
     /// (and the upload rate limit, if any, allows).
     fn serve_more(&mut self, conn: PeerConnId, now: Millis) {
+        // While the limit holds uploads back, `uploads_timeout` gives the
+        // upload out in turns: nobody jumps the queue as its blocks go.
+        if self.throttled {
+            return;
+        }
         loop {
             let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
             let UpState::Serving(group, name) = &up.state else { return };
@@ -275,9 +444,17 @@ impl ClientEngine {
             self.served += u64::from(len);
             up.reading.push_back(len);
             let path = s.path.clone();
+            let last = u64::from(block + len) >= crate::chunk::chunk_len(s.size, u64::from(chunk));
+            // The turn stays here until this chunk is out, then passes on.
+            self.upload_turn = if last { (PeerConnId(conn.0 + 1), false) } else { (conn, true) };
             let header = crate::client::peer::block_header(chunk, block, self.load(), len);
             let offset = chunk_offset(chunk) + block as u64;
             self.out.push_back(ClientOutput::SendBlock { conn, path, offset, header, len });
+            if last {
+                // An offer is settled once the whole chunk went out, so what
+                // was offered stays what was sent (or is being sent).
+                self.offer_settled(conn, chunk);
+            }
         }
     }
 
@@ -296,7 +473,8 @@ impl ClientEngine {
     }
 
     pub(super) fn refuse_peer(&mut self, conn: PeerConnId, reason: &str) {
-        if self.peers.remove(&conn).is_some() {
+        if let Some(link) = self.peers.remove(&conn) {
+            self.upload_gone(link);
             self.peer_send(conn, &PeerMessage::Refused { reason: reason.into() });
             self.out.push_back(ClientOutput::PeerClose { conn });
         }
@@ -348,10 +526,42 @@ impl ClientEngine {
             && self.upload_limit.as_ref().is_some_and(|b| b.ready_at(crate::client::peer::BLOCK_SIZE as u64) <= now)
         {
             self.throttled = false;
-            let ups: Vec<PeerConnId> =
-                self.peers.iter().filter(|(_, p)| matches!(p, PeerLink::In(_))).map(|(c, _)| *c).collect();
+            // In turns, a chunk each: from the connection whose turn it is
+            // (one with a chunk part sent finishes it first), round the
+            // others, until the limit holds again. Not always from the
+            // first: that one would take all and the others stall. And a
+            // chunk each, not a block each: chunks go out whole one after
+            // the other and can be shared on at once, instead of all
+            // arriving late together.
+            let (turn, mid) = self.upload_turn;
+            let mut ups: Vec<(u32, usize, PeerConnId)> = self
+                .peers
+                .range(turn..)
+                .chain(self.peers.range(..turn))
+                .filter_map(|(c, p)| match p {
+                    PeerLink::In(up) => Some((c, up)),
+                    PeerLink::Out { .. } => None,
+                })
+                .enumerate()
+                .map(|(i, (c, up))| {
+                    // The rarest among the downloaders served goes first.
+                    let held = match (&up.state, up.queue.front()) {
+                        _ if mid && *c == turn => 0,
+                        (UpState::Serving(g, n), Some(&(chunk, _, _))) => {
+                            self.shares.get(&(g.clone(), n.clone())).map_or(0, |s| s.held(chunk))
+                        }
+                        _ => u32::MAX,
+                    };
+                    (held, i, *c)
+                })
+                .collect();
+            ups.sort_unstable();
+            let ups: Vec<PeerConnId> = ups.into_iter().map(|(_, _, c)| c).collect();
             for c in ups {
                 self.serve_more(c, now);
+                if self.throttled {
+                    break;
+                }
             }
         }
     }

@@ -120,22 +120,35 @@ fn log_in(e: &mut ClientEngine, reply: impl Fn(&Request) -> Result<Reply, ApiErr
     assert!(e.user().is_some());
 }
 
-/// A logged-in engine sharing a 4 MiB file in group g, with one accepted peer
-/// connection that passed the grant check.
-fn serving_engine() -> (ClientEngine, crate::client::download::PeerConnId) {
-    use crate::client::peer::{Grant, PeerMessage};
-    let mut e = engine();
-    let token = SessionToken([5; 16]);
-    let tracker_reply = |req: &Request| match req {
-        Request::Login { .. } => Ok(Reply::Session { token }),
+/// The tracker as a serving engine's tests see it: logins succeed, and a
+/// grant is valid for any downloader key made by [`downloader_key`].
+fn serving_reply(req: &Request) -> Result<Reply, ApiError> {
+    match req {
+        Request::Login { .. } => Ok(Reply::Session { token: SessionToken([5; 16]) }),
         // The server asks about the key the downloader proved to it.
-        Request::CheckGrant { holder: Some(k), .. } if *k == KeyId([3; 32]) => {
+        Request::CheckGrant { holder: Some(k), .. } if k.0[1..] == [3; 31] => {
             Ok(Reply::GrantValid { user: UserId::new("dl").unwrap() })
         }
         Request::CheckGrant { .. } => Err(ApiError::BadGrant),
         _ => Ok(Reply::Done),
-    };
-    log_in(&mut e, tracker_reply);
+    }
+}
+
+/// The key downloader `i` proves to a serving engine.
+fn downloader_key(i: u8) -> KeyId {
+    let mut k = [3; 32];
+    k[0] = i;
+    KeyId(k)
+}
+
+/// A logged-in engine sharing a 4 MiB file (8 chunks) "f.bin" in group g,
+/// its uploads capped at `max_upload_rate`.
+fn sharing_engine(max_upload_rate: Option<u64>) -> (ClientEngine, FileDigest) {
+    let trackers = vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()];
+    let mut cfg = ClientConfig::new("127.0.0.1:9".parse().unwrap(), trackers);
+    cfg.max_upload_rate = max_upload_rate;
+    let mut e = ClientEngine::new(cfg, Rng::from_u64(3));
+    log_in(&mut e, serving_reply);
     let g = GroupId::new("g").unwrap();
     e.handle_input(
         ClientInput::User {
@@ -156,20 +169,56 @@ fn serving_engine() -> (ClientEngine, crate::client::download::PeerConnId) {
     };
     e.handle_input(ClientInput::Disk(DiskDone::FileHashed { job, result: Ok(digest.clone()) }), Millis(0));
     let outs = drain(&mut e);
-    answer_all(&mut e, outs, tracker_reply);
-    let conn = crate::client::download::PeerConnId(16);
+    answer_all(&mut e, outs, serving_reply);
+    (e, digest)
+}
+
+/// Downloader `i` connects as `conn`, proves its key and asks for f.bin;
+/// its grant passes. What the engine sent it.
+fn accept_downloader(
+    e: &mut ClientEngine,
+    digest: &FileDigest,
+    conn: crate::client::download::PeerConnId,
+    i: u8,
+) -> Vec<crate::client::peer::PeerMessage> {
+    use crate::client::peer::{Grant, PeerMessage};
     e.handle_input(ClientInput::Peer(conn, PeerEvent::Accepted), Millis(0));
-    e.handle_input(ClientInput::Peer(conn, PeerEvent::Secured { key: KeyId([3; 32]) }), Millis(0));
+    e.handle_input(ClientInput::Peer(conn, PeerEvent::Secured { key: downloader_key(i) }), Millis(0));
     let mut hs = encode(&PeerMessage::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Peer });
+    let g = GroupId::new("g").unwrap();
     let want =
         PeerMessage::Want { group: g, name: FileName::new("f.bin").unwrap(), sha1: digest.sha1, grant: Grant([1; 16]) };
     hs.extend(encode(&want));
     e.handle_input(ClientInput::Peer(conn, PeerEvent::Bytes(&hs)), Millis(0));
-    let outs = drain(&mut e);
-    answer_all(&mut e, outs, tracker_reply);
-    let have = drain(&mut e);
+    let outs = drain(e);
+    let outs = answer_all(e, outs, serving_reply);
+    let mut sent = peer_messages(&outs, conn);
+    sent.extend(peer_messages(&drain(e), conn));
+    sent
+}
+
+/// The peer messages among `outs` sent on `conn`.
+fn peer_messages(
+    outs: &[ClientOutput],
+    conn: crate::client::download::PeerConnId,
+) -> Vec<crate::client::peer::PeerMessage> {
+    outs.iter()
+        .filter_map(|o| match o {
+            ClientOutput::PeerTransmit { conn: c, bytes } if *c == conn => decode(&bytes[4..]).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A logged-in engine sharing a 4 MiB file in group g, with one accepted peer
+/// connection that passed the grant check.
+fn serving_engine() -> (ClientEngine, crate::client::download::PeerConnId) {
+    use crate::client::peer::PeerMessage;
+    let (mut e, digest) = sharing_engine(None);
+    let conn = crate::client::download::PeerConnId(16);
+    let have = accept_downloader(&mut e, &digest, conn, 3);
     assert!(
-        have.iter().any(|o| matches!(o, ClientOutput::PeerTransmit { bytes, .. } if matches!(decode::<PeerMessage>(&bytes[4..]), Ok(PeerMessage::Have { .. })))),
+        have.iter().any(|m| matches!(m, PeerMessage::Have { .. })),
         "the grant passed, the chunk map goes out: {have:?}"
     );
     (e, conn)
@@ -446,4 +495,140 @@ fn a_tracker_proving_the_wrong_key_is_sent_nothing() {
         let sent = sent_requests(&connect(&mut e, 1, now));
         assert!(sent.iter().any(|(_, r)| matches!(r, Request::Login { .. })), "pinned {pinned}: {sent:?}");
     }
+}
+
+/// Block requests for all of `chunk`.
+fn chunk_requests(chunk: u32) -> Vec<u8> {
+    use crate::client::peer::{PeerMessage, BLOCK_SIZE};
+    (0..crate::chunk::CHUNK_SIZE as u32 / BLOCK_SIZE)
+        .flat_map(|i| encode(&PeerMessage::Request { chunk, offset: i * BLOCK_SIZE, len: BLOCK_SIZE }))
+        .collect()
+}
+
+/// The chunks offered in `msgs`: a map's set bits, then `HaveOne`s.
+fn offered(msgs: &[crate::client::peer::PeerMessage]) -> Vec<u32> {
+    use crate::client::peer::PeerMessage;
+    msgs.iter()
+        .flat_map(|m| match m {
+            PeerMessage::Have { chunks, .. } => chunks.iter_set().collect(),
+            PeerMessage::HaveOne { chunk } => vec![*chunk],
+            _ => vec![],
+        })
+        .collect()
+}
+
+/// A complete share serving a crowd super-seeds: the first downloader sees
+/// the whole map, each later one a couple of chunks at a time, no chunk
+/// offered twice while some were offered to nobody; an offer the downloader
+/// got elsewhere or was sent whole is replaced by a new one.
+#[test]
+fn a_seeder_offers_a_crowd_distinct_chunks() {
+    use crate::client::download::PeerConnId;
+    use crate::client::peer::PeerMessage;
+    use crate::client::serve::OPEN_OFFERS;
+    let (mut e, digest) = sharing_engine(None);
+    let (a, b, c) = (PeerConnId(16), PeerConnId(17), PeerConnId(18));
+    assert_eq!(offered(&accept_downloader(&mut e, &digest, a, 1)), (0..8).collect::<Vec<u32>>(), "alone: all");
+    let to_b = offered(&accept_downloader(&mut e, &digest, b, 2));
+    let to_c = offered(&accept_downloader(&mut e, &digest, c, 3));
+    assert_eq!((to_b.len(), to_c.len()), (OPEN_OFFERS as usize, OPEN_OFFERS as usize), "{to_b:?} {to_c:?}");
+    let mut seen: Vec<u32> = to_b.iter().chain(&to_c).copied().collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 2 * OPEN_OFFERS as usize, "offers overlap: {to_b:?} {to_c:?}");
+
+    // C got one of its offers from another peer: a fresh chunk is offered.
+    let got = encode(&PeerMessage::HaveOne { chunk: to_c[0] });
+    e.handle_input(ClientInput::Peer(c, PeerEvent::Bytes(&got)), Millis(1));
+    let more = offered(&peer_messages(&drain(&mut e), c));
+    assert_eq!(more.len(), 1);
+    assert!(!seen.contains(&more[0]), "{more:?} was offered already");
+    seen.push(more[0]);
+
+    // B is sent one of its offers whole: another fresh one takes its place.
+    e.handle_input(ClientInput::Peer(b, PeerEvent::Bytes(&chunk_requests(to_b[0]))), Millis(1));
+    let mut outs = drain(&mut e);
+    for _ in 0..8 {
+        e.handle_input(ClientInput::Peer(b, PeerEvent::BlockSent(Ok(()))), Millis(1));
+        outs.extend(drain(&mut e));
+    }
+    let blocks = outs.iter().filter(|o| matches!(o, ClientOutput::SendBlock { conn, .. } if *conn == b)).count();
+    assert_eq!(blocks, 4, "the chunk went out");
+    let more = offered(&peer_messages(&outs, b));
+    assert_eq!(more.len(), 1, "{more:?}");
+    assert!(!seen.contains(&more[0]), "{more:?} was offered already");
+}
+
+/// Under the upload limit the upload goes out a chunk at a time, in turns:
+/// the connection with a chunk part sent finishes it, then the next in
+/// turn is served, not always the first; and of the chunks asked for, one
+/// that fewer downloaders hold goes first.
+#[test]
+fn a_capped_upload_serves_whole_chunks_in_turns_rarest_first() {
+    use crate::client::download::PeerConnId;
+    use crate::client::peer::PeerMessage;
+    let (mut e, digest) = sharing_engine(Some(1_000_000));
+    let (a, b, c) = (PeerConnId(16), PeerConnId(17), PeerConnId(18));
+    for (i, conn) in [a, b, c].into_iter().enumerate() {
+        accept_downloader(&mut e, &digest, conn, i as u8 + 1);
+    }
+    // Runs the engine's clock until `blocks` went out: (connection, chunk) per block.
+    let run = |e: &mut ClientEngine, now: &mut Millis, blocks: usize| {
+        let mut order = Vec::new();
+        let mut outs = drain(e);
+        for _ in 0..1000 {
+            let sent: Vec<PeerConnId> = outs
+                .iter()
+                .filter_map(|o| match o {
+                    ClientOutput::SendBlock { conn, offset, .. } => {
+                        order.push((*conn, (*offset / crate::chunk::CHUNK_SIZE) as u32));
+                        Some(*conn)
+                    }
+                    _ => None,
+                })
+                .collect();
+            for conn in sent {
+                e.handle_input(ClientInput::Peer(conn, PeerEvent::BlockSent(Ok(()))), *now);
+            }
+            outs = drain(e);
+            if order.len() == blocks {
+                break;
+            }
+            if outs.is_empty() {
+                let Some(t) = e.poll_timeout() else { break };
+                *now = t.max(*now);
+                e.handle_input(ClientInput::Timeout, *now);
+                outs = drain(e);
+            }
+        }
+        order
+    };
+    let mut now = Millis(1);
+    let mut asks = chunk_requests(0);
+    asks.extend(chunk_requests(1));
+    e.handle_input(ClientInput::Peer(a, PeerEvent::Bytes(&asks)), now);
+    e.handle_input(ClientInput::Peer(b, PeerEvent::Bytes(&chunk_requests(2))), now);
+    e.handle_input(ClientInput::Peer(c, PeerEvent::Bytes(&chunk_requests(3))), now);
+    let order = run(&mut e, &mut now, 16);
+    let mut runs: Vec<(PeerConnId, u32, usize)> = Vec::new();
+    for (conn, chunk) in order {
+        match runs.last_mut() {
+            Some((c, k, n)) if *c == conn && *k == chunk => *n += 1,
+            _ => runs.push((conn, chunk, 1)),
+        }
+    }
+    assert_eq!(runs, vec![(a, 0, 4), (b, 2, 4), (c, 3, 4), (a, 1, 4)], "whole chunks, in turns");
+
+    // B holds chunk 5 (it says so). C is sent chunk 7, then the turn is
+    // A's, then B's; A asks for 5 and B for 6: 6, which none of them
+    // holds, goes first.
+    let holds = encode(&PeerMessage::HaveOne { chunk: 5 });
+    e.handle_input(ClientInput::Peer(b, PeerEvent::Bytes(&holds)), now);
+    e.handle_input(ClientInput::Peer(c, PeerEvent::Bytes(&chunk_requests(7))), now);
+    e.handle_input(ClientInput::Peer(a, PeerEvent::Bytes(&chunk_requests(5))), now);
+    e.handle_input(ClientInput::Peer(b, PeerEvent::Bytes(&chunk_requests(6))), now);
+    let order = run(&mut e, &mut now, 12);
+    assert_eq!(order.len(), 12, "{order:?}");
+    let first_of = |k: u32| order.iter().position(|&(_, ch)| ch == k).expect("served");
+    assert!(first_of(6) < first_of(5), "{order:?}");
 }

@@ -393,3 +393,83 @@ fn sources_beyond_max_peers_set_no_deadline_that_is_always_due() {
     let next = d.poll_timeout().expect("a stall or refresh deadline");
     assert!(next > now, "the next deadline {next:?} is already due at {now:?}");
 }
+
+/// Downloaders given the same long list of sources dial different ones:
+/// a crowd does not all connect to the first `max_peers` addresses.
+#[test]
+fn sources_are_dialled_in_random_order() {
+    let d0 = digest_of(&content(2 * CHUNK_SIZE as usize));
+    let many: Vec<SocketAddr> = (1..=64).map(addr).collect();
+    let mut everyone = BTreeSet::new();
+    for seed in 0..8 {
+        let mut d = new_download(DownloadConfig::default(), d0.clone(), Bitmap::new(2), 0, seed, Millis(0));
+        d.handle_sources(&sharers(&many), Millis(0));
+        let dialled: BTreeSet<SocketAddr> = std::iter::from_fn(|| d.poll_output())
+            .filter_map(|o| if let DownloadOutput::Connect { addr, .. } = o { Some(addr) } else { None })
+            .collect();
+        assert_eq!(dialled.len(), DownloadConfig::default().max_peers);
+        assert_ne!(dialled, many[..dialled.len()].iter().copied().collect(), "seed {seed}: the first addresses");
+        everyone.extend(dialled);
+    }
+    assert!(everyone.len() > 48, "8 downloaders reached only {} of 64 sources", everyone.len());
+}
+
+/// A peer that serves others too (its load says so) is asked for one
+/// chunk at a time, the next once half of it arrived; a peer serving only
+/// us gets the full pipeline.
+#[test]
+fn a_peer_serving_a_crowd_gets_a_short_pipeline() {
+    let content = content(16 * CHUNK_SIZE as usize);
+    for (uploads, first) in [(1u16, DownloadConfig::default().chunks_per_peer), (5, 1)] {
+        let load = Load { uploads, queued: 0 };
+        let mut d = new_download(DownloadConfig::default(), digest_of(&content), Bitmap::new(16), 0, 3, Millis(0));
+        d.handle_sources(&sharers(&[addr(1)]), Millis(0));
+        let (peer, at) = next_dial_now(&mut d);
+        d.handle_connected(peer, Some(key_at(addr(1))), at);
+        d.handle_message(peer, PeerMessage::Have { chunks: Bitmap::full(16), load }, at);
+        let asked = chunks_asked(&mut d);
+        assert_eq!(asked.len(), first, "{uploads} uploads: chunks asked at once");
+        if uploads == 1 {
+            continue;
+        }
+        let c = asked[0];
+        let block = |i: u32| {
+            let start = chunk_offset(c) as usize + (i * BLOCK_SIZE) as usize;
+            content[start..start + BLOCK_SIZE as usize].to_vec()
+        };
+        let per_chunk = CHUNK_SIZE as u32 / BLOCK_SIZE;
+        let mut next = Vec::new();
+        for i in 0..per_chunk {
+            d.handle_block(peer, c, i * BLOCK_SIZE, load, &block(i), at);
+            next = chunks_asked(&mut d);
+            if !next.is_empty() {
+                assert_eq!((i + 1) * BLOCK_SIZE, CHUNK_SIZE as u32 / 2, "the next chunk is asked for at half");
+                break;
+            }
+        }
+        assert_eq!(next.len(), 1, "one more chunk once half arrived");
+        assert_ne!(next[0], c);
+    }
+}
+
+/// The chunks a download's new requests are for, each once.
+fn chunks_asked(d: &mut Download) -> Vec<u32> {
+    let mut c: Vec<u32> = std::iter::from_fn(|| d.poll_output())
+        .filter_map(|o| match o {
+            DownloadOutput::Send { msg: PeerMessage::Request { chunk, .. }, .. } => Some(chunk),
+            _ => None,
+        })
+        .collect();
+    c.dedup();
+    c
+}
+
+/// The dial a download made at once, for tests that feed it sources.
+fn next_dial_now(d: &mut Download) -> (PeerConnId, Millis) {
+    while let Some(o) = d.poll_output() {
+        if let DownloadOutput::Connect { peer, .. } = o {
+            return (peer, Millis(0));
+        }
+    }
+    next_dial(d)
+}
