@@ -176,6 +176,10 @@ pub const MAX_SPARE_BUFFERS: usize = 16;
 /// the verifier's queue, its hash job and the writes in flight.
 pub const MAX_UNVERIFIED: usize = 32;
 
+/// The first ask for sources after the start; each next one waits twice as
+/// long, up to `DownloadConfig::refresh_every`.
+pub const FIRST_REFRESH: Millis = Millis(100);
+
 /// Longest pause before asking a peer that refused us again.
 pub const MAX_REFUSED_BACKOFF: Millis = Millis(30_000);
 
@@ -195,6 +199,9 @@ pub struct Download {
     /// allocation, zeroing or page faults per chunk.
     spare: Vec<Vec<u8>>,
     next_refresh: Millis,
+    /// The pause before the refresh after it: from [`FIRST_REFRESH`],
+    /// doubling up to `refresh_every`.
+    refresh_gap: Millis,
     /// When the last verified chunk arrived (or the download started).
     last_chunk: Millis,
     failed: bool,
@@ -232,8 +239,10 @@ impl Download {
             sources: BTreeMap::new(),
             checking: BTreeMap::new(),
             spare: Vec::new(),
-            // Soon: a crowd that starts together learns of itself.
-            next_refresh: now.plus(Millis(250)),
+            // Soon, then less and less often: a crowd that starts
+            // together learns of itself within a few round trips.
+            next_refresh: now.plus(FIRST_REFRESH),
+            refresh_gap: FIRST_REFRESH,
             last_chunk: now,
             failed: false,
             out: VecDeque::new(),
@@ -433,7 +442,8 @@ impl Download {
             self.drop_peer(peer, false, now);
         }
         if now >= self.next_refresh {
-            self.next_refresh = now.plus(self.cfg.refresh_every);
+            self.refresh_gap = Millis(self.refresh_gap.0.saturating_mul(2)).min(self.cfg.refresh_every);
+            self.next_refresh = now.plus(self.refresh_gap);
             if !self.is_complete() {
                 self.out.push_back(DownloadOutput::WantSources);
             }

@@ -443,8 +443,21 @@ impl ClientEngine {
             s.served += u64::from(len);
             self.served += u64::from(len);
             up.reading.push_back(len);
+            let offering = up.offers.is_some();
             let path = s.path.clone();
             let last = u64::from(block + len) >= crate::chunk::chunk_len(s.size, u64::from(chunk));
+            if last && !offering {
+                // Sent whole outside the offers (to the first downloader of
+                // a crowd, which was sent the whole map): counted as an
+                // offer, so the offers to the others go to other chunks.
+                let n = s.have.len() as usize;
+                if s.offered.len() != n {
+                    s.offered = vec![0; n];
+                }
+                if let Some(o) = s.offered.get_mut(chunk as usize) {
+                    *o = o.saturating_add(1);
+                }
+            }
             // The turn stays here until this chunk is out, then passes on.
             self.upload_turn = if last { (PeerConnId(conn.0 + 1), false) } else { (conn, true) };
             let header = crate::client::peer::block_header(chunk, block, self.load(), len);

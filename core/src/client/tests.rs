@@ -519,8 +519,9 @@ fn offered(msgs: &[crate::client::peer::PeerMessage]) -> Vec<u32> {
 
 /// A complete share serving a crowd super-seeds: the first downloader sees
 /// the whole map, each later one a couple of chunks at a time, no chunk
-/// offered twice while some were offered to nobody; an offer the downloader
-/// got elsewhere or was sent whole is replaced by a new one.
+/// offered twice (or offered after it was sent whole to the first) while
+/// some went to nobody; an offer the downloader got elsewhere or was sent
+/// whole is replaced by a new one.
 #[test]
 fn a_seeder_offers_a_crowd_distinct_chunks() {
     use crate::client::download::PeerConnId;
@@ -529,8 +530,18 @@ fn a_seeder_offers_a_crowd_distinct_chunks() {
     let (mut e, digest) = sharing_engine(None);
     let (a, b, c) = (PeerConnId(16), PeerConnId(17), PeerConnId(18));
     assert_eq!(offered(&accept_downloader(&mut e, &digest, a, 1)), (0..8).collect::<Vec<u32>>(), "alone: all");
+    // A, which saw the whole map, is sent chunks 0 and 1 whole: the offers
+    // to the others go elsewhere.
+    let mut asks = chunk_requests(0);
+    asks.extend(chunk_requests(1));
+    e.handle_input(ClientInput::Peer(a, PeerEvent::Bytes(&asks)), Millis(1));
+    for _ in 0..8 {
+        drain(&mut e);
+        e.handle_input(ClientInput::Peer(a, PeerEvent::BlockSent(Ok(()))), Millis(1));
+    }
     let to_b = offered(&accept_downloader(&mut e, &digest, b, 2));
     let to_c = offered(&accept_downloader(&mut e, &digest, c, 3));
+    assert!(to_b.iter().chain(&to_c).all(|&k| k > 1), "offered what A was sent: {to_b:?} {to_c:?}");
     assert_eq!((to_b.len(), to_c.len()), (OPEN_OFFERS as usize, OPEN_OFFERS as usize), "{to_b:?} {to_c:?}");
     let mut seen: Vec<u32> = to_b.iter().chain(&to_c).copied().collect();
     seen.sort();

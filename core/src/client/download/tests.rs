@@ -473,3 +473,21 @@ fn next_dial_now(d: &mut Download) -> (PeerConnId, Millis) {
     }
     next_dial(d)
 }
+
+/// Sources are asked for soon after the start, then less and less often:
+/// a crowd that starts together learns of itself within a few round trips,
+/// and a long download asks every `refresh_every`.
+#[test]
+fn sources_are_refreshed_soon_then_every_refresh_every() {
+    let d0 = digest_of(&content(2 * CHUNK_SIZE as usize));
+    let mut d = new_download(DownloadConfig::default(), d0, Bitmap::new(2), 0, 1, Millis(0));
+    let mut asked = Vec::new();
+    while asked.len() < 7 {
+        let at = d.poll_timeout().expect("a refresh is due");
+        d.handle_timeout(at);
+        if std::iter::from_fn(|| d.poll_output()).any(|o| o == DownloadOutput::WantSources) {
+            asked.push(at.0);
+        }
+    }
+    assert_eq!(asked, vec![100, 300, 700, 1500, 3100, 5100, 7100]);
+}
