@@ -40,6 +40,11 @@ impl TokenBucket {
         }
     }
 
+    /// Bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
     /// When `n` bytes' worth will be there.
     pub fn ready_at(&self, n: u64) -> Millis {
         let missing = n.min(self.capacity).saturating_sub(self.tokens);

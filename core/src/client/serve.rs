@@ -43,6 +43,9 @@ const MAX_READS_IN_FLIGHT: usize = 4;
 /// peer that serves others too. More would leave many chunks promised and
 /// not yet sent, and the next offers would be second copies.
 pub const OPEN_OFFERS: u32 = 2;
+/// Under the upload limit, a share's open offers over all its downloaders
+/// are what it sends in this time (see `offer_budget`).
+pub const OFFER_AHEAD: Millis = Millis(250);
 /// Chunks looked at, from a random place, to choose the next offer: the
 /// least offered among them (a bound for files of a million chunks).
 const OFFER_SCAN: u32 = 4096;
@@ -62,11 +65,25 @@ pub(crate) struct Shared {
     /// How many of the downloaders served now say they hold each chunk;
     /// empty until the first says so.
     pub held: Vec<u32>,
+    /// Offers made and not yet settled, over all downloaders.
+    open_offers: u32,
+    /// Offers made so far: which downloader was offered a chunk last.
+    offer_seq: u64,
 }
 
 impl Shared {
     pub fn new(path: String, size: u64, sha1: Sha1Digest, have: Bitmap) -> Shared {
-        Shared { path, size, sha1, have, served: 0, offered: Vec::new(), held: Vec::new() }
+        Shared {
+            path,
+            size,
+            sha1,
+            have,
+            served: 0,
+            offered: Vec::new(),
+            held: Vec::new(),
+            open_offers: 0,
+            offer_seq: 0,
+        }
     }
 
     fn held(&self, chunk: u32) -> u32 {
@@ -96,6 +113,8 @@ pub(crate) struct Offers {
     told: Bitmap,
     /// Offered and since started here or held by the downloader.
     settled: Bitmap,
+    /// The share's `offer_seq` at this downloader's last offer.
+    last: u64,
 }
 
 enum UpState {
@@ -319,11 +338,11 @@ impl ClientEngine {
                     });
                     if complete && crowd && n > OPEN_OFFERS {
                         if let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) {
-                            up.offers = Some(Offers { told: Bitmap::new(n), settled: Bitmap::new(n) });
+                            up.offers = Some(Offers { told: Bitmap::new(n), settled: Bitmap::new(n), last: 0 });
                         }
                         let load = self.load();
                         self.peer_send(conn, &PeerMessage::Have { chunks: Bitmap::new(n), load });
-                        self.top_up_offers(conn);
+                        self.top_up_offers(&(group, name));
                     } else {
                         let chunks = s.have.clone();
                         let load = self.load();
@@ -351,14 +370,36 @@ impl ClientEngine {
         self.offer_settled(conn, chunk);
     }
 
-    /// An upload connection is gone: what its downloader held is no longer counted.
+    /// An upload connection is gone: what its downloader held is no longer
+    /// counted, and its open offers go to others.
     pub(super) fn upload_gone(&mut self, link: PeerLink) {
         let PeerLink::In(up) = link else { return };
         let (UpState::Serving(g, n), Some(has)) = (&up.state, &up.has) else { return };
-        if let Some(s) = self.shares.get_mut(&(g.clone(), n.clone())) {
+        let key = (g.clone(), n.clone());
+        if let Some(s) = self.shares.get_mut(&key) {
             for c in has.iter_set() {
                 s.count_held(c, false);
             }
+            if let Some(o) = &up.offers {
+                s.open_offers = s.open_offers.saturating_sub(o.told.count() - o.settled.count());
+            }
+        }
+        self.top_up_offers(&key);
+    }
+
+    /// How many offers a share may have open over all its downloaders:
+    /// under the upload limit, what it sends in [`OFFER_AHEAD`] (at least
+    /// [`OPEN_OFFERS`]); without one, [`OPEN_OFFERS`] each. More would
+    /// promise chunks long before they go out, and once every chunk is
+    /// promised the next offers would be second copies while first ones
+    /// still wait.
+    fn offer_budget(&self, downloaders: u32) -> u32 {
+        match &self.upload_limit {
+            Some(b) => {
+                let chunks = b.rate().saturating_mul(OFFER_AHEAD.0) / 1000 / crate::chunk::CHUNK_SIZE;
+                u32::try_from(chunks).unwrap_or(u32::MAX).max(OPEN_OFFERS)
+            }
+            None => downloaders.saturating_mul(OPEN_OFFERS),
         }
     }
 
@@ -372,23 +413,45 @@ impl ClientEngine {
         }
         if o.told.get(chunk) && !o.settled.get(chunk) {
             o.settled.set(chunk);
-            self.top_up_offers(conn);
+            let UpState::Serving(g, n) = &up.state else { return };
+            let key = (g.clone(), n.clone());
+            if let Some(s) = self.shares.get_mut(&key) {
+                s.open_offers = s.open_offers.saturating_sub(1);
+            }
+            self.top_up_offers(&key);
         }
     }
 
-    /// Offers `conn` more chunks until it has [`OPEN_OFFERS`] unsettled
-    /// ones: each, of up to [`OFFER_SCAN`] chunks it lacks and was not
-    /// offered looked at from a random place, the least offered so far,
-    /// and of those the one the fewest downloaders hold.
-    fn top_up_offers(&mut self, conn: PeerConnId) {
+    /// Makes offers for a share while it has budget ([`Self::offer_budget`]):
+    /// each to the downloader with the fewest open offers (under
+    /// [`OPEN_OFFERS`]), of those the one offered to longest ago; each of
+    /// up to [`OFFER_SCAN`] chunks it lacks and was not offered, looked at
+    /// from a random place, the least offered so far, and of those the one
+    /// the fewest downloaders hold.
+    fn top_up_offers(&mut self, key: &(GroupId, FileName)) {
         loop {
-            let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
-            let UpState::Serving(group, name) = &up.state else { return };
-            let (Some(o), Some(has)) = (&mut up.offers, &up.has) else { return };
-            if o.told.count() - o.settled.count() >= OPEN_OFFERS {
+            let mut open_to = 0;
+            let mut next: Option<((u32, u64), PeerConnId)> = None;
+            for (c, p) in &self.peers {
+                let PeerLink::In(up) = p else { continue };
+                let (UpState::Serving(g, n), Some(o)) = (&up.state, &up.offers) else { continue };
+                if g != &key.0 || n != &key.1 {
+                    continue;
+                }
+                open_to += 1;
+                let open = o.told.count() - o.settled.count();
+                if open < OPEN_OFFERS && o.last != u64::MAX && next.is_none_or(|(k, _)| (open, o.last) < k) {
+                    next = Some(((open, o.last), *c));
+                }
+            }
+            let budget = self.offer_budget(open_to);
+            let Some((_, conn)) = next else { return };
+            let Some(s) = self.shares.get_mut(key) else { return };
+            if s.open_offers >= budget {
                 return;
             }
-            let Some(s) = self.shares.get_mut(&(group.clone(), name.clone())) else { return };
+            let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+            let (Some(o), Some(has)) = (&mut up.offers, &up.has) else { return };
             let n = o.told.len();
             if s.offered.len() != n as usize {
                 s.offered = vec![0; n as usize];
@@ -409,8 +472,15 @@ impl ClientEngine {
                     break;
                 }
             }
-            let Some((_, c)) = best else { return };
+            let Some((_, c)) = best else {
+                // Nothing left to offer it: out of the rotation for good.
+                o.last = u64::MAX;
+                continue;
+            };
             s.offered[c as usize] += 1;
+            s.open_offers += 1;
+            s.offer_seq += 1;
+            o.last = s.offer_seq;
             o.told.set(c);
             self.peer_send(conn, &PeerMessage::HaveOne { chunk: c });
         }

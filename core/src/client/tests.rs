@@ -643,3 +643,37 @@ fn a_capped_upload_serves_whole_chunks_in_turns_rarest_first() {
     let first_of = |k: u32| order.iter().position(|&(_, ch)| ch == k).expect("served");
     assert!(first_of(6) < first_of(5), "{order:?}");
 }
+
+/// Under the upload limit a seeder promises only what it sends in
+/// OFFER_AHEAD over all its downloaders, not two chunks to each: the
+/// budget goes to those with the fewest offers open, and an offer settled
+/// frees it for the downloader that waits.
+#[test]
+fn a_capped_seeder_keeps_few_offers_open_and_passes_them_round() {
+    use crate::client::download::PeerConnId;
+    use crate::client::serve::OFFER_AHEAD;
+    let rate = 8_000_000;
+    let budget = (rate * OFFER_AHEAD.0 / 1000 / crate::chunk::CHUNK_SIZE) as usize;
+    assert_eq!(budget, 3, "the test assumes three");
+    let (mut e, digest) = sharing_engine(Some(rate));
+    let conns: Vec<PeerConnId> = (16..21).map(PeerConnId).collect();
+    let mut offers: Vec<Vec<u32>> = Vec::new();
+    for (i, &c) in conns.iter().enumerate() {
+        offers.push(offered(&accept_downloader(&mut e, &digest, c, i as u8 + 1)));
+    }
+    // The first saw the whole map; of the others, the first two got the
+    // three offers between them, the last two none yet.
+    assert_eq!(offers[0].len(), 8);
+    let counts: Vec<usize> = offers[1..].iter().map(Vec::len).collect();
+    assert_eq!(counts, vec![2, 1, 0, 0]);
+    // The first offer goes out whole: its place goes to one that has none.
+    let (b, first) = (conns[1], offers[1][0]);
+    e.handle_input(ClientInput::Peer(b, PeerEvent::Bytes(&chunk_requests(first))), Millis(1));
+    let mut outs = drain(&mut e);
+    for _ in 0..4 {
+        e.handle_input(ClientInput::Peer(b, PeerEvent::BlockSent(Ok(()))), Millis(1));
+        outs.extend(drain(&mut e));
+    }
+    let got: Vec<usize> = conns[1..].iter().map(|&c| offered(&peer_messages(&outs, c)).len()).collect();
+    assert_eq!(got, vec![0, 0, 1, 0], "the freed offer goes to the first that had none");
+}
