@@ -182,13 +182,16 @@ impl ClientEngine {
     }
 
     pub(super) fn peer_closed(&mut self, conn: PeerConnId, now: Millis) {
-        if let Some(PeerLink::Out { download, .. }) = self.peers.remove(&conn) {
-            if let Some(dl) = self.downloads.get_mut(&download).and_then(|e| e.fetch_mut()) {
-                dl.handle_closed(conn, now);
+        match self.peers.remove(&conn) {
+            Some(PeerLink::Out { download, .. }) => {
+                if let Some(dl) = self.downloads.get_mut(&download).and_then(|e| e.fetch_mut()) {
+                    dl.handle_closed(conn, now);
+                }
+                self.drain_download(download, now);
             }
-            self.drain_download(download, now);
-        } else if let Some(link) = self.peers.remove(&conn) {
-            self.upload_gone(link);
+            // An upload: what its downloader held and was offered is released.
+            Some(link) => self.upload_gone(link),
+            None => {}
         }
     }
 

@@ -144,6 +144,11 @@ fn downloader_key(i: u8) -> KeyId {
 /// A logged-in engine sharing a 4 MiB file (8 chunks) "f.bin" in group g,
 /// its uploads capped at `max_upload_rate`.
 fn sharing_engine(max_upload_rate: Option<u64>) -> (ClientEngine, FileDigest) {
+    sharing_engine_of(max_upload_rate, 4 << 20)
+}
+
+/// [`sharing_engine`] with a file of `size` bytes.
+fn sharing_engine_of(max_upload_rate: Option<u64>, size: u64) -> (ClientEngine, FileDigest) {
     let trackers = vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()];
     let mut cfg = ClientConfig::new("127.0.0.1:9".parse().unwrap(), trackers);
     cfg.max_upload_rate = max_upload_rate;
@@ -161,7 +166,6 @@ fn sharing_engine(max_upload_rate: Option<u64>) -> (ClientEngine, FileDigest) {
         .iter()
         .find_map(|o| if let ClientOutput::Disk(DiskOp::HashFile { job, .. }) = o { Some(*job) } else { None })
         .expect("the upload asks for hashing");
-    let size = 4 << 20;
     let digest = FileDigest {
         size,
         sha1: crate::chunk::Sha1Digest([1; 20]),
@@ -676,4 +680,144 @@ fn a_capped_seeder_keeps_few_offers_open_and_passes_them_round() {
     }
     let got: Vec<usize> = conns[1..].iter().map(|&c| offered(&peer_messages(&outs, c)).len()).collect();
     assert_eq!(got, vec![0, 0, 1, 0], "the freed offer goes to the first that had none");
+}
+
+/// What a property test of super-seeding knows of one downloader.
+#[derive(Default)]
+struct Seen {
+    offered: std::collections::BTreeSet<u32>,
+    holds: std::collections::BTreeSet<u32>,
+    sent: std::collections::BTreeSet<u32>,
+    gone: bool,
+    /// It was sent the whole map (no other downloader was served): no offers.
+    full: bool,
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Whatever downloaders join, report, fetch and leave: none is offered
+    /// a chunk twice or one it holds; while a chunk it lacks went to nobody
+    /// (offered or sent whole), every offer is such a fresh chunk; and under
+    /// the upload limit the open offers stay within the budget.
+    #[test]
+    fn super_seeding_offers_fresh_chunks_within_budget(
+        chunks in 3u64..40,
+        capped in proptest::prelude::any::<bool>(),
+        steps in proptest::collection::vec((0u8..4, 0usize..6, 0u32..64), 1..60),
+    ) {
+        use crate::client::download::PeerConnId;
+        use crate::client::peer::PeerMessage;
+        use crate::client::serve::{OFFER_AHEAD, OPEN_OFFERS};
+        let rate = capped.then_some(8_000_000u64);
+        let (mut e, digest) = sharing_engine_of(rate, chunks * crate::chunk::CHUNK_SIZE);
+        let n = chunks as u32;
+        let mut seen: Vec<Seen> = Vec::new();
+        let mut now = Millis(1);
+        // Chunks offered to or sent whole to anyone, ever.
+        let mut spread = std::collections::BTreeSet::new();
+        // Checks the offers in `outs`, in order, and records them.
+        let check = |seen: &mut Vec<Seen>, spread: &mut std::collections::BTreeSet<u32>, outs: &[ClientOutput]| {
+            for o in outs {
+                let ClientOutput::PeerTransmit { conn, bytes } = o else { continue };
+                let i = (conn.0 - 16) as usize;
+                let Ok(PeerMessage::HaveOne { chunk }) = decode::<PeerMessage>(&bytes[4..]) else { continue };
+                let d = &seen[i];
+                proptest::prop_assert!(!d.offered.contains(&chunk), "{chunk} offered twice to d{i}");
+                proptest::prop_assert!(!d.holds.contains(&chunk), "d{i} holds {chunk}");
+                let fresh = (0..n).any(|c| !spread.contains(&c) && !d.holds.contains(&c) && !d.offered.contains(&c));
+                proptest::prop_assert!(!fresh || !spread.contains(&chunk), "{chunk} offered again while fresh ones wait");
+                seen[i].offered.insert(chunk);
+                spread.insert(chunk);
+            }
+            if let Some(r) = rate {
+                let budget = ((r * OFFER_AHEAD.0 / 1000 / crate::chunk::CHUNK_SIZE) as usize).max(OPEN_OFFERS as usize);
+                let open: usize = seen
+                    .iter()
+                    .filter(|d| !d.gone && !d.full)
+                    .map(|d| d.offered.iter().filter(|c| !d.holds.contains(c) && !d.sent.contains(c)).count())
+                    .sum();
+                proptest::prop_assert!(open <= budget, "{open} offers open, budget {budget}");
+            }
+            Ok(())
+        };
+        for (kind, who, chunk) in steps {
+            let live: Vec<usize> = (0..seen.len()).filter(|&i| !seen[i].gone).collect();
+            match kind {
+                0 if seen.len() < 6 => {
+                    let i = seen.len();
+                    seen.push(Seen::default());
+                    let conn = PeerConnId(16 + i as u64);
+                    let msgs = accept_downloader(&mut e, &digest, conn, i as u8 + 1);
+                    for m in &msgs {
+                        if let PeerMessage::Have { chunks: map, .. } = m {
+                            seen[i].offered.extend(map.iter_set());
+                            seen[i].full = map.count() == n;
+                        }
+                    }
+                    let outs: Vec<ClientOutput> = msgs
+                        .iter()
+                        .filter(|m| matches!(m, PeerMessage::HaveOne { .. }))
+                        .map(|m| ClientOutput::PeerTransmit { conn, bytes: encode(m) })
+                        .collect();
+                    check(&mut seen, &mut spread, &outs)?;
+                }
+                1 if !live.is_empty() => {
+                    let i = live[who % live.len()];
+                    let c = chunk % n;
+                    let conn = PeerConnId(16 + i as u64);
+                    e.handle_input(ClientInput::Peer(conn, PeerEvent::Bytes(&encode(&PeerMessage::HaveOne { chunk: c }))), now);
+                    seen[i].holds.insert(c);
+                    let outs = drain(&mut e);
+                    check(&mut seen, &mut spread, &outs)?;
+                }
+                2 if !live.is_empty() => {
+                    // A downloader fetches one chunk it was offered (the
+                    // first: any chunk) and it goes out whole.
+                    let i = live[who % live.len()];
+                    let d = &seen[i];
+                    let open: Vec<u32> = d.offered.iter().copied().filter(|c| !d.sent.contains(c) && !d.holds.contains(c)).collect();
+                    if open.is_empty() {
+                        continue;
+                    }
+                    let c = open[chunk as usize % open.len()];
+                    let conn = PeerConnId(16 + i as u64);
+                    e.handle_input(ClientInput::Peer(conn, PeerEvent::Bytes(&chunk_requests(c))), now);
+                    let mut blocks = 0;
+                    for _ in 0..200 {
+                        let outs = drain(&mut e);
+                        let mine = outs.iter().filter(|o| matches!(o, ClientOutput::SendBlock { conn: k, .. } if *k == conn)).count();
+                        blocks += mine;
+                        // Settled as its last block goes out, with what that freed.
+                        if blocks * crate::client::peer::BLOCK_SIZE as usize >= crate::chunk::CHUNK_SIZE as usize {
+                            seen[i].sent.insert(c);
+                            spread.insert(c);
+                        }
+                        check(&mut seen, &mut spread, &outs)?;
+                        for _ in 0..mine {
+                            e.handle_input(ClientInput::Peer(conn, PeerEvent::BlockSent(Ok(()))), now);
+                        }
+                        if blocks * crate::client::peer::BLOCK_SIZE as usize >= crate::chunk::CHUNK_SIZE as usize {
+                            break;
+                        }
+                        if mine == 0 {
+                            now = e.poll_timeout().unwrap_or(now).max(now);
+                            e.handle_input(ClientInput::Timeout, now);
+                        }
+                    }
+                    seen[i].sent.insert(c);
+                    spread.insert(c);
+                    check(&mut seen, &mut spread, &drain(&mut e))?;
+                }
+                3 if !live.is_empty() => {
+                    let i = live[who % live.len()];
+                    seen[i].gone = true;
+                    e.handle_input(ClientInput::Peer(PeerConnId(16 + i as u64), PeerEvent::Closed), now);
+                    let outs = drain(&mut e);
+                    check(&mut seen, &mut spread, &outs)?;
+                }
+                _ => {}
+            }
+        }
+    }
 }
