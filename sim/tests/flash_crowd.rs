@@ -15,11 +15,12 @@
 //! 100 leechers of 128 chunks take about 11 GB.
 //!
 //! What it shows (seeds 0-2, 128 chunks, 8 MB/s): 8 leechers finish at
-//! 1.18-1.20x the bound, the seeder sending 1.12-1.15 copies; 24 at
-//! 1.26-1.27x and 1.20-1.23; 48 at 1.37x, 100 at 1.44x (seed 0). Before
-//! the seeder offered distinct chunks, gave its upload out a chunk at a
-//! time in turns, and downloaders were listed as sources from the start:
-//! 8 leechers of 64 chunks 3.15x, the seeder sending 3.2 copies.
+//! 1.16-1.20x the bound, the seeder sending 1.11-1.13 copies; 24 at
+//! 1.27-1.28x and 1.10-1.14; 48 at 1.36-1.41x and 1.12-1.20; 100 at 1.44x
+//! (seed 0, before the offer budget). Before the seeder offered distinct
+//! chunks, gave its upload out a chunk at a time in turns, and downloaders
+//! were listed as sources from the start: 8 leechers of 64 chunks 3.15x,
+//! the seeder sending 3.2 copies.
 
 use shoal_core::chunk::CHUNK_SIZE;
 use shoal_core::rng::Rng;
