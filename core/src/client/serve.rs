@@ -9,6 +9,14 @@
 //! downloader cannot make this client buffer without bound. Only chunks the
 //! share's map holds are served: for a running download, those verified and
 //! written.
+//!
+//! For a crowd: a complete share serving a second downloader of a file
+//! super-seeds ([`Offers`]: an empty map, then chunks offered a few at a
+//! time, the least offered and least held first; under the rate limit only
+//! [`OFFER_AHEAD`] of sending is promised at once). Downloaders report what
+//! they hold (`Have`, `HaveOne`), counted per share. Under the rate limit
+//! the upload goes out a chunk at a time in turns (`uploads_timeout`), a
+//! chunk fewer downloaders hold first.
 
 use std::collections::VecDeque;
 
