@@ -11,7 +11,7 @@
 //! written.
 //!
 //! For a crowd: a complete share serving a second downloader of a file
-//! super-seeds ([`Offers`]: an empty map, then chunks offered a few at a
+//! super-seeds (`Offers`: an empty map, then chunks offered a few at a
 //! time, the least offered and least held first; under the rate limit only
 //! [`OFFER_AHEAD`] of sending is promised at once). Downloaders report what
 //! they hold (`Have`, `HaveOne`), counted per share. Under the rate limit
