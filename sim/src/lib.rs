@@ -44,7 +44,6 @@ pub use hosts::Rep;
 pub use net::{Ep, NetConfig};
 pub use world::{Bandwidth, World, WorldConfig};
 
-/// The seed from `SIM_SEED`, or `default`.
 /// The key id an honest host at `ip` proves: the simulation plays TLS's
 /// outcome, not its crypto (each host holds the key derived from its
 /// address; a forged identity is a host proving another host's id, or a
@@ -53,6 +52,7 @@ pub fn key_of(ip: std::net::IpAddr) -> shoal_core::identity::KeyId {
     shoal_core::identity::KeyId::of_public_key(ip.to_string().as_bytes())
 }
 
+/// The seed from `SIM_SEED`, or `default`.
 pub fn seed_from_env(default: u64) -> u64 {
     std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
@@ -77,4 +77,24 @@ pub fn seeds(default_count: u64) -> Vec<u64> {
     }
     let n = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default_count);
     (0..n).collect()
+}
+
+/// Runs the shell line `line` on client `c`: its output; a failure panics,
+/// naming the line (for tests).
+pub fn ok(w: &mut World, c: usize, line: &str) -> Vec<String> {
+    w.run(c, line).unwrap_or_else(|e| panic!("`{line}` on c{c} failed: {e}"))
+}
+
+/// Clients `0..clients` make the accounts `u<c>` (password `pw`) and log in;
+/// u0 makes the group `g` and accepts every other one into it.
+pub fn one_group(w: &mut World, clients: usize) {
+    for c in 0..clients {
+        ok(w, c, &format!("create_user u{c} pw"));
+        ok(w, c, &format!("login u{c} pw"));
+    }
+    ok(w, 0, "create_group g");
+    for c in 1..clients {
+        ok(w, c, "join_group g");
+        ok(w, 0, &format!("accept_request g u{c}"));
+    }
 }

@@ -25,7 +25,7 @@
 use shoal_core::chunk::CHUNK_SIZE;
 use shoal_core::rng::Rng;
 use shoal_core::time::Millis;
-use sim::{seed_from_env, Bandwidth, NetConfig, World, WorldConfig};
+use sim::{ok, one_group, seed_from_env, Bandwidth, NetConfig, World, WorldConfig};
 
 /// Every client's uplink for peer traffic: 8 MB/s.
 const UP: u64 = 8_000_000;
@@ -36,10 +36,6 @@ const MAX_RATIO: f64 = 1.6;
 
 fn links(_: usize) -> Bandwidth {
     Bandwidth { up: UP, down: 4 * UP }
-}
-
-fn ok(w: &mut World, c: usize, line: &str) -> Vec<String> {
-    w.run(c, line).unwrap_or_else(|e| panic!("`{line}` on c{c} failed: {e}"))
 }
 
 struct Crowd {
@@ -63,14 +59,8 @@ fn crowd(seed: u64, leechers: usize) -> Crowd {
     let size = (CHUNK_SIZE * chunks()) as usize;
     let mut content = vec![0u8; size];
     rng.fill(&mut content);
-    for c in 0..=leechers {
-        ok(&mut w, c, &format!("create_user u{c} pw"));
-        ok(&mut w, c, &format!("login u{c} pw"));
-    }
-    ok(&mut w, 0, "create_group g");
+    one_group(&mut w, leechers + 1);
     for c in 1..=leechers {
-        ok(&mut w, c, "join_group g");
-        ok(&mut w, 0, &format!("accept_request g u{c}"));
         w.mkdir(&format!("/home/dl{c}"));
     }
     w.write_file("/home/u0/data.bin", content.clone());

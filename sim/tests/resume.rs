@@ -18,11 +18,7 @@ use std::collections::BTreeMap;
 use shoal_core::chunk::CHUNK_SIZE;
 use shoal_core::rng::Rng;
 use shoal_core::time::Millis;
-use sim::{seeds, DiskConfig, NetConfig, World, WorldConfig};
-
-fn ok(w: &mut World, c: usize, line: &str) -> Vec<String> {
-    w.run(c, line).unwrap_or_else(|e| panic!("`{line}` on c{c} failed: {e}"))
-}
+use sim::{ok, one_group, seeds, DiskConfig, NetConfig, World, WorldConfig};
 
 /// What a seed drove: runs that resumed, and the world's fault counts.
 fn resume(seed: u64) -> (World, u64) {
@@ -40,15 +36,7 @@ fn resume(seed: u64) -> (World, u64) {
     let mut content = vec![0u8; size];
     rng.fill(&mut content);
     // Clients 0 and 1 share, 2 dies and resumes, 3 downloads from all of them.
-    for c in 0..4 {
-        ok(&mut w, c, &format!("create_user u{c} pw"));
-        ok(&mut w, c, &format!("login u{c} pw"));
-    }
-    ok(&mut w, 0, "create_group g");
-    for c in 1..4 {
-        ok(&mut w, c, "join_group g");
-        ok(&mut w, 0, &format!("accept_request g u{c}"));
-    }
+    one_group(&mut w, 4);
     for c in 0..2 {
         let path = format!("/home/u{c}/f.bin");
         w.write_file(&path, content.clone());

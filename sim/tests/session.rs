@@ -3,14 +3,7 @@
 
 use shoal_core::chunk::{Sha1Digest, CHUNK_SIZE};
 use shoal_core::time::Millis;
-use sim::{seed_from_env, NetConfig, World};
-
-fn ok(w: &mut World, c: usize, line: &str) -> Vec<String> {
-    match w.run(c, line) {
-        Ok(lines) => lines,
-        Err(e) => panic!("`{line}` on c{c} failed: {e}"),
-    }
-}
+use sim::{ok, seed_from_env, NetConfig, World};
 
 fn err(w: &mut World, c: usize, line: &str) -> String {
     match w.run(c, line) {

@@ -8,11 +8,7 @@
 use shoal_core::chunk::CHUNK_SIZE;
 use shoal_core::rng::Rng;
 use shoal_core::time::Millis;
-use sim::{seed_from_env, NetConfig, World};
-
-fn ok(w: &mut World, c: usize, line: &str) -> Vec<String> {
-    w.run(c, line).unwrap_or_else(|e| panic!("`{line}` on c{c} failed: {e}"))
-}
+use sim::{ok, one_group, seed_from_env, NetConfig, World};
 
 /// Clients 0..sharers share the file (client 1 from a rotten copy), the
 /// last two clients download it, the second starting a little later so that
@@ -26,15 +22,7 @@ fn swarm(seed: u64) -> World {
     let mut content = vec![0u8; size];
     rng.fill(&mut content);
     let (d, d2) = (sharers, sharers + 1);
-    for c in 0..=d2 {
-        ok(&mut w, c, &format!("create_user u{c} pw"));
-        ok(&mut w, c, &format!("login u{c} pw"));
-    }
-    ok(&mut w, 0, "create_group g");
-    for c in 1..=d2 {
-        ok(&mut w, c, "join_group g");
-        ok(&mut w, 0, &format!("accept_request g u{c}"));
-    }
+    one_group(&mut w, d2 + 1);
     for c in 0..sharers {
         w.write_file(&format!("/home/u{c}/data.bin"), content.clone());
     }

@@ -513,11 +513,10 @@ impl Download {
             self.next_conn += 1;
             let peer = PeerConnId(self.conn_base + self.next_conn);
             s.conn = Some(peer);
-            let addr = &addr;
             self.peers.insert(
                 peer,
                 Peer {
-                    addr: *addr,
+                    addr,
                     have: None,
                     load: Load::default(),
                     fetches: Vec::new(),
@@ -527,7 +526,7 @@ impl Download {
                     tell: false,
                 },
             );
-            self.out.push_back(DownloadOutput::Connect { peer, addr: *addr });
+            self.out.push_back(DownloadOutput::Connect { peer, addr });
         }
     }
 

@@ -69,43 +69,46 @@ pub(crate) struct Shared {
     pub served: u64,
     /// How many downloaders each chunk was offered to (see [`Offers`]);
     /// empty until the first offer.
-    pub offered: Vec<u32>,
+    offered: Vec<u32>,
     /// How many of the downloaders served now say they hold each chunk;
     /// empty until the first says so.
-    pub held: Vec<u32>,
-    /// Offers made and not yet settled, over all downloaders.
-    open_offers: u32,
+    held: Vec<u32>,
     /// Offers made so far: which downloader was offered a chunk last.
     offer_seq: u64,
 }
 
 impl Shared {
     pub fn new(path: String, size: u64, sha1: Sha1Digest, have: Bitmap) -> Shared {
-        Shared {
-            path,
-            size,
-            sha1,
-            have,
-            served: 0,
-            offered: Vec::new(),
-            held: Vec::new(),
-            open_offers: 0,
-            offer_seq: 0,
-        }
+        Shared { path, size, sha1, have, served: 0, offered: Vec::new(), held: Vec::new(), offer_seq: 0 }
     }
 
     fn held(&self, chunk: u32) -> u32 {
         self.held.get(chunk as usize).copied().unwrap_or(0)
     }
 
+    fn offered(&self, chunk: u32) -> u32 {
+        self.offered.get(chunk as usize).copied().unwrap_or(0)
+    }
+
     fn count_held(&mut self, chunk: u32, up: bool) {
-        let n = self.have.len() as usize;
-        if self.held.len() != n {
-            self.held = vec![0; n];
-        }
-        if let Some(h) = self.held.get_mut(chunk as usize) {
-            *h = if up { h.saturating_add(1) } else { h.saturating_sub(1) };
-        }
+        let n = self.have.len();
+        count(&mut self.held, n, chunk, up);
+    }
+
+    fn count_offered(&mut self, chunk: u32) {
+        let n = self.have.len();
+        count(&mut self.offered, n, chunk, true);
+    }
+}
+
+/// One up or down in a per-chunk count of a file of `n` chunks, sized at
+/// its first use.
+fn count(counts: &mut Vec<u32>, n: u32, chunk: u32, up: bool) {
+    if counts.len() != n as usize {
+        *counts = vec![0; n as usize];
+    }
+    if let Some(h) = counts.get_mut(chunk as usize) {
+        *h = if up { h.saturating_add(1) } else { h.saturating_sub(1) };
     }
 }
 
@@ -121,6 +124,8 @@ pub(crate) struct Offers {
     told: Bitmap,
     /// Offered and since started here or held by the downloader.
     settled: Bitmap,
+    /// Offered and not settled.
+    open: u32,
     /// The share's `offer_seq` at this downloader's last offer.
     last: u64,
 }
@@ -346,7 +351,8 @@ impl ClientEngine {
                     });
                     if complete && crowd && n > OPEN_OFFERS {
                         if let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) {
-                            up.offers = Some(Offers { told: Bitmap::new(n), settled: Bitmap::new(n), last: 0 });
+                            up.offers =
+                                Some(Offers { told: Bitmap::new(n), settled: Bitmap::new(n), open: 0, last: 0 });
                         }
                         let load = self.load();
                         self.peer_send(conn, &PeerMessage::Have { chunks: Bitmap::new(n), load });
@@ -378,8 +384,8 @@ impl ClientEngine {
         self.offer_settled(conn, chunk);
     }
 
-    /// An upload connection is gone: what its downloader held is no longer
-    /// counted, and its open offers go to others.
+    /// An upload connection is gone (removed from `peers`): what its
+    /// downloader held is no longer counted, and its open offers go to others.
     pub(super) fn upload_gone(&mut self, link: PeerLink) {
         let PeerLink::In(up) = link else { return };
         let (UpState::Serving(g, n), Some(has)) = (&up.state, &up.has) else { return };
@@ -387,9 +393,6 @@ impl ClientEngine {
         if let Some(s) = self.shares.get_mut(&key) {
             for c in has.iter_set() {
                 s.count_held(c, false);
-            }
-            if let Some(o) = &up.offers {
-                s.open_offers = s.open_offers.saturating_sub(o.told.count() - o.settled.count());
             }
         }
         self.top_up_offers(&key);
@@ -421,11 +424,9 @@ impl ClientEngine {
         }
         if o.told.get(chunk) && !o.settled.get(chunk) {
             o.settled.set(chunk);
+            o.open = o.open.saturating_sub(1);
             let UpState::Serving(g, n) = &up.state else { return };
             let key = (g.clone(), n.clone());
-            if let Some(s) = self.shares.get_mut(&key) {
-                s.open_offers = s.open_offers.saturating_sub(1);
-            }
             self.top_up_offers(&key);
         }
     }
@@ -438,7 +439,8 @@ impl ClientEngine {
     /// the fewest downloaders hold.
     fn top_up_offers(&mut self, key: &(GroupId, FileName)) {
         loop {
-            let mut open_to = 0;
+            // Over the downloaders of this share being offered chunks.
+            let (mut downloaders, mut open) = (0, 0);
             let mut next: Option<((u32, u64), PeerConnId)> = None;
             for (c, p) in &self.peers {
                 let PeerLink::In(up) = p else { continue };
@@ -446,24 +448,20 @@ impl ClientEngine {
                 if g != &key.0 || n != &key.1 {
                     continue;
                 }
-                open_to += 1;
-                let open = o.told.count() - o.settled.count();
-                if open < OPEN_OFFERS && o.last != u64::MAX && next.is_none_or(|(k, _)| (open, o.last) < k) {
-                    next = Some(((open, o.last), *c));
+                downloaders += 1;
+                open += o.open;
+                if o.open < OPEN_OFFERS && o.last != u64::MAX && next.is_none_or(|(k, _)| (o.open, o.last) < k) {
+                    next = Some(((o.open, o.last), *c));
                 }
             }
-            let budget = self.offer_budget(open_to);
-            let Some((_, conn)) = next else { return };
-            let Some(s) = self.shares.get_mut(key) else { return };
-            if s.open_offers >= budget {
+            if open >= self.offer_budget(downloaders) {
                 return;
             }
+            let Some((_, conn)) = next else { return };
+            let Some(s) = self.shares.get_mut(key) else { return };
             let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
             let (Some(o), Some(has)) = (&mut up.offers, &up.has) else { return };
             let n = o.told.len();
-            if s.offered.len() != n as usize {
-                s.offered = vec![0; n as usize];
-            }
             let start = self.rng.below(u64::from(n)) as u32;
             let mut best: Option<((u32, u32), u32)> = None;
             let mut looked = 0;
@@ -471,7 +469,7 @@ impl ClientEngine {
                 if o.told.get(c) || has.get(c) || !s.have.get(c) {
                     continue;
                 }
-                let key = (s.offered[c as usize], s.held(c));
+                let key = (s.offered(c), s.held(c));
                 if best.is_none_or(|(k, _)| key < k) {
                     best = Some((key, c));
                 }
@@ -485,10 +483,10 @@ impl ClientEngine {
                 o.last = u64::MAX;
                 continue;
             };
-            s.offered[c as usize] += 1;
-            s.open_offers += 1;
+            s.count_offered(c);
             s.offer_seq += 1;
             o.last = s.offer_seq;
+            o.open += 1;
             o.told.set(c);
             self.peer_send(conn, &PeerMessage::HaveOne { chunk: c });
         }
@@ -528,13 +526,7 @@ impl ClientEngine {
                 // Sent whole outside the offers (to the first downloader of
                 // a crowd, which was sent the whole map): counted as an
                 // offer, so the offers to the others go to other chunks.
-                let n = s.have.len() as usize;
-                if s.offered.len() != n {
-                    s.offered = vec![0; n];
-                }
-                if let Some(o) = s.offered.get_mut(chunk as usize) {
-                    *o = o.saturating_add(1);
-                }
+                s.count_offered(chunk);
             }
             // The turn stays here until this chunk is out, then passes on.
             self.upload_turn = if last { (PeerConnId(conn.0 + 1), false) } else { (conn, true) };
