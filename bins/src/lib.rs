@@ -27,6 +27,52 @@ pub fn load_tracker_info(path: &Path) -> Result<Vec<TrackerEntry>, String> {
     parse_tracker_info(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The layout of a tracker's data dir this build reads and writes: 2 keeps
+/// chunk lists in the range store beside the log (`ranges.redb`), where
+/// format 1 (no `format` file) kept them inside the log's entries.
+pub const DATA_FORMAT: u32 = 2;
+
+/// Checks that `dir` holds a tracker's data in [`DATA_FORMAT`] (marking a new
+/// dir so), with a one-line error for one written by another version, which
+/// this build must not read as its own.
+pub fn check_data_format(dir: &Path) -> Result<(), String> {
+    let marker = dir.join("format");
+    let line = format!("shoal tracker data, format {DATA_FORMAT}\n");
+    match std::fs::read_to_string(&marker) {
+        Ok(text) if text == line => return Ok(()),
+        Ok(text) => {
+            return Err(format!(
+                "{}: this data dir says {:?}, and this tracker reads only format {DATA_FORMAT}",
+                marker.display(),
+                text.trim()
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot read {}: {e}", marker.display())),
+    }
+    let log = dir.join("log");
+    let used = match std::fs::read(&log) {
+        Ok(bytes) => bytes.iter().any(|&b| b != 0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(format!("cannot read {}: {e}", log.display())),
+    };
+    if used {
+        return Err(format!(
+            "{} was written by an earlier shoal (data format 1, chunk lists inside the log); this tracker reads \
+             format {DATA_FORMAT}: start it on an empty data dir (it catches up from the others)",
+            log.display()
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let write = || -> io::Result<()> {
+        let f = std::fs::File::create(&marker)?;
+        io::Write::write_all(&mut &f, line.as_bytes())?;
+        f.sync_all()?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| format!("cannot write {}: {e}", marker.display()))
+}
+
 /// Where trackers whose line in `tracker_info` pins no key publish their
 /// key ids, one file a tracker named by its id: `tracker_info.keys/` beside
 /// `tracker_info.txt`. On one host that is all the set-up a cluster needs;
@@ -208,5 +254,37 @@ mod tests {
         assert_eq!(lines(b"ab\r\ncdefgh\n\nxy", 4), vec!["ab", "<long>", "", "xy"]);
         assert_eq!(lines(b"\xff\n", 4), vec!["<bin>"]);
         assert!(lines(b"", 4).is_empty());
+    }
+
+    /// A new data dir is marked with this build's format; one written in
+    /// format 1 (a log with records, no marker) or marked with another
+    /// format is refused with a line saying so, and left as it was.
+    #[test]
+    fn data_dirs_of_another_format_are_refused() {
+        let root = std::env::temp_dir().join(format!("shoal-format-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let fresh = root.join("fresh");
+        check_data_format(&fresh).unwrap();
+        check_data_format(&fresh).unwrap();
+        assert!(std::fs::read_to_string(fresh.join("format")).unwrap().contains("format 2"));
+
+        let old = root.join("old");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("log"), b"\x01\x00\x00").unwrap();
+        let e = check_data_format(&old).unwrap_err();
+        assert!(e.contains("format 1"), "{e}");
+        assert!(!old.join("format").exists());
+
+        // A log of zeros only (preallocated, nothing written) is a new dir.
+        let empty = root.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        std::fs::write(empty.join("log"), [0u8; 64]).unwrap();
+        check_data_format(&empty).unwrap();
+
+        let other = root.join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("format"), "shoal tracker data, format 9\n").unwrap();
+        assert!(check_data_format(&other).unwrap_err().contains("format 9"));
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

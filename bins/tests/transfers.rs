@@ -473,10 +473,10 @@ fn a_peer_refuses_a_flood_of_block_requests() {
         panic!("login failed")
     };
     let get = Request::DownloadFile { group: GroupId::new("g").unwrap(), name: FileName::new("big.bin").unwrap() };
-    let Ok(Reply::Download { grant, digest, .. }) = tracker_call(tracker, &dan, Some(token), get) else {
+    let Ok(Reply::Download { grant, index, .. }) = tracker_call(tracker, &dan, Some(token), get) else {
         panic!("no grant")
     };
-    let (_, have, mut p) = want_big(la, &dan, digest.sha1, grant);
+    let (_, have, mut p) = want_big(la, &dan, index.sha1, grant);
     assert!(matches!(have, PeerMessage::Have { .. }), "{have:?}");
     // Far more than the queue, so it overflows however the reads split.
     let flood: Vec<u8> = (0..5 * shoal_core::client::peer::MAX_QUEUED_REQUESTS as u32)

@@ -49,13 +49,30 @@ fn main() {
             id,
             settled_below: 0,
             session: s,
-            body: Request::UploadFile { group: g.clone(), meta: meta.clone() },
+            body: Request::UploadFile { group: g.clone(), file: meta.record() },
         },
+        Message::Request {
+            id,
+            settled_below: 0,
+            session: s,
+            body: Request::PutRange { hashes: meta.digest.range(0).to_vec() },
+        },
+        Message::Request {
+            id,
+            settled_below: 0,
+            session: s,
+            body: Request::GetRange { group: g.clone(), name: meta.name.clone(), range: 0 },
+        },
+        Message::Response { id, result: Ok(Reply::Range { hashes: meta.digest.range(0).to_vec() }) },
+        Message::Response { id, result: Err(ApiError::MissingRanges { ranges: vec![0, 3] }) },
+        Message::Tracker(shoal_core::proto::TrackerFrame::Range(shoal_core::chunk::range_bytes(meta.digest.range(0)))),
+        Message::Tracker(shoal_core::proto::TrackerFrame::RangeStored(meta.digest.index().ranges[0])),
+        Message::Tracker(shoal_core::proto::TrackerFrame::RangeWanted(meta.digest.index().ranges[0])),
         Message::Request { id, settled_below: 0, session: s, body: Request::ListFiles { group: g.clone() } },
         Message::Response {
             id,
             result: Ok(Reply::Download {
-                digest: meta.digest.clone(),
+                index: meta.digest.index(),
                 sharers: vec![],
                 grant: shoal_core::client::peer::Grant([5; 16]),
             }),
@@ -151,7 +168,7 @@ fn main() {
         Entry {
             id: None,
             settled_below: 0,
-            cmd: Command::AddFile { token: SessionToken([9; 16]), group: g.clone(), meta: meta.clone() },
+            cmd: Command::AddFile { token: SessionToken([9; 16]), group: g.clone(), file: meta.record() },
         },
     ];
     let mut wal = Vec::new();

@@ -74,11 +74,38 @@ pub struct FileDigest {
     pub chunks: Vec<Sha1Digest>,
 }
 
+impl FileDigest {
+    /// The index that names this digest's ranges.
+    pub fn index(&self) -> FileIndex {
+        let ranges = self.chunks.chunks(RANGE_CHUNKS as usize).map(range_hash).collect();
+        FileIndex { size: self.size, sha1: self.sha1, ranges }
+    }
+
+    /// Range `i`'s chunk hashes (empty past the end).
+    pub fn range(&self, i: u64) -> &[Sha1Digest] {
+        self.chunks.chunks(RANGE_CHUNKS as usize).nth(i as usize).unwrap_or(&[])
+    }
+}
+
 /// What a group shares: a name and the content's digest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileMeta {
     pub name: FileName,
     pub digest: FileDigest,
+}
+
+impl FileMeta {
+    /// What the log keeps of it.
+    pub fn record(&self) -> FileRecord {
+        FileRecord { name: self.name.clone(), index: self.digest.index() }
+    }
+}
+
+/// What the log keeps of a shared file: its name and index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub name: FileName,
+    pub index: FileIndex,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -87,6 +114,10 @@ pub enum DigestError {
     TooLarge { chunks: u64 },
     #[error("{got} chunk hashes for {size} bytes, expected {expected}")]
     ChunkCountMismatch { size: u64, expected: u64, got: u64 },
+    #[error("{got} chunk-list ranges for {size} bytes, expected {expected}")]
+    RangeCountMismatch { size: u64, expected: u64, got: u64 },
+    #[error("chunk-list range {range} does not match the file's index")]
+    RangeMismatch { range: u64 },
 }
 
 impl FileDigest {
@@ -101,6 +132,111 @@ impl FileDigest {
             return Err(DigestError::ChunkCountMismatch { size: self.size, expected, got });
         }
         Ok(())
+    }
+}
+
+/// Chunk hashes in one range of a chunk list: the piece trackers store,
+/// replicate and serve (320 KiB of hashes, for 8 GiB of content). A file's
+/// log entry names each range by its hash ([`FileIndex`]), so the entry stays
+/// small whatever the file's size (BitTorrent v2 keeps piece layers out of
+/// the info dictionary the same way).
+pub const RANGE_CHUNKS: u64 = 16_384;
+/// Most ranges a file has: [`MAX_FILE_CHUNKS`] in [`RANGE_CHUNKS`].
+pub const MAX_RANGES: u64 = MAX_FILE_CHUNKS.div_ceil(RANGE_CHUNKS);
+
+/// The hash that names a range of chunk hashes: SHA1 over the 20-byte
+/// hashes one after the other.
+pub fn range_hash(hashes: &[Sha1Digest]) -> Sha1Digest {
+    let mut h = Sha1::new();
+    for c in hashes {
+        h.update(&c.0);
+    }
+    Sha1Digest(h.finalize())
+}
+
+/// A range's hashes as stored: the 20-byte hashes one after the other.
+pub fn range_bytes(hashes: &[Sha1Digest]) -> Vec<u8> {
+    hashes.iter().flat_map(|c| c.0).collect()
+}
+
+/// The hashes of stored range bytes; `None` if they are not whole hashes.
+pub fn range_from_bytes(bytes: &[u8]) -> Option<Vec<Sha1Digest>> {
+    if !bytes.len().is_multiple_of(20) {
+        return None;
+    }
+    Some(bytes.chunks_exact(20).map(|c| Sha1Digest(c.try_into().unwrap_or([0; 20]))).collect())
+}
+
+/// A file as its log entry describes it: size, whole-file SHA1 and the hash
+/// of each range of its chunk list. The ranges themselves live beside the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileIndex {
+    pub size: u64,
+    pub sha1: Sha1Digest,
+    pub ranges: Vec<Sha1Digest>,
+}
+
+impl FileIndex {
+    /// Checks the index fits the size; untrusted indexes must pass this.
+    pub fn validate(&self) -> Result<(), DigestError> {
+        let chunks = chunk_count(self.size);
+        if chunks > MAX_FILE_CHUNKS {
+            return Err(DigestError::TooLarge { chunks });
+        }
+        let expected = chunks.div_ceil(RANGE_CHUNKS);
+        let got = self.ranges.len() as u64;
+        if got != expected {
+            return Err(DigestError::RangeCountMismatch { size: self.size, expected, got });
+        }
+        // A one-chunk file's chunk is the whole file: its range follows.
+        if chunks == 1 && self.ranges[0] != range_hash(&[self.sha1]) {
+            return Err(DigestError::RangeMismatch { range: 0 });
+        }
+        Ok(())
+    }
+
+    pub fn chunks(&self) -> u64 {
+        chunk_count(self.size)
+    }
+
+    /// How many chunk hashes range `i` holds (0 past the end).
+    pub fn range_len(&self, i: u64) -> u64 {
+        let start = i.saturating_mul(RANGE_CHUNKS);
+        self.chunks().saturating_sub(start).min(RANGE_CHUNKS)
+    }
+
+    /// Range `i`'s hashes when the index alone gives them (a one-chunk file:
+    /// its chunk's hash is the whole file's), so no tracker stores them.
+    pub fn implied_range(&self, i: u64) -> Option<Vec<Sha1Digest>> {
+        (self.chunks() == 1 && i == 0).then(|| vec![self.sha1])
+    }
+
+    /// The ranges trackers must hold for this file: (index, hash).
+    pub fn stored_ranges(&self) -> impl Iterator<Item = (u64, Sha1Digest)> + '_ {
+        let implied = self.chunks() == 1;
+        self.ranges.iter().enumerate().filter(move |_| !implied).map(|(i, h)| (i as u64, *h))
+    }
+
+    /// Checks that `hashes` are range `i` of this file.
+    pub fn check_range(&self, i: u64, hashes: &[Sha1Digest]) -> Result<(), DigestError> {
+        let Some(want) = self.ranges.get(i as usize) else { return Err(DigestError::RangeMismatch { range: i }) };
+        if hashes.len() as u64 != self.range_len(i) || range_hash(hashes) != *want {
+            return Err(DigestError::RangeMismatch { range: i });
+        }
+        Ok(())
+    }
+
+    /// The whole digest, from every range's hashes in order (each checked).
+    pub fn digest(&self, ranges: Vec<Vec<Sha1Digest>>) -> Result<FileDigest, DigestError> {
+        self.validate()?;
+        let mut chunks = Vec::with_capacity(self.chunks() as usize);
+        for (i, r) in ranges.into_iter().enumerate() {
+            self.check_range(i as u64, &r)?;
+            chunks.extend(r);
+        }
+        let d = FileDigest { size: self.size, sha1: self.sha1, chunks };
+        d.validate()?;
+        Ok(d)
     }
 }
 
@@ -205,7 +341,62 @@ mod tests {
         assert!(matches!(d.validate(), Err(DigestError::TooLarge { .. })));
     }
 
+    fn digest_of(chunks: usize, seed: u8) -> FileDigest {
+        let chunks: Vec<Sha1Digest> = (0..chunks).map(|i| Sha1Digest::of(&[seed, i as u8, (i >> 8) as u8])).collect();
+        let size = (chunks.len() as u64 * CHUNK_SIZE).saturating_sub(7);
+        let sha1 = if chunks.len() == 1 { chunks[0] } else { Sha1Digest::of(&[seed]) };
+        FileDigest { size, sha1, chunks }
+    }
+
+    #[test]
+    fn a_one_chunk_file_needs_no_stored_range() {
+        let d = digest_of(1, 3);
+        let index = d.index();
+        index.validate().unwrap();
+        assert_eq!(index.stored_ranges().count(), 0);
+        assert_eq!(index.implied_range(0), Some(d.chunks.clone()));
+        // An index whose range does not follow from its SHA1 is refused.
+        let bad = FileIndex { ranges: vec![Sha1Digest([1; 20])], ..index };
+        assert_eq!(bad.validate(), Err(DigestError::RangeMismatch { range: 0 }));
+    }
+
     proptest! {
+        /// Any chunk list splits into ranges that its index names and checks,
+        /// and puts back together into the same digest; a range with one hash
+        /// changed, one missing or one too many is refused.
+        #[test]
+        fn ranges_rebuild_the_digest_their_index_names(
+            chunks in prop_oneof![0usize..4, (RANGE_CHUNKS as usize - 2)..(RANGE_CHUNKS as usize * 2 + 3)],
+            seed in any::<u8>(),
+            flip in any::<prop::sample::Index>(),
+        ) {
+            let d = digest_of(chunks, seed);
+            let index = d.index();
+            prop_assert!(index.validate().is_ok());
+            prop_assert_eq!(index.ranges.len() as u64, (chunks as u64).div_ceil(RANGE_CHUNKS));
+            let ranges: Vec<Vec<Sha1Digest>> = (0..index.ranges.len() as u64).map(|i| d.range(i).to_vec()).collect();
+            for (i, r) in ranges.iter().enumerate() {
+                prop_assert_eq!(r.len() as u64, index.range_len(i as u64));
+                let back = range_from_bytes(&range_bytes(r));
+                prop_assert_eq!(back.as_ref(), Some(r));
+            }
+            prop_assert_eq!(&index.digest(ranges.clone()).unwrap(), &d);
+            if chunks > 0 {
+                let at = flip.index(chunks);
+                let (ri, ci) = (at / RANGE_CHUNKS as usize, at % RANGE_CHUNKS as usize);
+                let mut bad = ranges.clone();
+                bad[ri][ci].0[0] ^= 1;
+                prop_assert!(index.check_range(ri as u64, &bad[ri]).is_err());
+                prop_assert!(index.digest(bad).is_err());
+                let mut short = ranges.clone();
+                short[ri].pop();
+                prop_assert!(index.check_range(ri as u64, &short[ri]).is_err());
+                let mut long = ranges;
+                long[ri].push(Sha1Digest([0; 20]));
+                prop_assert!(index.check_range(ri as u64, &long[ri]).is_err());
+            }
+        }
+
         #[test]
         fn streaming_equals_hashing_at_once(len in 0usize..(3 * CHUNK_SIZE as usize), cuts in proptest::collection::vec(1usize..200_000, 0..20)) {
             let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();

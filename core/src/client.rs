@@ -62,6 +62,7 @@ pub mod disk;
 pub mod download;
 pub mod fetch;
 mod link;
+mod lists;
 pub mod peer;
 pub mod picker;
 pub mod receive;
@@ -264,8 +265,12 @@ enum Purpose {
     CheckGrant(PeerConnId),
     /// Telling the tracker about a verified chunk.
     Announce,
-    /// Registering a finished download as shared.
-    Reshare(DownloadId),
+    /// Sharing a file by its index ([`lists`]).
+    Share(u64),
+    /// One range of a shared file's chunk list.
+    PutRange(u64),
+    /// One range of a download's chunk list.
+    GetRange(u64, u32),
 }
 
 struct Pending {
@@ -324,6 +329,9 @@ pub struct ClientEngine {
     decoder: FrameDecoder,
     pending: BTreeMap<u64, Pending>,
     hash_jobs: BTreeMap<u64, UploadHash>,
+    /// Files being shared, and downloads fetching their chunk lists.
+    sharing: BTreeMap<u64, lists::Sharing>,
+    listing: BTreeMap<u64, lists::Listing>,
     /// Where the tracker's silence is counted from: the last time it said
     /// anything, we connected, or we sent a request on an idle link (a link
     /// quiet for longer than `request_timeout` is not a silent tracker).
@@ -364,6 +372,8 @@ impl ClientEngine {
             decoder: FrameDecoder::new(MAX_CONTROL_FRAME),
             pending: BTreeMap::new(),
             hash_jobs: BTreeMap::new(),
+            sharing: BTreeMap::new(),
+            listing: BTreeMap::new(),
             last_heard: Millis::ZERO,
             last_sent: Millis::ZERO,
             out: VecDeque::new(),

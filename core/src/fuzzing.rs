@@ -476,8 +476,9 @@ pub fn downloading_engine(content: &[u8], disk: &mut ScratchDisk) -> (ClientEngi
                 let result = match body {
                     Request::Login { .. } => Ok(Reply::Session { token: SessionToken([5; 16]) }),
                     Request::DownloadFile { .. } => {
-                        Ok(Reply::Download { digest: digest.clone(), sharers: vec![peer], grant: Grant([1; 16]) })
+                        Ok(Reply::Download { index: digest.index(), sharers: vec![peer], grant: Grant([1; 16]) })
                     }
+                    Request::GetRange { range, .. } => Ok(Reply::Range { hashes: digest.range(range as u64).to_vec() }),
                     _ => Ok(Reply::Done),
                 };
                 let bytes = encode(&Message::Response { id, result });
@@ -498,9 +499,14 @@ pub fn downloading_engine(content: &[u8], disk: &mut ScratchDisk) -> (ClientEngi
         destination: "/dl/".into(),
     };
     e.handle_input(ClientInput::User { ticket: Ticket(2), cmd }, Millis(0));
-    let outs = drain(&mut e);
-    let mut rest = answer(&mut e, outs);
-    rest.extend(drain(&mut e));
+    let mut outs = drain(&mut e);
+    let mut rest = Vec::new();
+    // The index, then each range of the chunk list, then the download starts.
+    while outs.iter().any(|o| matches!(o, ClientOutput::Transmit(_))) {
+        rest.extend(answer(&mut e, outs));
+        outs = drain(&mut e);
+    }
+    rest.extend(outs);
     let rest = run_disk(&mut e, disk, rest, Millis(0));
     let conn = rest
         .iter()

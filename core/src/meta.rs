@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::FileMeta;
+use crate::chunk::{FileRecord, Sha1Digest};
 use crate::identity::KeyId;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
 use crate::proto::{ApiError, FileSummary, GroupSummary, MyGroup, Reply, RequestId};
@@ -136,10 +136,14 @@ pub enum Command {
         group: GroupId,
         user: UserId,
     },
+    /// Shares a file. Its chunk list is not here: the entry names each range
+    /// of it by hash ([`crate::chunk::FileIndex`]), and trackers hold the
+    /// ranges beside the log (a tracker proposes this only once every range
+    /// is durable on a majority of them).
     AddFile {
         token: SessionToken,
         group: GroupId,
-        meta: FileMeta,
+        file: FileRecord,
     },
     StopShare {
         token: SessionToken,
@@ -216,7 +220,7 @@ pub struct Sharer {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SharedFile {
-    pub meta: FileMeta,
+    pub meta: FileRecord,
     pub sharers: BTreeSet<Sharer>,
 }
 
@@ -264,8 +268,24 @@ pub struct MetaState {
     sessions: BTreeMap<SessionToken, Session>,
     session_at: BTreeMap<SocketAddr, SessionToken>,
     groups: BTreeMap<GroupId, Group>,
+    /// How many shared files (in all groups) name each stored chunk-list range.
+    ranges: BTreeMap<Sha1Digest, u32>,
     dedupe: Dedupe,
     applied: u64,
+}
+
+/// Counts `file`'s stored ranges in (`add`) or out of `refs`.
+fn count_ranges(refs: &mut BTreeMap<Sha1Digest, u32>, file: &FileRecord, add: bool) {
+    for (_, h) in file.index.stored_ranges() {
+        if add {
+            *refs.entry(h).or_default() += 1;
+        } else if let Some(n) = refs.get_mut(&h) {
+            *n -= 1;
+            if *n == 0 {
+                refs.remove(&h);
+            }
+        }
+    }
 }
 
 impl MetaState {
@@ -413,8 +433,12 @@ impl MetaState {
                     return Err(ApiError::NotMember);
                 }
                 g.members.retain(|m| *m != me);
+                let refs = &mut self.ranges;
                 g.files.retain(|_, f| {
                     f.sharers.retain(|s| s.user != me);
+                    if f.sharers.is_empty() {
+                        count_ranges(refs, &f.meta, false);
+                    }
                     !f.sharers.is_empty()
                 });
                 if g.members.is_empty() {
@@ -441,16 +465,16 @@ impl MetaState {
                 }
                 Ok(Reply::Done)
             }
-            Command::AddFile { token, group, meta } => {
+            Command::AddFile { token, group, file } => {
                 let session = self.sessions.get(token).ok_or(ApiError::NotLoggedIn)?;
                 let sharer = Sharer { user: session.user.clone(), listen: session.listen };
-                meta.digest.validate().map_err(|e| ApiError::InvalidFile(e.to_string()))?;
+                file.index.validate().map_err(|e| ApiError::InvalidFile(e.to_string()))?;
                 let g = self.groups.get_mut(group).ok_or(ApiError::NoSuchGroup)?;
                 if !g.is_member(&sharer.user) {
                     return Err(ApiError::NotMember);
                 }
-                if let Some(f) = g.files.get_mut(&meta.name) {
-                    if f.meta.digest.sha1 != meta.digest.sha1 || f.meta.digest.size != meta.digest.size {
+                if let Some(f) = g.files.get_mut(&file.name) {
+                    if f.meta.index != file.index {
                         return Err(ApiError::FileNameTaken);
                     }
                     f.sharers.insert(sharer);
@@ -459,7 +483,8 @@ impl MetaState {
                 if g.files.len() >= MAX_FILES_PER_GROUP {
                     return Err(ApiError::Limit(format!("a group holds at most {MAX_FILES_PER_GROUP} files")));
                 }
-                g.files.insert(meta.name.clone(), SharedFile { meta: meta.clone(), sharers: BTreeSet::from([sharer]) });
+                count_ranges(&mut self.ranges, file, true);
+                g.files.insert(file.name.clone(), SharedFile { meta: file.clone(), sharers: BTreeSet::from([sharer]) });
                 Ok(Reply::Done)
             }
             Command::StopShare { token, group, name } => {
@@ -474,6 +499,7 @@ impl MetaState {
                     return Err(ApiError::NotSharing);
                 }
                 if f.sharers.is_empty() {
+                    count_ranges(&mut self.ranges, &f.meta, false);
                     g.files.remove(name);
                 }
                 Ok(Reply::Done)
@@ -517,7 +543,26 @@ impl MetaState {
         if self.session_at.len() != self.sessions.len() {
             return Err("session index has stale entries".into());
         }
+        let mut refs = BTreeMap::new();
+        for g in self.groups.values() {
+            for f in g.files.values() {
+                count_ranges(&mut refs, &f.meta, true);
+            }
+        }
+        if refs != self.ranges {
+            return Err("chunk-list range counts do not match the files shared".into());
+        }
         Ok(())
+    }
+
+    /// Whether a shared file names this chunk-list range.
+    pub fn names_range(&self, hash: &Sha1Digest) -> bool {
+        self.ranges.contains_key(hash)
+    }
+
+    /// Every chunk-list range the shared files name.
+    pub fn stored_ranges(&self) -> impl Iterator<Item = &Sha1Digest> {
+        self.ranges.keys()
     }
 
     pub fn user_exists(&self, user: &UserId) -> bool {
@@ -588,7 +633,7 @@ impl MetaState {
             .values()
             .map(|f| FileSummary {
                 name: f.meta.name.clone(),
-                size: f.meta.digest.size,
+                size: f.meta.index.size,
                 live_sharers: f.sharers.iter().filter(|s| live(s)).count() as u32,
             })
             .collect())

@@ -9,13 +9,13 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::chunk::{FileDigest, FileMeta};
+use crate::chunk::{FileIndex, FileRecord, Sha1Digest};
 use crate::client::peer::Grant;
 use crate::identity::KeyId;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Longest password accepted, in bytes: hashing is slow, so its input is bounded.
 pub const MAX_PASSWORD_LEN: usize = 1024;
@@ -79,6 +79,15 @@ pub enum TrackerFrame {
     /// one frame that travels back on a link).
     Ping,
     Pong,
+    /// Chunk-list range bytes (20-byte hashes one after the other), named by
+    /// their SHA1: pushed to every tracker by the one a client gave them to,
+    /// or sent to a tracker that asked for them (`RangeWanted`). Answered,
+    /// once durable, with `RangeStored` on the receiver's own link.
+    Range(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The sender holds this range durably.
+    RangeStored(Sha1Digest),
+    /// The sender lacks this range (it caught up without it): send it, if held.
+    RangeWanted(Sha1Digest),
 }
 
 /// Soft state, kept out of the log: which sessions are alive, grants issued,
@@ -149,9 +158,12 @@ pub enum Request {
     ListFiles {
         group: GroupId,
     },
+    /// Shares a file: its name and index. The tracker answers
+    /// [`ApiError::MissingRanges`] while the trackers do not hold every range
+    /// of its chunk list: the client sends those (`PutRange`) and asks again.
     UploadFile {
         group: GroupId,
-        meta: FileMeta,
+        file: FileRecord,
     },
     DownloadFile {
         group: GroupId,
@@ -160,6 +172,18 @@ pub enum Request {
     StopShare {
         group: GroupId,
         name: FileName,
+    },
+    /// One range of a chunk list (at most [`crate::chunk::RANGE_CHUNKS`]
+    /// hashes), for a file about to be shared: answered once it is durable
+    /// on a majority of the trackers.
+    PutRange {
+        hashes: Vec<Sha1Digest>,
+    },
+    /// Range `range` of a shared file's chunk list, for a member.
+    GetRange {
+        group: GroupId,
+        name: FileName,
+        range: u32,
     },
     /// This client verified a chunk of a file it is downloading: it can serve it.
     HaveChunk {
@@ -190,6 +214,8 @@ impl Request {
                 | Request::ListMyGroups
                 | Request::ListFiles { .. }
                 | Request::DownloadFile { .. }
+                | Request::PutRange { .. }
+                | Request::GetRange { .. }
                 | Request::HaveChunk { .. }
                 | Request::CheckGrant { .. }
         )
@@ -231,12 +257,17 @@ pub enum Reply {
     MyGroups(Vec<MyGroup>),
     Requests(Vec<UserId>),
     Files(Vec<FileSummary>),
-    /// The file's digest, the live peers holding some of it, and a grant
-    /// that those peers will accept (from this client's key only).
+    /// The file's index (its chunk list is fetched range by range with
+    /// `GetRange`), the live peers holding some of it, and a grant that those
+    /// peers will accept (from this client's key only).
     Download {
-        digest: FileDigest,
+        index: FileIndex,
         sharers: Vec<SharerAddr>,
         grant: Grant,
+    },
+    /// A range of a chunk list.
+    Range {
+        hashes: Vec<Sha1Digest>,
     },
     /// The grant is valid: it was issued to this member.
     GrantValid {
@@ -304,4 +335,10 @@ pub enum ApiError {
     BadAddress(String),
     #[error("this connection proved no key (TLS is required)")]
     Unsecured,
+    /// The trackers do not hold these ranges of the file's chunk list yet
+    /// (by index): send them with `PutRange`, then share again.
+    #[error("the trackers lack {} range(s) of this file's chunk list", ranges.len())]
+    MissingRanges { ranges: Vec<u32> },
+    #[error("this tracker cannot find that part of the file's chunk list yet; try again")]
+    RangeUnavailable,
 }

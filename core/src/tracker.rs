@@ -56,6 +56,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
+use crate::chunk::Sha1Digest;
 use crate::client::peer::Grant;
 use crate::identity::KeyId;
 use crate::ids::{FileName, GroupId, SessionToken, UserId};
@@ -72,6 +73,7 @@ pub mod links;
 pub mod node;
 pub mod omni;
 pub mod outbox;
+pub mod ranges;
 pub mod replicator;
 mod requests;
 mod soft;
@@ -132,6 +134,12 @@ pub enum TrackerOutput {
     /// Who leads changed (for the operator: print it, log it). `None` while
     /// there is no leader, or this node does not reach a majority.
     LeaderChanged { leader: Option<NodeId> },
+    /// Write this chunk-list range (the bytes hash to `hash`) to the range
+    /// store: like a log record, durable once a later `Sync` is reported.
+    StoreRange { hash: Sha1Digest, bytes: Vec<u8> },
+    /// Read this range from the range store and report it with
+    /// [`TrackerNode::handle_range_loaded`] (after draining the outputs).
+    LoadRange { hash: Sha1Digest },
     /// Only with [`TrackerConfig::report_applied`]: log entry `index` (1-based)
     /// was applied; `None` when a snapshot up to `index` was installed.
     Applied { index: u64, entry: Option<Entry> },
@@ -181,6 +189,10 @@ pub const MAX_LOGIN_TRACKED: usize = 10_000;
 const SWEEP_EVERY: Millis = Millis(1_000);
 /// A write not decided by then is answered `NoQuorum`.
 pub const WRITE_DEADLINE: Millis = Millis(2_000);
+/// Largest log entry, encoded. Bulk data (a file's chunk list) lives beside
+/// the log ([`ranges`]); an entry over this is refused at the request
+/// (etcd refuses requests over 1.5 MiB the same way).
+pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
 /// Largest frame between trackers (a snapshot of the metadata travels in one).
 pub const MAX_TRACKER_FRAME: usize = 64 * 1024 * 1024;
 

@@ -11,10 +11,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
-/// Largest frame on a control connection (client <-> tracker). A file's
-/// description holds 20 bytes per 512 KiB chunk, so this admits files up to
-/// the 512 GiB of [`crate::chunk::MAX_FILE_CHUNKS`] with room to spare.
-pub const MAX_CONTROL_FRAME: usize = 24 * 1024 * 1024;
+/// Largest frame on a control connection (client <-> tracker). The largest
+/// message is one range of a chunk list (`PutRange`, `Reply::Range`): 320 KiB
+/// of hashes ([`crate::chunk::RANGE_CHUNKS`]); a whole chunk list never
+/// travels in one frame.
+pub const MAX_CONTROL_FRAME: usize = 1024 * 1024;
 
 const LEN_BYTES: usize = 4;
 
@@ -203,8 +204,16 @@ mod tests {
             Just(Request::ListGroups),
             Just(Request::ListMyGroups),
             group.clone().prop_map(|group| Request::ListFiles { group }),
-            (group.clone(), name.clone(), digest)
-                .prop_map(|(group, name, digest)| Request::UploadFile { group, meta: FileMeta { name, digest } }),
+            (group.clone(), name.clone(), digest.clone()).prop_map(|(group, name, digest)| Request::UploadFile {
+                group,
+                file: FileMeta { name, digest }.record()
+            }),
+            digest.prop_map(|d| Request::PutRange { hashes: d.chunks }),
+            (group.clone(), name.clone(), any::<u32>()).prop_map(|(group, name, range)| Request::GetRange {
+                group,
+                name,
+                range
+            }),
             (group.clone(), name.clone()).prop_map(|(group, name)| Request::DownloadFile { group, name }),
             (group, name).prop_map(|(group, name)| Request::StopShare { group, name }),
         ]

@@ -12,6 +12,7 @@ mod pageout;
 mod part;
 #[doc(hidden)]
 pub mod pathbench;
+pub mod ranges;
 mod readcache;
 pub mod records;
 pub mod tls;

@@ -26,6 +26,7 @@ use shoal_core::Millis;
 
 use crate::clock::Clock;
 use crate::conn::{Conn, Read, ReadOutcome};
+use crate::ranges::RangeStore;
 use crate::tls::{server_name, Identity};
 use crate::wal::WalFile;
 
@@ -48,8 +49,9 @@ struct Link {
 type LeaderHook = Box<dyn FnMut(Option<NodeId>) + Send>;
 
 enum SyncCmd {
-    /// Make everything written so far durable, then report `seq` done.
-    Sync(u64),
+    /// Make everything written so far (the log and the range store) durable,
+    /// then report `seq` done.
+    Sync(u64, RangeStore),
     /// The log was rewritten: sync this file from now on.
     File(File),
 }
@@ -73,18 +75,23 @@ impl Syncer {
             while let Ok(cmd) = rx.recv() {
                 let mut upto = 0;
                 let mut cmds = vec![cmd];
+                let mut store = None;
                 // Everything asked meanwhile is covered by one fsync.
                 cmds.extend(rx.try_iter());
                 for c in cmds {
                     match c {
-                        SyncCmd::Sync(k) => upto = upto.max(k),
+                        SyncCmd::Sync(k, s) => {
+                            upto = upto.max(k);
+                            store = Some(s);
+                        }
                         SyncCmd::File(f) => file = f,
                     }
                 }
                 if upto == 0 {
                     continue;
                 }
-                if let Err(err) = file.sync_data() {
+                let synced = store.map_or(Ok(()), |s| s.sync()).and_then(|()| file.sync_data());
+                if let Err(err) = synced {
                     *e.lock().expect("not poisoned") = Some(err);
                 }
                 d.store(upto, Ordering::Release);
@@ -110,6 +117,10 @@ pub struct TrackerServer<R: Replicator> {
     syncer: Option<Syncer>,
     tls_server: Arc<rustls::ServerConfig>,
     tls_client: Arc<rustls::ClientConfig>,
+    /// Chunk-list ranges beside the log.
+    ranges: RangeStore,
+    /// Ranges read for the node, reported once its outputs are drained.
+    loaded: Vec<(shoal_core::chunk::Sha1Digest, Option<Vec<u8>>)>,
     /// Where the other trackers publish their key ids (one file a tracker,
     /// named by its id), for those whose keys the node does not know yet.
     key_dir: Option<std::path::PathBuf>,
@@ -139,7 +150,19 @@ impl<R: Replicator> TrackerServer<R> {
             tls_server,
             tls_client,
             key_dir: None,
+            ranges: RangeStore::in_memory(),
+            loaded: Vec::new(),
         })
+    }
+
+    /// Keeps chunk-list ranges in `store` (made durable with the log); the
+    /// node learns which it holds.
+    pub fn with_range_store(mut self, store: RangeStore) -> io::Result<Self> {
+        let held = store.hashes()?;
+        tracing::info!(ranges = held.len(), "range store opened");
+        self.node.add_stored_ranges(held);
+        self.ranges = store;
+        Ok(self)
     }
 
     /// Reads the key ids of trackers the node does not know yet from `dir`
@@ -404,7 +427,7 @@ impl<R: Replicator> TrackerServer<R> {
                             wal.write_pending().map_err(|e| {
                                 io::Error::new(e.kind(), format!("cannot write {}: {e}", wal.path().display()))
                             })?;
-                            let _ = s.tx.send(SyncCmd::Sync(seq));
+                            let _ = s.tx.send(SyncCmd::Sync(seq, self.ranges.clone()));
                         }
                         // Nothing to make durable: done at once.
                         _ => self.node.handle_synced(seq, now),
@@ -417,6 +440,16 @@ impl<R: Replicator> TrackerServer<R> {
                         }
                     }
                     TrackerOutput::Applied { .. } => {}
+                    // A range the store cannot take stops this tracker, as a
+                    // log record would: nothing that depends on it goes out.
+                    TrackerOutput::StoreRange { hash, bytes } => self.ranges.put(&hash, &bytes)?,
+                    TrackerOutput::LoadRange { hash } => {
+                        let got = self.ranges.get(&hash).unwrap_or_else(|e| {
+                            tracing::warn!(%hash, error = %e, "cannot read a range");
+                            None
+                        });
+                        self.loaded.push((hash, got));
+                    }
                     TrackerOutput::PeerSend { node, bytes } => {
                         if let Some((c, false)) = self.links.get_mut(&node).and_then(|l| l.conn.as_mut()) {
                             if c.queue_owned(bytes) {
@@ -449,6 +482,9 @@ impl<R: Replicator> TrackerServer<R> {
                     .map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", wal.path().display())))?;
             }
             self.flush_touched(touched, touched_links, now);
+            for (hash, bytes) in std::mem::take(&mut self.loaded) {
+                self.node.handle_range_loaded(hash, bytes, now);
+            }
         }
         self.close_finished(now);
         Ok(())

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use shoal_core::chunk::{FileHasher, CHUNK_SIZE};
+use shoal_core::chunk::{FileHasher, Sha1Digest, CHUNK_SIZE};
 use shoal_core::client::disk::{resolve, write_in_memory, DiskDone, DiskOp, OpenedPart, PartPaths, PathKind};
 use shoal_core::client::verify::HashChain;
 use shoal_core::client::DownloadId;
@@ -415,6 +415,10 @@ pub struct TrackerLog {
     durable: Vec<Vec<u8>>,
     /// Written since the last sync: lost in a crash.
     volatile: Vec<Vec<u8>>,
+    /// The range store beside the log, and what was written to it since the
+    /// last sync (lost in a crash with the log's records).
+    ranges: BTreeMap<Sha1Digest, Vec<u8>>,
+    volatile_ranges: Vec<(Sha1Digest, Vec<u8>)>,
 }
 
 impl TrackerLog {
@@ -433,17 +437,42 @@ impl TrackerLog {
     /// Makes everything written so far durable.
     pub fn sync(&mut self) {
         self.durable.append(&mut self.volatile);
+        self.ranges.extend(self.volatile_ranges.drain(..));
     }
 
     /// The process died: what was not synced is gone.
     pub fn crash(&mut self) {
         self.volatile.clear();
+        self.volatile_ranges.clear();
     }
 
     /// The disk was wiped.
     pub fn wipe(&mut self) {
         self.durable.clear();
         self.volatile.clear();
+        self.ranges.clear();
+        self.volatile_ranges.clear();
+    }
+
+    /// Writes a chunk-list range (not yet durable).
+    pub fn store_range(&mut self, hash: Sha1Digest, bytes: Vec<u8>) {
+        self.volatile_ranges.push((hash, bytes));
+    }
+
+    /// A range as the store reads it back (written, durable or not).
+    pub fn load_range(&self, hash: &Sha1Digest) -> Option<Vec<u8>> {
+        let unsynced = self.volatile_ranges.iter().rev().find(|(h, _)| h == hash).map(|(_, b)| b.clone());
+        unsynced.or_else(|| self.ranges.get(hash).cloned())
+    }
+
+    /// Whether a range is in the store durably.
+    pub fn holds_durably(&self, hash: &Sha1Digest) -> bool {
+        self.ranges.contains_key(hash)
+    }
+
+    /// The ranges a restart finds.
+    pub fn held_ranges(&self) -> Vec<Sha1Digest> {
+        self.ranges.keys().copied().collect()
     }
 
     /// What a restart replays.

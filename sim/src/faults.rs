@@ -180,13 +180,17 @@ impl World {
 
     /// Whether tracker `t` may lose its data dir without the cluster losing
     /// decided entries: every other tracker is up, reachable and holds every
-    /// decided entry. (A wiped tracker forgets its votes; if the others do not
-    /// hold everything a majority agreed on, no consensus protocol can recover
-    /// it. Wiping is losing a replica.)
+    /// decided entry and every chunk-list range the log names. (A wiped
+    /// tracker forgets its votes; if the others do not hold everything a
+    /// majority agreed on, no consensus protocol can recover it. Wiping is
+    /// losing a replica.)
     pub fn safe_to_wipe(&self, t: usize) -> bool {
         let n = self.log_len();
+        let ranges: Vec<_> = self.canon_state().stored_ranges().collect();
         self.cuts.is_empty()
-            && (0..self.trackers.len()).filter(|o| *o != t).all(|o| self.tracker_up(o) && self.applied(o) == n)
+            && (0..self.trackers.len())
+                .filter(|o| *o != t)
+                .all(|o| self.tracker_up(o) && self.applied(o) == n && ranges.iter().all(|h| self.holds_range(o, h)))
     }
 
     pub fn tracker_up(&self, t: usize) -> bool {

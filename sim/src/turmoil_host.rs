@@ -142,11 +142,11 @@ enum TEv {
 /// [`TrackerLog`], its clients and links over turmoil TCP.
 pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
     // Whatever was not synced died with the host's last run.
-    let records = {
+    let (records, held) = {
         let mut logs = shared.logs.lock().unwrap();
         let log = logs.entry(me).or_default();
         log.crash();
-        log.records().to_vec()
+        (log.records().to_vec(), log.held_ranges())
     };
     let nodes: Vec<u64> = (1..=n).collect();
     let rep = OmniReplicator::recover(me, &nodes, records.iter().map(|r| r.as_slice()))?.with_snapshot_every(40);
@@ -154,6 +154,7 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
         (1..=n).filter(|p| *p != me).map(|p| (p, crate::key_of(turmoil::lookup(format!("t{p}"))))).collect();
     let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, peer_keys, ..TrackerConfig::default() };
     let mut node = TrackerNode::new(cfg, Rng::from_u64(me), rep);
+    node.add_stored_ranges(held);
     let (tx, mut rx) = unbounded_channel::<TEv>();
     let listener = TcpListener::bind(("0.0.0.0", TRACKER_PORT)).await?;
     let atx = tx.clone();
@@ -220,8 +221,16 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
             if outs.is_empty() {
                 break;
             }
+            let mut loaded = Vec::new();
             for out in outs {
                 match out {
+                    TrackerOutput::StoreRange { hash, bytes } => {
+                        shared.logs.lock().unwrap().entry(me).or_default().store_range(hash, bytes)
+                    }
+                    TrackerOutput::LoadRange { hash } => {
+                        let got = shared.logs.lock().unwrap().entry(me).or_default().load_range(&hash);
+                        loaded.push((hash, got));
+                    }
                     // Written; made durable when the node asks (lazy records
                     // ride along with the next sync).
                     TrackerOutput::Persist(p) => shared.logs.lock().unwrap().entry(me).or_default().persist(p),
@@ -273,6 +282,9 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
                     }
                     TrackerOutput::Applied { .. } => {}
                 }
+            }
+            for (hash, bytes) in loaded {
+                node.handle_range_loaded(hash, bytes, now);
             }
         }
         if node.meta().applied() != published {

@@ -303,6 +303,11 @@ impl World {
     }
 
     /// How many log entries some tracker has applied.
+    /// Whether tracker `t`'s range store holds this range durably.
+    pub fn holds_range(&self, t: usize, hash: &shoal_core::chunk::Sha1Digest) -> bool {
+        self.trackers[t].log.holds_durably(hash)
+    }
+
     pub fn log_len(&self) -> u64 {
         self.canon.len() as u64
     }
@@ -470,7 +475,8 @@ impl World {
             let r = OmniReplicator::recover(t as NodeId + 1, &nodes, recs).expect("own log decodes");
             Rep::Omni(Box::new(r.with_snapshot_every(self.snapshot_every)))
         };
-        let node = TrackerNode::new(self.cfg.clone(), rng, rep);
+        let mut node = TrackerNode::new(self.cfg.clone(), rng, rep);
+        node.add_stored_ranges(self.trackers[t].log.held_ranges());
         self.trackers[t].applied = node.meta().applied();
         self.trackers[t].node = Some(node);
         self.trackers[t].links.clear();
@@ -489,8 +495,11 @@ impl World {
             // records to be made durable: what need not wait for them is
             // out, they are not on disk, and what waits never leaves.
             let crash = self.mid_step_crash == Some(t) && outs.iter().any(|o| matches!(o, TrackerOutput::Sync { .. }));
+            let mut loaded = Vec::new();
             for out in outs {
                 match out {
+                    TrackerOutput::StoreRange { hash, bytes } => self.trackers[t].log.store_range(hash, bytes),
+                    TrackerOutput::LoadRange { hash } => loaded.push((hash, self.trackers[t].log.load_range(&hash))),
                     // Written, not yet durable: a crash before the sync loses it.
                     TrackerOutput::Persist(p) => self.trackers[t].log.persist(p),
                     TrackerOutput::Sync { .. } if crash => {
@@ -520,6 +529,12 @@ impl World {
                     TrackerOutput::Dial { node } => self.dial(t, node as usize - 1),
                     TrackerOutput::Hangup { node } => self.hang_up(t, node as usize - 1),
                     out => self.send_tracker_output(t, out),
+                }
+            }
+            let now = self.tracker_now(t);
+            if let Some(n) = self.trackers[t].node.as_mut() {
+                for (hash, bytes) in loaded {
+                    n.handle_range_loaded(hash, bytes, now);
                 }
             }
         }

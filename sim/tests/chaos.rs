@@ -574,6 +574,24 @@ fn chaos(seed: u64) -> (World, (Millis, Millis, bool)) {
         assert!(r.w.now().since(start) < Millis::from_secs(60), "trackers did not converge: log {n}, applied {lag:?}");
         r.w.run_for(Millis(100));
     }
+    // Every tracker holds every chunk-list range the log names, durably: a
+    // wiped one fetched them from the others, in bounded time.
+    let start = r.w.now();
+    loop {
+        let named: Vec<_> = r.w.canon_state().stored_ranges().copied().collect();
+        let missing: Vec<(usize, usize)> = (0..r.w.tracker_count())
+            .map(|t| (t, named.iter().filter(|h| !r.w.holds_range(t, h)).count()))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            r.w.now().since(start) < Millis::from_secs(30),
+            "chunk-list ranges missing (tracker, count): {missing:?}"
+        );
+        r.w.run_for(Millis(100));
+    }
     for (t, m) in r.w.metas() {
         assert_eq!(m, r.w.canon_state(), "tracker {t} differs from the decided history");
         for u in &r.acked.users {

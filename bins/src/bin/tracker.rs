@@ -76,7 +76,9 @@ fn run(args: Args) -> Result<(), String> {
         Some(_) => {}
         None => shoal_bins::publish_key(&args.tracker_info, me.id, my_key, &key_file)?,
     }
+    shoal_bins::check_data_format(&dir)?;
     let opened = WalFile::open(&dir)?;
+    let ranges = shoal_net_mio::ranges::RangeStore::open(&dir)?;
     let log = opened.wal.path().display().to_string();
     let (replayed, torn_bytes) = (opened.records.len(), opened.torn_bytes);
     let records = opened.records.iter().map(|r| r.as_slice());
@@ -102,7 +104,9 @@ fn run(args: Args) -> Result<(), String> {
         let server = TrackerServer::bind(me.addr, node, &identity)
             .map_err(|e| format!("cannot listen on {}: {e}", me.addr))?
             .with_wal(opened.wal)
-            .map_err(|e| format!("cannot start the log's sync thread: {e}"))?;
+            .map_err(|e| format!("cannot start the log's sync thread: {e}"))?
+            .with_range_store(ranges)
+            .map_err(|e| format!("cannot read the range store: {e}"))?;
         banner(server.local_addr().map_err(|e| e.to_string())?);
         println!("leader: tracker {} (this one, alone)", me.id);
         return server.run().map_err(|e| format!("tracker stopped: {e}"));
@@ -116,6 +120,8 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", me.addr))?
         .with_wal(opened.wal)
         .map_err(|e| format!("cannot start the log's sync thread: {e}"))?
+        .with_range_store(ranges)
+        .map_err(|e| format!("cannot read the range store: {e}"))?
         .with_peers(peers.iter().map(|t| (t.id as NodeId, t.addr)))
         .with_key_dir(key_dir)
         .on_leader_change(move |leader| {

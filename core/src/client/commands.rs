@@ -81,11 +81,7 @@ impl ClientEngine {
             }),
             Ok(digest) => {
                 let meta = FileMeta { name: j.name, digest };
-                self.send(
-                    Purpose::Shell { ticket: j.ticket, cmd: j.cmd },
-                    Request::UploadFile { group: j.group, meta },
-                    now,
-                );
+                self.start_share(j.group, meta, lists::ShareThen::Shell { ticket: j.ticket, cmd: j.cmd }, now);
             }
         }
     }
@@ -97,7 +93,9 @@ impl ClientEngine {
             Purpose::Heartbeat | Purpose::Announce => return,
             Purpose::Sources(id) => return self.sources_answered(id, result, now),
             Purpose::CheckGrant(conn) => return self.grant_checked(conn, result),
-            Purpose::Reshare(id) => return self.reshared(id, result),
+            Purpose::Share(sid) => return self.share_answered(sid, result, now),
+            Purpose::PutRange(sid) => return self.range_put(sid, result, now),
+            Purpose::GetRange(lid, i) => return self.range_got(lid, i, result, now),
         };
         let result = match (&cmd, result) {
             (ShellCommand::Login { user, .. }, Ok(Reply::Session { token })) => {
@@ -109,20 +107,6 @@ impl ClientEngine {
                 self.session = None;
                 self.stop_serving(None, "the sharer logged out");
                 r.map(|reply| render(&cmd, &reply))
-            }
-            (ShellCommand::UploadFile { path, group }, Ok(_)) => {
-                let Request::UploadFile { meta, .. } = p.request else { unreachable!("upload request") };
-                let d = &meta.digest;
-                let line = format!(
-                    "shared {} in {group}: {} bytes, {} chunks, sha1 {}",
-                    meta.name,
-                    d.size,
-                    chunk_count(d.size),
-                    d.sha1
-                );
-                let have = Bitmap::full(d.chunks.len() as u32);
-                self.shares.insert((group.clone(), meta.name.clone()), Shared::new(path.clone(), d.size, d.sha1, have));
-                Ok(vec![line])
             }
             (ShellCommand::StopShare { group, name }, Ok(reply)) => {
                 self.stop_serving(Some((group, name)), "the sharer stopped sharing this file");
@@ -140,11 +124,12 @@ impl ClientEngine {
             }
             (
                 ShellCommand::DownloadFile { group, name, destination },
-                Ok(Reply::Download { digest, sharers, grant }),
+                Ok(Reply::Download { index, sharers, grant }),
             ) => {
-                let (group, name, destination) = (group.clone(), name.clone(), destination.clone());
-                // The command finishes once the download is set up on disk.
-                return self.start_download(ticket, group, name, destination, digest, sharers, grant, now);
+                let what = (group.clone(), name.clone(), destination.clone());
+                // The command finishes once the chunk list is here and the
+                // download is set up on disk.
+                return self.start_listing(ticket, what, index, sharers, grant, now);
             }
             (_, Ok(reply)) => Ok(render(&cmd, &reply)),
             (_, Err(e)) => Err(e),

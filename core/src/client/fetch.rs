@@ -204,7 +204,8 @@ impl ClientEngine {
 
     /// Why `download_file` for this file cannot start, if it cannot.
     pub(super) fn download_conflict(&self, group: &GroupId, name: &FileName) -> Option<String> {
-        let running = self.downloads.values().any(|d| &d.group == group && &d.name == name && d.is_active());
+        let running = self.downloads.values().any(|d| &d.group == group && &d.name == name && d.is_active())
+            || self.listing_of(group, name);
         if running {
             return Some(format!("{name} from {group} is already being downloaded"));
         }
@@ -567,7 +568,7 @@ impl ClientEngine {
             s.path = final_path;
         }
         if self.session.is_some() {
-            self.send(Purpose::Reshare(id), Request::UploadFile { group: key.0, meta }, now);
+            self.start_share(key.0, meta, super::lists::ShareThen::Reshare(id), now);
         }
     }
 

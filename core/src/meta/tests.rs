@@ -1,5 +1,5 @@
 use super::*;
-use crate::chunk::{FileDigest, Sha1Digest, CHUNK_SIZE};
+use crate::chunk::{FileDigest, FileMeta, FileRecord, Sha1Digest, CHUNK_SIZE};
 use proptest::prelude::*;
 
 fn u(s: &str) -> UserId {
@@ -14,7 +14,7 @@ fn tok(n: u8) -> SessionToken {
 fn addr(n: u8) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9000 + n as u16))
 }
-fn file(name: &str, fill: u8, size: u64) -> FileMeta {
+fn file(name: &str, fill: u8, size: u64) -> FileRecord {
     let chunks = crate::chunk::chunk_count(size);
     FileMeta {
         name: FileName::new(name).unwrap(),
@@ -24,6 +24,7 @@ fn file(name: &str, fill: u8, size: u64) -> FileMeta {
             chunks: vec![Sha1Digest([fill; 20]); chunks as usize],
         },
     }
+    .record()
 }
 fn run(s: &mut MetaState, cmd: Command) -> Result<Reply, ApiError> {
     s.apply(&Entry { id: None, settled_below: 0, cmd })
@@ -86,7 +87,7 @@ fn owner_leaving_passes_ownership_and_last_member_deletes_group() {
     let mut s = two_users();
     run(&mut s, Command::JoinGroup { token: tok(2), group: g("g1") }).unwrap();
     run(&mut s, Command::AcceptRequest { token: tok(1), group: g("g1"), user: u("bob") }).unwrap();
-    run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), meta: file("a.bin", 1, 10) }).unwrap();
+    run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), file: file("a.bin", 1, 10) }).unwrap();
     let left = run(&mut s, Command::LeaveGroup { token: tok(1), group: g("g1") }).unwrap();
     assert_eq!(left, Reply::Left { group_deleted: false, new_owner: Some(u("bob")) });
     assert_eq!(s.group(&g("g1")).unwrap().owner, u("bob"));
@@ -101,14 +102,14 @@ fn files_dedupe_by_content_and_vanish_with_their_last_sharer() {
     let mut s = two_users();
     run(&mut s, Command::JoinGroup { token: tok(2), group: g("g1") }).unwrap();
     assert_eq!(
-        run(&mut s, Command::AddFile { token: tok(2), group: g("g1"), meta: file("a", 1, 5) }),
+        run(&mut s, Command::AddFile { token: tok(2), group: g("g1"), file: file("a", 1, 5) }),
         Err(ApiError::NotMember)
     );
     run(&mut s, Command::AcceptRequest { token: tok(1), group: g("g1"), user: u("bob") }).unwrap();
-    run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), meta: file("a", 1, CHUNK_SIZE + 1) }).unwrap();
-    run(&mut s, Command::AddFile { token: tok(2), group: g("g1"), meta: file("a", 1, CHUNK_SIZE + 1) }).unwrap();
+    run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), file: file("a", 1, CHUNK_SIZE + 1) }).unwrap();
+    run(&mut s, Command::AddFile { token: tok(2), group: g("g1"), file: file("a", 1, CHUNK_SIZE + 1) }).unwrap();
     assert_eq!(
-        run(&mut s, Command::AddFile { token: tok(2), group: g("g1"), meta: file("a", 2, CHUNK_SIZE + 1) }),
+        run(&mut s, Command::AddFile { token: tok(2), group: g("g1"), file: file("a", 2, CHUNK_SIZE + 1) }),
         Err(ApiError::FileNameTaken)
     );
     let files = s.list_files(&u("alice"), &g("g1"), |_| true).unwrap();
@@ -125,10 +126,10 @@ fn files_dedupe_by_content_and_vanish_with_their_last_sharer() {
 #[test]
 fn a_bad_digest_is_refused() {
     let mut s = two_users();
-    let mut meta = file("a", 1, 3 * CHUNK_SIZE);
-    meta.digest.chunks.pop();
+    let mut file = file("a", 1, 3 * CHUNK_SIZE);
+    file.index.ranges.push(Sha1Digest([0; 20]));
     assert!(matches!(
-        run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), meta }),
+        run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), file }),
         Err(ApiError::InvalidFile(_))
     ));
 }
@@ -212,7 +213,7 @@ fn command_strategy() -> impl Strategy<Value = Entry> {
         |(n, fill, size, corrupt)| {
             let mut m = file(n, fill, size);
             if corrupt {
-                m.digest.chunks.push(Sha1Digest([0; 20]));
+                m.index.ranges.push(Sha1Digest([0; 20]));
             }
             m
         },
@@ -238,7 +239,7 @@ fn command_strategy() -> impl Strategy<Value = Entry> {
             group,
             user
         }),
-        (token.clone(), group.clone(), meta).prop_map(|(token, group, meta)| Command::AddFile { token, group, meta }),
+        (token.clone(), group.clone(), meta).prop_map(|(token, group, file)| Command::AddFile { token, group, file }),
         (token, group, prop_oneof![Just("a"), Just("b")]).prop_map(|(token, group, n)| Command::StopShare {
             token,
             group,
@@ -264,7 +265,7 @@ fn check_invariants(s: &MetaState) {
         for f in grp.files.values() {
             assert!(!f.sharers.is_empty(), "a file nobody shares is gone");
             assert!(f.sharers.iter().all(|sh| grp.is_member(&sh.user)), "only members share");
-            f.meta.digest.validate().unwrap();
+            f.meta.index.validate().unwrap();
         }
     }
 }
@@ -289,12 +290,12 @@ fn a_group_holds_a_bounded_number_of_files() {
     let mut s = two_users();
     for i in 0..MAX_FILES_PER_GROUP {
         let meta = file(&format!("f{i}"), 1, 1);
-        run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), meta }).unwrap();
+        run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), file: meta }).unwrap();
     }
-    let r = run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), meta: file("one-more", 1, 1) });
+    let r = run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), file: file("one-more", 1, 1) });
     assert!(matches!(r, Err(ApiError::Limit(_))), "{r:?}");
     // The same content under a taken name still adds a sharer.
-    run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), meta: file("f0", 1, 1) }).unwrap();
+    run(&mut s, Command::AddFile { token: tok(1), group: g("g1"), file: file("f0", 1, 1) }).unwrap();
 }
 
 #[test]

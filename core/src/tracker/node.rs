@@ -54,6 +54,8 @@ pub struct TrackerNode<R: Replicator = SoloReplicator> {
     /// Failed logins: (window start, count) per user and per address.
     pub(crate) login_failures: BTreeMap<LoginKey, (Millis, u32)>,
     pub(crate) next_sweep: Millis,
+    /// Chunk-list ranges: what our store holds, pushes, loads and asks.
+    pub(crate) ranges: super::ranges::Ranges,
 }
 
 impl<R: Replicator> TrackerNode<R> {
@@ -88,6 +90,7 @@ impl<R: Replicator> TrackerNode<R> {
             partial: BTreeMap::new(),
             login_failures: BTreeMap::new(),
             next_sweep: Millis::ZERO,
+            ranges: Default::default(),
         };
         while let Some(d) = node.replicator.poll_decided() {
             match d {
@@ -98,6 +101,7 @@ impl<R: Replicator> TrackerNode<R> {
             }
         }
         node.leader = node.named_leader();
+        node.want_missing_ranges();
         node
     }
 
@@ -234,6 +238,7 @@ impl<R: Replicator> TrackerNode<R> {
         self.sweep_soft(now);
         self.answer_waiting(|deadline| deadline <= now);
         self.expire_barriers(now);
+        self.sweep_ranges(now);
         self.gossip(now);
     }
 
@@ -388,7 +393,8 @@ impl<R: Replicator> TrackerNode<R> {
             || !self.grants.is_empty()
             || !self.login_failures.is_empty()
             || !self.waiting.is_empty()
-            || !self.held_logins.is_empty();
+            || !self.held_logins.is_empty()
+            || self.ranges_busy();
         let sweep = busy.then_some(self.next_sweep);
         [sweep, self.replicator.poll_timeout(), self.links.deadline()].into_iter().flatten().min()
     }
@@ -422,6 +428,9 @@ impl<R: Replicator> TrackerNode<R> {
                 self.pump(now);
             }
             Message::Tracker(TrackerFrame::Soft(soft)) => self.merge_soft(soft, now),
+            Message::Tracker(
+                f @ (TrackerFrame::Range(_) | TrackerFrame::RangeStored(_) | TrackerFrame::RangeWanted(_)),
+            ) => self.handle_range_frame(node, f, now),
             Message::Tracker(TrackerFrame::Ping) => {
                 let pong = encode(&Message::Tracker(TrackerFrame::Pong));
                 self.outbox.send(TrackerOutput::Transmit { conn, bytes: pong }, false);
@@ -476,6 +485,7 @@ impl<R: Replicator> TrackerNode<R> {
                 if self.cfg.report_applied {
                     self.outbox.push(TrackerOutput::Applied { index: self.meta.applied(), entry: None });
                 }
+                self.want_missing_ranges();
                 // Writes we were waiting for may be inside the snapshot.
                 let done: Vec<(RequestId, ConnId, Result<Reply, ApiError>)> = self
                     .waiting
@@ -501,6 +511,7 @@ impl<R: Replicator> TrackerNode<R> {
             (Command::CloseSession { token }, _) => {
                 self.leases.remove(token);
             }
+            (Command::AddFile { group, file, .. }, Ok(_)) => self.want_ranges_of(group, &file.name),
             _ => {}
         }
         if let Some(id) = entry.id {

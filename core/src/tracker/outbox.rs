@@ -47,7 +47,9 @@ pub(crate) struct Outbox {
 impl Outbox {
     /// A log record (or any output that is not a send): out at once.
     pub(crate) fn push(&mut self, out: TrackerOutput) {
-        if let TrackerOutput::Persist(Persist::Append(_) | Persist::Rewrite(_)) = &out {
+        if let TrackerOutput::Persist(Persist::Append(_) | Persist::Rewrite(_)) | TrackerOutput::StoreRange { .. } =
+            &out
+        {
             self.unsynced = true;
         }
         self.ready.push_back(out);

@@ -78,7 +78,23 @@ impl<R: Replicator> TrackerNode<R> {
             Request::LeaveGroup { group } => Command::LeaveGroup { token, group },
             Request::AcceptRequest { group, user } => Command::AcceptRequest { token, group, user },
             Request::RejectRequest { group, user } => Command::RejectRequest { token, group, user },
-            Request::UploadFile { group, meta } => Command::AddFile { token, group, meta },
+            Request::UploadFile { group, file } => {
+                if let Err(e) = file.index.validate() {
+                    return self.respond(conn, id, Err(ApiError::InvalidFile(e.to_string())));
+                }
+                let missing: Vec<u32> = file
+                    .index
+                    .stored_ranges()
+                    .filter(|(_, h)| !self.range_confirmed(h))
+                    .map(|(i, _)| i as u32)
+                    .collect();
+                if !missing.is_empty() {
+                    return self.respond(conn, id, Err(ApiError::MissingRanges { ranges: missing }));
+                }
+                Command::AddFile { token, group, file }
+            }
+            Request::PutRange { hashes } => return self.put_range(conn, id, hashes, now),
+            Request::GetRange { group, name, range } => return self.get_range(conn, id, &me, (group, name, range)),
             Request::StopShare { group, name } => Command::StopShare { token, group, name },
             Request::ListGroups => return self.respond(conn, id, Ok(Reply::Groups(self.meta.list_groups()))),
             Request::ListMyGroups => return self.respond(conn, id, Ok(Reply::MyGroups(self.meta.list_my_groups(&me)))),
@@ -131,7 +147,7 @@ impl<R: Replicator> TrackerNode<R> {
     /// Takes a slot for a write of `conn` about to go through the log, or
     /// answers request `id` why not: cut off from the majority (the client
     /// is better off at another tracker now), or too many in flight.
-    fn admit_write(&mut self, conn: ConnId, id: RequestId, now: Millis) -> bool {
+    pub(crate) fn admit_write(&mut self, conn: ConnId, id: RequestId, now: Millis) -> bool {
         if !self.links.quorum(now) {
             self.respond(conn, id, Err(ApiError::NoQuorum));
             return false;
@@ -147,10 +163,15 @@ impl<R: Replicator> TrackerNode<R> {
 
     /// Proposes a client's write; it is answered once applied (or at its deadline).
     fn propose_write(&mut self, conn: ConnId, (id, settled_below): (RequestId, u64), cmd: Command, now: Millis) {
+        let entry = Entry { id: Some(id), settled_below, cmd };
+        let size = encode(&entry).len();
+        if size > MAX_ENTRY_BYTES {
+            let e = format!("a log entry holds at most {MAX_ENTRY_BYTES} bytes; this one would be {size}");
+            return self.respond(conn, id, Err(ApiError::Limit(e)));
+        }
         if !self.admit_write(conn, id, now) {
             return;
         }
-        let entry = Entry { id: Some(id), settled_below, cmd };
         let w = super::node::Waiting { conn, deadline: now.plus(WRITE_DEADLINE), entry: entry.clone() };
         if let Some(old) = self.waiting.insert(id, w) {
             // The same request again (a retry on another connection): answer the newest.
@@ -299,7 +320,7 @@ impl<R: Replicator> TrackerNode<R> {
                 }
             }
         }
-        let digest = f.meta.digest.clone();
+        let index = f.meta.index.clone();
         let sharing = f.sharers.iter().any(|s| s.listen == my_listen);
         if self.grants.len() >= MAX_GRANTS {
             return Err(ApiError::Limit("too many downloads in progress".into()));
@@ -332,7 +353,7 @@ impl<R: Replicator> TrackerNode<R> {
         }
         self.grants
             .insert(grant, GrantInfo { user: me.clone(), key: my_key, group, name, expires: now.plus(GRANT_TTL) });
-        Ok(Reply::Download { digest, sharers, grant })
+        Ok(Reply::Download { index, sharers, grant })
     }
 
     pub(crate) fn have_chunk(
@@ -345,7 +366,7 @@ impl<R: Replicator> TrackerNode<R> {
     ) -> Result<Reply, ApiError> {
         let g = self.meta.group_of_member(&me, &group)?;
         let f = g.files.get(&name).ok_or(ApiError::NoSuchFile)?;
-        if chunk as usize >= f.meta.digest.chunks.len() {
+        if chunk as u64 >= f.meta.index.chunks() {
             return Err(ApiError::InvalidFile(format!("no chunk {chunk}")));
         }
         self.note_partial(me, my_listen, group, name)?;

@@ -1,4 +1,5 @@
 use super::*;
+use crate::chunk::Sha1Digest;
 use crate::ids::{GroupId, UserId};
 use crate::wire::decode;
 
@@ -35,8 +36,9 @@ fn req(seq: u64, session: Option<SessionToken>, body: Request) -> Vec<u8> {
 
 /// The one response among `outs` (log records aside, which must come first).
 fn answer(outs: &[TrackerOutput]) -> Result<Reply, ApiError> {
-    let persisted = outs.iter().take_while(|o| matches!(o, TrackerOutput::Persist { .. })).count();
-    assert!(outs[persisted..].iter().all(|o| !matches!(o, TrackerOutput::Persist { .. })), "a record after a send");
+    let record = |o: &TrackerOutput| matches!(o, TrackerOutput::Persist { .. } | TrackerOutput::StoreRange { .. });
+    let persisted = outs.iter().take_while(|o| record(o)).count();
+    assert!(outs[persisted..].iter().all(|o| !record(o)), "a record after a send");
     match &outs[persisted..] {
         [TrackerOutput::Transmit { bytes, .. }] => match decode(&bytes[4..]).unwrap() {
             Message::Response { result, .. } => result,
@@ -564,7 +566,10 @@ fn group_sharing_a_file(n: &mut TrackerNode, seq: &mut u64, members: &[&str]) ->
         name: FileName::new("f.bin").unwrap(),
         digest: FileDigest { size: 10, sha1: Sha1Digest([1; 20]), chunks: vec![Sha1Digest([1; 20])] },
     };
-    assert_eq!(ask(n, seq, ConnId(1), Some(tokens[0]), Request::UploadFile { group: g, meta }), Ok(Reply::Done));
+    assert_eq!(
+        ask(n, seq, ConnId(1), Some(tokens[0]), Request::UploadFile { group: g, file: meta.record() }),
+        Ok(Reply::Done)
+    );
     tokens
 }
 
@@ -643,4 +648,103 @@ fn a_downloader_is_listed_as_a_source_from_the_start() {
     assert_eq!(sources(ask(&mut n, &mut seq, ConnId(3), Some(tokens[2]), dl.clone())), vec![at(1), at(2)]);
     // Asking again (a refresh) lists the others, never itself.
     assert_eq!(sources(ask(&mut n, &mut seq, ConnId(2), Some(tokens[1]), dl)), vec![at(1), at(3)]);
+}
+
+/// A range store for one node: ranges stored are kept, loads answered.
+/// Returns the outputs left (without the stores and loads).
+fn drain_with_store(n: &mut TrackerNode, store: &mut BTreeMap<Sha1Digest, Vec<u8>>) -> Vec<TrackerOutput> {
+    let mut rest = Vec::new();
+    loop {
+        let outs = drain(n);
+        if outs.is_empty() {
+            return rest;
+        }
+        for o in outs {
+            match o {
+                TrackerOutput::StoreRange { hash, bytes } => {
+                    assert_eq!(Sha1Digest::of(&bytes), hash, "a range is stored under its hash");
+                    store.insert(hash, bytes);
+                }
+                TrackerOutput::LoadRange { hash } => {
+                    let got = store.get(&hash).cloned();
+                    n.handle_range_loaded(hash, got, Millis(10));
+                }
+                o => rest.push(o),
+            }
+        }
+    }
+}
+
+/// A file is shared by its index: the tracker names the ranges of its chunk
+/// list it lacks, takes each (stored under its hash, durable before the
+/// answer), then logs the file; members read the ranges back, others not.
+#[test]
+fn a_file_is_shared_once_its_chunk_list_is_stored_and_members_read_it_back() {
+    use crate::chunk::{FileDigest, FileMeta, CHUNK_SIZE, RANGE_CHUNKS};
+    let mut n = node();
+    let mut seq = 0;
+    let tokens = group_sharing_a_file(&mut n, &mut seq, &["bob"]);
+    let mut store = BTreeMap::new();
+    let g = GroupId::new("g").unwrap();
+    let name = FileName::new("big.bin").unwrap();
+    let chunks: Vec<Sha1Digest> = (0..RANGE_CHUNKS + 5).map(|i| Sha1Digest::of(&i.to_be_bytes())).collect();
+    let digest = FileDigest { size: chunks.len() as u64 * CHUNK_SIZE, sha1: Sha1Digest([4; 20]), chunks };
+    let meta = FileMeta { name: name.clone(), digest };
+    let (al, bob, eve) = ((ConnId(1), tokens[0]), (ConnId(2), tokens[1]), (ConnId(3), tokens[2]));
+    let mut call = |n: &mut TrackerNode, (conn, t): (ConnId, SessionToken), body: Request| {
+        seq += 1;
+        n.handle_bytes(conn, &req(seq, Some(t), body), Millis(10));
+        answer(&drain_with_store(n, &mut store))
+    };
+    let share = Request::UploadFile { group: g.clone(), file: meta.record() };
+    let put = |i: u64| Request::PutRange { hashes: meta.digest.range(i).to_vec() };
+    assert_eq!(call(&mut n, al, share.clone()), Err(ApiError::MissingRanges { ranges: vec![0, 1] }));
+    assert_eq!(call(&mut n, al, put(1)), Ok(Reply::Done));
+    assert_eq!(call(&mut n, al, share.clone()), Err(ApiError::MissingRanges { ranges: vec![0] }));
+    assert_eq!(call(&mut n, al, put(0)), Ok(Reply::Done));
+    assert_eq!(call(&mut n, al, share.clone()), Ok(Reply::Done));
+    // A second sharer of the same content sends nothing again.
+    let mut other = meta.clone();
+    other.name = FileName::new("copy.bin").unwrap();
+    assert_eq!(call(&mut n, bob, Request::UploadFile { group: g.clone(), file: other.record() }), Ok(Reply::Done));
+
+    let get = |range: u32| Request::GetRange { group: g.clone(), name: name.clone(), range };
+    for i in 0..2u32 {
+        let want = meta.digest.range(i as u64).to_vec();
+        assert_eq!(call(&mut n, bob, get(i)), Ok(Reply::Range { hashes: want }));
+    }
+    assert!(matches!(call(&mut n, bob, get(2)), Err(ApiError::InvalidFile(_))));
+    assert_eq!(call(&mut n, eve, get(0)), Err(ApiError::NotMember));
+    // Ranges that are no range are refused before anything is stored.
+    assert!(matches!(call(&mut n, al, Request::PutRange { hashes: vec![] }), Err(ApiError::InvalidFile(_))));
+    let too_many = vec![Sha1Digest([1; 20]); RANGE_CHUNKS as usize + 1];
+    assert!(matches!(call(&mut n, al, Request::PutRange { hashes: too_many }), Err(ApiError::InvalidFile(_))));
+    assert_eq!(store.len(), 2, "the two ranges, once each");
+    // The log holds the index, not the list.
+    let f = &n.meta().group(&g).unwrap().files[&name];
+    assert_eq!(f.meta.index, meta.digest.index());
+}
+
+/// The largest entry a client can cause (the biggest file, the longest
+/// names) fits the entry limit, so the limit is never what refuses an
+/// honest upload; chunk lists stay out of the log.
+#[test]
+fn the_largest_entry_fits_the_entry_limit() {
+    use crate::chunk::{FileIndex, FileRecord, CHUNK_SIZE, MAX_FILE_CHUNKS, MAX_RANGES};
+    use crate::ids::{MAX_FILE_NAME_LEN, MAX_ID_LEN};
+    let index = FileIndex {
+        size: MAX_FILE_CHUNKS * CHUNK_SIZE,
+        sha1: Sha1Digest([0xff; 20]),
+        ranges: vec![Sha1Digest([0xff; 20]); MAX_RANGES as usize],
+    };
+    index.validate().unwrap();
+    let file = FileRecord { name: FileName::new("n".repeat(MAX_FILE_NAME_LEN)).unwrap(), index };
+    let cmd = Command::AddFile {
+        token: SessionToken([0xff; 16]),
+        group: GroupId::new("g".repeat(MAX_ID_LEN)).unwrap(),
+        file,
+    };
+    let entry = Entry { id: Some(RequestId { client: u64::MAX, seq: u64::MAX }), settled_below: u64::MAX, cmd };
+    let size = encode(&entry).len();
+    assert!(size < MAX_ENTRY_BYTES / 16, "{size} bytes");
 }
