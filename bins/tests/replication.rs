@@ -7,7 +7,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+
+use shoal_core::chunk::{FileDigest, FileMeta, Sha1Digest, CHUNK_SIZE, MAX_FILE_CHUNKS, MAX_RANGES};
+use shoal_core::ids::{FileName, GroupId, SessionToken, UserId};
+use shoal_core::proto::{ApiError, Message, Reply, Request, RequestId, Role, PROTOCOL_VERSION};
 use shoal_core::rng::Rng;
+use shoal_core::wire::{encode, FrameDecoder, MAX_REPLY_FRAME};
+use shoal_net_mio::tls::Identity;
 use support::*;
 
 struct Cluster {
@@ -16,15 +24,28 @@ struct Cluster {
     addrs: Vec<SocketAddr>,
     trackers: Vec<Option<Tracker>>,
     leaders: Vec<Option<u32>>,
+    args: Vec<String>,
 }
 
 impl Cluster {
     fn new(tag: &str) -> Cluster {
+        Cluster::new_with(tag, &[])
+    }
+
+    /// Three trackers, each started with `args` too.
+    fn new_with(tag: &str, args: &[&str]) -> Cluster {
         let dir = TempDir::new(tag);
         let addrs: Vec<SocketAddr> = (0..3).map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap()).collect();
         let info = tracker_info(dir.path(), &addrs);
-        let trackers = (1..=3).map(|id| Some(Tracker::start(&info, id))).collect();
-        Cluster { dir, info, addrs, trackers, leaders: vec![None; 3] }
+        let trackers = (1..=3).map(|id| Some(Tracker::start_with(&info, id, args))).collect();
+        Cluster {
+            dir,
+            info,
+            addrs,
+            trackers,
+            leaders: vec![None; 3],
+            args: args.iter().map(|a| a.to_string()).collect(),
+        }
     }
 
     /// A tracker_info file naming only tracker `id`: a client that talks to it alone.
@@ -63,7 +84,8 @@ impl Cluster {
 
     fn restart(&mut self, id: u32) {
         assert!(self.trackers[id as usize - 1].is_none());
-        self.trackers[id as usize - 1] = Some(Tracker::start(&self.info, id));
+        let args: Vec<&str> = self.args.iter().map(|a| a.as_str()).collect();
+        self.trackers[id as usize - 1] = Some(Tracker::start_with(&self.info, id, &args));
     }
 }
 
@@ -167,4 +189,187 @@ fn two_trackers_down_refuse_writes_but_serve_reads_and_downloads() {
     let (_, rest) = d.finish_output();
     assert!(dl.join("big.bin").exists(), "the download did not finish: {rest:?}");
     assert!(std::fs::read(dl.join("big.bin")).unwrap() == content, "the download differs from the source");
+}
+
+/// A client speaking the tracker protocol itself, requests pipelined.
+struct Wire {
+    s: TlsStream,
+    dec: FrameDecoder,
+    client: u64,
+    seq: u64,
+    token: Option<SessionToken>,
+}
+
+impl Wire {
+    fn connect(addr: SocketAddr, me: &Identity, client: u64) -> Wire {
+        let (mut s, _) = tls_connect_as(addr, me);
+        s.write_all(&encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client })).unwrap();
+        Wire { s, dec: FrameDecoder::new(MAX_REPLY_FRAME), client, seq: 0, token: None }
+    }
+
+    fn send(&mut self, body: &Request) -> u64 {
+        self.seq += 1;
+        let id = RequestId { client: self.client, seq: self.seq };
+        let m = Message::Request { id, settled_below: 0, session: self.token, body: body.clone() };
+        self.s.write_all(&encode(&m)).unwrap();
+        self.seq
+    }
+
+    fn recv(&mut self) -> (u64, Result<Reply, ApiError>) {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            if let Some(Message::Response { id, result }) = self.dec.next_message::<Message>().unwrap() {
+                return (id.seq, result);
+            }
+            let n = self.s.read(&mut buf).expect("an answer in time");
+            assert!(n > 0, "the tracker hung up");
+            self.dec.push(&buf[..n]);
+        }
+    }
+
+    /// Each request's answer, in order, with at most `window` in flight.
+    fn pipeline(&mut self, bodies: &[Request], window: usize) -> Vec<Result<Reply, ApiError>> {
+        let mut answers = BTreeMap::new();
+        let first = self.seq + 1;
+        let mut sent = 0;
+        while answers.len() < bodies.len() {
+            while sent < bodies.len() && sent - answers.len() < window {
+                self.send(&bodies[sent]);
+                sent += 1;
+            }
+            let (seq, r) = self.recv();
+            answers.insert(seq, r);
+        }
+        (first..first + bodies.len() as u64).map(|s| answers.remove(&s).unwrap()).collect()
+    }
+
+    fn call(&mut self, body: Request) -> Result<Reply, ApiError> {
+        self.pipeline(&[body], 1).pop().unwrap()
+    }
+
+    fn login(&mut self, user: &str) {
+        let u = UserId::new(user).unwrap();
+        let _ = self.call(Request::CreateUser { user: u.clone(), password: "pw".into() });
+        let listen = "127.0.0.1:2".parse().unwrap();
+        let Ok(Reply::Session { token }) =
+            self.call(Request::Login { user: u, password: "pw".into(), listen, plaintext_peers: false })
+        else {
+            panic!("login failed")
+        };
+        self.token = Some(token);
+    }
+}
+
+/// Files of `chunks` chunks each, with made-up chunk hashes.
+fn big_files(count: usize, chunks: u64) -> Vec<FileMeta> {
+    (0..count)
+        .map(|k| {
+            let chunks: Vec<Sha1Digest> =
+                (0..chunks).map(|i| Sha1Digest::of(&[&[k as u8][..], &i.to_be_bytes()].concat())).collect();
+            let digest = FileDigest { size: chunks.len() as u64 * CHUNK_SIZE, sha1: Sha1Digest([k as u8; 20]), chunks };
+            FileMeta { name: FileName::new(format!("big{k}.bin")).unwrap(), digest }
+        })
+        .collect()
+}
+
+/// Chunk lists travel beside the log. Three trackers take files whose chunk
+/// lists total 80 MiB (four files of 2^20 chunks, 512 GiB each), then small
+/// writes past every tracker's snapshot point, staying up and answering. A
+/// tracker restarted with an empty data dir catches up and serves every
+/// range of the big files' chunk lists; the leader is killed during that
+/// catch-up, and nothing acknowledged is lost.
+///
+/// The default run takes 4,000 small writes with snapshots every 1,500
+/// entries; `SHOAL_FULL_SCALE=1` takes the 100,000 writes of the issue with
+/// the default snapshot point.
+#[test]
+fn big_chunk_lists_replicate_beside_the_log_and_a_wiped_tracker_serves_them() {
+    let full = std::env::var("SHOAL_FULL_SCALE").is_ok_and(|v| v == "1");
+    let (writes, args): (usize, &[&str]) = if full { (100_000, &[]) } else { (4_000, &["--snapshot-every", "1500"]) };
+    let mut cl = Cluster::new_with("repl-big", args);
+    let me = Identity::ephemeral().unwrap();
+    let leader = cl.leader();
+    let mut w = Wire::connect(cl.addrs[leader as usize - 1], &me, 1);
+    w.login("big");
+    let g = GroupId::new("g").unwrap();
+    assert_eq!(w.call(Request::CreateGroup { group: g.clone() }), Ok(Reply::Done));
+    let files = big_files(4, MAX_FILE_CHUNKS);
+    let start = Instant::now();
+    for f in &files {
+        let share = Request::UploadFile { group: g.clone(), file: f.record() };
+        let Err(ApiError::MissingRanges { ranges }) = w.call(share.clone()) else { panic!("ranges not asked for") };
+        assert_eq!(ranges.len() as u64, MAX_RANGES);
+        let puts: Vec<Request> =
+            ranges.iter().map(|&i| Request::PutRange { hashes: f.digest.range(i as u64).to_vec() }).collect();
+        assert!(w.pipeline(&puts, 8).iter().all(|r| r == &Ok(Reply::Done)));
+        assert_eq!(w.call(share), Ok(Reply::Done));
+    }
+    eprintln!("80 MiB of chunk lists shared in {:.1} s", start.elapsed().as_secs_f64());
+    let start = Instant::now();
+    let creates: Vec<Request> =
+        (0..writes).map(|i| Request::CreateGroup { group: GroupId::new(format!("s{i}")).unwrap() }).collect();
+    for r in w.pipeline(&creates, 32) {
+        assert_eq!(r, Ok(Reply::Done));
+    }
+    eprintln!("{writes} small writes in {:.1} s", start.elapsed().as_secs_f64());
+    // Every tracker is up and has it all (a read through each alone).
+    let last = GroupId::new(format!("s{}", writes - 1)).unwrap();
+    for id in 1..=3u32 {
+        assert!(cl.trackers[id as usize - 1].as_mut().unwrap().is_running(), "tracker {id} died");
+        let mut r = Wire::connect(cl.addrs[id as usize - 1], &me, 10 + id as u64);
+        r.token = w.token;
+        wait_until(|| r.call(Request::ListRequests { group: last.clone() }) == Ok(Reply::Requests(vec![])));
+    }
+    // A follower loses its data dir; while it catches up the leader dies.
+    let wiped = (1..=3).find(|id| *id != leader).unwrap();
+    cl.kill(wiped);
+    std::fs::remove_dir_all(cl.dir.path().join(format!("tracker-data-{wiped}"))).unwrap();
+    cl.restart(wiped);
+    cl.kill(leader);
+    let start = Instant::now();
+    let mut r = Wire::connect(cl.addrs[wiped as usize - 1], &me, 20);
+    wait_until(|| {
+        let ok = r.call(Request::ListRequests { group: last.clone() });
+        // Catching up, or its session lookups before the snapshot: ask again.
+        r.token = w.token;
+        ok == Ok(Reply::Requests(vec![]))
+    });
+    for f in &files {
+        for i in 0..MAX_RANGES {
+            let get = Request::GetRange { group: g.clone(), name: f.name.clone(), range: i as u32 };
+            let want = Ok(Reply::Range { hashes: f.digest.range(i).to_vec() });
+            wait_until(|| r.call(get.clone()) == want);
+        }
+    }
+    eprintln!("the wiped tracker serves every range {:.1} s after its restart", start.elapsed().as_secs_f64());
+    // Nothing acknowledged is gone, on the wiped tracker or the other survivor.
+    let survivor = (1..=3).find(|id| *id != leader && *id != wiped).unwrap();
+    for id in [wiped, survivor] {
+        let mut r = Wire::connect(cl.addrs[id as usize - 1], &me, 30 + id as u64);
+        r.token = w.token;
+        let checks: Vec<Request> = (0..writes)
+            .step_by(97)
+            .chain([writes - 1])
+            .map(|i| Request::ListRequests { group: GroupId::new(format!("s{i}")).unwrap() })
+            .collect();
+        for (k, a) in r.pipeline(&checks, 32).into_iter().enumerate() {
+            assert_eq!(a, Ok(Reply::Requests(vec![])), "tracker {id}, check {k}");
+        }
+        let Ok(Reply::Files(listed)) = r.call(Request::ListFiles { group: g.clone() }) else { panic!("no files") };
+        assert_eq!(listed.len(), files.len(), "tracker {id}");
+    }
+    // And the two left take writes.
+    let mut w2 = Wire::connect(cl.addrs[survivor as usize - 1], &me, 40);
+    w2.token = w.token;
+    wait_until(|| w2.call(Request::CreateGroup { group: GroupId::new("after").unwrap() }) == Ok(Reply::Done));
+}
+
+/// Polls `f` until it holds, within the tests' bound.
+fn wait_until(mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "not within 60 s");
+        // Polling a tracker's answer, bounded by the deadline above.
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

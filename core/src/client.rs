@@ -55,7 +55,7 @@ use crate::proto::{ApiError, Message, Reply, Request, RequestId, Role, PROTOCOL_
 use crate::rng::Rng;
 use crate::shell::{render, ShellCommand, ShellError};
 use crate::time::Millis;
-use crate::wire::{encode, FrameDecoder, MAX_CONTROL_FRAME};
+use crate::wire::{encode, FrameDecoder, MAX_REPLY_FRAME};
 
 mod commands;
 pub mod disk;
@@ -369,7 +369,7 @@ impl ClientEngine {
             tried: 0,
             refused_round: false,
             link: Link::Down,
-            decoder: FrameDecoder::new(MAX_CONTROL_FRAME),
+            decoder: FrameDecoder::new(MAX_REPLY_FRAME),
             pending: BTreeMap::new(),
             hash_jobs: BTreeMap::new(),
             sharing: BTreeMap::new(),

@@ -140,6 +140,9 @@ pub enum TrackerOutput {
     /// Read this range from the range store and report it with
     /// [`TrackerNode::handle_range_loaded`] (after draining the outputs).
     LoadRange { hash: Sha1Digest },
+    /// Remove this range from the range store (no file names it any more);
+    /// no report follows, and it need not be durable before anything.
+    DropRange { hash: Sha1Digest },
     /// Only with [`TrackerConfig::report_applied`]: log entry `index` (1-based)
     /// was applied; `None` when a snapshot up to `index` was installed.
     Applied { index: u64, entry: Option<Entry> },

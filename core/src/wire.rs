@@ -17,6 +17,11 @@ use thiserror::Error;
 /// travels in one frame.
 pub const MAX_CONTROL_FRAME: usize = 1024 * 1024;
 
+/// Largest answer a tracker sends a client: a list of a group's files (at
+/// most [`crate::meta::MAX_FILES_PER_GROUP`] names of up to 255 bytes) fits.
+/// A tracker answers `limit reached` rather than send a bigger one.
+pub const MAX_REPLY_FRAME: usize = 4 * 1024 * 1024;
+
 const LEN_BYTES: usize = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

@@ -78,6 +78,19 @@ impl RangeStore {
         Ok(())
     }
 
+    /// Removes a range (a crash before the next sync may bring it back).
+    pub fn remove(&self, hash: &Sha1Digest) -> io::Result<()> {
+        let mut tx = self.db.begin_write().map_err(err)?;
+        tx.set_durability(Durability::None).map_err(err)?;
+        {
+            let mut t = tx.open_table(RANGES).map_err(err)?;
+            t.remove(&hash.0[..]).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
     pub fn get(&self, hash: &Sha1Digest) -> io::Result<Option<Vec<u8>>> {
         let tx = self.db.begin_read().map_err(err)?;
         let t = tx.open_table(RANGES).map_err(err)?;
@@ -114,6 +127,10 @@ mod tests {
         let s = RangeStore::open(&dir).unwrap();
         assert_eq!(s.get(&a).unwrap().as_deref(), Some(&b"0123456789012345678901234567890123456789"[..]));
         assert_eq!(s.get(&Sha1Digest::of(b"b")).unwrap(), None);
+        s.remove(&a).unwrap();
+        s.sync().unwrap();
+        assert_eq!(s.get(&a).unwrap(), None);
+        assert!(s.hashes().unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -443,6 +443,11 @@ impl<R: Replicator> TrackerServer<R> {
                     // A range the store cannot take stops this tracker, as a
                     // log record would: nothing that depends on it goes out.
                     TrackerOutput::StoreRange { hash, bytes } => self.ranges.put(&hash, &bytes)?,
+                    TrackerOutput::DropRange { hash } => {
+                        if let Err(e) = self.ranges.remove(&hash) {
+                            tracing::warn!(%hash, error = %e, "cannot drop a range");
+                        }
+                    }
                     TrackerOutput::LoadRange { hash } => {
                         let got = self.ranges.get(&hash).unwrap_or_else(|e| {
                             tracing::warn!(%hash, error = %e, "cannot read a range");

@@ -459,6 +459,12 @@ impl TrackerLog {
         self.volatile_ranges.push((hash, bytes));
     }
 
+    /// Removes a range.
+    pub fn drop_range(&mut self, hash: &Sha1Digest) {
+        self.ranges.remove(hash);
+        self.volatile_ranges.retain(|(h, _)| h != hash);
+    }
+
     /// A range as the store reads it back (written, durable or not).
     pub fn load_range(&self, hash: &Sha1Digest) -> Option<Vec<u8>> {
         let unsynced = self.volatile_ranges.iter().rev().find(|(h, _)| h == hash).map(|(_, b)| b.clone());

@@ -227,6 +227,9 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
                     TrackerOutput::StoreRange { hash, bytes } => {
                         shared.logs.lock().unwrap().entry(me).or_default().store_range(hash, bytes)
                     }
+                    TrackerOutput::DropRange { hash } => {
+                        shared.logs.lock().unwrap().entry(me).or_default().drop_range(&hash)
+                    }
                     TrackerOutput::LoadRange { hash } => {
                         let got = shared.logs.lock().unwrap().entry(me).or_default().load_range(&hash);
                         loaded.push((hash, got));

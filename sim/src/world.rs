@@ -500,6 +500,7 @@ impl World {
                 match out {
                     TrackerOutput::StoreRange { hash, bytes } => self.trackers[t].log.store_range(hash, bytes),
                     TrackerOutput::LoadRange { hash } => loaded.push((hash, self.trackers[t].log.load_range(&hash))),
+                    TrackerOutput::DropRange { hash } => self.trackers[t].log.drop_range(&hash),
                     // Written, not yet durable: a crash before the sync loses it.
                     TrackerOutput::Persist(p) => self.trackers[t].log.persist(p),
                     TrackerOutput::Sync { .. } if crash => {

@@ -76,7 +76,7 @@ impl Conn {
             .map_err(|e| e.to_string())?;
         Ok(Conn {
             stream,
-            decoder: FrameDecoder::new(shoal_core::wire::MAX_CONTROL_FRAME),
+            decoder: FrameDecoder::new(shoal_core::wire::MAX_REPLY_FRAME),
             client,
             seq: 0,
             session: None,

@@ -31,6 +31,11 @@ struct Args {
     /// what to pin on its line of tracker_info.txt.
     #[arg(long)]
     show_id: bool,
+    /// Decided log entries between snapshots of the metadata (etcd's
+    /// --snapshot-count); each tracker compacts its own log.
+    #[arg(long, value_name = "ENTRIES", default_value_t = shoal_core::tracker::omni::SNAPSHOT_EVERY,
+          value_parser = clap::value_parser!(usize))]
+    snapshot_every: usize,
 }
 
 fn main() -> ExitCode {
@@ -112,7 +117,12 @@ fn run(args: Args) -> Result<(), String> {
         return server.run().map_err(|e| format!("tracker stopped: {e}"));
     }
     let nodes: Vec<NodeId> = trackers.iter().map(|t| t.id as NodeId).collect();
-    let rep = OmniReplicator::recover(me.id as NodeId, &nodes, records).map_err(|e| format!("{log}: {e}"))?;
+    if args.snapshot_every == 0 {
+        return Err("--snapshot-every must be at least 1".into());
+    }
+    let rep = OmniReplicator::recover(me.id as NodeId, &nodes, records)
+        .map_err(|e| format!("{log}: {e}"))?
+        .with_snapshot_every(args.snapshot_every);
     let log_line = format!("log: decided up to entry {}, snapshot up to {}", rep.decided_idx(), rep.compacted_idx());
     let node = TrackerNode::new(cfg, Rng::from_seed(seed), rep);
     let me_id = me.id as NodeId;

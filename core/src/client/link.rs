@@ -80,7 +80,7 @@ impl ClientEngine {
         }
         self.link = Link::Up;
         self.last_heard = now;
-        self.decoder = FrameDecoder::new(MAX_CONTROL_FRAME);
+        self.decoder = FrameDecoder::new(crate::wire::MAX_REPLY_FRAME);
         self.transmit(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Client }, now);
         let resend: Vec<Message> = self
             .pending

@@ -411,7 +411,7 @@ impl<R: Replicator> TrackerNode<R> {
 
     pub(crate) fn respond(&mut self, conn: ConnId, id: RequestId, result: Result<Reply, ApiError>) {
         if self.conns.contains_key(&conn) {
-            let bytes = encode(&Message::Response { id, result });
+            let bytes = reply_bytes(id, result);
             let after_sync = self.replicator.answers_need_sync();
             self.outbox.send(TrackerOutput::Transmit { conn, bytes }, after_sync);
         }
@@ -500,7 +500,9 @@ impl<R: Replicator> TrackerNode<R> {
                 return;
             }
         };
+        let at_stake = self.ranges_at_stake(&entry.cmd);
         let result = self.meta.apply(&entry);
+        self.ranges_applied(&entry.cmd, at_stake, now);
         if self.cfg.report_applied {
             self.outbox.push(TrackerOutput::Applied { index: self.meta.applied(), entry: Some(entry.clone()) });
         }
@@ -524,4 +526,18 @@ impl<R: Replicator> TrackerNode<R> {
             }
         }
     }
+}
+
+/// A response frame; one too big for a client to read is `limit reached` instead.
+pub(crate) fn reply_bytes(id: RequestId, result: Result<Reply, ApiError>) -> Vec<u8> {
+    let bytes = encode(&Message::Response { id, result });
+    if bytes.len() > crate::wire::MAX_REPLY_FRAME {
+        let e = format!(
+            "the answer would be {} bytes, over the {} a client reads",
+            bytes.len(),
+            crate::wire::MAX_REPLY_FRAME
+        );
+        return encode(&Message::Response { id, result: Err(ApiError::Limit(e)) });
+    }
+    bytes
 }

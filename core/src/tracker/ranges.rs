@@ -23,6 +23,11 @@
 //!   naming ranges it lacks fetches them in the background, a few at a
 //!   time, so a tracker restarted with an empty data dir serves every file's
 //!   chunk list again once it has caught up.
+//! - **Collection.** A range no file in the log names (an upload that never
+//!   finished, a file no longer shared) is dropped from the store after
+//!   [`UNNAMED_GRACE`]; a user may have at most [`MAX_UNNAMED_PER_USER`]
+//!   such ranges put through one tracker at a time, so an account cannot
+//!   fill the trackers' disks with ranges of files it never shares.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -37,6 +42,11 @@ pub const RANGE_ASK_AGAIN: Millis = Millis(1_000);
 /// A range confirmed on a majority is remembered that long for the file's
 /// upload that follows (after that, one the log names counts).
 const CONFIRMED_KEPT: Millis = Millis(10 * 60 * 1000);
+/// A stored range no file names is dropped after this long.
+pub const UNNAMED_GRACE: Millis = Millis(10 * 60 * 1000);
+/// Ranges put by one user through this tracker that no file names yet
+/// (four files of the largest size).
+pub const MAX_UNNAMED_PER_USER: usize = 4 * crate::chunk::MAX_RANGES as usize;
 /// Most ranges a tracker waits for at once (pushes, loads and asks): a client
 /// has at most [`MAX_WRITES_IN_FLIGHT`] in flight per connection.
 pub const MAX_RANGE_WAITS: usize = 4096;
@@ -71,11 +81,29 @@ pub(crate) struct Ranges {
     pushes: BTreeMap<Sha1Digest, Push>,
     loads: BTreeMap<Sha1Digest, Vec<LoadFor>>,
     wanted: BTreeMap<Sha1Digest, Want>,
+    /// Held and named by no file in the log, since when.
+    unnamed: BTreeMap<Sha1Digest, Millis>,
+    /// Unnamed ranges a user put through this tracker, and how many each.
+    put_by: BTreeMap<Sha1Digest, UserId>,
+    per_user: BTreeMap<UserId, usize>,
 }
 
 impl Ranges {
     fn waits(&self) -> usize {
         self.pushes.len() + self.loads.len() + self.wanted.len()
+    }
+
+    /// A file in the log names the range now.
+    fn named(&mut self, hash: &Sha1Digest) {
+        self.unnamed.remove(hash);
+        if let Some(u) = self.put_by.remove(hash) {
+            if let Some(n) = self.per_user.get_mut(&u) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_user.remove(&u);
+                }
+            }
+        }
     }
 }
 
@@ -89,6 +117,11 @@ impl<R: Replicator> TrackerNode<R> {
     /// Whether this tracker's store holds the range.
     pub fn holds_range(&self, hash: &Sha1Digest) -> bool {
         self.ranges.present.contains(hash)
+    }
+
+    /// How many ranges this tracker's store holds.
+    pub fn ranges_held(&self) -> usize {
+        self.ranges.present.len()
     }
 
     /// Ranges the log names that this tracker still lacks.
@@ -109,12 +142,68 @@ impl<R: Replicator> TrackerNode<R> {
     /// Writes a range to our store (durable with the next sync).
     fn store_range(&mut self, hash: Sha1Digest, bytes: Vec<u8>) {
         if self.ranges.present.insert(hash) {
+            if !self.meta.names_range(&hash) {
+                self.ranges.unnamed.insert(hash, self.now);
+            }
             self.outbox.push(TrackerOutput::StoreRange { hash, bytes });
         }
     }
 
+    /// The ranges of the files an entry may remove (before it is applied).
+    pub(crate) fn ranges_at_stake(&self, cmd: &Command) -> Vec<Sha1Digest> {
+        let files: Vec<&crate::meta::SharedFile> = match cmd {
+            Command::StopShare { group, name, .. } => {
+                self.meta.group(group).and_then(|g| g.files.get(name)).into_iter().collect()
+            }
+            Command::LeaveGroup { group, .. } => {
+                self.meta.group(group).map(|g| g.files.values().collect()).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        files.into_iter().flat_map(|f| f.meta.index.stored_ranges().map(|(_, h)| h)).collect()
+    }
+
+    /// After an entry applied: ranges it named, and those it may have left unnamed.
+    pub(crate) fn ranges_applied(&mut self, cmd: &Command, at_stake: Vec<Sha1Digest>, now: Millis) {
+        if let Command::AddFile { file, .. } = cmd {
+            for (_, h) in file.index.stored_ranges() {
+                if self.meta.names_range(&h) {
+                    self.ranges.named(&h);
+                }
+            }
+        }
+        for h in at_stake {
+            if self.ranges.present.contains(&h) && !self.meta.names_range(&h) {
+                self.ranges.unnamed.entry(h).or_insert(now);
+            }
+        }
+    }
+
+    /// The held ranges the log does not name, counted from now (start-up, a snapshot installed).
+    fn find_unnamed(&mut self) {
+        let now = self.now;
+        let meta = &self.meta;
+        let unnamed: Vec<Sha1Digest> = self.ranges.present.iter().filter(|h| !meta.names_range(h)).copied().collect();
+        let hashes: Vec<Sha1Digest> = self.ranges.unnamed.keys().copied().collect();
+        for h in hashes {
+            if self.meta.names_range(&h) {
+                self.ranges.named(&h);
+            }
+        }
+        for h in unnamed {
+            self.ranges.unnamed.entry(h).or_insert(now);
+        }
+    }
+
     /// A client's `PutRange`.
-    pub(crate) fn put_range(&mut self, conn: ConnId, id: RequestId, hashes: Vec<Sha1Digest>, now: Millis) {
+    pub(crate) fn put_range(
+        &mut self,
+        conn: ConnId,
+        id: RequestId,
+        user: &UserId,
+        hashes: Vec<Sha1Digest>,
+        now: Millis,
+    ) {
         if hashes.is_empty() || hashes.len() as u64 > RANGE_CHUNKS {
             let e = format!("a range holds 1 to {RANGE_CHUNKS} chunk hashes, not {}", hashes.len());
             return self.respond(conn, id, Err(ApiError::InvalidFile(e)));
@@ -122,6 +211,14 @@ impl<R: Replicator> TrackerNode<R> {
         let hash = range_hash(&hashes);
         if self.range_confirmed(&hash) && self.ranges.present.contains(&hash) {
             return self.respond_synced(conn, id, Ok(Reply::Done));
+        }
+        let mine = self.ranges.put_by.contains_key(&hash);
+        if !mine && !self.meta.names_range(&hash) {
+            let n = self.ranges.per_user.get(user).copied().unwrap_or(0);
+            if n >= MAX_UNNAMED_PER_USER {
+                let e = format!("{n} chunk-list ranges of yours wait for their files; share those first");
+                return self.respond(conn, id, Err(ApiError::Limit(e)));
+            }
         }
         if self.ranges.waits() >= MAX_RANGE_WAITS && !self.ranges.pushes.contains_key(&hash) {
             return self.respond(conn, id, Err(ApiError::Limit("too many chunk-list ranges in flight".into())));
@@ -132,6 +229,10 @@ impl<R: Replicator> TrackerNode<R> {
         }
         let bytes = range_bytes(&hashes);
         self.store_range(hash, bytes.clone());
+        if !mine && self.ranges.unnamed.contains_key(&hash) {
+            self.ranges.put_by.insert(hash, user.clone());
+            *self.ranges.per_user.entry(user.clone()).or_default() += 1;
+        }
         let fresh = !self.ranges.pushes.contains_key(&hash);
         let me = self.replicator.me();
         let push = self.ranges.pushes.entry(hash).or_insert_with(|| Push {
@@ -166,7 +267,7 @@ impl<R: Replicator> TrackerNode<R> {
     /// An answer that may leave only once what was written before it is durable.
     pub(crate) fn respond_synced(&mut self, conn: ConnId, id: RequestId, result: Result<Reply, ApiError>) {
         if self.conns.contains_key(&conn) {
-            let bytes = encode(&Message::Response { id, result });
+            let bytes = super::node::reply_bytes(id, result);
             self.outbox.send(TrackerOutput::Transmit { conn, bytes }, true);
         }
     }
@@ -279,6 +380,7 @@ impl<R: Replicator> TrackerNode<R> {
     /// Every range the log names that the store lacks is wanted (and one
     /// the store holds, not).
     pub(crate) fn want_missing_ranges(&mut self) {
+        self.find_unnamed();
         let present = &self.ranges.present;
         self.ranges.wanted.retain(|h, w| !present.contains(h) || !w.waiters.is_empty());
         let missing: Vec<Sha1Digest> =
@@ -359,11 +461,32 @@ impl<R: Replicator> TrackerNode<R> {
         let meta = &self.meta;
         self.ranges.wanted.retain(|h, w| !w.waiters.is_empty() || meta.names_range(h));
         self.ranges.confirmed.retain(|_, t| now.since(*t) < CONFIRMED_KEPT);
+        self.drop_unnamed(now);
         self.ask_for_ranges(now);
+    }
+
+    /// Ranges unnamed past their grace (and not in use) leave the store.
+    fn drop_unnamed(&mut self, now: Millis) {
+        let r = &self.ranges;
+        let due: Vec<Sha1Digest> = r
+            .unnamed
+            .iter()
+            .filter(|(h, since)| {
+                now.since(**since) >= UNNAMED_GRACE && !r.pushes.contains_key(*h) && !r.loads.contains_key(*h)
+            })
+            .map(|(h, _)| *h)
+            .collect();
+        for hash in due {
+            tracing::debug!(%hash, "dropping a chunk-list range no file names");
+            self.ranges.named(&hash);
+            self.ranges.present.remove(&hash);
+            self.ranges.confirmed.remove(&hash);
+            self.outbox.push(TrackerOutput::DropRange { hash });
+        }
     }
 
     /// Whether range work waits for the sweep.
     pub(crate) fn ranges_busy(&self) -> bool {
-        !self.ranges.pushes.is_empty() || !self.ranges.wanted.is_empty()
+        !self.ranges.pushes.is_empty() || !self.ranges.wanted.is_empty() || !self.ranges.unnamed.is_empty()
     }
 }

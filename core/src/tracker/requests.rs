@@ -93,7 +93,7 @@ impl<R: Replicator> TrackerNode<R> {
                 }
                 Command::AddFile { token, group, file }
             }
-            Request::PutRange { hashes } => return self.put_range(conn, id, hashes, now),
+            Request::PutRange { hashes } => return self.put_range(conn, id, &me, hashes, now),
             Request::GetRange { group, name, range } => return self.get_range(conn, id, &me, (group, name, range)),
             Request::StopShare { group, name } => Command::StopShare { token, group, name },
             Request::ListGroups => return self.respond(conn, id, Ok(Reply::Groups(self.meta.list_groups()))),

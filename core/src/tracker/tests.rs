@@ -667,7 +667,10 @@ fn drain_with_store(n: &mut TrackerNode, store: &mut BTreeMap<Sha1Digest, Vec<u8
                 }
                 TrackerOutput::LoadRange { hash } => {
                     let got = store.get(&hash).cloned();
-                    n.handle_range_loaded(hash, got, Millis(10));
+                    n.handle_range_loaded(hash, got, n.now);
+                }
+                TrackerOutput::DropRange { hash } => {
+                    store.remove(&hash);
                 }
                 o => rest.push(o),
             }
@@ -747,4 +750,161 @@ fn the_largest_entry_fits_the_entry_limit() {
     let entry = Entry { id: Some(RequestId { client: u64::MAX, seq: u64::MAX }), settled_below: u64::MAX, cmd };
     let size = encode(&entry).len();
     assert!(size < MAX_ENTRY_BYTES / 16, "{size} bytes");
+}
+
+/// Ranges no file names leave the store after their grace; a file's stay
+/// while it is shared and go once it is not. A user may have only so many
+/// unnamed ranges at once, so an account cannot fill the trackers' disks.
+#[test]
+fn ranges_no_file_names_are_dropped_and_bounded_per_user() {
+    use crate::chunk::{FileDigest, FileMeta, CHUNK_SIZE};
+    use crate::tracker::ranges::{MAX_UNNAMED_PER_USER, UNNAMED_GRACE};
+    let mut n = node();
+    let mut seq = 0;
+    let tokens = group_sharing_a_file(&mut n, &mut seq, &["bob"]);
+    let mut store = BTreeMap::new();
+    let g = GroupId::new("g").unwrap();
+    let (al, bob) = ((ConnId(1), tokens[0]), (ConnId(2), tokens[1]));
+    let mut now = Millis(10);
+    let mut call = |n: &mut TrackerNode, store: &mut BTreeMap<_, _>, (conn, t): (ConnId, SessionToken), body, now| {
+        seq += 1;
+        n.handle_bytes(conn, &req(seq, Some(t), body), now);
+        answer(&drain_with_store(n, store))
+    };
+    let junk = |i: usize| Request::PutRange { hashes: vec![Sha1Digest::of(&i.to_be_bytes()); 2] };
+    for i in 0..MAX_UNNAMED_PER_USER {
+        assert_eq!(call(&mut n, &mut store, al, junk(i), now), Ok(Reply::Done));
+    }
+    let over = call(&mut n, &mut store, al, junk(MAX_UNNAMED_PER_USER), now);
+    assert!(matches!(&over, Err(ApiError::Limit(e)) if e.contains("wait for their files")), "{over:?}");
+    // Bob has a quota of his own; al's puts of a range already held count once.
+    assert_eq!(call(&mut n, &mut store, bob, junk(MAX_UNNAMED_PER_USER), now), Ok(Reply::Done));
+    assert_eq!(call(&mut n, &mut store, al, junk(0), now), Ok(Reply::Done));
+
+    // A two-chunk file, shared (by bob: al is at his limit): its range is named.
+    let chunks = vec![Sha1Digest([7; 20]), Sha1Digest([8; 20])];
+    let meta = FileMeta {
+        name: FileName::new("two.bin").unwrap(),
+        digest: FileDigest { size: 2 * CHUNK_SIZE, sha1: Sha1Digest([9; 20]), chunks },
+    };
+    let range = meta.digest.index().ranges[0];
+    let put = Request::PutRange { hashes: meta.digest.range(0).to_vec() };
+    assert!(matches!(call(&mut n, &mut store, al, put.clone(), now), Err(ApiError::Limit(_))));
+    assert_eq!(call(&mut n, &mut store, bob, put, now), Ok(Reply::Done));
+    let share = Request::UploadFile { group: g.clone(), file: meta.record() };
+    assert_eq!(call(&mut n, &mut store, bob, share, now), Ok(Reply::Done));
+    assert_eq!(store.len(), MAX_UNNAMED_PER_USER + 2);
+
+    // Past the grace, only the named range is left, and al may put again.
+    now = now.plus(UNNAMED_GRACE).plus(Millis(1_000));
+    n.handle_timeout(now);
+    drain_with_store(&mut n, &mut store);
+    // Idle that long, their connections were closed: they connect again
+    // (with the same keys, so their sessions are theirs still).
+    let reconnect = |n: &mut TrackerNode, now: Millis| {
+        for c in [1u64, 2] {
+            connect(n, ConnId(c), format!("10.0.0.{c}:5001").parse().unwrap(), now);
+            n.handle_bytes(ConnId(c), &hello(), now);
+        }
+    };
+    reconnect(&mut n, now);
+    assert_eq!(store.keys().copied().collect::<Vec<_>>(), vec![range]);
+    assert!(n.holds_range(&range));
+    assert_eq!(call(&mut n, &mut store, al, junk(1), now), Ok(Reply::Done));
+
+    // Not shared any more: its range goes after the grace too.
+    let stop = Request::StopShare { group: g, name: FileName::new("two.bin").unwrap() };
+    assert_eq!(call(&mut n, &mut store, bob, stop, now), Ok(Reply::Done));
+    now = now.plus(UNNAMED_GRACE).plus(Millis(1_000));
+    n.handle_timeout(now);
+    drain_with_store(&mut n, &mut store);
+    assert!(store.is_empty(), "{} ranges left", store.len());
+    assert!(!n.holds_range(&range));
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+    /// Whatever members share, stop sharing, put without sharing, and
+    /// however time passes: every file the log lists has each range of its
+    /// chunk list in the store, under its hash, and read back equal to the
+    /// uploader's; the tracker's idea of what its store holds is the store.
+    #[test]
+    fn any_sequence_of_uploads_keeps_the_index_and_the_stored_ranges_consistent(
+        ops in proptest::collection::vec((0u8..4, 0usize..3, proptest::prelude::any::<bool>()), 1..14),
+    ) {
+        use crate::chunk::{range_from_bytes, FileDigest, FileMeta, CHUNK_SIZE, RANGE_CHUNKS};
+        use crate::tracker::ranges::UNNAMED_GRACE;
+        let mut n = node();
+        let mut seq = 0;
+        let tokens = group_sharing_a_file(&mut n, &mut seq, &["bob"]);
+        let mut store = BTreeMap::new();
+        let g = GroupId::new("g").unwrap();
+        let who = [(ConnId(1), tokens[0]), (ConnId(2), tokens[1])];
+        let files: Vec<FileMeta> = [2u64, RANGE_CHUNKS + 1, 2 * RANGE_CHUNKS + 3]
+            .iter()
+            .enumerate()
+            .map(|(k, &c)| {
+                let chunks: Vec<Sha1Digest> = (0..c).map(|i| Sha1Digest::of(&[&[k as u8][..], &i.to_be_bytes()].concat())).collect();
+                let digest = FileDigest { size: c * CHUNK_SIZE - 1, sha1: Sha1Digest([k as u8; 20]), chunks };
+                FileMeta { name: FileName::new(format!("f{k}.bin")).unwrap(), digest }
+            })
+            .collect();
+        let mut now = Millis(10);
+        for (op, k, second) in ops {
+            let me = who[second as usize];
+            let mut call = |n: &mut TrackerNode, store: &mut BTreeMap<_, _>, body: Request, now: Millis| {
+                seq += 1;
+                n.handle_bytes(me.0, &req(seq, Some(me.1), body), now);
+                answer(&drain_with_store(n, store))
+            };
+            match op {
+                0 => {
+                    // Share as the client does: the index, the ranges it is told are missing, the index.
+                    let share = Request::UploadFile { group: g.clone(), file: files[k].record() };
+                    let mut r = call(&mut n, &mut store, share.clone(), now);
+                    if let Err(ApiError::MissingRanges { ranges }) = &r {
+                        for &i in ranges {
+                            let put = Request::PutRange { hashes: files[k].digest.range(i as u64).to_vec() };
+                            proptest::prop_assert_eq!(call(&mut n, &mut store, put, now), Ok(Reply::Done));
+                        }
+                        r = call(&mut n, &mut store, share, now);
+                    }
+                    proptest::prop_assert!(matches!(r, Ok(Reply::Done) | Err(ApiError::FileNameTaken)), "{:?}", r);
+                }
+                1 => {
+                    let stop = Request::StopShare { group: g.clone(), name: files[k].name.clone() };
+                    let _ = call(&mut n, &mut store, stop, now);
+                }
+                2 => {
+                    let put = Request::PutRange { hashes: files[k].digest.range(0).to_vec() };
+                    proptest::prop_assert_eq!(call(&mut n, &mut store, put, now), Ok(Reply::Done));
+                }
+                _ => {
+                    now = now.plus(UNNAMED_GRACE).plus(Millis(1_000));
+                    n.handle_timeout(now);
+                    drain_with_store(&mut n, &mut store);
+                    for (c, _) in who {
+                        connect(&mut n, c, format!("10.0.0.{}:5001", c.0).parse().unwrap(), now);
+                        n.handle_bytes(c, &hello(), now);
+                    }
+                }
+            }
+            let listed = &n.meta().group(&g).unwrap().files;
+            for f in &files {
+                let Some(sf) = listed.get(&f.name) else { continue };
+                proptest::prop_assert_eq!(&sf.meta.index, &f.digest.index());
+                for (i, h) in sf.meta.index.stored_ranges() {
+                    let bytes = store.get(&h);
+                    proptest::prop_assert!(bytes.is_some(), "{} range {} is not stored", f.name, i);
+                    let hashes = range_from_bytes(bytes.unwrap()).unwrap();
+                    proptest::prop_assert!(sf.meta.index.check_range(i, &hashes).is_ok());
+                    proptest::prop_assert_eq!(&hashes[..], f.digest.range(i));
+                }
+            }
+            for h in store.keys() {
+                proptest::prop_assert!(n.holds_range(h));
+            }
+            proptest::prop_assert_eq!(n.ranges_held(), store.len());
+        }
+    }
 }
