@@ -88,6 +88,19 @@ pub enum TrackerFrame {
     RangeStored(Sha1Digest),
     /// The sender lacks this range (it caught up without it): send it, if held.
     RangeWanted(Sha1Digest),
+    /// A part of a consensus message too big for one frame (a snapshot):
+    /// the parts of one `xfer`, in order, make up the message.
+    ConsensusPart {
+        xfer: u64,
+        last: bool,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The sender received this many bytes of parts: the window moves on.
+    ConsensusAck {
+        xfer: u64,
+        bytes: u32,
+    },
 }
 
 /// Soft state, kept out of the log: which sessions are alive, grants issued,

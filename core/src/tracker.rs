@@ -77,6 +77,7 @@ pub mod ranges;
 pub mod replicator;
 mod requests;
 mod soft;
+pub mod stream;
 
 pub use node::TrackerNode;
 pub use omni::OmniReplicator;
@@ -101,6 +102,10 @@ pub struct TrackerConfig {
     /// Emit [`TrackerOutput::Applied`] for every log entry applied (the
     /// simulator checks that trackers agree on them).
     pub report_applied: bool,
+    /// Consensus messages over this many bytes go in parts, with a window of
+    /// 16 parts ([`stream::PART`]; the simulator makes them small so that
+    /// ordinary messages are split too).
+    pub consensus_part: usize,
 }
 
 impl Default for TrackerConfig {
@@ -110,6 +115,7 @@ impl Default for TrackerConfig {
             session_lease: Millis::from_secs(15),
             peer_keys: BTreeMap::new(),
             report_applied: false,
+            consensus_part: stream::PART,
         }
     }
 }

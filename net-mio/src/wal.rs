@@ -92,15 +92,17 @@ impl WalFile {
         self.file.try_clone()
     }
 
-    /// Replaces the whole log with one record (an image of the state after
-    /// compaction), atomically: written to a temporary file, synced, renamed
+    /// Replaces the whole log with `records` (an image of the state after
+    /// compaction, in parts), atomically: written to a temporary file, synced, renamed
     /// over the log, directory synced. Records appended and not yet synced
     /// are dropped: the image includes them.
-    pub fn rewrite(&mut self, record: &[u8]) -> io::Result<()> {
+    pub fn rewrite(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
         self.pending.clear();
         let tmp = self.path.with_extension("new");
-        let mut bytes = Vec::with_capacity(record.len() + 12);
-        encode_record(record, &mut bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut bytes = Vec::with_capacity(records.iter().map(|r| r.len() + 12).sum());
+        for r in records {
+            encode_record(r, &mut bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        }
         let len = bytes.len() as u64;
         bytes.resize((len.div_ceil(PREALLOCATE) * PREALLOCATE) as usize, 0);
         {

@@ -426,10 +426,10 @@ impl TrackerLog {
     pub fn persist(&mut self, p: Persist) {
         match p {
             Persist::Append(r) | Persist::Lazy(r) => self.volatile.push(r),
-            Persist::Rewrite(r) => {
+            Persist::Rewrite(records) => {
                 // Written beside the old log, synced, renamed over it.
                 self.volatile.clear();
-                self.durable = vec![r];
+                self.durable = records;
             }
         }
     }

@@ -169,6 +169,14 @@ impl World {
                 .enumerate()
                 .map(|(i, a)| (i as NodeId + 1, crate::key_of(a.ip())))
                 .collect(),
+            // Every other seed splits consensus messages into parts of
+            // 2-16 KiB, so that syncs and batches go in parts (taken from the seed,
+            // not the world's generator: the other draws stay as they were).
+            consensus_part: if seed.is_multiple_of(2) {
+                2048 + (seed / 2 % 14_336) as usize
+            } else {
+                shoal_core::tracker::stream::PART
+            },
             ..TrackerConfig::default()
         };
         let skewed = |rng: &mut Rng| {

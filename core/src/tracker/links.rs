@@ -229,6 +229,7 @@ impl<R: Replicator> TrackerNode<R> {
             self.outbox.push(TrackerOutput::Hangup { node });
         }
         self.outbox.forget_link(node);
+        self.streams_link_lost(node);
         if was_up {
             tracing::info!(node, "link to tracker lost");
         }

@@ -56,6 +56,8 @@ pub struct TrackerNode<R: Replicator = SoloReplicator> {
     pub(crate) next_sweep: Millis,
     /// Chunk-list ranges: what our store holds, pushes, loads and asks.
     pub(crate) ranges: super::ranges::Ranges,
+    /// Big consensus messages in parts, both ways.
+    pub(crate) streams: super::stream::Streams,
 }
 
 impl<R: Replicator> TrackerNode<R> {
@@ -91,6 +93,7 @@ impl<R: Replicator> TrackerNode<R> {
             login_failures: BTreeMap::new(),
             next_sweep: Millis::ZERO,
             ranges: Default::default(),
+            streams: Default::default(),
         };
         while let Some(d) = node.replicator.poll_decided() {
             match d {
@@ -428,6 +431,10 @@ impl<R: Replicator> TrackerNode<R> {
                 self.pump(now);
             }
             Message::Tracker(TrackerFrame::Soft(soft)) => self.merge_soft(soft, now),
+            Message::Tracker(TrackerFrame::ConsensusPart { xfer, last, bytes }) => {
+                self.handle_consensus_part(conn, node, (xfer, last, bytes))
+            }
+            Message::Tracker(TrackerFrame::ConsensusAck { bytes, .. }) => self.handle_consensus_ack(node, bytes),
             Message::Tracker(
                 f @ (TrackerFrame::Range(_) | TrackerFrame::RangeStored(_) | TrackerFrame::RangeWanted(_)),
             ) => self.handle_range_frame(node, f, now),
@@ -447,8 +454,7 @@ impl<R: Replicator> TrackerNode<R> {
                 self.outbox.push(TrackerOutput::Persist(p));
             }
             while let Some((node, bytes, after_sync)) = self.replicator.poll_send() {
-                let bytes = encode(&Message::Tracker(TrackerFrame::Consensus(bytes)));
-                self.link_send(node, bytes, after_sync);
+                self.send_consensus(node, bytes, after_sync);
             }
             let mut applied = false;
             while let Some(d) = self.replicator.poll_decided() {

@@ -139,6 +139,33 @@ struct Image {
 enum Record {
     Ops(Vec<Op>),
     Image(Box<Image>),
+    /// A part of an image too big for one record, and the last part: the
+    /// parts' bytes one after the other are the `Record::Image`'s encoding.
+    ImagePart(#[serde(with = "serde_bytes")] Vec<u8>),
+    ImageLast(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+/// An image bigger than this is written as several records of this size
+/// (the log refuses records over [`crate::wal::MAX_RECORD`]).
+pub const IMAGE_PART: usize = 16 * 1024 * 1024;
+
+/// The records of a rewritten log holding `image` (a `RecordRef::Image`
+/// encoding): itself if it fits one record, else its parts.
+fn image_records(image: Vec<u8>, part: usize) -> Vec<Vec<u8>> {
+    if image.len() <= part {
+        return vec![image];
+    }
+    let body = crate::wire::decode::<Record>(&image);
+    debug_assert!(matches!(body, Ok(Record::Image(_))));
+    let n = image.len().div_ceil(part);
+    image
+        .chunks(part)
+        .enumerate()
+        .map(|(i, c)| {
+            let r = if i + 1 == n { Record::ImageLast(c.to_vec()) } else { Record::ImagePart(c.to_vec()) };
+            postcard::to_allocvec(&r).expect("encode to Vec")
+        })
+        .collect()
 }
 
 /// [`Record`] borrowed, to write an image without copying the state first
@@ -150,13 +177,20 @@ enum RecordRef<'a> {
 }
 
 /// The storage's contents and its journal.
-#[derive(Default)]
 struct Inner {
     s: Image,
     /// Changes not yet handed to the driver (and whether each is lazy).
     journal: VecDeque<(Vec<u8>, bool)>,
     /// The log was compacted: the next record replaces the file.
     rewrite: bool,
+    /// Largest record of an image ([`IMAGE_PART`]; tests make it small).
+    image_part: usize,
+}
+
+impl Default for Inner {
+    fn default() -> Inner {
+        Inner { s: Image::default(), journal: VecDeque::new(), rewrite: false, image_part: IMAGE_PART }
+    }
 }
 
 /// omnipaxos's storage: memory, journaled for the driver's write-ahead log.
@@ -267,8 +301,21 @@ impl DurableStorage {
     /// Rebuilds the storage from the records of its log, oldest first.
     pub fn replay<'a>(records: impl IntoIterator<Item = &'a [u8]>) -> Result<DurableStorage, FrameError> {
         let mut st = Inner::default();
+        // An image in parts, until its last part.
+        let mut parts: Option<Vec<u8>> = None;
+        let split = || FrameError::Malformed("a log image in parts, broken off".into());
         for r in records {
             match crate::wire::decode::<Record>(r)? {
+                Record::ImagePart(b) => parts.get_or_insert_with(Vec::new).extend_from_slice(&b),
+                Record::ImageLast(b) => {
+                    let mut whole = parts.take().ok_or_else(split)?;
+                    whole.extend_from_slice(&b);
+                    match crate::wire::decode::<Record>(&whole)? {
+                        Record::Image(img) => st.s = *img,
+                        _ => return Err(FrameError::Malformed("a log image in parts that is no image".into())),
+                    }
+                }
+                _ if parts.is_some() => return Err(split()),
                 Record::Image(img) => st.s = *img,
                 Record::Ops(ops) => {
                     for op in ops {
@@ -276,6 +323,9 @@ impl DurableStorage {
                     }
                 }
             }
+        }
+        if parts.is_some() {
+            return Err(split());
         }
         st.check()?;
         Ok(DurableStorage { inner: Rc::new(RefCell::new(st)) })
@@ -292,8 +342,8 @@ impl DurableStorage {
         if inner.rewrite {
             inner.rewrite = false;
             inner.journal.clear();
-            let image = RecordRef::Image(&inner.s);
-            return Some(Persist::Rewrite(postcard::to_allocvec(&image).expect("encode to Vec")));
+            let image = postcard::to_allocvec(&RecordRef::Image(&inner.s)).expect("encode to Vec");
+            return Some(Persist::Rewrite(image_records(image, inner.image_part)));
         }
         inner.journal.pop_front().map(|(r, lazy)| if lazy { Persist::Lazy(r) } else { Persist::Append(r) })
     }
@@ -729,8 +779,8 @@ mod tests {
                 }
                 Persist::Lazy(r) => file.push(r),
                 Persist::Rewrite(r) => {
-                    *file = vec![r];
-                    *synced = 1;
+                    *synced = r.len();
+                    *file = r;
                 }
             }
         }
@@ -743,8 +793,14 @@ mod tests {
         /// followed by a synced record) rebuilds one that differs at most in
         /// its decided index, never in its log, promise or snapshot.
         #[test]
-        fn replaying_the_journal_rebuilds_the_storage(steps in proptest::collection::vec(step(), 0..60)) {
-            let mut st = DurableStorage::default();
+        fn replaying_the_journal_rebuilds_the_storage(
+            steps in proptest::collection::vec(step(), 0..60),
+            part in prop_oneof![Just(IMAGE_PART), 8usize..200],
+        ) {
+            // Small parts: an image of a few entries is written in several records.
+            let st = DurableStorage::default();
+            st.inner.borrow_mut().image_part = part;
+            let mut st = st;
             let mut file = Vec::new();
             let mut synced = 0;
             let mut next = 0u64;
@@ -789,6 +845,27 @@ mod tests {
                 prop_assert!(a.decided_idx <= b.decided_idx);
             }
         }
+    }
+
+    /// An image in parts with its last part missing, or parts followed by
+    /// something else, is damage, not a shorter log.
+    #[test]
+    fn an_image_broken_off_is_refused() {
+        let st = DurableStorage::default();
+        st.inner.borrow_mut().image_part = 16;
+        let mut st = st;
+        st.append_entries((1..=5).map(entry).collect()).unwrap();
+        st.write_atomically(vec![StorageOp::Trim(0)]).unwrap();
+        let Some(Persist::Rewrite(records)) = st.poll_persist() else { panic!("a rewrite") };
+        assert!(records.len() > 2, "{} records", records.len());
+        let whole = DurableStorage::replay(records.iter().map(|r| r.as_slice())).unwrap();
+        assert_eq!(whole.inner.borrow().s.log.len(), 5);
+        let cut = &records[..records.len() - 1];
+        assert!(DurableStorage::replay(cut.iter().map(|r| r.as_slice())).is_err());
+        let mut mixed: Vec<Vec<u8>> = cut.to_vec();
+        mixed.push(postcard::to_allocvec(&RecordRef::Ops(&[Op::Decided(1)])).unwrap());
+        mixed.push(records[records.len() - 1].clone());
+        assert!(DurableStorage::replay(mixed.iter().map(|r| r.as_slice())).is_err());
     }
 
     /// A snapshot folds into the state its entries produce, whichever way it was built.

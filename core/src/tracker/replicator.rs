@@ -42,8 +42,10 @@ pub enum Persist {
     /// whose loss recovery tolerates (omnipaxos's decided index: a restarted
     /// node learns it again from the others).
     Lazy(Vec<u8>),
-    /// Replace the whole log with this one record (after compaction).
-    Rewrite(Vec<u8>),
+    /// Replace the whole log with these records, in order (after
+    /// compaction: an image of the storage, in parts of at most
+    /// [`crate::tracker::omni::IMAGE_PART`] so no record is over the log's limit).
+    Rewrite(Vec<Vec<u8>>),
 }
 
 pub trait Replicator {

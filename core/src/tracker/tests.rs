@@ -908,3 +908,58 @@ proptest::proptest! {
         }
     }
 }
+
+/// A consensus message too big for one part goes in parts, at most a window
+/// of them unacknowledged: a ping goes between them, the rest follows the
+/// acks, and the parts put back together are the message. Small messages
+/// sent meanwhile wait behind it, in order.
+#[test]
+fn a_big_consensus_message_goes_in_parts_a_window_at_a_time() {
+    use super::stream::{PART, WINDOW_PARTS};
+    let mut n = linked_node();
+    n.handle_timeout(Millis(1));
+    drain(&mut n);
+    n.handle_link_up(2, key(2), Millis(5));
+    drain(&mut n);
+    let big: Vec<u8> = (0..(WINDOW_PARTS + 5) * PART + 77).map(|i| (i % 251) as u8).collect();
+    n.send_consensus(2, big.clone(), false);
+    n.send_consensus(2, vec![1, 2, 3], false);
+    let frames = |outs: &[TrackerOutput]| -> Vec<TrackerFrame> {
+        outs.iter()
+            .filter_map(|o| match o {
+                TrackerOutput::PeerSend { node: 2, bytes } => match decode::<Message>(&bytes[4..]) {
+                    Ok(Message::Tracker(f)) => Some(f),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    };
+    let mut got = frames(&drain(&mut n));
+    assert_eq!(got.len(), WINDOW_PARTS, "a window of parts, then nothing until acks");
+    // Pings still go: nothing of the message waits before them.
+    n.handle_timeout(Millis(200));
+    assert_eq!(frames(&drain(&mut n)).iter().filter(|f| matches!(f, TrackerFrame::Ping)).count(), 1);
+    let mut whole = Vec::new();
+    let mut small = None;
+    while let Some(f) = got.first().cloned() {
+        got.remove(0);
+        match f {
+            TrackerFrame::ConsensusPart { bytes, last, .. } => {
+                assert!(bytes.len() <= PART);
+                whole.extend_from_slice(&bytes);
+                assert_eq!(last, whole.len() == big.len());
+                // Peer 2 acknowledges on its link to us.
+                n.handle_consensus_ack(2, bytes.len() as u32);
+                got.extend(frames(&drain(&mut n)).into_iter().filter(|f| !matches!(f, TrackerFrame::Ping)));
+            }
+            TrackerFrame::Consensus(b) => {
+                assert_eq!(whole.len(), big.len(), "the small message came after the big one");
+                small = Some(b);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(whole == big, "the parts make up the message");
+    assert_eq!(small, Some(vec![1, 2, 3]));
+}
