@@ -15,6 +15,15 @@
 //! Also measures, in the same run, how many fsyncs per second the data dir's
 //! disk does (one 4 KiB write + fdatasync in a loop): the floor under any
 //! durable write rate that does not batch.
+//!
+//! With `--fill-tib T --fill-files N`, the cluster first takes the metadata
+//! of T TiB of content (files of 512 GiB, their chunk lists put range by
+//! range: 40 MiB of hashes per TiB) and N one-chunk files in `--fill-groups`
+//! groups, while a prober asks each tracker for a heartbeat every millisecond
+//! (the longest wait is the longest pause in answering, snapshots included);
+//! the phases then run with that state present. After them tracker 3 is
+//! wiped and restarted, and the time until its data dir holds as much as
+//! tracker 1's gives the catch-up rate. Each tracker's peak RSS is printed.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -40,6 +49,15 @@ struct Args {
     /// Scratch directory for the trackers' data dirs (default: the system's temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Fill first with the metadata of this many TiB of content, in 512 GiB files.
+    #[arg(long, default_value_t = 0)]
+    fill_tib: u64,
+    /// Fill first with this many one-chunk files...
+    #[arg(long, default_value_t = 0)]
+    fill_files: u64,
+    /// ... spread over this many groups.
+    #[arg(long, default_value_t = 10_000)]
+    fill_groups: u64,
 }
 
 struct Tracker(Child);
@@ -105,11 +123,36 @@ impl Conn {
         }
     }
 
-    fn answer(&mut self, id: RequestId) -> Result<Result<Reply, ApiError>, String> {
+    /// Sends every request with up to `window` in flight (answered in any
+    /// order); each must succeed.
+    fn pipeline(&mut self, bodies: impl Iterator<Item = Request>, window: usize) -> Result<u64, String> {
+        let mut in_flight = std::collections::BTreeSet::new();
+        let mut done = 0;
+        let mut bodies = bodies.peekable();
+        while bodies.peek().is_some() || !in_flight.is_empty() {
+            while in_flight.len() < window {
+                let Some(body) = bodies.next() else { break };
+                self.seq += 1;
+                let id = RequestId { client: self.client, seq: self.seq };
+                let settled = in_flight.first().copied().unwrap_or(self.seq);
+                let msg = Message::Request { id, settled_below: settled, session: self.session, body };
+                self.stream.write_all(&encode(&msg)).map_err(|e| e.to_string())?;
+                in_flight.insert(self.seq);
+            }
+            let (id, result) = self.next_response()?;
+            if in_flight.remove(&id.seq) {
+                result.map_err(|e| format!("request {}: {e}", id.seq))?;
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+
+    fn next_response(&mut self) -> Result<(RequestId, Result<Reply, ApiError>), String> {
         let mut buf = [0u8; 64 * 1024];
         loop {
             match self.decoder.next_message::<Message>() {
-                Ok(Some(Message::Response { id: rid, result })) if rid == id => return Ok(result),
+                Ok(Some(Message::Response { id, result })) => return Ok((id, result)),
                 Ok(Some(_)) => continue,
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
@@ -119,6 +162,15 @@ impl Conn {
                 return Err("tracker hung up".into());
             }
             self.decoder.push(&buf[..n]);
+        }
+    }
+
+    fn answer(&mut self, id: RequestId) -> Result<Result<Reply, ApiError>, String> {
+        loop {
+            let (rid, result) = self.next_response()?;
+            if rid == id {
+                return Ok(result);
+            }
         }
     }
 }
@@ -210,8 +262,7 @@ fn run(args: &Args) -> Result<(), String> {
         let info = scratch.join("tracker_info.txt");
         let text: String = addrs.iter().map(|a| format!("{} {}\n", a.ip(), a.port())).collect();
         std::fs::write(&info, text).map_err(|e| e.to_string())?;
-        let mut trackers = Vec::new();
-        for id in 1..=3 {
+        let start = |id: usize| -> Result<Tracker, String> {
             let mut child = Command::new(&tracker_bin)
                 .arg(&info)
                 .arg(id.to_string())
@@ -223,7 +274,7 @@ fn run(args: &Args) -> Result<(), String> {
                 .map_err(|e| {
                     format!("cannot start {}: {e} (run `cargo build --release` first)", tracker_bin.display())
                 })?;
-            let out = child.stdout.take().expect("piped");
+            let out = child.stdout.take().ok_or("no stdout")?;
             let leader_log = std::env::var("BENCH_SHOW_LEADERS").is_ok();
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
@@ -236,8 +287,13 @@ fn run(args: &Args) -> Result<(), String> {
                     }
                 }
             });
-            trackers.push(Tracker(child));
+            let t = Tracker(child);
             rx.recv_timeout(Duration::from_secs(30)).map_err(|_| format!("tracker {id} did not start"))?;
+            Ok(t)
+        };
+        let mut trackers = Vec::new();
+        for id in 1..=3 {
+            trackers.push(start(id)?);
         }
         // Log in the sessions, spread over the trackers (retrying while the cluster elects).
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -279,6 +335,10 @@ fn run(args: &Args) -> Result<(), String> {
             conns.push(c);
         }
         println!("cluster: 3 trackers, {} clients logged in (one request in flight each)", args.clients);
+        let filled = args.fill_tib > 0 || args.fill_files > 0;
+        if filled {
+            fill(args, &addrs)?;
+        }
 
         let (conns, lat, elapsed) = phase(conns, args.secs, |i, k| Request::CreateGroup {
             group: GroupId::new(format!("b{i}x{k}")).expect("valid"),
@@ -304,11 +364,204 @@ fn run(args: &Args) -> Result<(), String> {
             percentile(&lat, 0.99).as_secs_f64() * 1e3,
             rate / 10_000.0
         );
+        for (i, t) in trackers.iter().enumerate() {
+            println!("tracker {}: peak RSS {} MiB", i + 1, peak_rss_kib(t.0.id()) / 1024);
+        }
+        if filled {
+            // Tracker 3 loses its data dir and catches up from the others.
+            drop(trackers.pop());
+            let wiped = scratch.join("data-3");
+            std::fs::remove_dir_all(&wiped).map_err(|e| e.to_string())?;
+            let full = dir_bytes(&scratch.join("data-1"));
+            let t0 = Instant::now();
+            trackers.push(start(3)?);
+            let deadline = t0 + Duration::from_secs(600);
+            while dir_bytes(&wiped) < full * 9 / 10 {
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "tracker 3 did not catch up in 10 min ({} of {full} bytes)",
+                        dir_bytes(&wiped)
+                    ));
+                }
+                // Polling a directory's size, bounded by the deadline above.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            println!(
+                "catch-up: a wiped tracker 3 holds {:.0} MiB (90% of tracker 1's data dir) after {secs:.1} s = {:.0} MB/s",
+                dir_bytes(&wiped) as f64 / 1048576.0,
+                dir_bytes(&wiped) as f64 / secs / 1e6
+            );
+            println!("tracker 3 after catching up: peak RSS {} MiB", peak_rss_kib(trackers[2].0.id()) / 1024);
+        }
         drop(trackers);
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     result
+}
+
+/// A process's peak resident set (VmHWM), in KiB (0 if unknown).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Bytes of the files in `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    rd.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
+}
+
+/// A logged-in session on tracker `addr`.
+fn session(addr: SocketAddr, client: u64) -> Result<Conn, String> {
+    let mut c = Conn::open(addr, client)?;
+    let listen = SocketAddr::from(([127, 0, 0, 1], 30_000 + (client % 30_000) as u16));
+    let login = Request::Login {
+        user: UserId::new("bench").expect("valid"),
+        password: "pw".into(),
+        listen,
+        plaintext_peers: false,
+    };
+    match c.call(login)? {
+        Reply::Session { token } => c.session = Some(token),
+        r => return Err(format!("login: unexpected {r:?}")),
+    }
+    Ok(c)
+}
+
+/// The chunk hashes of fill file `k`: distinct, cheap, not content's.
+fn fill_chunks(k: u64, chunks: u64) -> Vec<shoal_core::chunk::Sha1Digest> {
+    (0..chunks)
+        .map(|i| {
+            let mut h = [0xa5u8; 20];
+            h[..8].copy_from_slice(&k.to_be_bytes());
+            h[8..16].copy_from_slice(&i.to_be_bytes());
+            shoal_core::chunk::Sha1Digest(h)
+        })
+        .collect()
+}
+
+/// Fills the cluster (see the module docs), printing how long it took and
+/// the longest pause in answering a heartbeat at each tracker meanwhile.
+fn fill(args: &Args, addrs: &[SocketAddr]) -> Result<(), String> {
+    use shoal_core::chunk::{FileDigest, FileIndex, FileMeta, FileRecord, Sha1Digest, CHUNK_SIZE, MAX_FILE_CHUNKS};
+    use shoal_core::ids::FileName;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probers: Vec<_> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| {
+            let stop = stop.clone();
+            let mut c = session(a, 900_000 + i as u64)?;
+            Ok(std::thread::spawn(move || -> Result<Duration, String> {
+                let mut worst = Duration::ZERO;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    c.call(Request::Heartbeat)?;
+                    worst = worst.max(t.elapsed());
+                    // One probe a millisecond: the bench's own pacing.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(worst)
+            }))
+        })
+        .collect::<Result<_, String>>()?;
+    let g = GroupId::new("fill").expect("valid");
+    session(addrs[0], 800_000)?.call(Request::CreateGroup { group: g.clone() })?;
+    // Big files, range by range: six sessions, two a tracker.
+    let t0 = Instant::now();
+    let files = args.fill_tib * 2;
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let workers: Vec<_> = (0..6u64)
+        .map(|w| {
+            let (next, g, addr) = (next.clone(), g.clone(), addrs[w as usize % 3]);
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut c = session(addr, 700_000 + w)?;
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if k >= files {
+                        return Ok(());
+                    }
+                    let chunks = fill_chunks(k, MAX_FILE_CHUNKS);
+                    let digest =
+                        FileDigest { size: MAX_FILE_CHUNKS * CHUNK_SIZE, sha1: Sha1Digest([k as u8; 20]), chunks };
+                    let meta = FileMeta { name: FileName::new(format!("big{k}")).expect("valid"), digest };
+                    let count = meta.digest.index().ranges.len() as u64;
+                    let puts = (0..count).map(|i| Request::PutRange { hashes: meta.digest.range(i).to_vec() });
+                    c.pipeline(puts, 8)?;
+                    c.call(Request::UploadFile { group: g.clone(), file: meta.record() })?;
+                }
+            })
+        })
+        .collect();
+    for h in workers {
+        h.join().map_err(|_| "a fill thread panicked".to_string())??;
+    }
+    if files > 0 {
+        let secs = t0.elapsed().as_secs_f64();
+        let mib = files as f64 * 20.0;
+        println!(
+            "fill: {} TiB in {files} files of 512 GiB: {mib:.0} MiB of chunk hashes in {secs:.1} s = {:.0} MB/s",
+            args.fill_tib,
+            mib * 1.048576 / secs
+        );
+    }
+    // Small files, in groups.
+    let t0 = Instant::now();
+    let mut c = session(addrs[0], 800_001)?;
+    let groups = args.fill_groups.max(1);
+    if args.fill_files > 0 {
+        c.pipeline(
+            (0..groups).map(|i| Request::CreateGroup { group: GroupId::new(format!("fg{i}")).expect("valid") }),
+            32,
+        )?;
+    }
+    let per = args.fill_files.div_ceil(6);
+    let workers: Vec<_> = (0..6u64)
+        .map(|w| {
+            let addr = addrs[w as usize % 3];
+            let n = args.fill_files;
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut c = session(addr, 710_000 + w)?;
+                let files = (w * per..((w + 1) * per).min(n)).map(|i| {
+                    let mut sha = [0x5au8; 20];
+                    sha[..8].copy_from_slice(&i.to_be_bytes());
+                    let sha1 = Sha1Digest(sha);
+                    let index = FileIndex { size: 1000, sha1, ranges: vec![shoal_core::chunk::range_hash(&[sha1])] };
+                    let file = FileRecord { name: FileName::new(format!("f{i}")).expect("valid"), index };
+                    Request::UploadFile { group: GroupId::new(format!("fg{}", i % groups)).expect("valid"), file }
+                });
+                c.pipeline(files, 32)?;
+                Ok(())
+            })
+        })
+        .collect();
+    for h in workers {
+        h.join().map_err(|_| "a fill thread panicked".to_string())??;
+    }
+    if args.fill_files > 0 {
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "fill: {} one-chunk files in {groups} groups in {secs:.1} s = {:.0}/s",
+            args.fill_files,
+            args.fill_files as f64 / secs
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for (i, p) in probers.into_iter().enumerate() {
+        let worst = p.join().map_err(|_| "a prober panicked".to_string())??;
+        println!(
+            "tracker {}: longest wait for a heartbeat's answer while filling {:.1} ms",
+            i + 1,
+            worst.as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
