@@ -13,7 +13,6 @@
 //! waited for it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +28,7 @@ use crate::conn::{Conn, Read, ReadOutcome};
 use crate::ranges::RangeStore;
 use crate::tls::{server_name, Identity};
 use crate::wal::WalFile;
+use shoal_core::wal::encode_record;
 
 const LISTENER: Token = Token(0);
 /// The sync thread finished an fsync.
@@ -49,15 +49,19 @@ struct Link {
 type LeaderHook = Box<dyn FnMut(Option<NodeId>) + Send>;
 
 enum SyncCmd {
+    /// Log records, encoded: written in order.
+    Write(Vec<u8>),
+    /// Replace the log with these records (an image after compaction).
+    Rewrite(Vec<Vec<u8>>),
     /// Make everything written so far (the log and the range store) durable,
     /// then report `seq` done.
     Sync(u64, RangeStore),
-    /// The log was rewritten: sync this file from now on.
-    File(File),
 }
 
-/// The thread that fsyncs the log, so the event loop goes on reading and
-/// deciding while the disk works (group commit, pipelined one deep).
+/// The thread that owns the log file: it writes, rewrites and fsyncs it, so
+/// the event loop goes on reading and deciding while the disk works (group
+/// commit, pipelined one deep), and a snapshot's rewrite of the whole log
+/// does not stop it from answering.
 struct Syncer {
     tx: mpsc::Sender<SyncCmd>,
     done: Arc<AtomicU64>,
@@ -65,37 +69,53 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn start(file: File, waker: Waker) -> io::Result<Syncer> {
+    fn start(mut wal: WalFile, waker: Waker) -> io::Result<Syncer> {
         let (tx, rx) = mpsc::channel::<SyncCmd>();
         let done = Arc::new(AtomicU64::new(0));
         let error = Arc::new(Mutex::new(None));
         let (d, e) = (done.clone(), error.clone());
         std::thread::Builder::new().name("shoal-wal-sync".into()).spawn(move || {
-            let mut file = file;
             while let Ok(cmd) = rx.recv() {
                 let mut upto = 0;
                 let mut cmds = vec![cmd];
                 let mut store = None;
                 // Everything asked meanwhile is covered by one fsync.
                 cmds.extend(rx.try_iter());
+                let path = wal.path().display().to_string();
+                let mut result = Ok(());
                 for c in cmds {
-                    match c {
+                    let r = match c {
+                        SyncCmd::Write(bytes) => wal.append_encoded(&bytes).map_err(|e| (e, "write")),
+                        SyncCmd::Rewrite(records) => wal.rewrite(&records).map_err(|e| (e, "rewrite")),
                         SyncCmd::Sync(k, s) => {
                             upto = upto.max(k);
                             store = Some(s);
+                            Ok(())
                         }
-                        SyncCmd::File(f) => file = f,
-                    }
+                    };
+                    result = result.and(r);
                 }
-                if upto == 0 {
-                    continue;
+                if upto > 0 {
+                    let synced = wal
+                        .write_pending()
+                        .map_err(|e| (e, "write"))
+                        .and_then(|()| store.map_or(Ok(()), |s| s.sync()).map_err(|e| (e, "sync the range store of")))
+                        .and_then(|()| wal.sync().map_err(|e| (e, "sync")));
+                    result = result.and(synced);
+                } else {
+                    result = result.and(wal.write_pending().map_err(|e| (e, "write")));
                 }
-                let synced = store.map_or(Ok(()), |s| s.sync()).and_then(|()| file.sync_data());
-                if let Err(err) = synced {
-                    *e.lock().expect("not poisoned") = Some(err);
+                if let Err((err, what)) = result {
+                    let err = io::Error::new(err.kind(), format!("cannot {what} {path}: {err}"));
+                    *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                    let _ = waker.wake();
+                    // Nothing after a failed write may be reported durable.
+                    return;
                 }
-                d.store(upto, Ordering::Release);
-                let _ = waker.wake();
+                if upto > 0 {
+                    d.store(upto, Ordering::Release);
+                    let _ = waker.wake();
+                }
             }
         })?;
         Ok(Syncer { tx, done, error })
@@ -110,8 +130,8 @@ pub struct TrackerServer<R: Replicator> {
     next_token: usize,
     clock: Clock,
     max_connections: usize,
-    /// The durable log; `None` keeps everything in memory (tests, demo).
-    wal: Option<WalFile>,
+    /// Log records not yet handed to the sync thread, encoded.
+    log_buf: Vec<u8>,
     links: BTreeMap<NodeId, Link>,
     on_leader: Option<LeaderHook>,
     syncer: Option<Syncer>,
@@ -143,7 +163,7 @@ impl<R: Replicator> TrackerServer<R> {
             next_token: 1,
             clock: Clock::default(),
             max_connections: MAX_TRACKER_CONNECTIONS,
-            wal: None,
+            log_buf: Vec::new(),
             links: BTreeMap::new(),
             on_leader: None,
             syncer: None,
@@ -193,11 +213,10 @@ impl<R: Replicator> TrackerServer<R> {
     }
 
     /// Makes every log record durable in `wal` before what depends on it is
-    /// sent. A thread does the fsyncs.
+    /// sent. A thread writes and fsyncs it.
     pub fn with_wal(mut self, wal: WalFile) -> io::Result<Self> {
         let waker = Waker::new(self.poll.registry(), SYNCED)?;
-        self.syncer = Some(Syncer::start(wal.sync_handle()?, waker)?);
-        self.wal = Some(wal);
+        self.syncer = Some(Syncer::start(wal, waker)?);
         Ok(self)
     }
 
@@ -405,32 +424,29 @@ impl<R: Replicator> TrackerServer<R> {
             for out in outs {
                 match out {
                     TrackerOutput::Persist(p) => {
-                        let Some(wal) = &mut self.wal else { continue };
+                        let Some(s) = &self.syncer else { continue };
                         match p {
                             // A record the log cannot hold stops this tracker
                             // before anything that depends on it is sent.
-                            Persist::Append(r) | Persist::Lazy(r) => wal.append(&r).map_err(|e| {
-                                io::Error::new(e.kind(), format!("cannot log to {}: {e}", wal.path().display()))
-                            })?,
+                            Persist::Append(r) | Persist::Lazy(r) => encode_record(&r, &mut self.log_buf)
+                                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("cannot log: {e}")))?,
                             Persist::Rewrite(r) => {
-                                wal.rewrite(&r).map_err(|e| {
-                                    io::Error::new(e.kind(), format!("cannot rewrite {}: {e}", wal.path().display()))
-                                })?;
-                                if let Some(s) = &self.syncer {
-                                    let _ = s.tx.send(SyncCmd::File(wal.sync_handle()?));
+                                if !self.log_buf.is_empty() {
+                                    let _ = s.tx.send(SyncCmd::Write(std::mem::take(&mut self.log_buf)));
                                 }
+                                let _ = s.tx.send(SyncCmd::Rewrite(r));
                             }
                         }
                     }
-                    TrackerOutput::Sync { seq } => match (&mut self.wal, &self.syncer) {
-                        (Some(wal), Some(s)) => {
-                            wal.write_pending().map_err(|e| {
-                                io::Error::new(e.kind(), format!("cannot write {}: {e}", wal.path().display()))
-                            })?;
+                    TrackerOutput::Sync { seq } => match &self.syncer {
+                        Some(s) => {
+                            if !self.log_buf.is_empty() {
+                                let _ = s.tx.send(SyncCmd::Write(std::mem::take(&mut self.log_buf)));
+                            }
                             let _ = s.tx.send(SyncCmd::Sync(seq, self.ranges.clone()));
                         }
                         // Nothing to make durable: done at once.
-                        _ => self.node.handle_synced(seq, now),
+                        None => self.node.handle_synced(seq, now),
                     },
                     TrackerOutput::Dial { node } => self.dial(node, now),
                     TrackerOutput::Hangup { node } => self.hang_up(node),
@@ -482,9 +498,8 @@ impl<R: Replicator> TrackerServer<R> {
                     }
                 }
             }
-            if let Some(wal) = &mut self.wal {
-                wal.write_pending()
-                    .map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", wal.path().display())))?;
+            if let (Some(s), false) = (&self.syncer, self.log_buf.is_empty()) {
+                let _ = s.tx.send(SyncCmd::Write(std::mem::take(&mut self.log_buf)));
             }
             self.flush_touched(touched, touched_links, now);
             for (hash, bytes) in std::mem::take(&mut self.loaded) {
@@ -499,8 +514,7 @@ impl<R: Replicator> TrackerServer<R> {
     fn synced(&mut self, now: Millis) -> io::Result<()> {
         let Some(s) = &self.syncer else { return Ok(()) };
         if let Some(e) = s.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let path = self.wal.as_ref().map(|w| w.path().display().to_string()).unwrap_or_default();
-            return Err(io::Error::new(e.kind(), format!("cannot sync {path}: {e}")));
+            return Err(e);
         }
         let done = s.done.load(Ordering::Acquire);
         self.node.handle_synced(done, now);

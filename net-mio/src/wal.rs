@@ -65,9 +65,19 @@ impl WalFile {
         encode_record(record, &mut self.pending).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
     }
 
+    /// Queues records already encoded ([`encode_record`]) for the next write.
+    pub fn append_encoded(&mut self, records: &[u8]) -> io::Result<()> {
+        self.pending.extend_from_slice(records);
+        Ok(())
+    }
+
+    /// Makes what was written durable.
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
     /// Writes what was appended to the file, without waiting for the disk:
-    /// a `sync_data` on [`WalFile::sync_handle`] (on another thread) then
-    /// makes it durable.
+    /// [`WalFile::sync`] then makes it durable.
     pub fn write_pending(&mut self) -> io::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
@@ -85,11 +95,6 @@ impl WalFile {
         self.len = end;
         self.pending.clear();
         Ok(())
-    }
-
-    /// Another handle on the log file, for a thread that syncs it.
-    pub fn sync_handle(&self) -> io::Result<File> {
-        self.file.try_clone()
     }
 
     /// Replaces the whole log with `records` (an image of the state after

@@ -124,9 +124,10 @@ impl Conn {
     }
 
     /// Sends every request with up to `window` in flight (answered in any
-    /// order); each must succeed.
+    /// order); each must succeed. One a tracker cannot decide yet is sent
+    /// again with its id, as a client does, for up to [`QUORUM_WAIT`].
     fn pipeline(&mut self, bodies: impl Iterator<Item = Request>, window: usize) -> Result<u64, String> {
-        let mut in_flight = std::collections::BTreeSet::new();
+        let mut in_flight: std::collections::BTreeMap<u64, (Vec<u8>, Instant)> = Default::default();
         let mut done = 0;
         let mut bodies = bodies.peekable();
         while bodies.peek().is_some() || !in_flight.is_empty() {
@@ -134,15 +135,22 @@ impl Conn {
                 let Some(body) = bodies.next() else { break };
                 self.seq += 1;
                 let id = RequestId { client: self.client, seq: self.seq };
-                let settled = in_flight.first().copied().unwrap_or(self.seq);
-                let msg = Message::Request { id, settled_below: settled, session: self.session, body };
-                self.stream.write_all(&encode(&msg)).map_err(|e| e.to_string())?;
-                in_flight.insert(self.seq);
+                let settled = in_flight.keys().next().copied().unwrap_or(self.seq);
+                let msg = encode(&Message::Request { id, settled_below: settled, session: self.session, body });
+                self.stream.write_all(&msg).map_err(|e| e.to_string())?;
+                in_flight.insert(self.seq, (msg, Instant::now()));
             }
             let (id, result) = self.next_response()?;
-            if in_flight.remove(&id.seq) {
-                result.map_err(|e| format!("request {}: {e}", id.seq))?;
-                done += 1;
+            let Some((msg, first)) = in_flight.remove(&id.seq) else { continue };
+            match result {
+                Err(ApiError::NoQuorum | ApiError::CatchingUp) if first.elapsed() < QUORUM_WAIT => {
+                    self.stream.write_all(&msg).map_err(|e| e.to_string())?;
+                    in_flight.insert(id.seq, (msg, first));
+                }
+                r => {
+                    r.map_err(|e| format!("request {}: {e}", id.seq))?;
+                    done += 1;
+                }
             }
         }
         Ok(done)
