@@ -218,6 +218,32 @@ fn main() {
         out
     };
     write("tracker_link", "all", &framed(&to_one));
+    // tracker_frames: whole frames on a tracker's link to us, of every kind;
+    // the biggest consensus message above in parts.
+    {
+        use shoal_core::proto::TrackerFrame;
+        let range = shoal_core::chunk::range_bytes(&[Sha1Digest([3; 20]), Sha1Digest([4; 20])]);
+        let hash = Sha1Digest::of(&range);
+        let big = to_one.iter().max_by_key(|m| m.len()).cloned().unwrap_or_default();
+        let half = big.len() / 2;
+        let frames = [
+            TrackerFrame::Ping,
+            TrackerFrame::Range(range),
+            TrackerFrame::RangeStored(hash),
+            TrackerFrame::RangeWanted(hash),
+            TrackerFrame::ConsensusPart { xfer: 7, last: false, bytes: big[..half].to_vec() },
+            TrackerFrame::ConsensusPart { xfer: 7, last: true, bytes: big[half..].to_vec() },
+            TrackerFrame::ConsensusAck { xfer: 7, bytes: 100 },
+            TrackerFrame::Soft(Default::default()),
+        ];
+        let mut all = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            let bytes = encode(&Message::Tracker(f.clone()));
+            write("tracker_frames", &format!("frame{i}"), &bytes);
+            all.extend(bytes);
+        }
+        write("tracker_frames", "all", &all);
+    }
     for (i, chunk) in to_one.chunks(8).take(6).enumerate() {
         write("tracker_link", &format!("part{i}"), &framed(chunk));
     }

@@ -12,7 +12,7 @@ use crate::client::{ClientEngine, ClientInput, ClientOutput, DownloadId, PeerEve
 use crate::proto::{Message, Role, SharerAddr, PROTOCOL_VERSION};
 use crate::rng::Rng;
 use crate::time::Millis;
-use crate::tracker::{ConnId, SoloReplicator, TrackerConfig, TrackerNode};
+use crate::tracker::{ConnId, SoloReplicator, TrackerConfig, TrackerNode, TrackerOutput};
 use crate::wire::{decode, encode, FrameDecoder};
 
 /// Frame limit for fuzzing: small, so the fuzzer reaches "too large" cheaply.
@@ -264,19 +264,39 @@ pub fn wal_log(data: &[u8]) {
     }
 }
 
+/// Tracker 1 of three, knowing the others' keys (`[n; 32]` for tracker n).
+fn linked_tracker() -> TrackerNode<crate::tracker::OmniReplicator> {
+    let peer_keys = [(2, crate::identity::KeyId([2; 32])), (3, crate::identity::KeyId([3; 32]))].into_iter().collect();
+    let cfg = TrackerConfig {
+        password_params: crate::meta::PasswordParams::INSECURE_FAST,
+        peer_keys,
+        ..TrackerConfig::default()
+    };
+    let rep = crate::tracker::OmniReplicator::recover(1, &[1, 2, 3], std::iter::empty()).expect("an empty log");
+    TrackerNode::new(cfg, Rng::from_u64(0), rep)
+}
+
+/// A [`linked_tracker`] with tracker 2's link to it open (TLS proved its
+/// key, `Hello` and `Join` said) on connection 1.
+fn joined_tracker() -> (TrackerNode<crate::tracker::OmniReplicator>, ConnId) {
+    use crate::proto::TrackerFrame;
+    let mut node = linked_tracker();
+    let conn = ConnId(1);
+    let now = crate::time::Millis(1);
+    node.handle_connected(conn, "10.0.0.2:5000".parse().expect("valid"), now);
+    node.handle_secured(conn, crate::identity::KeyId([2; 32]), now);
+    node.handle_bytes(conn, &encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Tracker }), now);
+    node.handle_bytes(conn, &encode(&Message::Tracker(TrackerFrame::Join { node: 2 })), now);
+    assert_eq!(node.connections(), 1, "the link is taken");
+    (node, conn)
+}
+
 /// Frames from another tracker into a replicated tracker node, as its link
 /// would carry them (after `Hello` and `Join`): consensus messages and soft
 /// state. The node must reject what does not decode, never panic.
 pub fn tracker_link(data: &[u8]) {
     use crate::proto::TrackerFrame;
-    let cfg = TrackerConfig { password_params: crate::meta::PasswordParams::INSECURE_FAST, ..TrackerConfig::default() };
-    let Ok(rep) = crate::tracker::OmniReplicator::recover(1, &[1, 2, 3], std::iter::empty()) else { return };
-    let mut node = TrackerNode::new(cfg, Rng::from_u64(0), rep);
-    let conn = ConnId(1);
-    let now = crate::time::Millis(1);
-    node.handle_connected(conn, "10.0.0.2:5000".parse().expect("valid"), now);
-    node.handle_bytes(conn, &encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Tracker }), now);
-    node.handle_bytes(conn, &encode(&Message::Tracker(TrackerFrame::Join { node: 2 })), now);
+    let (mut node, conn) = joined_tracker();
     // The input is consensus payloads, each a 2-byte length then its bytes,
     // framed as the link frames them.
     let mut rest = data;
@@ -292,6 +312,42 @@ pub fn tracker_link(data: &[u8]) {
     }
     node.handle_bytes(conn, rest, crate::time::Millis(10_000));
     while node.poll_output().is_some() {}
+}
+
+/// Whole frames from another tracker, as its link to us carries them (after
+/// `Hello` and `Join`): every tracker frame, chunk-list ranges and consensus
+/// parts included, with the ranges the node stores read back as a store
+/// would. The node must reject what does not decode and never panic; a range
+/// it keeps is kept under its hash.
+pub fn tracker_frames(data: &[u8]) {
+    let (mut node, conn) = joined_tracker();
+    node.handle_link_up(2, crate::identity::KeyId([2; 32]), crate::time::Millis(1));
+    let mut store: BTreeMap<crate::chunk::Sha1Digest, Vec<u8>> = BTreeMap::new();
+    for (i, piece) in data.chunks(4096).enumerate() {
+        let t = crate::time::Millis(2 + i as u64 * 10);
+        node.handle_bytes(conn, piece, t);
+        node.handle_timeout(t);
+        loop {
+            let outs: Vec<TrackerOutput> = std::iter::from_fn(|| node.poll_output()).collect();
+            if outs.is_empty() {
+                break;
+            }
+            for o in outs {
+                match o {
+                    TrackerOutput::StoreRange { hash, bytes } => {
+                        assert!(crate::chunk::Sha1Digest::of(&bytes) == hash, "a range kept under another hash");
+                        store.insert(hash, bytes);
+                    }
+                    TrackerOutput::LoadRange { hash } => {
+                        let got = store.get(&hash).cloned();
+                        node.handle_range_loaded(hash, got, t);
+                    }
+                    TrackerOutput::Sync { seq } => node.handle_synced(seq, t),
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 /// A disk in memory for core's tests and fuzz targets: runs each

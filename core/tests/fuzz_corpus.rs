@@ -29,7 +29,7 @@ fn replay(target: &str, f: fn(&[u8])) -> usize {
 
 #[test]
 fn every_corpus_input_passes_its_target() {
-    let targets: [Target; 11] = [
+    let targets: [Target; 12] = [
         ("frame_stream", fuzzing::frame_stream),
         ("message", fuzzing::message),
         ("shell_command", fuzzing::shell_command),
@@ -41,6 +41,7 @@ fn every_corpus_input_passes_its_target() {
         ("sidecar", fuzzing::sidecar),
         ("wal_log", fuzzing::wal_log),
         ("tracker_link", fuzzing::tracker_link),
+        ("tracker_frames", fuzzing::tracker_frames),
     ];
     for (name, f) in targets {
         let n = replay(name, f);
