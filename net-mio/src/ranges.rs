@@ -16,6 +16,12 @@ use shoal_core::chunk::Sha1Digest;
 
 const RANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ranges");
 
+/// redb's own page cache (its default is 1 GiB, which a tracker holding
+/// gigabytes of ranges filled: a tracker's memory would grow with the content
+/// shared). Ranges are read once per download start; the OS's page cache
+/// serves them as well.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 fn err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("range store: {e}"))
 }
@@ -32,7 +38,10 @@ impl RangeStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<RangeStore, String> {
         let path = dir.join("ranges.redb");
-        let db = Database::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         RangeStore::over(db).map_err(|e| format!("{}: {e}", path.display()))
     }
 
