@@ -19,7 +19,9 @@
 //! Every input takes the driver's `now`, which never goes backwards:
 //! - at start-up, build the replicator from the records of the durable log
 //!   (`SoloReplicator::recover`, `OmniReplicator::recover`) and hand it to
-//!   [`TrackerNode::new`], which applies what they decided;
+//!   [`TrackerNode::new`], which applies what they decided; then tell it
+//!   which chunk-list ranges the range store holds
+//!   ([`TrackerNode::add_stored_ranges`], none for a new store);
 //! - connections accepted on the listener: [`TrackerNode::handle_connected`],
 //!   the key the other end proved once its TLS handshake is done
 //!   [`TrackerNode::handle_secured`], their bytes (any split)

@@ -104,7 +104,6 @@ impl<R: Replicator> TrackerNode<R> {
             }
         }
         node.leader = node.named_leader();
-        node.want_missing_ranges();
         node
     }
 
@@ -413,9 +412,20 @@ impl<R: Replicator> TrackerNode<R> {
     }
 
     pub(crate) fn respond(&mut self, conn: ConnId, id: RequestId, result: Result<Reply, ApiError>) {
+        let after_sync = self.replicator.answers_need_sync();
+        self.send_response(conn, id, result, after_sync);
+    }
+
+    /// Sends an answer on `conn` (if still open), after the next sync if `after_sync`.
+    pub(crate) fn send_response(
+        &mut self,
+        conn: ConnId,
+        id: RequestId,
+        result: Result<Reply, ApiError>,
+        after_sync: bool,
+    ) {
         if self.conns.contains_key(&conn) {
             let bytes = reply_bytes(id, result);
-            let after_sync = self.replicator.answers_need_sync();
             self.outbox.send(TrackerOutput::Transmit { conn, bytes }, after_sync);
         }
     }
@@ -535,7 +545,7 @@ impl<R: Replicator> TrackerNode<R> {
 }
 
 /// A response frame; one too big for a client to read is `limit reached` instead.
-pub(crate) fn reply_bytes(id: RequestId, result: Result<Reply, ApiError>) -> Vec<u8> {
+fn reply_bytes(id: RequestId, result: Result<Reply, ApiError>) -> Vec<u8> {
     let bytes = encode(&Message::Response { id, result });
     if bytes.len() > crate::wire::MAX_REPLY_FRAME {
         let e = format!(

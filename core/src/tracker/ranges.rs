@@ -108,7 +108,9 @@ impl Ranges {
 }
 
 impl<R: Replicator> TrackerNode<R> {
-    /// The ranges the driver's store holds, told at start-up (before any input).
+    /// The ranges the driver's store holds, told at start-up (before any
+    /// input): the ranges the recovered log names and the store lacks are
+    /// then fetched from the other trackers.
     pub fn add_stored_ranges(&mut self, hashes: impl IntoIterator<Item = Sha1Digest>) {
         self.ranges.present.extend(hashes);
         self.want_missing_ranges();
@@ -122,11 +124,6 @@ impl<R: Replicator> TrackerNode<R> {
     /// How many ranges this tracker's store holds.
     pub fn ranges_held(&self) -> usize {
         self.ranges.present.len()
-    }
-
-    /// Ranges the log names that this tracker still lacks.
-    pub fn ranges_missing(&self) -> usize {
-        self.ranges.wanted.len()
     }
 
     fn majority(&self) -> usize {
@@ -266,10 +263,7 @@ impl<R: Replicator> TrackerNode<R> {
 
     /// An answer that may leave only once what was written before it is durable.
     pub(crate) fn respond_synced(&mut self, conn: ConnId, id: RequestId, result: Result<Reply, ApiError>) {
-        if self.conns.contains_key(&conn) {
-            let bytes = super::node::reply_bytes(id, result);
-            self.outbox.send(TrackerOutput::Transmit { conn, bytes }, true);
-        }
+        self.send_response(conn, id, result, true);
     }
 
     /// A client's `GetRange`.

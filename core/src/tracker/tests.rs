@@ -678,6 +678,30 @@ fn drain_with_store(n: &mut TrackerNode, store: &mut BTreeMap<Sha1Digest, Vec<u8
     }
 }
 
+/// Asks `body` of the node as `(conn, token)` at `now`, numbering requests
+/// with `seq`, `store` playing the range store: the answer.
+fn ask_stored(
+    n: &mut TrackerNode,
+    store: &mut BTreeMap<Sha1Digest, Vec<u8>>,
+    seq: &mut u64,
+    (conn, token): (ConnId, SessionToken),
+    body: Request,
+    now: Millis,
+) -> Result<Reply, ApiError> {
+    *seq += 1;
+    n.handle_bytes(conn, &req(*seq, Some(token), body), now);
+    answer(&drain_with_store(n, store))
+}
+
+/// Idle past the deadline, al's and bob's connections were closed: they
+/// connect again, with the same keys, so their sessions are theirs still.
+fn reconnect_al_and_bob(n: &mut TrackerNode, now: Millis) {
+    for c in [1u64, 2] {
+        connect(n, ConnId(c), format!("10.0.0.{c}:5001").parse().unwrap(), now);
+        n.handle_bytes(ConnId(c), &hello(), now);
+    }
+}
+
 /// A file is shared by its index: the tracker names the ranges of its chunk
 /// list it lacks, takes each (stored under its hash, durable before the
 /// answer), then logs the file; members read the ranges back, others not.
@@ -694,11 +718,7 @@ fn a_file_is_shared_once_its_chunk_list_is_stored_and_members_read_it_back() {
     let digest = FileDigest { size: chunks.len() as u64 * CHUNK_SIZE, sha1: Sha1Digest([4; 20]), chunks };
     let meta = FileMeta { name: name.clone(), digest };
     let (al, bob, eve) = ((ConnId(1), tokens[0]), (ConnId(2), tokens[1]), (ConnId(3), tokens[2]));
-    let mut call = |n: &mut TrackerNode, (conn, t): (ConnId, SessionToken), body: Request| {
-        seq += 1;
-        n.handle_bytes(conn, &req(seq, Some(t), body), Millis(10));
-        answer(&drain_with_store(n, &mut store))
-    };
+    let mut call = |n: &mut TrackerNode, who, body| ask_stored(n, &mut store, &mut seq, who, body, Millis(10));
     let share = Request::UploadFile { group: g.clone(), file: meta.record() };
     let put = |i: u64| Request::PutRange { hashes: meta.digest.range(i).to_vec() };
     assert_eq!(call(&mut n, al, share.clone()), Err(ApiError::MissingRanges { ranges: vec![0, 1] }));
@@ -766,11 +786,7 @@ fn ranges_no_file_names_are_dropped_and_bounded_per_user() {
     let g = GroupId::new("g").unwrap();
     let (al, bob) = ((ConnId(1), tokens[0]), (ConnId(2), tokens[1]));
     let mut now = Millis(10);
-    let mut call = |n: &mut TrackerNode, store: &mut BTreeMap<_, _>, (conn, t): (ConnId, SessionToken), body, now| {
-        seq += 1;
-        n.handle_bytes(conn, &req(seq, Some(t), body), now);
-        answer(&drain_with_store(n, store))
-    };
+    let mut call = |n: &mut TrackerNode, store: &mut _, who, body, now| ask_stored(n, store, &mut seq, who, body, now);
     let junk = |i: usize| Request::PutRange { hashes: vec![Sha1Digest::of(&i.to_be_bytes()); 2] };
     for i in 0..MAX_UNNAMED_PER_USER {
         assert_eq!(call(&mut n, &mut store, al, junk(i), now), Ok(Reply::Done));
@@ -799,15 +815,7 @@ fn ranges_no_file_names_are_dropped_and_bounded_per_user() {
     now = now.plus(UNNAMED_GRACE).plus(Millis(1_000));
     n.handle_timeout(now);
     drain_with_store(&mut n, &mut store);
-    // Idle that long, their connections were closed: they connect again
-    // (with the same keys, so their sessions are theirs still).
-    let reconnect = |n: &mut TrackerNode, now: Millis| {
-        for c in [1u64, 2] {
-            connect(n, ConnId(c), format!("10.0.0.{c}:5001").parse().unwrap(), now);
-            n.handle_bytes(ConnId(c), &hello(), now);
-        }
-    };
-    reconnect(&mut n, now);
+    reconnect_al_and_bob(&mut n, now);
     assert_eq!(store.keys().copied().collect::<Vec<_>>(), vec![range]);
     assert!(n.holds_range(&range));
     assert_eq!(call(&mut n, &mut store, al, junk(1), now), Ok(Reply::Done));
@@ -852,11 +860,7 @@ proptest::proptest! {
         let mut now = Millis(10);
         for (op, k, second) in ops {
             let me = who[second as usize];
-            let mut call = |n: &mut TrackerNode, store: &mut BTreeMap<_, _>, body: Request, now: Millis| {
-                seq += 1;
-                n.handle_bytes(me.0, &req(seq, Some(me.1), body), now);
-                answer(&drain_with_store(n, store))
-            };
+            let mut call = |n: &mut TrackerNode, store: &mut _, body, now| ask_stored(n, store, &mut seq, me, body, now);
             match op {
                 0 => {
                     // Share as the client does: the index, the ranges it is told are missing, the index.
@@ -883,10 +887,7 @@ proptest::proptest! {
                     now = now.plus(UNNAMED_GRACE).plus(Millis(1_000));
                     n.handle_timeout(now);
                     drain_with_store(&mut n, &mut store);
-                    for (c, _) in who {
-                        connect(&mut n, c, format!("10.0.0.{}:5001", c.0).parse().unwrap(), now);
-                        n.handle_bytes(c, &hello(), now);
-                    }
+                    reconnect_al_and_bob(&mut n, now);
                 }
             }
             let listed = &n.meta().group(&g).unwrap().files;
