@@ -9,6 +9,7 @@ use shoal_core::identity::KeyId;
 use shoal_core::config::{parse_tracker_info, TrackerEntry, MAX_TRACKER_INFO_LEN};
 
 pub mod procs;
+pub mod relay;
 
 /// Logs go to stderr, quiet (warnings only) unless `RUST_LOG` says otherwise.
 pub fn init_logging() {

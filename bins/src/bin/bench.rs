@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use sha1::{Digest, Sha1};
 use shoal_bins::procs::{cpu_secs, free_addr, Proc};
+use shoal_bins::relay::{PathSpec, Relay};
 use shoal_core::chunk::CHUNK_SIZE;
 
 #[derive(Parser)]
@@ -48,6 +49,19 @@ struct Args {
     /// baseline), each with its own sharers.
     #[arg(long, value_delimiter = ',', default_value = "tls,plaintext")]
     kinds: Vec<Kind>,
+    /// Long paths: a delaying relay (`shoal_bins::relay`) of this round
+    /// trip, in milliseconds, between the downloader and each sharer. A list
+    /// gives each sharer its own (the last one for the rest): `1,1,1,340`.
+    #[arg(long, value_name = "MS", value_delimiter = ',')]
+    rtt_ms: Vec<f64>,
+    /// The relay's window: bytes unacknowledged per direction, as a TCP
+    /// sender's buffer allows (Linux's default `tcp_wmem` maximum is 4 MiB).
+    #[arg(long, value_name = "KIB", default_value_t = 4096)]
+    path_window_kib: usize,
+    /// Also time aria2c fetching the file from one nginx per sharer, each
+    /// over the same path, in each run (`apt-get install aria2 nginx-light`).
+    #[arg(long)]
+    aria2c: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -240,6 +254,23 @@ fn download_once(d: &mut Proc, out: &Path, pids: &[u32]) -> Result<RunFigures, S
     Ok(RunFigures { secs, first_data: first_data.unwrap_or(secs), all_chunks: all_chunks.unwrap_or(secs), cpu })
 }
 
+/// What each source supplied to the downloader's one download, from
+/// `show_downloads -v` (`  from <addr>: <bytes> bytes` lines after the
+/// download's own), as `addr MB`.
+fn served(d: &mut Proc) -> Result<Vec<String>, String> {
+    d.cmd("show_downloads -v")?;
+    let mut lines = Vec::new();
+    // The listing's lines come at once; the first that is not a source's
+    // (or none within a second) ends it.
+    while let Ok(line) = d.out.recv_timeout(Duration::from_secs(1)) {
+        let Some(rest) = line.strip_prefix("  from ") else { break };
+        let (addr, bytes) = rest.split_once(": ").unwrap_or((rest, ""));
+        let bytes: f64 = bytes.trim_end_matches(" bytes").parse().unwrap_or(0.0);
+        lines.push(format!("{addr} {:.0}", bytes / 1e6));
+    }
+    Ok(lines)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -262,13 +293,164 @@ fn run(args: &Args) -> Result<(), String> {
     if kinds.is_empty() {
         return Err("--kinds: name at least one of tls, plaintext".into());
     }
-    let result =
-        args.sizes.iter().try_for_each(|&mib| one(&bindir, &base, mib, args.sharers, args.runs.max(1), &kinds));
+    if args.rtt_ms.iter().any(|ms| !ms.is_finite() || *ms < 0.0 || *ms > 60_000.0) || args.path_window_kib == 0 {
+        return Err("--rtt-ms takes milliseconds (0 to 60000), --path-window-kib a size above 0".into());
+    }
+    let spec = |ms: f64| PathSpec { rtt: Duration::from_secs_f64(ms / 1000.0), window: args.path_window_kib << 10 };
+    let path: Vec<PathSpec> = args.rtt_ms.iter().map(|&ms| spec(ms)).collect();
+    let result = args
+        .sizes
+        .iter()
+        .try_for_each(|&mib| one(&bindir, &base, mib, args.sharers, args.runs.max(1), &kinds, &path, args.aria2c));
     let _ = std::fs::remove_dir_all(&base);
     result
 }
 
-fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize, kinds: &[Kind]) -> Result<(), String> {
+/// Long paths to the sharers: each sharer is seen at its own loopback
+/// address (its tracker connection comes through a relay from there), where a
+/// delaying relay forwards to it, as to a host far away.
+struct Paths {
+    /// Each sharer's path in turn, the last for the rest.
+    specs: Vec<PathSpec>,
+    relays: Vec<Relay>,
+}
+
+/// The loopback address the `i`th host behind a long path is seen at.
+fn far_ip(i: usize) -> Result<std::net::IpAddr, String> {
+    let i = u8::try_from(10 + i).map_err(|_| "too many hosts behind long paths")?;
+    Ok(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, i)))
+}
+
+impl Paths {
+    /// Puts a client listening on `listen` behind a long path: the
+    /// tracker_info file it is to use.
+    fn behind(&mut self, dir: &Path, info: &Path, listen: &str) -> Result<PathBuf, String> {
+        let e = |e: std::io::Error| e.to_string();
+        let listen: std::net::SocketAddr = listen.parse().map_err(|_| "bad address")?;
+        let i = self.relays.len() / 2;
+        let ip = far_ip(i)?;
+        let spec = self.specs[i.min(self.specs.len() - 1)];
+        let tracker = std::fs::read_to_string(info).map_err(e)?;
+        let tracker: std::net::SocketAddr = tracker.trim().parse().map_err(|_| "bench's tracker_info: one address")?;
+        let nat = Relay::start("127.0.0.1:0".parse().map_err(|_| "addr")?, tracker, Some(ip), PathSpec::direct())
+            .map_err(e)?;
+        let far = Relay::start(std::net::SocketAddr::new(ip, listen.port()), listen, None, spec).map_err(e)?;
+        let sub = dir.join(format!("behind-{ip}"));
+        std::fs::create_dir_all(&sub).map_err(e)?;
+        let its = sub.join("tracker_info.txt");
+        std::fs::write(&its, format!("{}\n", nat.addr)).map_err(e)?;
+        // The trackers' published keys, where this client looks for them.
+        let keys = shoal_bins::key_dir(&its);
+        if !keys.exists() {
+            std::os::unix::fs::symlink(shoal_bins::key_dir(info), keys).map_err(e)?;
+        }
+        self.relays.extend([nat, far]);
+        Ok(its)
+    }
+}
+
+/// The aria2c baseline: one nginx per sharer serving `dir`, each behind a
+/// relay over the same path.
+struct Mirrors {
+    servers: Vec<Proc>,
+    urls: Vec<String>,
+    _relays: Vec<Relay>,
+}
+
+impl Mirrors {
+    fn start(dir: &Path, n: usize, specs: &[PathSpec]) -> Result<Mirrors, String> {
+        let e = |e: std::io::Error| e.to_string();
+        let nginx = which("nginx").ok_or("--aria2c: nginx not found (apt-get install aria2 nginx-light)")?;
+        which("aria2c").ok_or("--aria2c: aria2c not found (apt-get install aria2 nginx-light)")?;
+        let (mut servers, mut urls, mut relays) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            let prefix = dir.join(format!("nginx-{i}"));
+            std::fs::create_dir_all(&prefix).map_err(e)?;
+            let addr: std::net::SocketAddr = free_addr()?.parse().map_err(|_| "addr")?;
+            let conf = format!(
+                "worker_processes 1;\nuser root;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\n\
+                 events {{ worker_connections 64; }}\n\
+                 http {{ access_log off; sendfile on; tcp_nopush on; types {{ }} default_type application/octet-stream;\n\
+                 client_body_temp_path {p}; proxy_temp_path {p}; fastcgi_temp_path {p}; uwsgi_temp_path {p}; scgi_temp_path {p};\n\
+                 server {{ listen {addr}; root {root}; }} }}\n",
+                p = prefix.display(),
+                root = dir.display(),
+            );
+            let conf_path = prefix.join("nginx.conf");
+            std::fs::write(&conf_path, conf).map_err(e)?;
+            let args =
+                ["-p", &prefix.display().to_string(), "-c", &conf_path.display().to_string(), "-g", "daemon off;"]
+                    .map(String::from);
+            servers.push(Proc::spawn(&nginx, &args)?);
+            wait_listening(addr)?;
+            let url_addr = match specs.get(i).or(specs.last()) {
+                Some(&spec) => {
+                    let far = std::net::SocketAddr::new(far_ip(100 + i)?, addr.port());
+                    relays.push(Relay::start(far, addr, None, spec).map_err(e)?);
+                    far
+                }
+                None => addr,
+            };
+            urls.push(format!("http://{url_addr}/data.bin"));
+        }
+        Ok(Mirrors { servers, urls, _relays: relays })
+    }
+
+    /// aria2c fetches the file from every mirror at once into `out`,
+    /// checking its SHA1: the seconds it took.
+    fn fetch(&self, out: &Path, sha1: &[u8; 20]) -> Result<f64, String> {
+        let hex: String = sha1.iter().map(|b| format!("{b:02x}")).collect();
+        let n = self.urls.len().to_string();
+        let t = Instant::now();
+        let status = Command::new("aria2c")
+            .args(["--no-conf", "--quiet=true", "--file-allocation=none", "--allow-overwrite=true"])
+            .args(["--auto-file-renaming=false", "--max-connection-per-server=1", "--min-split-size=1M"])
+            .arg(format!("--split={n}"))
+            .arg(format!("--checksum=sha-1={hex}"))
+            .arg("--dir")
+            .arg(out)
+            .args(["--out", "aria.bin"])
+            .args(&self.urls)
+            .status()
+            .map_err(|e| format!("aria2c: {e}"))?;
+        let secs = t.elapsed().as_secs_f64();
+        if !status.success() {
+            return Err(format!("aria2c failed: {status}"));
+        }
+        let _ = self.servers.len();
+        Ok(secs)
+    }
+}
+
+/// A program on `PATH` (or in /usr/sbin, where Debian puts nginx).
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin")]).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// Waits up to 10 s for a server to accept connections on `addr`.
+fn wait_listening(addr: std::net::SocketAddr) -> Result<(), String> {
+    let start = Instant::now();
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(format!("nothing listens on {addr} after 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn one(
+    bindir: &Path,
+    base: &Path,
+    mib: u64,
+    sharers: usize,
+    runs: usize,
+    kinds: &[Kind],
+    path: &[PathSpec],
+    aria2c: bool,
+) -> Result<(), String> {
     let dir = base.join(format!("{mib}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let file = dir.join("data.bin");
@@ -288,8 +470,14 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize, kinds:
     // Every client runs with TLS on its peer connections, or all of a second
     // set without (`--insecure-plaintext-peers`, the baseline): a downloader
     // reaches only sharers of its own kind.
-    let client = |kind: Kind| {
-        let mut a = vec![free_addr()?, info.display().to_string()];
+    let mut paths = (!path.is_empty()).then(|| Paths { specs: path.to_vec(), relays: Vec::new() });
+    let client = |kind: Kind, paths: Option<&mut Paths>| {
+        let listen = free_addr()?;
+        let its = match paths {
+            Some(p) => p.behind(&dir, &info, &listen)?,
+            None => info.clone(),
+        };
+        let mut a = vec![listen, its.display().to_string()];
         if kind == Kind::Plaintext {
             a.push("--insecure-plaintext-peers".into());
         }
@@ -297,7 +485,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize, kinds:
     };
 
     // The group's owner is the first kind's first sharer.
-    let mut owner = client(kinds[0])?;
+    let mut owner = client(kinds[0], paths.as_mut())?;
     owner.cmd("create_user s0 pw")?;
     owner.cmd("login s0 pw")?;
     owner.cmd("create_group bench")?;
@@ -306,7 +494,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize, kinds:
     for (k, &kind) in kinds.iter().enumerate() {
         let mut list = Vec::new();
         for _ in 0..if k == 0 { sharers - 1 } else { sharers } {
-            let mut p = client(kind)?;
+            let mut p = client(kind, paths.as_mut())?;
             p.cmd(&format!("create_user s{n} pw"))?;
             p.cmd(&format!("login s{n} pw"))?;
             p.cmd("join_group bench")?;
@@ -343,7 +531,20 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize, kinds:
     settle_disk();
     let size = (mib << 20) as f64;
     let shown: Vec<&str> = kinds.iter().map(|k| k.label().trim()).collect();
-    println!("file {mib} MiB, {sharers} sharers, 1 downloader, loopback, {runs} runs, each: {}", shown.join(", "));
+    let over = match path {
+        [] => "loopback".into(),
+        specs => {
+            let ms: Vec<String> = specs.iter().map(|p| format!("{:.1}", p.rtt.as_secs_f64() * 1000.0)).collect();
+            format!(
+                "loopback, sharers behind relays of {} ms round trip and a {} KiB window",
+                ms.join(", "),
+                specs[0].window >> 10
+            )
+        }
+    };
+    println!("file {mib} MiB, {sharers} sharers, 1 downloader, {over}, {runs} runs, each: {}", shown.join(", "));
+    let mirrors = if aria2c { Some(Mirrors::start(&dir, sharers, path)?) } else { None };
+    let mut aria_rates = Vec::new();
     println!("  runs' files kept until the end: {}", if keep { "yes" } else { "no (too little disk space)" });
     println!("  SHA1 hash limit (1 thread):  {:8.0} MB/s", limit / 1e6);
     println!(
@@ -372,7 +573,7 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize, kinds:
             let kind = kinds[k];
             let plain = kind == Kind::Plaintext;
             // A fresh downloader each time, so its peak RSS is this run's.
-            let mut d = client(kind)?;
+            let mut d = client(kind, None)?;
             let who = format!("dl{run}{}", if plain { "p" } else { "t" });
             d.cmd(&format!("create_user {who} pw"))?;
             d.cmd(&format!("login {who} pw"))?;
@@ -383,6 +584,9 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize, kinds:
             let r = download_once(&mut d, &into, &pids[k])?;
             if sha1_of(&into.join("data.bin"))?.0 != source_sha1 {
                 return Err(format!("run {run}: the downloaded file differs from the source"));
+            }
+            if !path.is_empty() {
+                println!("  run {run} {}: MB from each sharer: {}", kind.label(), served(&mut d)?.join(", "));
             }
             let rss = d.peak_rss_kib().unwrap_or(0);
             let rate = size / r.secs;
@@ -410,6 +614,17 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize, kinds:
             drop(d);
             settle_disk();
         }
+        if let Some(m) = &mirrors {
+            let into = out.join("aria2c");
+            std::fs::create_dir_all(&into).map_err(|e| e.to_string())?;
+            let secs = m.fetch(&into, &source_sha1)?;
+            if sha1_of(&into.join("aria.bin"))?.0 != source_sha1 {
+                return Err(format!("run {run}: aria2c's file differs from the source"));
+            }
+            println!("  run {run} aria2c from {sharers} nginx: {:4.0} MB/s ({secs:.2} s)", size / secs / 1e6);
+            aria_rates.push(size / secs);
+            settle_disk();
+        }
         let after =
             pipeline_rate(&file, &out.join("pipeline-2.bin")).map_err(|e| format!("reference pipeline: {e}"))?;
         let reference = (before + after) / 2.0;
@@ -433,6 +648,11 @@ fn one(bindir: &Path, base: &Path, mib: u64, sharers: usize, runs: usize, kinds:
         println!("  TLS / plaintext:             {:8.2}", rate / plain);
     }
     println!("  reference (median):          {:8.0} MB/s", reference / 1e6);
+    if !aria_rates.is_empty() {
+        let aria = median(&mut aria_rates);
+        println!("  aria2c from nginx (median):  {:8.0} MB/s", aria / 1e6);
+        println!("  download / aria2c:           {:8.2}", medians[0] / aria);
+    }
     // The headline figures are the first kind's (TLS unless told otherwise).
     let rate = medians[0];
     println!("  download / hash limit:       {:8.2}", rate / limit);

@@ -3,9 +3,14 @@
 //! [`Download`] talks to the peers that have the file over connections the
 //! client engine opens for it. Free chunks go first to the least-loaded
 //! peers (reported load, then fewest chunks in flight, then highest measured
-//! rate), picked rarest first by the [`PieceSelector`]. Each peer has at most
-//! `chunks_per_peer` chunks in flight, all of whose blocks are requested at
-//! once so the connection stays busy. A chunk comes whole from one peer and is
+//! rate), picked rarest first by the [`PieceSelector`]. Each peer has a few
+//! chunks in flight, all of whose blocks are requested at once so the
+//! connection stays busy: `chunks_per_peer` at first, then as many as the
+//! peer delivers in `queue_time` at its recent rate (up to
+//! [`MAX_CHUNKS_PER_PEER`]), so a path of long round trip stays full, as
+//! libtorrent sizes its request queue from rate x `request_queue_time`. A
+//! chunk's buffer is taken when its first block arrives, so a deep pipeline
+//! costs requests, not memory. A chunk comes whole from one peer and is
 //! handed out to be verified ([`DownloadOutput::Check`], to the engine's
 //! [`crate::client::verify::Verifier`]); the verdict comes back through
 //! [`Download::handle_checked`] once the chunk matched its SHA1 and is written,
@@ -23,7 +28,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 
 use crate::chunk::{chunk_len, FileDigest, CHUNK_SIZE};
-use crate::client::peer::{Bitmap, Grant, Load, PeerMessage, BLOCK_SIZE};
+use crate::client::peer::{Bitmap, Grant, Load, PeerMessage, BLOCK_SIZE, MAX_QUEUED_REQUESTS};
 use crate::client::picker::PieceSelector;
 use crate::identity::KeyId;
 use crate::ids::{FileName, GroupId};
@@ -37,7 +42,13 @@ pub struct PeerConnId(pub u64);
 
 #[derive(Clone, Debug)]
 pub struct DownloadConfig {
+    /// Chunks in flight per peer before its rate is known, and at least.
     pub chunks_per_peer: usize,
+    /// A peer serving only us gets as many chunks in flight as it delivers
+    /// in this time at its recent rate (at most [`MAX_CHUNKS_PER_PEER`]):
+    /// longer than the round trip of any path worth using, so the pipeline
+    /// grows on a long path until the path, not the asking, is the limit.
+    pub queue_time: Millis,
     pub max_peers: usize,
     pub stall_timeout: Millis,
     /// Pause before reconnecting to a peer that hung up.
@@ -60,6 +71,7 @@ impl Default for DownloadConfig {
     fn default() -> Self {
         DownloadConfig {
             chunks_per_peer: 3,
+            queue_time: Millis(1000),
             max_peers: 16,
             stall_timeout: Millis::from_secs(5),
             reconnect_after: Millis::from_secs(1),
@@ -117,7 +129,8 @@ pub enum DownloadOutput {
 
 struct Fetch {
     chunk: u32,
-    /// The chunk's bytes; `buf[..received]` have arrived (blocks come in order).
+    /// The chunk's bytes; `buf[..received]` have arrived (blocks come in
+    /// order). Empty until the first block arrives.
     buf: Vec<u8>,
     /// Bytes requested so far / received so far.
     requested: u32,
@@ -134,6 +147,14 @@ struct Peer {
     /// Bytes received, and since when: the measured rate.
     bytes: u64,
     since: Millis,
+    /// The recent rate: bytes received since `sample_start` (`None` until
+    /// the first block), and the rate of the samples so far (bytes/s).
+    sample_start: Option<Millis>,
+    sample_bytes: u64,
+    recent_rate: u64,
+    /// Chunks in flight this peer may have when it serves only us (see
+    /// `DownloadConfig::queue_time`).
+    depth: usize,
     /// It sent a map of less than the whole file: it is told what we hold.
     tell: bool,
 }
@@ -143,6 +164,38 @@ impl Peer {
         let ms = now.since(self.since).0.max(1);
         self.bytes.saturating_mul(1000) / ms
     }
+
+    /// Counts `n` bytes received: every [`RATE_SAMPLE`] the recent rate,
+    /// and from it the depth, are updated. A faster sample is taken at once
+    /// (a pipeline limited by its depth shows only so much, and grows by
+    /// `queue_time` over the round trip each sample); a slower one halves
+    /// the distance, so one stall does not empty a long path's pipeline.
+    fn sample(&mut self, n: u32, now: Millis, cfg: &DownloadConfig) {
+        let Some(start) = self.sample_start else {
+            // The first block's wait is the request's round trip, not a rate.
+            self.sample_start = Some(now);
+            return;
+        };
+        self.sample_bytes += u64::from(n);
+        let ms = now.since(start).0;
+        if ms < RATE_SAMPLE.0 {
+            return;
+        }
+        let rate = self.sample_bytes.saturating_mul(1000) / ms;
+        self.recent_rate = if rate >= self.recent_rate { rate } else { (self.recent_rate + rate) / 2 };
+        self.sample_start = Some(now);
+        self.sample_bytes = 0;
+        self.depth = pipeline_depth(self.recent_rate, cfg);
+    }
+}
+
+/// Chunks in flight for a peer serving only us at `rate` bytes/s: what it
+/// delivers in `queue_time`, plus the one being received, within
+/// `chunks_per_peer..=MAX_CHUNKS_PER_PEER`.
+pub fn pipeline_depth(rate: u64, cfg: &DownloadConfig) -> usize {
+    let ahead = rate.saturating_mul(cfg.queue_time.0) / 1000 / CHUNK_SIZE;
+    let max = MAX_CHUNKS_PER_PEER.max(cfg.chunks_per_peer);
+    (ahead.min(max as u64) as usize + 1).clamp(cfg.chunks_per_peer, max)
 }
 
 #[derive(Default)]
@@ -169,12 +222,26 @@ impl Source {
     }
 }
 
+/// Chunks in flight per peer, at most: what a serving peer queues
+/// ([`MAX_QUEUED_REQUESTS`] blocks, 8 MiB; more is a protocol error there).
+/// At a 100 ms round trip that is 80 MB/s from one peer.
+pub const MAX_CHUNKS_PER_PEER: usize = MAX_QUEUED_REQUESTS * BLOCK_SIZE as usize / CHUNK_SIZE as usize;
+
+/// How often a peer's recent rate is measured.
+pub const RATE_SAMPLE: Millis = Millis(200);
+
 /// Chunk buffers a download keeps for reuse, at most (8 MiB).
 pub const MAX_SPARE_BUFFERS: usize = 16;
 
 /// Chunks received whole and waiting for their verdict, at most (16 MiB):
 /// the verifier's queue, its hash job and the writes in flight.
 pub const MAX_UNVERIFIED: usize = 32;
+
+/// Chunks asked for and not yet verified, over all peers, at most (32 MiB
+/// once they arrive): what bounds memory when chunks come faster than they
+/// are hashed and written, with deep pipelines to many peers. At a 100 ms
+/// round trip that is still 320 MB/s.
+pub const MAX_CHUNKS_AHEAD: usize = 64;
 
 /// The first ask for sources after the start; each next one waits twice as
 /// long, up to `DownloadConfig::refresh_every`.
@@ -523,6 +590,10 @@ impl Download {
                     last_progress: now,
                     bytes: 0,
                     since: now,
+                    sample_start: None,
+                    sample_bytes: 0,
+                    recent_rate: 0,
+                    depth: self.cfg.chunks_per_peer,
                     tell: false,
                 },
             );
@@ -588,7 +659,21 @@ impl Download {
     /// report it with [`Download::handle_block_landed`] (no copy on the way).
     pub fn recv_space(&mut self, peer: PeerConnId, chunk: u32, offset: u32) -> Option<&mut [u8]> {
         let f = self.peers.get_mut(&peer)?.fetches.iter_mut().find(|f| f.chunk == chunk)?;
-        (offset == f.received).then(|| &mut f.buf[f.received as usize..f.requested as usize])
+        if offset != f.received {
+            return None;
+        }
+        if f.buf.is_empty() {
+            let len = f.requested as usize;
+            f.buf = match self.spare.pop() {
+                // Old bytes in it are overwritten before they are read.
+                Some(mut b) => {
+                    b.resize(len, 0);
+                    b
+                }
+                None => vec![0; len],
+            };
+        }
+        Some(&mut f.buf[f.received as usize..f.requested as usize])
     }
 
     fn is_fetching(&self, peer: PeerConnId, chunk: u32) -> bool {
@@ -621,13 +706,16 @@ impl Download {
         let i = p.fetches.iter().position(|f| f.chunk == chunk)?;
         let f = &mut p.fetches[i];
         let end = offset as u64 + n as u64;
-        if offset != f.received || end > f.requested as u64 || n == 0 {
+        // Landed bytes went through `recv_space`, which took the buffer.
+        if offset != f.received || end > f.requested as u64 || n == 0 || f.buf.len() < f.requested as usize {
             return None;
         }
         f.received = end as u32;
+        let whole = f.received as u64 >= chunk_len(size, chunk as u64);
         p.last_progress = now;
         p.bytes += n as u64;
-        if (f.received as u64) < chunk_len(size, chunk as u64) {
+        p.sample(n, now, &self.cfg);
+        if !whole {
             return Some(false);
         }
         let f = p.fetches.remove(i);
@@ -700,8 +788,13 @@ impl Download {
         }
         // Peers busier than the least loaded one get a shallower pipeline.
         let lightest = self.peers.values().filter(|p| p.have.is_some()).map(|p| p.load).min().unwrap_or_default();
-        let full = self.cfg.chunks_per_peer;
+        // Deep pipelines only while verifying keeps up: when chunks wait to
+        // be hashed and written, the path is not what limits the download,
+        // and more asked ahead would only be held in memory.
+        let behind = self.checking.len() >= MAX_UNVERIFIED / 2;
+        let min_depth = self.cfg.chunks_per_peer;
         let capacity = |p: &Peer| {
+            let full = if behind { min_depth } else { p.depth };
             if p.load.uploads > 1 {
                 // A peer that serves others too (a swarm): one chunk at a
                 // time, and the next asked for once half of it arrived, so
@@ -723,11 +816,15 @@ impl Download {
             .map(|(c, p)| (p.load, p.fetches.len(), std::cmp::Reverse(p.rate(now)), *c))
             .collect();
         order.sort();
+        let mut ahead = self.checking.len() + self.peers.values().map(|p| p.fetches.len()).sum::<usize>();
         // Round-robin over the ordered peers, one chunk each per round, so
         // chunks spread over peers before any peer's pipeline fills.
         loop {
             let mut progressed = false;
             for &(_, _, _, peer) in &order {
+                if ahead >= MAX_CHUNKS_AHEAD {
+                    return;
+                }
                 let p = self.peers.get_mut(&peer).expect("listed");
                 if p.fetches.len() >= capacity(p) {
                     continue;
@@ -738,15 +835,8 @@ impl Download {
                     continue;
                 };
                 let len = chunk_len(self.digest.size, chunk as u64) as u32;
-                let buf = match self.spare.pop() {
-                    // Old bytes in it are overwritten before they are read.
-                    Some(mut b) => {
-                        b.resize(len as usize, 0);
-                        b
-                    }
-                    None => vec![0; len as usize],
-                };
-                p.fetches.push(Fetch { chunk, buf, requested: len, received: 0 });
+                p.fetches.push(Fetch { chunk, buf: Vec::new(), requested: len, received: 0 });
+                ahead += 1;
                 if p.fetches.len() == 1 {
                     p.last_progress = now;
                 }

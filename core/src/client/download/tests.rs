@@ -491,3 +491,223 @@ fn sources_are_refreshed_soon_then_every_refresh_every() {
     }
     assert_eq!(asked, vec![100, 300, 700, 1500, 3100, 5100, 7100]);
 }
+
+/// What a download over long paths measured in virtual time.
+struct PathRun {
+    /// When the last chunk was verified.
+    done: Millis,
+    /// Most block requests one peer held queued (arrived, not yet being
+    /// sent), at any moment: more is a protocol error there.
+    most_queued: usize,
+    /// Most chunk buffers held at once (chunks being received).
+    most_buffers: usize,
+    /// Most chunks asked for and not yet verified, over all peers.
+    most_ahead: usize,
+    /// Deepest pipeline any peer was given.
+    most_depth: usize,
+}
+
+/// Downloads `chunks` chunks from peers each `rtt` away that each send at
+/// `rate` bytes/s, blocks served in the order asked (one TCP connection
+/// each, no loss), in virtual time.
+fn over_paths(cfg: DownloadConfig, chunks: u32, peers: u8, rtt: Millis, rate: u64) -> PathRun {
+    over_mixed_paths(cfg, chunks, &vec![(rtt, rate); peers as usize], 0)
+}
+
+/// The same, with each peer's own (round trip, rate), and the verdicts on
+/// chunks delayed by `verify_ms` each (a slow hasher or disk).
+fn over_mixed_paths(cfg: DownloadConfig, chunks: u32, paths: &[(Millis, u64)], verify_ms: u64) -> PathRun {
+    let data = content(chunks as usize * CHUNK_SIZE as usize);
+    let digest = digest_of(&data);
+    let addrs: Vec<SocketAddr> = (1..=paths.len() as u8).map(addr).collect();
+    let path_of: BTreeMap<SocketAddr, (Millis, u64)> = addrs.iter().copied().zip(paths.iter().copied()).collect();
+    let mut path: BTreeMap<PeerConnId, (Millis, u64)> = BTreeMap::new();
+    // Verdicts by when they come back.
+    let mut verdicts: BTreeMap<(Millis, u32), bool> = BTreeMap::new();
+    let mut verifier_free = Millis(0);
+    let mut d = new_download(cfg, digest.clone(), Bitmap::new(chunks), 0, 3, Millis(0));
+    d.handle_sources(&sharers(&addrs), Millis(0));
+    // Arrivals at the downloader by time: (peer, chunk, offset, len), or a
+    // chunk map (len 0); with when the peer started sending each.
+    let mut arrivals: BTreeMap<(Millis, u64), (PeerConnId, u32, u32, u32)> = BTreeMap::new();
+    let mut started: BTreeMap<u64, f64> = BTreeMap::new();
+    let mut free_at: BTreeMap<PeerConnId, f64> = BTreeMap::new();
+    // Each request's stay in its peer's queue: from its arrival there until
+    // the peer begins sending it, or the cancel arrives.
+    let mut queued: BTreeMap<u64, (PeerConnId, f64, f64)> = BTreeMap::new();
+    let (mut seq, mut now) = (0u64, Millis(0));
+    let mut run = PathRun { done: Millis(0), most_queued: 0, most_buffers: 0, most_ahead: 0, most_depth: 0 };
+    while !d.is_complete() && now < Millis::from_secs(3600) {
+        while let Some(o) = d.poll_output() {
+            let half = |peer: &PeerConnId| path[peer].0 .0 as f64 / 2.0;
+            match o {
+                DownloadOutput::Connect { peer, addr } => {
+                    path.insert(peer, path_of[&addr]);
+                    d.handle_connected(peer, Some(key_at(addr)), now)
+                }
+                DownloadOutput::Send { peer, msg: PeerMessage::Want { .. } } => {
+                    seq += 1;
+                    arrivals.insert((now.plus(path[&peer].0), seq), (peer, 0, 0, 0));
+                }
+                DownloadOutput::Send { peer, msg: PeerMessage::Request { chunk, offset, len } } => {
+                    let (half, rate) = (half(&peer), path[&peer].1);
+                    // Served after what was asked before it, sent whole.
+                    let f = free_at.entry(peer).or_default();
+                    let start = f.max(now.0 as f64 + half);
+                    *f = start + len as f64 * 1000.0 / rate as f64;
+                    seq += 1;
+                    arrivals.insert((Millis((*f + half).ceil() as u64), seq), (peer, chunk, offset, len));
+                    started.insert(seq, start);
+                    queued.insert(seq, (peer, now.0 as f64 + half, start));
+                }
+                DownloadOutput::Send { peer, msg: PeerMessage::Cancel { chunk, offset, .. } } => {
+                    // Blocks the peer has not begun sending when the cancel
+                    // reaches it are never sent.
+                    let at = now.0 as f64 + half(&peer);
+                    let gone: Vec<(Millis, u64)> = arrivals
+                        .iter()
+                        .filter(|(k, a)| a.0 == peer && a.1 == chunk && a.2 >= offset && a.3 > 0 && started[&k.1] >= at)
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for k in gone {
+                        arrivals.remove(&k);
+                        if let Some(q) = queued.get_mut(&k.1) {
+                            q.2 = at;
+                        }
+                    }
+                }
+                DownloadOutput::Check { chunk, data: got } => {
+                    let ok = digest.chunks[chunk as usize].matches(&got);
+                    d.reuse_buffer(got);
+                    verifier_free = verifier_free.max(now).plus(Millis(verify_ms));
+                    verdicts.insert((verifier_free, chunk), ok);
+                }
+                DownloadOutput::Failed { reason } => panic!("{reason}"),
+                _ => {}
+            }
+        }
+        let buffers: usize = d.peers.values().flat_map(|p| &p.fetches).filter(|f| !f.buf.is_empty()).count();
+        run.most_buffers = run.most_buffers.max(buffers);
+        let ahead = d.checking.len() + d.peers.values().map(|p| p.fetches.len()).sum::<usize>();
+        run.most_ahead = run.most_ahead.max(ahead);
+        run.most_depth = run.most_depth.max(d.peers.values().map(|p| p.depth).max().unwrap_or(0));
+        if let Some((&(at, chunk), &ok)) = verdicts.first_key_value() {
+            if at <= now || (arrivals.is_empty() && d.out.is_empty()) {
+                verdicts.pop_first();
+                now = now.max(at);
+                d.handle_checked(chunk, ok, now);
+                continue;
+            }
+        }
+        let next = arrivals.keys().next().map(|k| k.0);
+        let next = [next, verdicts.keys().next().map(|k| k.0)].into_iter().flatten().min();
+        let timer = d.poll_timeout();
+        match (next, timer) {
+            (Some(a), t) if t.is_none_or(|t| a <= t) => {
+                now = now.max(a);
+                if arrivals.first_key_value().is_none_or(|(k, _)| k.0 > now) {
+                    // A verdict is due first.
+                    continue;
+                }
+                let (_, (peer, chunk, offset, len)) = arrivals.pop_first().expect("looked at");
+                if len == 0 {
+                    let msg = PeerMessage::Have { chunks: Bitmap::full(chunks), load: Load::default() };
+                    d.handle_message(peer, msg, now);
+                    continue;
+                }
+                let start = chunk_offset(chunk) as usize + offset as usize;
+                d.handle_block(peer, chunk, offset, Load::default(), &data[start..start + len as usize], now);
+            }
+            (_, Some(t)) => {
+                now = now.max(t);
+                d.handle_timeout(now);
+            }
+            (_, None) => break,
+        }
+    }
+    assert!(d.is_complete(), "the download finished");
+    run.done = now;
+    // The most requests queued at once at a peer: at some request's arrival.
+    for &(peer, arrive, _) in queued.values() {
+        let n = queued.values().filter(|q| q.0 == peer && q.1 <= arrive && arrive < q.2).count();
+        run.most_queued = run.most_queued.max(n);
+    }
+    run
+}
+
+#[test]
+fn a_long_path_is_kept_full_by_a_deeper_pipeline() {
+    // 4 peers at 100 ms, each sending 20 MB/s: 80 MB/s in all, when enough
+    // is asked ahead (2 MB a peer). Three chunks a peer (1.5 MiB) is at most
+    // 15.7 MB/s from each.
+    let (chunks, rtt, rate) = (256, Millis(100), 20_000_000);
+    let fixed = DownloadConfig { queue_time: Millis(0), ..DownloadConfig::default() };
+    let bytes = chunks as f64 * CHUNK_SIZE as f64;
+    let mb_s = |r: &PathRun| bytes / r.done.0 as f64 / 1000.0;
+    let before = over_paths(fixed, chunks, 4, rtt, rate);
+    let after = over_paths(DownloadConfig::default(), chunks, 4, rtt, rate);
+    // The bound: the bytes at 80 MB/s, after a round trip for the map and one
+    // for the first block.
+    let bound = bytes / (4.0 * rate as f64) * 1000.0 + 2.0 * rtt.0 as f64;
+    assert!(mb_s(&before) < 4.0 * 15.8, "fixed depth: {:.1} MB/s", mb_s(&before));
+    assert!(
+        (after.done.0 as f64) < bound * 1.15,
+        "adaptive: {:.1} MB/s, done at {:?} against a bound of {bound:.0} ms",
+        mb_s(&after),
+        after.done
+    );
+    // Never more asked of a peer than it queues, and a buffer only for
+    // chunks arriving (one a peer) and those just finished.
+    assert!(after.most_queued <= MAX_QUEUED_REQUESTS, "{} requests queued at one peer", after.most_queued);
+    assert!(after.most_buffers <= 4, "{} chunk buffers at once", after.most_buffers);
+}
+
+#[test]
+fn a_slow_path_gets_a_short_pipeline() {
+    // 1 MB/s from one peer 20 ms away: a second of it is two chunks, so the
+    // depth stays near its minimum instead of tying up 16 chunks.
+    let (chunks, rtt, rate) = (24, Millis(20), 1_000_000);
+    let r = over_paths(DownloadConfig::default(), chunks, 1, rtt, rate);
+    let per_chunk = (CHUNK_SIZE / BLOCK_SIZE as u64) as usize;
+    assert!(r.most_queued <= 4 * per_chunk, "{} requests queued", r.most_queued);
+}
+
+#[test]
+fn pipeline_depth_follows_the_rate_within_its_bounds() {
+    let cfg = DownloadConfig::default();
+    assert_eq!(pipeline_depth(0, &cfg), cfg.chunks_per_peer);
+    assert_eq!(pipeline_depth(u64::MAX, &cfg), MAX_CHUNKS_PER_PEER);
+    // 8 MB/s for a second: 15 chunks ahead, plus the one arriving.
+    assert_eq!(pipeline_depth(8_000_000, &cfg), 16);
+    assert_eq!(pipeline_depth(2_000_000, &cfg), 4);
+    let mut last = 0;
+    for rate in (0..50).map(|i| i * 500_000) {
+        let depth = pipeline_depth(rate, &cfg);
+        assert!(depth >= last && (cfg.chunks_per_peer..=MAX_CHUNKS_PER_PEER).contains(&depth));
+        last = depth;
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// Whatever the paths (round trips up to 400 ms, 0.1-100 MB/s each) and
+    /// however slowly chunks are verified, a download finishes; no peer is
+    /// asked for more blocks than it queues or given a pipeline deeper than
+    /// [`MAX_CHUNKS_PER_PEER`]; chunks ahead stay within
+    /// [`MAX_CHUNKS_AHEAD`]; and a chunk buffer is held only for chunks
+    /// being received, at most one a peer at a time.
+    #[test]
+    fn any_paths_keep_pipelines_within_their_bounds(
+        paths in proptest::collection::vec((0u64..400, 100_000u64..100_000_000), 1..8),
+        chunks in 1u32..48,
+        verify_ms in 0u64..20,
+    ) {
+        let paths: Vec<(Millis, u64)> = paths.into_iter().map(|(r, b)| (Millis(r), b)).collect();
+        let r = over_mixed_paths(DownloadConfig::default(), chunks, &paths, verify_ms);
+        proptest::prop_assert!(r.most_queued <= MAX_QUEUED_REQUESTS, "{} requests queued", r.most_queued);
+        proptest::prop_assert!(r.most_depth <= MAX_CHUNKS_PER_PEER, "depth {}", r.most_depth);
+        proptest::prop_assert!(r.most_ahead <= MAX_CHUNKS_AHEAD, "{} chunks ahead", r.most_ahead);
+        proptest::prop_assert!(r.most_buffers <= paths.len(), "{} buffers for {} peers", r.most_buffers, paths.len());
+    }
+}
