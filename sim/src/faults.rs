@@ -249,6 +249,9 @@ impl World {
         let trackers: Vec<SocketAddr> = only.iter().map(|t| self.trackers[*t].addr).collect();
         let mut cfg = ClientConfig::new(self.clients[c].listen, trackers);
         cfg.max_upload_rate = self.max_upload_rate;
+        if let Some(d) = &self.download {
+            cfg.download = *d;
+        }
         self.clients[c].engine = ClientEngine::new(cfg, Rng::from_u64(self.rng.next_u64()));
         self.clients[c].results.clear();
         self.clients[c].up = true;

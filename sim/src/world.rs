@@ -36,6 +36,8 @@ pub struct WorldConfig {
     pub disk: DiskConfig,
     /// Every client's upload limit, bytes per second (`--max-upload-rate`).
     pub max_upload_rate: Option<u64>,
+    /// Every client's download settings (`None`: the client's defaults).
+    pub download: Option<shoal_core::client::download::DownloadConfig>,
     /// Each client's network capacity for peer traffic, by client index
     /// (`None`, and a rate of 0, unlimited).
     pub bandwidth: Option<fn(usize) -> Bandwidth>,
@@ -63,6 +65,7 @@ impl Default for WorldConfig {
             snapshot_every: 50,
             disk: DiskConfig::default(),
             max_upload_rate: None,
+            download: None,
             bandwidth: None,
         }
     }
@@ -136,6 +139,7 @@ pub struct World {
     pub(crate) verbose: bool,
     pub(crate) cfg: TrackerConfig,
     pub(crate) max_upload_rate: Option<u64>,
+    pub(crate) download: Option<shoal_core::client::download::DownloadConfig>,
 }
 
 /// A disk result, for the trace.
@@ -202,6 +206,9 @@ impl World {
                 let listen = SocketAddr::from(([10, 0, 1, i as u8], 9000));
                 let mut cfg = ClientConfig::new(listen, tracker_addrs.clone());
                 cfg.max_upload_rate = wc.max_upload_rate;
+                if let Some(d) = &wc.download {
+                    cfg.download = *d;
+                }
                 let engine = ClientEngine::new(cfg, Rng::from_u64(rng.next_u64()));
                 SimClient {
                     engine,
@@ -261,6 +268,7 @@ impl World {
             ever_owner: BTreeSet::new(),
             cfg,
             max_upload_rate: wc.max_upload_rate,
+            download: wc.download,
         };
         for t in 0..wc.trackers {
             w.start_tracker(t);

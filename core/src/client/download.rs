@@ -40,7 +40,7 @@ use crate::time::Millis;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerConnId(pub u64);
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct DownloadConfig {
     /// Chunks in flight per peer before its rate is known, and at least.
     pub chunks_per_peer: usize,
@@ -165,8 +165,9 @@ impl Peer {
         self.bytes.saturating_mul(1000) / ms
     }
 
-    /// Counts `n` bytes received: every [`RATE_SAMPLE`] the recent rate,
-    /// and from it the depth, are updated. A faster sample is taken at once
+    /// Counts `n` bytes received: every [`RATE_SAMPLE`], or sooner once two
+    /// chunks' worth arrived (but not within [`MIN_RATE_SAMPLE`]), the
+    /// recent rate, and from it the depth, are updated. A faster sample is taken at once
     /// (a pipeline limited by its depth shows only so much, and grows by
     /// `queue_time` over the round trip each sample); a slower one halves
     /// the distance, so one stall does not empty a long path's pipeline.
@@ -178,7 +179,8 @@ impl Peer {
         };
         self.sample_bytes += u64::from(n);
         let ms = now.since(start).0;
-        if ms < RATE_SAMPLE.0 {
+        let enough = self.sample_bytes >= 2 * CHUNK_SIZE && ms >= MIN_RATE_SAMPLE.0;
+        if ms < RATE_SAMPLE.0 && !enough {
             return;
         }
         let rate = self.sample_bytes.saturating_mul(1000) / ms;
@@ -227,8 +229,12 @@ impl Source {
 /// At a 100 ms round trip that is 80 MB/s from one peer.
 pub const MAX_CHUNKS_PER_PEER: usize = MAX_QUEUED_REQUESTS * BLOCK_SIZE as usize / CHUNK_SIZE as usize;
 
-/// How often a peer's recent rate is measured.
+/// How often a peer's recent rate is measured, at least.
 pub const RATE_SAMPLE: Millis = Millis(200);
+
+/// The shortest time a rate is measured over (bursts of what the socket
+/// held are not a rate).
+pub const MIN_RATE_SAMPLE: Millis = Millis(20);
 
 /// Chunk buffers a download keeps for reuse, at most (8 MiB).
 pub const MAX_SPARE_BUFFERS: usize = 16;
@@ -791,7 +797,7 @@ impl Download {
         // Deep pipelines only while verifying keeps up: when chunks wait to
         // be hashed and written, the path is not what limits the download,
         // and more asked ahead would only be held in memory.
-        let behind = self.checking.len() >= MAX_UNVERIFIED / 2;
+        let behind = self.checking.len() >= MAX_UNVERIFIED * 3 / 4;
         let min_depth = self.cfg.chunks_per_peer;
         let capacity = |p: &Peer| {
             let full = if behind { min_depth } else { p.depth };

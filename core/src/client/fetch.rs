@@ -362,7 +362,7 @@ impl ClientEngine {
             s.have = have.clone();
         }
         let fetch = Download::new(
-            self.cfg.download.clone(),
+            self.cfg.download,
             e.group.clone(),
             e.name.clone(),
             e.digest.clone(),
