@@ -209,10 +209,16 @@ impl Wire {
 
     fn send(&mut self, body: &Request) -> u64 {
         self.seq += 1;
-        let id = RequestId { client: self.client, seq: self.seq };
+        self.send_as(self.seq, body);
+        self.seq
+    }
+
+    /// Sends `body` as request `seq` (again, after a write was not decided
+    /// in time: the tracker answers the first copy's result if it was).
+    fn send_as(&mut self, seq: u64, body: &Request) {
+        let id = RequestId { client: self.client, seq };
         let m = Message::Request { id, settled_below: 0, session: self.token, body: body.clone() };
         self.s.write_all(&encode(&m)).unwrap();
-        self.seq
     }
 
     fn recv(&mut self) -> (u64, Result<Reply, ApiError>) {
@@ -228,7 +234,11 @@ impl Wire {
     }
 
     /// Each request's answer, in order, with at most `window` in flight.
+    /// A write answered `no quorum` or `catching up` (leadership moving, as
+    /// on a loaded machine) is sent again under its id, as the client does,
+    /// for up to a minute.
     fn pipeline(&mut self, bodies: &[Request], window: usize) -> Vec<Result<Reply, ApiError>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
         let mut answers = BTreeMap::new();
         let first = self.seq + 1;
         let mut sent = 0;
@@ -238,6 +248,11 @@ impl Wire {
                 sent += 1;
             }
             let (seq, r) = self.recv();
+            if matches!(r, Err(ApiError::NoQuorum | ApiError::CatchingUp)) && Instant::now() < deadline {
+                let body = bodies[(seq - first) as usize].clone();
+                self.send_as(seq, &body);
+                continue;
+            }
             answers.insert(seq, r);
         }
         (first..first + bodies.len() as u64).map(|s| answers.remove(&s).unwrap()).collect()
@@ -251,11 +266,8 @@ impl Wire {
         let u = UserId::new(user).unwrap();
         let _ = self.call(Request::CreateUser { user: u.clone(), password: "pw".into() });
         let listen = "127.0.0.1:2".parse().unwrap();
-        let Ok(Reply::Session { token }) =
-            self.call(Request::Login { user: u, password: "pw".into(), listen, plaintext_peers: false })
-        else {
-            panic!("login failed")
-        };
+        let r = self.call(Request::Login { user: u, password: "pw".into(), listen, plaintext_peers: false });
+        let Ok(Reply::Session { token }) = r else { panic!("login failed: {r:?}") };
         self.token = Some(token);
     }
 }
