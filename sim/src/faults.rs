@@ -248,7 +248,7 @@ impl World {
         self.record(format!("{} restart c{c}", self.now.0));
         let trackers: Vec<SocketAddr> = only.iter().map(|t| self.trackers[*t].addr).collect();
         let mut cfg = ClientConfig::new(self.clients[c].listen, trackers);
-        cfg.max_upload_rate = self.max_upload_rate;
+        cfg.max_upload_rate = crate::world::upload_cap(self.max_upload_rate, self.cap_at_uplink, self.clients[c].link);
         if let Some(d) = &self.download {
             cfg.download = *d;
         }

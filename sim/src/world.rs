@@ -36,6 +36,10 @@ pub struct WorldConfig {
     pub disk: DiskConfig,
     /// Every client's upload limit, bytes per second (`--max-upload-rate`).
     pub max_upload_rate: Option<u64>,
+    /// Each client's upload limit is its own uplink's rate (`bandwidth`),
+    /// where `max_upload_rate` sets none: peers of mixed capacity, each
+    /// pacing itself to its link.
+    pub cap_at_uplink: bool,
     /// Every client's download settings (`None`: the client's defaults).
     pub download: Option<shoal_core::client::download::DownloadConfig>,
     /// Each client's network capacity for peer traffic, by client index
@@ -55,6 +59,11 @@ pub struct Bandwidth {
     pub down: u64,
 }
 
+/// A client's upload limit: the world's, else its uplink's if so asked.
+pub(crate) fn upload_cap(max: Option<u64>, at_uplink: bool, link: Bandwidth) -> Option<u64> {
+    max.or((at_uplink && link.up > 0).then_some(link.up))
+}
+
 impl Default for WorldConfig {
     fn default() -> Self {
         WorldConfig {
@@ -65,6 +74,7 @@ impl Default for WorldConfig {
             snapshot_every: 50,
             disk: DiskConfig::default(),
             max_upload_rate: None,
+            cap_at_uplink: false,
             download: None,
             bandwidth: None,
         }
@@ -139,6 +149,7 @@ pub struct World {
     pub(crate) verbose: bool,
     pub(crate) cfg: TrackerConfig,
     pub(crate) max_upload_rate: Option<u64>,
+    pub(crate) cap_at_uplink: bool,
     pub(crate) download: Option<shoal_core::client::download::DownloadConfig>,
 }
 
@@ -205,7 +216,8 @@ impl World {
             .map(|i| {
                 let listen = SocketAddr::from(([10, 0, 1, i as u8], 9000));
                 let mut cfg = ClientConfig::new(listen, tracker_addrs.clone());
-                cfg.max_upload_rate = wc.max_upload_rate;
+                let link = wc.bandwidth.map(|f| f(i)).unwrap_or_default();
+                cfg.max_upload_rate = upload_cap(wc.max_upload_rate, wc.cap_at_uplink, link);
                 if let Some(d) = &wc.download {
                     cfg.download = *d;
                 }
@@ -219,7 +231,7 @@ impl World {
                     slow: Millis::ZERO,
                     up: true,
                     last_user: None,
-                    link: wc.bandwidth.map(|f| f(i)).unwrap_or_default(),
+                    link,
                     up_free_us: 0,
                     down_free_us: 0,
                 }
@@ -268,6 +280,7 @@ impl World {
             ever_owner: BTreeSet::new(),
             cfg,
             max_upload_rate: wc.max_upload_rate,
+            cap_at_uplink: wc.cap_at_uplink,
             download: wc.download,
         };
         for t in 0..wc.trackers {

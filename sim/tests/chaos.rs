@@ -425,6 +425,7 @@ fn chaos(seed: u64) -> (World, (Millis, Millis, bool)) {
             snapshot_every,
             disk,
             max_upload_rate,
+            cap_at_uplink: false,
             download: None,
             bandwidth: None,
         },
