@@ -40,6 +40,12 @@ impl Replicator for Rep {
     fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>, bool)> {
         both!(self, r => r.poll_send())
     }
+    fn snapshot_due(&self) -> bool {
+        both!(self, r => r.snapshot_due())
+    }
+    fn take_snapshot(&mut self, live: &shoal_core::meta::MetaState) {
+        both!(self, r => r.take_snapshot(live))
+    }
     fn answers_need_sync(&self) -> bool {
         both!(self, r => r.answers_need_sync())
     }

@@ -472,6 +472,11 @@ impl<R: Replicator> TrackerNode<R> {
                 self.apply(d, now);
             }
             if !applied {
+                if self.replicator.snapshot_due() {
+                    // Its records go out on the next turn.
+                    self.replicator.take_snapshot(&self.meta);
+                    continue;
+                }
                 break;
             }
         }

@@ -183,11 +183,23 @@ struct Inner {
     rewrite: bool,
     /// Largest record of an image ([`IMAGE_PART`]; tests make it small).
     image_part: usize,
+    /// While this node snapshots its log: the state machine, every decided
+    /// entry applied, to stand for them (see [`OmniReplicator::take_snapshot`]),
+    /// and whether omnipaxos's read of those entries was answered by it.
+    live: Option<MetaState>,
+    live_used: bool,
 }
 
 impl Default for Inner {
     fn default() -> Inner {
-        Inner { s: Image::default(), journal: VecDeque::new(), rewrite: false, image_part: IMAGE_PART }
+        Inner {
+            s: Image::default(),
+            journal: VecDeque::new(),
+            rewrite: false,
+            image_part: IMAGE_PART,
+            live: None,
+            live_used: false,
+        }
     }
 }
 
@@ -393,7 +405,15 @@ impl Storage<Entry> for DurableStorage {
         Ok(self.inner.borrow().s.accepted_round)
     }
     fn get_entries(&self, from: usize, to: usize) -> StorageResult<Vec<Entry>> {
-        Ok(self.inner.borrow().slice(from, to))
+        let mut inner = self.inner.borrow_mut();
+        // Taking a snapshot: the live state stands for the decided entries
+        // up to `to` (omnipaxos then merges nothing into it).
+        let covers = inner.live.as_ref().is_some_and(|l| l.applied() as usize == to);
+        if covers && from == inner.s.compacted_idx as usize && to <= inner.s.decided_idx as usize {
+            inner.live_used = true;
+            return Ok(Vec::new());
+        }
+        Ok(inner.slice(from, to))
     }
     fn get_log_len(&self) -> StorageResult<usize> {
         Ok(self.inner.borrow().s.log.len())
@@ -428,7 +448,14 @@ impl Storage<Entry> for DurableStorage {
         self.one(Op::Snapshot(snapshot))
     }
     fn get_snapshot(&self) -> StorageResult<Option<MetaSnapshot>> {
-        Ok(self.inner.borrow().s.snapshot.clone())
+        let mut inner = self.inner.borrow_mut();
+        if inner.live_used {
+            inner.live_used = false;
+            if let Some(state) = inner.live.take() {
+                return Ok(Some(MetaSnapshot { state: Some(state), entries: Vec::new() }));
+            }
+        }
+        Ok(inner.s.snapshot.clone())
     }
 }
 
@@ -455,6 +482,8 @@ pub struct OmniReplicator {
     /// Whether this node has been in sync with a leader since it started.
     synced: bool,
     snapshot_every: usize,
+    /// The decided index of the last snapshot tried (one try per index).
+    snapshot_tried: usize,
     /// Ticks this node has believed itself leader without leading (see handle_timeout).
     stuck_ticks: u64,
     /// The last Promise taken from each peer (its hash), until that peer asks
@@ -495,6 +524,7 @@ impl OmniReplicator {
             next_tick: Millis::ZERO,
             synced: false,
             snapshot_every: SNAPSHOT_EVERY,
+            snapshot_tried: 0,
             stuck_ticks: 0,
             promised: BTreeMap::new(),
         })
@@ -544,13 +574,6 @@ impl OmniReplicator {
                 LogEntry::Undecided(_) => break,
             }
         }
-        if decided.saturating_sub(self.op.get_compacted_idx()) >= self.snapshot_every && self.applied >= decided {
-            if let Err(e) = self.op.snapshot(None, true) {
-                tracing::warn!(?e, "snapshot failed");
-            } else {
-                tracing::info!(compacted = self.op.get_compacted_idx(), "log snapshotted and trimmed");
-            }
-        }
     }
 }
 
@@ -566,6 +589,39 @@ impl Replicator for OmniReplicator {
             self.collect_decided();
         }
         self.ready.pop_front()
+    }
+
+    fn snapshot_due(&self) -> bool {
+        let decided = self.op.get_decided_idx();
+        decided.saturating_sub(self.op.get_compacted_idx()) >= self.snapshot_every
+            && self.applied >= decided
+            && self.ready.is_empty()
+            && self.snapshot_tried != decided
+    }
+
+    /// The snapshot is `live` itself, a copy of the state the node applied,
+    /// when it stands for exactly the decided log: no entry is read back,
+    /// copied or applied again. Else omnipaxos builds it from the previous
+    /// snapshot and the entries since.
+    fn take_snapshot(&mut self, live: &MetaState) {
+        let decided = self.op.get_decided_idx();
+        self.snapshot_tried = decided;
+        let offered = live.applied() as usize == decided;
+        if offered {
+            self.journal.inner.borrow_mut().live = Some(live.clone());
+        }
+        let r = self.op.snapshot(None, true);
+        let from_live = {
+            let mut inner = self.journal.inner.borrow_mut();
+            let used = offered && inner.live.is_none();
+            inner.live = None;
+            inner.live_used = false;
+            used
+        };
+        match r {
+            Err(e) => tracing::warn!(?e, "snapshot failed"),
+            Ok(()) => tracing::info!(compacted = self.op.get_compacted_idx(), from_live, "log snapshotted and trimmed"),
+        }
     }
 
     fn poll_persist(&mut self) -> Option<Persist> {
@@ -960,6 +1016,59 @@ mod tests {
             let mut live = self.nodes.iter().zip(&self.alive).filter(|(_, a)| **a).map(|(n, _)| n);
             let first = live.next()?.op.get_current_leader()?;
             (first.1 && live.all(|n| n.op.get_current_leader() == Some(first))).then_some(first.0)
+        }
+    }
+
+    /// A snapshot taken from the live state is that state, with no entry
+    /// read back or applied again; it replays from the rewritten log; and a
+    /// live state that lags the decided log is not used: the snapshot is
+    /// then built from the entries, to the same state.
+    #[test]
+    fn a_snapshot_is_the_live_state_when_it_stands_for_the_decided_log() {
+        let mut c = Cluster::new(&[0, 0, 0]);
+        while c.agreed().is_none() {
+            c.tick(|_, _| true);
+        }
+        let leader = c.agreed().unwrap() as usize - 1;
+        for i in 1..=30 {
+            c.nodes[leader].propose(entry(i));
+        }
+        c.deliver(|_, _| true);
+        for (k, n) in c.nodes.iter_mut().enumerate() {
+            let decided = n.op.get_decided_idx();
+            assert_eq!(decided, 30, "node {k}");
+            let entries = n.journal.inner.borrow().slice(0, decided);
+            let mut live = MetaState::new();
+            // Node 0's live state lags one entry behind: not usable.
+            let lag = usize::from(k == 0);
+            for e in &entries[..decided - lag] {
+                let _ = live.apply(e);
+            }
+            n.snapshot_every = 10;
+            assert!(n.snapshot_due());
+            n.take_snapshot(&live);
+            assert!(!n.snapshot_due(), "one try per decided index");
+            assert!(n.journal.inner.borrow().live.is_none(), "the live state is not kept aside");
+            let mut whole = MetaState::new();
+            for e in &entries {
+                let _ = whole.apply(e);
+            }
+            let inner = n.journal.inner.borrow();
+            assert_eq!(inner.s.compacted_idx, 30);
+            assert!(inner.s.log.is_empty(), "the log is trimmed");
+            let snap = inner.s.snapshot.clone().expect("a snapshot");
+            assert!(snap.entries.is_empty(), "node {k}: the stored snapshot is folded");
+            assert_eq!(snap.state.as_ref(), Some(&whole), "node {k}");
+            drop(inner);
+            let mut file = Vec::new();
+            while let Some(p) = n.poll_persist() {
+                match p {
+                    Persist::Rewrite(r) => file = r,
+                    Persist::Append(r) | Persist::Lazy(r) => file.push(r),
+                }
+            }
+            let back = DurableStorage::replay(file.iter().map(|r| r.as_slice())).unwrap();
+            assert_eq!(back.inner.borrow().s.snapshot, Some(snap), "node {k}: the rewritten log replays");
         }
     }
 

@@ -11,7 +11,10 @@
 //! Calling contract (the tracker node does this for its driver): after every
 //! input, drain [`Replicator::poll_persist`] (records the driver makes durable
 //! before it sends anything that follows them), then [`Replicator::poll_send`]
-//! (messages to other trackers), then [`Replicator::poll_decided`].
+//! (messages to other trackers), then [`Replicator::poll_decided`]; once
+//! nothing more is decided, if [`Replicator::snapshot_due`], call
+//! [`Replicator::take_snapshot`] with the state every decided entry was
+//! applied to, and drain again.
 
 use std::collections::VecDeque;
 
@@ -62,6 +65,13 @@ pub trait Replicator {
     fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>, bool)> {
         None
     }
+    /// Whether the log is due a snapshot now: asked once every decided entry
+    /// was handed out and applied. (No default: a wrapper that forgot to
+    /// pass it on would never compact its log.)
+    fn snapshot_due(&self) -> bool;
+    /// Snapshots the log; `live` is the state machine with every decided
+    /// entry applied.
+    fn take_snapshot(&mut self, live: &MetaState);
     /// A message from tracker `from`.
     fn handle_message(&mut self, _from: NodeId, _bytes: &[u8]) -> Result<(), FrameError> {
         Ok(())
@@ -128,6 +138,13 @@ impl Replicator for SoloReplicator {
     fn poll_persist(&mut self) -> Option<Persist> {
         self.persist.pop_front().map(Persist::Append)
     }
+
+    /// A log of one keeps every entry (its replay is the state).
+    fn snapshot_due(&self) -> bool {
+        false
+    }
+
+    fn take_snapshot(&mut self, _live: &MetaState) {}
 
     fn leader(&self) -> Option<NodeId> {
         Some(1)

@@ -328,6 +328,10 @@ impl Replicator for Stuck {
     fn poll_persist(&mut self) -> Option<Persist> {
         None
     }
+    fn snapshot_due(&self) -> bool {
+        false
+    }
+    fn take_snapshot(&mut self, _: &crate::meta::MetaState) {}
     fn leader(&self) -> Option<NodeId> {
         None
     }
