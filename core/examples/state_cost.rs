@@ -1,6 +1,7 @@
 //! What a tracker's in-memory state costs to copy, encode and decode with N
-//! one-chunk files in 3,000 groups (default 300,000): the work a snapshot and
-//! a catch-up by snapshot do today on a tracker's event loop.
+//! one-chunk files in 3,000 groups (default 300,000). A snapshot copies it
+//! (O(1): persistent maps) and the sync thread encodes it; a follower sent a
+//! snapshot decodes it on its event loop.
 //!
 //! `cargo run --release -p shoal-core --example state_cost -- 300000`
 use shoal_core::chunk::{range_hash, FileIndex, FileRecord, Sha1Digest};

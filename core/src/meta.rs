@@ -9,7 +9,7 @@
 //! session tokens) is computed by the tracker node *before* proposing and
 //! travels inside the command, so applying stays cheap and deterministic.
 
-use std::collections::{BTreeMap, BTreeSet};
+use imbl::{OrdMap, OrdSet};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
@@ -221,7 +221,7 @@ pub struct Sharer {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SharedFile {
     pub meta: FileRecord,
-    pub sharers: BTreeSet<Sharer>,
+    pub sharers: OrdSet<Sharer>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,7 +231,7 @@ pub struct Group {
     pub members: Vec<UserId>,
     /// In the order they asked.
     pub pending: Vec<UserId>,
-    pub files: BTreeMap<FileName, SharedFile>,
+    pub files: OrdMap<FileName, SharedFile>,
 }
 
 impl Group {
@@ -249,33 +249,33 @@ struct ClientWrites {
     /// Requests below this are settled: answered, or given up by the client.
     settled_below: u64,
     /// Results of applied requests at or above `settled_below`, by seq.
-    results: BTreeMap<u64, Result<Reply, ApiError>>,
+    results: OrdMap<u64, Result<Reply, ApiError>>,
     /// Apply index of this client's last write, its key in `by_age`.
     age: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Dedupe {
-    clients: BTreeMap<u64, ClientWrites>,
+    clients: OrdMap<u64, ClientWrites>,
     /// (apply index, client), to forget the least recently active client first.
-    by_age: BTreeSet<(u64, u64)>,
+    by_age: OrdSet<(u64, u64)>,
 }
 
 /// The replicated metadata of a tracker cluster.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaState {
-    users: BTreeMap<UserId, PasswordHash>,
-    sessions: BTreeMap<SessionToken, Session>,
-    session_at: BTreeMap<SocketAddr, SessionToken>,
-    groups: BTreeMap<GroupId, Group>,
+    users: OrdMap<UserId, PasswordHash>,
+    sessions: OrdMap<SessionToken, Session>,
+    session_at: OrdMap<SocketAddr, SessionToken>,
+    groups: OrdMap<GroupId, Group>,
     /// How many shared files (in all groups) name each stored chunk-list range.
-    ranges: BTreeMap<Sha1Digest, u32>,
+    ranges: OrdMap<Sha1Digest, u32>,
     dedupe: Dedupe,
     applied: u64,
 }
 
 /// Counts `file`'s stored ranges in (`add`) or out of `refs`.
-fn count_ranges(refs: &mut BTreeMap<Sha1Digest, u32>, file: &FileRecord, add: bool) {
+fn count_ranges(refs: &mut OrdMap<Sha1Digest, u32>, file: &FileRecord, add: bool) {
     for (_, h) in file.index.stored_ranges() {
         if add {
             *refs.entry(h).or_default() += 1;
@@ -308,7 +308,12 @@ impl MetaState {
         let w = self.touch(id.client);
         if entry.settled_below > w.settled_below {
             w.settled_below = entry.settled_below;
-            w.results = w.results.split_off(&entry.settled_below);
+            // What is at or above the new mark stays.
+            let (_, at, mut above) = w.results.split_lookup(&entry.settled_below);
+            if let Some(r) = at {
+                above.insert(entry.settled_below, r);
+            }
+            w.results = above;
         }
         if let Some(result) = w.results.get(&id.seq) {
             return result.clone();
@@ -322,9 +327,9 @@ impl MetaState {
             while w.results.len() > MAX_RESULTS_PER_CLIENT {
                 // The oldest is forgotten, and counts as settled: a copy of
                 // it arriving later is refused rather than applied twice.
-                if let Some((seq, _)) = w.results.pop_first() {
-                    w.settled_below = w.settled_below.max(seq + 1);
-                }
+                let Some(seq) = w.results.get_min().map(|(seq, _)| *seq) else { break };
+                w.results.remove(&seq);
+                w.settled_below = w.settled_below.max(seq + 1);
             }
         }
         result
@@ -346,7 +351,7 @@ impl MetaState {
         }
         d.by_age.insert((applied, client));
         while d.clients.len() >= MAX_REMEMBERED_CLIENTS && age.is_none() {
-            match d.by_age.pop_first() {
+            match d.by_age.remove_min() {
                 Some((_, old)) if old != client => {
                     d.clients.remove(&old);
                 }
@@ -410,7 +415,7 @@ impl MetaState {
                 }
                 self.groups.insert(
                     group.clone(),
-                    Group { owner: me.clone(), members: vec![me], pending: vec![], files: BTreeMap::new() },
+                    Group { owner: me.clone(), members: vec![me], pending: vec![], files: OrdMap::new() },
                 );
                 Ok(Reply::Done)
             }
@@ -433,14 +438,25 @@ impl MetaState {
                     return Err(ApiError::NotMember);
                 }
                 g.members.retain(|m| *m != me);
-                let refs = &mut self.ranges;
-                g.files.retain(|_, f| {
-                    f.sharers.retain(|s| s.user != me);
-                    if f.sharers.is_empty() {
-                        count_ranges(refs, &f.meta, false);
+                // Only the files it shares are touched (copied, when a
+                // snapshot shares them).
+                let mine: Vec<FileName> = g
+                    .files
+                    .iter()
+                    .filter(|(_, f)| f.sharers.iter().any(|s| s.user == me))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for n in mine {
+                    let Some(f) = g.files.get_mut(&n) else { continue };
+                    let gone: Vec<Sharer> = f.sharers.iter().filter(|s| s.user == me).cloned().collect();
+                    for s in &gone {
+                        f.sharers.remove(s);
                     }
-                    !f.sharers.is_empty()
-                });
+                    if f.sharers.is_empty() {
+                        count_ranges(&mut self.ranges, &f.meta, false);
+                        g.files.remove(&n);
+                    }
+                }
                 if g.members.is_empty() {
                     self.groups.remove(group);
                     return Ok(Reply::Left { group_deleted: true, new_owner: None });
@@ -484,7 +500,7 @@ impl MetaState {
                     return Err(ApiError::Limit(format!("a group holds at most {MAX_FILES_PER_GROUP} files")));
                 }
                 count_ranges(&mut self.ranges, file, true);
-                g.files.insert(file.name.clone(), SharedFile { meta: file.clone(), sharers: BTreeSet::from([sharer]) });
+                g.files.insert(file.name.clone(), SharedFile { meta: file.clone(), sharers: OrdSet::unit(sharer) });
                 Ok(Reply::Done)
             }
             Command::StopShare { token, group, name } => {
@@ -495,7 +511,7 @@ impl MetaState {
                     return Err(ApiError::NotMember);
                 }
                 let f = g.files.get_mut(name).ok_or(ApiError::NoSuchFile)?;
-                if !f.sharers.remove(&sharer) {
+                if f.sharers.remove(&sharer).is_none() {
                     return Err(ApiError::NotSharing);
                 }
                 if f.sharers.is_empty() {
@@ -543,7 +559,7 @@ impl MetaState {
         if self.session_at.len() != self.sessions.len() {
             return Err("session index has stale entries".into());
         }
-        let mut refs = BTreeMap::new();
+        let mut refs = OrdMap::new();
         for g in self.groups.values() {
             for f in g.files.values() {
                 count_ranges(&mut refs, &f.meta, true);

@@ -83,7 +83,7 @@ pub mod stream;
 
 pub use node::TrackerNode;
 pub use omni::OmniReplicator;
-pub use replicator::{Decided, NodeId, Persist, Replicator, SoloReplicator};
+pub use replicator::{Decided, LogImage, NodeId, Persist, Replicator, SoloReplicator};
 
 /// A connection, named by the driver. Ids are never reused while open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

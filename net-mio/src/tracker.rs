@@ -20,7 +20,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use shoal_core::tracker::{ConnId, NodeId, Persist, Replicator, TrackerNode, TrackerOutput};
+use shoal_core::tracker::{ConnId, LogImage, NodeId, Persist, Replicator, TrackerNode, TrackerOutput};
 use shoal_core::Millis;
 
 use crate::clock::Clock;
@@ -52,7 +52,8 @@ enum SyncCmd {
     /// Log records, encoded: written in order.
     Write(Vec<u8>),
     /// Replace the log with these records (an image after compaction).
-    Rewrite(Vec<Vec<u8>>),
+    /// Encoded here, off the event loop.
+    Rewrite(Box<LogImage>),
     /// Make everything written so far (the log and the range store) durable,
     /// then report `seq` done.
     Sync(u64, RangeStore),
@@ -86,7 +87,7 @@ impl Syncer {
                 for c in cmds {
                     let r = match c {
                         SyncCmd::Write(bytes) => wal.append_encoded(&bytes).map_err(|e| (e, "write")),
-                        SyncCmd::Rewrite(records) => wal.rewrite(&records).map_err(|e| (e, "rewrite")),
+                        SyncCmd::Rewrite(image) => wal.rewrite(&image.records()).map_err(|e| (e, "rewrite")),
                         SyncCmd::Sync(k, s) => {
                             upto = upto.max(k);
                             store = Some(s);

@@ -426,10 +426,10 @@ impl TrackerLog {
     pub fn persist(&mut self, p: Persist) {
         match p {
             Persist::Append(r) | Persist::Lazy(r) => self.volatile.push(r),
-            Persist::Rewrite(records) => {
+            Persist::Rewrite(image) => {
                 // Written beside the old log, synced, renamed over it.
                 self.volatile.clear();
-                self.durable = records;
+                self.durable = image.records();
             }
         }
     }

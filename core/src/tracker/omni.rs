@@ -149,6 +149,26 @@ enum Record {
 /// (the log refuses records over [`crate::wal::MAX_RECORD`]).
 pub const IMAGE_PART: usize = 16 * 1024 * 1024;
 
+/// A storage image to write as the whole log: see [`Persist::Rewrite`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogImage {
+    image: Image,
+    part: usize,
+}
+
+// Plain data throughout (omnipaxos's ballots derive only `PartialEq`, but
+// their equality is total), so outputs holding an image compare as `Eq`.
+impl Eq for LogImage {}
+
+impl LogImage {
+    /// The image's records: one, or its parts (the encoding, which takes
+    /// a while for a large state: call it where the log is written).
+    pub fn records(&self) -> Vec<Vec<u8>> {
+        let image = postcard::to_allocvec(&RecordRef::Image(&self.image)).expect("encode to Vec");
+        image_records(image, self.part)
+    }
+}
+
 /// The records of a rewritten log holding `image` (a `RecordRef::Image`
 /// encoding): itself if it fits one record, else its parts.
 fn image_records(image: Vec<u8>, part: usize) -> Vec<Vec<u8>> {
@@ -352,8 +372,7 @@ impl DurableStorage {
         if inner.rewrite {
             inner.rewrite = false;
             inner.journal.clear();
-            let image = postcard::to_allocvec(&RecordRef::Image(&inner.s)).expect("encode to Vec");
-            return Some(Persist::Rewrite(image_records(image, inner.image_part)));
+            return Some(Persist::Rewrite(Box::new(LogImage { image: inner.s.clone(), part: inner.image_part })));
         }
         inner.journal.pop_front().map(|(r, lazy)| if lazy { Persist::Lazy(r) } else { Persist::Append(r) })
     }
@@ -833,6 +852,7 @@ mod tests {
                 }
                 Persist::Lazy(r) => file.push(r),
                 Persist::Rewrite(r) => {
+                    let r = r.records();
                     *synced = r.len();
                     *file = r;
                 }
@@ -910,7 +930,8 @@ mod tests {
         let mut st = st;
         st.append_entries((1..=5).map(entry).collect()).unwrap();
         st.write_atomically(vec![StorageOp::Trim(0)]).unwrap();
-        let Some(Persist::Rewrite(records)) = st.poll_persist() else { panic!("a rewrite") };
+        let Some(Persist::Rewrite(image)) = st.poll_persist() else { panic!("a rewrite") };
+        let records = image.records();
         assert!(records.len() > 2, "{} records", records.len());
         let whole = DurableStorage::replay(records.iter().map(|r| r.as_slice())).unwrap();
         assert_eq!(whole.inner.borrow().s.log.len(), 5);
@@ -1063,7 +1084,7 @@ mod tests {
             let mut file = Vec::new();
             while let Some(p) = n.poll_persist() {
                 match p {
-                    Persist::Rewrite(r) => file = r,
+                    Persist::Rewrite(r) => file = r.records(),
                     Persist::Append(r) | Persist::Lazy(r) => file.push(r),
                 }
             }

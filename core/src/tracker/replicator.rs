@@ -20,6 +20,7 @@ use std::collections::VecDeque;
 
 use crate::meta::{Entry, MetaState};
 use crate::time::Millis;
+pub use crate::tracker::omni::LogImage;
 use crate::wire::FrameError;
 
 /// A tracker's id: its line in `tracker_info.txt` (1-based).
@@ -45,10 +46,13 @@ pub enum Persist {
     /// whose loss recovery tolerates (omnipaxos's decided index: a restarted
     /// node learns it again from the others).
     Lazy(Vec<u8>),
-    /// Replace the whole log with these records, in order (after
-    /// compaction: an image of the storage, in parts of at most
-    /// [`crate::tracker::omni::IMAGE_PART`] so no record is over the log's limit).
-    Rewrite(Vec<Vec<u8>>),
+    /// Replace the whole log with the records of this image, in order
+    /// (after compaction: an image of the storage, in parts of at most
+    /// [`crate::tracker::omni::IMAGE_PART`] so no record is over the log's
+    /// limit). The image is a copy that shares the live state's nodes, so
+    /// taking it costs the event loop nothing; whoever writes the log
+    /// encodes it ([`LogImage::records`]), off the loop.
+    Rewrite(Box<LogImage>),
 }
 
 pub trait Replicator {
