@@ -154,6 +154,37 @@ pub const IMAGE_PART: usize = 16 * 1024 * 1024;
 pub struct LogImage {
     image: Image,
     part: usize,
+    retired: Retired,
+}
+
+/// The log entries a compaction trimmed and the snapshot it replaced: what
+/// only the old log image held. Freeing a snapshot's worth of them takes
+/// a while, so they go with the next [`LogImage`] and are freed where it is
+/// written (the driver's sync thread), not on the event loop.
+#[derive(Default)]
+struct Retired {
+    log: Vec<Vec<Entry>>,
+    snapshots: Vec<Option<MetaSnapshot>>,
+}
+
+impl Clone for Retired {
+    /// A copy of an image needs none of it.
+    fn clone(&self) -> Retired {
+        Retired::default()
+    }
+}
+
+impl PartialEq for Retired {
+    /// Not part of what an image holds.
+    fn eq(&self, _: &Retired) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Retired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Retired({} logs, {} snapshots)", self.log.len(), self.snapshots.len())
+    }
 }
 
 // Plain data throughout (omnipaxos's ballots derive only `PartialEq`, but
@@ -208,6 +239,8 @@ struct Inner {
     /// and whether omnipaxos's read of those entries was answered by it.
     live: Option<MetaState>,
     live_used: bool,
+    /// What compaction replaced, freed with the next image (see [`Retired`]).
+    retired: Retired,
 }
 
 impl Default for Inner {
@@ -219,6 +252,7 @@ impl Default for Inner {
             image_part: IMAGE_PART,
             live: None,
             live_used: false,
+            retired: Retired::default(),
         }
     }
 }
@@ -249,7 +283,10 @@ impl Inner {
             Op::Trim(i) => {
                 if i > s.trimmed_idx {
                     let n = ((i - s.trimmed_idx) as usize).min(s.log.len());
-                    s.log.drain(..n);
+                    // The trimmed entries (a snapshot's worth) are freed by
+                    // whoever writes the next image, not here.
+                    let rest = s.log.split_off(n);
+                    self.retired.log.push(std::mem::replace(&mut s.log, rest));
                     s.trimmed_idx = i;
                 }
             }
@@ -259,7 +296,8 @@ impl Inner {
                 if let Some(sn) = snap.as_mut() {
                     sn.fold();
                 }
-                s.snapshot = snap;
+                let old = std::mem::replace(&mut s.snapshot, snap);
+                self.retired.snapshots.push(old);
             }
         }
     }
@@ -357,6 +395,8 @@ impl DurableStorage {
         if parts.is_some() {
             return Err(split());
         }
+        // What replaying compactions replaced is not written anywhere.
+        st.retired = Retired::default();
         st.check()?;
         Ok(DurableStorage { inner: Rc::new(RefCell::new(st)) })
     }
@@ -372,7 +412,12 @@ impl DurableStorage {
         if inner.rewrite {
             inner.rewrite = false;
             inner.journal.clear();
-            return Some(Persist::Rewrite(Box::new(LogImage { image: inner.s.clone(), part: inner.image_part })));
+            let retired = std::mem::take(&mut inner.retired);
+            return Some(Persist::Rewrite(Box::new(LogImage {
+                image: inner.s.clone(),
+                part: inner.image_part,
+                retired,
+            })));
         }
         inner.journal.pop_front().map(|(r, lazy)| if lazy { Persist::Lazy(r) } else { Persist::Append(r) })
     }
