@@ -85,6 +85,18 @@ pub fn ok(w: &mut World, c: usize, line: &str) -> Vec<String> {
     w.run(c, line).unwrap_or_else(|e| panic!("`{line}` on c{c} failed: {e}"))
 }
 
+/// A swarm's start: clients `0..=leechers` in group `g` (see [`one_group`]),
+/// client 0 sharing `content` as `/home/u0/data.bin`, and a directory
+/// `/home/dl<c>` for each leecher `c` to download into.
+pub fn one_seeder(w: &mut World, leechers: usize, content: &[u8]) {
+    one_group(w, leechers + 1);
+    for c in 1..=leechers {
+        w.mkdir(&format!("/home/dl{c}"));
+    }
+    w.write_file("/home/u0/data.bin", content.to_vec());
+    ok(w, 0, "upload_file /home/u0/data.bin g");
+}
+
 /// Clients `0..clients` make the accounts `u<c>` (password `pw`) and log in;
 /// u0 makes the group `g` and accepts every other one into it.
 pub fn one_group(w: &mut World, clients: usize) {

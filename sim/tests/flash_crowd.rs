@@ -25,7 +25,7 @@
 use shoal_core::chunk::CHUNK_SIZE;
 use shoal_core::rng::Rng;
 use shoal_core::time::Millis;
-use sim::{ok, one_group, seed_from_env, Bandwidth, NetConfig, World, WorldConfig};
+use sim::{ok, one_seeder, seed_from_env, Bandwidth, NetConfig, World, WorldConfig};
 
 /// Every client's uplink for peer traffic: 8 MB/s.
 const UP: u64 = 8_000_000;
@@ -59,12 +59,7 @@ fn crowd(seed: u64, leechers: usize) -> Crowd {
     let size = (CHUNK_SIZE * chunks()) as usize;
     let mut content = vec![0u8; size];
     rng.fill(&mut content);
-    one_group(&mut w, leechers + 1);
-    for c in 1..=leechers {
-        w.mkdir(&format!("/home/dl{c}"));
-    }
-    w.write_file("/home/u0/data.bin", content.clone());
-    ok(&mut w, 0, "upload_file /home/u0/data.bin g");
+    one_seeder(&mut w, leechers, &content);
     // All at once: every command typed before any runs.
     let start = w.now();
     let tickets: Vec<_> =

@@ -26,7 +26,7 @@
 use shoal_core::chunk::CHUNK_SIZE;
 use shoal_core::rng::Rng;
 use shoal_core::time::Millis;
-use sim::{ok, one_group, Bandwidth, NetConfig, World, WorldConfig};
+use sim::{ok, one_seeder, Bandwidth, NetConfig, World, WorldConfig};
 
 /// A slow client's uplink; downlinks are four times the uplink.
 const UP: u64 = 8_000_000;
@@ -73,12 +73,7 @@ fn swarm(seed: u64, n: usize, links: fn(usize) -> Bandwidth) -> Swarm {
     let size = CHUNK_SIZE * chunks();
     let mut content = vec![0u8; size as usize];
     rng.fill(&mut content);
-    one_group(&mut w, n + 1);
-    for c in 1..=n {
-        w.mkdir(&format!("/home/dl{c}"));
-    }
-    w.write_file("/home/u0/data.bin", content.clone());
-    ok(&mut w, 0, "upload_file /home/u0/data.bin g");
+    one_seeder(&mut w, n, &content);
     Swarm { w, content, size }
 }
 
@@ -169,8 +164,9 @@ fn leechers_arriving_over_time_and_leaving_when_done_all_finish() {
                 let u = (rng.below(1 << 20) + 1) as f64 / (1u64 << 20) as f64;
                 at += -u.ln() / lambda * 1000.0;
             }
-            let (f, u, d) = (s.size as f64, UP as f64, 4.0 * UP as f64);
-            let model = (f / d).max(f / u - u / (lambda * u));
+            // The seeder's uplink is a leecher's.
+            let (f, u, d, u_s) = (s.size as f64, UP as f64, 4.0 * UP as f64, UP as f64);
+            let model = (f / d).max(f / u - u_s / (lambda * u));
             let model = Millis((model * 1000.0).ceil() as u64);
             (run(&mut s, &starts, true, model), model)
         });

@@ -323,15 +323,15 @@ fn far_ip(i: usize) -> Result<std::net::IpAddr, String> {
 
 impl Paths {
     /// Puts a client listening on `listen` behind a long path: the
-    /// tracker_info file it is to use.
-    fn behind(&mut self, dir: &Path, info: &Path, listen: &str) -> Result<PathBuf, String> {
+    /// tracker_info file it is to use (`info` lists `tracker`).
+    fn behind(&mut self, dir: &Path, info: &Path, tracker: &str, listen: &str) -> Result<PathBuf, String> {
         let e = |e: std::io::Error| e.to_string();
         let listen: std::net::SocketAddr = listen.parse().map_err(|_| "bad address")?;
+        let tracker: std::net::SocketAddr = tracker.parse().map_err(|_| "bad address")?;
+        // Two relays a host: its tracker connection's and its peers'.
         let i = self.relays.len() / 2;
         let ip = far_ip(i)?;
         let spec = self.specs[i.min(self.specs.len() - 1)];
-        let tracker = std::fs::read_to_string(info).map_err(e)?;
-        let tracker: std::net::SocketAddr = tracker.trim().parse().map_err(|_| "bench's tracker_info: one address")?;
         let nat = Relay::start("127.0.0.1:0".parse().map_err(|_| "addr")?, tracker, Some(ip), PathSpec::direct())
             .map_err(e)?;
         let far = Relay::start(std::net::SocketAddr::new(ip, listen.port()), listen, None, spec).map_err(e)?;
@@ -352,8 +352,9 @@ impl Paths {
 /// The aria2c baseline: one nginx per sharer serving `dir`, each behind a
 /// relay over the same path.
 struct Mirrors {
-    servers: Vec<Proc>,
     urls: Vec<String>,
+    /// Held until the end: dropping them stops them.
+    _servers: Vec<Proc>,
     _relays: Vec<Relay>,
 }
 
@@ -393,7 +394,7 @@ impl Mirrors {
             };
             urls.push(format!("http://{url_addr}/data.bin"));
         }
-        Ok(Mirrors { servers, urls, _relays: relays })
+        Ok(Mirrors { urls, _servers: servers, _relays: relays })
     }
 
     /// aria2c fetches the file from every mirror at once into `out`,
@@ -417,7 +418,6 @@ impl Mirrors {
         if !status.success() {
             return Err(format!("aria2c failed: {status}"));
         }
-        let _ = self.servers.len();
         Ok(secs)
     }
 }
@@ -474,7 +474,7 @@ fn one(
     let client = |kind: Kind, paths: Option<&mut Paths>| {
         let listen = free_addr()?;
         let its = match paths {
-            Some(p) => p.behind(&dir, &info, &listen)?,
+            Some(p) => p.behind(&dir, &info, &taddr, &listen)?,
             None => info.clone(),
         };
         let mut a = vec![listen, its.display().to_string()];

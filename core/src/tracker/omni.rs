@@ -157,6 +157,13 @@ pub struct LogImage {
     retired: Retired,
 }
 
+/// The live state offered to a snapshot, and whether omnipaxos's read of the
+/// entries it stands for was answered by it (then it is the snapshot).
+enum Live {
+    Offered(MetaState),
+    Read(MetaState),
+}
+
 /// The log entries a compaction trimmed and the snapshot it replaced: what
 /// only the old log image held. Freeing a snapshot's worth of them takes
 /// a while, so they go with the next [`LogImage`] and are freed where it is
@@ -235,10 +242,8 @@ struct Inner {
     /// Largest record of an image ([`IMAGE_PART`]; tests make it small).
     image_part: usize,
     /// While this node snapshots its log: the state machine, every decided
-    /// entry applied, to stand for them (see [`OmniReplicator::take_snapshot`]),
-    /// and whether omnipaxos's read of those entries was answered by it.
-    live: Option<MetaState>,
-    live_used: bool,
+    /// entry applied, to stand for them (see [`OmniReplicator::take_snapshot`]).
+    live: Option<Live>,
     /// What compaction replaced, freed with the next image (see [`Retired`]).
     retired: Retired,
 }
@@ -251,7 +256,6 @@ impl Default for Inner {
             rewrite: false,
             image_part: IMAGE_PART,
             live: None,
-            live_used: false,
             retired: Retired::default(),
         }
     }
@@ -470,11 +474,14 @@ impl Storage<Entry> for DurableStorage {
     }
     fn get_entries(&self, from: usize, to: usize) -> StorageResult<Vec<Entry>> {
         let mut inner = self.inner.borrow_mut();
-        // Taking a snapshot: the live state stands for the decided entries
-        // up to `to` (omnipaxos then merges nothing into it).
-        let covers = inner.live.as_ref().is_some_and(|l| l.applied() as usize == to);
+        // Taking a snapshot: a live state that has applied exactly the
+        // decided entries up to `to` stands for them (omnipaxos then merges
+        // nothing into it); one that lags or leads does not.
+        let covers = matches!(&inner.live, Some(Live::Offered(l)) if l.applied() as usize == to);
         if covers && from == inner.s.compacted_idx as usize && to <= inner.s.decided_idx as usize {
-            inner.live_used = true;
+            if let Some(Live::Offered(l)) = inner.live.take() {
+                inner.live = Some(Live::Read(l));
+            }
             return Ok(Vec::new());
         }
         Ok(inner.slice(from, to))
@@ -513,9 +520,8 @@ impl Storage<Entry> for DurableStorage {
     }
     fn get_snapshot(&self) -> StorageResult<Option<MetaSnapshot>> {
         let mut inner = self.inner.borrow_mut();
-        if inner.live_used {
-            inner.live_used = false;
-            if let Some(state) = inner.live.take() {
+        if matches!(inner.live, Some(Live::Read(_))) {
+            if let Some(Live::Read(state)) = inner.live.take() {
                 return Ok(Some(MetaSnapshot { state: Some(state), entries: Vec::new() }));
             }
         }
@@ -663,25 +669,16 @@ impl Replicator for OmniReplicator {
             && self.snapshot_tried != decided
     }
 
-    /// The snapshot is `live` itself, a copy of the state the node applied,
-    /// when it stands for exactly the decided log: no entry is read back,
-    /// copied or applied again. Else omnipaxos builds it from the previous
-    /// snapshot and the entries since.
+    /// The snapshot is `live` itself, a copy of the state the node applied
+    /// (O(1): persistent maps), when it stands for exactly the decided log:
+    /// no entry is read back, copied or applied again. Else omnipaxos builds
+    /// it from the previous snapshot and the entries since.
     fn take_snapshot(&mut self, live: &MetaState) {
-        let decided = self.op.get_decided_idx();
-        self.snapshot_tried = decided;
-        let offered = live.applied() as usize == decided;
-        if offered {
-            self.journal.inner.borrow_mut().live = Some(live.clone());
-        }
+        self.snapshot_tried = self.op.get_decided_idx();
+        self.journal.inner.borrow_mut().live = Some(Live::Offered(live.clone()));
         let r = self.op.snapshot(None, true);
-        let from_live = {
-            let mut inner = self.journal.inner.borrow_mut();
-            let used = offered && inner.live.is_none();
-            inner.live = None;
-            inner.live_used = false;
-            used
-        };
+        // Taken by `get_snapshot` if it became the snapshot.
+        let from_live = self.journal.inner.borrow_mut().live.take().is_none();
         match r {
             Err(e) => tracing::warn!(?e, "snapshot failed"),
             Ok(()) => tracing::info!(compacted = self.op.get_compacted_idx(), from_live, "log snapshotted and trimmed"),
