@@ -65,6 +65,11 @@ pub struct DownloadConfig {
     /// here): no key is proved, so none is checked, and only peers that
     /// serve in plaintext are reached.
     pub plaintext_peers: bool,
+    /// Good chunks that arrived ahead of the whole-file hash kept in memory
+    /// for it ([`crate::client::verify::MAX_HELD_CHUNKS`], 32 MiB): the rest
+    /// are read back and checked again when the hash reaches them. A
+    /// simulation of a thousand clients in one process sets it low.
+    pub hold_chunks: usize,
 }
 
 impl Default for DownloadConfig {
@@ -79,6 +84,7 @@ impl Default for DownloadConfig {
             rarest_window: 4,
             give_up_after: Millis::from_secs(60),
             plaintext_peers: false,
+            hold_chunks: crate::client::verify::MAX_HELD_CHUNKS,
         }
     }
 }

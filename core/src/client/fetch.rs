@@ -327,7 +327,7 @@ impl ClientEngine {
         let key = (e.group.clone(), e.name.clone());
         let shared = Shared::new(opened.paths.part, e.digest.size, e.digest.sha1, Bitmap::new(n));
         self.shares.insert(key, shared);
-        let verify = Box::new(Verifier::new(&e.digest, &claimed));
+        let verify = Box::new(Verifier::new(&e.digest, &claimed).with_max_held(self.cfg.download.hold_chunks));
         e.state = DlState::Checking { sharers, grant, verify };
         self.drain_verifier(id, now);
     }

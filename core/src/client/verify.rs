@@ -75,6 +75,7 @@ pub const MAX_JOBS: usize = 2;
 /// chunks pass [`MAX_HELD_CHUNKS`] behind a late chunk and every one evicted
 /// costs a read and a second check (folds that always waited for checks:
 /// 1,700-1,900 of 2,048 chunks read back in the bench, 1 GiB).
+/// (Three quarters of the places, as [`Verifier::with_max_held`] sets them.)
 pub const CATCH_UP_HELD: usize = MAX_HELD_CHUNKS * 3 / 4;
 /// Most folds one job does: it takes good chunks as far as they reach from
 /// the cursor, up to this many when catching up (or when no more checks will
@@ -292,6 +293,8 @@ pub struct Verifier {
     broken: bool,
     unchecked: VecDeque<Check>,
     held: BTreeMap<u32, Vec<u8>>,
+    /// Most chunks held ([`MAX_HELD_CHUNKS`] unless set).
+    max_held: usize,
     reading: BTreeMap<u32, ReadWhy>,
     /// Claimed chunks not yet read (resume).
     to_recheck: VecDeque<u32>,
@@ -325,6 +328,7 @@ impl Verifier {
             broken: false,
             unchecked: VecDeque::new(),
             held: BTreeMap::new(),
+            max_held: MAX_HELD_CHUNKS,
             reading: BTreeMap::new(),
             phase: if to_recheck.is_empty() { Phase::Running } else { Phase::Recheck },
             to_recheck,
@@ -338,6 +342,14 @@ impl Verifier {
         }
         v.pump_and_finish(digest);
         v
+    }
+
+    /// Holds at most `n` good chunks past the cursor (at least one): less
+    /// memory, more chunks read back and checked again when they arrive far
+    /// out of order.
+    pub fn with_max_held(mut self, n: usize) -> Verifier {
+        self.max_held = n.max(1);
+        self
     }
 
     // ---- getters ----
@@ -558,7 +570,7 @@ impl Verifier {
         if passed || self.held.contains_key(&chunk) {
             return self.give_back(data);
         }
-        if self.held.len() < MAX_HELD_CHUNKS {
+        if self.held.len() < self.max_held {
             self.held.insert(chunk, data);
             self.stats.max_held = self.stats.max_held.max(self.held.len() as u32);
             return;
@@ -629,7 +641,7 @@ impl Verifier {
         if !self.broken {
             let end = self.n.min(self.frontier + MAX_FOLDS_PER_JOB as u32);
             for c in self.frontier..end {
-                let room = self.held.len() + self.reading.len() < MAX_HELD_CHUNKS;
+                let room = self.held.len() + self.reading.len() < self.max_held;
                 if self.reading.len() >= MAX_READS || (c > self.frontier && !room) {
                     break;
                 }
@@ -679,7 +691,7 @@ impl Verifier {
                 // Folds pair with checks (two streams for the price of about
                 // one); alone only to catch up once chunks pile up in memory,
                 // or when no more checks will come to pair with.
-                let catch_up = self.held.len() >= CATCH_UP_HELD || self.no_more_checks(checks.len());
+                let catch_up = self.held.len() >= self.max_held * 3 / 4 || self.no_more_checks(checks.len());
                 let limit = if catch_up { MAX_FOLDS_PER_JOB } else { checks.len() };
                 let mut k = self.frontier;
                 while folds.len() < limit && k < self.n {

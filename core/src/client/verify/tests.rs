@@ -114,16 +114,18 @@ fn damaged(mut b: Vec<u8>) -> Vec<u8> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     /// Whatever the arrival order, the chunks resumed from an earlier run,
-    /// the damaged copies and the order the driver's results come back in:
-    /// every good chunk is written once and reported good once it is, every
-    /// damaged copy is refused and never written, the whole file completes
-    /// with the right content, and the disk queue stays within its bound.
+    /// the damaged copies, the order the driver's results come back in and
+    /// the chunks it may hold: every good chunk is written once and reported
+    /// good once it is, every damaged copy is refused and never written, the
+    /// whole file completes with the right content, the disk queue stays
+    /// within its bound and the chunks held within theirs.
     #[test]
     fn any_arrival_and_completion_order_completes_the_file(
         n in 1u32..40,
         tail in 1usize..=CHUNK_SIZE as usize,
         seed in any::<u64>(),
         flags in proptest::collection::vec(0u8..8, 40),
+        held in prop_oneof![Just(MAX_HELD_CHUNKS), 1usize..8],
     ) {
         let len = (n as usize - 1) * CHUNK_SIZE as usize + tail;
         let data = file_of(len, seed);
@@ -143,7 +145,7 @@ proptest! {
         for &c in &lost {
             claimed.set(c);
         }
-        let mut v = Verifier::new(&d, &claimed);
+        let mut v = Verifier::new(&d, &claimed).with_max_held(held);
         disk.collect(&mut v);
         disk.settle(&mut v, &d, &mut rng);
         prop_assert!(disk.rechecked);
@@ -191,6 +193,7 @@ proptest! {
         writes.dedup();
         prop_assert_eq!(writes.len(), disk.writes.len(), "a chunk is written once");
         prop_assert!(disk.max_ops <= crate::client::disk::MAX_DISK_OPS);
+        prop_assert!(v.stats().max_held as usize <= held, "held {} of at most {held}", v.stats().max_held);
     }
 }
 
