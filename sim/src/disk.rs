@@ -15,15 +15,18 @@
 //! [`TrackerLog`] is a tracker's durable log: records appended since the
 //! last sync are lost in a crash, and lazy ones are never synced on their own.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use shoal_core::chunk::{FileHasher, Sha1Digest, CHUNK_SIZE};
-use shoal_core::client::disk::{resolve, write_in_memory, DiskDone, DiskOp, OpenedPart, PartPaths, PathKind};
+use shoal_core::client::disk::{resolve, DiskDone, DiskOp, OpenedPart, PartPaths, PathKind};
 use shoal_core::client::verify::HashChain;
 use shoal_core::client::DownloadId;
 use shoal_core::rng::Rng;
 use shoal_core::time::Millis;
 use shoal_core::tracker::Persist;
+
+use crate::pieces::{Pool, Stored};
 
 /// How a [`MemDisk`] behaves.
 #[derive(Clone, Copy, Debug)]
@@ -63,7 +66,9 @@ struct Pending {
 pub struct MemDisk {
     cfg: DiskConfig,
     rng: Rng,
-    files: BTreeMap<String, Vec<u8>>,
+    files: BTreeMap<String, Stored>,
+    /// The pieces the files share.
+    pool: Pool,
     dirs: BTreeSet<String>,
     /// Open part files, by host and download.
     open: BTreeMap<(usize, DownloadId), PartPaths>,
@@ -82,6 +87,7 @@ impl MemDisk {
             cfg,
             rng: Rng::from_u64(seed),
             files: BTreeMap::new(),
+            pool: Pool::default(),
             dirs: BTreeSet::new(),
             open: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -100,11 +106,18 @@ impl MemDisk {
     // ---- files ----
 
     /// Puts a file on the disk (and its directories).
-    pub fn write_file(&mut self, path: &str, content: Vec<u8>) {
+    pub fn write_file(&mut self, path: &str, content: &[u8]) {
         if let Some((dir, _)) = path.rsplit_once('/') {
             self.mkdir(dir);
         }
-        self.files.insert(path.to_string(), content);
+        let stored = Stored::new(content, &mut self.pool);
+        self.files.insert(path.to_string(), stored);
+    }
+
+    /// `content` as the disk would store it (its pieces shared with the
+    /// files that hold the same bytes).
+    pub fn store(&mut self, content: &[u8]) -> Stored {
+        Stored::new(content, &mut self.pool)
     }
 
     /// Makes a directory (and its parents).
@@ -116,12 +129,26 @@ impl MemDisk {
         }
     }
 
-    pub fn file(&self, path: &str) -> Option<&[u8]> {
-        self.files.get(path).map(|v| v.as_slice())
+    /// A file's bytes (a copy).
+    pub fn file(&self, path: &str) -> Option<Vec<u8>> {
+        self.files.get(path).map(Stored::to_vec)
     }
 
-    pub fn file_mut(&mut self, path: &str) -> Option<&mut Vec<u8>> {
-        self.files.get_mut(path)
+    /// A file's bytes, as stored.
+    pub fn stored(&self, path: &str) -> Option<&Stored> {
+        self.files.get(path)
+    }
+
+    /// Bytes `range` of a file, if it holds them all.
+    pub fn read(&self, path: &str, range: std::ops::Range<usize>) -> Option<Cow<'_, [u8]>> {
+        self.files.get(path)?.get(range)
+    }
+
+    /// Flips the bits of `mask` in byte `at` of a file (a fault).
+    pub fn damage(&mut self, path: &str, at: usize, mask: u8) {
+        if let Some(f) = self.files.get_mut(path) {
+            f.xor(at, mask);
+        }
     }
 
     pub fn probe(&self, p: &str) -> PathKind {
@@ -196,7 +223,7 @@ impl MemDisk {
                 let at = c as usize * CHUNK_SIZE as usize;
                 let end = (at + CHUNK_SIZE as usize).min(f.len());
                 if at < end {
-                    f[at..end].fill(0);
+                    f.write_at(at, &vec![0; end - at], &mut self.pool);
                 }
             }
             if let Some(r) = self.records.get_mut(&path) {
@@ -224,7 +251,7 @@ impl MemDisk {
         };
         let cut = self.rng.below(bytes.len() as u64 + 1) as usize;
         if let Some(f) = self.files.get_mut(&path) {
-            write_in_memory(f, at, &bytes[..cut]);
+            f.write_at(at, &bytes[..cut], &mut self.pool);
         }
         self.count("torn write");
     }
@@ -248,7 +275,7 @@ impl MemDisk {
         if at >= f.len() {
             return false;
         }
-        f[at] ^= 0x5a;
+        f.xor(at, 0x5a);
         self.records.entry(path).or_default().rotted.insert(c);
         self.count("rotted chunk");
         true
@@ -301,7 +328,7 @@ impl MemDisk {
                 let result = match self.files.get(&path) {
                     Some(d) => {
                         let mut h = FileHasher::new();
-                        h.update(d).and_then(|()| h.finish()).map_err(|e| e.to_string())
+                        d.pieces().try_for_each(|p| h.update(p)).and_then(|()| h.finish()).map_err(|e| e.to_string())
                     }
                     None => Err("No such file or directory".into()),
                 };
@@ -314,8 +341,8 @@ impl MemDisk {
                         self.count("refused for space");
                         return Err(format!("not enough disk space for {} ({size} bytes)", paths.part));
                     }
-                    self.files.entry(paths.part.clone()).or_default().resize(size as usize, 0);
-                    let state = self.files.entry(paths.state.clone()).or_default().clone();
+                    self.files.entry(paths.part.clone()).or_default().resize(size as usize, &mut self.pool);
+                    let state = self.files.entry(paths.state.clone()).or_default().to_vec();
                     if !fresh {
                         self.count("resume");
                     }
@@ -336,8 +363,9 @@ impl MemDisk {
                     _ if fault => Err("Input/output error".to_string()),
                     Some(f) if f.len() >= at(chunk) + buf.len() => {
                         let len = buf.len();
-                        buf.copy_from_slice(&f[at(chunk)..at(chunk) + len]);
-                        Ok(())
+                        f.get(at(chunk)..at(chunk) + len)
+                            .map(|b| buf.copy_from_slice(&b))
+                            .ok_or_else(|| "short read".to_string())
                     }
                     _ => Err("short read".to_string()),
                 };
@@ -356,7 +384,7 @@ impl MemDisk {
                 let result = match part.as_ref().and_then(|p| self.files.get_mut(p)) {
                     // The part file's blocks were reserved when it opened.
                     Some(f) if f.len() >= at(chunk) + data.len() => {
-                        f[at(chunk)..at(chunk) + data.len()].copy_from_slice(&data);
+                        f.write_at(at(chunk), &data, &mut self.pool);
                         Ok(())
                     }
                     Some(_) => Err("write past the end of the part file".to_string()),
@@ -374,7 +402,7 @@ impl MemDisk {
                 let result = match state.as_ref().and_then(|p| self.files.get_mut(p)) {
                     Some(_) if full => Err("No space left on device".to_string()),
                     Some(f) => {
-                        write_in_memory(f, offset as usize, &bytes);
+                        f.write_at(offset as usize, &bytes, &mut self.pool);
                         Ok(())
                     }
                     None => Err("the state file is not open".to_string()),

@@ -218,6 +218,7 @@ impl World {
         }
         self.disk.crash(c);
         self.clients[c].up = false;
+        self.refresh_timer(c);
         self.forged_dials.retain(|(x, _)| *x != c);
         self.impostor_serves.retain(|(x, _)| *x != c);
         self.link_user.retain(|(x, _), _| *x != c);
@@ -255,6 +256,7 @@ impl World {
         self.clients[c].engine = ClientEngine::new(cfg, Rng::from_u64(self.rng.next_u64()));
         self.clients[c].results.clear();
         self.clients[c].up = true;
+        self.refresh_timer(c);
     }
 
     pub fn client_up(&self, c: usize) -> bool {
@@ -286,10 +288,9 @@ impl World {
     /// Damages a file on the simulated disk (a sharer whose copy rotted).
     pub fn corrupt_file(&mut self, path: &str) {
         *self.faults.entry("corrupt file").or_default() += 1;
-        if let Some(data) = self.disk.file_mut(path) {
-            for i in (0..data.len()).step_by(CHUNK_SIZE as usize) {
-                data[i] ^= 0xff;
-            }
+        let len = self.disk.stored(path).map_or(0, |f| f.len());
+        for i in (0..len).step_by(CHUNK_SIZE as usize) {
+            self.disk.damage(path, i, 0xff);
         }
     }
     /// Client `c`'s disk fills up (or has room again).

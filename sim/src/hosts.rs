@@ -120,6 +120,8 @@ pub(crate) struct SimClient {
     pub(crate) link: crate::Bandwidth,
     pub(crate) up_free_us: u64,
     pub(crate) down_free_us: u64,
+    /// Its next timer as filed in the world (global time).
+    pub(crate) timer: Option<Millis>,
 }
 
 /// A tracker's own link to another tracker, as its node dialled it (a

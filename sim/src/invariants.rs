@@ -27,7 +27,11 @@ impl World {
         let d = self.clients[c].engine.download_digest(id)?;
         let src = self.sources.get(&d.sha1)?;
         let at = chunk as usize * CHUNK_SIZE as usize;
-        src.get(at..at + chunk_len(d.size, chunk as u64) as usize)
+        // Within one piece: borrowed, never copied.
+        match src.get(at..at + chunk_len(d.size, chunk as u64) as usize)? {
+            std::borrow::Cow::Borrowed(b) => Some(b),
+            std::borrow::Cow::Owned(_) => None,
+        }
     }
 
     /// Before a disk operation runs: nothing unverified is written, and a
@@ -59,13 +63,13 @@ impl World {
         }
         let Some(d) = self.clients[c].engine.download_digest(*id) else { return };
         let Ok((claimed, _)) = sidecar::latest(&opened.state, d) else { return };
-        let Some(part) = self.disk.file(&opened.paths.part) else { return };
+        let Some(part) = self.disk.stored(&opened.paths.part) else { return };
         let keep: BTreeSet<u32> = claimed
             .iter_set()
             .filter(|&ch| {
                 let at = ch as usize * CHUNK_SIZE as usize;
                 let want = self.expected(c, *id, ch);
-                want.is_some_and(|w| part.get(at..at + w.len()) == Some(w))
+                want.is_some_and(|w| part.holds(at, w))
             })
             .collect();
         self.resume_keep.insert((c, *id), keep);
@@ -78,10 +82,10 @@ impl World {
         let chunk = (offset / CHUNK_SIZE) as u32;
         let Some(want) = self.expected(c, id, chunk) else { return };
         let at = chunk as usize * CHUNK_SIZE as usize;
-        let stored = self.disk.file(path).and_then(|f| f.get(at..at + want.len()));
+        let holds = self.disk.stored(path).is_some_and(|f| f.holds(at, want));
         let rotted = self.disk.record(path).is_some_and(|r| r.rotted.contains(&chunk));
         assert!(
-            stored == Some(want) || rotted,
+            holds || rotted,
             "c{c} served chunk {chunk} of {path} ({len} bytes at {offset}) before it held the file's bytes"
         );
         self.part_serves += 1;

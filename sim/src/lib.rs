@@ -17,6 +17,7 @@
 //! - [`net`]: connections, latency, order, and delivery;
 //! - [`disk`]: the simulated disks ([`disk::MemDisk`] for clients,
 //!   [`disk::TrackerLog`] for trackers), shared with the turmoil adapter;
+//!   [`pieces`]: their files, in pieces shared between files of the same bytes;
 //! - [`faults`]: what the world injects: tracker crash and restart (the
 //!   durable log kept, memory lost), crashes in the middle of a step, wiped
 //!   data dirs, client crashes (part files kept, writes in flight torn),
@@ -36,6 +37,7 @@ pub mod faults;
 pub mod hosts;
 pub mod invariants;
 pub mod net;
+pub mod pieces;
 pub mod turmoil_host;
 pub mod world;
 
@@ -93,7 +95,7 @@ pub fn one_seeder(w: &mut World, leechers: usize, content: &[u8]) {
     for c in 1..=leechers {
         w.mkdir(&format!("/home/dl{c}"));
     }
-    w.write_file("/home/u0/data.bin", content.to_vec());
+    w.write_file("/home/u0/data.bin", content);
     ok(w, 0, "upload_file /home/u0/data.bin g");
 }
 

@@ -256,7 +256,7 @@ impl World {
                 }
                 self.record(format!("{} c{client} connected t{tracker} {}", self.now.0, conn.0));
                 self.conns.get_mut(&conn).expect("live").accepted = true;
-                let remote = SocketAddr::from(([10, 0, 1, client as u8], 40000));
+                let remote = SocketAddr::new(crate::world::client_ip(client), 40000);
                 let now = self.tracker_now(tracker);
                 let node = self.trackers[tracker].node.as_mut().expect("up");
                 node.handle_connected(conn, remote, now);

@@ -358,7 +358,7 @@ impl ClientDriver {
         let cfg = DiskConfig { min_latency: Millis(0), max_latency: Millis(2), stall_one_in: 0, read_fault_one_in: 0 };
         let mut disk = MemDisk::new(cfg, seed);
         for (path, content) in files {
-            disk.write_file(&path, content);
+            disk.write_file(&path, &content);
         }
         disk.mkdir("/dl");
         Ok(ClientDriver {
@@ -484,9 +484,9 @@ impl ClientDriver {
                 }
                 ClientOutput::SendBlock { conn, path, offset, mut header, len } => {
                     let range = offset as usize..offset as usize + len as usize;
-                    let r = match self.disk.file(&path) {
-                        Some(d) if range.end <= d.len() => {
-                            header.extend_from_slice(&d[range]);
+                    let r = match self.disk.read(&path, range) {
+                        Some(d) => {
+                            header.extend_from_slice(&d);
                             if let Some(w) = self.peers.get(&conn) {
                                 let _ = w.send(Some(header));
                             }

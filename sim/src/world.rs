@@ -59,6 +59,13 @@ pub struct Bandwidth {
     pub down: u64,
 }
 
+/// Client `i`'s address: 10.0.1.0 to 10.0.1.255 for the first 256, then
+/// on through 10.0.2.0 and up (the trackers are at 10.0.0.1 and up).
+pub(crate) fn client_ip(i: usize) -> std::net::IpAddr {
+    let n = i + 256;
+    std::net::Ipv4Addr::new(10, (n >> 16) as u8, (n >> 8) as u8, n as u8).into()
+}
+
 /// A client's upload limit: the world's, else its uplink's if so asked.
 pub(crate) fn upload_cap(max: Option<u64>, at_uplink: bool, link: Bandwidth) -> Option<u64> {
     max.or((at_uplink && link.up > 0).then_some(link.up))
@@ -91,7 +98,7 @@ pub struct World {
     pub(crate) disk: MemDisk,
     /// Every file put on the disk, by its whole-file SHA1: what downloads of
     /// it must write and serve.
-    pub(crate) sources: BTreeMap<Sha1Digest, Vec<u8>>,
+    pub(crate) sources: BTreeMap<Sha1Digest, crate::pieces::Stored>,
     /// For a resumed download: the chunks its sidecar claimed intact, which
     /// it must not fetch again.
     pub(crate) resume_keep: BTreeMap<(usize, DownloadId), BTreeSet<u32>>,
@@ -151,6 +158,11 @@ pub struct World {
     pub(crate) max_upload_rate: Option<u64>,
     pub(crate) cap_at_uplink: bool,
     pub(crate) download: Option<shoal_core::client::download::DownloadConfig>,
+    /// Each running client's next timer (global time), by when it fires:
+    /// kept as each client's engine changes, so that finding the next timer
+    /// does not ask every client (a step then costs the same in a crowd of
+    /// a thousand as of two).
+    pub(crate) client_timers: BTreeSet<(Millis, usize)>,
 }
 
 /// A disk result, for the trace.
@@ -214,7 +226,7 @@ impl World {
             .collect();
         let clients = (0..wc.clients)
             .map(|i| {
-                let listen = SocketAddr::from(([10, 0, 1, i as u8], 9000));
+                let listen = SocketAddr::new(client_ip(i), 9000);
                 let mut cfg = ClientConfig::new(listen, tracker_addrs.clone());
                 let link = wc.bandwidth.map(|f| f(i)).unwrap_or_default();
                 cfg.max_upload_rate = upload_cap(wc.max_upload_rate, wc.cap_at_uplink, link);
@@ -234,6 +246,7 @@ impl World {
                     link,
                     up_free_us: 0,
                     down_free_us: 0,
+                    timer: None,
                 }
             })
             .collect();
@@ -282,7 +295,11 @@ impl World {
             max_upload_rate: wc.max_upload_rate,
             cap_at_uplink: wc.cap_at_uplink,
             download: wc.download,
+            client_timers: BTreeSet::new(),
         };
+        for c in 0..wc.clients {
+            w.refresh_timer(c);
+        }
         for t in 0..wc.trackers {
             w.start_tracker(t);
         }
@@ -351,17 +368,35 @@ impl World {
         Sha1Digest(self.trace.clone().finalize().into()).to_hex()
     }
 
+    /// Bytes in flight on the network (queued events).
+    pub fn bytes_in_flight(&self) -> usize {
+        self.events
+            .values()
+            .map(|e| match e {
+                Event::PeerBytes { bytes, .. }
+                | Event::ToTracker { bytes, .. }
+                | Event::ToClient { bytes, .. }
+                | Event::LinkBytes { bytes, .. }
+                | Event::LinkBack { bytes, .. } => bytes.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     pub fn steps(&self) -> u64 {
         self.steps
     }
 
     /// Puts a file on the simulated disk (and remembers its content, to
     /// check what downloads of it write and serve).
-    pub fn write_file(&mut self, path: &str, content: Vec<u8>) {
+    pub fn write_file(&mut self, path: &str, content: &[u8]) {
         let mut h = FileHasher::new();
-        if h.update(&content).is_ok() {
+        if h.update(content).is_ok() {
             if let Ok(d) = h.finish() {
-                self.sources.entry(d.sha1).or_insert_with(|| content.clone());
+                if !self.sources.contains_key(&d.sha1) {
+                    let stored = self.disk.store(content);
+                    self.sources.insert(d.sha1, stored);
+                }
             }
         }
         self.disk.write_file(path, content);
@@ -448,9 +483,23 @@ impl World {
             .trackers
             .iter()
             .filter_map(|t| t.node.as_ref().and_then(|n| n.poll_timeout()).map(|d| t.clock.global(d)));
-        let clients =
-            self.clients.iter().filter(|c| c.up).filter_map(|c| c.engine.poll_timeout().map(|d| c.clock.global(d)));
-        trackers.chain(clients).min()
+        trackers.chain(self.client_timers.first().map(|(at, _)| *at)).min()
+    }
+
+    /// Files client `c`'s next timer where [`World::next_timer`] finds it:
+    /// called whenever its engine may have changed (after every drain, a
+    /// crash or a restart).
+    pub(crate) fn refresh_timer(&mut self, c: usize) {
+        let cl = &mut self.clients[c];
+        if let Some(old) = cl.timer.take() {
+            self.client_timers.remove(&(old, c));
+        }
+        if cl.up {
+            cl.timer = cl.engine.poll_timeout().map(|d| cl.clock.global(d));
+            if let Some(at) = cl.timer {
+                self.client_timers.insert((at, c));
+            }
+        }
     }
 
     /// Processes the next event or timer due no later than `until`; false if none.
@@ -477,7 +526,11 @@ impl World {
             for t in 0..self.trackers.len() {
                 self.tracker_timers(t);
             }
-            for c in 0..self.clients.len() {
+            // In client order, as every due one fires in the same step.
+            let mut due: Vec<usize> =
+                self.client_timers.iter().take_while(|(at, _)| *at <= self.now).map(|(_, c)| *c).collect();
+            due.sort_unstable();
+            for c in due {
                 if !self.clients[c].up {
                     continue;
                 }
@@ -694,12 +747,12 @@ impl World {
                     self.check_serve(c, &path, offset, len);
                     self.check_receiver(c, conn);
                     let range = offset as usize..offset as usize + len as usize;
-                    let result = match self.disk.file(&path) {
-                        Some(data) if range.end <= data.len() => {
-                            header.extend_from_slice(&data[range]);
+                    let result = match self.disk.read(&path, range) {
+                        Some(data) => {
+                            header.extend_from_slice(&data);
                             Ok(())
                         }
-                        _ => Err(format!("{path}: cannot read")),
+                        None => Err(format!("{path}: cannot read")),
                     };
                     if result.is_ok() {
                         self.peer_send(c, conn, header);
@@ -713,11 +766,17 @@ impl World {
                 }
             }
         }
+        self.refresh_timer(c);
     }
 
-    /// A file on the simulated disk, if it is there.
-    pub fn file(&self, path: &str) -> Option<&[u8]> {
+    /// A file on the simulated disk (a copy of its bytes), if it is there.
+    pub fn file(&self, path: &str) -> Option<Vec<u8>> {
         self.disk.file(path)
+    }
+
+    /// Whether a file is on the simulated disk.
+    pub fn has_file(&self, path: &str) -> bool {
+        self.disk.stored(path).is_some()
     }
 
     /// The simulated disk, for its fault counts.

@@ -365,7 +365,7 @@ impl Runner {
         loop {
             let lines = self.must(c, "show_downloads").expect("show_downloads");
             let line = lines.into_iter().rfind(|l| l.contains("seed f0.bin")).unwrap_or_default();
-            if line.starts_with("[C]") && self.w.file(dest).is_some() {
+            if line.starts_with("[C]") && self.w.has_file(dest) {
                 return;
             }
             assert!(!line.starts_with("[F]"), "c{c}: the download into {dest} failed: {line}");
@@ -455,7 +455,7 @@ fn chaos(seed: u64) -> (World, (Millis, Millis, bool)) {
         let mut content = vec![0u8; size];
         r.rng.fill(&mut content);
         let path = format!("/home/c{c}/f{c}.bin");
-        r.w.write_file(&path, content.clone());
+        r.w.write_file(&path, &content);
         r.contents.insert(format!("f{c}.bin"), content);
     }
 
@@ -618,8 +618,8 @@ fn chaos(seed: u64) -> (World, (Millis, Millis, bool)) {
             Err(e) if e.contains("already exists") || e.contains("not a member") => {}
             Err(e) => panic!("c{c}: `{line}` failed on a healed cluster: {e}"),
         }
-        if r.w.file(&dest).is_some() {
-            assert!(r.w.file(&dest) == Some(&r.contents["f0.bin"][..]), "c{c}'s resumed download differs");
+        if r.w.has_file(&dest) {
+            assert!(r.w.file(&dest).as_deref() == Some(&r.contents["f0.bin"][..]), "c{c}'s resumed download differs");
         }
     }
 
@@ -643,7 +643,10 @@ fn chaos(seed: u64) -> (World, (Millis, Millis, bool)) {
     }
     assert!(got.is_ok(), "the final download did not start: {got:?}");
     r.wait_download(d, "/dl/final/f0.bin");
-    assert!(r.w.file("/dl/final/f0.bin") == Some(&r.contents["f0.bin"][..]), "the download differs from the source");
+    assert!(
+        r.w.file("/dl/final/f0.bin").as_deref() == Some(&r.contents["f0.bin"][..]),
+        "the download differs from the source"
+    );
     (r.w, r.rejoin)
 }
 

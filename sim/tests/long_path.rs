@@ -42,7 +42,7 @@ fn download(seed: u64, download: Option<DownloadConfig>) -> f64 {
     Rng::from_u64(seed).fill(&mut content);
     one_group(&mut w, SHARERS + 1);
     for c in 0..SHARERS {
-        w.write_file(&format!("/home/u{c}/data.bin"), content.clone());
+        w.write_file(&format!("/home/u{c}/data.bin"), &content);
         ok(&mut w, c, &format!("upload_file /home/u{c}/data.bin g"));
     }
     let d = SHARERS;
@@ -67,7 +67,7 @@ fn download(seed: u64, download: Option<DownloadConfig>) -> f64 {
         assert!(w.now().since(start) < Millis::from_secs(120), "no end: {line}");
         w.run_for(Millis(5));
     }
-    assert!(w.file("/home/dl/data.bin") == Some(&content[..]), "the copy differs from the sharers' file");
+    assert!(w.file("/home/dl/data.bin").as_deref() == Some(&content[..]), "the copy differs from the sharers' file");
     let (at, verified) = first.expect("a chunk was verified before the end");
     let last = last.unwrap_or(w.now());
     (size as u64 - verified) as f64 * 1000.0 / last.since(at).0.max(1) as f64

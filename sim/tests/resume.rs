@@ -39,7 +39,7 @@ fn resume(seed: u64) -> (World, u64) {
     one_group(&mut w, 4);
     for c in 0..2 {
         let path = format!("/home/u{c}/f.bin");
-        w.write_file(&path, content.clone());
+        w.write_file(&path, &content);
         ok(&mut w, c, &format!("upload_file {path} g"));
     }
     w.mkdir("/dl2");
@@ -56,7 +56,7 @@ fn resume(seed: u64) -> (World, u64) {
             Some(Err(e)) if e.to_string().contains("already") || e.to_string().contains("disk") => {}
             other => panic!("seed {seed} round {round}: download_file: {other:?}"),
         }
-        if w.file("/dl2/f.bin").is_some() {
+        if w.has_file("/dl2/f.bin") {
             break;
         }
         if !second_started && round == 2 {
@@ -87,7 +87,7 @@ fn resume(seed: u64) -> (World, u64) {
     let start = w.now();
     for (c, dir) in [(d, "/dl2"), (d3, "/dl3")] {
         let path = format!("{dir}/f.bin");
-        while w.file(&path).is_none() {
+        while !w.has_file(&path) {
             let failed: Vec<String> = w.download_stats(c).into_iter().filter_map(|s| s.failed).collect();
             assert!(failed.iter().all(|f| !f.contains("whole-file")), "seed {seed}: c{c}: {failed:?}");
             if failed.len() == w.download_stats(c).len() && !failed.is_empty() {
@@ -97,7 +97,7 @@ fn resume(seed: u64) -> (World, u64) {
             assert!(w.now().since(start) < Millis::from_secs(300), "seed {seed}: c{c} never completed");
             w.run_for(Millis(200));
         }
-        assert!(w.file(&path) == Some(&content[..]), "seed {seed}: {path} differs from the source");
+        assert!(w.file(&path).as_deref() == Some(&content[..]), "seed {seed}: {path} differs from the source");
     }
     (w, resumed)
 }

@@ -18,8 +18,8 @@ fn session(seed: u64) -> World {
     let mut w = World::new(seed, 2, net);
     let content: Vec<u8> = (0..(2 * CHUNK_SIZE + 17)).map(|i| (i % 251) as u8).collect();
     let sha = Sha1Digest::of(&content).to_hex();
-    w.write_file("/home/a/movie.mkv", content.clone());
-    w.write_file("/home/b/movie.mkv", content);
+    w.write_file("/home/a/movie.mkv", &content);
+    w.write_file("/home/b/movie.mkv", &content);
 
     assert_eq!(err(&mut w, 0, "list_groups"), "not logged in");
     ok(&mut w, 0, "create_user alice pw");

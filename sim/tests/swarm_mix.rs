@@ -106,7 +106,7 @@ fn run(s: &mut Swarm, starts: &[(usize, Millis)], leave: bool, bound: Millis) ->
         w.run_for(Millis(5));
     }
     for &(c, _) in starts {
-        assert!(w.file(&format!("/home/dl{c}/data.bin")) == Some(&s.content[..]), "c{c}'s copy differs");
+        assert!(w.file(&format!("/home/dl{c}/data.bin")).as_deref() == Some(&s.content[..]), "c{c}'s copy differs");
     }
     done.into_iter().flatten().collect()
 }

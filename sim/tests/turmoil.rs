@@ -105,7 +105,7 @@ fn swarm(seed: u64, kill_sharer: bool, min_ms: u64, max_ms: u64) -> Shared {
             }
         }
         let supplied = c.wait_download("data.bin").await;
-        assert!(c.disk.file("/dl/data.bin") == Some(&f[..]), "the download differs from the source");
+        assert!(c.disk.file("/dl/data.bin").as_deref() == Some(&f[..]), "the download differs from the source");
         let sources = supplied.iter().filter(|(_, b)| *b > 0).count();
         let total: u64 = supplied.iter().map(|(_, b)| b).sum();
         let from_s1 = supplied.iter().find(|(a, _)| *a == s1).map_or(0, |(_, b)| *b);
