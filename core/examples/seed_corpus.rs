@@ -117,6 +117,8 @@ fn main() {
         PeerMessage::Cancel { chunk: 0, offset: 0, len: 65536 },
         PeerMessage::Block { chunk: 0, offset: 0, load: Load { uploads: 1, queued: 2 }, data: vec![0; 100] },
         PeerMessage::Refused { reason: "access denied".into() },
+        PeerMessage::OffersOnly,
+        PeerMessage::HaveAll,
     ];
     let mut peer_stream = Vec::new();
     for (i, m) in peer_msgs.iter().enumerate() {

@@ -47,6 +47,10 @@ pub struct WorldConfig {
     pub bandwidth: Option<fn(usize) -> Bandwidth>,
 }
 
+/// A block a watched client sent: when, to which client, at what offset
+/// of the file, how long.
+pub type ServedBlock = (Millis, usize, u64, u32);
+
 /// A host's link for peer traffic, bytes per second each way. What a client
 /// sends to peers leaves one message after another at `up` (one queue for
 /// all its connections, like the uplink of a host); what it receives comes
@@ -134,6 +138,9 @@ pub struct World {
     /// (each checked against the source).
     pub chunks_written: u64,
     pub part_serves: u64,
+    /// The blocks client `watch.0` sent, as (when, whom, offset, length),
+    /// if a test asked (see [`World::watch_serves`]).
+    pub watched_serves: Option<(usize, Vec<ServedBlock>)>,
     /// Blocks served whose receiver was checked to be a member.
     pub member_serves: u64,
     /// Hash of the entry applied at each log index, by whichever tracker applied it first.
@@ -279,6 +286,7 @@ impl World {
             last_want: None,
             chunks_written: 0,
             part_serves: 0,
+            watched_serves: None,
             member_serves: 0,
             canon: Vec::new(),
             snapshot_every: wc.snapshot_every,
@@ -381,6 +389,11 @@ impl World {
                 _ => 0,
             })
             .sum()
+    }
+
+    /// From now on, records every block client `c` sends ([`World::watched_serves`]).
+    pub fn watch_serves(&mut self, c: usize) {
+        self.watched_serves = Some((c, Vec::new()));
     }
 
     pub fn steps(&self) -> u64 {
@@ -745,6 +758,10 @@ impl World {
                 }
                 ClientOutput::SendBlock { conn, path, offset, mut header, len } => {
                     self.check_serve(c, &path, offset, len);
+                    if let Some((w, log)) = self.watched_serves.as_mut().filter(|(w, _)| *w == c) {
+                        let to = self.peer_links.get(&(*w, conn)).map_or(usize::MAX, |((to, _), _)| *to);
+                        log.push((self.now, to, offset, len));
+                    }
                     self.check_receiver(c, conn);
                     let range = offset as usize..offset as usize + len as usize;
                     let result = match self.disk.read(&path, range) {

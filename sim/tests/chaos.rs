@@ -564,33 +564,27 @@ fn chaos(seed: u64) -> (World, (Millis, Millis, bool)) {
     // A write through the healed cluster, so every tracker learns everything
     // (counted as acknowledged only if it was answered with success).
     let _ = r.must(0, "create_group after");
+    // Every tracker applies the whole log and holds every chunk-list range
+    // it names, durably (a wiped one fetched them from the others), in
+    // bounded time; both at once, as a client finishing a download meanwhile
+    // (now a sharer) writes again.
     let start = r.w.now();
     loop {
         let n = r.w.log_len();
         let metas = r.w.metas();
         let all_caught_up = (0..r.w.tracker_count()).all(|t| r.w.applied(t) == n);
-        if all_caught_up && metas.windows(2).all(|p| p[0].1 == p[1].1) {
-            break;
-        }
-        let lag: Vec<(usize, u64)> = (0..r.w.tracker_count()).map(|t| (t, r.w.applied(t))).collect();
-        assert!(r.w.now().since(start) < Millis::from_secs(60), "trackers did not converge: log {n}, applied {lag:?}");
-        r.w.run_for(Millis(100));
-    }
-    // Every tracker holds every chunk-list range the log names, durably: a
-    // wiped one fetched them from the others, in bounded time.
-    let start = r.w.now();
-    loop {
         let named: Vec<_> = r.w.canon_state().stored_ranges().copied().collect();
         let missing: Vec<(usize, usize)> = (0..r.w.tracker_count())
             .map(|t| (t, named.iter().filter(|h| !r.w.holds_range(t, h)).count()))
             .filter(|(_, n)| *n > 0)
             .collect();
-        if missing.is_empty() {
+        if all_caught_up && metas.windows(2).all(|p| p[0].1 == p[1].1) && missing.is_empty() {
             break;
         }
+        let lag: Vec<(usize, u64)> = (0..r.w.tracker_count()).map(|t| (t, r.w.applied(t))).collect();
         assert!(
-            r.w.now().since(start) < Millis::from_secs(30),
-            "chunk-list ranges missing (tracker, count): {missing:?}"
+            r.w.now().since(start) < Millis::from_secs(60),
+            "trackers did not converge: log {n}, applied {lag:?}, chunk-list ranges missing (tracker, count) {missing:?}"
         );
         r.w.run_for(Millis(100));
     }

@@ -71,6 +71,9 @@ fn crowd(seed: u64, leechers: usize) -> Crowd {
     one_seeder(&mut w, leechers, &content);
     // All at once: every command typed before any runs.
     let start = w.now();
+    if std::env::var("SIM_CROWD_DEBUG").is_ok() {
+        w.watch_serves(0);
+    }
     let tickets: Vec<_> =
         (1..=leechers).map(|c| (c, w.command(c, &format!("download_file g data.bin /home/dl{c}/")))).collect();
     for (c, t) in tickets {
@@ -138,6 +141,30 @@ fn crowd(seed: u64, leechers: usize) -> Crowd {
         for c in 1..=leechers {
             eprintln!("c{c}: {:?} {:?}", ok(&mut w, c, "show_downloads -v"), ok(&mut w, c, "show_uploads"));
         }
+    }
+    if std::env::var("SIM_CROWD_DEBUG").is_ok() {
+        // The seeder's sends per chunk: how many copies, and when the first
+        // one was complete.
+        let log = w.watched_serves.take().map(|(_, l)| l).unwrap_or_default();
+        let mut per: std::collections::BTreeMap<u64, (u64, Millis, Millis)> = Default::default();
+        for (at, _, off, len) in &log {
+            let e = per.entry(off / CHUNK_SIZE).or_insert((0, *at, *at));
+            e.0 += *len as u64;
+            e.2 = *at;
+        }
+        let copies: Vec<String> = per
+            .iter()
+            .map(|(c, (b, first, last))| {
+                format!("{c}:{:.1}@{}-{}", *b as f64 / CHUNK_SIZE as f64, first.since(start).0, last.since(start).0)
+            })
+            .collect();
+        eprintln!("seeder sends per chunk (copies@first-last ms): {}", copies.join(" "));
+        let mut to: std::collections::BTreeMap<u64, std::collections::BTreeMap<usize, u64>> = Default::default();
+        for (_, c, off, len) in &log {
+            *to.entry(off / CHUNK_SIZE).or_default().entry(*c).or_default() += *len as u64;
+        }
+        let dups: Vec<String> = to.iter().filter(|(_, m)| m.len() > 1).map(|(ch, m)| format!("{ch}->{m:?}")).collect();
+        eprintln!("chunks sent to more than one: {}", dups.join(" "));
     }
     let served = ok(&mut w, 0, "show_uploads");
     let total: u64 = served.last().and_then(|l| l.strip_suffix(" bytes served in all")?.parse().ok()).unwrap();

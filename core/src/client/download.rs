@@ -483,6 +483,23 @@ impl Download {
                     }
                 }
             }
+            // A sharer's map replaced: by its offers from now on, or by all.
+            PeerMessage::OffersOnly | PeerMessage::HaveAll => {
+                let offers = matches!(msg, PeerMessage::OffersOnly);
+                let map = if offers { Bitmap::new(n) } else { Bitmap::full(n) };
+                let p = self.peers.get_mut(&peer).expect("checked");
+                let Some(old) = p.have.replace(map.clone()) else {
+                    return self.drop_peer(peer, false, now);
+                };
+                self.selector.remove_peer(&old);
+                self.selector.add_peer(&map);
+                // One offering chunks offers those we lack: it hears what we hold.
+                if offers && !p.tell {
+                    p.tell = true;
+                    let msg = PeerMessage::Have { chunks: self.selector.done().clone(), load: Load::default() };
+                    self.out.push_back(DownloadOutput::Send { peer, msg });
+                }
+            }
             PeerMessage::Block { chunk, offset, load, data } => {
                 return self.handle_block(peer, chunk, offset, load, &data, now);
             }

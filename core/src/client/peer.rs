@@ -93,6 +93,15 @@ pub enum PeerMessage {
     Refused {
         reason: String,
     },
+    /// From a complete sharer that sent its whole map and now serves a
+    /// crowd: that map no longer stands; only the chunks it offers from
+    /// now on (`HaveOne`) may be asked of it (requests already sent are
+    /// still served). Its upload then goes out as chunks no one else was
+    /// given, not as second copies (super-seeding, BEP 16).
+    OffersOnly,
+    /// From a sharer that offered chunks one by one: it holds every chunk
+    /// and any may be asked of it now (every chunk went out once).
+    HaveAll,
 }
 
 /// A set of chunk indexes, one bit each.

@@ -13,7 +13,10 @@
 //! For a crowd: a complete share serving a second downloader of a file
 //! super-seeds (`Offers`: an empty map, then chunks offered a few at a
 //! time, the least offered and least held first; under the rate limit only
-//! [`OFFER_AHEAD`] of sending is promised at once). Downloaders report what
+//! [`OFFER_AHEAD`] of sending is promised at once). The first downloader,
+//! sent the whole map, hears `OffersOnly` and is offered chunks like the
+//! others from then on; once every chunk went out once, each hears
+//! `HaveAll` and may ask for any, and later downloaders get the whole map. Downloaders report what
 //! they hold (`Have`, `HaveOne`), counted per share. Under the rate limit
 //! the upload goes out a chunk at a time in turns (`uploads_timeout`), a
 //! chunk fewer downloaders hold first.
@@ -75,11 +78,23 @@ pub(crate) struct Shared {
     held: Vec<u32>,
     /// Offers made so far: which downloader was offered a chunk last.
     offer_seq: u64,
+    /// Chunks offered (or sent whole) at least once.
+    first_copies: u32,
 }
 
 impl Shared {
     pub fn new(path: String, size: u64, sha1: Sha1Digest, have: Bitmap) -> Shared {
-        Shared { path, size, sha1, have, served: 0, offered: Vec::new(), held: Vec::new(), offer_seq: 0 }
+        Shared {
+            path,
+            size,
+            sha1,
+            have,
+            served: 0,
+            offered: Vec::new(),
+            held: Vec::new(),
+            offer_seq: 0,
+            first_copies: 0,
+        }
     }
 
     fn held(&self, chunk: u32) -> u32 {
@@ -97,7 +112,15 @@ impl Shared {
 
     fn count_offered(&mut self, chunk: u32) {
         let n = self.have.len();
+        if self.offered(chunk) == 0 && chunk < n {
+            self.first_copies += 1;
+        }
         count(&mut self.offered, n, chunk, true);
+    }
+
+    /// Every chunk went out (or was promised) once: super-seeding is over.
+    fn all_offered(&self) -> bool {
+        self.first_copies >= self.have.len()
     }
 }
 
@@ -128,6 +151,9 @@ pub(crate) struct Offers {
     open: u32,
     /// The share's `offer_seq` at this downloader's last offer.
     last: u64,
+    /// Every chunk was offered to someone, and this downloader was told it
+    /// may ask for any (`HaveAll`): no more offers.
+    all: bool,
 }
 
 enum UpState {
@@ -349,14 +375,36 @@ impl ClientEngine {
                         *c != conn
                             && matches!(p, PeerLink::In(u) if matches!(&u.state, UpState::Serving(g, f) if *g == group && *f == name))
                     });
-                    if complete && crowd && n > OPEN_OFFERS {
+                    if complete && crowd && n > OPEN_OFFERS && !s.all_offered() {
                         if let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) {
-                            up.offers =
-                                Some(Offers { told: Bitmap::new(n), settled: Bitmap::new(n), open: 0, last: 0 });
+                            up.offers = Some(Offers {
+                                told: Bitmap::new(n),
+                                settled: Bitmap::new(n),
+                                open: 0,
+                                last: 0,
+                                all: false,
+                            });
                         }
                         let load = self.load();
                         self.peer_send(conn, &PeerMessage::Have { chunks: Bitmap::new(n), load });
-                        self.top_up_offers(&(group, name));
+                        let key = (group, name);
+                        // The crowd begins: the downloader sent the whole map
+                        // is from now on offered chunks like the others, or
+                        // it would ask for chunks already given to them.
+                        let whole: Vec<PeerConnId> = self
+                            .peers
+                            .iter()
+                            .filter(|(c, p)| {
+                                **c != conn
+                                    && matches!(p, PeerLink::In(u) if u.offers.is_none()
+                                        && matches!(&u.state, UpState::Serving(g, f) if (g, f) == (&key.0, &key.1)))
+                            })
+                            .map(|(c, _)| *c)
+                            .collect();
+                        for c in whole {
+                            self.offers_only(c, &key);
+                        }
+                        self.top_up_offers(&key);
                     } else {
                         let chunks = s.have.clone();
                         let load = self.load();
@@ -368,6 +416,48 @@ impl ClientEngine {
             Ok(_) => self.refuse_peer(conn, "access denied"),
             Err(e) => self.refuse_peer(conn, &format!("access denied: {e}")),
         }
+    }
+
+    /// Every chunk of a share went out once: its downloaders being offered
+    /// chunks may from now on ask for any (`HaveAll`), so that its upload
+    /// keeps going where they ask (the turns still favour the chunks fewest
+    /// of them hold) instead of waiting on second offers they may already
+    /// be fetching elsewhere.
+    fn end_offers(&mut self, key: &(GroupId, FileName)) {
+        let mut told = Vec::new();
+        for (c, p) in self.peers.iter_mut() {
+            let PeerLink::In(up) = p else { continue };
+            let (UpState::Serving(g, n), Some(o)) = (&up.state, &mut up.offers) else { continue };
+            if (g, n) != (&key.0, &key.1) || o.all {
+                continue;
+            }
+            o.all = true;
+            o.open = 0;
+            o.last = u64::MAX;
+            told.push(*c);
+        }
+        for c in told {
+            self.peer_send(c, &PeerMessage::HaveAll);
+        }
+    }
+
+    /// Turns the downloader on `conn`, sent a complete share's whole map,
+    /// into one offered chunks (`OffersOnly`): the chunks it asked for
+    /// already count as offered to it, and are still served.
+    fn offers_only(&mut self, conn: PeerConnId, key: &(GroupId, FileName)) {
+        let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+        let Some(s) = self.shares.get_mut(key) else { return };
+        let n = s.have.len();
+        let mut o = Offers { told: Bitmap::new(n), settled: Bitmap::new(n), open: 0, last: 0, all: false };
+        for &(chunk, _, _) in &up.queue {
+            if chunk < n && !o.told.get(chunk) {
+                o.told.set(chunk);
+                o.open += 1;
+                s.count_offered(chunk);
+            }
+        }
+        up.offers = Some(o);
+        self.peer_send(conn, &PeerMessage::OffersOnly);
     }
 
     /// The downloader on `conn` says it holds `chunk`.
@@ -419,7 +509,7 @@ impl ClientEngine {
     fn offer_settled(&mut self, conn: PeerConnId, chunk: u32) {
         let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
         let Some(o) = &mut up.offers else { return };
-        if chunk >= o.told.len() {
+        if chunk >= o.told.len() || o.all {
             return;
         }
         if o.told.get(chunk) && !o.settled.get(chunk) {
@@ -438,6 +528,9 @@ impl ClientEngine {
     /// from a random place, the least offered so far, and of those the one
     /// the fewest downloaders hold.
     fn top_up_offers(&mut self, key: &(GroupId, FileName)) {
+        if self.shares.get(key).is_some_and(Shared::all_offered) {
+            return self.end_offers(key);
+        }
         loop {
             // Over the downloaders of this share being offered chunks.
             let (mut downloaders, mut open) = (0, 0);
@@ -519,13 +612,14 @@ impl ClientEngine {
             s.served += u64::from(len);
             self.served += u64::from(len);
             up.reading.push_back(len);
-            let offering = up.offers.is_some();
+            let offered_here = up.offers.as_ref().is_some_and(|o| o.told.get(chunk));
             let path = s.path.clone();
             let last = u64::from(block + len) >= crate::chunk::chunk_len(s.size, u64::from(chunk));
-            if last && !offering {
+            if last && !offered_here {
                 // Sent whole outside the offers (to the first downloader of
-                // a crowd, which was sent the whole map): counted as an
-                // offer, so the offers to the others go to other chunks.
+                // a crowd, which was sent the whole map, or asked before it
+                // heard `OffersOnly`): counted as an offer, so the offers to
+                // the others go to other chunks.
                 s.count_offered(chunk);
             }
             // The turn stays here until this chunk is out, then passes on.

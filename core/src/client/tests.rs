@@ -185,6 +185,16 @@ fn accept_downloader(
     conn: crate::client::download::PeerConnId,
     i: u8,
 ) -> Vec<crate::client::peer::PeerMessage> {
+    peer_messages(&accept_downloader_outputs(e, digest, conn, i), conn)
+}
+
+/// As [`accept_downloader`], all the engine's outputs on the way.
+fn accept_downloader_outputs(
+    e: &mut ClientEngine,
+    digest: &FileDigest,
+    conn: crate::client::download::PeerConnId,
+    i: u8,
+) -> Vec<ClientOutput> {
     use crate::client::peer::{Grant, PeerMessage};
     e.handle_input(ClientInput::Peer(conn, PeerEvent::Accepted), Millis(0));
     e.handle_input(ClientInput::Peer(conn, PeerEvent::Secured { key: downloader_key(i) }), Millis(0));
@@ -195,10 +205,9 @@ fn accept_downloader(
     hs.extend(encode(&want));
     e.handle_input(ClientInput::Peer(conn, PeerEvent::Bytes(&hs)), Millis(0));
     let outs = drain(e);
-    let outs = answer_all(e, outs, serving_reply);
-    let mut sent = peer_messages(&outs, conn);
-    sent.extend(peer_messages(&drain(e), conn));
-    sent
+    let mut outs = answer_all(e, outs, serving_reply);
+    outs.extend(drain(e));
+    outs
 }
 
 /// The peer messages among `outs` sent on `conn`.
@@ -522,7 +531,8 @@ fn offered(msgs: &[crate::client::peer::PeerMessage]) -> Vec<u32> {
 }
 
 /// A complete share serving a crowd super-seeds: the first downloader sees
-/// the whole map, each later one a couple of chunks at a time, no chunk
+/// the whole map (until the second comes), each later one a couple of
+/// chunks at a time, no chunk
 /// offered twice (or offered after it was sent whole to the first) while
 /// some went to nobody; an offer the downloader got elsewhere or was sent
 /// whole is replaced by a new one.
@@ -531,9 +541,10 @@ fn a_seeder_offers_a_crowd_distinct_chunks() {
     use crate::client::download::PeerConnId;
     use crate::client::peer::PeerMessage;
     use crate::client::serve::OPEN_OFFERS;
-    let (mut e, digest) = sharing_engine(None);
+    // 16 chunks: more than the offers to three, so offers do not end.
+    let (mut e, digest) = sharing_engine_of(None, 16 * crate::chunk::CHUNK_SIZE);
     let (a, b, c) = (PeerConnId(16), PeerConnId(17), PeerConnId(18));
-    assert_eq!(offered(&accept_downloader(&mut e, &digest, a, 1)), (0..8).collect::<Vec<u32>>(), "alone: all");
+    assert_eq!(offered(&accept_downloader(&mut e, &digest, a, 1)), (0..16).collect::<Vec<u32>>(), "alone: all");
     // A, which saw the whole map, is sent chunks 0 and 1 whole: the offers
     // to the others go elsewhere.
     let mut asks = chunk_requests(0);
@@ -572,6 +583,65 @@ fn a_seeder_offers_a_crowd_distinct_chunks() {
     let more = offered(&peer_messages(&outs, b));
     assert_eq!(more.len(), 1, "{more:?}");
     assert!(!seen.contains(&more[0]), "{more:?} was offered already");
+}
+
+/// When a crowd begins, the downloader that was sent the whole map hears
+/// `OffersOnly` and from then on is offered chunks like the others (what
+/// it had asked for counts as its offer, and is still sent); no chunk is
+/// offered twice while some went to no one; once every chunk went out,
+/// every downloader offered chunks hears `HaveAll`, and one arriving later
+/// is sent the whole map.
+#[test]
+fn super_seeding_takes_in_the_first_downloader_and_ends_once_every_chunk_went_out() {
+    use crate::client::download::PeerConnId;
+    use crate::client::peer::PeerMessage;
+    let (mut e, digest) = sharing_engine(None);
+    let n = digest.chunks.len() as u32;
+    let (a, b) = (PeerConnId(16), PeerConnId(17));
+    assert_eq!(offered(&accept_downloader(&mut e, &digest, a, 1)).len(), n as usize, "alone: the whole map");
+    e.handle_input(ClientInput::Peer(a, PeerEvent::Bytes(&chunk_requests(0))), Millis(1));
+    let mut outs = drain(&mut e);
+    outs.extend(accept_downloader_outputs(&mut e, &digest, b, 2));
+    assert!(peer_messages(&outs, a).contains(&PeerMessage::OffersOnly), "{:?}", peer_messages(&outs, a));
+    // Both ask for every chunk offered to them, and are sent it whole.
+    let mut given: Vec<u32> = vec![0];
+    let mut asked: Vec<(PeerConnId, u32)> = vec![(a, 0)];
+    let mut ended = Vec::new();
+    for _ in 0..100 {
+        for conn in [a, b] {
+            for m in peer_messages(&outs, conn) {
+                match m {
+                    PeerMessage::HaveOne { chunk } => {
+                        assert!(!given.contains(&chunk), "chunk {chunk} offered twice: {given:?}");
+                        given.push(chunk);
+                        asked.push((conn, chunk));
+                        e.handle_input(ClientInput::Peer(conn, PeerEvent::Bytes(&chunk_requests(chunk))), Millis(2));
+                    }
+                    PeerMessage::HaveAll => ended.push(conn),
+                    _ => {}
+                }
+            }
+        }
+        let sent: Vec<PeerConnId> = outs
+            .iter()
+            .filter_map(|o| if let ClientOutput::SendBlock { conn, .. } = o { Some(*conn) } else { None })
+            .collect();
+        outs = drain(&mut e);
+        for conn in sent {
+            e.handle_input(ClientInput::Peer(conn, PeerEvent::BlockSent(Ok(()))), Millis(2));
+            outs.extend(drain(&mut e));
+        }
+        if outs.is_empty() {
+            break;
+        }
+    }
+    given.sort();
+    assert_eq!(given, (0..n).collect::<Vec<u32>>(), "every chunk went to one of them once");
+    assert!(asked.iter().any(|&(c, _)| c == a) && asked.iter().any(|&(c, k)| c == a && k != 0), "A was offered chunks");
+    ended.sort();
+    assert_eq!(ended, vec![a, b], "both may ask for any chunk now");
+    // A third comes too late for offers: the whole map.
+    assert_eq!(offered(&accept_downloader(&mut e, &digest, PeerConnId(18), 3)).len(), n as usize);
 }
 
 /// Under the upload limit the upload goes out a chunk at a time, in turns:
@@ -662,14 +732,21 @@ fn a_capped_seeder_keeps_few_offers_open_and_passes_them_round() {
     let (mut e, digest) = sharing_engine(Some(rate));
     let conns: Vec<PeerConnId> = (16..21).map(PeerConnId).collect();
     let mut offers: Vec<Vec<u32>> = Vec::new();
+    let mut later_to_first = Vec::new();
     for (i, &c) in conns.iter().enumerate() {
-        offers.push(offered(&accept_downloader(&mut e, &digest, c, i as u8 + 1)));
+        let outs = accept_downloader_outputs(&mut e, &digest, c, i as u8 + 1);
+        offers.push(offered(&peer_messages(&outs, c)));
+        if i > 0 {
+            later_to_first.extend(offered(&peer_messages(&outs, conns[0])));
+        }
     }
-    // The first saw the whole map; of the others, the first two got the
-    // three offers between them, the last two none yet.
+    // The first saw the whole map, then (OffersOnly) was offered chunks
+    // like the others: it and the second got the three offers between
+    // them, the last three none yet.
     assert_eq!(offers[0].len(), 8);
+    assert_eq!(later_to_first.len(), 2, "{later_to_first:?}");
     let counts: Vec<usize> = offers[1..].iter().map(Vec::len).collect();
-    assert_eq!(counts, vec![2, 1, 0, 0]);
+    assert_eq!(counts, vec![1, 0, 0, 0]);
     // The first offer goes out whole: its place goes to one that has none.
     let (b, first) = (conns[1], offers[1][0]);
     e.handle_input(ClientInput::Peer(b, PeerEvent::Bytes(&chunk_requests(first))), Millis(1));
@@ -679,7 +756,7 @@ fn a_capped_seeder_keeps_few_offers_open_and_passes_them_round() {
         outs.extend(drain(&mut e));
     }
     let got: Vec<usize> = conns[1..].iter().map(|&c| offered(&peer_messages(&outs, c)).len()).collect();
-    assert_eq!(got, vec![0, 0, 1, 0], "the freed offer goes to the first that had none");
+    assert_eq!(got, vec![0, 1, 0, 0], "the freed offer goes to the first that had none");
 }
 
 /// What a property test of super-seeding knows of one downloader.
@@ -689,7 +766,8 @@ struct Seen {
     holds: std::collections::BTreeSet<u32>,
     sent: std::collections::BTreeSet<u32>,
     gone: bool,
-    /// It was sent the whole map (no other downloader was served): no offers.
+    /// It was sent the whole map (no other downloader was served, or every
+    /// chunk had gone out), or heard `HaveAll`: no offers.
     full: bool,
 }
 
@@ -698,8 +776,10 @@ proptest::proptest! {
 
     /// Whatever downloaders join, report, fetch and leave: none is offered
     /// a chunk twice or one it holds; while a chunk it lacks went to nobody
-    /// (offered or sent whole), every offer is such a fresh chunk; and under
-    /// the upload limit the open offers stay within the budget.
+    /// (offered or sent whole), every offer is such a fresh chunk; under
+    /// the upload limit the open offers stay within the budget; only one
+    /// sent the whole map hears `OffersOnly`, and `HaveAll` comes only once
+    /// every chunk went out, after which that downloader is offered nothing.
     #[test]
     fn super_seeding_offers_fresh_chunks_within_budget(
         chunks in 3u64..40,
@@ -721,8 +801,24 @@ proptest::proptest! {
             for o in outs {
                 let ClientOutput::PeerTransmit { conn, bytes } = o else { continue };
                 let i = (conn.0 - 16) as usize;
-                let Ok(PeerMessage::HaveOne { chunk }) = decode::<PeerMessage>(&bytes[4..]) else { continue };
+                let chunk = match decode::<PeerMessage>(&bytes[4..]) {
+                    Ok(PeerMessage::HaveOne { chunk }) => chunk,
+                    Ok(PeerMessage::OffersOnly) => {
+                        // Its map no longer stands: offers from now on.
+                        proptest::prop_assert!(seen[i].full, "OffersOnly to d{i}, which was offered chunks");
+                        seen[i].full = false;
+                        seen[i].offered.clear();
+                        continue;
+                    }
+                    Ok(PeerMessage::HaveAll) => {
+                        proptest::prop_assert!((0..n).all(|c| spread.contains(&c)), "HaveAll before every chunk went out");
+                        seen[i].full = true;
+                        continue;
+                    }
+                    _ => continue,
+                };
                 let d = &seen[i];
+                proptest::prop_assert!(!d.full, "{chunk} offered to d{i}, which may ask for any");
                 proptest::prop_assert!(!d.offered.contains(&chunk), "{chunk} offered twice to d{i}");
                 proptest::prop_assert!(!d.holds.contains(&chunk), "d{i} holds {chunk}");
                 let fresh = (0..n).any(|c| !spread.contains(&c) && !d.holds.contains(&c) && !d.offered.contains(&c));
@@ -748,18 +844,13 @@ proptest::proptest! {
                     let i = seen.len();
                     seen.push(Seen::default());
                     let conn = PeerConnId(16 + i as u64);
-                    let msgs = accept_downloader(&mut e, &digest, conn, i as u8 + 1);
-                    for m in &msgs {
+                    let outs = accept_downloader_outputs(&mut e, &digest, conn, i as u8 + 1);
+                    for m in peer_messages(&outs, conn) {
                         if let PeerMessage::Have { chunks: map, .. } = m {
                             seen[i].offered.extend(map.iter_set());
                             seen[i].full = map.count() == n;
                         }
                     }
-                    let outs: Vec<ClientOutput> = msgs
-                        .iter()
-                        .filter(|m| matches!(m, PeerMessage::HaveOne { .. }))
-                        .map(|m| ClientOutput::PeerTransmit { conn, bytes: encode(m) })
-                        .collect();
                     check(&mut seen, &mut spread, &outs)?;
                 }
                 1 if !live.is_empty() => {
