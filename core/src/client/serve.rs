@@ -338,8 +338,11 @@ impl ClientEngine {
                 }
                 up.queue.push_back((chunk, offset, len));
             }
+            // Every queued block request within the cancelled range goes
+            // (a downloader cancels the rest of a chunk in one message).
             (UpState::Serving(..), PeerMessage::Cancel { chunk, offset, len }) => {
-                up.queue.retain(|r| *r != (chunk, offset, len));
+                let end = u64::from(offset) + u64::from(len);
+                up.queue.retain(|&(c, o, l)| !(c == chunk && o >= offset && u64::from(o) + u64::from(l) <= end));
             }
             // What the downloader holds: counted, so that offers and turns
             // favour chunks few of them hold, and offers it no longer

@@ -585,6 +585,41 @@ fn a_seeder_offers_a_crowd_distinct_chunks() {
     assert!(!seen.contains(&more[0]), "{more:?} was offered already");
 }
 
+/// A `Cancel` of the rest of a chunk, in one message, drops every block
+/// request of it still queued: none of them is sent.
+#[test]
+fn a_cancelled_chunk_is_not_sent() {
+    use crate::client::download::PeerConnId;
+    use crate::client::peer::PeerMessage;
+    let (mut e, digest) = sharing_engine(None);
+    let a = PeerConnId(16);
+    accept_downloader(&mut e, &digest, a, 1);
+    let mut asks = chunk_requests(0);
+    asks.extend(chunk_requests(1));
+    e.handle_input(ClientInput::Peer(a, PeerEvent::Bytes(&asks)), Millis(1));
+    let mut outs = drain(&mut e);
+    let cancel = encode(&PeerMessage::Cancel { chunk: 1, offset: 0, len: crate::chunk::CHUNK_SIZE as u32 });
+    e.handle_input(ClientInput::Peer(a, PeerEvent::Bytes(&cancel)), Millis(1));
+    outs.extend(drain(&mut e));
+    let mut sent = Vec::new();
+    for _ in 0..20 {
+        let reads: Vec<u64> = outs
+            .iter()
+            .filter_map(|o| if let ClientOutput::SendBlock { offset, .. } = o { Some(*offset) } else { None })
+            .collect();
+        if reads.is_empty() {
+            break;
+        }
+        outs.clear();
+        for off in reads {
+            sent.push(off / crate::chunk::CHUNK_SIZE);
+            e.handle_input(ClientInput::Peer(a, PeerEvent::BlockSent(Ok(()))), Millis(1));
+            outs.extend(drain(&mut e));
+        }
+    }
+    assert_eq!(sent, vec![0, 0, 0, 0], "chunk 0 whole, nothing of the cancelled chunk 1");
+}
+
 /// When a crowd begins, the downloader that was sent the whole map hears
 /// `OffersOnly` and from then on is offered chunks like the others (what
 /// it had asked for counts as its offer, and is still sent); no chunk is
