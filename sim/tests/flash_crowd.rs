@@ -110,12 +110,16 @@ fn crowd(seed: u64, leechers: usize) -> Crowd {
                     union.extend(r.written.iter().copied());
                 }
             }
-            let served: u64 = (1..=leechers)
+            let mut each: Vec<u64> = (1..=leechers)
                 .map(|c| {
                     let l = ok(&mut w, c, "show_uploads").pop().unwrap_or_default();
                     l.strip_suffix(" bytes served in all").and_then(|n| n.parse().ok()).unwrap_or(0)
                 })
-                .sum();
+                .collect();
+            let served: u64 = each.iter().sum();
+            each.sort_unstable();
+            let q = |f: usize| each[(each.len() - 1) * f / 4] / 1_000_000;
+            eprintln!("  leechers served (MB) min {} q1 {} median {} q3 {} max {}", q(0), q(1), q(2), q(3), q(4));
             eprintln!(
                 "t={} seeder {s0} leechers served {} MB in flight {} distinct chunks in the crowd {}: {}",
                 w.now().since(start).0,
