@@ -17,12 +17,17 @@
 //! end each one's sources. The copies on the simulated disks share their
 //! chunks (`sim::pieces`), so a leecher costs this process what its engine
 //! holds: with 4 chunks held, 200 leechers of 128 chunks take 1.7 GB and
-//! about a minute (release build).
+//! one to two minutes, 1,000 take 8 GB and about 12 minutes (release build).
 //!
-//! What it shows (seeds 0-2, 128 chunks, 8 MB/s): 8 leechers finish at
-//! 1.16-1.20x the bound, the seeder sending 1.11-1.13 copies; 24 at
-//! 1.27-1.28x and 1.10-1.14; 48 at 1.36-1.41x and 1.12-1.20; 100 at 1.44x
-//! (seed 0, before the offer budget). Before the seeder offered distinct
+//! What it shows (seeds 0-2, 128 chunks, 8 MB/s, `SIM_FAST_DISK=1`): 8
+//! leechers finish at 1.07-1.15x the bound, the seeder sending 1.08-1.09
+//! copies; 24 at 1.20-1.29x; 48 at 1.31-1.38x; 200 at 1.48x and 1,000 at
+//! 1.63x (seed 0). The seeder's first copies are near ideal (every chunk in
+//! the crowd by 8.5 s of a bound of 8.4 at 48 leechers); what is lost is
+//! the leechers' upload while the crowd starts (48 leechers move 300 MB of
+//! a possible 768 in the first 2 s) and its uneven spread. Before the
+//! first downloader was taken into the offers (`OffersOnly`): 8 leechers
+//! 1.15-1.16x, 48 1.32-1.38x. Before the seeder offered distinct
 //! chunks, gave its upload out a chunk at a time in turns, and downloaders
 //! were listed as sources from the start: 8 leechers of 64 chunks 3.15x,
 //! the seeder sending 3.2 copies.
