@@ -361,13 +361,11 @@ impl MemDisk {
                 let part = self.open.get(&(host, id)).map(|p| p.part.clone());
                 let result = match part.as_ref().and_then(|p| self.files.get(p)) {
                     _ if fault => Err("Input/output error".to_string()),
-                    Some(f) if f.len() >= at(chunk) + buf.len() => {
-                        let len = buf.len();
-                        f.get(at(chunk)..at(chunk) + len)
-                            .map(|b| buf.copy_from_slice(&b))
-                            .ok_or_else(|| "short read".to_string())
-                    }
-                    _ => Err("short read".to_string()),
+                    Some(f) => f
+                        .get(at(chunk)..at(chunk) + buf.len())
+                        .map(|b| buf.copy_from_slice(&b))
+                        .ok_or_else(|| "short read".to_string()),
+                    None => Err("short read".to_string()),
                 };
                 if fault {
                     self.count("read fault");

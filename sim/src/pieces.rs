@@ -10,6 +10,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::{Arc, Weak};
 
 use shoal_core::chunk::CHUNK_SIZE;
@@ -49,6 +50,22 @@ impl Pool {
         list.push(Arc::downgrade(&p));
         p
     }
+}
+
+/// The parts of bytes `from..to` of a file, piece by piece: (piece, range
+/// within it, range within `from..to`).
+fn spans(from: usize, to: usize) -> impl Iterator<Item = (usize, Range<usize>, Range<usize>)> {
+    let mut at = from;
+    std::iter::from_fn(move || {
+        if at >= to {
+            return None;
+        }
+        let (i, start) = (at / PIECE, at % PIECE);
+        let n = (PIECE - start).min(to - at);
+        let span = (i, start..start + n, at - from..at - from + n);
+        at += n;
+        Some(span)
+    })
 }
 
 /// One file's bytes.
@@ -107,24 +124,19 @@ impl Stored {
         if end > self.len {
             self.resize(end, pool);
         }
-        let mut at = offset;
-        while at < end {
-            let i = at / PIECE;
-            let start = at - i * PIECE;
+        for (i, within, from) in spans(offset, end) {
             let piece = &mut self.pieces[i];
-            let n = (piece.len() - start).min(end - at);
-            let src = &bytes[at - offset..at - offset + n];
-            if start == 0 && n == piece.len() {
+            let src = &bytes[from];
+            if within.start == 0 && within.len() == piece.len() {
                 *piece = pool.intern(src);
             } else {
-                Arc::make_mut(piece)[start..start + n].copy_from_slice(src);
+                Arc::make_mut(piece)[within].copy_from_slice(src);
             }
-            at += n;
         }
     }
 
     /// Bytes `range`, if the file holds them all (borrowed when within one piece).
-    pub fn get(&self, range: std::ops::Range<usize>) -> Option<Cow<'_, [u8]>> {
+    pub fn get(&self, range: Range<usize>) -> Option<Cow<'_, [u8]>> {
         if range.start > range.end || range.end > self.len {
             return None;
         }
@@ -137,13 +149,8 @@ impl Stored {
             return Some(Cow::Borrowed(&self.pieces[i][range.start - base..range.end - base]));
         }
         let mut out = Vec::with_capacity(range.len());
-        let mut at = range.start;
-        while at < range.end {
-            let i = at / PIECE;
-            let start = at - i * PIECE;
-            let n = (self.pieces[i].len() - start).min(range.end - at);
-            out.extend_from_slice(&self.pieces[i][start..start + n]);
-            at += n;
+        for (i, within, _) in spans(range.start, range.end) {
+            out.extend_from_slice(&self.pieces[i][within]);
         }
         Some(Cow::Owned(out))
     }

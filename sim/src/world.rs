@@ -138,8 +138,8 @@ pub struct World {
     /// (each checked against the source).
     pub chunks_written: u64,
     pub part_serves: u64,
-    /// The blocks client `watch.0` sent, as (when, whom, offset, length),
-    /// if a test asked (see [`World::watch_serves`]).
+    /// The client watched and the blocks it sent since, if a test asked
+    /// (see [`World::watch_serves`]).
     pub watched_serves: Option<(usize, Vec<ServedBlock>)>,
     /// Blocks served whose receiver was checked to be a member.
     pub member_serves: u64,

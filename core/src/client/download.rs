@@ -488,11 +488,12 @@ impl Download {
                 let offers = matches!(msg, PeerMessage::OffersOnly);
                 let map = if offers { Bitmap::new(n) } else { Bitmap::full(n) };
                 let p = self.peers.get_mut(&peer).expect("checked");
-                let Some(old) = p.have.replace(map.clone()) else {
+                let Some(old) = p.have.take() else {
                     return self.drop_peer(peer, false, now);
                 };
                 self.selector.remove_peer(&old);
                 self.selector.add_peer(&map);
+                p.have = Some(map);
                 // One offering chunks offers those we lack: it hears what we hold.
                 if offers && !p.tell {
                     p.tell = true;

@@ -16,10 +16,10 @@
 //! [`OFFER_AHEAD`] of sending is promised at once). The first downloader,
 //! sent the whole map, hears `OffersOnly` and is offered chunks like the
 //! others from then on; once every chunk went out once, each hears
-//! `HaveAll` and may ask for any, and later downloaders get the whole map. Downloaders report what
-//! they hold (`Have`, `HaveOne`), counted per share. Under the rate limit
-//! the upload goes out a chunk at a time in turns (`uploads_timeout`), a
-//! chunk fewer downloaders hold first.
+//! `HaveAll` and may ask for any, and later downloaders get the whole map.
+//! Downloaders report what they hold (`Have`, `HaveOne`), counted per
+//! share. Under the rate limit the upload goes out a chunk at a time in
+//! turns (`uploads_timeout`), a chunk fewer downloaders hold first.
 
 use std::collections::VecDeque;
 
@@ -154,6 +154,13 @@ pub(crate) struct Offers {
     /// Every chunk was offered to someone, and this downloader was told it
     /// may ask for any (`HaveAll`): no more offers.
     all: bool,
+}
+
+impl Offers {
+    /// Nothing offered yet, of a file of `n` chunks.
+    fn new(n: u32) -> Offers {
+        Offers { told: Bitmap::new(n), settled: Bitmap::new(n), open: 0, last: 0, all: false }
+    }
 }
 
 enum UpState {
@@ -373,20 +380,22 @@ impl ClientEngine {
                     let complete = s.have.count() == n;
                     up.state = UpState::Serving(group.clone(), name.clone());
                     up.has = Some(Bitmap::new(n));
-                    // A crowd: another downloader of this file is served.
-                    let crowd = self.peers.iter().any(|(c, p)| {
-                        *c != conn
-                            && matches!(p, PeerLink::In(u) if matches!(&u.state, UpState::Serving(g, f) if *g == group && *f == name))
-                    });
-                    if complete && crowd && n > OPEN_OFFERS && !s.all_offered() {
+                    // The other downloaders of this file served, and whether
+                    // each is offered chunks: a crowd if there are any.
+                    let others: Vec<(PeerConnId, bool)> = self
+                        .peers
+                        .iter()
+                        .filter_map(|(c, p)| match p {
+                            PeerLink::In(u) if *c != conn => match &u.state {
+                                UpState::Serving(g, f) if *g == group && *f == name => Some((*c, u.offers.is_some())),
+                                _ => None,
+                            },
+                            _ => None,
+                        })
+                        .collect();
+                    if complete && !others.is_empty() && n > OPEN_OFFERS && !s.all_offered() {
                         if let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) {
-                            up.offers = Some(Offers {
-                                told: Bitmap::new(n),
-                                settled: Bitmap::new(n),
-                                open: 0,
-                                last: 0,
-                                all: false,
-                            });
+                            up.offers = Some(Offers::new(n));
                         }
                         let load = self.load();
                         self.peer_send(conn, &PeerMessage::Have { chunks: Bitmap::new(n), load });
@@ -394,17 +403,7 @@ impl ClientEngine {
                         // The crowd begins: the downloader sent the whole map
                         // is from now on offered chunks like the others, or
                         // it would ask for chunks already given to them.
-                        let whole: Vec<PeerConnId> = self
-                            .peers
-                            .iter()
-                            .filter(|(c, p)| {
-                                **c != conn
-                                    && matches!(p, PeerLink::In(u) if u.offers.is_none()
-                                        && matches!(&u.state, UpState::Serving(g, f) if (g, f) == (&key.0, &key.1)))
-                            })
-                            .map(|(c, _)| *c)
-                            .collect();
-                        for c in whole {
+                        for (c, _) in others.into_iter().filter(|(_, offered)| !offered) {
                             self.offers_only(c, &key);
                         }
                         self.top_up_offers(&key);
@@ -451,7 +450,7 @@ impl ClientEngine {
         let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
         let Some(s) = self.shares.get_mut(key) else { return };
         let n = s.have.len();
-        let mut o = Offers { told: Bitmap::new(n), settled: Bitmap::new(n), open: 0, last: 0, all: false };
+        let mut o = Offers::new(n);
         for &(chunk, _, _) in &up.queue {
             if chunk < n && !o.told.get(chunk) {
                 o.told.set(chunk);

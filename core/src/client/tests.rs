@@ -532,10 +532,9 @@ fn offered(msgs: &[crate::client::peer::PeerMessage]) -> Vec<u32> {
 
 /// A complete share serving a crowd super-seeds: the first downloader sees
 /// the whole map (until the second comes), each later one a couple of
-/// chunks at a time, no chunk
-/// offered twice (or offered after it was sent whole to the first) while
-/// some went to nobody; an offer the downloader got elsewhere or was sent
-/// whole is replaced by a new one.
+/// chunks at a time, no chunk offered twice (or offered after it was sent
+/// whole to the first) while some went to nobody; an offer the downloader
+/// got elsewhere or was sent whole is replaced by a new one.
 #[test]
 fn a_seeder_offers_a_crowd_distinct_chunks() {
     use crate::client::download::PeerConnId;
