@@ -10,6 +10,7 @@ use shoal_core::meta::{Command, Entry, MetaState, PasswordHash, PasswordParams};
 use std::time::Instant;
 fn main() {
     let n: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(300_000);
+    let base = rss_bytes();
     let mut s = MetaState::new();
     let e = |cmd| Entry { id: None, settled_below: 0, cmd };
     let u = UserId::new("bench").unwrap();
@@ -34,6 +35,8 @@ fn main() {
         s.apply(&e(Command::AddFile { token: t, group: GroupId::new(format!("fg{}", i % 3000)).unwrap(), file }))
             .unwrap();
     }
+    let held = rss_bytes().saturating_sub(base);
+    println!("{n} files: {} MB resident for the state, {} bytes a file", held / 1_000_000, held / n.max(1));
     let t0 = Instant::now();
     let c = s.clone();
     let clone = t0.elapsed();
@@ -54,4 +57,11 @@ fn main() {
         de,
         cmp
     );
+}
+
+/// This process's resident memory (Linux; 0 elsewhere).
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
 }

@@ -47,9 +47,16 @@ fn valid_file_name(s: &str) -> bool {
 macro_rules! checked_name {
     ($(#[$doc:meta])* $name:ident, $check:ident, $err:expr) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+        #[serde(try_from = "String")]
         pub struct $name(String);
+
+        /// As a string, borrowed (a snapshot encodes millions of them).
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
 
         impl $name {
             pub fn new(s: impl Into<String>) -> Result<Self, NameError> {
@@ -168,6 +175,14 @@ mod tests {
     fn deserialising_an_invalid_id_fails() {
         let bytes = postcard::to_allocvec(&"no spaces allowed").unwrap();
         assert!(postcard::from_bytes::<UserId>(&bytes).is_err());
+    }
+
+    #[test]
+    fn names_encode_as_their_string() {
+        let name = FileName::new("report v2.pdf").unwrap();
+        let bytes = postcard::to_allocvec(&name).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec("report v2.pdf").unwrap());
+        assert_eq!(postcard::from_bytes::<FileName>(&bytes).unwrap(), name);
     }
 
     #[test]

@@ -221,7 +221,70 @@ pub struct Sharer {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SharedFile {
     pub meta: FileRecord,
-    pub sharers: OrdSet<Sharer>,
+    pub sharers: Sharers,
+}
+
+/// The clients sharing one file, sorted, each once. A plain vector: most
+/// files have one sharer or a few, and a persistent set's smallest node
+/// holds 16 (about 1 KiB for every file). Encoded as a sequence, as the
+/// set it replaces was.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Sharers(Vec<Sharer>);
+
+impl Sharers {
+    pub fn unit(s: Sharer) -> Sharers {
+        Sharers(vec![s])
+    }
+
+    /// Adds `s`; false if it was there.
+    pub fn insert(&mut self, s: Sharer) -> bool {
+        match self.0.binary_search(&s) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, s);
+                true
+            }
+        }
+    }
+
+    /// Removes `s`; false if it was not there.
+    pub fn remove(&mut self, s: &Sharer) -> bool {
+        match self.0.binary_search(s) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Keeps only the sharers `keep` accepts.
+    pub fn retain(&mut self, keep: impl FnMut(&Sharer) -> bool) {
+        self.0.retain(keep);
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Sharer> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'de> Deserialize<'de> for Sharers {
+    /// Sorted and deduplicated as it is read, whatever the sender's order.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Sharers, D::Error> {
+        let mut v = Vec::<Sharer>::deserialize(d)?;
+        v.sort_unstable();
+        v.dedup();
+        v.shrink_to_fit();
+        Ok(Sharers(v))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -448,10 +511,7 @@ impl MetaState {
                     .collect();
                 for n in mine {
                     let Some(f) = g.files.get_mut(&n) else { continue };
-                    let gone: Vec<Sharer> = f.sharers.iter().filter(|s| s.user == me).cloned().collect();
-                    for s in &gone {
-                        f.sharers.remove(s);
-                    }
+                    f.sharers.retain(|s| s.user != me);
                     if f.sharers.is_empty() {
                         count_ranges(&mut self.ranges, &f.meta, false);
                         g.files.remove(&n);
@@ -500,7 +560,7 @@ impl MetaState {
                     return Err(ApiError::Limit(format!("a group holds at most {MAX_FILES_PER_GROUP} files")));
                 }
                 count_ranges(&mut self.ranges, file, true);
-                g.files.insert(file.name.clone(), SharedFile { meta: file.clone(), sharers: OrdSet::unit(sharer) });
+                g.files.insert(file.name.clone(), SharedFile { meta: file.clone(), sharers: Sharers::unit(sharer) });
                 Ok(Reply::Done)
             }
             Command::StopShare { token, group, name } => {
@@ -511,7 +571,7 @@ impl MetaState {
                     return Err(ApiError::NotMember);
                 }
                 let f = g.files.get_mut(name).ok_or(ApiError::NoSuchFile)?;
-                if f.sharers.remove(&sharer).is_none() {
+                if !f.sharers.remove(&sharer) {
                     return Err(ApiError::NotSharing);
                 }
                 if f.sharers.is_empty() {
