@@ -202,7 +202,8 @@ fn main() {
         for i in 0..3 {
             reps[i].handle_timeout(now);
             while reps[i].poll_persist().is_some() {}
-            while let Some((to, bytes, _)) = reps[i].poll_send() {
+            while let Some((to, out, _)) = reps[i].poll_send() {
+                let bytes = out.into_bytes();
                 if i == 1 && to == 1 {
                     to_one.push(bytes.clone());
                 }

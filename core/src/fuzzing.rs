@@ -343,6 +343,7 @@ pub fn tracker_frames(data: &[u8]) {
                         node.handle_range_loaded(hash, got, t);
                     }
                     TrackerOutput::Sync { seq } => node.handle_synced(seq, t),
+                    TrackerOutput::Work { ticket, job } => node.handle_job_done(ticket, job.run(), t),
                     _ => {}
                 }
             }

@@ -151,9 +151,60 @@ pub enum TrackerOutput {
     /// Remove this range from the range store (no file names it any more);
     /// no report follows, and it need not be durable before anything.
     DropRange { hash: Sha1Digest },
+    /// Run this job off the event loop (a thread of its own: it can take
+    /// a second) and report its result with [`TrackerNode::handle_job_done`].
+    /// Nothing waits on it but the link it is for.
+    Work { ticket: u64, job: Job },
     /// Only with [`TrackerConfig::report_applied`]: log entry `index` (1-based)
     /// was applied; `None` when a snapshot up to `index` was installed.
     Applied { index: u64, entry: Option<Entry> },
+}
+
+/// Work on a consensus message the size of the metadata (a sync carrying a
+/// snapshot), too slow for the event loop: encoding one for a tracker that
+/// catches up, or decoding one that arrived. Run it anywhere ([`Job::run`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job(JobKind);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum JobKind {
+    Encode(Box<replicator::ConsensusMessage>),
+    Decode(Vec<u8>),
+}
+
+/// What a [`Job`] produced, for [`TrackerNode::handle_job_done`].
+pub struct JobDone(Done);
+
+impl std::fmt::Debug for JobDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Done::Encoded(b) => write!(f, "JobDone(encoded {} bytes)", b.len()),
+            Done::Decoded(Ok(m)) => write!(f, "JobDone(decoded {m:?})"),
+            Done::Decoded(Err(e)) => write!(f, "JobDone(not decoded: {e})"),
+        }
+    }
+}
+
+enum Done {
+    Encoded(Vec<u8>),
+    Decoded(Result<Box<replicator::ConsensusMessage>, crate::wire::FrameError>),
+}
+
+impl Job {
+    pub fn run(self) -> JobDone {
+        JobDone(match self.0 {
+            JobKind::Encode(m) => Done::Encoded(m.encode()),
+            JobKind::Decode(b) => Done::Decoded(replicator::ConsensusMessage::decode(&b).map(Box::new)),
+        })
+    }
+
+    /// `"encode"` or `"decode"` (for logs and counts).
+    pub fn kind(&self) -> &'static str {
+        match self.0 {
+            JobKind::Encode(_) => "encode",
+            JobKind::Decode(_) => "decode",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use shoal_core::tracker::{ConnId, LogImage, NodeId, Persist, Replicator, TrackerNode, TrackerOutput};
+use shoal_core::tracker::{ConnId, Job, JobDone, LogImage, NodeId, Persist, Replicator, TrackerNode, TrackerOutput};
 use shoal_core::Millis;
 
 use crate::clock::Clock;
@@ -32,7 +32,8 @@ use shoal_core::wal::encode_record;
 
 const LISTENER: Token = Token(0);
 /// The sync thread finished an fsync.
-const SYNCED: Token = Token((1 << 40) - 1);
+/// The sync thread or the job thread has something for the loop.
+const WOKEN: Token = Token((1 << 40) - 1);
 /// Tokens of our links to other trackers: this base plus the tracker's id.
 const PEER_BASE: usize = 1 << 40;
 
@@ -70,7 +71,7 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn start(mut wal: WalFile, waker: Waker) -> io::Result<Syncer> {
+    fn start(mut wal: WalFile, waker: Arc<Waker>) -> io::Result<Syncer> {
         let (tx, rx) = mpsc::channel::<SyncCmd>();
         let done = Arc::new(AtomicU64::new(0));
         let error = Arc::new(Mutex::new(None));
@@ -123,6 +124,79 @@ impl Syncer {
     }
 }
 
+/// The thread that runs the node's jobs (encoding and decoding consensus
+/// messages the size of the metadata), in order, so the event loop goes on
+/// answering meanwhile. Started with the first job.
+struct Jobs {
+    tx: mpsc::Sender<(u64, Job)>,
+    done: mpsc::Receiver<(u64, JobDone)>,
+}
+
+impl Jobs {
+    fn start(waker: Arc<Waker>) -> io::Result<Jobs> {
+        let (tx, rx) = mpsc::channel::<(u64, Job)>();
+        let (done_tx, done) = mpsc::channel();
+        std::thread::Builder::new().name("shoal-tracker-jobs".into()).spawn(move || {
+            while let Ok((ticket, job)) = rx.recv() {
+                if done_tx.send((ticket, job.run())).is_err() {
+                    return;
+                }
+                let _ = waker.wake();
+            }
+        })?;
+        Ok(Jobs { tx, done })
+    }
+}
+
+/// How long a turn of the event loop took, and its slowest part: a turn
+/// over [`SLOW_TURN`] is logged, since every link's heartbeat and every
+/// client waited for it (etcd warns the same way of slow applies).
+struct Turn {
+    start: std::time::Instant,
+    /// This thread's CPU time at the start: a slow turn that used little
+    /// of it waited (for the CPU, a page, a lock), it did not compute.
+    cpu: std::time::Duration,
+    lap: std::time::Instant,
+    slowest: (std::time::Duration, &'static str),
+}
+
+/// A turn of the event loop this long is worth a warning.
+const SLOW_TURN: std::time::Duration = std::time::Duration::from_millis(200);
+
+impl Turn {
+    fn start() -> Turn {
+        let now = std::time::Instant::now();
+        Turn { start: now, cpu: thread_cpu(), lap: now, slowest: (std::time::Duration::ZERO, "") }
+    }
+
+    fn lap(&mut self, what: &'static str) {
+        let now = std::time::Instant::now();
+        let took = now - self.lap;
+        if took > self.slowest.0 {
+            self.slowest = (took, what);
+        }
+        self.lap = now;
+    }
+
+    fn end(self) {
+        let took = self.lap - self.start;
+        if took >= SLOW_TURN {
+            tracing::warn!(
+                ms = took.as_millis() as u64,
+                cpu_ms = thread_cpu().saturating_sub(self.cpu).as_millis() as u64,
+                slowest = self.slowest.1,
+                slowest_ms = self.slowest.0.as_millis() as u64,
+                "the event loop was busy: links and clients waited"
+            );
+        }
+    }
+}
+
+fn thread_cpu() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
 pub struct TrackerServer<R: Replicator> {
     poll: Poll,
     listener: TcpListener,
@@ -136,6 +210,9 @@ pub struct TrackerServer<R: Replicator> {
     links: BTreeMap<NodeId, Link>,
     on_leader: Option<LeaderHook>,
     syncer: Option<Syncer>,
+    jobs: Option<Jobs>,
+    /// Wakes the loop for the sync and job threads (mio allows one a poll).
+    waker: Arc<Waker>,
     tls_server: Arc<rustls::ServerConfig>,
     tls_client: Arc<rustls::ClientConfig>,
     /// Chunk-list ranges beside the log.
@@ -156,6 +233,7 @@ impl<R: Replicator> TrackerServer<R> {
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(addr)?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WOKEN)?);
         Ok(TrackerServer {
             poll,
             listener,
@@ -168,6 +246,8 @@ impl<R: Replicator> TrackerServer<R> {
             links: BTreeMap::new(),
             on_leader: None,
             syncer: None,
+            jobs: None,
+            waker,
             tls_server,
             tls_client,
             key_dir: None,
@@ -216,8 +296,7 @@ impl<R: Replicator> TrackerServer<R> {
     /// Makes every log record durable in `wal` before what depends on it is
     /// sent. A thread writes and fsyncs it.
     pub fn with_wal(mut self, wal: WalFile) -> io::Result<Self> {
-        let waker = Waker::new(self.poll.registry(), SYNCED)?;
-        self.syncer = Some(Syncer::start(wal, waker)?);
+        self.syncer = Some(Syncer::start(wal, self.waker.clone())?);
         Ok(self)
     }
 
@@ -258,13 +337,24 @@ impl<R: Replicator> TrackerServer<R> {
                 return Err(e);
             }
             let now = self.clock.now();
+            let mut turn = Turn::start();
             if self.node.poll_timeout().is_some_and(|t| t <= now) {
                 self.node.handle_timeout(now);
+                turn.lap("timers");
             }
             for ev in events.iter() {
+                let what = match ev.token() {
+                    LISTENER => "accept",
+                    WOKEN => "sync or job done",
+                    t if t.0 >= PEER_BASE => "our link",
+                    _ => "connection",
+                };
                 match ev.token() {
                     LISTENER => self.accept(now)?,
-                    SYNCED => self.synced(now)?,
+                    WOKEN => {
+                        self.synced(now)?;
+                        self.jobs_done(now);
+                    }
                     token if token.0 >= PEER_BASE => {
                         let node = (token.0 - PEER_BASE) as NodeId;
                         self.link_event(node, ev, now, &mut buf);
@@ -297,8 +387,11 @@ impl<R: Replicator> TrackerServer<R> {
                         }
                     }
                 }
+                turn.lap(what);
             }
             self.drain(now)?;
+            turn.lap("outputs");
+            turn.end();
         }
     }
 
@@ -457,6 +550,14 @@ impl<R: Replicator> TrackerServer<R> {
                         }
                     }
                     TrackerOutput::Applied { .. } => {}
+                    TrackerOutput::Work { ticket, job } => {
+                        if self.jobs.is_none() {
+                            self.jobs = Some(Jobs::start(self.waker.clone())?);
+                        }
+                        if let Some(j) = &self.jobs {
+                            let _ = j.tx.send((ticket, job));
+                        }
+                    }
                     // A range the store cannot take stops this tracker, as a
                     // log record would: nothing that depends on it goes out.
                     TrackerOutput::StoreRange { hash, bytes } => self.ranges.put(&hash, &bytes)?,
@@ -520,6 +621,15 @@ impl<R: Replicator> TrackerServer<R> {
         let done = s.done.load(Ordering::Acquire);
         self.node.handle_synced(done, now);
         Ok(())
+    }
+
+    /// The job thread finished some: the node takes their results.
+    fn jobs_done(&mut self, now: Millis) {
+        let Some(j) = &self.jobs else { return };
+        let done: Vec<(u64, JobDone)> = j.done.try_iter().collect();
+        for (ticket, d) in done {
+            self.node.handle_job_done(ticket, d, now);
+        }
     }
 
     /// Connections told to close whose backlog has since drained.

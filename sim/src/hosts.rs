@@ -7,6 +7,7 @@ use shoal_core::client::{ClientEngine, Ticket};
 use shoal_core::meta::Entry;
 use shoal_core::shell::ShellError;
 use shoal_core::time::Millis;
+use shoal_core::tracker::replicator::{ConsensusMessage, Outbound};
 use shoal_core::tracker::{ConnId, Decided, NodeId, OmniReplicator, Persist, Replicator, SoloReplicator, TrackerNode};
 use shoal_core::wire::FrameError;
 
@@ -37,7 +38,7 @@ impl Replicator for Rep {
     fn poll_persist(&mut self) -> Option<Persist> {
         both!(self, r => r.poll_persist())
     }
-    fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>, bool)> {
+    fn poll_send(&mut self) -> Option<(NodeId, Outbound, bool)> {
         both!(self, r => r.poll_send())
     }
     fn snapshot_due(&self) -> bool {
@@ -51,6 +52,14 @@ impl Replicator for Rep {
     }
     fn handle_message(&mut self, from: NodeId, bytes: &[u8]) -> Result<(), FrameError> {
         both!(self, r => r.handle_message(from, bytes))
+    }
+    fn handle_decoded(
+        &mut self,
+        from: NodeId,
+        msg: ConsensusMessage,
+        live: Option<&shoal_core::meta::MetaState>,
+    ) -> Result<(), FrameError> {
+        both!(self, r => r.handle_decoded(from, msg, live))
     }
     fn handle_peer_up(&mut self, node: NodeId) {
         both!(self, r => r.handle_peer_up(node))
@@ -142,4 +151,7 @@ pub(crate) struct SimTracker {
     pub(crate) links: BTreeMap<usize, Link>,
     /// Log index this tracker has applied up to (for the agreement check).
     pub(crate) applied: u64,
+    /// Which run of the tracker this is (a restart starts the next): a job
+    /// done after a crash reports to nobody.
+    pub(crate) run: u64,
 }

@@ -78,6 +78,13 @@ pub(crate) enum Event {
     CloseConn {
         conn: ConnId,
     },
+    /// A job tracker `t` handed out (in its run `run`) is done.
+    JobDone {
+        t: usize,
+        run: u64,
+        ticket: u64,
+        done: shoal_core::tracker::JobDone,
+    },
 }
 
 /// One end of a peer connection: (client, its id for the connection).
@@ -218,7 +225,8 @@ impl World {
             Event::PeerConnected { .. }
             | Event::PeerBytes { .. }
             | Event::PeerClosed { .. }
-            | Event::ForgedPeerConnected { .. } => None,
+            | Event::ForgedPeerConnected { .. }
+            | Event::JobDone { .. } => None,
         }
     }
 
@@ -399,6 +407,17 @@ impl World {
                 self.drain_client(to);
             }
             Event::CloseConn { conn } => self.reset(conn),
+            Event::JobDone { t, run, ticket, done } => {
+                if self.trackers[t].run != run {
+                    return;
+                }
+                self.record(format!("{} t{t} job {ticket} done", self.now.0));
+                let now = self.tracker_now(t);
+                if let Some(n) = self.trackers[t].node.as_mut() {
+                    n.handle_job_done(ticket, done, now);
+                }
+                self.drain_tracker(t);
+            }
         }
     }
 

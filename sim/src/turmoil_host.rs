@@ -222,6 +222,7 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
                 break;
             }
             let mut loaded = Vec::new();
+            let mut done = Vec::new();
             for out in outs {
                 match out {
                     TrackerOutput::StoreRange { hash, bytes } => {
@@ -284,10 +285,14 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
                         shared.leaders.lock().unwrap().insert(me, leader);
                     }
                     TrackerOutput::Applied { .. } => {}
+                    TrackerOutput::Work { ticket, job } => done.push((ticket, job.run())),
                 }
             }
             for (hash, bytes) in loaded {
                 node.handle_range_loaded(hash, bytes, now);
+            }
+            for (ticket, d) in done {
+                node.handle_job_done(ticket, d, now);
             }
         }
         if node.meta().applied() != published {

@@ -159,6 +159,10 @@ pub struct World {
     pub(crate) mid_step_crash: Option<usize>,
     /// How many faults of each kind were injected.
     pub faults: BTreeMap<&'static str, u64>,
+    /// Jobs trackers ran off their event loop, by kind (`"encode"`: a
+    /// snapshot sync for a tracker catching up; `"decode"`: a consensus
+    /// message that came in parts).
+    pub jobs: BTreeMap<&'static str, u64>,
     /// `SIM_TRACE=1`: print the trace as it is recorded.
     pub(crate) verbose: bool,
     pub(crate) cfg: TrackerConfig,
@@ -229,6 +233,7 @@ impl World {
                 log: TrackerLog::default(),
                 links: BTreeMap::new(),
                 applied: 0,
+                run: 0,
             })
             .collect();
         let clients = (0..wc.clients)
@@ -295,6 +300,7 @@ impl World {
             canon_ids: BTreeSet::new(),
             mid_step_crash: None,
             faults: BTreeMap::new(),
+            jobs: BTreeMap::new(),
             verbose: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
             canon_state: MetaState::new(),
             ever_member: BTreeSet::new(),
@@ -575,6 +581,7 @@ impl World {
         self.trackers[t].applied = node.meta().applied();
         self.trackers[t].node = Some(node);
         self.trackers[t].links.clear();
+        self.trackers[t].run += 1;
     }
 
     pub(crate) fn drain_tracker(&mut self, t: usize) {
@@ -624,6 +631,13 @@ impl World {
                     }
                     TrackerOutput::Dial { node } => self.dial(t, node as usize - 1),
                     TrackerOutput::Hangup { node } => self.hang_up(t, node as usize - 1),
+                    // A thread of the driver's runs it while the tracker goes on.
+                    TrackerOutput::Work { ticket, job } => {
+                        *self.jobs.entry(job.kind()).or_default() += 1;
+                        let at = self.now.plus(self.latency());
+                        let run = self.trackers[t].run;
+                        self.schedule(at, Event::JobDone { t, run, ticket, done: job.run() });
+                    }
                     out => self.send_tracker_output(t, out),
                 }
             }

@@ -654,6 +654,7 @@ fn clusters_survive_chaos_over_many_seeds() {
     let seeds = seeds(200);
     let t0 = std::time::Instant::now();
     let mut totals: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut jobs: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut writes = Vec::new();
     let mut slow = Vec::new();
     for &seed in &seeds {
@@ -665,6 +666,9 @@ fn clusters_survive_chaos_over_many_seeds() {
                     *totals.entry(k).or_default() += v;
                 }
                 *totals.entry("blocks served to checked members").or_default() += w.member_serves;
+                for (k, v) in &w.jobs {
+                    *jobs.entry(k).or_default() += v;
+                }
                 let bound = if rejoin.2 { REJOIN } else { RESTART };
                 if rejoin.1 > bound {
                     slow.push(format!(
@@ -700,7 +704,7 @@ fn clusters_survive_chaos_over_many_seeds() {
     let at = |q: f64| writes.get(((writes.len() as f64 - 1.0) * q) as usize).map_or(0, |w| w.0 .0);
     let leader_max = writes.iter().map(|w| w.1 .0).max().unwrap_or(0);
     println!(
-        "{} seeds in {secs:.1} s: {:.1} seeds/s; {} heals with a majority up: one leader within {leader_max} ms, a write within p50 {} / p99 {} / max {} ms; faults injected: {totals:?}",
+        "{} seeds in {secs:.1} s: {:.1} seeds/s; {} heals with a majority up: one leader within {leader_max} ms, a write within p50 {} / p99 {} / max {} ms; faults injected: {totals:?}; jobs off the loop: {jobs:?}",
         seeds.len(),
         seeds.len() as f64 / secs,
         writes.len(),
@@ -708,6 +712,13 @@ fn clusters_survive_chaos_over_many_seeds() {
         at(0.99),
         at(1.0),
     );
+    // Snapshot syncs are encoded, and messages that came in parts decoded,
+    // off the event loop, while the tracker goes on: the sweep takes that
+    // path (its results arriving late, after crashes and dropped links).
+    if seeds.len() >= 20 {
+        assert!(jobs.get("encode").is_some_and(|&n| n > 0), "no snapshot sync was encoded off the loop: {jobs:?}");
+        assert!(jobs.get("decode").is_some_and(|&n| n > 0), "no message was decoded off the loop: {jobs:?}");
+    }
     assert!(
         slow.is_empty(),
         "{} seeds healed past the bound ({} ms, {} ms after a restart):\n{}",

@@ -432,14 +432,7 @@ impl<R: Replicator> TrackerNode<R> {
 
     pub(crate) fn handle_tracker_frame(&mut self, conn: ConnId, node: NodeId, msg: Message, now: Millis) {
         match msg {
-            Message::Tracker(TrackerFrame::Consensus(bytes)) => {
-                if let Err(e) = self.replicator.handle_message(node, &bytes) {
-                    tracing::warn!(node, error = %e, "bad consensus message, closing");
-                    self.refuse(conn, format!("bad consensus message: {e}"));
-                    return;
-                }
-                self.pump(now);
-            }
+            Message::Tracker(TrackerFrame::Consensus(bytes)) => self.handle_consensus(conn, node, bytes),
             Message::Tracker(TrackerFrame::Soft(soft)) => self.merge_soft(soft, now),
             Message::Tracker(TrackerFrame::ConsensusPart { xfer, last, bytes }) => {
                 self.handle_consensus_part(conn, node, (xfer, last, bytes))
@@ -463,8 +456,8 @@ impl<R: Replicator> TrackerNode<R> {
             while let Some(p) = self.replicator.poll_persist() {
                 self.outbox.push(TrackerOutput::Persist(p));
             }
-            while let Some((node, bytes, after_sync)) = self.replicator.poll_send() {
-                self.send_consensus(node, bytes, after_sync);
+            while let Some((node, out, after_sync)) = self.replicator.poll_send() {
+                self.send_outbound(node, out, after_sync);
             }
             let mut applied = false;
             while let Some(d) = self.replicator.poll_decided() {

@@ -33,7 +33,7 @@ use omnipaxos::util::LogEntry;
 use omnipaxos::{ClusterConfig, OmniPaxos, OmniPaxosConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 
-use super::replicator::{Decided, NodeId, Persist, Replicator};
+use super::replicator::{ConsensusMessage, Decided, NodeId, Outbound, Persist, Replicator};
 use crate::meta::{Entry, MetaState};
 use crate::time::Millis;
 use crate::wire::FrameError;
@@ -689,7 +689,7 @@ impl Replicator for OmniReplicator {
         self.journal.poll_persist()
     }
 
-    fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>, bool)> {
+    fn poll_send(&mut self) -> Option<(NodeId, Outbound, bool)> {
         if self.outgoing.is_empty() {
             self.op.take_outgoing_messages(&mut self.outgoing);
             self.outgoing.reverse();
@@ -705,15 +705,31 @@ impl Replicator for OmniReplicator {
             PaxosMessage::SequencePaxos(p)
                 if matches!(p.msg, PaxosMsg::Promise(_) | PaxosMsg::Accepted(_) | PaxosMsg::NotAccepted(_))
         );
-        Some((m.get_receiver(), postcard::to_allocvec(&m).expect("encode to Vec"), vote))
+        let to = m.get_receiver();
+        // A sync that carries a snapshot holds the whole metadata: encoded
+        // off the event loop.
+        let big = matches!(
+            &m,
+            PaxosMessage::SequencePaxos(p)
+                if matches!(&p.msg, PaxosMsg::AcceptSync(s) if s.log_sync.decided_snapshot.is_some())
+        );
+        if big {
+            return Some((to, Outbound::Snapshot(Box::new(ConsensusMessage(m))), vote));
+        }
+        Some((to, Outbound::Encoded(postcard::to_allocvec(&m).expect("encode to Vec")), vote))
     }
 
     fn answers_need_sync(&self) -> bool {
         false
     }
 
-    fn handle_message(&mut self, from: NodeId, bytes: &[u8]) -> Result<(), FrameError> {
-        let m: PaxosMessage<Entry> = crate::wire::decode(bytes)?;
+    fn handle_decoded(
+        &mut self,
+        from: NodeId,
+        msg: ConsensusMessage,
+        live: Option<&MetaState>,
+    ) -> Result<(), FrameError> {
+        let m = msg.0;
         if m.get_sender() != from || m.get_receiver() != self.me {
             return Err(FrameError::Malformed("consensus message with wrong sender or receiver".into()));
         }
@@ -767,7 +783,7 @@ impl Replicator for OmniReplicator {
         if let PaxosMessage::SequencePaxos(p) = &m {
             match &p.msg {
                 PaxosMsg::Promise(_) => {
-                    let h = crate::chunk::Sha1Digest::of(bytes).0;
+                    let h = crate::chunk::Sha1Digest::of(&postcard::to_allocvec(&m).expect("encode to Vec")).0;
                     if self.promised.insert(from, h) == Some(h) {
                         return Ok(());
                     }
@@ -778,7 +794,23 @@ impl Replicator for OmniReplicator {
                 _ => {}
             }
         }
+        // A sync is built (leader: on a Promise) or merged in (follower: an
+        // AcceptSync) from the state up to this node's decided index: the
+        // live state stands for it, so the log's entries since the last
+        // snapshot are not applied again (on the loop, up to 100,000 of
+        // them) on every resync. Taken back after: a copy left sharing the
+        // live state would make its every write copy the paths it touches.
+        let sync = matches!(
+            &m,
+            PaxosMessage::SequencePaxos(p) if matches!(p.msg, PaxosMsg::Promise(_) | PaxosMsg::AcceptSync(_))
+        );
+        if let (true, Some(live)) = (sync, live) {
+            self.journal.inner.borrow_mut().live = Some(Live::Offered(live.clone()));
+        }
         self.op.handle_incoming(m);
+        if sync {
+            self.journal.inner.borrow_mut().live = None;
+        }
         Ok(())
     }
 
@@ -1039,7 +1071,8 @@ mod tests {
                 for (i, n) in self.nodes.iter_mut().enumerate() {
                     while n.poll_persist().is_some() {}
                     while n.poll_decided().is_some() {}
-                    while let Some((to, bytes, _)) = n.poll_send() {
+                    while let Some((to, out, _)) = n.poll_send() {
+                        let bytes = out.into_bytes();
                         if self.alive[i] {
                             let due = self.now.plus(Millis(self.latency * TICK.0));
                             self.wire.push((due, i as NodeId + 1, to, bytes));

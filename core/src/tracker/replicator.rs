@@ -36,6 +36,65 @@ pub enum Decided {
     Install(Box<MetaState>),
 }
 
+/// A consensus message, decoded: what a replicator sends and takes.
+#[derive(Clone)]
+pub struct ConsensusMessage(pub(crate) omnipaxos::messages::Message<Entry>);
+
+impl ConsensusMessage {
+    /// The message in `bytes` (from another tracker: untrusted).
+    pub fn decode(bytes: &[u8]) -> Result<ConsensusMessage, FrameError> {
+        crate::wire::decode(bytes).map(ConsensusMessage)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(&self.0).expect("encode to Vec")
+    }
+}
+
+impl std::fmt::Debug for ConsensusMessage {
+    /// Its kind and ends only: one may hold the whole metadata.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use omnipaxos::messages::Message as M;
+        match &self.0 {
+            M::SequencePaxos(p) => {
+                let kind = format!("{:?}", p.msg);
+                let kind = kind.split(['(', ' ', '{']).next().unwrap_or("");
+                write!(f, "ConsensusMessage({kind} {} -> {})", p.from, p.to)
+            }
+            M::BLE(b) => write!(f, "ConsensusMessage(BLE {} -> {})", b.from, b.to),
+        }
+    }
+}
+
+impl PartialEq for ConsensusMessage {
+    /// By encoding (tests compare outputs; nothing else does).
+    fn eq(&self, other: &ConsensusMessage) -> bool {
+        self.encode() == other.encode()
+    }
+}
+
+impl Eq for ConsensusMessage {}
+
+/// A consensus message for another tracker, as a replicator hands it out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outbound {
+    Encoded(Vec<u8>),
+    /// One that carries a snapshot of the metadata: too big to encode on
+    /// the event loop (the node has it encoded off it, see
+    /// [`crate::tracker::Job`]).
+    Snapshot(Box<ConsensusMessage>),
+}
+
+impl Outbound {
+    /// Its bytes, encoding it here if it is not yet.
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Outbound::Encoded(b) => b,
+            Outbound::Snapshot(m) => m.encode(),
+        }
+    }
+}
+
 /// A record for the durable log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Persist {
@@ -66,7 +125,7 @@ pub trait Replicator {
     /// The next message for another tracker, and whether it must wait until
     /// the records polled before it are durable (a vote: it promises what
     /// those records hold). Other messages may leave while they are written.
-    fn poll_send(&mut self) -> Option<(NodeId, Vec<u8>, bool)> {
+    fn poll_send(&mut self) -> Option<(NodeId, Outbound, bool)> {
         None
     }
     /// Whether the log is due a snapshot now: asked once every decided entry
@@ -76,8 +135,21 @@ pub trait Replicator {
     /// Snapshots the log; `live` is the state machine with every decided
     /// entry applied.
     fn take_snapshot(&mut self, live: &MetaState);
-    /// A message from tracker `from`.
-    fn handle_message(&mut self, _from: NodeId, _bytes: &[u8]) -> Result<(), FrameError> {
+    /// A message from tracker `from`, encoded.
+    fn handle_message(&mut self, from: NodeId, bytes: &[u8]) -> Result<(), FrameError> {
+        self.handle_decoded(from, ConsensusMessage::decode(bytes)?, None)
+    }
+    /// A message from tracker `from`, decoded (off the event loop, when
+    /// big). `live` is the state machine with every decided entry applied,
+    /// if the caller has it: a sync that needs the state up to there (to
+    /// send a snapshot, or to merge one in) takes it instead of applying
+    /// the log's entries again.
+    fn handle_decoded(
+        &mut self,
+        _from: NodeId,
+        _msg: ConsensusMessage,
+        _live: Option<&MetaState>,
+    ) -> Result<(), FrameError> {
         Ok(())
     }
     /// A link to tracker `node` was (re)established.

@@ -968,3 +968,197 @@ fn a_big_consensus_message_goes_in_parts_a_window_at_a_time() {
     assert!(whole == big, "the parts make up the message");
     assert_eq!(small, Some(vec![1, 2, 3]));
 }
+
+/// A log of a cluster of three whose messages out are scripted, and that
+/// records the messages it is handed, in order.
+#[derive(Default)]
+struct Scripted {
+    out: std::collections::VecDeque<(NodeId, replicator::Outbound)>,
+    got: Vec<Vec<u8>>,
+}
+impl Replicator for Scripted {
+    fn propose(&mut self, _: Entry) {}
+    fn poll_decided(&mut self) -> Option<Decided> {
+        None
+    }
+    fn poll_persist(&mut self) -> Option<Persist> {
+        None
+    }
+    fn poll_send(&mut self) -> Option<(NodeId, replicator::Outbound, bool)> {
+        self.out.pop_front().map(|(n, o)| (n, o, false))
+    }
+    fn snapshot_due(&self) -> bool {
+        false
+    }
+    fn take_snapshot(&mut self, _: &crate::meta::MetaState) {}
+    fn handle_decoded(
+        &mut self,
+        _: NodeId,
+        msg: replicator::ConsensusMessage,
+        _: Option<&crate::meta::MetaState>,
+    ) -> Result<(), crate::wire::FrameError> {
+        self.got.push(msg.encode());
+        Ok(())
+    }
+    fn leader(&self) -> Option<NodeId> {
+        None
+    }
+    fn me(&self) -> NodeId {
+        1
+    }
+    fn peers(&self) -> &[NodeId] {
+        &[2, 3]
+    }
+}
+
+/// Consensus messages a cluster of three sends tracker 1, encoded.
+fn consensus_messages_to_1() -> Vec<Vec<u8>> {
+    let ids = [1, 2, 3];
+    let mut reps: Vec<OmniReplicator> =
+        ids.iter().map(|&me| OmniReplicator::recover(me, &ids, std::iter::empty()).unwrap()).collect();
+    let mut to_1 = Vec::new();
+    for step in 0..100u64 {
+        for i in 0..3 {
+            reps[i].handle_timeout(Millis(step * 10));
+            while reps[i].poll_persist().is_some() {}
+            while let Some((to, out, _)) = reps[i].poll_send() {
+                let bytes = out.into_bytes();
+                if to == 1 {
+                    to_1.push(bytes.clone());
+                }
+                let _ = reps[to as usize - 1].handle_message(i as u64 + 1, &bytes);
+            }
+            while reps[i].poll_decided().is_some() {}
+        }
+    }
+    to_1
+}
+
+/// A consensus message that came in parts is decoded by a job, off the
+/// event loop; what arrives from that tracker meanwhile waits, and the
+/// replicator gets everything in the order it arrived, whichever job
+/// finishes first.
+#[test]
+fn messages_decoded_off_the_loop_reach_the_log_in_order() {
+    // Leader election's messages are 5-15 bytes: parts of 8 split some.
+    let part = 8;
+    let msgs = consensus_messages_to_1();
+    let big: Vec<&Vec<u8>> = msgs.iter().filter(|m| m.len() > part).take(2).collect();
+    let small = msgs.iter().find(|m| m.len() <= part).expect("a small message");
+    assert_eq!(big.len(), 2, "two big messages");
+    let cfg = TrackerConfig {
+        password_params: PasswordParams::INSECURE_FAST,
+        peer_keys: [(2, key(2))].into_iter().collect(),
+        consensus_part: part,
+        ..TrackerConfig::default()
+    };
+    let mut n = TrackerNode::new(cfg, Rng::from_u64(1), Scripted::default());
+    let link = ConnId(12);
+    connect(&mut n, link, REMOTE, Millis(1));
+    n.handle_secured(link, key(2), Millis(1));
+    let mut join = encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Tracker });
+    join.extend(encode(&Message::Tracker(TrackerFrame::Join { node: 2 })));
+    n.handle_bytes(link, &join, Millis(1));
+    let out = drain(&mut n);
+    assert!(closed(&out, link).is_none(), "tracker 2's link is taken: {out:?}");
+    let in_parts = |xfer: u64, m: &[u8]| -> Vec<u8> {
+        let n = m.len().div_ceil(part);
+        m.chunks(part)
+            .enumerate()
+            .flat_map(|(i, c)| {
+                encode(&Message::Tracker(TrackerFrame::ConsensusPart { xfer, last: i + 1 == n, bytes: c.to_vec() }))
+            })
+            .collect()
+    };
+    let jobs = |outs: Vec<TrackerOutput>| -> Vec<(u64, Job)> {
+        outs.into_iter()
+            .filter_map(|o| if let TrackerOutput::Work { ticket, job } = o { Some((ticket, job)) } else { None })
+            .collect()
+    };
+    n.handle_bytes(link, &in_parts(1, big[0]), Millis(2));
+    let mut first = jobs(drain(&mut n));
+    n.handle_bytes(link, &encode(&Message::Tracker(TrackerFrame::Consensus(small.clone()))), Millis(3));
+    n.handle_bytes(link, &in_parts(2, big[1]), Millis(4));
+    let mut second = jobs(drain(&mut n));
+    assert_eq!((first.len(), second.len()), (1, 1), "one decode job for each big message");
+    assert!(n.replicator().got.is_empty(), "nothing reaches the log before the first is decoded");
+    let (t2, j2) = second.remove(0);
+    assert_eq!(j2.kind(), "decode");
+    n.handle_job_done(t2, j2.run(), Millis(5));
+    drain(&mut n);
+    assert!(n.replicator().got.is_empty(), "the second waits for the first");
+    let (t1, j1) = first.remove(0);
+    n.handle_job_done(t1, j1.run(), Millis(6));
+    drain(&mut n);
+    assert_eq!(n.replicator().got, vec![big[0].clone(), small.clone(), big[1].clone()]);
+    // A job's result that no message waits for changes nothing.
+    n.handle_job_done(t1, Job(JobKind::Decode(big[0].clone())).run(), Millis(7));
+    assert_eq!(n.replicator().got.len(), 3);
+}
+
+/// A sync carrying a snapshot is encoded by a job, off the loop; what the
+/// log sends that tracker after it waits and follows it, while pings and
+/// other trackers' messages go at once. A job done after the link dropped
+/// sends nothing.
+#[test]
+fn a_snapshot_sync_is_encoded_off_the_loop_and_keeps_its_place() {
+    use replicator::{ConsensusMessage, Outbound};
+    let msgs = consensus_messages_to_1();
+    let m = ConsensusMessage::decode(&msgs[1]).unwrap();
+    let small = msgs[0].clone();
+    let cfg = TrackerConfig {
+        password_params: PasswordParams::INSECURE_FAST,
+        peer_keys: [(2, key(2)), (3, key(3))].into_iter().collect(),
+        ..TrackerConfig::default()
+    };
+    let mut n = TrackerNode::new(cfg, Rng::from_u64(1), Scripted::default());
+    n.handle_timeout(Millis(1));
+    drain(&mut n);
+    n.handle_link_up(2, key(2), Millis(2));
+    n.handle_link_up(3, key(3), Millis(2));
+    drain(&mut n);
+    let consensus_to = |outs: &[TrackerOutput], to: NodeId| -> Vec<Vec<u8>> {
+        outs.iter()
+            .filter_map(|o| match o {
+                TrackerOutput::PeerSend { node, bytes } if *node == to => match decode::<Message>(&bytes[4..]) {
+                    Ok(Message::Tracker(TrackerFrame::Consensus(b))) => Some(b),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    };
+    for round in 0..2 {
+        n.replicator.out.extend([
+            (2, Outbound::Snapshot(Box::new(m.clone()))),
+            (2, Outbound::Encoded(small.clone())),
+            (3, Outbound::Encoded(small.clone())),
+        ]);
+        let at = Millis(10 + round * 100);
+        n.handle_timeout(at);
+        let out = drain(&mut n);
+        let mut jobs: Vec<(u64, Job)> = out
+            .iter()
+            .filter_map(
+                |o| if let TrackerOutput::Work { ticket, job } = o { Some((*ticket, job.clone())) } else { None },
+            )
+            .collect();
+        assert_eq!(jobs.len(), 1, "{out:?}");
+        assert_eq!(jobs[0].1.kind(), "encode");
+        assert!(consensus_to(&out, 2).is_empty(), "nothing to 2 passes the sync");
+        assert_eq!(consensus_to(&out, 3), vec![small.clone()], "3 is not held up");
+        let (ticket, job) = jobs.remove(0);
+        if round == 1 {
+            // The link drops while the job runs: its result is dropped too.
+            n.handle_link_down(2, at);
+            drain(&mut n);
+        }
+        n.handle_job_done(ticket, job.run(), at);
+        let out = drain(&mut n);
+        if round == 0 {
+            assert_eq!(consensus_to(&out, 2), vec![m.encode(), small.clone()], "the sync, then what waited");
+        } else {
+            assert!(consensus_to(&out, 2).is_empty(), "{out:?}");
+        }
+    }
+}
