@@ -3,6 +3,8 @@
 //! Every constructor checks its input, and deserialisation goes through the same
 //! check, so a value of these types is valid wherever it came from.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -47,9 +49,12 @@ fn valid_file_name(s: &str) -> bool {
 macro_rules! checked_name {
     ($(#[$doc:meta])* $name:ident, $check:ident, $err:expr) => {
         $(#[$doc])*
+        ///
+        /// Held as an `Arc<str>`: a copy (a sharer's user id on each of its
+        /// files, a key copied with its map node) costs a count, not a string.
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
         #[serde(try_from = "String")]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         /// As a string, borrowed (a snapshot encodes millions of them).
         impl Serialize for $name {
@@ -62,7 +67,7 @@ macro_rules! checked_name {
             pub fn new(s: impl Into<String>) -> Result<Self, NameError> {
                 let s = s.into();
                 if $check(&s) {
-                    Ok($name(s))
+                    Ok($name(Arc::from(s)))
                 } else {
                     Err($err)
                 }
@@ -82,7 +87,7 @@ macro_rules! checked_name {
 
         impl From<$name> for String {
             fn from(n: $name) -> String {
-                n.0
+                n.0.to_string()
             }
         }
 

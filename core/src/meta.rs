@@ -11,6 +11,7 @@
 
 use imbl::{OrdMap, OrdSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -294,7 +295,10 @@ pub struct Group {
     pub members: Vec<UserId>,
     /// In the order they asked.
     pub pending: Vec<UserId>,
-    pub files: OrdMap<FileName, SharedFile>,
+    /// Each behind an `Arc`: a snapshot shares the map's nodes with the
+    /// live state until a write copies one, and a copied node then copies
+    /// 16 pointers, not 16 files (names, hashes, sharers).
+    pub files: OrdMap<FileName, Arc<SharedFile>>,
 }
 
 impl Group {
@@ -371,12 +375,12 @@ impl MetaState {
         let w = self.touch(id.client);
         if entry.settled_below > w.settled_below {
             w.settled_below = entry.settled_below;
-            // What is at or above the new mark stays.
-            let (_, at, mut above) = w.results.split_lookup(&entry.settled_below);
-            if let Some(r) = at {
-                above.insert(entry.settled_below, r);
+            // What is at or above the new mark stays. Removed one by one
+            // (usually one): a split rebuilds both halves, and cost a third
+            // of a busy tracker's loop.
+            while let Some(seq) = w.results.get_min().map(|(seq, _)| *seq).filter(|&s| s < entry.settled_below) {
+                w.results.remove(&seq);
             }
-            w.results = above;
         }
         if let Some(result) = w.results.get(&id.seq) {
             return result.clone();
@@ -510,7 +514,7 @@ impl MetaState {
                     .map(|(n, _)| n.clone())
                     .collect();
                 for n in mine {
-                    let Some(f) = g.files.get_mut(&n) else { continue };
+                    let Some(f) = g.files.get_mut(&n).map(Arc::make_mut) else { continue };
                     f.sharers.retain(|s| s.user != me);
                     if f.sharers.is_empty() {
                         count_ranges(&mut self.ranges, &f.meta, false);
@@ -549,7 +553,7 @@ impl MetaState {
                 if !g.is_member(&sharer.user) {
                     return Err(ApiError::NotMember);
                 }
-                if let Some(f) = g.files.get_mut(&file.name) {
+                if let Some(f) = g.files.get_mut(&file.name).map(Arc::make_mut) {
                     if f.meta.index != file.index {
                         return Err(ApiError::FileNameTaken);
                     }
@@ -560,7 +564,8 @@ impl MetaState {
                     return Err(ApiError::Limit(format!("a group holds at most {MAX_FILES_PER_GROUP} files")));
                 }
                 count_ranges(&mut self.ranges, file, true);
-                g.files.insert(file.name.clone(), SharedFile { meta: file.clone(), sharers: Sharers::unit(sharer) });
+                let f = SharedFile { meta: file.clone(), sharers: Sharers::unit(sharer) };
+                g.files.insert(file.name.clone(), Arc::new(f));
                 Ok(Reply::Done)
             }
             Command::StopShare { token, group, name } => {
@@ -570,7 +575,7 @@ impl MetaState {
                 if !g.is_member(&sharer.user) {
                     return Err(ApiError::NotMember);
                 }
-                let f = g.files.get_mut(name).ok_or(ApiError::NoSuchFile)?;
+                let f = g.files.get_mut(name).map(Arc::make_mut).ok_or(ApiError::NoSuchFile)?;
                 if !f.sharers.remove(&sharer) {
                     return Err(ApiError::NotSharing);
                 }

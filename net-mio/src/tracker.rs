@@ -88,7 +88,9 @@ impl Syncer {
                 for c in cmds {
                     let r = match c {
                         SyncCmd::Write(bytes) => wal.append_encoded(&bytes).map_err(|e| (e, "write")),
-                        SyncCmd::Rewrite(image) => wal.rewrite(&image.records()).map_err(|e| (e, "rewrite")),
+                        SyncCmd::Rewrite(image) => {
+                            wal.rewrite_with(|put| image.for_each_record(put)).map_err(|e| (e, "rewrite"))
+                        }
                         SyncCmd::Sync(k, s) => {
                             upto = upto.max(k);
                             store = Some(s);

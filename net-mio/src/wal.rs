@@ -102,26 +102,43 @@ impl WalFile {
     /// over the log, directory synced. Records appended and not yet synced
     /// are dropped: the image includes them.
     pub fn rewrite(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
+        self.rewrite_with(|put| records.iter().try_for_each(|r| put(r)))
+    }
+
+    /// [`WalFile::rewrite`] with the records `fill` hands over one at a
+    /// time: each is written as it comes, so the log never holds a second
+    /// copy of the image in memory.
+    pub fn rewrite_with(
+        &mut self,
+        fill: impl FnOnce(&mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()>,
+    ) -> io::Result<()> {
         self.pending.clear();
         let tmp = self.path.with_extension("new");
-        let mut bytes = Vec::with_capacity(records.iter().map(|r| r.len() + 12).sum());
-        for r in records {
-            encode_record(r, &mut bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut out = io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        let mut len = 0u64;
+        let mut framed = Vec::new();
+        fill(&mut |r: &[u8]| {
+            framed.clear();
+            encode_record(r, &mut framed).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            len += framed.len() as u64;
+            out.write_all(&framed)
+        })?;
+        let allocated = len.div_ceil(PREALLOCATE) * PREALLOCATE;
+        let zeros = vec![0u8; 64 * 1024];
+        let mut left = allocated - len;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64);
+            out.write_all(&zeros[..n as usize])?;
+            left -= n;
         }
-        let len = bytes.len() as u64;
-        bytes.resize((len.div_ceil(PREALLOCATE) * PREALLOCATE) as usize, 0);
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         std::fs::rename(&tmp, &self.path)?;
         if let Some(dir) = self.path.parent() {
             File::open(dir)?.sync_all()?;
         }
         self.file = OpenOptions::new().read(true).write(true).open(&self.path)?;
         self.len = len;
-        self.allocated = bytes.len() as u64;
+        self.allocated = allocated;
         Ok(())
     }
 

@@ -202,26 +202,32 @@ impl LogImage {
     /// The image's records: one, or its parts (the encoding, which takes
     /// a while for a large state: call it where the log is written).
     pub fn records(&self) -> Vec<Vec<u8>> {
-        let image = postcard::to_allocvec(&RecordRef::Image(&self.image)).expect("encode to Vec");
-        image_records(image, self.part)
+        let mut all = Vec::new();
+        let _ = self.for_each_record::<()>(|r| {
+            all.push(r.to_vec());
+            Ok(())
+        });
+        all
     }
-}
 
-/// The records of a rewritten log holding `image` (a `RecordRef::Image`
-/// encoding): itself if it fits one record, else its parts.
-fn image_records(image: Vec<u8>, part: usize) -> Vec<Vec<u8>> {
-    if image.len() <= part {
-        return vec![image];
+    /// Hands `put` the image's records in order, as [`LogImage::records`]
+    /// has them, one at a time: the state is encoded once and each part
+    /// framed as it goes (a writer keeps no second copy of the image).
+    pub fn for_each_record<E>(&self, mut put: impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
+        let image = postcard::to_allocvec(&RecordRef::Image(&self.image)).expect("encode to Vec");
+        if image.len() <= self.part {
+            return put(&image);
+        }
+        let n = image.len().div_ceil(self.part);
+        let mut rec = Vec::new();
+        for (i, c) in image.chunks(self.part).enumerate() {
+            let r = if i + 1 == n { RecordRef::ImageLast(c) } else { RecordRef::ImagePart(c) };
+            rec.clear();
+            rec = postcard::to_extend(&r, rec).expect("encode to Vec");
+            put(&rec)?;
+        }
+        Ok(())
     }
-    let n = image.len().div_ceil(part);
-    image
-        .chunks(part)
-        .enumerate()
-        .map(|(i, c)| {
-            let r = if i + 1 == n { Record::ImageLast(c.to_vec()) } else { Record::ImagePart(c.to_vec()) };
-            postcard::to_allocvec(&r).expect("encode to Vec")
-        })
-        .collect()
 }
 
 /// [`Record`] borrowed, to write an image without copying the state first
@@ -230,6 +236,8 @@ fn image_records(image: Vec<u8>, part: usize) -> Vec<Vec<u8>> {
 enum RecordRef<'a> {
     Ops(&'a [Op]),
     Image(&'a Image),
+    ImagePart(#[serde(with = "serde_bytes")] &'a [u8]),
+    ImageLast(#[serde(with = "serde_bytes")] &'a [u8]),
 }
 
 /// The storage's contents and its journal.

@@ -150,10 +150,10 @@ impl<R: Replicator> TrackerNode<R> {
     pub(crate) fn ranges_at_stake(&self, cmd: &Command) -> Vec<Sha1Digest> {
         let files: Vec<&crate::meta::SharedFile> = match cmd {
             Command::StopShare { group, name, .. } => {
-                self.meta.group(group).and_then(|g| g.files.get(name)).into_iter().collect()
+                self.meta.group(group).and_then(|g| g.files.get(name)).map(|f| &**f).into_iter().collect()
             }
             Command::LeaveGroup { group, .. } => {
-                self.meta.group(group).map(|g| g.files.values().collect()).unwrap_or_default()
+                self.meta.group(group).map(|g| g.files.values().map(|f| &**f).collect()).unwrap_or_default()
             }
             _ => Vec::new(),
         };
