@@ -271,6 +271,12 @@ enum Purpose {
     PutRange(u64),
     /// One range of a download's chunk list.
     GetRange(u64, u32),
+    /// `list_groups`, a page at a time: the groups so far.
+    GroupsPage {
+        ticket: Ticket,
+        cmd: ShellCommand,
+        got: Vec<crate::proto::GroupSummary>,
+    },
 }
 
 struct Pending {

@@ -683,6 +683,21 @@ impl MetaState {
             .collect()
     }
 
+    /// At most `max` groups after `after` (from the first if `None`), in
+    /// order, and whether more follow.
+    pub fn list_groups_page(&self, after: Option<&GroupId>, max: usize) -> (Vec<GroupSummary>, bool) {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let from = after.map_or(Unbounded, Excluded);
+        let mut it =
+            self.groups.range::<(std::ops::Bound<&GroupId>, std::ops::Bound<&GroupId>), GroupId>((from, Unbounded));
+        let page = it
+            .by_ref()
+            .take(max)
+            .map(|(id, g)| GroupSummary { group: id.clone(), owner: g.owner.clone(), members: g.members.len() as u32 })
+            .collect();
+        (page, it.next().is_some())
+    }
+
     pub fn list_my_groups(&self, user: &UserId) -> Vec<MyGroup> {
         self.groups
             .iter()

@@ -214,7 +214,17 @@ pub enum Request {
         name: FileName,
         holder: Option<KeyId>,
     },
+    /// The groups after `after` (from the first if `None`), in order, at
+    /// most [`GROUPS_PAGE`] of them: `list_groups` pages through a cluster
+    /// of any size, never past the reply limit.
+    ListGroupsPage {
+        after: Option<GroupId>,
+    },
 }
+
+/// Most groups one [`Request::ListGroupsPage`] answers (each at most about
+/// 140 bytes: 700 KB, within [`crate::wire::MAX_REPLY_FRAME`]).
+pub const GROUPS_PAGE: usize = 5_000;
 
 impl Request {
     /// Writes change the replicated metadata; everything else is answered locally.
@@ -224,6 +234,7 @@ impl Request {
             Request::Heartbeat
                 | Request::ListRequests { .. }
                 | Request::ListGroups
+                | Request::ListGroupsPage { .. }
                 | Request::ListMyGroups
                 | Request::ListFiles { .. }
                 | Request::DownloadFile { .. }
@@ -285,6 +296,11 @@ pub enum Reply {
     /// The grant is valid: it was issued to this member.
     GrantValid {
         user: UserId,
+    },
+    /// A page of groups; `more`: groups after the last one remain.
+    GroupsPage {
+        groups: Vec<GroupSummary>,
+        more: bool,
     },
 }
 

@@ -255,8 +255,19 @@ pub const WRITE_DEADLINE: Millis = Millis(2_000);
 /// the log ([`ranges`]); an entry over this is refused at the request
 /// (etcd refuses requests over 1.5 MiB the same way).
 pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
-/// Largest frame between trackers (a snapshot of the metadata travels in one).
-pub const MAX_TRACKER_FRAME: usize = 64 * 1024 * 1024;
+/// Largest frame between trackers. What can be big travels in bounded
+/// frames: consensus messages in parts of [`stream::PART`], chunk-list
+/// ranges of [`crate::chunk::RANGE_CHUNKS`] hashes (320 KiB), soft state in
+/// batches of [`SOFT_BATCH`] items (under 1 MiB).
+pub const MAX_TRACKER_FRAME: usize = 2 * 1024 * 1024;
+const _: () = assert!(stream::PART + 1024 <= MAX_TRACKER_FRAME);
+const _: () = assert!(crate::chunk::RANGE_CHUNKS as usize * 20 + 1024 <= MAX_TRACKER_FRAME);
+const _: () = assert!(SOFT_BATCH * 512 <= MAX_TRACKER_FRAME / 2);
+/// Items of soft state (leases, grants, partial holders) in one frame: at
+/// most about 450 bytes each (a grant naming a 255-byte file), so a frame
+/// stays under 1 MiB however much a tracker knows (up to [`MAX_GRANTS`]
+/// grants, all sent on a new link).
+pub const SOFT_BATCH: usize = 2048;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum LoginKey {

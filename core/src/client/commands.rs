@@ -41,7 +41,10 @@ impl ClientEngine {
             ShellCommand::RejectRequest { group, user } => {
                 Request::RejectRequest { group: group.clone(), user: user.clone() }
             }
-            ShellCommand::ListGroups => Request::ListGroups,
+            ShellCommand::ListGroups => {
+                let purpose = Purpose::GroupsPage { ticket, cmd, got: Vec::new() };
+                return self.send(purpose, Request::ListGroupsPage { after: None }, now);
+            }
             ShellCommand::ListMyGroups => Request::ListMyGroups,
             ShellCommand::ListFiles { group } => Request::ListFiles { group: group.clone() },
             ShellCommand::UploadFile { path, group } => {
@@ -88,14 +91,27 @@ impl ClientEngine {
 
     /// What an answered (or abandoned) request does.
     pub(super) fn finish_request(&mut self, p: Pending, result: Result<Reply, ShellError>, now: Millis) {
-        let (ticket, cmd) = match p.purpose {
-            Purpose::Shell { ticket, cmd } => (ticket, cmd),
+        let (ticket, cmd, result) = match p.purpose {
+            Purpose::Shell { ticket, cmd } => (ticket, cmd, result),
             Purpose::Heartbeat | Purpose::Announce => return,
             Purpose::Sources(id) => return self.sources_answered(id, result, now),
             Purpose::CheckGrant(conn) => return self.grant_checked(conn, result),
             Purpose::Share(sid) => return self.share_answered(sid, result, now),
             Purpose::PutRange(sid) => return self.range_put(sid, result, now),
             Purpose::GetRange(lid, i) => return self.range_got(lid, i, result, now),
+            // `list_groups` asks page after page and prints them as one list.
+            Purpose::GroupsPage { ticket, cmd, mut got } => match result {
+                Ok(Reply::GroupsPage { groups, more }) => {
+                    let after = groups.last().map(|g| g.group.clone());
+                    got.extend(groups);
+                    if let (true, Some(after)) = (more, after) {
+                        let purpose = Purpose::GroupsPage { ticket, cmd, got };
+                        return self.send(purpose, Request::ListGroupsPage { after: Some(after) }, now);
+                    }
+                    (ticket, cmd, Ok(Reply::Groups(got)))
+                }
+                other => (ticket, cmd, other),
+            },
         };
         let result = match (&cmd, result) {
             (ShellCommand::Login { user, .. }, Ok(Reply::Session { token })) => {

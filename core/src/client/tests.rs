@@ -946,3 +946,49 @@ proptest::proptest! {
         }
     }
 }
+
+/// `list_groups` pages through the tracker's groups (at most
+/// [`crate::proto::GROUPS_PAGE`] an answer, so a cluster of any size stays
+/// under the reply limit) and prints them as one list, in order, each once.
+#[test]
+fn list_groups_pages_through_every_group() {
+    use crate::proto::{GroupSummary, GROUPS_PAGE};
+    let all: Vec<GroupSummary> = (0..2 * GROUPS_PAGE + 7)
+        .map(|i| GroupSummary {
+            group: crate::ids::GroupId::new(format!("g{i:06}")).unwrap(),
+            owner: UserId::new("me").unwrap(),
+            members: 1,
+        })
+        .collect();
+    let pages = std::cell::Cell::new(0);
+    let tracker = |req: &Request| match req {
+        Request::ListGroupsPage { after } => {
+            pages.set(pages.get() + 1);
+            let from = after.as_ref().map_or(0, |a| all.iter().position(|g| g.group == *a).unwrap() + 1);
+            let page: Vec<GroupSummary> = all[from..].iter().take(GROUPS_PAGE).cloned().collect();
+            Ok(Reply::GroupsPage { more: from + page.len() < all.len(), groups: page })
+        }
+        _ => Ok(Reply::Session { token: crate::ids::SessionToken([1; 16]) }),
+    };
+    let mut e = engine();
+    log_in(&mut e, tracker);
+    e.handle_input(ClientInput::User { ticket: Ticket(2), cmd: ShellCommand::ListGroups }, Millis(0));
+    let mut lines = None;
+    for _ in 0..10 {
+        let outs = drain(&mut e);
+        for o in answer_all(&mut e, outs, tracker) {
+            if let ClientOutput::Done { ticket: Ticket(2), result } = o {
+                lines = Some(result.expect("listed"));
+            }
+        }
+        if lines.is_some() {
+            break;
+        }
+    }
+    let lines = lines.expect("list_groups finished");
+    assert_eq!(pages.get(), 3, "three pages asked");
+    assert_eq!(lines.len(), all.len(), "one line a group");
+    for (line, g) in lines.iter().zip(&all) {
+        assert!(line.starts_with(g.group.as_str()), "{line} for {}", g.group);
+    }
+}

@@ -163,8 +163,9 @@ impl<R: Replicator> TrackerNode<R> {
         self.link_send(node, encode(&hello), false);
         let join = Message::Tracker(TrackerFrame::Join { node: self.replicator.me() });
         self.link_send(node, encode(&join), false);
-        let soft = Message::Tracker(TrackerFrame::Soft(self.full_soft_state(now)));
-        self.link_send(node, encode(&soft), false);
+        for frame in super::soft::soft_frames(self.full_soft_state(now)) {
+            self.link_send(node, frame, false);
+        }
         self.replicator.handle_peer_up(node);
         self.pump(now);
         if self.replicator.leader() == Some(node) {

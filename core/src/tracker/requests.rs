@@ -97,6 +97,10 @@ impl<R: Replicator> TrackerNode<R> {
             Request::GetRange { group, name, range } => return self.get_range(conn, id, &me, (group, name, range)),
             Request::StopShare { group, name } => Command::StopShare { token, group, name },
             Request::ListGroups => return self.respond(conn, id, Ok(Reply::Groups(self.meta.list_groups()))),
+            Request::ListGroupsPage { after } => {
+                let (groups, more) = self.meta.list_groups_page(after.as_ref(), crate::proto::GROUPS_PAGE);
+                return self.respond(conn, id, Ok(Reply::GroupsPage { groups, more }));
+            }
             Request::ListMyGroups => return self.respond(conn, id, Ok(Reply::MyGroups(self.meta.list_my_groups(&me)))),
             Request::ListRequests { group } => {
                 let r = self.meta.list_requests(&me, &group).map(Reply::Requests);

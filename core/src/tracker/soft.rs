@@ -3,6 +3,28 @@
 
 use super::*;
 
+/// `soft`'s frames, [`SOFT_BATCH`] items at most in each; merged in any
+/// order they make the same state as the whole.
+pub(crate) fn soft_frames(mut soft: SoftState) -> Vec<Vec<u8>> {
+    fn take<T>(v: &mut Vec<T>, room: &mut usize) -> Vec<T> {
+        let n = v.len().min(*room);
+        *room -= n;
+        v.split_off(v.len() - n)
+    }
+    let mut frames = Vec::new();
+    loop {
+        let mut batch = SoftState::default();
+        let mut room = SOFT_BATCH;
+        batch.leases = take(&mut soft.leases, &mut room);
+        batch.grants = take(&mut soft.grants, &mut room);
+        batch.partial = take(&mut soft.partial, &mut room);
+        if batch == SoftState::default() && !frames.is_empty() {
+            return frames;
+        }
+        frames.push(encode(&Message::Tracker(TrackerFrame::Soft(batch))));
+    }
+}
+
 impl<R: Replicator> TrackerNode<R> {
     pub(crate) fn lease_alive(&self, token: &SessionToken, now: Millis) -> bool {
         self.leases.get(token).is_some_and(|until| *until > now)
@@ -51,7 +73,9 @@ impl<R: Replicator> TrackerNode<R> {
         if soft == SoftState::default() || !self.links.any_up() {
             return;
         }
-        self.broadcast(encode(&Message::Tracker(TrackerFrame::Soft(soft))));
+        for batch in soft_frames(soft) {
+            self.broadcast(batch);
+        }
     }
 
     /// Soft state from another tracker: kept as if our clients had told us,

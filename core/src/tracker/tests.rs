@@ -1162,3 +1162,72 @@ fn a_snapshot_sync_is_encoded_off_the_loop_and_keeps_its_place() {
         }
     }
 }
+
+/// Soft state goes between trackers in frames of at most [`SOFT_BATCH`]
+/// items, each well under the frame limit even with the longest names;
+/// together they carry every item once.
+#[test]
+fn soft_state_goes_in_bounded_frames() {
+    use crate::client::peer::Grant;
+    use crate::ids::{MAX_FILE_NAME_LEN, MAX_ID_LEN};
+    use crate::proto::{SoftGrant, SoftState};
+    let user = UserId::new("u".repeat(MAX_ID_LEN)).unwrap();
+    let group = GroupId::new("g".repeat(MAX_ID_LEN)).unwrap();
+    let name = FileName::new("f".repeat(MAX_FILE_NAME_LEN)).unwrap();
+    let at: SocketAddr = "[2001:db8::1]:65535".parse().unwrap();
+    let soft = SoftState {
+        leases: (0..3_000u32).map(|i| (SessionToken([i as u8; 16]), u64::MAX - i as u64)).collect(),
+        grants: (0..5_000u32)
+            .map(|i| {
+                let mut g = [0u8; 16];
+                g[..4].copy_from_slice(&i.to_le_bytes());
+                SoftGrant {
+                    grant: Grant(g),
+                    user: user.clone(),
+                    key: Some(key(2)),
+                    group: group.clone(),
+                    name: name.clone(),
+                    ttl_ms: u64::MAX,
+                }
+            })
+            .collect(),
+        partial: (0..1_000).map(|_| (group.clone(), name.clone(), at, user.clone())).collect(),
+    };
+    let frames = super::soft::soft_frames(soft.clone());
+    assert!(frames.len() >= 9_000usize.div_ceil(SOFT_BATCH), "{} frames", frames.len());
+    let mut back = SoftState::default();
+    for f in &frames {
+        assert!(f.len() <= 1024 * 1024 && f.len() <= MAX_TRACKER_FRAME, "a frame of {} bytes", f.len());
+        let Ok(Message::Tracker(TrackerFrame::Soft(s))) = decode::<Message>(&f[4..]) else { panic!("not soft state") };
+        assert!(s.leases.len() + s.grants.len() + s.partial.len() <= SOFT_BATCH);
+        back.leases.extend(s.leases);
+        back.grants.extend(s.grants);
+        back.partial.extend(s.partial);
+    }
+    let key_of = |g: &SoftGrant| g.grant.0;
+    let (mut a, mut b) = (soft.clone(), back);
+    a.leases.sort();
+    b.leases.sort();
+    a.grants.sort_by_key(key_of);
+    b.grants.sort_by_key(key_of);
+    assert_eq!(a, b, "every item, once");
+    assert_eq!(super::soft::soft_frames(SoftState::default()).len(), 1, "nothing to say is one empty frame");
+}
+
+/// A tracker's link may carry frames up to [`MAX_TRACKER_FRAME`]; one that
+/// declares more is refused before it is read.
+#[test]
+fn a_frame_over_the_tracker_limit_closes_the_link() {
+    for (declared, refused) in [(MAX_TRACKER_FRAME, false), (MAX_TRACKER_FRAME + 1, true)] {
+        let mut n = linked_node();
+        let link = ConnId(12);
+        connect(&mut n, link, REMOTE, Millis(1));
+        n.handle_secured(link, key(2), Millis(1));
+        let mut bytes = encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Tracker });
+        bytes.extend(encode(&Message::Tracker(TrackerFrame::Join { node: 2 })));
+        bytes.extend((declared as u32).to_be_bytes());
+        n.handle_bytes(link, &bytes, Millis(1));
+        let out = drain(&mut n);
+        assert_eq!(closed(&out, link).is_some(), refused, "{declared} bytes declared: {out:?}");
+    }
+}
