@@ -323,18 +323,9 @@ fn password_hashes_with_reused_memory_match_argon2s_own() {
 /// Pages of groups cover every group once, in order, and say when more follow.
 #[test]
 fn group_pages_cover_every_group_once() {
-    let mut s = MetaState::new();
-    let e = |cmd| Entry { id: None, settled_below: 0, cmd };
-    let u = UserId::new("o").unwrap();
-    s.apply(&e(Command::CreateUser {
-        user: u.clone(),
-        password: PasswordHash::derive("pw", [0; 16], PasswordParams::INSECURE_FAST),
-    }))
-    .unwrap();
-    let t = SessionToken([1; 16]);
-    s.apply(&e(Command::OpenSession { user: u, token: t, listen: "127.0.0.1:9".parse().unwrap() })).unwrap();
-    for g in 0..23 {
-        s.apply(&e(Command::CreateGroup { token: t, group: GroupId::new(format!("g{g}")).unwrap() })).unwrap();
+    let mut s = two_users();
+    for n in 0..22 {
+        run(&mut s, Command::CreateGroup { token: tok(1), group: g(&format!("p{n}")) }).unwrap();
     }
     let mut seen = Vec::new();
     let mut after = None;
@@ -347,6 +338,7 @@ fn group_pages_cover_every_group_once() {
             break;
         }
     }
+    assert_eq!(seen.len(), 23);
     assert_eq!(seen, s.list_groups());
     assert!(!s.list_groups_page(None, 23).1, "nothing after the last");
 }

@@ -230,9 +230,7 @@ impl<R: Replicator> TrackerNode<R> {
             }
             q.push_back(Arrived::Bytes { conn, bytes });
         } else {
-            let r = ConsensusMessage::decode(&bytes)
-                .and_then(|m| self.replicator.handle_decoded(node, m, Some(&self.meta)));
-            self.consensus_handled(conn, node, r);
+            self.hand_over(conn, node, ConsensusMessage::decode(&bytes));
         }
     }
 
@@ -247,21 +245,19 @@ impl<R: Replicator> TrackerNode<R> {
                 }
                 return;
             }
-            let (conn, r) = match q.pop_front() {
-                Some(Arrived::Bytes { conn, bytes }) => {
-                    let r = ConsensusMessage::decode(&bytes);
-                    (conn, r.and_then(|m| self.replicator.handle_decoded(node, m, Some(&self.meta))))
-                }
-                Some(Arrived::Decoded { conn, msg }) => {
-                    (conn, msg.and_then(|m| self.replicator.handle_decoded(node, *m, Some(&self.meta))))
-                }
+            match q.pop_front() {
+                Some(Arrived::Bytes { conn, bytes }) => self.hand_over(conn, node, ConsensusMessage::decode(&bytes)),
+                Some(Arrived::Decoded { conn, msg }) => self.hand_over(conn, node, msg.map(|m| *m)),
                 _ => return,
-            };
-            self.consensus_handled(conn, node, r);
+            }
         }
     }
 
-    fn consensus_handled(&mut self, conn: ConnId, node: NodeId, r: Result<(), FrameError>) {
+    /// Hands a decoded message from `node` (on its link `conn`) to the
+    /// replicator, with the live state; one that does not decode or is
+    /// refused closes the link.
+    fn hand_over(&mut self, conn: ConnId, node: NodeId, msg: Result<ConsensusMessage, FrameError>) {
+        let r = msg.and_then(|m| self.replicator.handle_decoded(node, m, Some(&self.meta)));
         if let Err(e) = r {
             tracing::warn!(node, error = %e, "bad consensus message, closing");
             self.streams.arrived.remove(&node);
