@@ -263,8 +263,9 @@ impl<R: Replicator> TrackerNode<R> {
                 }
                 State::Up if now.since(l.pinged) >= LINK_HEARTBEAT => {
                     l.pinged = now;
+                    // Not behind votes waiting for this node's disk: see `Outbox::send_now`.
                     let ping = encode(&Message::Tracker(TrackerFrame::Ping));
-                    self.link_send(node, ping, false);
+                    self.outbox.send_now(TrackerOutput::PeerSend { node, bytes: ping });
                 }
                 _ => {}
             }

@@ -443,7 +443,7 @@ impl<R: Replicator> TrackerNode<R> {
             ) => self.handle_range_frame(node, f, now),
             Message::Tracker(TrackerFrame::Ping) => {
                 let pong = encode(&Message::Tracker(TrackerFrame::Pong));
-                self.outbox.send(TrackerOutput::Transmit { conn, bytes: pong }, false);
+                self.outbox.send_now(TrackerOutput::Transmit { conn, bytes: pong });
             }
             _ => self.refuse(conn, "unexpected message between trackers".into()),
         }

@@ -50,6 +50,8 @@ pub const RESEND_TICKS: u64 = 25;
 /// snapshot count is the same; a snapshot pauses the tracker for the time it
 /// takes to write the state once.
 pub const SNAPSHOT_EVERY: usize = 100_000;
+/// A sync with more log entries than this is encoded off the event loop.
+const BIG_SUFFIX: usize = 1024;
 
 impl omnipaxos::storage::Entry for Entry {
     type Snapshot = MetaSnapshot;
@@ -483,10 +485,16 @@ impl Storage<Entry> for DurableStorage {
     fn get_entries(&self, from: usize, to: usize) -> StorageResult<Vec<Entry>> {
         let mut inner = self.inner.borrow_mut();
         // Taking a snapshot: a live state that has applied exactly the
-        // decided entries up to `to` stands for them (omnipaxos then merges
-        // nothing into it); one that lags or leads does not.
-        let covers = matches!(&inner.live, Some(Live::Offered(l)) if l.applied() as usize == to);
-        if covers && from == inner.s.compacted_idx as usize && to <= inner.s.decided_idx as usize {
+        // decided entries the read stands for stands for them (omnipaxos
+        // then merges nothing into it); one that lags or leads does not.
+        // The read ends where `slice` ends it, at this node's decided index:
+        // a follower synced with a delta asks up to the leader's (see
+        // `slice`), and its live state, at its own, is the base the delta
+        // goes on. Without this the follower folded every entry since its
+        // last snapshot on the event loop, at each resync.
+        let end = to.min(inner.s.decided_idx as usize).min(inner.s.trimmed_idx as usize + inner.s.log.len());
+        let covers = matches!(&inner.live, Some(Live::Offered(l)) if l.applied() as usize == end);
+        if covers && from == inner.s.compacted_idx as usize {
             if let Some(Live::Offered(l)) = inner.live.take() {
                 inner.live = Some(Live::Read(l));
             }
@@ -546,6 +554,10 @@ pub enum OmniError {
     Log(#[from] FrameError),
 }
 
+/// A Promise's ballot, accepted round, decided and accepted indexes, and
+/// the shape of its sync (index, suffix length, whether with a snapshot).
+type PromiseKey = (Ballot, Ballot, usize, usize, Option<(usize, usize, bool)>);
+
 pub struct OmniReplicator {
     op: OmniPaxos<Entry, DurableStorage>,
     /// The same storage as omnipaxos's, to drain its journal.
@@ -564,9 +576,19 @@ pub struct OmniReplicator {
     snapshot_tried: usize,
     /// Ticks this node has believed itself leader without leading (see handle_timeout).
     stuck_ticks: u64,
+    /// The last ballot this node sent a Prepare for: while it is the
+    /// promise, the node leads in earnest and waits for Promises (a wiped
+    /// leader's take seconds to arrive: they hold the metadata).
+    prepared: Option<Ballot>,
     /// The last Promise taken from each peer (its hash), until that peer asks
     /// to be synced again or its link comes back up (see handle_message).
-    promised: BTreeMap<NodeId, [u8; 20]>,
+    promised: BTreeMap<NodeId, PromiseKey>,
+    /// The ballot of the last big Promise sent to each peer since its link
+    /// last came up (see `poll_send`).
+    big_promises: BTreeMap<NodeId, Ballot>,
+    /// Syncs (a leader's, or a follower's merge of one) built on the live
+    /// state instead of on the log's entries since the last snapshot.
+    syncs_from_live: u64,
 }
 
 impl OmniReplicator {
@@ -604,7 +626,10 @@ impl OmniReplicator {
             snapshot_every: SNAPSHOT_EVERY,
             snapshot_tried: 0,
             stuck_ticks: 0,
+            prepared: None,
             promised: BTreeMap::new(),
+            syncs_from_live: 0,
+            big_promises: BTreeMap::new(),
         })
     }
 
@@ -622,6 +647,11 @@ impl OmniReplicator {
     /// The log index below which entries live only in the snapshot.
     pub fn compacted_idx(&self) -> usize {
         self.op.get_compacted_idx()
+    }
+
+    /// How many syncs were built on (or merged into) the live state.
+    pub fn syncs_from_live(&self) -> u64 {
+        self.syncs_from_live
     }
 
     fn collect_decided(&mut self) {
@@ -703,6 +733,11 @@ impl Replicator for OmniReplicator {
             self.outgoing.reverse();
         }
         let m = self.outgoing.pop()?;
+        if let PaxosMessage::SequencePaxos(p) = &m {
+            if let PaxosMsg::Prepare(prep) = &p.msg {
+                self.prepared = Some(prep.n);
+            }
+        }
         // Votes promise what this node's storage holds: they leave only once
         // it is durable. Everything else (a leader's accepts and decisions,
         // forwards, heartbeats) may leave while it is written: this node's
@@ -714,15 +749,33 @@ impl Replicator for OmniReplicator {
                 if matches!(p.msg, PaxosMsg::Promise(_) | PaxosMsg::Accepted(_) | PaxosMsg::NotAccepted(_))
         );
         let to = m.get_receiver();
-        // A sync that carries a snapshot holds the whole metadata: encoded
-        // off the event loop.
-        let big = matches!(
-            &m,
-            PaxosMessage::SequencePaxos(p)
-                if matches!(&p.msg, PaxosMsg::AcceptSync(s) if s.log_sync.decided_snapshot.is_some())
-        );
-        if big {
-            return Some((to, Outbound::Snapshot(Box::new(ConsensusMessage(m))), vote));
+        if matches!(m, PaxosMessage::BLE(_)) {
+            return Some((to, Outbound::Heartbeat(postcard::to_allocvec(&m).expect("encode to Vec")), false));
+        }
+        // A sync (a leader's AcceptSync, or the Promise of a follower more up
+        // to date than its new leader, such as one that restarted wiped)
+        // that carries a snapshot holds the whole metadata, and one with a
+        // long suffix many entries: encoded off the event loop.
+        let sync = match &m {
+            PaxosMessage::SequencePaxos(p) => match &p.msg {
+                PaxosMsg::AcceptSync(s) => Some((&s.log_sync, None)),
+                PaxosMsg::Promise(pr) => pr.log_sync.as_ref().map(|l| (l, Some(pr.n))),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some((log_sync, promise)) = sync {
+            if log_sync.decided_snapshot.is_some() || log_sync.suffix.len() > BIG_SUFFIX {
+                // omnipaxos resends a Promise every resend timeout until its
+                // AcceptSync comes; a copy of a big one already on the link
+                // (which loses nothing while it stays up) is not sent again.
+                if let Some(n) = promise {
+                    if self.big_promises.insert(to, n) == Some(n) {
+                        return self.poll_send();
+                    }
+                }
+                return Some((to, Outbound::Snapshot(Box::new(ConsensusMessage(m))), vote));
+            }
         }
         Some((to, Outbound::Encoded(postcard::to_allocvec(&m).expect("encode to Vec")), vote))
     }
@@ -790,9 +843,14 @@ impl Replicator for OmniReplicator {
         // up (what was sent on it may be lost) is taken.
         if let PaxosMessage::SequencePaxos(p) = &m {
             match &p.msg {
-                PaxosMsg::Promise(_) => {
-                    let h = crate::chunk::Sha1Digest::of(&postcard::to_allocvec(&m).expect("encode to Vec")).0;
-                    if self.promised.insert(from, h) == Some(h) {
+                PaxosMsg::Promise(pr) => {
+                    // What tells copies apart, without encoding the message
+                    // again (a wiped leader's Promises hold the metadata): a
+                    // follower that promised ballot `n` changes nothing in
+                    // its log until that leader's AcceptSync.
+                    let sync = pr.log_sync.as_ref().map(|l| (l.sync_idx, l.suffix.len(), l.decided_snapshot.is_some()));
+                    let key = (pr.n, pr.n_accepted, pr.decided_idx, pr.accepted_idx, sync);
+                    if self.promised.insert(from, key) == Some(key) {
                         return Ok(());
                     }
                 }
@@ -802,7 +860,8 @@ impl Replicator for OmniReplicator {
                 _ => {}
             }
         }
-        // A sync is built (leader: on a Promise) or merged in (follower: an
+        // A sync is built (leader: on a Promise; a follower more up to date
+        // than its new leader: on the Prepare) or merged in (follower: an
         // AcceptSync) from the state up to this node's decided index: the
         // live state stands for it, so the log's entries since the last
         // snapshot are not applied again (on the loop, up to 100,000 of
@@ -810,14 +869,18 @@ impl Replicator for OmniReplicator {
         // live state would make its every write copy the paths it touches.
         let sync = matches!(
             &m,
-            PaxosMessage::SequencePaxos(p) if matches!(p.msg, PaxosMsg::Promise(_) | PaxosMsg::AcceptSync(_))
+            PaxosMessage::SequencePaxos(p)
+                if matches!(p.msg, PaxosMsg::Prepare(_) | PaxosMsg::Promise(_) | PaxosMsg::AcceptSync(_))
         );
         if let (true, Some(live)) = (sync, live) {
             self.journal.inner.borrow_mut().live = Some(Live::Offered(live.clone()));
         }
         self.op.handle_incoming(m);
         if sync {
-            self.journal.inner.borrow_mut().live = None;
+            // Taken by `get_snapshot`: the sync stood on it.
+            if self.journal.inner.borrow_mut().live.take().is_none() && live.is_some() {
+                self.syncs_from_live += 1;
+            }
         }
         Ok(())
     }
@@ -825,6 +888,7 @@ impl Replicator for OmniReplicator {
     fn handle_peer_up(&mut self, node: NodeId) {
         if self.peers.contains(&node) {
             self.promised.remove(&node);
+            self.big_promises.remove(&node);
             self.op.reconnected(node);
         }
     }
@@ -844,9 +908,12 @@ impl Replicator for OmniReplicator {
             // restarts with its own ballot as its stored promise believes it
             // leads, but never prepares again (that ballot is not above its
             // promise), so it and whoever promised it stay behind forever.
-            // If that lasts a few election rounds, take a higher ballot.
+            // If that lasts a few election rounds, take a higher ballot. A
+            // node that sent a Prepare for its promise is not stuck: it
+            // waits for Promises, and a new ballot would only ask for them
+            // all again.
             match self.op.get_current_leader() {
-                Some((l, false)) if l == self.me => {
+                Some((l, false)) if l == self.me && self.prepared != Some(self.op.get_promise()) => {
                     self.stuck_ticks += 1;
                     if self.stuck_ticks > 3 * ELECTION_TICKS {
                         tracing::info!("leading in name only; preparing a higher ballot");
@@ -1054,6 +1121,13 @@ mod tests {
         now: Millis,
         /// Followers' requests to be synced again (PrepareReq) delivered so far.
         resyncs: usize,
+        /// Each node's state machine, every decided entry applied: offered
+        /// to its syncs, as the tracker node offers its own.
+        live: Vec<MetaState>,
+        /// Messages handed out to be encoded off the loop: (from, to).
+        big: Vec<(NodeId, NodeId)>,
+        /// Promises to this node stay on the wire (delayed, not lost).
+        hold_promises_to: Option<NodeId>,
     }
 
     impl Cluster {
@@ -1069,6 +1143,9 @@ mod tests {
                 latency: 0,
                 now: Millis::ZERO,
                 resyncs: 0,
+                live: vec![MetaState::new(); ids.len()],
+                big: Vec::new(),
+                hold_promises_to: None,
             }
         }
 
@@ -1078,8 +1155,18 @@ mod tests {
             loop {
                 for (i, n) in self.nodes.iter_mut().enumerate() {
                     while n.poll_persist().is_some() {}
-                    while n.poll_decided().is_some() {}
+                    while let Some(d) = n.poll_decided() {
+                        match d {
+                            Decided::Entry(e) => {
+                                let _ = self.live[i].apply(&e);
+                            }
+                            Decided::Install(state) => self.live[i] = *state,
+                        }
+                    }
                     while let Some((to, out, _)) = n.poll_send() {
+                        if matches!(out, Outbound::Snapshot(_)) {
+                            self.big.push((i as NodeId + 1, to));
+                        }
                         let bytes = out.into_bytes();
                         if self.alive[i] {
                             let due = self.now.plus(Millis(self.latency * TICK.0));
@@ -1088,7 +1175,14 @@ mod tests {
                     }
                 }
                 let now = self.now;
-                let (due, later): (Vec<_>, Vec<_>) = self.wire.drain(..).partition(|m| m.0 <= now);
+                let hold = self.hold_promises_to;
+                let (due, later): (Vec<_>, Vec<_>) = self.wire.drain(..).partition(|m| {
+                    m.0 <= now
+                        && !(hold == Some(m.2) && {
+                            let p: PaxosMessage<Entry> = crate::wire::decode(&m.3).unwrap();
+                            matches!(&p, PaxosMessage::SequencePaxos(p) if matches!(p.msg, PaxosMsg::Promise(_)))
+                        })
+                });
                 self.wire = later;
                 if due.is_empty() {
                     return;
@@ -1098,8 +1192,9 @@ mod tests {
                     if matches!(&m, PaxosMessage::SequencePaxos(p) if matches!(p.msg, PaxosMsg::PrepareReq(_))) {
                         self.resyncs += 1;
                     }
-                    if self.alive[to as usize - 1] && keep(from, to) {
-                        self.nodes[to as usize - 1].handle_message(from, &bytes).unwrap();
+                    let k = to as usize - 1;
+                    if self.alive[k] && keep(from, to) {
+                        self.nodes[k].handle_decoded(from, ConsensusMessage(m), Some(&self.live[k])).unwrap();
                     }
                 }
             }
@@ -1173,6 +1268,125 @@ mod tests {
             }
             let back = DurableStorage::replay(file.iter().map(|r| r.as_slice())).unwrap();
             assert_eq!(back.inner.borrow().s.snapshot, Some(snap), "node {k}: the rewritten log replays");
+        }
+    }
+
+    /// A follower that fell behind and is synced with a delta merges it onto
+    /// its live state: the entries since its last snapshot are not applied
+    /// again (on the event loop, up to a snapshot's worth at every resync),
+    /// and the state it stores is the cluster's.
+    #[test]
+    fn a_follower_merges_a_delta_sync_onto_its_live_state() {
+        let all = |_: NodeId, _: NodeId| true;
+        let mut c = Cluster::new(&[0, 0, 0]);
+        while c.agreed().is_none() {
+            c.tick(all);
+        }
+        let leader = c.agreed().expect("agreed above");
+        let f = if leader == 1 { 2 } else { 1 };
+        for i in 0..10 {
+            c.nodes[leader as usize - 1].propose(entry(i));
+        }
+        c.deliver(all);
+        assert_eq!(c.nodes[f as usize - 1].decided_idx(), 10);
+        // Cut off, the follower misses 20 writes the other two decide.
+        let cut = move |from: NodeId, to: NodeId| from != f && to != f;
+        for i in 10..30 {
+            c.nodes[leader as usize - 1].propose(entry(i));
+        }
+        for _ in 0..RESEND_TICKS {
+            c.tick(cut);
+        }
+        assert_eq!(c.nodes[leader as usize - 1].decided_idx(), 30);
+        assert_eq!(c.nodes[f as usize - 1].decided_idx(), 10, "the follower was cut off");
+        let before = c.nodes[f as usize - 1].syncs_from_live();
+        // Its links come back up, as the driver reports them.
+        c.nodes[f as usize - 1].handle_peer_up(leader);
+        c.nodes[leader as usize - 1].handle_peer_up(f);
+        for _ in 0..(10 * ELECTION_TICKS) {
+            if c.nodes[f as usize - 1].decided_idx() >= 30 {
+                break;
+            }
+            c.tick(all);
+        }
+        let n = &c.nodes[f as usize - 1];
+        assert_eq!(n.decided_idx(), 30, "the follower caught up");
+        assert!(n.syncs_from_live() > before, "the delta was merged onto the live state");
+        let mut whole = MetaState::new();
+        for i in 0..30 {
+            let _ = whole.apply(&entry(i));
+        }
+        let inner = n.journal.inner.borrow();
+        let snap = inner.s.snapshot.clone().expect("synced with a snapshot");
+        assert!(snap.entries.is_empty(), "the stored snapshot is folded");
+        assert_eq!(snap.state.as_ref(), Some(&whole), "the stored snapshot is the cluster's state");
+        drop(inner);
+        assert_eq!(c.live[f as usize - 1], whole, "the installed state is the cluster's");
+    }
+
+    /// A tracker that restarted wiped and took the lead (it won the race
+    /// for a dead leader's place) learns the state from its followers'
+    /// Promises: each is built on the follower's live state, encoded off the
+    /// event loop, and sent once although omnipaxos resends it every resend
+    /// timeout while its AcceptSync is on the way.
+    #[test]
+    fn a_wiped_leader_learns_the_state_from_one_big_promise_per_follower() {
+        let all = |_: NodeId, _: NodeId| true;
+        let without_3 = |from: NodeId, to: NodeId| from != 3 && to != 3;
+        let mut c = Cluster::new(&[0, 0, 0]);
+        let mut t = 0;
+        while !(c.nodes[0].op.get_current_leader().is_some_and(|l| l.1 && l.0 != 3)) && t < 1000 {
+            c.tick(without_3);
+            t += 1;
+        }
+        let leader = c.nodes[0].leader().expect("1 and 2 elect a leader") as usize - 1;
+        for i in 0..30 {
+            c.nodes[leader].propose(entry(i));
+        }
+        c.deliver(without_3);
+        for k in 0..2 {
+            assert_eq!(c.nodes[k].decided_idx(), 30);
+            c.nodes[k].snapshot_every = 10;
+            let live = c.live[k].clone();
+            c.nodes[k].take_snapshot(&live);
+        }
+        // And more since the snapshot: a Promise built from the log would
+        // apply them again.
+        for i in 30..40 {
+            c.nodes[leader].propose(entry(i));
+        }
+        c.deliver(without_3);
+        // 3 comes up with nothing and prepares a ballot above theirs; its
+        // followers' Promises are held on the way long enough for omnipaxos
+        // to resend each.
+        c.hold_promises_to = Some(3);
+        let from_live: Vec<u64> = c.nodes.iter().map(|n| n.syncs_from_live()).collect();
+        for k in 0..2 {
+            c.nodes[k].handle_peer_up(3);
+            c.nodes[2].handle_peer_up(k as NodeId + 1);
+        }
+        c.nodes[2].op.try_become_leader();
+        c.big.clear();
+        for _ in 0..3 * RESEND_TICKS {
+            c.tick(all);
+        }
+        c.hold_promises_to = None;
+        let mut t = 0;
+        while c.nodes[2].decided_idx() < 40 && t < 100 * ELECTION_TICKS {
+            c.tick(all);
+            t += 1;
+        }
+        assert_eq!(c.nodes[2].decided_idx(), 40, "the wiped tracker caught up");
+        assert_eq!(c.nodes[2].leader(), Some(3), "as the leader");
+        let mut whole = MetaState::new();
+        for i in 0..40 {
+            let _ = whole.apply(&entry(i));
+        }
+        assert_eq!(c.live[2], whole, "its state is the cluster's");
+        for (k, (n, before)) in c.nodes.iter().zip(from_live).take(2).enumerate() {
+            let to_3 = c.big.iter().filter(|b| **b == (k as NodeId + 1, 3)).count();
+            assert_eq!(to_3, 1, "tracker {}'s snapshot went to 3 once: {:?}", k + 1, c.big);
+            assert!(n.syncs_from_live() > before, "tracker {}'s Promise stood on its live state", k + 1);
         }
     }
 

@@ -75,6 +75,16 @@ impl Outbox {
         }
     }
 
+    /// A send that promises nothing and needs no order with the others to
+    /// its destination (a link's `Ping` and `Pong`, a part's ack): out at
+    /// once, past whatever there waits for a sync. A heartbeat held behind a
+    /// vote while a slow fsync (a snapshot's log rewrite) runs would make a
+    /// busy disk look like a dead link: hung up, leadership moved, and the
+    /// follower resynced.
+    pub(crate) fn send_now(&mut self, out: TrackerOutput) {
+        self.ready.push_back(out);
+    }
+
     fn hold(&mut self, seq: u64, d: Option<Dest>, out: TrackerOutput) {
         if let Some(d) = d {
             self.held_dests.insert(d);
@@ -160,6 +170,21 @@ mod tests {
         // Nothing pending: a vote goes at once.
         o.send(tx(1, 5), true);
         assert_eq!(drain(&mut o), vec![tx(1, 5)]);
+    }
+
+    #[test]
+    fn a_heartbeat_passes_what_waits_for_a_sync() {
+        let mut o = Outbox::default();
+        o.push(TrackerOutput::Persist(Persist::Append(vec![1])));
+        let vote = TrackerOutput::PeerSend { node: 2, bytes: vec![1] };
+        let ping = TrackerOutput::PeerSend { node: 2, bytes: vec![2] };
+        o.send(vote.clone(), true);
+        o.send_now(ping.clone());
+        let out = drain(&mut o);
+        assert!(out.contains(&ping), "the ping leaves while the vote waits: {out:?}");
+        assert!(!out.contains(&vote));
+        o.synced(1);
+        assert_eq!(drain(&mut o), vec![vote]);
     }
 
     #[test]

@@ -49,6 +49,12 @@ impl ConsensusMessage {
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_allocvec(&self.0).expect("encode to Vec")
     }
+
+    /// A leader election heartbeat: it keeps no order with the log's
+    /// messages (see [`Outbound::Heartbeat`]).
+    pub fn is_heartbeat(&self) -> bool {
+        matches!(self.0, omnipaxos::messages::Message::BLE(_))
+    }
 }
 
 impl std::fmt::Debug for ConsensusMessage {
@@ -79,17 +85,25 @@ impl Eq for ConsensusMessage {}
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outbound {
     Encoded(Vec<u8>),
-    /// One that carries a snapshot of the metadata: too big to encode on
-    /// the event loop (the node has it encoded off it, see
-    /// [`crate::tracker::Job`]).
+    /// One that carries a snapshot of the metadata, or many log entries:
+    /// too big to encode on the event loop (the node has it encoded off it,
+    /// see [`crate::tracker::Job`]).
     Snapshot(Box<ConsensusMessage>),
+    /// A leader election heartbeat, encoded: it promises nothing and keeps
+    /// no order with the log's messages, so it leaves at once, past votes
+    /// waiting for this node's disk and parts of a big message (and is
+    /// handled on arrival, past one being decoded). Held behind a vote
+    /// while a snapshot's log rewrite was fsynced, the heartbeats of a
+    /// round came too late and the cluster elected a new leader after
+    /// each snapshot.
+    Heartbeat(Vec<u8>),
 }
 
 impl Outbound {
     /// Its bytes, encoding it here if it is not yet.
     pub fn into_bytes(self) -> Vec<u8> {
         match self {
-            Outbound::Encoded(b) => b,
+            Outbound::Encoded(b) | Outbound::Heartbeat(b) => b,
             Outbound::Snapshot(m) => m.encode(),
         }
     }

@@ -65,7 +65,6 @@ struct Incoming {
 /// A consensus message from a tracker, in the order it arrived, waiting
 /// for one before it to be decoded.
 enum Arrived {
-    Bytes { conn: ConnId, bytes: Vec<u8> },
     Decoding { conn: ConnId, ticket: u64 },
     Decoded { conn: ConnId, msg: Result<Box<ConsensusMessage>, FrameError> },
 }
@@ -86,6 +85,12 @@ impl<R: Replicator> TrackerNode<R> {
     pub(crate) fn send_outbound(&mut self, node: NodeId, out: Outbound, after_sync: bool) {
         match out {
             Outbound::Encoded(bytes) => self.send_consensus(node, bytes, after_sync),
+            Outbound::Heartbeat(bytes) => {
+                if self.links.is_up(node) {
+                    let frame = encode(&Message::Tracker(TrackerFrame::Consensus(bytes)));
+                    self.outbox.send_now(TrackerOutput::PeerSend { node, bytes: frame });
+                }
+            }
             Outbound::Snapshot(msg) => {
                 if !self.links.is_up(node) {
                     return;
@@ -223,12 +228,17 @@ impl<R: Replicator> TrackerNode<R> {
             self.streams.arrived.entry(node).or_default().push_back(Arrived::Decoding { conn, ticket });
             self.outbox.push(TrackerOutput::Work { ticket, job: Job(JobKind::Decode(bytes)) });
         } else if waiting {
+            let msg = ConsensusMessage::decode(&bytes);
+            if msg.as_ref().is_ok_and(|m| m.is_heartbeat()) {
+                // Keeps no order: see `Outbound::Heartbeat`.
+                return self.hand_over(conn, node, msg);
+            }
             let q = self.streams.arrived.entry(node).or_default();
             if q.len() >= MAX_WAITING_BEHIND_DECODE {
                 self.streams.arrived.remove(&node);
                 return self.refuse(conn, "too many consensus messages behind one being decoded".into());
             }
-            q.push_back(Arrived::Bytes { conn, bytes });
+            q.push_back(Arrived::Decoded { conn, msg: msg.map(Box::new) });
         } else {
             self.hand_over(conn, node, ConsensusMessage::decode(&bytes));
         }
@@ -246,7 +256,6 @@ impl<R: Replicator> TrackerNode<R> {
                 return;
             }
             match q.pop_front() {
-                Some(Arrived::Bytes { conn, bytes }) => self.hand_over(conn, node, ConsensusMessage::decode(&bytes)),
                 Some(Arrived::Decoded { conn, msg }) => self.hand_over(conn, node, msg.map(|m| *m)),
                 _ => return,
             }
@@ -280,7 +289,9 @@ impl<R: Replicator> TrackerNode<R> {
         }
         inc.bytes.extend_from_slice(&bytes);
         let ack = encode(&Message::Tracker(TrackerFrame::ConsensusAck { xfer, bytes: bytes.len() as u32 }));
-        self.link_send(node, ack, false);
+        if self.links.is_up(node) {
+            self.outbox.send_now(TrackerOutput::PeerSend { node, bytes: ack });
+        }
         if !last {
             return;
         }

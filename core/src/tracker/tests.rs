@@ -470,6 +470,39 @@ fn links_are_dialled_pinged_and_hung_up_when_silent() {
     assert!(hung >= LINK_DEADLINE && hung <= LINK_DEADLINE.plus(Millis(20)), "hung up after {hung}");
 }
 
+/// A tracker whose disk is slow (a vote waits for an fsync that does not
+/// end, as while a snapshot's log is rewritten) still pings and answers on
+/// its links: its peers do not take a busy disk for a dead link.
+#[test]
+fn a_link_stays_up_while_a_vote_waits_for_the_disk() {
+    use super::links::LINK_DEADLINE;
+    let mut n = linked_node();
+    n.handle_timeout(Millis(1));
+    drain(&mut n);
+    n.handle_link_up(2, key(2), Millis(5));
+    drain(&mut n);
+    // A vote to 2 that waits for a sync the driver never reports.
+    n.outbox.push(TrackerOutput::Persist(Persist::Append(vec![1])));
+    n.outbox.send(TrackerOutput::PeerSend { node: 2, bytes: vec![7] }, true);
+    let (mut t, mut pings) = (Millis(5), 0);
+    while t < Millis(5).plus(LINK_DEADLINE).plus(LINK_DEADLINE) {
+        t = t.plus(Millis(10));
+        n.handle_timeout(t);
+        let out: Vec<TrackerOutput> = std::iter::from_fn(|| n.poll_output()).collect();
+        assert!(!hangups(&out).contains(&2), "hung up at {t} while the disk was busy");
+        assert!(
+            !out.iter().any(|o| matches!(o, TrackerOutput::PeerSend { node: 2, bytes } if bytes == &[7])),
+            "the vote left before its sync"
+        );
+        let p = pings_to(&out, 2);
+        pings += p;
+        if p > 0 {
+            n.handle_link_bytes(2, &encode(&Message::Tracker(TrackerFrame::Pong)), t);
+        }
+    }
+    assert!(pings > 10, "{pings} pings");
+}
+
 #[test]
 fn a_lone_member_of_a_cluster_names_no_leader_and_answers_writes_at_once() {
     let mut n = linked_node();
@@ -1037,15 +1070,26 @@ fn consensus_messages_to_1() -> Vec<Vec<u8>> {
 /// A consensus message that came in parts is decoded by a job, off the
 /// event loop; what arrives from that tracker meanwhile waits, and the
 /// replicator gets everything in the order it arrived, whichever job
-/// finishes first.
+/// finishes first; only a leader election heartbeat goes past.
 #[test]
 fn messages_decoded_off_the_loop_reach_the_log_in_order() {
+    use omnipaxos::messages::sequence_paxos::{PaxosMessage as SpMessage, PaxosMsg, PrepareReq};
     // Leader election's messages are 5-15 bytes: parts of 8 split some.
     let part = 8;
     let msgs = consensus_messages_to_1();
     let big: Vec<&Vec<u8>> = msgs.iter().filter(|m| m.len() > part).take(2).collect();
-    let small = msgs.iter().find(|m| m.len() <= part).expect("a small message");
     assert_eq!(big.len(), 2, "two big messages");
+    let heartbeat = msgs
+        .iter()
+        .find(|m| m.len() <= part && replicator::ConsensusMessage::decode(m).unwrap().is_heartbeat())
+        .expect("a small heartbeat");
+    let ask = omnipaxos::messages::Message::<Entry>::SequencePaxos(SpMessage {
+        from: 2,
+        to: 1,
+        msg: PaxosMsg::PrepareReq(PrepareReq { n: Default::default() }),
+    });
+    let small = &postcard::to_allocvec(&ask).unwrap();
+    assert!(small.len() <= part, "a small message of the log");
     let cfg = TrackerConfig {
         password_params: PasswordParams::INSECURE_FAST,
         peer_keys: [(2, key(2))].into_iter().collect(),
@@ -1079,9 +1123,11 @@ fn messages_decoded_off_the_loop_reach_the_log_in_order() {
     let mut first = jobs(drain(&mut n));
     n.handle_bytes(link, &encode(&Message::Tracker(TrackerFrame::Consensus(small.clone()))), Millis(3));
     n.handle_bytes(link, &in_parts(2, big[1]), Millis(4));
+    n.handle_bytes(link, &encode(&Message::Tracker(TrackerFrame::Consensus(heartbeat.clone()))), Millis(4));
     let mut second = jobs(drain(&mut n));
     assert_eq!((first.len(), second.len()), (1, 1), "one decode job for each big message");
-    assert!(n.replicator().got.is_empty(), "nothing reaches the log before the first is decoded");
+    assert_eq!(n.replicator().got, vec![heartbeat.clone()], "only the heartbeat passes the first's decode");
+    n.replicator.got.clear();
     let (t2, j2) = second.remove(0);
     assert_eq!(j2.kind(), "decode");
     n.handle_job_done(t2, j2.run(), Millis(5));
@@ -1133,6 +1179,7 @@ fn a_snapshot_sync_is_encoded_off_the_loop_and_keeps_its_place() {
             (2, Outbound::Snapshot(Box::new(m.clone()))),
             (2, Outbound::Encoded(small.clone())),
             (3, Outbound::Encoded(small.clone())),
+            (2, Outbound::Heartbeat(vec![7, 7])),
         ]);
         let at = Millis(10 + round * 100);
         n.handle_timeout(at);
@@ -1145,7 +1192,7 @@ fn a_snapshot_sync_is_encoded_off_the_loop_and_keeps_its_place() {
             .collect();
         assert_eq!(jobs.len(), 1, "{out:?}");
         assert_eq!(jobs[0].1.kind(), "encode");
-        assert!(consensus_to(&out, 2).is_empty(), "nothing to 2 passes the sync");
+        assert_eq!(consensus_to(&out, 2), vec![vec![7, 7]], "nothing to 2 passes the sync but a heartbeat");
         assert_eq!(consensus_to(&out, 3), vec![small.clone()], "3 is not held up");
         let (ticket, job) = jobs.remove(0);
         if round == 1 {
