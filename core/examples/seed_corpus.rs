@@ -78,6 +78,14 @@ fn main() {
             }),
         },
         Message::Response { id, result: Err(ApiError::NotMember) },
+        Message::Request { id, settled_below: 0, session: s, body: Request::ListGroupsPage { after: Some(g.clone()) } },
+        Message::Response {
+            id,
+            result: Ok(Reply::GroupsPage {
+                groups: vec![GroupSummary { group: g.clone(), owner: u.clone(), members: 2 }],
+                more: true,
+            }),
+        },
     ];
     let write = |target: &str, name: &str, bytes: &[u8]| {
         let dir = root.join(target);
