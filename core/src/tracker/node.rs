@@ -188,6 +188,7 @@ impl<R: Replicator> TrackerNode<R> {
         self.now = self.now.max(now);
         self.conns.remove(&conn);
         self.outbox.forget_conn(conn);
+        self.streams_conn_closed(conn);
     }
 
     pub fn handle_timeout(&mut self, now: Millis) {
@@ -407,6 +408,7 @@ impl<R: Replicator> TrackerNode<R> {
 
     pub(crate) fn refuse(&mut self, conn: ConnId, reason: String) {
         self.conns.remove(&conn);
+        self.streams_conn_closed(conn);
         self.outbox.send(TrackerOutput::Transmit { conn, bytes: encode(&Message::Refused { reason }) }, false);
         self.outbox.send(TrackerOutput::Close { conn }, false);
     }

@@ -56,9 +56,10 @@ struct Outgoing {
     unacked: usize,
 }
 
-/// A message arriving in parts.
+/// A message arriving in parts, on the link `conn`.
 struct Incoming {
     xfer: u64,
+    conn: ConnId,
     bytes: Vec<u8>,
 }
 
@@ -178,6 +179,19 @@ impl<R: Replicator> TrackerNode<R> {
         self.streams.out.remove(&node);
     }
 
+    /// A connection closed: a message arriving in parts on it never ends
+    /// (its sender starts it again, whole, on its next link), and what it
+    /// holds (up to a snapshot) is freed now.
+    pub(crate) fn streams_conn_closed(&mut self, conn: ConnId) {
+        self.streams.inc.retain(|_, inc| inc.conn != conn);
+    }
+
+    /// The trackers whose consensus message is arriving in parts now: begun,
+    /// not yet whole (a snapshot on its way to this tracker, say).
+    pub fn receiving_in_parts(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.streams.inc.keys().copied()
+    }
+
     /// A job the driver ran is done.
     pub fn handle_job_done(&mut self, ticket: u64, done: JobDone, now: Millis) {
         self.now = self.now.max(now);
@@ -278,10 +292,10 @@ impl<R: Replicator> TrackerNode<R> {
     /// A part of a consensus message, on `node`'s link to us.
     pub(crate) fn handle_consensus_part(&mut self, conn: ConnId, node: NodeId, part: (u64, bool, Vec<u8>)) {
         let (xfer, last, bytes) = part;
-        let inc = self.streams.inc.entry(node).or_insert(Incoming { xfer, bytes: Vec::new() });
-        if inc.xfer != xfer {
+        let inc = self.streams.inc.entry(node).or_insert(Incoming { xfer, conn, bytes: Vec::new() });
+        if inc.xfer != xfer || inc.conn != conn {
             // A new message: the one before was abandoned (its link dropped).
-            *inc = Incoming { xfer, bytes: Vec::new() };
+            *inc = Incoming { xfer, conn, bytes: Vec::new() };
         }
         if inc.bytes.len() + bytes.len() > MAX_CONSENSUS_MESSAGE {
             self.streams.inc.remove(&node);

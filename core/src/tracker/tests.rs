@@ -1070,7 +1070,8 @@ fn consensus_messages_to_1() -> Vec<Vec<u8>> {
 /// A consensus message that came in parts is decoded by a job, off the
 /// event loop; what arrives from that tracker meanwhile waits, and the
 /// replicator gets everything in the order it arrived, whichever job
-/// finishes first; only a leader election heartbeat goes past.
+/// finishes first; only a leader election heartbeat goes past. A message
+/// broken off when its link closes is freed.
 #[test]
 fn messages_decoded_off_the_loop_reach_the_log_in_order() {
     use omnipaxos::messages::sequence_paxos::{PaxosMessage as SpMessage, PaxosMsg, PrepareReq};
@@ -1140,6 +1141,13 @@ fn messages_decoded_off_the_loop_reach_the_log_in_order() {
     // A job's result that no message waits for changes nothing.
     n.handle_job_done(t1, Job(JobKind::Decode(big[0].clone())).run(), Millis(7));
     assert_eq!(n.replicator().got.len(), 3);
+    // A message broken off by its link closing is dropped with it.
+    let first_part =
+        encode(&Message::Tracker(TrackerFrame::ConsensusPart { xfer: 3, last: false, bytes: big[0][..part].to_vec() }));
+    n.handle_bytes(link, &first_part, Millis(8));
+    assert_eq!(n.receiving_in_parts().collect::<Vec<_>>(), vec![2], "a message arriving in parts");
+    n.handle_closed(link, Millis(9));
+    assert_eq!(n.receiving_in_parts().count(), 0, "what it held is freed with its link");
 }
 
 /// A sync carrying a snapshot is encoded by a job, off the loop; what the
