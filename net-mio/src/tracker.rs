@@ -89,7 +89,14 @@ impl Syncer {
                     let r = match c {
                         SyncCmd::Write(bytes) => wal.append_encoded(&bytes).map_err(|e| (e, "write")),
                         SyncCmd::Rewrite(image) => {
-                            wal.rewrite_with(|put| image.for_each_record(put)).map_err(|e| (e, "rewrite"))
+                            let r = wal.rewrite_with(|put| image.for_each_record(put)).map_err(|e| (e, "rewrite"));
+                            // What the compaction retired (a snapshot's worth
+                            // of entries, the state before) is freed here...
+                            drop(image);
+                            // ... and handed back to the system, not kept
+                            // in the allocator's free lists.
+                            release_freed_memory();
+                            r
                         }
                         SyncCmd::Sync(k, s) => {
                             upto = upto.max(k);
@@ -125,6 +132,22 @@ impl Syncer {
         Ok(Syncer { tx, done, error })
     }
 }
+
+/// Returns memory the allocator holds free to the system. glibc keeps what
+/// one thread frees in that thread's arena; after a compaction frees a
+/// snapshot's worth of small objects, a tracker's resident memory stayed
+/// that much higher until the arena happened to be reused.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks and shrinks the allocator's own heaps;
+    // it takes no pointers and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
 
 /// The thread that runs the node's jobs (encoding and decoding consensus
 /// messages the size of the metadata), in order, so the event loop goes on
