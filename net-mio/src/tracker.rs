@@ -134,9 +134,10 @@ impl Syncer {
 }
 
 /// Returns memory the allocator holds free to the system. glibc keeps what
-/// one thread frees in that thread's arena; after a compaction frees a
-/// snapshot's worth of small objects, a tracker's resident memory stayed
-/// that much higher until the arena happened to be reused.
+/// a thread frees in its arena's free lists, and a compaction frees a
+/// snapshot's worth of small objects at once; trimming after it keeps that
+/// from counting in the tracker's resident memory (the effect on peak RSS
+/// was within the bench's run-to-run spread).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn release_freed_memory() {
     // SAFETY: malloc_trim only walks and shrinks the allocator's own heaps;

@@ -216,6 +216,15 @@ impl<R: Replicator> TrackerNode<R> {
         self.outbox.send(TrackerOutput::PeerSend { node, bytes }, after_sync);
     }
 
+    /// Sends `bytes` on our link to `node` at once, past what waits there
+    /// for a sync: only for what promises nothing and needs no order with
+    /// the rest (see `Outbox::send_now`).
+    pub(crate) fn link_send_now(&mut self, node: NodeId, bytes: Vec<u8>) {
+        if self.links.is_up(node) {
+            self.outbox.send_now(TrackerOutput::PeerSend { node, bytes });
+        }
+    }
+
     /// The link is gone (or given up on): down, redialled after its backoff.
     fn link_lost(&mut self, node: NodeId, now: Millis, hang_up: bool) {
         let Some(l) = self.links.map.get_mut(&node) else { return };
@@ -263,9 +272,8 @@ impl<R: Replicator> TrackerNode<R> {
                 }
                 State::Up if now.since(l.pinged) >= LINK_HEARTBEAT => {
                     l.pinged = now;
-                    // Not behind votes waiting for this node's disk: see `Outbox::send_now`.
-                    let ping = encode(&Message::Tracker(TrackerFrame::Ping));
-                    self.outbox.send_now(TrackerOutput::PeerSend { node, bytes: ping });
+                    // Not behind votes waiting for this node's disk.
+                    self.link_send_now(node, encode(&Message::Tracker(TrackerFrame::Ping)));
                 }
                 _ => {}
             }

@@ -87,10 +87,7 @@ impl<R: Replicator> TrackerNode<R> {
         match out {
             Outbound::Encoded(bytes) => self.send_consensus(node, bytes, after_sync),
             Outbound::Heartbeat(bytes) => {
-                if self.links.is_up(node) {
-                    let frame = encode(&Message::Tracker(TrackerFrame::Consensus(bytes)));
-                    self.outbox.send_now(TrackerOutput::PeerSend { node, bytes: frame });
-                }
+                self.link_send_now(node, encode(&Message::Tracker(TrackerFrame::Consensus(bytes))))
             }
             Outbound::Snapshot(msg) => {
                 if !self.links.is_up(node) {
@@ -303,9 +300,7 @@ impl<R: Replicator> TrackerNode<R> {
         }
         inc.bytes.extend_from_slice(&bytes);
         let ack = encode(&Message::Tracker(TrackerFrame::ConsensusAck { xfer, bytes: bytes.len() as u32 }));
-        if self.links.is_up(node) {
-            self.outbox.send_now(TrackerOutput::PeerSend { node, bytes: ack });
-        }
+        self.link_send_now(node, ack);
         if !last {
             return;
         }

@@ -413,6 +413,16 @@ fn linked_node() -> TrackerNode<OmniReplicator> {
     TrackerNode::new(cfg, Rng::from_u64(1), rep)
 }
 
+/// A [`linked_node`] whose link to tracker 2 is up, its dials and hello drained.
+fn linked_to_2() -> TrackerNode<OmniReplicator> {
+    let mut n = linked_node();
+    n.handle_timeout(Millis(1));
+    drain(&mut n);
+    n.handle_link_up(2, key(2), Millis(5));
+    drain(&mut n);
+    n
+}
+
 fn dials(outs: &[TrackerOutput]) -> Vec<NodeId> {
     outs.iter().filter_map(|o| if let TrackerOutput::Dial { node } = o { Some(*node) } else { None }).collect()
 }
@@ -476,11 +486,7 @@ fn links_are_dialled_pinged_and_hung_up_when_silent() {
 #[test]
 fn a_link_stays_up_while_a_vote_waits_for_the_disk() {
     use super::links::LINK_DEADLINE;
-    let mut n = linked_node();
-    n.handle_timeout(Millis(1));
-    drain(&mut n);
-    n.handle_link_up(2, key(2), Millis(5));
-    drain(&mut n);
+    let mut n = linked_to_2();
     // A vote to 2 that waits for a sync the driver never reports.
     n.outbox.push(TrackerOutput::Persist(Persist::Append(vec![1])));
     n.outbox.send(TrackerOutput::PeerSend { node: 2, bytes: vec![7] }, true);
@@ -954,11 +960,7 @@ proptest::proptest! {
 #[test]
 fn a_big_consensus_message_goes_in_parts_a_window_at_a_time() {
     use super::stream::{PART, WINDOW_PARTS};
-    let mut n = linked_node();
-    n.handle_timeout(Millis(1));
-    drain(&mut n);
-    n.handle_link_up(2, key(2), Millis(5));
-    drain(&mut n);
+    let mut n = linked_to_2();
     let big: Vec<u8> = (0..(WINDOW_PARTS + 5) * PART + 77).map(|i| (i % 251) as u8).collect();
     n.send_consensus(2, big.clone(), false);
     n.send_consensus(2, vec![1, 2, 3], false);
