@@ -127,6 +127,8 @@ fn main() {
         PeerMessage::Refused { reason: "access denied".into() },
         PeerMessage::OffersOnly,
         PeerMessage::HaveAll,
+        PeerMessage::Busy { chunk: 1 },
+        PeerMessage::Ready,
     ];
     let mut peer_stream = Vec::new();
     for (i, m) in peer_msgs.iter().enumerate() {

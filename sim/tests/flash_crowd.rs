@@ -20,12 +20,15 @@
 //! one to two minutes, 1,000 take 8 GB and about 12 minutes (release build).
 //!
 //! What it shows (seeds 0-2, 128 chunks, 8 MB/s, `SIM_FAST_DISK=1`): 8
-//! leechers finish at 1.07-1.15x the bound, the seeder sending 1.08-1.09
-//! copies; 24 at 1.20-1.29x; 48 at 1.31-1.38x; 200 at 1.48x and 1,000 at
-//! 1.63x (seed 0). The seeder's first copies are near ideal (every chunk in
-//! the crowd by 8.5 s of a bound of 8.4 at 48 leechers); what is lost is
-//! the leechers' upload while the crowd starts (48 leechers move 300 MB of
-//! a possible 768 in the first 2 s) and its uneven spread. Before the
+//! leechers finish at 1.07-1.14x the bound, the seeder sending 1.07-1.09
+//! copies; 24 at 1.16-1.24x; 48 at 1.19-1.29x (seeder 1.16-1.18); 200 at
+//! 1.26x (seed 0). Before upload slots (`Busy`/`Ready`, a rarer chunk
+//! taking a waiting one's slot) and peers traded for less loaded ones
+//! (`rebalance`): 24 at 1.20-1.29x, 48 at 1.31-1.38x, 200 at 1.48x and
+//! 1,000 at 1.63x; the first leechers then served up to 28 downloaders
+//! and the last ones 1 to 5, their upload lost to the crowd. What is
+//! still lost is the leechers' upload while the crowd starts (48 leechers
+//! move about 240 MB of a possible 576 in the first 1.5 s). Before the
 //! first downloader was taken into the offers (`OffersOnly`): 8 leechers
 //! 1.15-1.16x, 48 1.32-1.38x. Before the seeder offered distinct
 //! chunks, gave its upload out a chunk at a time in turns, and downloaders
@@ -89,7 +92,18 @@ fn crowd(seed: u64, leechers: usize) -> Crowd {
     let mut done = vec![None; leechers + 1];
     // When each had every chunk verified (the whole-file hash may still run).
     let mut fetched = vec![None; leechers + 1];
+    // (chunk, client) -> when first seen written (SIM_CROWD_DEBUG).
+    let mut seen: std::collections::BTreeMap<(u64, usize), u64> = Default::default();
     while done[1..].iter().any(Option::is_none) {
+        if std::env::var("SIM_CROWD_DEBUG").is_ok() && w.now().since(start).0 < 2000 {
+            for c in 1..=leechers {
+                if let Some(r) = w.disk().record(&format!("/home/dl{c}/data.bin.part")) {
+                    for &ch in r.written.iter() {
+                        seen.entry((ch as u64, c)).or_insert(w.now().since(start).0);
+                    }
+                }
+            }
+        }
         for c in 1..=leechers {
             if done[c].is_some() {
                 continue;
@@ -104,10 +118,13 @@ fn crowd(seed: u64, leechers: usize) -> Crowd {
             }
         }
         assert!(w.now().since(start) < Millis(bound.0 * 50), "a leecher starves: {done:?}");
-        if std::env::var("SIM_CROWD_DEBUG").is_ok() && w.now().since(start).0 % 500 < 5 {
+        if std::env::var("SIM_CROWD_DEBUG").is_ok() && w.now().since(start).0 % debug_every() < 5 {
             let pct: Vec<String> = (1..=leechers)
-                .map(|c| w.download_stats(c).first().map_or(0, |s| s.verified * 100 / s.size.max(1)).to_string())
+                .map(|c| w.download_stats(c).first().map_or(0, |s| s.verified.div_ceil(CHUNK_SIZE)).to_string())
                 .collect();
+            let peers: Vec<String> =
+                (1..=leechers).map(|c| w.download_stats(c).first().map_or(0, |s| s.peers).to_string()).collect();
+            eprintln!("  peers: {}", peers.join(" "));
             let s0 = ok(&mut w, 0, "show_uploads").pop().unwrap_or_default();
             let mut union = std::collections::BTreeSet::new();
             for c in 1..=leechers {
@@ -122,6 +139,8 @@ fn crowd(seed: u64, leechers: usize) -> Crowd {
                 })
                 .collect();
             let served: u64 = each.iter().sum();
+            let chunks_each: Vec<String> = each.iter().map(|b| (b / CHUNK_SIZE).to_string()).collect();
+            eprintln!("  chunks served by each: {}", chunks_each.join(" "));
             each.sort_unstable();
             let q = |f: usize| each[(each.len() - 1) * f / 4] / 1_000_000;
             eprintln!("  leechers served (MB) min {} q1 {} median {} q3 {} max {}", q(0), q(1), q(2), q(3), q(4));
@@ -141,6 +160,21 @@ fn crowd(seed: u64, leechers: usize) -> Crowd {
         assert!(got.as_deref() == Some(&content[..]), "c{c}'s copy differs from the seeder's");
     }
     if std::env::var("SIM_CROWD_DEBUG").is_ok() {
+        let mut per: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+        for ((ch, _), t) in &seen {
+            per.entry(*ch).or_default().push(*t);
+        }
+        let mut firsts: Vec<(u64, u64, Vec<u64>)> = per
+            .into_iter()
+            .map(|(ch, mut v)| {
+                v.sort_unstable();
+                (v[0], ch, v)
+            })
+            .collect();
+        firsts.sort();
+        for (_, ch, v) in firsts.iter().take(12) {
+            eprintln!("chunk {ch} copies at (ms): {v:?}");
+        }
         let mut t: Vec<u64> = done.iter().flatten().map(|m| m.0).collect();
         t.sort();
         eprintln!("finish times (ms): {t:?}");
@@ -155,6 +189,12 @@ fn crowd(seed: u64, leechers: usize) -> Crowd {
         // The seeder's sends per chunk: how many copies, and when the first
         // one was complete.
         let log = w.watched_serves.take().map(|(_, l)| l).unwrap_or_default();
+        let early: Vec<String> = log
+            .iter()
+            .take_while(|(at, ..)| at.since(start).0 < 1000)
+            .map(|(at, c, off, len)| format!("{}:c{c}:{}+{}", at.since(start).0, off / CHUNK_SIZE, len / 1024))
+            .collect();
+        eprintln!("seeder's first second (ms:conn:chunk+KiB): {}", early.join(" "));
         let mut per: std::collections::BTreeMap<u64, (u64, Millis, Millis)> = Default::default();
         for (at, _, off, len) in &log {
             let e = per.entry(off / CHUNK_SIZE).or_insert((0, *at, *at));
@@ -233,4 +273,9 @@ fn every_leecher_of_a_flash_crowd_finishes() {
 fn a_flash_crowd_replays_bit_for_bit() {
     let seed = seed_from_env(5);
     assert_eq!(crowd(seed, 6).world.digest(), crowd(seed, 6).world.digest());
+}
+
+/// How often `SIM_CROWD_DEBUG` prints (ms): `SIM_CROWD_DEBUG_EVERY`, else 500.
+fn debug_every() -> u64 {
+    std::env::var("SIM_CROWD_DEBUG_EVERY").ok().and_then(|s| s.parse().ok()).unwrap_or(500).max(5)
 }

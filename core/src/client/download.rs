@@ -19,7 +19,12 @@
 //! the pool. At most [`MAX_UNVERIFIED`] chunks wait for their verdict: past
 //! that no new chunk is asked for, so a slow disk slows the download instead
 //! of filling memory. A peer that sends nothing for `stall_timeout` while it
-//! owes blocks loses its chunks.
+//! owes blocks loses its chunks. A peer that answers `Busy` (its upload
+//! slots are taken) loses that chunk to the pool and is asked nothing until
+//! it says `Ready`. With every peer place taken, a peer serving far more
+//! downloaders than the others is traded for a source not connected yet
+//! (`rebalance`), so that downloaders which started together do not all
+//! stay on the first few of them.
 //!
 //! Driven by [`crate::client::ClientEngine`]: `handle_*` inputs, outputs drained
 //! with [`Download::poll_output`], deadlines from [`Download::poll_timeout`].
@@ -163,6 +168,12 @@ struct Peer {
     depth: usize,
     /// It sent a map of less than the whole file: it is told what we hold.
     tell: bool,
+    /// It answered `Busy` (its upload slots are taken): nothing is asked of
+    /// it until it says `Ready`.
+    busy: bool,
+    /// It holds the whole file (its map was full, or it offers chunks one
+    /// by one as a complete sharer does): never let go to rebalance.
+    complete: bool,
 }
 
 impl Peer {
@@ -259,6 +270,17 @@ pub const MAX_CHUNKS_AHEAD: usize = 64;
 /// long, up to `DownloadConfig::refresh_every`.
 pub const FIRST_REFRESH: Millis = Millis(100);
 
+/// How often a download with every peer place taken looks for peers that
+/// serve far more downloaders than the others, to trade them for sources it
+/// is not connected to (see `Download::rebalance`).
+pub const REBALANCE_EVERY: Millis = Millis(250);
+
+/// Peers traded at most per look.
+pub const REBALANCE_SWAPS: usize = 2;
+
+/// A peer let go for serving too many is dialled again no sooner than this.
+pub const REBALANCE_BACKOFF: Millis = Millis(10_000);
+
 /// Longest pause before asking a peer that refused us again.
 pub const MAX_REFUSED_BACKOFF: Millis = Millis(30_000);
 
@@ -278,6 +300,8 @@ pub struct Download {
     /// allocation, zeroing or page faults per chunk.
     spare: Vec<Vec<u8>>,
     next_refresh: Millis,
+    /// When `rebalance` looks next.
+    next_rebalance: Millis,
     /// The pause before the refresh after it: from [`FIRST_REFRESH`],
     /// doubling up to `refresh_every`.
     refresh_gap: Millis,
@@ -321,6 +345,7 @@ impl Download {
             // Soon, then less and less often: a crowd that starts
             // together learns of itself within a few round trips.
             next_refresh: now.plus(FIRST_REFRESH),
+            next_rebalance: now.plus(REBALANCE_EVERY),
             refresh_gap: FIRST_REFRESH,
             last_chunk: now,
             failed: false,
@@ -470,6 +495,7 @@ impl Download {
                     self.out.push_back(DownloadOutput::Send { peer, msg });
                 }
                 p.tell = partial;
+                p.complete = !partial;
                 p.have = Some(chunks);
                 p.load = load;
                 p.last_progress = now;
@@ -494,6 +520,7 @@ impl Download {
                 self.selector.remove_peer(&old);
                 self.selector.add_peer(&map);
                 p.have = Some(map);
+                p.complete = true;
                 // One offering chunks offers those we lack: it hears what we hold.
                 if offers && !p.tell {
                     p.tell = true;
@@ -503,6 +530,21 @@ impl Download {
             }
             PeerMessage::Block { chunk, offset, load, data } => {
                 return self.handle_block(peer, chunk, offset, load, &data, now);
+            }
+            // Its slots are taken: the chunk goes back to the pool (for a
+            // peer that can send it sooner), and nothing more is asked of it
+            // until it is `Ready`. Nothing of that chunk was sent.
+            PeerMessage::Busy { chunk } => {
+                let p = self.peers.get_mut(&peer).expect("checked");
+                p.busy = true;
+                if let Some(i) = p.fetches.iter().position(|f| f.chunk == chunk && f.received == 0) {
+                    p.fetches.remove(i);
+                    p.last_progress = now;
+                    self.selector.abandon(chunk);
+                }
+            }
+            PeerMessage::Ready => {
+                self.peers.get_mut(&peer).expect("checked").busy = false;
             }
             PeerMessage::Refused { reason } => {
                 tracing::debug!(%reason, "peer refused");
@@ -545,6 +587,7 @@ impl Download {
                 self.out.push_back(DownloadOutput::WantSources);
             }
         }
+        self.rebalance(now);
         self.connect_more(now);
         self.fill(now);
     }
@@ -575,7 +618,8 @@ impl Download {
             return None;
         }
         let give_up = self.last_chunk.plus(self.cfg.give_up_after);
-        [stall, retry, Some(self.next_refresh), Some(give_up)].into_iter().flatten().min()
+        let rebalance = self.overloaded().next().is_some().then_some(self.next_rebalance);
+        [stall, retry, rebalance, Some(self.next_refresh), Some(give_up)].into_iter().flatten().min()
     }
 
     /// Ends the download's connections (it finished, failed or was stopped).
@@ -625,9 +669,69 @@ impl Download {
                     recent_rate: 0,
                     depth: self.cfg.chunks_per_peer,
                     tell: false,
+                    busy: false,
+                    complete: false,
                 },
             );
             self.out.push_back(DownloadOutput::Connect { peer, addr });
+        }
+    }
+
+    /// Downloaders a peer may serve before it counts as overloaded: a
+    /// quarter more than the peers each downloader keeps, what each source
+    /// serves on average when every downloader of a crowd dials that many.
+    fn overload(&self) -> usize {
+        self.cfg.max_peers + self.cfg.max_peers / 4
+    }
+
+    /// Connected peers that serve more than `overload` downloaders (as
+    /// they last reported), hold only part of the file, and are not
+    /// sending us a chunk now, while every peer place is taken: the ones
+    /// `rebalance` may let go.
+    fn overloaded(&self) -> impl Iterator<Item = (u16, PeerConnId)> + '_ {
+        let full = self.peers.len() >= self.cfg.max_peers;
+        let limit = self.overload();
+        self.peers
+            .iter()
+            .filter(move |(_, p)| {
+                full && p.have.is_some()
+                    && !p.complete
+                    && usize::from(p.load.uploads) > limit
+                    && p.fetches.iter().all(|f| f.received == 0)
+            })
+            .map(|(c, p)| (p.load.uploads, *c))
+    }
+
+    /// Trades the most loaded of the `overloaded` peers (up to
+    /// [`REBALANCE_SWAPS`]) for sources not connected yet, every
+    /// [`REBALANCE_EVERY`]. Downloaders that start together dial from the
+    /// lists they got, each holding only the ones that started before it,
+    /// so the first few serve most of the crowd and the last few serve
+    /// almost no one: their upload is lost to the swarm. A peer that serves
+    /// many gives each of them little; one dialled at random from the rest
+    /// likely serves fewer. The peer let go is dialled again no sooner than
+    /// [`REBALANCE_BACKOFF`]. A complete sharer is never let go.
+    fn rebalance(&mut self, now: Millis) {
+        if now < self.next_rebalance {
+            return;
+        }
+        self.next_rebalance = now.plus(REBALANCE_EVERY);
+        let plaintext = self.cfg.plaintext_peers;
+        let ready = self
+            .sources
+            .values()
+            .filter(|s| s.conn.is_none() && !s.banned && s.retry_at <= now && s.reachable(plaintext))
+            .count();
+        let mut over: Vec<(u16, PeerConnId)> = self.overloaded().collect();
+        over.sort_unstable_by(|a, b| b.cmp(a));
+        over.truncate(ready.min(REBALANCE_SWAPS));
+        for (uploads, peer) in over {
+            let Some(addr) = self.peers.get(&peer).map(|p| p.addr) else { continue };
+            tracing::debug!(%addr, uploads, "letting go of a peer that serves many, for one that may serve fewer");
+            self.drop_peer(peer, false, now);
+            if let Some(s) = self.sources.get_mut(&addr) {
+                s.retry_at = now.plus(REBALANCE_BACKOFF);
+            }
         }
     }
 
@@ -842,7 +946,7 @@ impl Download {
         let mut order: Vec<(Load, usize, std::cmp::Reverse<u64>, PeerConnId)> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.have.is_some() && p.fetches.len() < capacity(p))
+            .filter(|(_, p)| p.have.is_some() && !p.busy && p.fetches.len() < capacity(p))
             .map(|(c, p)| (p.load, p.fetches.len(), std::cmp::Reverse(p.rate(now)), *c))
             .collect();
         order.sort();

@@ -112,6 +112,8 @@ pub struct DownloadStat {
     /// Peers banned for sending a chunk that failed its SHA1.
     pub banned: Vec<SocketAddr>,
     pub elapsed: Millis,
+    /// Peers connected that sent their chunk map (0 once it ended).
+    pub peers: usize,
 }
 
 impl ClientEngine {
@@ -143,6 +145,10 @@ impl ClientEngine {
                     supplied,
                     banned,
                     elapsed: d.finished.unwrap_or(now).since(d.started),
+                    peers: match &d.state {
+                        DlState::Running { fetch, .. } => fetch.active_peers(),
+                        _ => 0,
+                    },
                 }
             })
             .collect()

@@ -15,6 +15,9 @@
 //!                                   <-------   Block { chunk, offset, load, data } x N
 //!                                   <-------   HaveOne { chunk } (server gained a chunk)
 //!   Cancel { chunk, offset, len }   ------->
+//!                                   <-------   Busy { chunk } (upload slots taken:
+//!                                              that chunk's requests dropped)
+//!                                   <-------   Ready (a slot is free: ask again)
 //! ```
 //!
 //! A whole chunk is fetched from one peer, so a chunk failing its SHA1 names
@@ -102,6 +105,16 @@ pub enum PeerMessage {
     /// From a sharer that offered chunks one by one: it holds every chunk
     /// and any may be asked of it now (every chunk went out once).
     HaveAll,
+    /// From a server whose upload slots are all taken: the requests for
+    /// `chunk` are dropped (none of it was or will be sent), and no other
+    /// chunk should be asked of it until it says `Ready`. The downloader
+    /// asks a peer that can send it sooner (choking, and the fast
+    /// extension's reject, BEP 6).
+    Busy {
+        chunk: u32,
+    },
+    /// From a server that answered `Busy`: a slot is free, ask again.
+    Ready,
 }
 
 /// A set of chunk indexes, one bit each.

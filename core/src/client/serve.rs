@@ -19,7 +19,13 @@
 //! `HaveAll` and may ask for any, and later downloaders get the whole map.
 //! Downloaders report what they hold (`Have`, `HaveOne`), counted per
 //! share. Under the rate limit the upload goes out a chunk at a time in
-//! turns (`uploads_timeout`), a chunk fewer downloaders hold first.
+//! turns (`uploads_timeout`), a chunk fewer downloaders hold first, and
+//! only [`UPLOAD_AHEAD`] of it is taken on at once (upload slots): a
+//! request for another chunk hears `Busy` (its downloader asks a peer that
+//! can send it sooner) and `Ready` once a slot is free, and a chunk fewer
+//! downloaders hold takes the slot of a common one that waits. A chunk one
+//! peer gained then spreads from every peer that got it, as in a tree,
+//! instead of queueing at its first holder for the whole crowd.
 
 use std::collections::VecDeque;
 
@@ -57,6 +63,12 @@ pub const OPEN_OFFERS: u32 = 2;
 /// Under the upload limit, a share's open offers over all its downloaders
 /// are what it sends in this time (see `offer_budget`).
 pub const OFFER_AHEAD: Millis = Millis(250);
+/// Under the upload limit, the chunks taken on at once over all downloaders
+/// are what this client sends in this time (see `upload_slots`): a
+/// downloader asking for more hears `Busy` and asks elsewhere.
+pub const UPLOAD_AHEAD: Millis = Millis(130);
+/// Upload slots at least, however low the upload limit.
+pub const MIN_UPLOAD_SLOTS: usize = 2;
 /// Chunks looked at, from a random place, to choose the next offer: the
 /// least offered among them (a bound for files of a million chunks).
 const OFFER_SCAN: u32 = 4096;
@@ -193,6 +205,14 @@ pub(crate) struct Upload {
     /// What the downloader says it holds (its `Have`, then `HaveOne`s),
     /// once serving: counted in the share's `held`.
     has: Option<Bitmap>,
+    /// Chunks whose requests were taken on and some of which still wait in
+    /// `queue`: the upload slots this connection holds (see `uploads_full`).
+    accepted: Vec<u32>,
+    /// It was answered `Busy` and has not yet heard `Ready`.
+    busy: bool,
+    /// The chunk last answered `Busy`: the rest of its block requests
+    /// (sent with the first) are dropped without a word.
+    refused: Option<u32>,
 }
 
 impl ClientEngine {
@@ -252,6 +272,9 @@ impl ClientEngine {
             backlog: 0,
             offers: None,
             has: None,
+            accepted: Vec::new(),
+            busy: false,
+            refused: None,
         };
         self.peers.insert(conn, PeerLink::In(Box::new(up)));
     }
@@ -343,6 +366,38 @@ impl ClientEngine {
                 if up.queue.len() >= MAX_QUEUED_REQUESTS {
                     return self.refuse_peer(conn, "too many requests in flight");
                 }
+                if offset > 0 && up.refused == Some(chunk) {
+                    // The rest of a chunk answered `Busy`.
+                    return;
+                }
+                // A chunk's first block decides for the chunk: taken on
+                // while an upload slot is free (or it was offered to this
+                // downloader: promised), else answered `Busy`.
+                if offset == 0 && !up.accepted.contains(&chunk) {
+                    let promised = up.offers.as_ref().is_some_and(|o| !o.all && o.told.get(chunk));
+                    if !promised && self.uploads_full() {
+                        // A chunk rarer among the downloaders served than
+                        // one taken on and not started takes its slot.
+                        let held = self.shares.get(&key).map_or(0, |s| s.held(chunk));
+                        self.preempt_for(conn, held);
+                    }
+                    if !promised && self.uploads_full() {
+                        let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+                        up.busy = true;
+                        up.refused = Some(chunk);
+                        return self.peer_send(conn, &PeerMessage::Busy { chunk });
+                    }
+                    let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+                    up.accepted.push(chunk);
+                    if up.refused == Some(chunk) {
+                        up.refused = None;
+                    }
+                }
+                let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+                if offset > 0 && !up.accepted.contains(&chunk) {
+                    // The rest of a chunk whose first blocks went out already.
+                    up.accepted.push(chunk);
+                }
                 up.queue.push_back((chunk, offset, len));
             }
             // Every queued block request within the cancelled range goes
@@ -350,6 +405,7 @@ impl ClientEngine {
             (UpState::Serving(..), PeerMessage::Cancel { chunk, offset, len }) => {
                 let end = u64::from(offset) + u64::from(len);
                 up.queue.retain(|&(c, o, l)| !(c == chunk && o >= offset && u64::from(o) + u64::from(l) <= end));
+                self.release_slot(conn, chunk);
             }
             // What the downloader holds: counted, so that offers and turns
             // favour chunks few of them hold, and offers it no longer
@@ -480,6 +536,9 @@ impl ClientEngine {
     /// downloader held is no longer counted, and its open offers go to others.
     pub(super) fn upload_gone(&mut self, link: PeerLink) {
         let PeerLink::In(up) = link else { return };
+        if !up.accepted.is_empty() {
+            self.wake_busy();
+        }
         let (UpState::Serving(g, n), Some(has)) = (&up.state, &up.has) else { return };
         let key = (g.clone(), n.clone());
         if let Some(s) = self.shares.get_mut(&key) {
@@ -610,6 +669,7 @@ impl ClientEngine {
                 }
             }
             let Some((chunk, block, len)) = up.queue.pop_front() else { return };
+            let slot_ends = !up.queue.iter().any(|r| r.0 == chunk);
             let Some(s) = self.shares.get_mut(&(group.clone(), name.clone())) else { return };
             s.served += u64::from(len);
             self.served += u64::from(len);
@@ -634,6 +694,108 @@ impl ClientEngine {
                 // was offered stays what was sent (or is being sent).
                 self.offer_settled(conn, chunk);
             }
+            if slot_ends {
+                self.release_slot(conn, chunk);
+            }
+        }
+    }
+
+    /// The upload slots this client has: under the upload limit, the chunks
+    /// it sends in [`UPLOAD_AHEAD`] (at least [`MIN_UPLOAD_SLOTS`]); without
+    /// one, no bound (the sockets' backlogs hold the queue back).
+    fn upload_slots(&self) -> Option<usize> {
+        let b = self.upload_limit.as_ref()?;
+        let chunks = b.rate().saturating_mul(UPLOAD_AHEAD.0) / 1000 / crate::chunk::CHUNK_SIZE;
+        Some(usize::try_from(chunks).unwrap_or(usize::MAX).max(MIN_UPLOAD_SLOTS))
+    }
+
+    /// Every upload slot is taken: a request for another chunk is answered
+    /// `Busy`, so that its downloader asks a peer that can send it sooner
+    /// instead of waiting here behind the others (BitTorrent's choking;
+    /// the fast extension's reject, BEP 6). A chunk one peer gained then
+    /// spreads from each peer that got it, as in a tree, and is not queued
+    /// at the first holder for every downloader that heard of it.
+    fn uploads_full(&self) -> bool {
+        let Some(slots) = self.upload_slots() else { return false };
+        let taken: usize = self
+            .peers
+            .values()
+            .map(|p| match p {
+                PeerLink::In(up) => up.accepted.len(),
+                PeerLink::Out { .. } => 0,
+            })
+            .sum();
+        taken >= slots
+    }
+
+    /// Frees an upload slot for `requester`'s chunk that `held` of the
+    /// downloaders served hold: one taken on, not started and not
+    /// promised, of a downloader holding two slots more than the requester
+    /// (so one downloader does not take every slot while another waits),
+    /// else the one the most downloaders hold, if more than `held` do. Its
+    /// requests are dropped and its downloader hears `Busy` for it, as if
+    /// it had asked now. What the crowd has fewest copies of goes out
+    /// first: a chunk this peer just gained is passed on at once, not
+    /// after the common ones before it.
+    fn preempt_for(&mut self, requester: PeerConnId, held: u32) {
+        let mine = match self.peers.get(&requester) {
+            Some(PeerLink::In(up)) => up.accepted.len(),
+            _ => 0,
+        };
+        let mut victim: Option<((bool, u32), PeerConnId, u32)> = None;
+        for (c, p) in &self.peers {
+            let PeerLink::In(up) = p else { continue };
+            let UpState::Serving(g, n) = &up.state else { continue };
+            let Some(s) = self.shares.get(&(g.clone(), n.clone())) else { continue };
+            let hogs = up.accepted.len() > mine + 1;
+            for &chunk in &up.accepted {
+                let started = !up.queue.iter().any(|&(q, o, _)| q == chunk && o == 0);
+                let promised = up.offers.as_ref().is_some_and(|o| !o.all && o.told.get(chunk));
+                let key = (hogs, s.held(chunk));
+                let eligible = hogs || key.1 > held;
+                if !started && !promised && eligible && victim.is_none_or(|(k, _, _)| key > k) {
+                    victim = Some((key, *c, chunk));
+                }
+            }
+        }
+        let Some((_, conn, chunk)) = victim else { return };
+        let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+        up.queue.retain(|r| r.0 != chunk);
+        up.accepted.retain(|&c| c != chunk);
+        up.busy = true;
+        up.refused = Some(chunk);
+        self.peer_send(conn, &PeerMessage::Busy { chunk });
+    }
+
+    /// `chunk`'s requests on `conn` are all out or cancelled: its slot is
+    /// free, and downloaders answered `Busy` hear `Ready`.
+    fn release_slot(&mut self, conn: PeerConnId, chunk: u32) {
+        let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+        if up.queue.iter().any(|r| r.0 == chunk) {
+            return;
+        }
+        let Some(i) = up.accepted.iter().position(|&c| c == chunk) else { return };
+        up.accepted.swap_remove(i);
+        self.wake_busy();
+    }
+
+    /// Tells every downloader answered `Busy` that a slot is free (`Ready`):
+    /// they may ask again, and the first to ask takes it.
+    fn wake_busy(&mut self) {
+        if self.uploads_full() {
+            return;
+        }
+        let mut woken = Vec::new();
+        for (c, p) in self.peers.iter_mut() {
+            if let PeerLink::In(up) = p {
+                if up.busy {
+                    up.busy = false;
+                    woken.push(*c);
+                }
+            }
+        }
+        for c in woken {
+            self.peer_send(c, &PeerMessage::Ready);
         }
     }
 

@@ -723,33 +723,59 @@ fn a_capped_upload_serves_whole_chunks_in_turns_rarest_first() {
         order
     };
     let mut now = Millis(1);
-    let mut asks = chunk_requests(0);
-    asks.extend(chunk_requests(1));
-    e.handle_input(ClientInput::Peer(a, PeerEvent::Bytes(&asks)), now);
+    // At 1 MB/s the upload has two slots: A's chunk 0 and B's chunk 2 are
+    // taken on, C's chunk 3 hears `Busy` (none of it goes out) and, once
+    // a slot is free, `Ready`.
+    e.handle_input(ClientInput::Peer(a, PeerEvent::Bytes(&chunk_requests(0))), now);
     e.handle_input(ClientInput::Peer(b, PeerEvent::Bytes(&chunk_requests(2))), now);
     e.handle_input(ClientInput::Peer(c, PeerEvent::Bytes(&chunk_requests(3))), now);
-    let order = run(&mut e, &mut now, 16);
-    let mut runs: Vec<(PeerConnId, u32, usize)> = Vec::new();
-    for (conn, chunk) in order {
-        match runs.last_mut() {
-            Some((c, k, n)) if *c == conn && *k == chunk => *n += 1,
-            _ => runs.push((conn, chunk, 1)),
+    let outs = drain(&mut e);
+    let told_c = peer_messages(&outs, c);
+    assert!(told_c.contains(&PeerMessage::Busy { chunk: 3 }), "{told_c:?}");
+    // Blocks already handed out (the bucket's first burst), then the rest.
+    let mut order: Vec<(PeerConnId, u32)> = Vec::new();
+    for o in outs {
+        if let ClientOutput::SendBlock { conn, offset, .. } = o {
+            order.push((conn, (offset / crate::chunk::CHUNK_SIZE) as u32));
+            e.handle_input(ClientInput::Peer(conn, PeerEvent::BlockSent(Ok(()))), now);
         }
     }
-    assert_eq!(runs, vec![(a, 0, 4), (b, 2, 4), (c, 3, 4), (a, 1, 4)], "whole chunks, in turns");
+    let runs_of = |order: Vec<(PeerConnId, u32)>| {
+        let mut runs: Vec<(PeerConnId, u32, usize)> = Vec::new();
+        for (conn, chunk) in order {
+            match runs.last_mut() {
+                Some((c, k, n)) if *c == conn && *k == chunk => *n += 1,
+                _ => runs.push((conn, chunk, 1)),
+            }
+        }
+        runs
+    };
+    order.extend(run(&mut e, &mut now, 8 - order.len()));
+    assert_eq!(runs_of(order), vec![(a, 0, 4), (b, 2, 4)], "whole chunks, in turns, none of the refused one");
+    e.handle_input(ClientInput::Peer(c, PeerEvent::Bytes(&chunk_requests(3))), now);
+    e.handle_input(ClientInput::Peer(a, PeerEvent::Bytes(&chunk_requests(1))), now);
+    let order = run(&mut e, &mut now, 8);
+    assert_eq!(runs_of(order), vec![(c, 3, 4), (a, 1, 4)], "asked again after `Ready`: served");
 
-    // B holds chunk 5 (it says so). C is sent chunk 7, then the turn is
-    // A's, then B's; A asks for 5 and B for 6: 6, which none of them
-    // holds, goes first.
+    // B holds chunk 5 (it says so). C asks for 7 and A for 5: both slots
+    // are taken, 7 being sent. B asks for 6, which none of them holds: it
+    // takes the slot of 5, which waited, and A hears `Busy` for 5.
     let holds = encode(&PeerMessage::HaveOne { chunk: 5 });
     e.handle_input(ClientInput::Peer(b, PeerEvent::Bytes(&holds)), now);
     e.handle_input(ClientInput::Peer(c, PeerEvent::Bytes(&chunk_requests(7))), now);
     e.handle_input(ClientInput::Peer(a, PeerEvent::Bytes(&chunk_requests(5))), now);
+    let mut outs = drain(&mut e);
     e.handle_input(ClientInput::Peer(b, PeerEvent::Bytes(&chunk_requests(6))), now);
-    let order = run(&mut e, &mut now, 12);
-    assert_eq!(order.len(), 12, "{order:?}");
-    let first_of = |k: u32| order.iter().position(|&(_, ch)| ch == k).expect("served");
-    assert!(first_of(6) < first_of(5), "{order:?}");
+    outs.extend(drain(&mut e));
+    assert!(peer_messages(&outs, a).contains(&PeerMessage::Busy { chunk: 5 }), "{:?}", peer_messages(&outs, a));
+    for o in outs {
+        if let ClientOutput::SendBlock { conn, .. } = o {
+            e.handle_input(ClientInput::Peer(conn, PeerEvent::BlockSent(Ok(()))), now);
+        }
+    }
+    let order = run(&mut e, &mut now, 8);
+    assert!(order.iter().all(|&(_, ch)| ch != 5), "{order:?}");
+    assert!(order.iter().any(|&(conn, ch)| (conn, ch) == (b, 6)), "{order:?}");
 }
 
 /// Under the upload limit a seeder promises only what it sends in

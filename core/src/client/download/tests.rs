@@ -711,3 +711,49 @@ proptest::proptest! {
         proptest::prop_assert!(r.most_buffers <= paths.len(), "{} buffers for {} peers", r.most_buffers, paths.len());
     }
 }
+
+/// A peer that answers `Busy` loses that chunk (it goes to another peer)
+/// and is asked nothing until it says `Ready`.
+#[test]
+fn a_busy_peer_is_asked_nothing_until_ready() {
+    let content = content(2 * CHUNK_SIZE as usize);
+    let load = Load { uploads: 5, queued: 0 };
+    let mut d = new_download(DownloadConfig::default(), digest_of(&content), Bitmap::new(2), 0, 7, Millis(0));
+    d.handle_sources(&sharers(&[addr(1), addr(2)]), Millis(0));
+    let mut peers = BTreeMap::new();
+    while let Some(o) = d.poll_output() {
+        if let DownloadOutput::Connect { peer, addr } = o {
+            peers.insert(addr, peer);
+        }
+    }
+    let (p1, p2) = (peers[&addr(1)], peers[&addr(2)]);
+    for (a, p) in [(addr(1), p1), (addr(2), p2)] {
+        d.handle_connected(p, Some(key_at(a)), Millis(1));
+        d.handle_message(p, PeerMessage::Have { chunks: Bitmap::full(2), load }, Millis(1));
+    }
+    let asked_of = |d: &mut Download| {
+        let mut m: BTreeMap<PeerConnId, Vec<u32>> = BTreeMap::new();
+        while let Some(o) = d.poll_output() {
+            if let DownloadOutput::Send { peer, msg: PeerMessage::Request { chunk, offset: 0, .. } } = o {
+                m.entry(peer).or_default().push(chunk);
+            }
+        }
+        m
+    };
+    let first = asked_of(&mut d);
+    let (c1, c2) = (first[&p1][0], first[&p2][0]);
+    assert_ne!(c1, c2);
+    d.handle_message(p1, PeerMessage::Busy { chunk: c1 }, Millis(2));
+    assert!(asked_of(&mut d).is_empty(), "p2 is busy with its own chunk, p1 said Busy");
+    // p2 sends its chunk whole: it is asked for the other one, p1 nothing.
+    for i in 0..CHUNK_SIZE as u32 / BLOCK_SIZE {
+        let start = chunk_offset(c2) as usize + (i * BLOCK_SIZE) as usize;
+        d.handle_block(p2, c2, i * BLOCK_SIZE, load, &content[start..start + BLOCK_SIZE as usize], Millis(3));
+    }
+    let next = asked_of(&mut d);
+    assert_eq!(next.get(&p2), Some(&vec![c1]), "{next:?}");
+    assert!(!next.contains_key(&p1), "{next:?}");
+    // Ready: p1 may be asked again (an endgame copy of the last chunk).
+    d.handle_message(p1, PeerMessage::Ready, Millis(4));
+    assert_eq!(asked_of(&mut d).get(&p1), Some(&vec![c1]));
+}
