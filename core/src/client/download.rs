@@ -239,6 +239,11 @@ impl Source {
     fn reachable(&self, plaintext: bool) -> bool {
         self.key.is_none() == plaintext
     }
+
+    /// Not connected, not banned and reachable: one to dial (at `retry_at`).
+    fn dialable(&self, plaintext: bool) -> bool {
+        self.conn.is_none() && !self.banned && self.reachable(plaintext)
+    }
 }
 
 /// Chunks in flight per peer, at most: what a serving peer queues
@@ -608,12 +613,7 @@ impl Download {
         // for another peer: with `max_peers` connected, its (past) retry
         // time would make this deadline always due, and the driver spin.
         let room = self.peers.len() < self.cfg.max_peers;
-        let retry = self
-            .sources
-            .values()
-            .filter(|s| room && s.conn.is_none() && !s.banned && s.reachable(plaintext))
-            .map(|s| s.retry_at)
-            .min();
+        let retry = self.sources.values().filter(|s| room && s.dialable(plaintext)).map(|s| s.retry_at).min();
         if self.failed || self.is_complete() {
             return None;
         }
@@ -639,12 +639,8 @@ impl Download {
             return;
         }
         let plaintext = self.cfg.plaintext_peers;
-        let mut ready: Vec<SocketAddr> = self
-            .sources
-            .iter()
-            .filter(|(_, s)| s.conn.is_none() && !s.banned && s.retry_at <= now && s.reachable(plaintext))
-            .map(|(a, _)| *a)
-            .collect();
+        let mut ready: Vec<SocketAddr> =
+            self.sources.iter().filter(|(_, s)| s.dialable(plaintext) && s.retry_at <= now).map(|(a, _)| *a).collect();
         // Dialled in random order: a crowd of downloaders given the same
         // list must not all connect to its first `max_peers` addresses,
         // leaving the others' uploads unused.
@@ -717,11 +713,7 @@ impl Download {
         }
         self.next_rebalance = now.plus(REBALANCE_EVERY);
         let plaintext = self.cfg.plaintext_peers;
-        let ready = self
-            .sources
-            .values()
-            .filter(|s| s.conn.is_none() && !s.banned && s.retry_at <= now && s.reachable(plaintext))
-            .count();
+        let ready = self.sources.values().filter(|s| s.dialable(plaintext) && s.retry_at <= now).count();
         let mut over: Vec<(u16, PeerConnId)> = self.overloaded().collect();
         over.sort_unstable_by(|a, b| b.cmp(a));
         over.truncate(ready.min(REBALANCE_SWAPS));

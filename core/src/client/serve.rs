@@ -380,12 +380,12 @@ impl ClientEngine {
                         // one taken on and not started takes its slot.
                         let held = self.shares.get(&key).map_or(0, |s| s.held(chunk));
                         self.preempt_for(conn, held);
-                    }
-                    if !promised && self.uploads_full() {
-                        let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
-                        up.busy = true;
-                        up.refused = Some(chunk);
-                        return self.peer_send(conn, &PeerMessage::Busy { chunk });
+                        if self.uploads_full() {
+                            let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
+                            up.busy = true;
+                            up.refused = Some(chunk);
+                            return self.peer_send(conn, &PeerMessage::Busy { chunk });
+                        }
                     }
                     let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
                     up.accepted.push(chunk);
@@ -669,7 +669,6 @@ impl ClientEngine {
                 }
             }
             let Some((chunk, block, len)) = up.queue.pop_front() else { return };
-            let slot_ends = !up.queue.iter().any(|r| r.0 == chunk);
             let Some(s) = self.shares.get_mut(&(group.clone(), name.clone())) else { return };
             s.served += u64::from(len);
             self.served += u64::from(len);
@@ -694,9 +693,8 @@ impl ClientEngine {
                 // was offered stays what was sent (or is being sent).
                 self.offer_settled(conn, chunk);
             }
-            if slot_ends {
-                self.release_slot(conn, chunk);
-            }
+            // Frees the chunk's slot if that was its last queued block.
+            self.release_slot(conn, chunk);
         }
     }
 
