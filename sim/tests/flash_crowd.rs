@@ -12,23 +12,35 @@
 //! the file's chunks (default 64), `SIM_SEEDS` the seeds, `SIM_SEED=<n>`
 //! replays one, `SIM_HOLD` and `SIM_FAST_DISK` what each leecher holds for
 //! its whole-file hash and how fast its disk is (see [`hold`], [`disk`]),
-//! `SIM_CROWD_DEBUG=1` prints every half second the leechers' progress, the
-//! bytes they served and the distinct chunks the crowd holds, and at the
-//! end each one's sources. The copies on the simulated disks share their
+//! `SIM_CROWD_DEBUG=1` prints every half second (`SIM_CROWD_DEBUG_EVERY=<ms>`)
+//! the leechers' progress, the bytes they served and the distinct chunks
+//! the crowd holds, and at the end each one's sources, when each of the
+//! first chunks reached whom, and what client 0, the seeder, sent in its
+//! first second and per chunk (`SIM_CROWD_WATCH=<client>` watches another);
+//! `SIM_MAX_PEERS` sets each leecher's peers (default 16; 8 and 32 were
+//! both worse at 48 leechers). The copies on the simulated disks share their
 //! chunks (`sim::pieces`), so a leecher costs this process what its engine
 //! holds: with 4 chunks held, 200 leechers of 128 chunks take 1.7 GB and
 //! one to two minutes, 1,000 take 8 GB and about 12 minutes (release build).
 //!
-//! What it shows (seeds 0-2, 128 chunks, 8 MB/s, `SIM_FAST_DISK=1`): 8
-//! leechers finish at 1.07-1.14x the bound, the seeder sending 1.07-1.09
-//! copies; 24 at 1.16-1.24x; 48 at 1.19-1.29x (seeder 1.16-1.18); 200 at
-//! 1.26x (seed 0). Before upload slots (`Busy`/`Ready`, a rarer chunk
+//! What it shows (seeds 0-5, 128 chunks, 8 MB/s, `SIM_FAST_DISK=1`): 8
+//! leechers finish at 1.09-1.10x the bound, the seeder sending 1.07-1.09
+//! copies; 24 at 1.16-1.18x (1.14-1.16); 48 at 1.20-1.23x (1.15-1.21); 200
+//! at 1.26x (seed 0). Before the first chunks went to distinct downloaders
+//! (the first one had asked for several before it heard `OffersOnly`, and
+//! took two of the first offers: 5 of the first 9 chunks queued on its
+//! upload), offers went first to those holding least, and the seeder
+//! promised 400 ms of sending instead of 250: 8 at 1.07-1.14x and 24 at
+//! 1.16-1.24x (seeds 0-2), 48 at 1.19-1.29x (seeds 0-5). Before upload
+//! slots (`Busy`/`Ready`, a rarer chunk
 //! taking a waiting one's slot) and peers traded for less loaded ones
 //! (`rebalance`): 24 at 1.20-1.29x, 48 at 1.31-1.38x, 200 at 1.48x and
 //! 1,000 at 1.63x; the first leechers then served up to 28 downloaders
 //! and the last ones 1 to 5, their upload lost to the crowd. What is
 //! still lost is the leechers' upload while the crowd starts (48 leechers
-//! move about 240 MB of a possible 576 in the first 1.5 s). Before the
+//! move about 210 MB of a possible 576 in the first 1.5 s: a chunk's hop
+//! is its 65 ms on the uplink plus the `HaveOne`, the request and the
+//! first block on the path). Before the
 //! first downloader was taken into the offers (`OffersOnly`): 8 leechers
 //! 1.15-1.16x, 48 1.32-1.38x. Before the seeder offered distinct
 //! chunks, gave its upload out a chunk at a time in turns, and downloaders
@@ -62,7 +74,8 @@ struct Crowd {
 fn crowd(seed: u64, leechers: usize) -> Crowd {
     let mut rng = Rng::from_u64(seed);
     let net = NetConfig { min_latency: Millis(1), max_latency: Millis(1 + rng.below(30)) };
-    let download = DownloadConfig { hold_chunks: hold(leechers), ..DownloadConfig::default() };
+    let max_peers = std::env::var("SIM_MAX_PEERS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
+    let download = DownloadConfig { hold_chunks: hold(leechers), max_peers, ..DownloadConfig::default() };
     let wc = WorldConfig {
         clients: leechers + 1,
         net,
@@ -80,7 +93,7 @@ fn crowd(seed: u64, leechers: usize) -> Crowd {
     // All at once: every command typed before any runs.
     let start = w.now();
     if std::env::var("SIM_CROWD_DEBUG").is_ok() {
-        w.watch_serves(0);
+        w.watch_serves(std::env::var("SIM_CROWD_WATCH").ok().and_then(|s| s.parse().ok()).unwrap_or(0));
     }
     let tickets: Vec<_> =
         (1..=leechers).map(|c| (c, w.command(c, &format!("download_file g data.bin /home/dl{c}/")))).collect();
@@ -160,11 +173,11 @@ fn crowd(seed: u64, leechers: usize) -> Crowd {
         assert!(got.as_deref() == Some(&content[..]), "c{c}'s copy differs from the seeder's");
     }
     if std::env::var("SIM_CROWD_DEBUG").is_ok() {
-        let mut per: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
-        for ((ch, _), t) in &seen {
-            per.entry(*ch).or_default().push(*t);
+        let mut per: std::collections::BTreeMap<u64, Copies> = Default::default();
+        for ((ch, c), t) in &seen {
+            per.entry(*ch).or_default().push((*t, *c));
         }
-        let mut firsts: Vec<(u64, u64, Vec<u64>)> = per
+        let mut firsts: Vec<((u64, usize), u64, Copies)> = per
             .into_iter()
             .map(|(ch, mut v)| {
                 v.sort_unstable();
@@ -173,7 +186,8 @@ fn crowd(seed: u64, leechers: usize) -> Crowd {
             .collect();
         firsts.sort();
         for (_, ch, v) in firsts.iter().take(12) {
-            eprintln!("chunk {ch} copies at (ms): {v:?}");
+            let v: Vec<String> = v.iter().map(|(t, c)| format!("{t}:c{c}")).collect();
+            eprintln!("chunk {ch} copies at (ms:client): {}", v.join(" "));
         }
         let mut t: Vec<u64> = done.iter().flatten().map(|m| m.0).collect();
         t.sort();
@@ -274,6 +288,9 @@ fn a_flash_crowd_replays_bit_for_bit() {
     let seed = seed_from_env(5);
     assert_eq!(crowd(seed, 6).world.digest(), crowd(seed, 6).world.digest());
 }
+
+/// When a chunk reached each client (ms, client), for `SIM_CROWD_DEBUG`.
+type Copies = Vec<(u64, usize)>;
 
 /// How often `SIM_CROWD_DEBUG` prints (ms): `SIM_CROWD_DEBUG_EVERY`, else 500.
 fn debug_every() -> u64 {

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use shoal_bins::procs::{free_addr, Proc};
+use shoal_bins::procs::{cpu_secs, free_addr, Proc};
 
 #[derive(Parser)]
 #[command(name = "bench-swarm", version, about = "A flash crowd of leechers on loopback against the fluid bound")]
@@ -93,6 +93,8 @@ fn swarm(bindir: &Path, dir: &Path, args: &Args) -> Result<(), String> {
     }
     // Everyone asks at once: the commands go out first, the answers are
     // read after.
+    let pids: Vec<u32> = [&seeder].into_iter().chain(leechers.iter().map(|(p, _)| p)).map(Proc::pid).collect();
+    let cpu_before: f64 = pids.iter().map(|&p| cpu_secs(p)).sum();
     let start = Instant::now();
     for (p, out) in leechers.iter_mut() {
         p.send(&format!("download_file swarm data.bin {}", out.display()))?;
@@ -104,6 +106,9 @@ fn swarm(bindir: &Path, dir: &Path, args: &Args) -> Result<(), String> {
         }
     }
     let mut done: Vec<Option<f64>> = vec![None; leechers.len()];
+    // When the seeder had sent one copy's worth: from then on the swarm
+    // spreads what it has; before, the seeder's idle time shows.
+    let mut one_copy: Option<f64> = None;
     let limit = Duration::from_secs_f64((size as f64 / (args.rate * 1e6)) * 20.0 + 60.0);
     while done.iter().any(Option::is_none) {
         for (i, (p, _)) in leechers.iter_mut().enumerate() {
@@ -117,11 +122,15 @@ fn swarm(bindir: &Path, dir: &Path, args: &Args) -> Result<(), String> {
                 return Err(format!("leecher {i}: {line}"));
             }
         }
+        if one_copy.is_none() && served(&mut seeder)? >= size {
+            one_copy = Some(start.elapsed().as_secs_f64());
+        }
         if start.elapsed() > limit {
             return Err(format!("not done after {:.0} s", limit.as_secs_f64()));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let cpu = pids.iter().map(|&p| cpu_secs(p)).sum::<f64>() - cpu_before;
     let sent = served(&mut seeder)?;
     let mut traded = 0;
     for (p, _) in leechers.iter_mut() {
@@ -145,6 +154,19 @@ fn swarm(bindir: &Path, dir: &Path, args: &Args) -> Result<(), String> {
     println!("  fluid bound:               {bound:.1} s");
     println!("  makespan / bound:          {:.2}", makespan / bound);
     println!("  copies the seeder sent:    {:.2}", sent as f64 / f);
+    if let Some(t) = one_copy {
+        // The seeder at its cap would have sent one copy by the bound.
+        println!(
+            "  seeder's first copy sent:  {t:.1} s ({:.2} of the bound), the rest took {:.1} s",
+            t / bound,
+            makespan - t
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    println!(
+        "  clients' CPU:              {cpu:.1} s, {:.0}% of {cores} cores over the makespan",
+        cpu / (cores * makespan) * 100.0
+    );
     // Of what the leechers received, the share they served each other, and
     // how busy their capped uploads were until the last finished.
     println!(

@@ -13,9 +13,12 @@
 //! For a crowd: a complete share serving a second downloader of a file
 //! super-seeds (`Offers`: an empty map, then chunks offered a few at a
 //! time, the least offered and least held first; under the rate limit only
-//! [`OFFER_AHEAD`] of sending is promised at once). The first downloader,
-//! sent the whole map, hears `OffersOnly` and is offered chunks like the
-//! others from then on; once every chunk went out once, each hears
+//! [`OFFER_AHEAD`] of sending is promised at once), each offer to a
+//! downloader with the fewest open and, of those, holding the fewest
+//! chunks. The first downloader, sent the whole map, hears `OffersOnly` and
+//! is offered chunks like the others from then on (of what it asked for
+//! before it heard that, one chunk is sent and the rest hears `Busy`, so
+//! the first chunks go to distinct downloaders); once every chunk went out once, each hears
 //! `HaveAll` and may ask for any, and later downloaders get the whole map.
 //! Downloaders report what they hold (`Have`, `HaveOne`), counted per
 //! share. Under the rate limit the upload goes out a chunk at a time in
@@ -61,8 +64,11 @@ const MAX_READS_IN_FLIGHT: usize = 4;
 /// not yet sent, and the next offers would be second copies.
 pub const OPEN_OFFERS: u32 = 2;
 /// Under the upload limit, a share's open offers over all its downloaders
-/// are what it sends in this time (see `offer_budget`).
-pub const OFFER_AHEAD: Millis = Millis(250);
+/// are what it sends in this time (see `offer_budget`). Measured in the
+/// simulated flash crowd of 48 (seeds 0-5): 250 ms left the upload waiting
+/// on offers not yet asked for (1.21-1.29x the bound), 400 ms gave
+/// 1.20-1.23x, 600 and 1,000 ms no better.
+pub const OFFER_AHEAD: Millis = Millis(400);
 /// Under the upload limit, the chunks taken on at once over all downloaders
 /// are what this client sends in this time (see `upload_slots`): a
 /// downloader asking for more hears `Busy` and asks elsewhere.
@@ -375,6 +381,16 @@ impl ClientEngine {
                 // downloader: promised), else answered `Busy`.
                 if offset == 0 && !up.accepted.contains(&chunk) {
                     let promised = up.offers.as_ref().is_some_and(|o| !o.all && o.told.get(chunk));
+                    // Offered chunks only, once `OffersOnly` is sent: what
+                    // it asked for before hearing it beyond one chunk waits,
+                    // so the first chunks go to as many downloaders as can
+                    // trade them (the first downloader asked for several).
+                    let raced = !promised && up.offers.as_ref().is_some_and(|o| !o.all) && !up.accepted.is_empty();
+                    if raced {
+                        up.busy = true;
+                        up.refused = Some(chunk);
+                        return self.peer_send(conn, &PeerMessage::Busy { chunk });
+                    }
                     if !promised && self.uploads_full() {
                         // A chunk rarer among the downloaders served than
                         // one taken on and not started takes its slot.
@@ -584,7 +600,10 @@ impl ClientEngine {
 
     /// Makes offers for a share while it has budget ([`Self::offer_budget`]):
     /// each to the downloader with the fewest open offers (under
-    /// [`OPEN_OFFERS`]), of those the one offered to longest ago; each of
+    /// [`OPEN_OFFERS`]), of those the one holding the fewest chunks (a
+    /// first chunk makes an empty-handed downloader an uploader; another
+    /// for one that has some would wait behind those on its upload), then
+    /// the one offered to longest ago; each of
     /// up to [`OFFER_SCAN`] chunks it lacks and was not offered, looked at
     /// from a random place, the least offered so far, and of those the one
     /// the fewest downloaders hold.
@@ -595,7 +614,7 @@ impl ClientEngine {
         loop {
             // Over the downloaders of this share being offered chunks.
             let (mut downloaders, mut open) = (0, 0);
-            let mut next: Option<((u32, u64), PeerConnId)> = None;
+            let mut next: Option<((u32, u32, u64), PeerConnId)> = None;
             for (c, p) in &self.peers {
                 let PeerLink::In(up) = p else { continue };
                 let (UpState::Serving(g, n), Some(o)) = (&up.state, &up.offers) else { continue };
@@ -604,8 +623,9 @@ impl ClientEngine {
                 }
                 downloaders += 1;
                 open += o.open;
-                if o.open < OPEN_OFFERS && o.last != u64::MAX && next.is_none_or(|(k, _)| (o.open, o.last) < k) {
-                    next = Some(((o.open, o.last), *c));
+                let k = (o.open, up.has.as_ref().map_or(0, Bitmap::count), o.last);
+                if o.open < OPEN_OFFERS && o.last != u64::MAX && next.is_none_or(|(best, _)| k < best) {
+                    next = Some((k, *c));
                 }
             }
             if open >= self.offer_budget(downloaders) {

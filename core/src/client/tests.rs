@@ -786,7 +786,7 @@ fn a_capped_upload_serves_whole_chunks_in_turns_rarest_first() {
 fn a_capped_seeder_keeps_few_offers_open_and_passes_them_round() {
     use crate::client::download::PeerConnId;
     use crate::client::serve::OFFER_AHEAD;
-    let rate = 8_000_000;
+    let rate = 4_000_000;
     let budget = (rate * OFFER_AHEAD.0 / 1000 / crate::chunk::CHUNK_SIZE) as usize;
     assert_eq!(budget, 3, "the test assumes three");
     let (mut e, digest) = sharing_engine(Some(rate));
@@ -810,13 +810,123 @@ fn a_capped_seeder_keeps_few_offers_open_and_passes_them_round() {
     // The first offer goes out whole: its place goes to one that has none.
     let (b, first) = (conns[1], offers[1][0]);
     e.handle_input(ClientInput::Peer(b, PeerEvent::Bytes(&chunk_requests(first))), Millis(1));
+    // Its four blocks, as the rate allows.
+    let (mut all, mut now, mut sent) = (Vec::new(), Millis(1), 0);
     let mut outs = drain(&mut e);
-    for _ in 0..4 {
-        e.handle_input(ClientInput::Peer(b, PeerEvent::BlockSent(Ok(()))), Millis(1));
-        outs.extend(drain(&mut e));
+    while sent < 4 {
+        let blocks = outs.iter().filter(|o| matches!(o, ClientOutput::SendBlock { conn, .. } if *conn == b)).count();
+        all.append(&mut outs);
+        for _ in 0..blocks {
+            e.handle_input(ClientInput::Peer(b, PeerEvent::BlockSent(Ok(()))), now);
+            sent += 1;
+        }
+        outs = drain(&mut e);
+        if outs.is_empty() && sent < 4 {
+            now = e.poll_timeout().expect("the rest of the chunk is due").max(now);
+            e.handle_input(ClientInput::Timeout, now);
+            outs = drain(&mut e);
+        }
     }
-    let got: Vec<usize> = conns[1..].iter().map(|&c| offered(&peer_messages(&outs, c)).len()).collect();
+    all.append(&mut outs);
+    let got: Vec<usize> = conns[1..].iter().map(|&c| offered(&peer_messages(&all, c)).len()).collect();
     assert_eq!(got, vec![0, 1, 0, 0], "the freed offer goes to the first that had none");
+}
+
+/// The first downloader, sent the whole map, asks for several chunks
+/// before it hears `OffersOnly` (the second came meanwhile): one is sent,
+/// the others are answered `Busy` and nothing of them goes out, so the
+/// first chunks go to as many downloaders as can trade them.
+#[test]
+fn the_first_downloader_gets_one_chunk_it_asked_for_before_offers_only() {
+    use crate::client::download::PeerConnId;
+    use crate::client::peer::PeerMessage;
+    let (mut e, digest) = sharing_engine_of(None, 16 * crate::chunk::CHUNK_SIZE);
+    let (a, b) = (PeerConnId(16), PeerConnId(17));
+    assert_eq!(offered(&accept_downloader(&mut e, &digest, a, 1)).len(), 16, "alone: the whole map");
+    let outs = accept_downloader_outputs(&mut e, &digest, b, 2);
+    let to_a = peer_messages(&outs, a);
+    assert!(to_a.contains(&PeerMessage::OffersOnly), "{to_a:?}");
+    let mut promised = offered(&to_a);
+    promised.extend(offered(&peer_messages(&outs, b)));
+    let fresh: Vec<u32> = (0..16).filter(|c| !promised.contains(c)).take(3).collect();
+    // What A asked for from the whole map, arriving now.
+    let asks: Vec<u8> = fresh.iter().flat_map(|&c| chunk_requests(c)).collect();
+    e.handle_input(ClientInput::Peer(a, PeerEvent::Bytes(&asks)), Millis(1));
+    let mut outs = drain(&mut e);
+    let (mut chunks_sent, mut told) = (Vec::new(), Vec::new());
+    while !outs.is_empty() {
+        told.extend(peer_messages(&outs, a));
+        let sent: Vec<u64> = outs
+            .iter()
+            .filter_map(|o| match o {
+                ClientOutput::SendBlock { conn, offset, .. } if *conn == a => Some(*offset),
+                _ => None,
+            })
+            .collect();
+        for off in sent {
+            chunks_sent.push((off / crate::chunk::CHUNK_SIZE) as u32);
+            e.handle_input(ClientInput::Peer(a, PeerEvent::BlockSent(Ok(()))), Millis(1));
+        }
+        outs = drain(&mut e);
+    }
+    for &k in &fresh[1..] {
+        assert!(told.contains(&PeerMessage::Busy { chunk: k }), "{k} not answered Busy: {told:?}");
+    }
+    assert_eq!(chunks_sent, vec![fresh[0]; 4], "one chunk whole, nothing of the others");
+}
+
+/// Of the downloaders with the fewest offers open, the next offer goes to
+/// one holding the fewest chunks: a first chunk makes an empty-handed
+/// downloader an uploader, while one that holds many would queue it
+/// behind what it already serves. Under the upload limit (three offers
+/// open at most), the downloader holding five chunks waits while others
+/// with fewer are offered.
+#[test]
+fn a_capped_seeder_offers_first_to_the_downloaders_holding_least() {
+    use crate::client::download::PeerConnId;
+    use crate::client::peer::{Bitmap, Load, PeerMessage};
+    let (mut e, digest) = sharing_engine_of(Some(4_000_000), 32 * crate::chunk::CHUNK_SIZE);
+    let conns: Vec<PeerConnId> = (16..20).map(PeerConnId).collect();
+    let mut open: Vec<Vec<u32>> = vec![Vec::new(); conns.len()];
+    let note = |open: &mut Vec<Vec<u32>>, outs: &[ClientOutput]| {
+        for (i, &c) in conns.iter().enumerate() {
+            open[i].extend(peer_messages(outs, c).iter().filter_map(|m| match m {
+                PeerMessage::HaveOne { chunk } => Some(*chunk),
+                _ => None,
+            }));
+        }
+    };
+    for (i, &c) in conns.iter().enumerate() {
+        let outs = accept_downloader_outputs(&mut e, &digest, c, i as u8 + 1);
+        note(&mut open, &outs);
+    }
+    // C holds five chunks nobody was offered.
+    let c = conns[2];
+    assert!(open[2].is_empty() && open[3].is_empty(), "the budget went to the first two: {open:?}");
+    let mut five = Bitmap::new(32);
+    let taken: Vec<u32> = open.concat();
+    for k in (0..32).filter(|k| !taken.contains(k)).take(5) {
+        five.set(k);
+    }
+    e.handle_input(
+        ClientInput::Peer(c, PeerEvent::Bytes(&encode(&PeerMessage::Have { chunks: five, load: Load::default() }))),
+        Millis(1),
+    );
+    note(&mut open, &drain(&mut e));
+    // Offers settle one by one (their downloaders got them elsewhere):
+    // each freed place goes to one holding fewer than C.
+    for round in 0..3 {
+        let Some(i) = (0..conns.len()).find(|&i| !open[i].is_empty() && conns[i] != c) else { break };
+        let chunk = open[i].remove(0);
+        e.handle_input(
+            ClientInput::Peer(conns[i], PeerEvent::Bytes(&encode(&PeerMessage::HaveOne { chunk }))),
+            Millis(1),
+        );
+        let outs = drain(&mut e);
+        assert!(offered(&peer_messages(&outs, c)).is_empty(), "round {round}: offered to C, which holds five");
+        note(&mut open, &outs);
+    }
+    assert!(!open[3].is_empty(), "D, empty-handed, was offered a chunk: {open:?}");
 }
 
 /// What a property test of super-seeding knows of one downloader.
