@@ -387,9 +387,7 @@ impl ClientEngine {
                     // trade them (the first downloader asked for several).
                     let raced = !promised && up.offers.as_ref().is_some_and(|o| !o.all) && !up.accepted.is_empty();
                     if raced {
-                        up.busy = true;
-                        up.refused = Some(chunk);
-                        return self.peer_send(conn, &PeerMessage::Busy { chunk });
+                        return self.answer_busy(conn, chunk);
                     }
                     if !promised && self.uploads_full() {
                         // A chunk rarer among the downloaders served than
@@ -397,10 +395,7 @@ impl ClientEngine {
                         let held = self.shares.get(&key).map_or(0, |s| s.held(chunk));
                         self.preempt_for(conn, held);
                         if self.uploads_full() {
-                            let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
-                            up.busy = true;
-                            up.refused = Some(chunk);
-                            return self.peer_send(conn, &PeerMessage::Busy { chunk });
+                            return self.answer_busy(conn, chunk);
                         }
                     }
                     let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
@@ -623,8 +618,11 @@ impl ClientEngine {
                 }
                 downloaders += 1;
                 open += o.open;
+                if o.open >= OPEN_OFFERS || o.last == u64::MAX {
+                    continue;
+                }
                 let k = (o.open, up.has.as_ref().map_or(0, Bitmap::count), o.last);
-                if o.open < OPEN_OFFERS && o.last != u64::MAX && next.is_none_or(|(best, _)| k < best) {
+                if next.is_none_or(|(best, _)| k < best) {
                     next = Some((k, *c));
                 }
             }
@@ -780,6 +778,13 @@ impl ClientEngine {
         let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
         up.queue.retain(|r| r.0 != chunk);
         up.accepted.retain(|&c| c != chunk);
+        self.answer_busy(conn, chunk);
+    }
+
+    /// Answers `Busy` for `chunk` on `conn`: its downloader hears `Ready`
+    /// when a slot frees, and the rest of the chunk's requests are dropped.
+    fn answer_busy(&mut self, conn: PeerConnId, chunk: u32) {
+        let Some(PeerLink::In(up)) = self.peers.get_mut(&conn) else { return };
         up.busy = true;
         up.refused = Some(chunk);
         self.peer_send(conn, &PeerMessage::Busy { chunk });
