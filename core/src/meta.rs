@@ -63,6 +63,13 @@ impl PasswordHash {
         PasswordHash { salt, hash: argon2id(password, &salt, params), params }
     }
 
+    /// A hash for no known password (`hash` is random): checking a
+    /// password against it costs what checking against an account's does,
+    /// and computing it costs nothing.
+    pub fn decoy(salt: [u8; 16], hash: [u8; 32], params: PasswordParams) -> PasswordHash {
+        PasswordHash { salt, hash, params }
+    }
+
     /// Constant-time comparison of `password`'s hash with this one.
     pub fn verify(&self, password: &str) -> bool {
         let h = argon2id(password, &self.salt, self.params);

@@ -160,9 +160,13 @@ pub enum TrackerOutput {
     Applied { index: u64, entry: Option<Entry> },
 }
 
-/// Work on a consensus message the size of the metadata (a sync carrying a
-/// snapshot), too slow for the event loop: encoding one for a tracker that
-/// catches up, or decoding one that arrived. Run it anywhere ([`Job::run`]).
+/// Work too slow for the event loop: encoding a consensus message the size
+/// of the metadata (a sync carrying a snapshot) for a tracker that catches
+/// up, or decoding one that arrived; or a password's argon2id (about 15 ms
+/// each on a 2-core VM: a flood of logins on the loop would hold every
+/// link's heartbeat). Run it anywhere ([`Job::run`]); a driver may run
+/// password jobs apart from the others ([`Job::kind`]), since nothing
+/// orders them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job(JobKind);
 
@@ -170,6 +174,24 @@ pub struct Job(JobKind);
 enum JobKind {
     Encode(Box<replicator::ConsensusMessage>),
     Decode(Vec<u8>),
+    Password(PasswordJob),
+}
+
+/// A password to hash for a new account, or to check against an account's
+/// hash. The password is never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum PasswordJob {
+    Derive { password: String, salt: [u8; 16], params: PasswordParams },
+    Verify { password: String, hash: PasswordHash },
+}
+
+impl std::fmt::Debug for PasswordJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PasswordJob::Derive { .. } => f.write_str("PasswordJob::Derive(<redacted>)"),
+            PasswordJob::Verify { .. } => f.write_str("PasswordJob::Verify(<redacted>)"),
+        }
+    }
 }
 
 /// What a [`Job`] produced, for [`TrackerNode::handle_job_done`].
@@ -181,6 +203,8 @@ impl std::fmt::Debug for JobDone {
             Done::Encoded(b) => write!(f, "JobDone(encoded {} bytes)", b.len()),
             Done::Decoded(Ok(m)) => write!(f, "JobDone(decoded {m:?})"),
             Done::Decoded(Err(e)) => write!(f, "JobDone(not decoded: {e})"),
+            Done::Derived(_) => f.write_str("JobDone(password hashed)"),
+            Done::Verified(ok) => write!(f, "JobDone(password checked: {ok})"),
         }
     }
 }
@@ -188,6 +212,8 @@ impl std::fmt::Debug for JobDone {
 enum Done {
     Encoded(Vec<u8>),
     Decoded(Result<Box<replicator::ConsensusMessage>, crate::wire::FrameError>),
+    Derived(PasswordHash),
+    Verified(bool),
 }
 
 impl Job {
@@ -195,14 +221,20 @@ impl Job {
         JobDone(match self.0 {
             JobKind::Encode(m) => Done::Encoded(m.encode()),
             JobKind::Decode(b) => Done::Decoded(replicator::ConsensusMessage::decode(&b).map(Box::new)),
+            JobKind::Password(PasswordJob::Derive { password, salt, params }) => {
+                Done::Derived(PasswordHash::derive(&password, salt, params))
+            }
+            JobKind::Password(PasswordJob::Verify { password, hash }) => Done::Verified(hash.verify(&password)),
         })
     }
 
-    /// `"encode"` or `"decode"` (for logs and counts).
+    /// `"encode"`, `"decode"` or `"password"` (for logs, counts, and a
+    /// driver that runs password jobs on threads of their own).
     pub fn kind(&self) -> &'static str {
         match self.0 {
             JobKind::Encode(_) => "encode",
             JobKind::Decode(_) => "decode",
+            JobKind::Password(_) => "password",
         }
     }
 }
@@ -247,6 +279,11 @@ pub const MAX_FAILED_LOGINS_PER_ADDR: u32 = 20;
 pub const LOGIN_WINDOW: Millis = Millis(60_000);
 /// Most users and addresses whose failed logins are tracked at once.
 pub const MAX_LOGIN_TRACKED: usize = 10_000;
+/// Passwords being hashed off the loop at once (logins and new accounts):
+/// past this (about 4 s of argon2 on one thread) a login is answered
+/// `Limit`, so a flood queues neither memory nor minutes of work. Each also
+/// holds a write slot of its connection ([`MAX_WRITES_IN_FLIGHT`]).
+pub const MAX_PASSWORD_JOBS: usize = 256;
 /// How often connection deadlines and soft state are swept (and soft state gossiped).
 const SWEEP_EVERY: Millis = Millis(1_000);
 /// A write not decided by then is answered `NoQuorum`.

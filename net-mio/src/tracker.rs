@@ -150,27 +150,54 @@ fn release_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_freed_memory() {}
 
-/// The thread that runs the node's jobs (encoding and decoding consensus
-/// messages the size of the metadata), in order, so the event loop goes on
-/// answering meanwhile. Started with the first job.
+/// The threads that run the node's jobs, so the event loop goes on
+/// answering meanwhile: one for encoding and decoding consensus messages
+/// the size of the metadata (in order), and some for passwords' argon2
+/// ([`PASSWORD_THREADS`]), so logins never wait behind a snapshot. Started with the first
+/// job; the results of all come back on one channel.
 struct Jobs {
-    tx: mpsc::Sender<(u64, Job)>,
+    big: mpsc::Sender<(u64, Job)>,
+    passwords: mpsc::Sender<(u64, Job)>,
     done: mpsc::Receiver<(u64, JobDone)>,
 }
 
+/// Most threads hashing passwords: half the cores, so the loop and the
+/// other trackers of a small machine keep theirs (each thread keeps
+/// argon2's 19 MiB of scratch). On the 2-core VM one thread took as many
+/// logins a second as two, and held heartbeats less.
+const PASSWORD_THREADS: usize = 4;
+
 impl Jobs {
     fn start(waker: Arc<Waker>) -> io::Result<Jobs> {
-        let (tx, rx) = mpsc::channel::<(u64, Job)>();
         let (done_tx, done) = mpsc::channel();
-        std::thread::Builder::new().name("shoal-tracker-jobs".into()).spawn(move || {
-            while let Ok((ticket, job)) = rx.recv() {
+        let worker = |rx: Arc<Mutex<mpsc::Receiver<(u64, Job)>>>, done_tx: mpsc::Sender<(u64, JobDone)>| {
+            let waker = waker.clone();
+            move || loop {
+                let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                let Ok((ticket, job)) = next else { return };
                 if done_tx.send((ticket, job.run())).is_err() {
                     return;
                 }
                 let _ = waker.wake();
             }
-        })?;
-        Ok(Jobs { tx, done })
+        };
+        let (big, rx) = mpsc::channel();
+        let rx = Arc::new(Mutex::new(rx));
+        std::thread::Builder::new().name("shoal-tracker-jobs".into()).spawn(worker(rx, done_tx.clone()))?;
+        let (passwords, rx) = mpsc::channel();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).clamp(1, PASSWORD_THREADS);
+        for _ in 0..threads {
+            std::thread::Builder::new()
+                .name("shoal-tracker-passwords".into())
+                .spawn(worker(rx.clone(), done_tx.clone()))?;
+        }
+        Ok(Jobs { big, passwords, done })
+    }
+
+    fn send(&self, ticket: u64, job: Job) {
+        let lane = if job.kind() == "password" { &self.passwords } else { &self.big };
+        let _ = lane.send((ticket, job));
     }
 }
 
@@ -581,7 +608,7 @@ impl<R: Replicator> TrackerServer<R> {
                             self.jobs = Some(Jobs::start(self.waker.clone())?);
                         }
                         if let Some(j) = &self.jobs {
-                            let _ = j.tx.send((ticket, job));
+                            j.send(ticket, job);
                         }
                     }
                     // A range the store cannot take stops this tracker, as a

@@ -10,7 +10,11 @@
 //!   (followers forward to the leader); prints decided writes per second and
 //!   p50/p99/max latency;
 //! - reads: every client keeps one `list_files` in flight (answered by the
-//!   tracker it talks to); prints reads per second and p50/p99.
+//!   tracker it talks to); prints reads per second and p50/p99;
+//! - logins: every client logs in again and again (argon2id, then a write),
+//!   while a prober asks each tracker for a heartbeat every millisecond;
+//!   prints logins per second, p50/p99, and each tracker's longest wait
+//!   for a heartbeat's answer meanwhile.
 //!
 //! Also measures, in the same run, how many fsyncs per second the data dir's
 //! disk does (one 4 KiB write + fdatasync in a loop): the floor under any
@@ -361,7 +365,7 @@ fn run(args: &Args) -> Result<(), String> {
             lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
             rate / 6200.0
         );
-        let (_, lat, elapsed) =
+        let (conns, lat, elapsed) =
             phase(conns, args.secs, |_, _| Request::ListFiles { group: GroupId::new("r").expect("valid") })?;
         let rate = lat.len() as f64 / elapsed.as_secs_f64();
         println!(
@@ -371,6 +375,25 @@ fn run(args: &Args) -> Result<(), String> {
             percentile(&lat, 0.5).as_secs_f64() * 1e3,
             percentile(&lat, 0.99).as_secs_f64() * 1e3,
             rate / 10_000.0
+        );
+        // Logins: argon2id each (19 MiB, 2 passes), then a write. Last,
+        // since each replaces its client's session.
+        let probers = Probers::start(&addrs, 910_000)?;
+        let (_, lat, elapsed) = phase(conns, args.secs, |i, _| Request::Login {
+            user: UserId::new("bench").expect("valid"),
+            password: "pw".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
+            plaintext_peers: false,
+        })?;
+        let waits: Vec<String> = probers.finish()?.iter().map(|w| format!("{:.1}", w.as_secs_f64() * 1e3)).collect();
+        println!(
+            "logins: {} in {:.1} s = {:.0}/s; latency p50 {:.1} ms, p99 {:.1} ms; longest heartbeat wait meanwhile {} ms",
+            lat.len(),
+            elapsed.as_secs_f64(),
+            lat.len() as f64 / elapsed.as_secs_f64(),
+            percentile(&lat, 0.5).as_secs_f64() * 1e3,
+            percentile(&lat, 0.99).as_secs_f64() * 1e3,
+            waits.join(" / ")
         );
         for (i, t) in trackers.iter().enumerate() {
             println!("tracker {}: peak RSS {} MiB", i + 1, peak_rss_kib(t.0.id()) / 1024);
@@ -459,26 +482,7 @@ fn fill_chunks(k: u64, chunks: u64) -> Vec<shoal_core::chunk::Sha1Digest> {
 fn fill(args: &Args, addrs: &[SocketAddr]) -> Result<(), String> {
     use shoal_core::chunk::{FileDigest, FileIndex, FileMeta, FileRecord, Sha1Digest, CHUNK_SIZE, MAX_FILE_CHUNKS};
     use shoal_core::ids::FileName;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let probers: Vec<_> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, &a)| {
-            let stop = stop.clone();
-            let mut c = session(a, 900_000 + i as u64)?;
-            Ok(std::thread::spawn(move || -> Result<Duration, String> {
-                let mut worst = Duration::ZERO;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let t = Instant::now();
-                    c.call(Request::Heartbeat)?;
-                    worst = worst.max(t.elapsed());
-                    // One probe a millisecond: the bench's own pacing.
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Ok(worst)
-            }))
-        })
-        .collect::<Result<_, String>>()?;
+    let probers = Probers::start(addrs, 900_000)?;
     let g = GroupId::new("fill").expect("valid");
     session(addrs[0], 800_000)?.call(Request::CreateGroup { group: g.clone() })?;
     // Big files, range by range: six sessions, two a tracker.
@@ -560,9 +564,7 @@ fn fill(args: &Args, addrs: &[SocketAddr]) -> Result<(), String> {
             args.fill_files as f64 / secs
         );
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for (i, p) in probers.into_iter().enumerate() {
-        let worst = p.join().map_err(|_| "a prober panicked".to_string())??;
+    for (i, worst) in probers.finish()?.into_iter().enumerate() {
         println!(
             "tracker {}: longest wait for a heartbeat's answer while filling {:.1} ms",
             i + 1,
@@ -570,6 +572,45 @@ fn fill(args: &Args, addrs: &[SocketAddr]) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// One session a tracker asking for a heartbeat every millisecond: the
+/// longest wait for an answer is the longest pause in answering.
+struct Probers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Result<Duration, String>>>,
+}
+
+impl Probers {
+    fn start(addrs: &[SocketAddr], client_base: u64) -> Result<Probers, String> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| {
+                let stop = stop.clone();
+                let mut c = session(a, client_base + i as u64)?;
+                Ok(std::thread::spawn(move || -> Result<Duration, String> {
+                    let mut worst = Duration::ZERO;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let t = Instant::now();
+                        c.call(Request::Heartbeat)?;
+                        worst = worst.max(t.elapsed());
+                        // One probe a millisecond: the bench's own pacing.
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Ok(worst)
+                }))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Probers { stop, threads })
+    }
+
+    /// Each tracker's longest wait.
+    fn finish(self) -> Result<Vec<Duration>, String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.threads.into_iter().map(|p| p.join().map_err(|_| "a prober panicked".to_string())?).collect()
+    }
 }
 
 fn main() -> std::process::ExitCode {

@@ -31,6 +31,9 @@ pub struct TrackerNode<R: Replicator = SoloReplicator> {
     /// with their deadlines; and the last barrier's number.
     pub(crate) held_logins: BTreeMap<RequestId, (super::requests::HeldLogin, Millis)>,
     pub(crate) next_barrier: u64,
+    /// Logins and new accounts whose password is being hashed off the loop,
+    /// by job ticket.
+    pub(crate) passwords: BTreeMap<u64, super::requests::PendingPassword>,
     /// The replicator's term when last looked at.
     pub(crate) term: u64,
     /// Our links to the other trackers, and what we heard on theirs.
@@ -64,9 +67,10 @@ impl<R: Replicator> TrackerNode<R> {
     /// A node over `replicator`, which may hold a recovered log: what it
     /// decided is applied now.
     pub fn new(cfg: TrackerConfig, mut rng: Rng, replicator: R) -> TrackerNode<R> {
-        let mut salt = [0u8; 16];
+        let (mut salt, mut hash) = ([0u8; 16], [0u8; 32]);
         rng.fill(&mut salt);
-        let decoy = PasswordHash::derive("decoy", salt, cfg.password_params);
+        rng.fill(&mut hash);
+        let decoy = PasswordHash::decoy(salt, hash, cfg.password_params);
         let links = Links::new(replicator.peers());
         // Barriers of an earlier run of this tracker may still be in the log.
         let next_barrier = rng.next_u64() >> 1;
@@ -79,6 +83,7 @@ impl<R: Replicator> TrackerNode<R> {
             waiting: BTreeMap::new(),
             held_logins: BTreeMap::new(),
             next_barrier,
+            passwords: BTreeMap::new(),
             term: 0,
             links,
             dirty: SoftState::default(),

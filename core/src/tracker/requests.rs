@@ -43,7 +43,9 @@ impl<R: Replicator> TrackerNode<R> {
                 }
                 let mut salt = [0u8; 16];
                 self.rng.fill(&mut salt);
-                Command::CreateUser { user, password: PasswordHash::derive(&password, salt, self.cfg.password_params) }
+                let job = PasswordJob::Derive { password, salt, params: self.cfg.password_params };
+                let pending = PendingPassword::Create { conn, id, settled_below, user };
+                return self.hash_password(job, pending, now);
             }
             Request::Login { user, password, listen, plaintext_peers } => {
                 let remote = self.conns.get(&conn).map(|c| c.remote);
@@ -51,25 +53,12 @@ impl<R: Replicator> TrackerNode<R> {
                 if let Some(wait) = self.login_blocked(&keys, now) {
                     return self.respond(conn, id, Err(ApiError::TooManyAttempts { retry_after_secs: wait }));
                 }
-                let ok = password.len() <= MAX_PASSWORD_LEN && self.password_matches(&user, &password);
-                if !ok && !self.replicator.peers().is_empty() {
-                    // This tracker may not have applied the account yet (it
-                    // was created through another one a moment ago): a no
-                    // is final only once everything decided before this
-                    // request is applied here. A barrier through the log
-                    // waits for that (for a wrong password too, so the
-                    // answer's timing tells nobody which accounts exist).
-                    let held = HeldLogin { conn, id, settled_below, user, password, listen, plaintext_peers, keys };
-                    return self.barrier(held, now);
+                let held = HeldLogin { conn, id, settled_below, user, password, listen, plaintext_peers, keys };
+                if held.password.len() > MAX_PASSWORD_LEN {
+                    // No account has such a password: no need to hash it.
+                    return self.login_checked(held, false, false, now);
                 }
-                if !ok {
-                    self.login_failed(keys, now);
-                    return self.respond(conn, id, Err(ApiError::BadCredentials));
-                }
-                match self.open_session(conn, user, listen, plaintext_peers, now) {
-                    Ok(cmd) => cmd,
-                    Err(e) => return self.respond(conn, id, Err(e)),
-                }
+                return self.check_login(held, false, now);
             }
             Request::Logout => Command::CloseSession { token },
             Request::Heartbeat => return self.respond(conn, id, Ok(Reply::Done)),
@@ -136,15 +125,76 @@ impl<R: Replicator> TrackerNode<R> {
         self.propose_write(conn, (id, settled_below), cmd, now);
     }
 
-    /// Whether `password` is `user`'s. A missing account costs the same hash
-    /// (the decoy), so the time taken tells nobody which accounts exist.
-    fn password_matches(&self, user: &UserId, password: &str) -> bool {
-        match self.meta.password_of(user) {
-            Some(h) => h.verify(password),
-            None => {
-                self.decoy.verify(password);
-                false
-            }
+    /// Checks `held`'s password off the loop: against its account's hash,
+    /// or the decoy's if there is no such account, so the time taken tells
+    /// nobody which accounts exist. `barrier_passed`: the second check, once
+    /// everything decided before the login is applied here.
+    fn check_login(&mut self, held: HeldLogin, barrier_passed: bool, now: Millis) {
+        let (hash, account) = match self.meta.password_of(&held.user) {
+            Some(h) => (h.clone(), true),
+            None => (self.decoy.clone(), false),
+        };
+        let job = PasswordJob::Verify { password: held.password.clone(), hash };
+        self.hash_password(job, PendingPassword::Login { held, account, barrier_passed }, now);
+    }
+
+    /// Hands a password to a job. Like a write, it holds one of its
+    /// connection's slots until done (a login after its barrier keeps the
+    /// barrier's); past [`MAX_PASSWORD_JOBS`] in all it is answered `Limit`.
+    fn hash_password(&mut self, job: PasswordJob, pending: PendingPassword, now: Millis) {
+        let (conn, id) = pending.request();
+        let holds_slot = matches!(pending, PendingPassword::Login { barrier_passed: true, .. });
+        if !holds_slot && !self.admit_write(conn, id, now) {
+            return;
+        }
+        if self.passwords.len() >= MAX_PASSWORD_JOBS {
+            self.write_answered(conn);
+            let e = "too many passwords being checked at once; try again in a moment";
+            return self.respond(conn, id, Err(ApiError::Limit(e.into())));
+        }
+        let ticket = self.ticket();
+        self.passwords.insert(ticket, pending);
+        self.outbox.push(TrackerOutput::Work { ticket, job: Job(JobKind::Password(job)) });
+    }
+
+    /// A new account's password is hashed: the account goes to the log.
+    pub(crate) fn password_derived(&mut self, ticket: u64, hash: PasswordHash, now: Millis) {
+        let Some(PendingPassword::Create { conn, id, settled_below, user }) = self.passwords.remove(&ticket) else {
+            return;
+        };
+        self.write_answered(conn);
+        self.propose_write(conn, (id, settled_below), Command::CreateUser { user, password: hash }, now);
+    }
+
+    /// A login's password is checked.
+    pub(crate) fn password_verified(&mut self, ticket: u64, matches: bool, now: Millis) {
+        let Some(PendingPassword::Login { held, account, barrier_passed }) = self.passwords.remove(&ticket) else {
+            return;
+        };
+        self.write_answered(held.conn);
+        self.login_checked(held, account && matches, barrier_passed, now);
+    }
+
+    /// Answers a login whose password was checked (`ok`), or holds it for a
+    /// barrier if this tracker may not know the account yet.
+    fn login_checked(&mut self, held: HeldLogin, ok: bool, barrier_passed: bool, now: Millis) {
+        if !ok && !barrier_passed && !self.replicator.peers().is_empty() {
+            // This tracker may not have applied the account yet (it was
+            // created through another one a moment ago): a no is final only
+            // once everything decided before this request is applied here.
+            // A barrier through the log waits for that (for a wrong
+            // password too, so the answer's timing tells nobody which
+            // accounts exist).
+            return self.barrier(held, now);
+        }
+        if !ok {
+            self.login_failed(held.keys, now);
+            return self.respond(held.conn, held.id, Err(ApiError::BadCredentials));
+        }
+        let HeldLogin { conn, id, settled_below, user, listen, plaintext_peers, .. } = held;
+        match self.open_session(conn, user, listen, plaintext_peers, now) {
+            Ok(cmd) => self.propose_write(conn, (id, settled_below), cmd, now),
+            Err(e) => self.respond(conn, id, Err(e)),
         }
     }
 
@@ -199,18 +249,15 @@ impl<R: Replicator> TrackerNode<R> {
     }
 
     /// A login's barrier was applied: the account as the cluster knows it.
+    /// Its password is checked again; the barrier's write slot is held
+    /// until that is done.
     pub(crate) fn barrier_passed(&mut self, tag: RequestId, now: Millis) {
         let Some((h, _)) = self.held_logins.remove(&tag) else { return };
-        self.write_answered(h.conn);
-        let ok = self.password_matches(&h.user, &h.password);
-        if !ok {
-            self.login_failed(h.keys, now);
-            return self.respond(h.conn, h.id, Err(ApiError::BadCredentials));
+        if h.password.len() > MAX_PASSWORD_LEN {
+            self.write_answered(h.conn);
+            return self.login_checked(h, false, true, now);
         }
-        match self.open_session(h.conn, h.user, h.listen, h.plaintext_peers, now) {
-            Ok(cmd) => self.propose_write(h.conn, (h.id, h.settled_below), cmd, now),
-            Err(e) => self.respond(h.conn, h.id, Err(e)),
-        }
+        self.check_login(h, true, now);
     }
 
     /// The session a login with good credentials opens: at the address the
@@ -395,7 +442,25 @@ pub(crate) fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
-/// A failed login waiting for its barrier.
+/// A request whose password is being hashed by a job.
+pub(crate) enum PendingPassword {
+    /// A new account, proposed once its hash is known.
+    Create { conn: ConnId, id: RequestId, settled_below: u64, user: UserId },
+    /// A login; `account`: checked against a real account's hash (not the
+    /// decoy's); `barrier_passed`: the check after the barrier.
+    Login { held: HeldLogin, account: bool, barrier_passed: bool },
+}
+
+impl PendingPassword {
+    fn request(&self) -> (ConnId, RequestId) {
+        match self {
+            PendingPassword::Create { conn, id, .. } => (*conn, *id),
+            PendingPassword::Login { held, .. } => (held.conn, held.id),
+        }
+    }
+}
+
+/// A login waiting for its password check or its barrier.
 pub(crate) struct HeldLogin {
     conn: ConnId,
     id: RequestId,

@@ -102,7 +102,7 @@ impl<R: Replicator> TrackerNode<R> {
         }
     }
 
-    fn ticket(&mut self) -> u64 {
+    pub(crate) fn ticket(&mut self) -> u64 {
         if self.streams.next_ticket == 0 {
             self.streams.next_ticket = self.rng.next_u64() >> 1;
         }
@@ -224,6 +224,8 @@ impl<R: Replicator> TrackerNode<R> {
                 *a = Arrived::Decoded { conn, msg };
                 self.take_arrived(node);
             }
+            Done::Derived(hash) => self.password_derived(ticket, hash, now),
+            Done::Verified(ok) => self.password_verified(ticket, ok, now),
         }
         self.pump(self.now);
     }

@@ -9,7 +9,8 @@ fn node() -> TrackerNode {
 }
 
 /// The node's outputs, each sync it asks for done at once (as a disk that
-/// syncs instantly would): what waited for it follows.
+/// syncs instantly would), and each password hashed at once: what waited
+/// for them follows.
 fn drain<R: Replicator>(n: &mut TrackerNode<R>) -> Vec<TrackerOutput> {
     let mut all = Vec::new();
     loop {
@@ -20,6 +21,9 @@ fn drain<R: Replicator>(n: &mut TrackerNode<R>) -> Vec<TrackerOutput> {
         for o in outs {
             match o {
                 TrackerOutput::Sync { seq } => n.handle_synced(seq, n.now),
+                TrackerOutput::Work { ticket, job } if job.kind() == "password" => {
+                    n.handle_job_done(ticket, job.run(), n.now)
+                }
                 o => all.push(o),
             }
         }
@@ -119,6 +123,80 @@ fn a_session_works_and_its_lease_decides_liveness() {
     let sharer = Sharer { user: UserId::new("al").unwrap(), listen: seen };
     assert!(n.is_live(&sharer, Millis(1000)));
     assert!(!n.is_live(&sharer, Millis(60_000)), "a silent client's lease runs out");
+}
+
+/// The node's outputs, syncs done at once and password jobs held back.
+fn drain_holding_passwords<R: Replicator>(n: &mut TrackerNode<R>) -> (Vec<TrackerOutput>, Vec<(u64, Job)>) {
+    let (mut outs, mut jobs) = (Vec::new(), Vec::new());
+    while let Some(o) = n.poll_output() {
+        match o {
+            TrackerOutput::Sync { seq } => n.handle_synced(seq, n.now),
+            TrackerOutput::Work { ticket, job } if job.kind() == "password" => jobs.push((ticket, job)),
+            o => outs.push(o),
+        }
+    }
+    (outs, jobs)
+}
+
+#[test]
+fn passwords_are_hashed_by_jobs_while_the_tracker_answers_others() {
+    let mut n = node();
+    connect(&mut n, C, REMOTE, Millis(0));
+    let mut bytes = hello();
+    bytes.extend(req(1, None, Request::CreateUser { user: UserId::new("al").unwrap(), password: "pw".into() }));
+    n.handle_bytes(C, &bytes, Millis(0));
+    let (outs, jobs) = drain_holding_passwords(&mut n);
+    assert!(outs.is_empty(), "no answer before the hash: {outs:?}");
+    let [(ticket, job)] = <[_; 1]>::try_from(jobs).unwrap();
+    assert!(!format!("{job:?}").contains("pw"), "a job never prints its password: {job:?}");
+    // Meanwhile another connection is answered.
+    let other = ConnId(2);
+    connect(&mut n, other, REMOTE, Millis(0));
+    let mut bytes = hello();
+    bytes.extend(req(1, None, Request::ListGroups));
+    n.handle_bytes(other, &bytes, Millis(0));
+    assert_eq!(answer(&drain(&mut n)), Err(ApiError::NotLoggedIn));
+    n.handle_job_done(ticket, job.run(), Millis(1));
+    assert_eq!(answer(&drain(&mut n)), Ok(Reply::Done), "the account is written once hashed");
+    // A login's check is a job too; a wrong one fails when it is done.
+    let listen = "127.0.0.1:9000".parse().unwrap();
+    let login = |pw: &str| Request::Login {
+        user: UserId::new("al").unwrap(),
+        password: pw.into(),
+        listen,
+        plaintext_peers: false,
+    };
+    n.handle_bytes(C, &req(2, None, login("px")), Millis(2));
+    let (outs, jobs) = drain_holding_passwords(&mut n);
+    assert!(outs.is_empty() && jobs.len() == 1, "{outs:?}");
+    let (ticket, job) = jobs.into_iter().next().unwrap();
+    n.handle_job_done(ticket, job.run(), Millis(3));
+    assert_eq!(answer(&drain(&mut n)), Err(ApiError::BadCredentials));
+    n.handle_bytes(C, &req(3, None, login("pw")), Millis(4));
+    assert!(matches!(answer(&drain(&mut n)), Ok(Reply::Session { .. })));
+}
+
+#[test]
+fn passwords_waiting_for_a_hash_are_bounded() {
+    let mut n = node();
+    // Each connection takes up to its write slots; many connections fill the queue.
+    let per_conn = MAX_WRITES_IN_FLIGHT;
+    let conns = MAX_PASSWORD_JOBS.div_ceil(per_conn) + 1;
+    let mut refused = 0;
+    for c in 0..conns as u64 {
+        let conn = ConnId(100 + c);
+        connect(&mut n, conn, REMOTE, Millis(0));
+        n.handle_bytes(conn, &hello(), Millis(0));
+        for i in 0..per_conn as u64 {
+            let r = Request::CreateUser { user: UserId::new(format!("u{c}-{i}")).unwrap(), password: "p".into() };
+            n.handle_bytes(conn, &req(i, None, r), Millis(0));
+            let (outs, _) = drain_holding_passwords(&mut n);
+            refused +=
+                outs.iter().filter(|o| matches!(answer(std::slice::from_ref(o)), Err(ApiError::Limit(_)))).count();
+        }
+    }
+    assert_eq!(n.passwords.len(), MAX_PASSWORD_JOBS);
+    assert_eq!(refused, conns * per_conn - MAX_PASSWORD_JOBS);
 }
 
 /// Creates users `names` on a fresh connection `conn` from `remote`, then logs `who` in
