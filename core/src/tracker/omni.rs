@@ -213,21 +213,81 @@ impl LogImage {
     }
 
     /// Hands `put` the image's records in order, as [`LogImage::records`]
-    /// has them, one at a time: the state is encoded once and each part
-    /// framed as it goes (a writer keeps no second copy of the image).
+    /// has them, one at a time, as the state is encoded: the writer holds
+    /// one part of the encoding and its record, never the whole encoding
+    /// (that was a transient copy the size of the state, 79 MB at a
+    /// million files, at every compaction).
     pub fn for_each_record<E>(&self, mut put: impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
-        let image = postcard::to_allocvec(&RecordRef::Image(&self.image)).expect("encode to Vec");
-        if image.len() <= self.part {
-            return put(&image);
+        let mut w =
+            PartWriter { part: self.part.max(1), buf: Vec::new(), rec: Vec::new(), parts: 0, put: &mut put, err: None };
+        let encoded = postcard::serialize_with_flavor(&RecordRef::Image(&self.image), Parts(&mut w));
+        if let Some(e) = w.err.take() {
+            return Err(e);
         }
-        let n = image.len().div_ceil(self.part);
-        let mut rec = Vec::new();
-        for (i, c) in image.chunks(self.part).enumerate() {
-            let r = if i + 1 == n { RecordRef::ImageLast(c) } else { RecordRef::ImagePart(c) };
-            rec.clear();
-            rec = postcard::to_extend(&r, rec).expect("encode to Vec");
-            put(&rec)?;
+        // Encoding into memory fails only for `put`'s error, taken above.
+        debug_assert!(encoded.is_ok());
+        if w.parts == 0 {
+            return (w.put)(&w.buf);
         }
+        w.record(true)
+    }
+}
+
+/// Cuts an image's encoding into [`RecordRef::ImagePart`]s of `part` bytes
+/// as it is produced, and ends it with a [`RecordRef::ImageLast`]; an
+/// encoding of at most `part` bytes is the one [`RecordRef::Image`] record.
+struct PartWriter<'p, E, F: FnMut(&[u8]) -> Result<(), E>> {
+    part: usize,
+    /// The encoding since the last part handed out (at most `part` bytes).
+    buf: Vec<u8>,
+    rec: Vec<u8>,
+    parts: usize,
+    put: &'p mut F,
+    /// `put`'s error, which stops the encoding.
+    err: Option<E>,
+}
+
+impl<E, F: FnMut(&[u8]) -> Result<(), E>> PartWriter<'_, E, F> {
+    /// Hands out `buf` as a part (`last`: the image's last).
+    fn record(&mut self, last: bool) -> Result<(), E> {
+        let r = if last { RecordRef::ImageLast(&self.buf) } else { RecordRef::ImagePart(&self.buf) };
+        self.rec.clear();
+        self.rec = postcard::to_extend(&r, std::mem::take(&mut self.rec)).expect("encode to Vec");
+        self.parts += 1;
+        self.buf.clear();
+        (self.put)(&self.rec)
+    }
+}
+
+/// The postcard output [`PartWriter`] is written through.
+struct Parts<'w, 'p, E, F: FnMut(&[u8]) -> Result<(), E>>(&'w mut PartWriter<'p, E, F>);
+
+impl<E, F: FnMut(&[u8]) -> Result<(), E>> postcard::ser_flavors::Flavor for Parts<'_, '_, E, F> {
+    type Output = ();
+
+    fn try_extend(&mut self, mut data: &[u8]) -> postcard::Result<()> {
+        let w = &mut *self.0;
+        while !data.is_empty() {
+            // A full part goes out only once more follows: the last part
+            // is an `ImageLast`, and a whole image that fits is one record.
+            if w.buf.len() == w.part {
+                if let Err(e) = w.record(false) {
+                    w.err = Some(e);
+                    return Err(postcard::Error::SerializeBufferFull);
+                }
+            }
+            let n = (w.part - w.buf.len()).min(data.len());
+            w.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.try_extend(&[data])
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
         Ok(())
     }
 }
@@ -1067,6 +1127,48 @@ mod tests {
                 prop_assert_eq!((&a.log, a.promise, a.compacted_idx, &a.snapshot), (&b.log, b.promise, b.compacted_idx, &b.snapshot));
                 prop_assert!(a.decided_idx <= b.decided_idx);
             }
+        }
+    }
+
+    /// Parts cut as the image is encoded are the whole encoding cut in
+    /// `part`-byte pieces, at every size around the boundaries; a writer's
+    /// error stops the encoding and is returned.
+    #[test]
+    fn an_image_is_cut_into_parts_as_it_is_encoded() {
+        let st = DurableStorage::default();
+        let mut st = st;
+        st.append_entries((1..=5).map(entry).collect()).unwrap();
+        st.write_atomically(vec![StorageOp::Trim(0)]).unwrap();
+        let Some(Persist::Rewrite(image)) = st.poll_persist() else { panic!("a rewrite") };
+        let whole = postcard::to_allocvec(&RecordRef::Image(&image.image)).unwrap();
+        for part in (1..40).chain(whole.len() - 2..whole.len() + 3) {
+            let mut image = (*image).clone();
+            image.part = part;
+            let expected: Vec<Vec<u8>> = if whole.len() <= part {
+                vec![whole.clone()]
+            } else {
+                let n = whole.len().div_ceil(part);
+                whole
+                    .chunks(part)
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let r = if i + 1 == n { RecordRef::ImageLast(c) } else { RecordRef::ImagePart(c) };
+                        postcard::to_allocvec(&r).unwrap()
+                    })
+                    .collect()
+            };
+            assert_eq!(image.records(), expected, "part {part}");
+            let mut seen = 0;
+            let r = image.for_each_record(|_| {
+                seen += 1;
+                if seen == 2 {
+                    Err("disk full")
+                } else {
+                    Ok(())
+                }
+            });
+            assert_eq!(r, if expected.len() >= 2 { Err("disk full") } else { Ok(()) }, "part {part}");
+            assert_eq!(seen, expected.len().min(2), "nothing after the error (part {part})");
         }
     }
 
