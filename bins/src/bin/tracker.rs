@@ -56,6 +56,10 @@ fn run(args: Args) -> Result<(), String> {
         let ids: Vec<String> = trackers.iter().map(|t| t.id.to_string()).collect();
         format!("no tracker {} in {} (ids: {})", args.tracker_id, args.tracker_info.display(), ids.join(", "))
     })?;
+    // Every log line of the event loop names its tracker (several often
+    // share one terminal or log file); an error-level span is shown at
+    // every log level.
+    let _named = tracing::error_span!("tracker", id = me.id).entered();
     let seed = shoal_net_mio::os_seed().map_err(|e| format!("no randomness from the OS: {e}"))?;
     let dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("shoal-tracker-{}", me.id)));
     let key_file = args.key_file.clone().unwrap_or_else(|| {
