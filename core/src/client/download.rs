@@ -602,6 +602,9 @@ impl Download {
     }
 
     pub fn poll_timeout(&self) -> Option<Millis> {
+        if self.failed || self.is_complete() {
+            return None;
+        }
         let stall = self
             .peers
             .values()
@@ -612,11 +615,10 @@ impl Download {
         // A source waiting to be dialled matters only while there is room
         // for another peer: with `max_peers` connected, its (past) retry
         // time would make this deadline always due, and the driver spin.
+        // (Not even looked at then: a swarm's sources are many.)
         let room = self.peers.len() < self.cfg.max_peers;
-        let retry = self.sources.values().filter(|s| room && s.dialable(plaintext)).map(|s| s.retry_at).min();
-        if self.failed || self.is_complete() {
-            return None;
-        }
+        let retry =
+            if room { self.sources.values().filter(|s| s.dialable(plaintext)).map(|s| s.retry_at).min() } else { None };
         let give_up = self.last_chunk.plus(self.cfg.give_up_after);
         let rebalance = self.overloaded().next().is_some().then_some(self.next_rebalance);
         [stall, retry, rebalance, Some(self.next_refresh), Some(give_up)].into_iter().flatten().min()
