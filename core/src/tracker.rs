@@ -165,8 +165,7 @@ pub enum TrackerOutput {
 /// up, or decoding one that arrived; or a password's argon2id (about 15 ms
 /// each on a 2-core VM: a flood of logins on the loop would hold every
 /// link's heartbeat). Run it anywhere ([`Job::run`]); a driver may run
-/// password jobs apart from the others ([`Job::kind`]), since nothing
-/// orders them.
+/// password jobs apart from the others ([`Job::is_password`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job(JobKind);
 
@@ -228,14 +227,19 @@ impl Job {
         })
     }
 
-    /// `"encode"`, `"decode"` or `"password"` (for logs, counts, and a
-    /// driver that runs password jobs on threads of their own).
+    /// `"encode"`, `"decode"` or `"password"` (for logs and counts).
     pub fn kind(&self) -> &'static str {
         match self.0 {
             JobKind::Encode(_) => "encode",
             JobKind::Decode(_) => "decode",
             JobKind::Password(_) => "password",
         }
+    }
+
+    /// Whether this hashes a password: it may run apart from the other
+    /// jobs (nothing orders it with them), and it never waits behind one.
+    pub fn is_password(&self) -> bool {
+        matches!(self.0, JobKind::Password(_))
     }
 }
 

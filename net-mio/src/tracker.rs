@@ -137,8 +137,8 @@ impl Syncer {
 /// The threads that run the node's jobs, so the event loop goes on
 /// answering meanwhile: one for encoding and decoding consensus messages
 /// the size of the metadata (in order), and some for passwords' argon2
-/// ([`PASSWORD_THREADS`]), so logins never wait behind a snapshot. Started with the first
-/// job; the results of all come back on one channel.
+/// ([`PASSWORD_THREADS`]), so logins never wait behind a snapshot.
+/// Started with the first job; the results of all come back on one channel.
 struct Jobs {
     big: mpsc::Sender<(u64, Job)>,
     passwords: mpsc::Sender<(u64, Job)>,
@@ -180,7 +180,7 @@ impl Jobs {
     }
 
     fn send(&self, ticket: u64, job: Job) {
-        let lane = if job.kind() == "password" { &self.passwords } else { &self.big };
+        let lane = if job.is_password() { &self.passwords } else { &self.big };
         let _ = lane.send((ticket, job));
     }
 }
@@ -220,23 +220,15 @@ impl Turn {
 
     fn end(self) {
         let took = self.lap - self.start;
-        if took >= NOTED_TURN && took < SLOW_TURN {
-            tracing::info!(
-                ms = took.as_millis() as u64,
-                cpu_ms = thread_cpu().saturating_sub(self.cpu).as_millis() as u64,
-                slowest = self.slowest.1,
-                slowest_ms = self.slowest.0.as_millis() as u64,
-                "a long turn of the event loop"
-            );
+        if took < NOTED_TURN {
+            return;
         }
+        let (ms, cpu_ms) = (took.as_millis() as u64, thread_cpu().saturating_sub(self.cpu).as_millis() as u64);
+        let (slowest, slowest_ms) = (self.slowest.1, self.slowest.0.as_millis() as u64);
         if took >= SLOW_TURN {
-            tracing::warn!(
-                ms = took.as_millis() as u64,
-                cpu_ms = thread_cpu().saturating_sub(self.cpu).as_millis() as u64,
-                slowest = self.slowest.1,
-                slowest_ms = self.slowest.0.as_millis() as u64,
-                "the event loop was busy: links and clients waited"
-            );
+            tracing::warn!(ms, cpu_ms, slowest, slowest_ms, "the event loop was busy: links and clients waited");
+        } else {
+            tracing::info!(ms, cpu_ms, slowest, slowest_ms, "a long turn of the event loop");
         }
     }
 }

@@ -54,10 +54,6 @@ impl<R: Replicator> TrackerNode<R> {
                     return self.respond(conn, id, Err(ApiError::TooManyAttempts { retry_after_secs: wait }));
                 }
                 let held = HeldLogin { conn, id, settled_below, user, password, listen, plaintext_peers, keys };
-                if held.password.len() > MAX_PASSWORD_LEN {
-                    // No account has such a password: no need to hash it.
-                    return self.login_checked(held, false, false, now);
-                }
                 return self.check_login(held, false, now);
             }
             Request::Logout => Command::CloseSession { token },
@@ -130,6 +126,13 @@ impl<R: Replicator> TrackerNode<R> {
     /// nobody which accounts exist. `barrier_passed`: the second check, once
     /// everything decided before the login is applied here.
     fn check_login(&mut self, held: HeldLogin, barrier_passed: bool, now: Millis) {
+        if held.password.len() > MAX_PASSWORD_LEN {
+            // No account has such a password: no need to hash it.
+            if barrier_passed {
+                self.write_answered(held.conn);
+            }
+            return self.login_checked(held, false, barrier_passed, now);
+        }
         let (hash, account) = match self.meta.password_of(&held.user) {
             Some(h) => (h.clone(), true),
             None => (self.decoy.clone(), false),
@@ -253,10 +256,6 @@ impl<R: Replicator> TrackerNode<R> {
     /// until that is done.
     pub(crate) fn barrier_passed(&mut self, tag: RequestId, now: Millis) {
         let Some((h, _)) = self.held_logins.remove(&tag) else { return };
-        if h.password.len() > MAX_PASSWORD_LEN {
-            self.write_answered(h.conn);
-            return self.login_checked(h, false, true, now);
-        }
         self.check_login(h, true, now);
     }
 

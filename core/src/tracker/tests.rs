@@ -21,9 +21,7 @@ fn drain<R: Replicator>(n: &mut TrackerNode<R>) -> Vec<TrackerOutput> {
         for o in outs {
             match o {
                 TrackerOutput::Sync { seq } => n.handle_synced(seq, n.now),
-                TrackerOutput::Work { ticket, job } if job.kind() == "password" => {
-                    n.handle_job_done(ticket, job.run(), n.now)
-                }
+                TrackerOutput::Work { ticket, job } if job.is_password() => n.handle_job_done(ticket, job.run(), n.now),
                 o => all.push(o),
             }
         }
@@ -131,7 +129,7 @@ fn drain_holding_passwords<R: Replicator>(n: &mut TrackerNode<R>) -> (Vec<Tracke
     while let Some(o) = n.poll_output() {
         match o {
             TrackerOutput::Sync { seq } => n.handle_synced(seq, n.now),
-            TrackerOutput::Work { ticket, job } if job.kind() == "password" => jobs.push((ticket, job)),
+            TrackerOutput::Work { ticket, job } if job.is_password() => jobs.push((ticket, job)),
             o => outs.push(o),
         }
     }
