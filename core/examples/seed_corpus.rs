@@ -247,6 +247,8 @@ fn main() {
             TrackerFrame::ConsensusPart { xfer: 7, last: false, bytes: big[..half].to_vec() },
             TrackerFrame::ConsensusPart { xfer: 7, last: true, bytes: big[half..].to_vec() },
             TrackerFrame::ConsensusAck { xfer: 7, bytes: 100 },
+            TrackerFrame::ConsensusOffer { xfer: 8, base: hash, base_len: half as u64, len: big.len() as u64 },
+            TrackerFrame::ConsensusResume { xfer: 8, from: 64 },
             TrackerFrame::Soft(Default::default()),
         ];
         let mut all = Vec::new();

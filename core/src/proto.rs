@@ -101,6 +101,23 @@ pub enum TrackerFrame {
         xfer: u64,
         bytes: u32,
     },
+    /// The sender will send a consensus message of `len` bytes (a sync with
+    /// a snapshot) as the parts of `xfer`, once answered with
+    /// `ConsensusResume`; its first `base_len` bytes (the snapshot's base
+    /// state) hash to `base`.
+    ConsensusOffer {
+        xfer: u64,
+        base: Sha1Digest,
+        base_len: u64,
+        len: u64,
+    },
+    /// The sender holds the first `from` bytes of the message offered as
+    /// `xfer` (kept from a transfer of the same base that broke off): the
+    /// parts start there.
+    ConsensusResume {
+        xfer: u64,
+        from: u64,
+    },
 }
 
 /// Soft state, kept out of the log: which sessions are alive, grants issued,

@@ -171,8 +171,12 @@ pub struct Job(JobKind);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum JobKind {
-    Encode(Box<replicator::ConsensusMessage>),
-    Decode(Vec<u8>),
+    /// A message to encode; offered with its base (see `stream`) if it
+    /// comes to more than this many bytes (more than one part), else whole.
+    Encode(Box<replicator::ConsensusMessage>, usize),
+    /// A message that arrived, and where its snapshot's base ends (if it
+    /// came offered with one).
+    Decode(Vec<u8>, Option<stream::Base>),
     Password(PasswordJob),
 }
 
@@ -199,7 +203,7 @@ pub struct JobDone(Done);
 impl std::fmt::Debug for JobDone {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.0 {
-            Done::Encoded(b) => write!(f, "JobDone(encoded {} bytes)", b.len()),
+            Done::Encoded(b, _) => write!(f, "JobDone(encoded {} bytes)", b.len()),
             Done::Decoded(Ok(m)) => write!(f, "JobDone(decoded {m:?})"),
             Done::Decoded(Err(e)) => write!(f, "JobDone(not decoded: {e})"),
             Done::Derived(_) => f.write_str("JobDone(password hashed)"),
@@ -209,7 +213,8 @@ impl std::fmt::Debug for JobDone {
 }
 
 enum Done {
-    Encoded(Vec<u8>),
+    /// The bytes, and the base they start with (a snapshot's state).
+    Encoded(Vec<u8>, Option<stream::Base>),
     Decoded(Result<Box<replicator::ConsensusMessage>, crate::wire::FrameError>),
     Derived(PasswordHash),
     Verified(bool),
@@ -218,8 +223,13 @@ enum Done {
 impl Job {
     pub fn run(self) -> JobDone {
         JobDone(match self.0 {
-            JobKind::Encode(m) => Done::Encoded(m.encode()),
-            JobKind::Decode(b) => Done::Decoded(replicator::ConsensusMessage::decode(&b).map(Box::new)),
+            JobKind::Encode(m, offer_over) => {
+                let (bytes, base) = m.encode_with_base(offer_over);
+                Done::Encoded(bytes, base)
+            }
+            JobKind::Decode(b, base) => {
+                Done::Decoded(replicator::ConsensusMessage::decode_with_base(&b, base).map(Box::new))
+            }
             JobKind::Password(PasswordJob::Derive { password, salt, params }) => {
                 Done::Derived(PasswordHash::derive(&password, salt, params))
             }
@@ -230,8 +240,8 @@ impl Job {
     /// `"encode"`, `"decode"` or `"password"` (for logs and counts).
     pub fn kind(&self) -> &'static str {
         match self.0 {
-            JobKind::Encode(_) => "encode",
-            JobKind::Decode(_) => "decode",
+            JobKind::Encode(..) => "encode",
+            JobKind::Decode(..) => "decode",
             JobKind::Password(_) => "password",
         }
     }

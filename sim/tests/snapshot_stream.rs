@@ -1,7 +1,8 @@
 //! Catch-up by a snapshot that travels in parts, with the fault aimed at
 //! the stream: a wiped tracker is receiving the metadata in parts when its
 //! sender crashes, when it crashes itself, or when the leader is cut off
-//! from the others (a leader change mid-stream). Every time it still
+//! from the others (a leader change mid-stream), or when its link to the
+//! sender breaks (the sync sent again resumes). Every time it still
 //! catches up to the decided history, the cluster takes writes again, and
 //! nothing acknowledged is lost; the world's invariants hold throughout.
 //!
@@ -31,6 +32,9 @@ enum Fault {
     ReceiverCrash,
     /// The leader is cut off from both others until they elect another.
     LeaderCut,
+    /// The link between the sender and the wiped tracker breaks, once some
+    /// of the snapshot's base arrived: the sync sent again resumes.
+    LinkDrop,
 }
 
 fn leader(w: &World) -> Option<usize> {
@@ -65,6 +69,12 @@ fn catch_up_through(seed: u64, fault: Fault) {
         );
         w.run_for(Millis(1));
     };
+    // And until some of it arrived.
+    let start = w.now();
+    while w.tracker_at(wiped).map_or(0, |t| t.receiving_bytes()) == 0 {
+        assert!(w.now().since(start) < Millis::from_secs(10), "seed {seed}: no part arrived");
+        w.run_for(Millis(1));
+    }
     match fault {
         Fault::SenderCrash => {
             w.crash_tracker(from);
@@ -75,6 +85,11 @@ fn catch_up_through(seed: u64, fault: Fault) {
             w.crash_tracker(wiped);
             w.run_for(Millis(300));
             w.restart_tracker(wiped, false);
+        }
+        Fault::LinkDrop => {
+            w.cut_both(Ep::Tracker(from), Ep::Tracker(wiped));
+            w.run_for(Millis(1_500));
+            w.heal();
         }
         Fault::LeaderCut => {
             let l = leader(&w).expect("a leader mid-stream");
@@ -121,7 +136,18 @@ fn catch_up_through(seed: u64, fault: Fault) {
         }
     }
     let decodes = w.jobs.get("decode").copied().unwrap_or(0);
-    println!("seed={seed} fault={fault:?} sender=t{from} wiped=t{wiped} decodes={decodes} digest={}", w.digest());
+    let resumed = w.tracker_at(wiped).map_or(0, |t| t.resumed_bytes());
+    // Every tracker snapshots at the same log indexes, so the sync sent
+    // again resumes whoever sends it: the same sender on its next link, or
+    // the next leader. (A receiver that crashed starts again: what it kept
+    // was in memory.)
+    if !matches!(fault, Fault::ReceiverCrash) {
+        assert!(resumed > 0, "seed {seed} {fault:?}: the sync sent again did not resume the broken transfer");
+    }
+    println!(
+        "seed={seed} fault={fault:?} sender=t{from} wiped=t{wiped} decodes={decodes} resumed={resumed} digest={}",
+        w.digest()
+    );
 }
 
 #[test]
@@ -129,7 +155,7 @@ fn a_snapshot_in_parts_survives_faults_mid_stream() {
     let seeds: Vec<u64> = sim::seeds(8).into_iter().filter(|s| s % 2 == 0).collect();
     assert!(!seeds.is_empty(), "only even seeds send consensus messages in parts");
     for seed in seeds {
-        for fault in [Fault::SenderCrash, Fault::ReceiverCrash, Fault::LeaderCut] {
+        for fault in [Fault::SenderCrash, Fault::ReceiverCrash, Fault::LeaderCut, Fault::LinkDrop] {
             catch_up_through(seed, fault);
         }
     }

@@ -226,7 +226,7 @@ impl<R: Replicator> TrackerNode<R> {
     }
 
     /// The link is gone (or given up on): down, redialled after its backoff.
-    fn link_lost(&mut self, node: NodeId, now: Millis, hang_up: bool) {
+    pub(crate) fn link_lost(&mut self, node: NodeId, now: Millis, hang_up: bool) {
         let Some(l) = self.links.map.get_mut(&node) else { return };
         let was_up = matches!(l.state, State::Up);
         if matches!(l.state, State::Down { .. }) {

@@ -200,6 +200,7 @@ impl<R: Replicator> TrackerNode<R> {
         self.now = self.now.max(now);
         self.replicator.handle_timeout(now);
         let silent = self.links_timeout(now);
+        self.streams_timeout(now);
         let dead: Vec<ConnId> = self
             .conns
             .iter()
@@ -439,12 +440,18 @@ impl<R: Replicator> TrackerNode<R> {
 
     pub(crate) fn handle_tracker_frame(&mut self, conn: ConnId, node: NodeId, msg: Message, now: Millis) {
         match msg {
-            Message::Tracker(TrackerFrame::Consensus(bytes)) => self.handle_consensus(conn, node, bytes),
+            Message::Tracker(TrackerFrame::Consensus(bytes)) => self.handle_consensus(conn, node, bytes, None),
             Message::Tracker(TrackerFrame::Soft(soft)) => self.merge_soft(soft, now),
             Message::Tracker(TrackerFrame::ConsensusPart { xfer, last, bytes }) => {
                 self.handle_consensus_part(conn, node, (xfer, last, bytes))
             }
             Message::Tracker(TrackerFrame::ConsensusAck { bytes, .. }) => self.handle_consensus_ack(node, bytes),
+            Message::Tracker(TrackerFrame::ConsensusOffer { xfer, base, base_len, len }) => {
+                self.handle_consensus_offer(conn, node, (xfer, base, base_len, len))
+            }
+            Message::Tracker(TrackerFrame::ConsensusResume { xfer, from }) => {
+                self.handle_consensus_resume(node, xfer, from)
+            }
             Message::Tracker(
                 f @ (TrackerFrame::Range(_) | TrackerFrame::RangeStored(_) | TrackerFrame::RangeWanted(_)),
             ) => self.handle_range_frame(node, f, now),

@@ -34,6 +34,8 @@ use omnipaxos::{ClusterConfig, OmniPaxos, OmniPaxosConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 
 use super::replicator::{ConsensusMessage, Decided, NodeId, Outbound, Persist, Replicator};
+use super::stream::Base;
+use crate::chunk::Sha1Digest;
 use crate::meta::{Entry, MetaState};
 use crate::time::Millis;
 use crate::wire::FrameError;
@@ -93,15 +95,17 @@ impl Snapshot<Entry> for MetaSnapshot {
     }
 
     fn merge(&mut self, delta: Self) {
-        // `self` covers the log from 0 (see above): fold it, then apply.
-        self.fold();
-        let state = self.state.as_mut().expect("folded");
-        if let Some(s) = delta.state {
+        // `self` covers the log from 0 (see above). Nothing is applied here:
+        // the entries wait to be folded where it costs the event loop
+        // nothing (a job decoding the sync that carries them), or when the
+        // snapshot is stored. So a sync built for a tracker far behind is
+        // the stored snapshot's state, unchanged until the next compaction,
+        // and the entries since: a stream of it that broke off resumes.
+        if delta.state.is_some() {
             // A complete snapshot replaces what we had.
-            *state = s;
-        }
-        for e in &delta.entries {
-            let _ = state.apply(e);
+            *self = delta;
+        } else {
+            self.entries.extend(delta.entries);
         }
     }
 
@@ -605,6 +609,133 @@ impl Storage<Entry> for DurableStorage {
     }
 }
 
+impl ConsensusMessage {
+    /// The complete snapshot this message carries (a sync for a tracker
+    /// far behind), if any.
+    fn complete_snapshot(&mut self) -> Option<&mut MetaSnapshot> {
+        use omnipaxos::storage::SnapshotType;
+        let PaxosMessage::SequencePaxos(p) = &mut self.0 else { return None };
+        let sync = match &mut p.msg {
+            PaxosMsg::AcceptSync(s) => &mut s.log_sync,
+            PaxosMsg::Promise(pr) => pr.log_sync.as_mut()?,
+            _ => return None,
+        };
+        match &mut sync.decided_snapshot {
+            Some(SnapshotType::Complete(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Takes out the state at the base of the complete snapshot this
+    /// message carries: what stays the same between the syncs a tracker
+    /// sends until it compacts again (see [`MetaSnapshot`]'s `merge`).
+    pub(crate) fn take_base(&mut self) -> Option<MetaState> {
+        self.complete_snapshot()?.state.take()
+    }
+
+    /// Puts back the state [`ConsensusMessage::take_base`] took out.
+    pub(crate) fn put_base(&mut self, base: MetaState) -> Result<(), FrameError> {
+        match self.complete_snapshot() {
+            Some(c) if c.state.is_none() => {
+                c.state = Some(base);
+                Ok(())
+            }
+            _ => {
+                Err(FrameError::Malformed("a snapshot's base state sent with a message without a place for it".into()))
+            }
+        }
+    }
+
+    /// The message encoded: the base state of the complete snapshot it
+    /// carries first (if it carries one), named by its SHA1, then the rest;
+    /// or whole, as [`ConsensusMessage::encode`] does, if it comes to at
+    /// most `offer_over` bytes (a message of one part goes at once: an
+    /// offer would cost a round trip, to resume a transfer of one frame).
+    pub(crate) fn encode_with_base(mut self, offer_over: usize) -> (Vec<u8>, Option<Base>) {
+        let Some(state) = self.take_base() else { return (self.encode(), None) };
+        let mut bytes = postcard::to_allocvec(&state).expect("encode to Vec");
+        let rest = self.encode();
+        if bytes.len() + rest.len() <= offer_over {
+            let _ = self.put_base(state);
+            return (self.encode(), None);
+        }
+        drop(state);
+        let base = Base { digest: Sha1Digest::of(&bytes), len: bytes.len() };
+        bytes.extend_from_slice(&rest);
+        (bytes, Some(base))
+    }
+
+    /// A message [`ConsensusMessage::encode_with_base`] encoded, from
+    /// another tracker (untrusted): the base is checked against its hash,
+    /// and the snapshot's entries applied to it.
+    pub(crate) fn decode_with_base(bytes: &[u8], base: Option<Base>) -> Result<ConsensusMessage, FrameError> {
+        let mut m = match base {
+            None => ConsensusMessage::decode(bytes)?,
+            Some(b) => {
+                let (head, rest) = bytes
+                    .split_at_checked(b.len)
+                    .ok_or_else(|| FrameError::Malformed("a snapshot's base longer than its message".into()))?;
+                if Sha1Digest::of(head) != b.digest {
+                    return Err(FrameError::Malformed("a snapshot's base does not match its hash".into()));
+                }
+                let state: MetaState = crate::wire::decode(head)?;
+                let mut m = ConsensusMessage::decode(rest)?;
+                m.put_base(state)?;
+                m
+            }
+        };
+        m.fold_snapshot();
+        Ok(m)
+    }
+
+    /// Applies the entries of the complete snapshot this message carries to
+    /// its state (a job does it, off the event loop: up to a snapshot's
+    /// worth of entries).
+    fn fold_snapshot(&mut self) {
+        if let Some(c) = self.complete_snapshot() {
+            c.fold();
+        }
+    }
+}
+
+#[cfg(test)]
+impl ConsensusMessage {
+    /// A leader's AcceptSync carrying a complete snapshot: the state of
+    /// accounts `base`, and on top, unapplied, accounts `extra` (tests).
+    /// Also the same message as the receiver's job hands it over, folded.
+    pub(crate) fn test_sync(
+        base: std::ops::Range<u64>,
+        extra: std::ops::Range<u64>,
+    ) -> (ConsensusMessage, ConsensusMessage) {
+        use omnipaxos::messages::sequence_paxos::{AcceptSync, PaxosMessage as SpMessage};
+        use omnipaxos::storage::SnapshotType;
+        use omnipaxos::util::LogSync;
+        let mut state = MetaState::new();
+        for i in base {
+            let _ = state.apply(&tests::entry(i));
+        }
+        let entries: Vec<Entry> = extra.map(tests::entry).collect();
+        let decided_idx = entries.len() + 1;
+        let snapshot = MetaSnapshot { state: Some(state), entries };
+        let log_sync = LogSync {
+            decided_snapshot: Some(SnapshotType::Complete(snapshot)),
+            suffix: Vec::new(),
+            sync_idx: decided_idx,
+            stopsign: None,
+        };
+        let msg = PaxosMsg::AcceptSync(AcceptSync {
+            n: Ballot::default(),
+            seq_num: Default::default(),
+            decided_idx,
+            log_sync,
+        });
+        let m = ConsensusMessage(PaxosMessage::SequencePaxos(SpMessage { from: 1, to: 2, msg }));
+        let mut folded = m.clone();
+        folded.fold_snapshot();
+        (m, folded)
+    }
+}
+
 /// Errors building a replicated tracker.
 #[derive(Debug, thiserror::Error)]
 pub enum OmniError {
@@ -624,15 +755,18 @@ pub struct OmniReplicator {
     journal: DurableStorage,
     me: NodeId,
     peers: Vec<NodeId>,
-    /// Log entries applied to the state machine (by the tracker node).
+    /// Log entries read out of the log for the tracker node to apply.
     applied: usize,
     ready: VecDeque<Decided>,
+    /// The log index the tracker node's state stands at: what it was handed
+    /// of `ready`.
+    handed: usize,
     outgoing: Vec<PaxosMessage<Entry>>,
     next_tick: Millis,
     /// Whether this node has been in sync with a leader since it started.
     synced: bool,
     snapshot_every: usize,
-    /// The decided index of the last snapshot tried (one try per index).
+    /// The last snapshot point tried (one try per point).
     snapshot_tried: usize,
     /// Ticks this node has believed itself leader without leading (see handle_timeout).
     stuck_ticks: u64,
@@ -680,6 +814,7 @@ impl OmniReplicator {
             peers: nodes.iter().copied().filter(|n| *n != me).collect(),
             applied: 0,
             ready: VecDeque::new(),
+            handed: 0,
             outgoing: Vec::new(),
             next_tick: Millis::ZERO,
             synced: false,
@@ -691,6 +826,17 @@ impl OmniReplicator {
             syncs_from_live: 0,
             big_promises: BTreeMap::new(),
         })
+    }
+
+    /// The log index to snapshot at now, if any: every tracker snapshots at
+    /// the same points, the multiples of `snapshot_every`, when its state
+    /// stands exactly there (the entries after wait for it). So the stored
+    /// snapshots of all trackers hold the same state, and the syncs any of
+    /// them sends a tracker far behind start with the same bytes: a stream
+    /// that broke off when its leader changed resumes from the next.
+    fn snapshot_point(&self) -> Option<usize> {
+        let point = self.handed / self.snapshot_every * self.snapshot_every;
+        (point == self.handed && point > self.op.get_compacted_idx() && point != self.snapshot_tried).then_some(point)
     }
 
     /// Snapshots after `n` decided entries instead of [`SNAPSHOT_EVERY`] (tests, simulation).
@@ -753,28 +899,35 @@ impl Replicator for OmniReplicator {
     }
 
     fn poll_decided(&mut self) -> Option<Decided> {
+        if self.snapshot_point().is_some() {
+            // The rest waits for the snapshot at this point (`snapshot_due`).
+            return None;
+        }
         if self.ready.is_empty() {
             self.collect_decided();
         }
-        self.ready.pop_front()
+        let d = self.ready.pop_front()?;
+        self.handed = match &d {
+            Decided::Entry(_) => self.handed + 1,
+            Decided::Install(state) => state.applied() as usize,
+        };
+        Some(d)
     }
 
     fn snapshot_due(&self) -> bool {
-        let decided = self.op.get_decided_idx();
-        decided.saturating_sub(self.op.get_compacted_idx()) >= self.snapshot_every
-            && self.applied >= decided
-            && self.ready.is_empty()
-            && self.snapshot_tried != decided
+        self.snapshot_point().is_some()
     }
 
     /// The snapshot is `live` itself, a copy of the state the node applied
-    /// (O(1): persistent maps), when it stands for exactly the decided log:
-    /// no entry is read back, copied or applied again. Else omnipaxos builds
-    /// it from the previous snapshot and the entries since.
+    /// (O(1): persistent maps), when it stands for exactly the log up to
+    /// the snapshot point: no entry is read back, copied or applied again.
+    /// Else omnipaxos builds it from the previous snapshot and the entries
+    /// since.
     fn take_snapshot(&mut self, live: &MetaState) {
-        self.snapshot_tried = self.op.get_decided_idx();
+        let Some(point) = self.snapshot_point() else { return };
+        self.snapshot_tried = point;
         self.journal.inner.borrow_mut().live = Some(Live::Offered(live.clone()));
-        let r = self.op.snapshot(None, true);
+        let r = self.op.snapshot(Some(point), true);
         // Taken by `get_snapshot` if it became the snapshot.
         let from_live = self.journal.inner.borrow_mut().live.take().is_none();
         match r {
@@ -920,17 +1073,20 @@ impl Replicator for OmniReplicator {
                 _ => {}
             }
         }
-        // A sync is built (leader: on a Promise; a follower more up to date
-        // than its new leader: on the Prepare) or merged in (follower: an
-        // AcceptSync) from the state up to this node's decided index: the
-        // live state stands for it, so the log's entries since the last
-        // snapshot are not applied again (on the loop, up to 100,000 of
-        // them) on every resync. Taken back after: a copy left sharing the
-        // live state would make its every write copy the paths it touches.
+        // A follower merges a delta sync (an AcceptSync) onto its state up to
+        // its decided index: the live state stands for it, so the log's
+        // entries since the last snapshot are not applied again (on the
+        // loop, up to 100,000 of them) on every resync. Taken back after: a
+        // copy left sharing the live state would make its every write copy
+        // the paths it touches. A sync built here (a leader's, on a Promise;
+        // a follower's more up to date than its new leader, on the Prepare)
+        // stands on the stored snapshot instead, with the entries since
+        // unapplied: the same bytes until the next compaction, so a stream
+        // of it that broke off resumes (see `stream`), and the entries are
+        // folded by the job that decodes it at the other end.
         let sync = matches!(
             &m,
-            PaxosMessage::SequencePaxos(p)
-                if matches!(p.msg, PaxosMsg::Prepare(_) | PaxosMsg::Promise(_) | PaxosMsg::AcceptSync(_))
+            PaxosMessage::SequencePaxos(p) if matches!(p.msg, PaxosMsg::AcceptSync(_))
         );
         if let (true, Some(live)) = (sync, live) {
             self.journal.inner.borrow_mut().live = Some(Live::Offered(live.clone()));
@@ -1026,7 +1182,7 @@ mod tests {
     use crate::meta::{Command, PasswordHash, PasswordParams};
     use proptest::prelude::*;
 
-    fn entry(i: u64) -> Entry {
+    pub(crate) fn entry(i: u64) -> Entry {
         let user = UserId::new(format!("u{i}")).unwrap();
         let password = PasswordHash::derive("", [i as u8; 16], PasswordParams::INSECURE_FAST);
         Entry { id: None, settled_below: 0, cmd: Command::CreateUser { user, password } }
@@ -1228,6 +1384,8 @@ mod tests {
         live: Vec<MetaState>,
         /// Messages handed out to be encoded off the loop: (from, to).
         big: Vec<(NodeId, NodeId)>,
+        /// And the base state of the complete snapshot each carried.
+        bases: Vec<((NodeId, NodeId), Option<MetaState>)>,
         /// Promises to this node stay on the wire (delayed, not lost).
         hold_promises_to: Option<NodeId>,
     }
@@ -1247,6 +1405,7 @@ mod tests {
                 resyncs: 0,
                 live: vec![MetaState::new(); ids.len()],
                 big: Vec::new(),
+                bases: Vec::new(),
                 hold_promises_to: None,
             }
         }
@@ -1266,8 +1425,9 @@ mod tests {
                         }
                     }
                     while let Some((to, out, _)) = n.poll_send() {
-                        if matches!(out, Outbound::Snapshot(_)) {
+                        if let Outbound::Snapshot(m) = &out {
                             self.big.push((i as NodeId + 1, to));
+                            self.bases.push(((i as NodeId + 1, to), m.as_ref().clone().take_base()));
                         }
                         let bytes = out.into_bytes();
                         if self.alive[i] {
@@ -1428,9 +1588,11 @@ mod tests {
 
     /// A tracker that restarted wiped and took the lead (it won the race
     /// for a dead leader's place) learns the state from its followers'
-    /// Promises: each is built on the follower's live state, encoded off the
-    /// event loop, and sent once although omnipaxos resends it every resend
-    /// timeout while its AcceptSync is on the way.
+    /// Promises: each is built on the follower's stored snapshot (its base,
+    /// the same bytes until it compacts again, so a broken transfer of it
+    /// resumes) and the entries since, encoded off the event loop, and sent
+    /// once although omnipaxos resends it every resend timeout while its
+    /// AcceptSync is on the way.
     #[test]
     fn a_wiped_leader_learns_the_state_from_one_big_promise_per_follower() {
         let all = |_: NodeId, _: NodeId| true;
@@ -1462,7 +1624,6 @@ mod tests {
         // followers' Promises are held on the way long enough for omnipaxos
         // to resend each.
         c.hold_promises_to = Some(3);
-        let from_live: Vec<u64> = c.nodes.iter().map(|n| n.syncs_from_live()).collect();
         for k in 0..2 {
             c.nodes[k].handle_peer_up(3);
             c.nodes[2].handle_peer_up(k as NodeId + 1);
@@ -1485,10 +1646,15 @@ mod tests {
             let _ = whole.apply(&entry(i));
         }
         assert_eq!(c.live[2], whole, "its state is the cluster's");
-        for (k, (n, before)) in c.nodes.iter().zip(from_live).take(2).enumerate() {
+        let mut at_30 = MetaState::new();
+        for i in 0..30 {
+            let _ = at_30.apply(&entry(i));
+        }
+        for k in 0..2 {
             let to_3 = c.big.iter().filter(|b| **b == (k as NodeId + 1, 3)).count();
             assert_eq!(to_3, 1, "tracker {}'s snapshot went to 3 once: {:?}", k + 1, c.big);
-            assert!(n.syncs_from_live() > before, "tracker {}'s Promise stood on its live state", k + 1);
+            let base = c.bases.iter().find(|b| b.0 == (k as NodeId + 1, 3)).and_then(|b| b.1.as_ref());
+            assert_eq!(base, Some(&at_30), "tracker {}'s Promise stood on its stored snapshot", k + 1);
         }
     }
 

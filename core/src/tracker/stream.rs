@@ -22,13 +22,23 @@
 //! its own, and one that arrived in parts is decoded by one; messages on the
 //! same link wait for it, in order, and the loop goes on answering.
 //!
-//! A link that drops loses its transfer; omnipaxos sends the sync again when
-//! the link is back.
+//! A message that carries a complete snapshot is offered first
+//! ([`TrackerFrame::ConsensusOffer`]): its bytes begin with the snapshot's
+//! base state (the sender's stored snapshot, the same bytes until it
+//! compacts again: see `omni`), named by their SHA1. A link that drops loses
+//! the rest of its transfer, but the receiver keeps what it got of a base
+//! ([`Kept`]); when omnipaxos sends the sync again (on the next link, or
+//! from the next leader), the receiver answers the offer of the same base
+//! with how much of it it holds ([`TrackerFrame::ConsensusResume`]), and the
+//! sender sends the parts from there. The job that decodes the message
+//! checks the base against its hash, so bytes kept from one transfer never
+//! pass for another's. A message without a base starts again whole.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use super::replicator::{ConsensusMessage, Outbound};
 use super::*;
+use crate::chunk::Sha1Digest;
 use crate::wire::FrameError;
 
 /// Consensus messages over this are sent in parts of this size.
@@ -42,12 +52,28 @@ pub const MAX_CONSENSUS_MESSAGE: usize = 1 << 30;
 /// takes about a second; a tracker sends far fewer meanwhile).
 pub const MAX_WAITING_BEHIND_DECODE: usize = 65_536;
 
+/// A partial base kept this long after its transfer broke off, for the
+/// sync sent again to resume from (longer than a leader change and a
+/// redial take, shorter than a tracker would hold the memory for nothing).
+pub const KEEP_PARTIAL: Millis = Millis(120_000);
+
+/// The first `len` bytes of an encoded consensus message: the state at the
+/// base of the snapshot it carries, whose SHA1 is `digest`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Base {
+    pub(crate) digest: Sha1Digest,
+    pub(crate) len: usize,
+}
+
 /// What waits for the window on a link.
 enum Queued {
     /// A frame, and the part bytes it carries (0 for a whole message).
     Frame { frame: Vec<u8>, after_sync: bool, part: usize },
     /// A message being encoded by job `ticket`: its frames take this place.
     Encoding { ticket: u64, after_sync: bool },
+    /// A message offered (`ConsensusOffer` sent): its parts wait for the
+    /// receiver to say where they start.
+    Offered { xfer: u64, bytes: Vec<u8>, base: Base, after_sync: bool },
 }
 
 #[derive(Default)]
@@ -56,11 +82,21 @@ struct Outgoing {
     unacked: usize,
 }
 
-/// A message arriving in parts, on the link `conn`.
+/// A message arriving in parts, on the link `conn`; `offer` is the base
+/// and length an offer announced.
 struct Incoming {
     xfer: u64,
     conn: ConnId,
     bytes: Vec<u8>,
+    offer: Option<(Base, usize)>,
+}
+
+/// What a transfer that broke off had received of a snapshot's base: a sync
+/// offered again with the same base resumes from its end.
+struct Kept {
+    digest: Sha1Digest,
+    bytes: Vec<u8>,
+    at: Millis,
 }
 
 /// A consensus message from a tracker, in the order it arrived, waiting
@@ -76,6 +112,10 @@ pub(crate) struct Streams {
     inc: BTreeMap<NodeId, Incoming>,
     /// Per tracker, what arrived behind a message being decoded.
     arrived: BTreeMap<NodeId, VecDeque<Arrived>>,
+    /// At most one partial base (one snapshot's worth of memory).
+    kept: Option<Kept>,
+    /// Bytes of offered messages not sent again, thanks to `kept`.
+    resumed: u64,
     next_xfer: u64,
     next_ticket: u64,
 }
@@ -97,7 +137,8 @@ impl<R: Replicator> TrackerNode<R> {
                 tracing::debug!(node, ticket, "encoding a snapshot for a tracker, off the loop");
                 let out = self.streams.out.entry(node).or_default();
                 out.queue.push_back(Queued::Encoding { ticket, after_sync });
-                self.outbox.push(TrackerOutput::Work { ticket, job: Job(JobKind::Encode(msg)) });
+                let offer_over = self.cfg.consensus_part.max(1);
+                self.outbox.push(TrackerOutput::Work { ticket, job: Job(JobKind::Encode(msg, offer_over)) });
             }
         }
     }
@@ -122,29 +163,53 @@ impl<R: Replicator> TrackerNode<R> {
         if !self.links.is_up(node) {
             return;
         }
-        let frames = self.frames(node, bytes, after_sync);
+        let frames = self.frames(node, bytes, None, after_sync);
         self.streams.out.entry(node).or_default().queue.extend(frames);
         self.release_parts(node);
     }
 
-    /// The frames that carry `bytes` to `node`: one, or its parts.
-    fn frames(&mut self, node: NodeId, bytes: Vec<u8>, after_sync: bool) -> Vec<Queued> {
+    /// The frames that carry `bytes` to `node`: one, or its parts; or, for
+    /// a message with a snapshot's `base`, an offer and the parts waiting
+    /// for its answer.
+    fn frames(&mut self, node: NodeId, bytes: Vec<u8>, base: Option<Base>, after_sync: bool) -> Vec<Queued> {
         let part = self.cfg.consensus_part.max(1);
-        if bytes.len() <= part {
+        if bytes.len() <= part && base.is_none() {
             let frame = encode(&Message::Tracker(TrackerFrame::Consensus(bytes)));
             return vec![Queued::Frame { frame, after_sync, part: 0 }];
         }
+        let xfer = self.xfer();
+        let Some(base) = base else {
+            tracing::debug!(node, bytes = bytes.len(), "sending a consensus message in parts");
+            return self.parts(xfer, &bytes, after_sync);
+        };
+        tracing::debug!(node, bytes = bytes.len(), base = base.len, "offering a snapshot sync");
+        let offer = TrackerFrame::ConsensusOffer {
+            xfer,
+            base: base.digest,
+            base_len: base.len as u64,
+            len: bytes.len() as u64,
+        };
+        vec![
+            Queued::Frame { frame: encode(&Message::Tracker(offer)), after_sync, part: 0 },
+            Queued::Offered { xfer, bytes, base, after_sync },
+        ]
+    }
+
+    fn xfer(&mut self) -> u64 {
         if self.streams.next_xfer == 0 {
             self.streams.next_xfer = self.rng.next_u64() >> 1;
         }
         self.streams.next_xfer += 1;
-        let xfer = self.streams.next_xfer;
-        tracing::debug!(node, bytes = bytes.len(), "sending a consensus message in parts");
-        let n = bytes.len().div_ceil(part);
-        bytes
-            .chunks(part)
-            .enumerate()
-            .map(|(i, c)| {
+        self.streams.next_xfer
+    }
+
+    /// `bytes` as the parts of transfer `xfer` (at least one: the last).
+    fn parts(&self, xfer: u64, bytes: &[u8], after_sync: bool) -> Vec<Queued> {
+        let part = self.cfg.consensus_part.max(1);
+        let n = bytes.len().div_ceil(part).max(1);
+        (0..n)
+            .map(|i| {
+                let c = &bytes[(i * part).min(bytes.len())..((i + 1) * part).min(bytes.len())];
                 let part = TrackerFrame::ConsensusPart { xfer, last: i + 1 == n, bytes: c.to_vec() };
                 Queued::Frame { frame: encode(&Message::Tracker(part)), after_sync, part: c.len() }
             })
@@ -177,10 +242,46 @@ impl<R: Replicator> TrackerNode<R> {
     }
 
     /// A connection closed: a message arriving in parts on it never ends
-    /// (its sender starts it again, whole, on its next link), and what it
-    /// holds (up to a snapshot) is freed now.
+    /// (its sender starts it again on its next link), and what it holds is
+    /// freed now, but for what it got of a snapshot's base (see [`Kept`]).
     pub(crate) fn streams_conn_closed(&mut self, conn: ConnId) {
-        self.streams.inc.retain(|_, inc| inc.conn != conn);
+        let broken: Vec<NodeId> = self.streams.inc.iter().filter(|(_, i)| i.conn == conn).map(|(n, _)| *n).collect();
+        for node in broken {
+            if let Some(inc) = self.streams.inc.remove(&node) {
+                self.keep_partial(inc);
+            }
+        }
+    }
+
+    /// Keeps what `inc` got of its base, in place of what was kept before.
+    fn keep_partial(&mut self, inc: Incoming) {
+        let Some((base, _)) = inc.offer else { return };
+        let mut bytes = inc.bytes;
+        bytes.truncate(base.len);
+        if bytes.is_empty() {
+            return;
+        }
+        tracing::debug!(bytes = bytes.len(), of = base.len, "keeping a snapshot's partial base to resume from");
+        self.streams.kept = Some(Kept { digest: base.digest, bytes, at: self.now });
+    }
+
+    /// Frees a partial base kept past [`KEEP_PARTIAL`].
+    pub(crate) fn streams_timeout(&mut self, now: Millis) {
+        if self.streams.kept.as_ref().is_some_and(|k| now.since(k.at) >= KEEP_PARTIAL) {
+            tracing::debug!("freeing a snapshot's partial base no sync resumed");
+            self.streams.kept = None;
+        }
+    }
+
+    /// Bytes received so far of the consensus messages arriving in parts.
+    pub fn receiving_bytes(&self) -> usize {
+        self.streams.inc.values().map(|i| i.bytes.len()).sum()
+    }
+
+    /// Bytes of snapshot syncs this tracker did not receive again, because
+    /// it resumed a transfer that broke off.
+    pub fn resumed_bytes(&self) -> u64 {
+        self.streams.resumed
     }
 
     /// The trackers whose consensus message is arriving in parts now: begun,
@@ -193,7 +294,7 @@ impl<R: Replicator> TrackerNode<R> {
     pub fn handle_job_done(&mut self, ticket: u64, done: JobDone, now: Millis) {
         self.now = self.now.max(now);
         match done.0 {
-            Done::Encoded(bytes) => {
+            Done::Encoded(bytes, base) => {
                 let found = self.streams.out.iter().find_map(|(node, o)| {
                     let at =
                         o.queue.iter().position(|q| matches!(q, Queued::Encoding { ticket: t, .. } if *t == ticket));
@@ -205,7 +306,7 @@ impl<R: Replicator> TrackerNode<R> {
                 else {
                     return;
                 };
-                let frames = self.frames(node, bytes, after_sync);
+                let frames = self.frames(node, bytes, base, after_sync);
                 if let Some(o) = self.streams.out.get_mut(&node) {
                     for (i, f) in frames.into_iter().enumerate() {
                         o.queue.insert(at + i, f);
@@ -233,13 +334,13 @@ impl<R: Replicator> TrackerNode<R> {
     /// A whole consensus message from `node`, on its link `conn`: handed to
     /// the replicator now if nothing before it waits, else queued; decoded
     /// by a job if it came in parts (it may be the size of the state).
-    pub(crate) fn handle_consensus(&mut self, conn: ConnId, node: NodeId, bytes: Vec<u8>) {
+    pub(crate) fn handle_consensus(&mut self, conn: ConnId, node: NodeId, bytes: Vec<u8>, base: Option<Base>) {
         let waiting = self.streams.arrived.get(&node).is_some_and(|q| !q.is_empty());
-        if bytes.len() > self.cfg.consensus_part.max(1) {
+        if bytes.len() > self.cfg.consensus_part.max(1) || base.is_some() {
             let ticket = self.ticket();
             tracing::debug!(node, ticket, bytes = bytes.len(), "decoding a consensus message, off the loop");
             self.streams.arrived.entry(node).or_default().push_back(Arrived::Decoding { conn, ticket });
-            self.outbox.push(TrackerOutput::Work { ticket, job: Job(JobKind::Decode(bytes)) });
+            self.outbox.push(TrackerOutput::Work { ticket, job: Job(JobKind::Decode(bytes, base)) });
         } else if waiting {
             let msg = ConsensusMessage::decode(&bytes);
             if msg.as_ref().is_ok_and(|m| m.is_heartbeat()) {
@@ -291,14 +392,24 @@ impl<R: Replicator> TrackerNode<R> {
     /// A part of a consensus message, on `node`'s link to us.
     pub(crate) fn handle_consensus_part(&mut self, conn: ConnId, node: NodeId, part: (u64, bool, Vec<u8>)) {
         let (xfer, last, bytes) = part;
-        let inc = self.streams.inc.entry(node).or_insert(Incoming { xfer, conn, bytes: Vec::new() });
-        if inc.xfer != xfer || inc.conn != conn {
-            // A new message: the one before was abandoned (its link dropped).
-            *inc = Incoming { xfer, conn, bytes: Vec::new() };
+        let fresh = || Incoming { xfer, conn, bytes: Vec::new(), offer: None };
+        match self.streams.inc.get(&node) {
+            Some(inc) if inc.xfer == xfer && inc.conn == conn => {}
+            Some(_) => {
+                // A new message: the one before was abandoned.
+                if let Some(old) = self.streams.inc.insert(node, fresh()) {
+                    self.keep_partial(old);
+                }
+            }
+            None => {
+                self.streams.inc.insert(node, fresh());
+            }
         }
-        if inc.bytes.len() + bytes.len() > MAX_CONSENSUS_MESSAGE {
+        let Some(inc) = self.streams.inc.get_mut(&node) else { return };
+        let limit = inc.offer.map_or(MAX_CONSENSUS_MESSAGE, |(_, len)| len);
+        if inc.bytes.len() + bytes.len() > limit {
             self.streams.inc.remove(&node);
-            return self.refuse(conn, format!("a consensus message over {MAX_CONSENSUS_MESSAGE} bytes"));
+            return self.refuse(conn, format!("consensus message parts over the {limit} bytes announced"));
         }
         inc.bytes.extend_from_slice(&bytes);
         let ack = encode(&Message::Tracker(TrackerFrame::ConsensusAck { xfer, bytes: bytes.len() as u32 }));
@@ -307,8 +418,77 @@ impl<R: Replicator> TrackerNode<R> {
             return;
         }
         let Some(whole) = self.streams.inc.remove(&node) else { return };
+        if let Some((_, len)) = whole.offer.filter(|(_, len)| *len != whole.bytes.len()) {
+            return self.refuse(conn, format!("a consensus message of {} bytes, offered as {len}", whole.bytes.len()));
+        }
         tracing::debug!(node, bytes = whole.bytes.len(), "a consensus message arrived in parts");
-        self.handle_consensus(conn, node, whole.bytes);
+        self.handle_consensus(conn, node, whole.bytes, whole.offer.map(|(b, _)| b));
+    }
+
+    /// `node` offers a message of `len` bytes whose first `base_len` hash
+    /// to `digest`: we answer where its parts should start (after what we
+    /// kept of that base, or at 0).
+    pub(crate) fn handle_consensus_offer(&mut self, conn: ConnId, node: NodeId, offer: (u64, Sha1Digest, u64, u64)) {
+        let (xfer, digest, base_len, len) = offer;
+        if len > MAX_CONSENSUS_MESSAGE as u64 || base_len > len {
+            return self.refuse(conn, format!("a consensus message offered with a base of {base_len} of {len} bytes"));
+        }
+        let base = Base { digest, len: base_len as usize };
+        if let Some(old) = self.streams.inc.remove(&node) {
+            self.keep_partial(old);
+        }
+        let mut bytes = match self.streams.kept.take() {
+            Some(k) if k.digest == digest => k.bytes,
+            _ => Vec::new(),
+        };
+        // Or a transfer of the same base from another tracker still under
+        // way (a leader that went silent, its link not yet given up on; or
+        // two followers' Promises): copied, as that one may yet finish.
+        let other = self
+            .streams
+            .inc
+            .values()
+            .filter(|i| i.offer.is_some_and(|(b, _)| b.digest == digest))
+            .max_by_key(|i| i.bytes.len());
+        if let Some(o) = other.filter(|o| o.bytes.len() > bytes.len()) {
+            bytes = o.bytes[..o.bytes.len().min(base.len)].to_vec();
+        }
+        bytes.truncate(base.len);
+        let from = bytes.len();
+        if from > 0 {
+            tracing::info!(node, from, of = len, "resuming a snapshot sync where a broken transfer left it");
+            self.streams.resumed += from as u64;
+        }
+        self.streams.inc.insert(node, Incoming { xfer, conn, bytes, offer: Some((base, len as usize)) });
+        let resume = encode(&Message::Tracker(TrackerFrame::ConsensusResume { xfer, from: from as u64 }));
+        self.link_send_now(node, resume);
+    }
+
+    /// `node` holds the first `from` bytes of the message we offered as
+    /// `xfer`: its parts go from there.
+    pub(crate) fn handle_consensus_resume(&mut self, node: NodeId, xfer: u64, from: u64) {
+        let Some(out) = self.streams.out.get_mut(&node) else { return };
+        let Some(at) = out.queue.iter().position(|q| matches!(q, Queued::Offered { xfer: x, .. } if *x == xfer)) else {
+            return;
+        };
+        let Some(Queued::Offered { bytes, base, after_sync, .. }) = out.queue.remove(at) else { return };
+        if from > base.len as u64 {
+            tracing::warn!(
+                node,
+                from,
+                base = base.len,
+                "a tracker claims more of a snapshot than its base; dropping the link"
+            );
+            let now = self.now;
+            return self.link_lost(node, now, true);
+        }
+        let frames = self.parts(xfer, &bytes[from as usize..], after_sync);
+        if let Some(o) = self.streams.out.get_mut(&node) {
+            for (i, f) in frames.into_iter().enumerate() {
+                o.queue.insert(at + i, f);
+            }
+        }
+        self.release_parts(node);
     }
 
     /// `node` received part bytes we sent: the window moves on.

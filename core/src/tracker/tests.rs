@@ -1217,7 +1217,7 @@ fn messages_decoded_off_the_loop_reach_the_log_in_order() {
     drain(&mut n);
     assert_eq!(n.replicator().got, vec![big[0].clone(), small.clone(), big[1].clone()]);
     // A job's result that no message waits for changes nothing.
-    n.handle_job_done(t1, Job(JobKind::Decode(big[0].clone())).run(), Millis(7));
+    n.handle_job_done(t1, Job(JobKind::Decode(big[0].clone(), None)).run(), Millis(7));
     assert_eq!(n.replicator().got.len(), 3);
     // A message broken off by its link closing is dropped with it.
     let first_part =
@@ -1363,4 +1363,167 @@ fn a_frame_over_the_tracker_limit_closes_the_link() {
         let out = drain(&mut n);
         assert_eq!(closed(&out, link).is_some(), refused, "{declared} bytes declared: {out:?}");
     }
+}
+
+/// A sync that carries a snapshot is offered, its base state named by its
+/// hash. A transfer that breaks off keeps what it got of the base, and the
+/// sync sent again on the next link (here built later: more entries on top,
+/// as when the cluster commits meanwhile) resumes from there; the message
+/// handed over is the one sent, its entries applied. What was kept of one
+/// base is never used for another, nor kept for long; a base that does not
+/// match its hash is refused; a sync of one part is not offered.
+#[test]
+fn a_snapshot_sync_that_broke_off_resumes_where_it_stopped() {
+    use replicator::{ConsensusMessage, Outbound};
+    let part = 4096;
+    let cfg = || TrackerConfig {
+        password_params: PasswordParams::INSECURE_FAST,
+        peer_keys: [(2, key(2)), (3, key(3))].into_iter().collect(),
+        consensus_part: part,
+        ..TrackerConfig::default()
+    };
+    // The sender, with its link to tracker 2 up; the receiver plays
+    // tracker 2's part: it takes 2's link, and answers on its own.
+    let mut s = TrackerNode::new(cfg(), Rng::from_u64(1), Scripted::default());
+    let mut r = TrackerNode::new(cfg(), Rng::from_u64(2), Scripted::default());
+    let link_up = |s: &mut TrackerNode<Scripted>, r: &mut TrackerNode<Scripted>, link: ConnId, at: Millis| {
+        // Each redials at its timeout (the backoff is long past: `at` goes
+        // up 10 s a step), and the dial succeeds.
+        s.handle_timeout(at);
+        drain(s);
+        s.handle_link_up(2, key(2), at);
+        drain(s);
+        r.handle_timeout(at);
+        drain(r);
+        r.handle_link_up(2, key(2), at);
+        connect(r, link, REMOTE, at);
+        r.handle_secured(link, key(2), at);
+        let mut join = encode(&Message::Hello { protocol_version: PROTOCOL_VERSION, role: Role::Tracker });
+        join.extend(encode(&Message::Tracker(TrackerFrame::Join { node: 2 })));
+        r.handle_bytes(link, &join, at);
+        let out = drain(r);
+        assert!(closed(&out, link).is_none(), "the link is taken: {out:?}");
+    };
+    let link_down = |s: &mut TrackerNode<Scripted>, r: &mut TrackerNode<Scripted>, link: ConnId, at: Millis| {
+        s.handle_link_down(2, at);
+        drain(s);
+        r.handle_closed(link, at);
+        r.handle_link_down(2, at);
+        drain(r);
+    };
+    // Offers `m`, and carries the sender's frames to the receiver and its
+    // answers back, until `cut` parts went (the link breaks) or none is
+    // left; returns the part bytes carried.
+    let send = |s: &mut TrackerNode<Scripted>,
+                r: &mut TrackerNode<Scripted>,
+                link: ConnId,
+                m: &ConsensusMessage,
+                at: Millis,
+                cut: Option<usize>| {
+        s.replicator.out.push_back((2, Outbound::Snapshot(Box::new(m.clone()))));
+        s.handle_timeout(at);
+        let mut pending = drain(s);
+        let (mut parts, mut carried) = (0, 0);
+        while !pending.is_empty() {
+            for o in std::mem::take(&mut pending) {
+                match o {
+                    TrackerOutput::Work { ticket, job } => {
+                        s.handle_job_done(ticket, job.run(), at);
+                        pending.extend(drain(s));
+                    }
+                    TrackerOutput::PeerSend { node: 2, bytes } => {
+                        if let Ok(Message::Tracker(TrackerFrame::ConsensusPart { bytes: b, .. })) =
+                            decode::<Message>(&bytes[4..])
+                        {
+                            if cut == Some(parts) {
+                                return carried;
+                            }
+                            parts += 1;
+                            carried += b.len();
+                        }
+                        r.handle_bytes(link, &bytes, at);
+                        for back in drain(r) {
+                            match back {
+                                TrackerOutput::PeerSend { node: 2, bytes } => match decode::<Message>(&bytes[4..]) {
+                                    Ok(Message::Tracker(TrackerFrame::ConsensusAck { bytes, .. })) => {
+                                        s.handle_consensus_ack(2, bytes)
+                                    }
+                                    Ok(Message::Tracker(TrackerFrame::ConsensusResume { xfer, from })) => {
+                                        s.handle_consensus_resume(2, xfer, from)
+                                    }
+                                    other => panic!("unexpected answer {other:?}"),
+                                },
+                                TrackerOutput::Work { ticket, job } => {
+                                    assert_eq!(job.kind(), "decode");
+                                    r.handle_job_done(ticket, job.run(), at);
+                                    drain(r);
+                                }
+                                TrackerOutput::Close { conn } => panic!("the receiver closed {conn:?}"),
+                                _ => {}
+                            }
+                        }
+                        pending.extend(drain(s));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        carried
+    };
+    let (first, _) = ConsensusMessage::test_sync(0..2_000, 2_000..2_010);
+    let (later, later_folded) = ConsensusMessage::test_sync(0..2_000, 2_000..2_060);
+    let (other, other_folded) = ConsensusMessage::test_sync(0..2_001, 2_001..2_010);
+    let (whole, base) = later.clone().encode_with_base(part);
+    let base = base.expect("a complete snapshot has a base");
+    assert!(base.len > 20 * part && whole.len() > base.len, "the base spans many parts: {base:?}");
+
+    let t = |k: u64| Millis(k * 10_000);
+    link_up(&mut s, &mut r, ConnId(10), t(1));
+    let got = send(&mut s, &mut r, ConnId(10), &first, t(1), Some(12));
+    assert_eq!(got, 12 * part);
+    assert!(r.replicator().got.is_empty(), "the first transfer broke off");
+    link_down(&mut s, &mut r, ConnId(10), t(1));
+    assert_eq!(r.receiving_in_parts().count(), 0);
+
+    link_up(&mut s, &mut r, ConnId(11), t(2));
+    let sent = send(&mut s, &mut r, ConnId(11), &later, t(2), None);
+    assert_eq!(r.resumed_bytes(), got as u64, "the second resumed after what the first carried");
+    assert_eq!(sent, whole.len() - got, "only the rest was sent");
+    assert_eq!(r.replicator().got, vec![later_folded.encode()], "the message sent, its entries applied");
+
+    // Broken off again, then a sync on another base: it starts at 0.
+    link_down(&mut s, &mut r, ConnId(11), t(2));
+    link_up(&mut s, &mut r, ConnId(12), t(3));
+    send(&mut s, &mut r, ConnId(12), &first, t(3), Some(5));
+    link_down(&mut s, &mut r, ConnId(12), t(3));
+    link_up(&mut s, &mut r, ConnId(13), t(4));
+    let (other_whole, _) = other.clone().encode_with_base(part);
+    let sent = send(&mut s, &mut r, ConnId(13), &other, t(4), None);
+    assert_eq!(sent, other_whole.len(), "nothing kept of another base is used");
+    assert_eq!(r.resumed_bytes(), got as u64);
+    assert_eq!(r.replicator().got.last(), Some(&other_folded.encode()));
+
+    // A partial base is freed once no sync resumed it in time.
+    link_down(&mut s, &mut r, ConnId(13), t(4));
+    link_up(&mut s, &mut r, ConnId(14), t(5));
+    send(&mut s, &mut r, ConnId(14), &first, t(5), Some(5));
+    link_down(&mut s, &mut r, ConnId(14), t(5));
+    let late = t(6).plus(super::stream::KEEP_PARTIAL);
+    r.handle_timeout(late);
+    drain(&mut r);
+    link_up(&mut s, &mut r, ConnId(15), late);
+    send(&mut s, &mut r, ConnId(15), &first, late, None);
+    assert_eq!(r.resumed_bytes(), got as u64, "nothing was kept past its time");
+    assert_eq!(r.replicator().got.len(), 3, "and the sync came whole");
+
+    // A sync of one part goes whole: an offer would only cost a round trip.
+    let (small, _) = ConsensusMessage::test_sync(0..3, 3..4);
+    assert_eq!(small.clone().encode_with_base(part), (small.encode(), None));
+
+    // The decoding job checks the base against its hash.
+    let mut bad = whole.clone();
+    bad[base.len / 2] ^= 1;
+    assert!(ConsensusMessage::decode_with_base(&bad, Some(base)).is_err(), "a tampered base is refused");
+    assert!(ConsensusMessage::decode_with_base(&whole[..base.len - 1], Some(base)).is_err());
+    assert!(ConsensusMessage::decode_with_base(&whole, Some(base)).is_ok());
 }
