@@ -165,6 +165,7 @@ impl Conn {
         loop {
             match self.decoder.next_message::<Message>() {
                 Ok(Some(Message::Response { id, result })) => return Ok((id, result)),
+                Ok(Some(Message::Refused { reason })) => return Err(format!("tracker refused: {reason}")),
                 Ok(Some(_)) => continue,
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
