@@ -151,6 +151,15 @@ pub enum TrackerOutput {
     /// Remove this range from the range store (no file names it any more);
     /// no report follows, and it need not be durable before anything.
     DropRange { hash: Sha1Digest },
+    /// Write `bytes` at `offset` of the partial snapshot base named `base`
+    /// kept beside the log (offset 0 starts it again, for this base; a write
+    /// past its end, or for another base, is dropped). It need not be
+    /// durable: the restart hands back what is there
+    /// ([`TrackerNode::restore_partial`]), and a torn one fails its hash
+    /// when the sync completes, then comes again whole.
+    SavePartial { base: Sha1Digest, offset: u64, bytes: Vec<u8> },
+    /// Remove the partial snapshot base (its sync arrived, or it expired).
+    DropPartial,
     /// Run this job off the event loop (a thread of its own: it can take
     /// a second) and report its result with [`TrackerNode::handle_job_done`].
     /// Nothing waits on it but the link it is for.

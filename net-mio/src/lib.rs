@@ -10,6 +10,7 @@ mod conn;
 mod hashers;
 mod pageout;
 mod part;
+pub mod partial;
 #[doc(hidden)]
 pub mod pathbench;
 pub mod ranges;

@@ -258,6 +258,8 @@ pub struct TrackerServer<R: Replicator> {
     tls_client: Arc<rustls::ClientConfig>,
     /// Chunk-list ranges beside the log.
     ranges: RangeStore,
+    /// The partial snapshot base beside the log (none without a data dir).
+    partial: Option<crate::partial::PartialStore>,
     /// Ranges read for the node, reported once its outputs are drained.
     loaded: Vec<(shoal_core::chunk::Sha1Digest, Option<Vec<u8>>)>,
     /// Where the other trackers publish their key ids (one file a tracker,
@@ -293,6 +295,7 @@ impl<R: Replicator> TrackerServer<R> {
             tls_client,
             key_dir: None,
             ranges: RangeStore::in_memory(),
+            partial: None,
             loaded: Vec::new(),
         })
     }
@@ -305,6 +308,17 @@ impl<R: Replicator> TrackerServer<R> {
         self.node.add_stored_ranges(held);
         self.ranges = store;
         Ok(self)
+    }
+
+    /// Keeps the partial snapshot base of a sync arriving in `dir` (the
+    /// data dir), and hands the node the one found there.
+    pub fn with_partial_dir(mut self, dir: &std::path::Path) -> Self {
+        let (store, found) = crate::partial::PartialStore::open(dir);
+        if let Some((base, bytes)) = found {
+            self.node.restore_partial(base, bytes);
+        }
+        self.partial = Some(store);
+        self
     }
 
     /// Reads the key ids of trackers the node does not know yet from `dir`
@@ -602,6 +616,18 @@ impl<R: Replicator> TrackerServer<R> {
                     // A range the store cannot take stops this tracker, as a
                     // log record would: nothing that depends on it goes out.
                     TrackerOutput::StoreRange { hash, bytes } => self.ranges.put(&hash, &bytes)?,
+                    TrackerOutput::SavePartial { base, offset, bytes } => {
+                        if let Some(p) = &mut self.partial {
+                            if let Err(e) = p.save(base, offset, &bytes) {
+                                tracing::warn!(error = %e, "cannot keep a partial snapshot");
+                            }
+                        }
+                    }
+                    TrackerOutput::DropPartial => {
+                        if let Some(p) = &mut self.partial {
+                            p.remove();
+                        }
+                    }
                     TrackerOutput::DropRange { hash } => {
                         if let Err(e) = self.ranges.remove(&hash) {
                             tracing::warn!(%hash, error = %e, "cannot drop a range");

@@ -445,6 +445,9 @@ pub struct TrackerLog {
     /// last sync (lost in a crash with the log's records).
     ranges: BTreeMap<Sha1Digest, Vec<u8>>,
     volatile_ranges: Vec<(Sha1Digest, Vec<u8>)>,
+    /// The partial snapshot base beside the log: written without a sync, it
+    /// survives a crash of the process (the page cache holds it), not a wipe.
+    partial: Option<(Sha1Digest, Vec<u8>)>,
 }
 
 impl TrackerLog {
@@ -474,10 +477,36 @@ impl TrackerLog {
 
     /// The disk was wiped.
     pub fn wipe(&mut self) {
+        self.partial = None;
         self.durable.clear();
         self.volatile.clear();
         self.ranges.clear();
         self.volatile_ranges.clear();
+    }
+
+    /// Writes at `offset` of base `base`'s partial, as the driver's store
+    /// does: offset 0 starts it again; another base's or a write past the
+    /// end is dropped.
+    pub fn save_partial(&mut self, base: Sha1Digest, offset: u64, bytes: &[u8]) {
+        if offset == 0 {
+            self.partial = Some((base, Vec::new()));
+        }
+        if let Some((d, held)) = self.partial.as_mut() {
+            if *d == base && offset as usize <= held.len() {
+                held.truncate(offset as usize);
+                held.extend_from_slice(bytes);
+            }
+        }
+    }
+
+    /// Removes the partial snapshot base.
+    pub fn drop_partial(&mut self) {
+        self.partial = None;
+    }
+
+    /// The partial snapshot base a restart finds.
+    pub fn partial(&self) -> Option<(Sha1Digest, Vec<u8>)> {
+        self.partial.clone()
     }
 
     /// Writes a chunk-list range (not yet durable).

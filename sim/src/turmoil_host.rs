@@ -142,11 +142,11 @@ enum TEv {
 /// [`TrackerLog`], its clients and links over turmoil TCP.
 pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
     // Whatever was not synced died with the host's last run.
-    let (records, held) = {
+    let (records, held, partial) = {
         let mut logs = shared.logs.lock().unwrap();
         let log = logs.entry(me).or_default();
         log.crash();
-        (log.records().to_vec(), log.held_ranges())
+        (log.records().to_vec(), log.held_ranges(), log.partial())
     };
     let nodes: Vec<u64> = (1..=n).collect();
     let rep = OmniReplicator::recover(me, &nodes, records.iter().map(|r| r.as_slice()))?.with_snapshot_every(40);
@@ -155,6 +155,9 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
     let cfg = TrackerConfig { password_params: PasswordParams::INSECURE_FAST, peer_keys, ..TrackerConfig::default() };
     let mut node = TrackerNode::new(cfg, Rng::from_u64(me), rep);
     node.add_stored_ranges(held);
+    if let Some((base, bytes)) = partial {
+        node.restore_partial(base, bytes);
+    }
     let (tx, mut rx) = unbounded_channel::<TEv>();
     let listener = TcpListener::bind(("0.0.0.0", TRACKER_PORT)).await?;
     let atx = tx.clone();
@@ -231,6 +234,10 @@ pub async fn tracker_host(me: u64, n: u64, shared: Shared) -> turmoil::Result {
                     TrackerOutput::DropRange { hash } => {
                         shared.logs.lock().unwrap().entry(me).or_default().drop_range(&hash)
                     }
+                    TrackerOutput::SavePartial { base, offset, bytes } => {
+                        shared.logs.lock().unwrap().entry(me).or_default().save_partial(base, offset, &bytes)
+                    }
+                    TrackerOutput::DropPartial => shared.logs.lock().unwrap().entry(me).or_default().drop_partial(),
                     TrackerOutput::LoadRange { hash } => {
                         let got = shared.logs.lock().unwrap().entry(me).or_default().load_range(&hash);
                         loaded.push((hash, got));

@@ -578,6 +578,9 @@ impl World {
         };
         let mut node = TrackerNode::new(self.cfg.clone(), rng, rep);
         node.add_stored_ranges(self.trackers[t].log.held_ranges());
+        if let Some((base, bytes)) = self.trackers[t].log.partial() {
+            node.restore_partial(base, bytes);
+        }
         self.trackers[t].applied = node.meta().applied();
         self.trackers[t].node = Some(node);
         self.trackers[t].links.clear();
@@ -603,6 +606,10 @@ impl World {
                     TrackerOutput::StoreRange { hash, bytes } => self.trackers[t].log.store_range(hash, bytes),
                     TrackerOutput::LoadRange { hash } => loaded.push((hash, self.trackers[t].log.load_range(&hash))),
                     TrackerOutput::DropRange { hash } => self.trackers[t].log.drop_range(&hash),
+                    TrackerOutput::SavePartial { base, offset, bytes } => {
+                        self.trackers[t].log.save_partial(base, offset, &bytes)
+                    }
+                    TrackerOutput::DropPartial => self.trackers[t].log.drop_partial(),
                     // Written, not yet durable: a crash before the sync loses it.
                     TrackerOutput::Persist(p) => self.trackers[t].log.persist(p),
                     TrackerOutput::Sync { .. } if crash => {

@@ -136,6 +136,7 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot start the log's sync thread: {e}"))?
         .with_range_store(ranges)
         .map_err(|e| format!("cannot read the range store: {e}"))?
+        .with_partial_dir(&dir)
         .with_peers(peers.iter().map(|t| (t.id as NodeId, t.addr)))
         .with_key_dir(key_dir)
         .on_leader_change(move |leader| {

@@ -96,7 +96,8 @@ struct Incoming {
 struct Kept {
     digest: Sha1Digest,
     bytes: Vec<u8>,
-    at: Millis,
+    /// When it was kept (`None`: restored at start, the clock not yet read).
+    at: Option<Millis>,
 }
 
 /// A consensus message from a tracker, in the order it arrived, waiting
@@ -262,15 +263,29 @@ impl<R: Replicator> TrackerNode<R> {
             return;
         }
         tracing::debug!(bytes = bytes.len(), of = base.len, "keeping a snapshot's partial base to resume from");
-        self.streams.kept = Some(Kept { digest: base.digest, bytes, at: self.now });
+        self.streams.kept = Some(Kept { digest: base.digest, bytes, at: Some(self.now) });
     }
 
     /// Frees a partial base kept past [`KEEP_PARTIAL`].
     pub(crate) fn streams_timeout(&mut self, now: Millis) {
-        if self.streams.kept.as_ref().is_some_and(|k| now.since(k.at) >= KEEP_PARTIAL) {
+        let Some(k) = self.streams.kept.as_mut() else { return };
+        let at = *k.at.get_or_insert(now);
+        if now.since(at) >= KEEP_PARTIAL {
             tracing::debug!("freeing a snapshot's partial base no sync resumed");
             self.streams.kept = None;
+            self.outbox.push(TrackerOutput::DropPartial);
         }
+    }
+
+    /// The partial snapshot base the driver found beside the log at start
+    /// (see [`TrackerOutput::SavePartial`]): a sync of that base resumes
+    /// after it. One over [`MAX_CONSENSUS_MESSAGE`] is not taken.
+    pub fn restore_partial(&mut self, base: Sha1Digest, bytes: Vec<u8>) {
+        if bytes.is_empty() || bytes.len() > MAX_CONSENSUS_MESSAGE {
+            return;
+        }
+        tracing::info!(bytes = bytes.len(), "a snapshot's partial base found beside the log, to resume from");
+        self.streams.kept = Some(Kept { digest: base, bytes, at: None });
     }
 
     /// Bytes received so far of the consensus messages arriving in parts.
@@ -411,13 +426,25 @@ impl<R: Replicator> TrackerNode<R> {
             self.streams.inc.remove(&node);
             return self.refuse(conn, format!("consensus message parts over the {limit} bytes announced"));
         }
+        let at = inc.bytes.len();
         inc.bytes.extend_from_slice(&bytes);
+        // What falls in a snapshot's base is kept beside the log too, so a
+        // restart resumes after it.
+        if let Some((base, _)) = inc.offer.filter(|(b, _)| at < b.len) {
+            let end = bytes.len().min(base.len - at);
+            let save =
+                TrackerOutput::SavePartial { base: base.digest, offset: at as u64, bytes: bytes[..end].to_vec() };
+            self.outbox.push(save);
+        }
         let ack = encode(&Message::Tracker(TrackerFrame::ConsensusAck { xfer, bytes: bytes.len() as u32 }));
         self.link_send_now(node, ack);
         if !last {
             return;
         }
         let Some(whole) = self.streams.inc.remove(&node) else { return };
+        if whole.offer.is_some() {
+            self.outbox.push(TrackerOutput::DropPartial);
+        }
         if let Some((_, len)) = whole.offer.filter(|(_, len)| *len != whole.bytes.len()) {
             return self.refuse(conn, format!("a consensus message of {} bytes, offered as {len}", whole.bytes.len()));
         }

@@ -1370,8 +1370,9 @@ fn a_frame_over_the_tracker_limit_closes_the_link() {
 /// sync sent again on the next link (here built later: more entries on top,
 /// as when the cluster commits meanwhile) resumes from there; the message
 /// handed over is the one sent, its entries applied. What was kept of one
-/// base is never used for another, nor kept for long; a base that does not
-/// match its hash is refused; a sync of one part is not offered.
+/// base is never used for another, nor kept for long; what is kept beside
+/// the log resumes a receiver that restarted; a base that does not match
+/// its hash is refused; a sync of one part is not offered.
 #[test]
 fn a_snapshot_sync_that_broke_off_resumes_where_it_stopped() {
     use replicator::{ConsensusMessage, Outbound};
@@ -1414,6 +1415,8 @@ fn a_snapshot_sync_that_broke_off_resumes_where_it_stopped() {
     // Offers `m`, and carries the sender's frames to the receiver and its
     // answers back, until `cut` parts went (the link breaks) or none is
     // left; returns the part bytes carried.
+    // What the receiver keeps beside its log (`SavePartial`).
+    let saved = std::cell::RefCell::new(Vec::<u8>::new());
     let send = |s: &mut TrackerNode<Scripted>,
                 r: &mut TrackerNode<Scripted>,
                 link: ConnId,
@@ -1459,6 +1462,13 @@ fn a_snapshot_sync_that_broke_off_resumes_where_it_stopped() {
                                     drain(r);
                                 }
                                 TrackerOutput::Close { conn } => panic!("the receiver closed {conn:?}"),
+                                TrackerOutput::SavePartial { offset, bytes, .. } => {
+                                    let mut kept = saved.borrow_mut();
+                                    assert!(offset as usize <= kept.len(), "saved in order");
+                                    kept.truncate(offset as usize);
+                                    kept.extend(bytes);
+                                }
+                                TrackerOutput::DropPartial => saved.borrow_mut().clear(),
                                 _ => {}
                             }
                         }
@@ -1515,6 +1525,25 @@ fn a_snapshot_sync_that_broke_off_resumes_where_it_stopped() {
     send(&mut s, &mut r, ConnId(15), &first, late, None);
     assert_eq!(r.resumed_bytes(), got as u64, "nothing was kept past its time");
     assert_eq!(r.replicator().got.len(), 3, "and the sync came whole");
+
+    // A receiver that crashes mid-stream resumes after what it kept beside
+    // its log; once the sync is whole, that is removed.
+    link_down(&mut s, &mut r, ConnId(15), late);
+    let later_on = late.plus(t(1));
+    link_up(&mut s, &mut r, ConnId(16), later_on);
+    send(&mut s, &mut r, ConnId(16), &first, later_on, Some(7));
+    assert_eq!(saved.borrow().len(), 7 * part, "each part of the base is kept as it comes");
+    assert_eq!(&saved.borrow()[..], &whole[..7 * part]);
+    let mut r = TrackerNode::new(cfg(), Rng::from_u64(3), Scripted::default());
+    r.restore_partial(base.digest, saved.borrow().clone());
+    s.handle_link_down(2, later_on);
+    drain(&mut s);
+    let restarted = later_on.plus(t(1));
+    link_up(&mut s, &mut r, ConnId(17), restarted);
+    let sent = send(&mut s, &mut r, ConnId(17), &later, restarted, None);
+    assert_eq!((r.resumed_bytes(), sent), (7 * part as u64, whole.len() - 7 * part), "resumed after a restart");
+    assert_eq!(r.replicator().got, vec![later_folded.encode()]);
+    assert!(saved.borrow().is_empty(), "what was kept is removed once the sync is whole");
 
     // A sync of one part goes whole: an offer would only cost a round trip.
     let (small, _) = ConsensusMessage::test_sync(0..3, 3..4);
