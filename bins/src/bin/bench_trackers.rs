@@ -332,6 +332,12 @@ fn run(args: &Args) -> Result<(), String> {
             r => return Err(format!("login: unexpected {r:?}")),
         }
         setup.call(Request::CreateGroup { group: GroupId::new("r").expect("valid") })?;
+        // Filled before the clients log in: a fill can outlast a tracker's
+        // idle timeout (120 s), and those connections would sit idle through it.
+        let filled = args.fill_tib > 0 || args.fill_files > 0;
+        if filled {
+            fill(args, &addrs)?;
+        }
         let mut conns = Vec::new();
         for i in 0..args.clients {
             let mut c = Conn::open(addrs[i % 3], i as u64 + 1)?;
@@ -348,10 +354,6 @@ fn run(args: &Args) -> Result<(), String> {
             conns.push(c);
         }
         println!("cluster: 3 trackers, {} clients logged in (one request in flight each)", args.clients);
-        let filled = args.fill_tib > 0 || args.fill_files > 0;
-        if filled {
-            fill(args, &addrs)?;
-        }
 
         let (conns, lat, elapsed) = phase(conns, args.secs, |i, k| Request::CreateGroup {
             group: GroupId::new(format!("b{i}x{k}")).expect("valid"),
