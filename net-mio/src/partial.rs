@@ -60,9 +60,9 @@ impl PartialStore {
             self.open = Some((base, f, 0));
         } else if self.open.is_none() {
             // Resuming after a restart: the file holds what was found.
-            let mut f = OpenOptions::new().write(true).open(&self.path)?;
+            let mut f = OpenOptions::new().read(true).write(true).open(&self.path)?;
             let mut digest = [0u8; 20];
-            File::open(&self.path)?.read_exact(&mut digest)?;
+            f.read_exact(&mut digest)?;
             let len = f.seek(SeekFrom::End(0))?.saturating_sub(20);
             if Sha1Digest(digest) == base {
                 self.open = Some((base, f, len));

@@ -217,6 +217,17 @@ impl<R: Replicator> TrackerNode<R> {
             .collect()
     }
 
+    /// Puts `frames` at `at` in what waits for `node` (the place a message
+    /// held while it was encoded or offered), and sends what the window allows.
+    fn put_in_place(&mut self, node: NodeId, at: usize, frames: Vec<Queued>) {
+        if let Some(o) = self.streams.out.get_mut(&node) {
+            for (i, f) in frames.into_iter().enumerate() {
+                o.queue.insert(at + i, f);
+            }
+        }
+        self.release_parts(node);
+    }
+
     /// Sends what the window allows of what waits for `node`.
     fn release_parts(&mut self, node: NodeId) {
         let window = self.cfg.consensus_part.max(1) * WINDOW_PARTS;
@@ -322,12 +333,7 @@ impl<R: Replicator> TrackerNode<R> {
                     return;
                 };
                 let frames = self.frames(node, bytes, base, after_sync);
-                if let Some(o) = self.streams.out.get_mut(&node) {
-                    for (i, f) in frames.into_iter().enumerate() {
-                        o.queue.insert(at + i, f);
-                    }
-                }
-                self.release_parts(node);
+                self.put_in_place(node, at, frames);
             }
             Done::Decoded(msg) => {
                 let found = self.streams.arrived.iter_mut().find_map(|(node, q)| {
@@ -510,12 +516,7 @@ impl<R: Replicator> TrackerNode<R> {
             return self.link_lost(node, now, true);
         }
         let frames = self.parts(xfer, &bytes[from as usize..], after_sync);
-        if let Some(o) = self.streams.out.get_mut(&node) {
-            for (i, f) in frames.into_iter().enumerate() {
-                o.queue.insert(at + i, f);
-            }
-        }
-        self.release_parts(node);
+        self.put_in_place(node, at, frames);
     }
 
     /// `node` received part bytes we sent: the window moves on.
