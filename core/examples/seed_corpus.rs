@@ -79,6 +79,19 @@ fn main() {
         },
         Message::Response { id, result: Err(ApiError::NotMember) },
         Message::Request { id, settled_below: 0, session: s, body: Request::ListGroupsPage { after: Some(g.clone()) } },
+        Message::Request {
+            id,
+            settled_below: 0,
+            session: s,
+            body: Request::Progress {
+                group: g.clone(),
+                name: meta.name.clone(),
+                size: 1 << 20,
+                done: 1 << 19,
+                rate: 1_000_000,
+                sources: vec![("127.0.0.1:9002".parse().unwrap(), 1 << 19)],
+            },
+        },
         Message::Response {
             id,
             result: Ok(Reply::GroupsPage {
@@ -250,6 +263,30 @@ fn main() {
             TrackerFrame::ConsensusOffer { xfer: 8, base: hash, base_len: half as u64, len: big.len() as u64 },
             TrackerFrame::ConsensusResume { xfer: 8, from: 64 },
             TrackerFrame::Soft(Default::default()),
+            TrackerFrame::Health(shoal_core::tracker::Health {
+                applied: 12,
+                leader: Some(1),
+                synced: true,
+                clients: 3,
+                sessions: 2,
+                groups: 1,
+                files: 4,
+                reads: 9,
+            }),
+            TrackerFrame::Soft(SoftState {
+                transfers: vec![shoal_core::tracker::Transfer {
+                    listen: "127.0.0.1:9001".parse().unwrap(),
+                    user: UserId::new("u").unwrap(),
+                    group: GroupId::new("g").unwrap(),
+                    name: FileName::new("f").unwrap(),
+                    size: 1 << 20,
+                    done: 1 << 19,
+                    rate: 1000,
+                    sources: vec![("127.0.0.1:9002".parse().unwrap(), 1 << 19)],
+                    ttl_ms: 5000,
+                }],
+                ..Default::default()
+            }),
         ];
         let mut all = Vec::new();
         for (i, f) in frames.iter().enumerate() {

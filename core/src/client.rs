@@ -265,6 +265,8 @@ enum Purpose {
     CheckGrant(PeerConnId),
     /// Telling the tracker about a verified chunk.
     Announce,
+    /// Telling the tracker how a download goes.
+    Progress,
     /// Sharing a file by its index ([`lists`]).
     Share(u64),
     /// One range of a shared file's chunk list.

@@ -118,6 +118,10 @@ pub enum TrackerFrame {
         xfer: u64,
         from: u64,
     },
+    /// How the sender is (its applied index, the leader it names, its
+    /// clients): sent once a second, for the operator's view of the
+    /// cluster ([`crate::tracker::health`]).
+    Health(crate::tracker::Health),
 }
 
 /// Soft state, kept out of the log: which sessions are alive, grants issued,
@@ -127,6 +131,8 @@ pub struct SoftState {
     pub leases: Vec<(SessionToken, u64)>,
     pub grants: Vec<SoftGrant>,
     pub partial: Vec<(GroupId, FileName, SocketAddr, UserId)>,
+    /// Downloads in progress, as their clients reported them.
+    pub transfers: Vec<crate::tracker::Transfer>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +243,19 @@ pub enum Request {
     ListGroupsPage {
         after: Option<GroupId>,
     },
+    /// A running download's progress, sent about once a second while it
+    /// runs (soft state, for the operator's view of transfers): `done`
+    /// bytes of `size` verified, at `rate` bytes a second, and the bytes
+    /// verified from each source peer (at most
+    /// [`crate::tracker::health::MAX_PROGRESS_SOURCES`]).
+    Progress {
+        group: GroupId,
+        name: FileName,
+        size: u64,
+        done: u64,
+        rate: u64,
+        sources: Vec<(SocketAddr, u64)>,
+    },
 }
 
 /// Most groups one [`Request::ListGroupsPage`] answers (each at most about
@@ -259,6 +278,7 @@ impl Request {
                 | Request::GetRange { .. }
                 | Request::HaveChunk { .. }
                 | Request::CheckGrant { .. }
+                | Request::Progress { .. }
         )
     }
 }
@@ -387,4 +407,37 @@ pub enum ApiError {
     MissingRanges { ranges: Vec<u32> },
     #[error("this tracker cannot find that part of the file's chunk list yet; try again")]
     RangeUnavailable,
+}
+
+impl ApiError {
+    /// A short name for the kind of error (a metric's label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::NotLoggedIn => "not_logged_in",
+            ApiError::UserExists => "user_exists",
+            ApiError::BadCredentials => "bad_credentials",
+            ApiError::GroupExists => "group_exists",
+            ApiError::NoSuchGroup => "no_such_group",
+            ApiError::AlreadyMember => "already_member",
+            ApiError::AlreadyRequested => "already_requested",
+            ApiError::NotMember => "not_member",
+            ApiError::NotOwner => "not_owner",
+            ApiError::NoSuchRequest => "no_such_request",
+            ApiError::FileNameTaken => "file_name_taken",
+            ApiError::NoSuchFile => "no_such_file",
+            ApiError::NotSharing => "not_sharing",
+            ApiError::InvalidFile(_) => "invalid_file",
+            ApiError::Limit(_) => "limit",
+            ApiError::PasswordTooLong => "password_too_long",
+            ApiError::NoQuorum => "no_quorum",
+            ApiError::BadGrant => "bad_grant",
+            ApiError::TooManyAttempts { .. } => "too_many_attempts",
+            ApiError::CatchingUp => "catching_up",
+            ApiError::AddressInUse => "address_in_use",
+            ApiError::BadAddress(_) => "bad_address",
+            ApiError::Unsecured => "unsecured",
+            ApiError::MissingRanges { .. } => "missing_ranges",
+            ApiError::RangeUnavailable => "range_unavailable",
+        }
+    }
 }

@@ -71,6 +71,7 @@ use crate::rng::Rng;
 use crate::time::Millis;
 use crate::wire::{encode, FrameDecoder, MAX_CONTROL_FRAME};
 
+pub mod health;
 pub mod links;
 pub mod node;
 pub mod omni;
@@ -81,6 +82,7 @@ mod requests;
 mod soft;
 pub mod stream;
 
+pub use health::{ClusterView, Counters, Health, PeerView, Transfer};
 pub use node::TrackerNode;
 pub use omni::OmniReplicator;
 pub use replicator::{Decided, LogImage, NodeId, Persist, Replicator, SoloReplicator};

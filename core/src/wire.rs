@@ -195,9 +195,11 @@ mod tests {
         let addr = (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| std::net::SocketAddr::from((ip, port)));
         prop_oneof![
             (user.clone(), ".{0,30}").prop_map(|(user, password)| Request::CreateUser { user, password }),
-            (user.clone(), ".{0,30}", addr, any::<bool>()).prop_map(|(user, password, listen, plaintext_peers)| {
-                Request::Login { user, password, listen, plaintext_peers }
-            }),
+            (user.clone(), ".{0,30}", addr.clone(), any::<bool>()).prop_map(
+                |(user, password, listen, plaintext_peers)| {
+                    Request::Login { user, password, listen, plaintext_peers }
+                }
+            ),
             Just(Request::Logout),
             Just(Request::Heartbeat),
             group.clone().prop_map(|group| Request::CreateGroup { group }),
@@ -220,7 +222,17 @@ mod tests {
                 range
             }),
             (group.clone(), name.clone()).prop_map(|(group, name)| Request::DownloadFile { group, name }),
-            (group, name).prop_map(|(group, name)| Request::StopShare { group, name }),
+            (group.clone(), name.clone()).prop_map(|(group, name)| Request::StopShare { group, name }),
+            (group, name, any::<(u64, u64, u64)>(), proptest::collection::vec((addr, any::<u64>()), 0..4)).prop_map(
+                |(group, name, (size, done, rate), sources)| Request::Progress {
+                    group,
+                    name,
+                    size,
+                    done,
+                    rate,
+                    sources
+                }
+            ),
         ]
     }
 

@@ -8,6 +8,7 @@ pub mod client;
 mod clock;
 mod conn;
 mod hashers;
+pub mod http;
 mod pageout;
 mod part;
 pub mod partial;

@@ -71,7 +71,7 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn start(mut wal: WalFile, waker: Arc<Waker>) -> io::Result<Syncer> {
+    fn start(mut wal: WalFile, waker: Arc<Waker>, metrics: crate::http::Metrics) -> io::Result<Syncer> {
         let (tx, rx) = mpsc::channel::<SyncCmd>();
         let done = Arc::new(AtomicU64::new(0));
         let error = Arc::new(Mutex::new(None));
@@ -108,11 +108,14 @@ impl Syncer {
                     result = result.and(r);
                 }
                 if upto > 0 {
+                    let started = std::time::Instant::now();
                     let synced = wal
                         .write_pending()
                         .map_err(|e| (e, "write"))
                         .and_then(|()| store.map_or(Ok(()), |s| s.sync()).map_err(|e| (e, "sync the range store of")))
                         .and_then(|()| wal.sync().map_err(|e| (e, "sync")));
+                    metrics.fsyncs.inc();
+                    metrics.fsync_latency.observe(started.elapsed().as_secs_f64());
                     result = result.and(synced);
                 } else {
                     result = result.and(wal.write_pending().map_err(|e| (e, "write")));
@@ -265,6 +268,12 @@ pub struct TrackerServer<R: Replicator> {
     /// Where the other trackers publish their key ids (one file a tracker,
     /// named by its id), for those whose keys the node does not know yet.
     key_dir: Option<std::path::PathBuf>,
+    /// What `--http` shows (the handles always exist; they cost an atomic
+    /// add each when nothing reads them).
+    metrics: crate::http::Metrics,
+    /// The loop's side of the HTTP page, if one is served.
+    observer: Option<crate::http::Observer>,
+    http_addr: Option<SocketAddr>,
 }
 
 impl<R: Replicator> TrackerServer<R> {
@@ -297,6 +306,9 @@ impl<R: Replicator> TrackerServer<R> {
             ranges: RangeStore::in_memory(),
             partial: None,
             loaded: Vec::new(),
+            metrics: crate::http::Metrics::new(),
+            observer: None,
+            http_addr: None,
         })
     }
 
@@ -351,8 +363,22 @@ impl<R: Replicator> TrackerServer<R> {
     /// Makes every log record durable in `wal` before what depends on it is
     /// sent. A thread writes and fsyncs it.
     pub fn with_wal(mut self, wal: WalFile) -> io::Result<Self> {
-        self.syncer = Some(Syncer::start(wal, self.waker.clone())?);
+        self.syncer = Some(Syncer::start(wal, self.waker.clone(), self.metrics.clone())?);
         Ok(self)
+    }
+
+    /// Serves `/metrics`, `/status` and the dashboard at `cfg.addr`
+    /// ([`crate::http`]), from a thread of its own.
+    pub fn with_http(mut self, cfg: crate::http::HttpConfig) -> io::Result<Self> {
+        let (observer, addr) = crate::http::start(cfg, self.metrics.clone())?;
+        self.observer = Some(observer);
+        self.http_addr = Some(addr);
+        Ok(self)
+    }
+
+    /// Where the HTTP page is served, if it is.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Caps the connections held at once (default [`MAX_TRACKER_CONNECTIONS`]).
@@ -446,6 +472,10 @@ impl<R: Replicator> TrackerServer<R> {
             }
             self.drain(now)?;
             turn.lap("outputs");
+            if let Some(o) = &mut self.observer {
+                o.observe(&mut self.node, now);
+                turn.lap("metrics");
+            }
             turn.end();
         }
     }

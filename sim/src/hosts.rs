@@ -85,6 +85,9 @@ impl Replicator for Rep {
     fn peers(&self) -> &[NodeId] {
         both!(self, r => r.peers())
     }
+    fn log_indexes(&self) -> Option<(u64, u64)> {
+        both!(self, r => r.log_indexes())
+    }
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -36,6 +36,11 @@ struct Args {
     #[arg(long, value_name = "ENTRIES", default_value_t = shoal_core::tracker::omni::SNAPSHOT_EVERY,
           value_parser = clap::value_parser!(usize))]
     snapshot_every: usize,
+    /// Serve `/metrics` (Prometheus text format), `/status` (JSON) and a
+    /// live dashboard (`/`) over plain HTTP at this address, e.g.
+    /// 127.0.0.1:8081 (port 0: any free one). Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +97,17 @@ fn run(args: Args) -> Result<(), String> {
     let (replayed, torn_bytes) = (opened.records.len(), opened.torn_bytes);
     let records = opened.records.iter().map(|r| r.as_slice());
     let peers: Vec<_> = trackers.iter().filter(|t| t.id != me.id).collect();
+    let http = args.http.map(|addr| {
+        if !addr.ip().is_loopback() {
+            eprintln!("warning: --http {addr}: the dashboard and metrics are plain HTTP, readable by anyone who reaches that address");
+        }
+        shoal_net_mio::http::HttpConfig {
+            addr,
+            trackers: trackers.iter().map(|t| (t.id as NodeId, t.addr)).collect(),
+            log_path: Some(opened.wal.path().to_path_buf()),
+            range_store_path: Some(dir.join("ranges.redb")),
+        }
+    });
     // Known by key: pinned in tracker_info.txt, or published beside it (read
     // again while one is missing, so trackers may start in any order).
     let cfg = TrackerConfig {
@@ -117,6 +133,7 @@ fn run(args: Args) -> Result<(), String> {
             .with_range_store(ranges)
             .map_err(|e| format!("cannot read the range store: {e}"))?;
         banner(server.local_addr().map_err(|e| e.to_string())?);
+        let server = serve_http(server, http)?;
         println!("leader: tracker {} (this one, alone)", me.id);
         return server.run().map_err(|e| format!("tracker stopped: {e}"));
     }
@@ -149,5 +166,19 @@ fn run(args: Args) -> Result<(), String> {
         });
     banner(server.local_addr().map_err(|e| e.to_string())?);
     println!("{log_line}");
+    let server = serve_http(server, http)?;
     server.run().map_err(|e| format!("tracker stopped: {e}"))
+}
+
+/// Serves the HTTP page of `--http`, if asked, and says where.
+fn serve_http<R: shoal_core::tracker::Replicator>(
+    server: TrackerServer<R>,
+    http: Option<shoal_net_mio::http::HttpConfig>,
+) -> Result<TrackerServer<R>, String> {
+    let Some(cfg) = http else { return Ok(server) };
+    let server = server.with_http(cfg).map_err(|e| e.to_string())?;
+    if let Some(a) = server.http_addr() {
+        println!("dashboard: http://{a}/ (metrics: http://{a}/metrics, status: http://{a}/status)");
+    }
+    Ok(server)
 }

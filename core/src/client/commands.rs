@@ -93,7 +93,7 @@ impl ClientEngine {
     pub(super) fn finish_request(&mut self, p: Pending, result: Result<Reply, ShellError>, now: Millis) {
         let (ticket, cmd, result) = match p.purpose {
             Purpose::Shell { ticket, cmd } => (ticket, cmd, result),
-            Purpose::Heartbeat | Purpose::Announce => return,
+            Purpose::Heartbeat | Purpose::Announce | Purpose::Progress => return,
             Purpose::Sources(id) => return self.sources_answered(id, result, now),
             Purpose::CheckGrant(conn) => return self.grant_checked(conn, result),
             Purpose::Share(sid) => return self.share_answered(sid, result, now),

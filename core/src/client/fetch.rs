@@ -661,8 +661,10 @@ impl ClientEngine {
         }
     }
 
-    /// Samples rates and saves progress.
+    /// Samples rates, saves progress, and reports it to the tracker once a
+    /// second (for the operators' view of transfers).
     pub(super) fn downloads_tick(&mut self, now: Millis) {
+        let mut reports = Vec::new();
         for (id, e) in self.downloads.iter_mut() {
             let DlState::Running { fetch, verify } = &e.state else { continue };
             let verified = fetch.verified_bytes();
@@ -670,6 +672,17 @@ impl ClientEngine {
             if dt >= 1000 {
                 e.rate = verified.saturating_sub(e.mark.1) * 1000 / dt;
                 e.mark = (now, verified);
+                let mut sources: Vec<(SocketAddr, u64)> = fetch.supplied().filter(|(_, b)| *b > 0).collect();
+                sources.sort_by_key(|(a, b)| (std::cmp::Reverse(*b), *a));
+                sources.truncate(crate::tracker::health::MAX_PROGRESS_SOURCES);
+                reports.push(Request::Progress {
+                    group: e.group.clone(),
+                    name: e.name.clone(),
+                    size: e.digest.size,
+                    done: verified.min(e.digest.size),
+                    rate: e.rate,
+                    sources,
+                });
             }
             if e.dirty && !e.saving {
                 e.dirty = false;
@@ -678,6 +691,14 @@ impl ClientEngine {
                 let offset = (e.state_seq % 2) * slot.len() as u64;
                 e.state_seq += 1;
                 self.out.push_back(ClientOutput::Disk(DiskOp::SaveState { id: *id, offset, bytes: slot }));
+            }
+        }
+        // One report waiting at a time: a tracker that is down or slow gets
+        // the newest when it answers, not a queue of old ones.
+        let waiting = self.pending.values().any(|p| matches!(p.purpose, Purpose::Progress));
+        if self.session.is_some() && !waiting {
+            for r in reports {
+                self.send(Purpose::Progress, r, now);
             }
         }
     }

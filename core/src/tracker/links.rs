@@ -107,6 +107,17 @@ impl Links {
             && self.heard_in.get(&node).is_some_and(|t| now.since(*t) < LINK_DEADLINE)
     }
 
+    /// Whether `node` is reachable now (both directions heard lately).
+    pub(crate) fn reachable_now(&self, node: NodeId, now: Millis) -> bool {
+        self.map.get(&node).is_some_and(|l| self.reachable(node, l, now))
+    }
+
+    /// When `node` was last heard, on either link (none: never).
+    pub(crate) fn last_heard(&self, node: NodeId) -> Option<Millis> {
+        let ours = self.map.get(&node).map(|l| l.heard).filter(|t| *t > Millis::ZERO);
+        ours.into_iter().chain(self.heard_in.get(&node).copied()).max()
+    }
+
     /// Whether this node and the peers it reaches are a majority.
     pub(crate) fn quorum(&self, now: Millis) -> bool {
         let reached = self.map.iter().filter(|(n, l)| self.reachable(**n, l, now)).count();

@@ -61,6 +61,15 @@ pub struct TrackerNode<R: Replicator = SoloReplicator> {
     pub(crate) ranges: super::ranges::Ranges,
     /// Big consensus messages in parts, both ways.
     pub(crate) streams: super::stream::Streams,
+    /// What this tracker did, for its operator.
+    pub(crate) counters: super::health::Counters,
+    /// Latencies of writes decided since the driver last took them.
+    pub(crate) latencies: Vec<u64>,
+    /// What each other tracker last told of itself, and when.
+    pub(crate) peer_health: BTreeMap<NodeId, (super::health::Health, Millis)>,
+    /// Soft state: transfers clients reported, by downloader and file, with
+    /// when each report runs out.
+    pub(crate) transfers: BTreeMap<(SocketAddr, GroupId, FileName), (super::health::Transfer, Millis)>,
 }
 
 impl<R: Replicator> TrackerNode<R> {
@@ -99,6 +108,10 @@ impl<R: Replicator> TrackerNode<R> {
             next_sweep: Millis::ZERO,
             ranges: Default::default(),
             streams: Default::default(),
+            counters: Default::default(),
+            latencies: Vec::new(),
+            peer_health: BTreeMap::new(),
+            transfers: BTreeMap::new(),
         };
         while let Some(d) = node.replicator.poll_decided() {
             match d {
@@ -249,6 +262,7 @@ impl<R: Replicator> TrackerNode<R> {
         self.expire_barriers(now);
         self.sweep_ranges(now);
         self.gossip(now);
+        self.send_health(now);
     }
 
     /// Proposes the writes still waiting again: to the leader just named,
@@ -403,6 +417,7 @@ impl<R: Replicator> TrackerNode<R> {
             || !self.login_failures.is_empty()
             || !self.waiting.is_empty()
             || !self.held_logins.is_empty()
+            || !self.transfers.is_empty()
             || self.ranges_busy();
         let sweep = busy.then_some(self.next_sweep);
         [sweep, self.replicator.poll_timeout(), self.links.deadline()].into_iter().flatten().min()
@@ -413,6 +428,7 @@ impl<R: Replicator> TrackerNode<R> {
     // ---- internals ----
 
     pub(crate) fn refuse(&mut self, conn: ConnId, reason: String) {
+        self.counters.connections_refused += 1;
         self.conns.remove(&conn);
         self.streams_conn_closed(conn);
         self.outbox.send(TrackerOutput::Transmit { conn, bytes: encode(&Message::Refused { reason }) }, false);
@@ -420,6 +436,9 @@ impl<R: Replicator> TrackerNode<R> {
     }
 
     pub(crate) fn respond(&mut self, conn: ConnId, id: RequestId, result: Result<Reply, ApiError>) {
+        if let Err(e) = &result {
+            self.count_refusal(e);
+        }
         let after_sync = self.replicator.answers_need_sync();
         self.send_response(conn, id, result, after_sync);
     }
@@ -455,6 +474,9 @@ impl<R: Replicator> TrackerNode<R> {
             Message::Tracker(
                 f @ (TrackerFrame::Range(_) | TrackerFrame::RangeStored(_) | TrackerFrame::RangeWanted(_)),
             ) => self.handle_range_frame(node, f, now),
+            Message::Tracker(TrackerFrame::Health(h)) => {
+                self.peer_health.insert(node, (h, now));
+            }
             Message::Tracker(TrackerFrame::Ping) => {
                 let pong = encode(&Message::Tracker(TrackerFrame::Pong));
                 self.outbox.send_now(TrackerOutput::Transmit { conn, bytes: pong });
@@ -497,6 +519,7 @@ impl<R: Replicator> TrackerNode<R> {
         let leader = self.named_leader();
         if leader != self.leader {
             self.leader = leader;
+            self.counters.leader_changes += 1;
             tracing::info!(?leader, me = self.replicator.me(), "leader changed");
             self.outbox.push(TrackerOutput::LeaderChanged { leader });
             if leader.is_some() {
@@ -545,8 +568,9 @@ impl<R: Replicator> TrackerNode<R> {
             _ => {}
         }
         if let Some(id) = entry.id {
-            if let Some(Waiting { conn, .. }) = self.waiting.remove(&id) {
+            if let Some(Waiting { conn, deadline, .. }) = self.waiting.remove(&id) {
                 self.write_answered(conn);
+                self.count_write(Millis(deadline.0.saturating_sub(WRITE_DEADLINE.0)));
                 self.respond(conn, id, result);
             }
             if matches!(entry.cmd, Command::Noop) {

@@ -892,6 +892,10 @@ impl OmniReplicator {
 }
 
 impl Replicator for OmniReplicator {
+    fn log_indexes(&self) -> Option<(u64, u64)> {
+        Some((self.decided_idx() as u64, self.compacted_idx() as u64))
+    }
+
     fn propose(&mut self, entry: Entry) {
         if let Err(e) = self.op.append(entry) {
             tracing::warn!(?e, "proposal refused");

@@ -195,6 +195,12 @@ pub trait Replicator {
     fn peers(&self) -> &[NodeId] {
         &[]
     }
+    /// The log index up to which entries are decided, and the one below
+    /// which they live only in the snapshot (for the operator); `None` if
+    /// the log does not say (every decided entry is applied at once).
+    fn log_indexes(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// A log of one: every proposal is decided immediately.

@@ -29,6 +29,9 @@ impl<R: Replicator> TrackerNode<R> {
                 self.dirty_leases.insert(*t);
             }
         }
+        if !body.is_write() && !matches!(body, Request::Heartbeat) {
+            self.counters.reads += 1;
+        }
         let needs_session = !matches!(body, Request::CreateUser { .. } | Request::Login { .. });
         let (token, me, my_listen) = match (needs_session, user) {
             (true, None) => return self.respond(conn, id, Err(ApiError::NotLoggedIn)),
@@ -101,6 +104,21 @@ impl<R: Replicator> TrackerNode<R> {
             }
             Request::HaveChunk { group, name, chunk } => {
                 let r = self.have_chunk(me, my_listen.0, group, name, chunk);
+                return self.respond(conn, id, r);
+            }
+            Request::Progress { group, name, size, done, rate, sources } => {
+                let t = super::health::Transfer {
+                    listen: my_listen.0,
+                    user: me.clone(),
+                    group,
+                    name,
+                    size,
+                    done,
+                    rate,
+                    sources,
+                    ttl_ms: 0,
+                };
+                let r = self.progress(&me, my_listen.0, t, now);
                 return self.respond(conn, id, r);
             }
             Request::CheckGrant { grant, group, name, holder } => {
@@ -325,6 +343,7 @@ impl<R: Replicator> TrackerNode<R> {
     }
 
     pub(crate) fn login_failed(&mut self, keys: [Option<LoginKey>; 2], now: Millis) {
+        self.counters.failed_logins += 1;
         for k in keys.into_iter().flatten() {
             if !self.login_failures.contains_key(&k) && self.login_failures.len() >= MAX_LOGIN_TRACKED {
                 self.login_failures.retain(|_, (start, _)| now.since(*start) < LOGIN_WINDOW);
@@ -378,6 +397,7 @@ impl<R: Replicator> TrackerNode<R> {
         let mut bits = [0u8; 16];
         self.rng.fill(&mut bits);
         let grant = Grant(bits);
+        self.counters.grants += 1;
         if self.links.any_up() {
             // Gossiped at once, not with the next sweep: the downloader is
             // about to show it to a peer that checks it with its own tracker.

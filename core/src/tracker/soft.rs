@@ -3,7 +3,8 @@
 
 use super::*;
 
-/// `soft`'s frames, [`SOFT_BATCH`] items at most in each; merged in any
+/// `soft`'s frames, [`SOFT_BATCH`] items at most in each (a transfer
+/// counts as four); merged in any
 /// order they make the same state as the whole.
 pub(crate) fn soft_frames(mut soft: SoftState) -> Vec<Vec<u8>> {
     fn take<T>(v: &mut Vec<T>, room: &mut usize) -> Vec<T> {
@@ -14,7 +15,10 @@ pub(crate) fn soft_frames(mut soft: SoftState) -> Vec<Vec<u8>> {
     let mut frames = Vec::new();
     loop {
         let mut batch = SoftState::default();
-        let mut room = SOFT_BATCH;
+        // A transfer (up to about 1.3 KB) takes the room of four items.
+        let mut room = super::health::TRANSFER_BATCH;
+        batch.transfers = take(&mut soft.transfers, &mut room);
+        let mut room = SOFT_BATCH - 4 * batch.transfers.len();
         batch.leases = take(&mut soft.leases, &mut room);
         batch.grants = take(&mut soft.grants, &mut room);
         batch.partial = take(&mut soft.partial, &mut room);
@@ -59,6 +63,7 @@ impl<R: Replicator> TrackerNode<R> {
                 .iter()
                 .flat_map(|((g, n), holders)| holders.iter().map(move |(l, u)| (g.clone(), n.clone(), *l, u.clone())))
                 .collect(),
+            transfers: self.transfers(now),
         }
     }
 
@@ -107,6 +112,11 @@ impl<R: Replicator> TrackerNode<R> {
                 holders.insert(listen, user);
             }
         }
+        for t in soft.transfers {
+            if t.sources.len() <= super::health::MAX_PROGRESS_SOURCES && t.done <= t.size {
+                self.keep_transfer(t, now);
+            }
+        }
         if self.next_sweep <= now {
             self.next_sweep = now.plus(SWEEP_EVERY);
         }
@@ -124,6 +134,7 @@ impl<R: Replicator> TrackerNode<R> {
     pub(super) fn sweep_soft(&mut self, now: Millis) {
         self.leases.retain(|_, until| *until > now);
         self.grants.retain(|_, g| g.expires > now);
+        self.transfers.retain(|_, (_, until)| *until > now);
         let meta = &self.meta;
         let leases = &self.leases;
         self.partial.retain(|_, holders| {

@@ -1325,6 +1325,19 @@ fn soft_state_goes_in_bounded_frames() {
             })
             .collect(),
         partial: (0..1_000).map(|_| (group.clone(), name.clone(), at, user.clone())).collect(),
+        transfers: (0..1_000u16)
+            .map(|i| super::health::Transfer {
+                listen: SocketAddr::new(at.ip(), i),
+                user: user.clone(),
+                group: group.clone(),
+                name: name.clone(),
+                size: u64::MAX,
+                done: u64::MAX,
+                rate: u64::MAX,
+                sources: vec![(at, u64::MAX); super::health::MAX_PROGRESS_SOURCES],
+                ttl_ms: u64::MAX,
+            })
+            .collect(),
     };
     let frames = super::soft::soft_frames(soft.clone());
     assert!(frames.len() >= 9_000usize.div_ceil(SOFT_BATCH), "{} frames", frames.len());
@@ -1332,7 +1345,8 @@ fn soft_state_goes_in_bounded_frames() {
     for f in &frames {
         assert!(f.len() <= 1024 * 1024 && f.len() <= MAX_TRACKER_FRAME, "a frame of {} bytes", f.len());
         let Ok(Message::Tracker(TrackerFrame::Soft(s))) = decode::<Message>(&f[4..]) else { panic!("not soft state") };
-        assert!(s.leases.len() + s.grants.len() + s.partial.len() <= SOFT_BATCH);
+        assert!(s.leases.len() + s.grants.len() + s.partial.len() + 4 * s.transfers.len() <= SOFT_BATCH);
+        back.transfers.extend(s.transfers);
         back.leases.extend(s.leases);
         back.grants.extend(s.grants);
         back.partial.extend(s.partial);
@@ -1343,6 +1357,8 @@ fn soft_state_goes_in_bounded_frames() {
     b.leases.sort();
     a.grants.sort_by_key(key_of);
     b.grants.sort_by_key(key_of);
+    a.transfers.sort_by_key(|t| t.listen);
+    b.transfers.sort_by_key(|t| t.listen);
     assert_eq!(a, b, "every item, once");
     assert_eq!(super::soft::soft_frames(SoftState::default()).len(), 1, "nothing to say is one empty frame");
 }
