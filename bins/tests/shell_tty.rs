@@ -113,3 +113,52 @@ fn lines_typed_ahead_and_pasted_all_run_in_order() {
         &["g1 (owner)", "g2 (owner)", "left g2", "g1 owner=tty members=1", "no downloads", "0 bytes served in all"],
     );
 }
+
+/// A download started at the terminal shows a progress line above the
+/// prompt (percent, rate, peers, ETA) and a line when it ends, while the
+/// prompt keeps taking commands; `show_downloads` there is the long form.
+#[test]
+fn a_download_shows_live_progress_while_the_prompt_takes_commands() {
+    let dir = TempDir::new("tty-progress");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let info = tracker_info(dir.path(), &[addr]);
+    let _tracker = Tracker::start(&info, 1);
+    // The sharer, piped, uploads at 1 MB/s: 6 MiB take about 6 s.
+    let mut ann = Client::start_with("ann", &info, &format!("127.0.0.1:{}", free_port()), &["--max-upload-rate", "1"]);
+    ann.expect("create_user ann pw", &["user ann created"]);
+    ann.expect("login ann pw", &["logged in as ann"]);
+    ann.expect("create_group g", &["group g created"]);
+    let file = dir.path().join("big.bin");
+    let mut content = vec![0u8; 6 << 20];
+    shoal_core::rng::Rng::from_u64(3).fill(&mut content);
+    std::fs::write(&file, &content).unwrap();
+    ann.expect(&format!("upload_file {} g", file.display()), &["shared big.bin in g*"]);
+
+    let mut c = TtyClient::start(&info);
+    let at = c.wait_for(0, &["shoal> "]);
+    c.type_in("create_user bob pw\rlogin bob pw\rjoin_group g\r");
+    let at = c.wait_for(at, &["logged in as bob", "join request sent to g"]);
+    ann.expect("accept_request g bob", &["bob is now a member of g"]);
+    let out = dir.path().join("out.bin");
+    c.type_in(&format!("download_file g big.bin {}\r", out.display()));
+    let at = c.wait_for(at, &["downloading big.bin into"]);
+    let at = c.wait_for(at, &["big.bin: ", "% of 6.3 MB, ", " MB/s, ", " peers, ETA "]);
+    // The prompt still answers while the download runs: show_downloads,
+    // once the rate is measured, gives the ETA and the bytes per source.
+    let deadline = Instant::now() + WAIT;
+    let mut from = at;
+    let at = loop {
+        c.type_in("show_downloads\r");
+        let end = c.wait_for(from, &["show_downloads", "[D] g big.bin ", "peers"]);
+        let screen = c.screen.lock().unwrap().clone();
+        if screen[end..].starts_with(" ETA ") {
+            break c.wait_for(end, &["  from 127.0.0.1:"]);
+        }
+        assert!(Instant::now() < deadline, "show_downloads never gave an ETA:\n{screen}");
+        from = end;
+    };
+    let at = c.wait_for(at, &["big.bin: downloaded 6.3 MB in ", "every chunk's SHA1 checked"]);
+    c.type_in("list_my_groups\r");
+    c.wait_for(at, &["list_my_groups", "\ng\r\n"]);
+    assert_eq!(std::fs::read(&out).unwrap(), content);
+}

@@ -73,7 +73,7 @@ pub mod verify;
 use disk::{DiskDone, DiskOp};
 use download::PeerConnId;
 use fetch::DownloadEntry;
-pub use fetch::{DownloadId, DownloadStat};
+pub use fetch::{format_secs, DownloadId, DownloadStat};
 use peer::Bitmap;
 use receive::BlockStream;
 use serve::{Shared, Upload};

@@ -2,7 +2,10 @@
 //!
 //! On a terminal: a line editor with history; lines typed or pasted while a
 //! command runs wait their turn, and a pasted block of several lines runs
-//! line by line, in order. With stdin piped: one command
+//! line by line, in order. Running downloads show a progress line each
+//! just above the prompt (percent, rate, peers, ETA), redrawn in place once
+//! a second, and `show_downloads` is the long form (`-v`: the ETA, bytes
+//! from each source peer). With stdin piped: one command
 //! a line, each finished before the next is read; results on stdout, failures
 //! as `error: <reason>` on stderr; exit status 0 if every command succeeded.
 
@@ -10,6 +13,8 @@ use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{mpsc, Mutex};
+use std::time::Duration;
 
 use clap::Parser;
 use shoal_bins::{read_line_bounded, Line};
@@ -154,20 +159,57 @@ fn status(ok: bool) -> ExitCode {
     }
 }
 
+/// Interactive: a line editor, and a progress line for each running
+/// download kept just above the prompt: printed after each command, and
+/// redrawn in place once a second (the cursor saved and restored, so the
+/// line being typed is untouched and nothing typed is lost).
 fn repl(handle: &ClientHandle) -> ExitCode {
-    use rustyline::error::ReadlineError;
     let mut rl = match rustyline::DefaultEditor::new() {
         Ok(r) => r,
         Err(e) => return fail(&format!("cannot start the line editor: {e}")),
     };
     println!("shoal client serving peers at {}; type 'help' for commands", handle.listen_addr());
+    let shown = Mutex::new(Progress::default());
+    // Redrawing in place needs a terminal that moves its cursor.
+    let live = io::stdout().is_terminal() && std::env::var("TERM").is_ok_and(|t| t != "dumb");
+    std::thread::scope(|scope| {
+        let (stop, stopped) = mpsc::channel::<()>();
+        if live {
+            let shown = &shown;
+            scope.spawn(move || redraw_progress(handle, shown, stopped));
+        }
+        let code = read_lines(handle, &mut rl, &shown, live);
+        drop(stop);
+        code
+    })
+}
+
+fn read_lines(
+    handle: &ClientHandle,
+    rl: &mut rustyline::DefaultEditor,
+    shown: &Mutex<Progress>,
+    live: bool,
+) -> ExitCode {
+    use rustyline::error::ReadlineError;
+    let lock = || shown.lock().unwrap_or_else(|e| e.into_inner());
+    let run = |cmd: ShellCommand| {
+        let r = handle.run(cmd);
+        report(&r);
+        r
+    };
     let mut user: Option<String> = None;
     loop {
         let prompt = match &user {
             Some(u) => format!("{u}@shoal> "),
             None => "shoal> ".to_string(),
         };
-        match rl.readline(&prompt) {
+        if live {
+            lock().print_above_prompt(handle);
+        }
+        let read = rl.readline(&prompt);
+        // The lines above the prompt scrolled up with the line entered.
+        lock().rows = 0;
+        match read {
             // A paste of several lines arrives as one text (bracketed
             // paste): each line runs, in order.
             Ok(text) => {
@@ -182,8 +224,13 @@ fn repl(handle: &ClientHandle) -> ExitCode {
                         Err(e) => eprintln!("error: {e}"),
                         Ok(cmd) => {
                             let exit = cmd == ShellCommand::Exit;
-                            let r = handle.run(cmd);
-                            report(&r);
+                            // At a terminal, show_downloads is the long
+                            // form: ETA and bytes from each source peer.
+                            let cmd = match cmd {
+                                ShellCommand::ShowDownloads { .. } => ShellCommand::ShowDownloads { verbose: true },
+                                c => c,
+                            };
+                            let r = run(cmd);
                             user = r.user.map(|u| u.to_string());
                             if exit {
                                 return ExitCode::SUCCESS;
@@ -194,10 +241,110 @@ fn repl(handle: &ClientHandle) -> ExitCode {
             }
             Err(ReadlineError::Interrupted) => continue,
             Err(ReadlineError::Eof) => {
-                report(&handle.run(ShellCommand::Exit));
+                run(ShellCommand::Exit);
                 return ExitCode::SUCCESS;
             }
             Err(e) => return fail(&format!("reading input: {e}")),
         }
+    }
+}
+
+/// The progress lines and where they are.
+#[derive(Default)]
+struct Progress {
+    /// Downloads seen running whose end was not printed yet.
+    running: std::collections::BTreeSet<(String, String)>,
+    /// Progress lines printed just above the prompt (0: none there now).
+    rows: usize,
+}
+
+impl Progress {
+    /// A line for each running download, and for each that ended since
+    /// (those are forgotten once printed by `print_above_prompt`); the
+    /// keys of the ended ones.
+    fn lines(&mut self, handle: &ClientHandle) -> (Vec<String>, Vec<(String, String)>) {
+        let mb = |b: u64| b as f64 / 1e6;
+        let (mut lines, mut ended) = (Vec::new(), Vec::new());
+        for d in handle.download_stats() {
+            let key = (d.group.to_string(), d.name.to_string());
+            // One terminal row each, so a redraw finds them.
+            let name = d.name.to_string();
+            let name = if name.chars().count() > 32 {
+                format!("{}...", name.chars().take(29).collect::<String>())
+            } else {
+                name
+            };
+            if d.complete || d.failed.is_some() {
+                if !self.running.contains(&key) {
+                    continue;
+                }
+                lines.push(match &d.failed {
+                    Some(e) => format!("{name}: download failed: {e}"),
+                    None => {
+                        let secs = d.elapsed.0 as f64 / 1000.0;
+                        format!(
+                            "{name}: downloaded {:.1} MB in {secs:.1} s ({:.1} MB/s), every chunk's SHA1 checked",
+                            mb(d.size),
+                            mb(d.size) / secs.max(0.001)
+                        )
+                    }
+                });
+                ended.push(key);
+                continue;
+            }
+            self.running.insert(key);
+            let pct = (d.verified * 100).checked_div(d.size).unwrap_or(100);
+            let eta = d.eta_secs().map_or("-".into(), shoal_core::client::format_secs);
+            lines.push(format!(
+                "{name}: {pct}% of {:.1} MB, {:.1} MB/s, {} peers, ETA {eta}",
+                mb(d.size),
+                mb(d.rate),
+                d.peers
+            ));
+        }
+        (lines, ended)
+    }
+
+    /// Prints the lines before the prompt is drawn (nothing is being typed).
+    fn print_above_prompt(&mut self, handle: &ClientHandle) {
+        let (lines, ended) = self.lines(handle);
+        for k in ended {
+            self.running.remove(&k);
+        }
+        let mut out = io::stdout().lock();
+        for l in &lines {
+            let _ = writeln!(out, "{l}");
+        }
+        let _ = out.flush();
+        self.rows = lines.len();
+    }
+
+    /// Redraws the lines above the prompt in place, if they are still there
+    /// and as many.
+    fn redraw(&mut self, handle: &ClientHandle) {
+        if self.rows == 0 {
+            return;
+        }
+        let (lines, _) = self.lines(handle);
+        if lines.len() != self.rows {
+            return;
+        }
+        // Save the cursor, go up to the first line, rewrite each (down a
+        // row after each, never scrolling), restore the cursor.
+        let mut s = format!("\x1b7\x1b[{}A", self.rows);
+        for l in &lines {
+            s.push_str(&format!("\r\x1b[2K{l}\x1b[1B"));
+        }
+        s.push_str("\x1b8");
+        let mut out = io::stdout().lock();
+        let _ = out.write_all(s.as_bytes());
+        let _ = out.flush();
+    }
+}
+
+/// Once a second, the progress lines above the prompt are redrawn.
+fn redraw_progress(handle: &ClientHandle, shown: &Mutex<Progress>, stop: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(Duration::from_secs(1)) {
+        shown.lock().unwrap_or_else(|e| e.into_inner()).redraw(handle);
     }
 }

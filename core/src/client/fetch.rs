@@ -114,6 +114,25 @@ pub struct DownloadStat {
     pub elapsed: Millis,
     /// Peers connected that sent their chunk map (0 once it ended).
     pub peers: usize,
+    /// Bytes verified a second, over the last second or so.
+    pub rate: u64,
+}
+
+impl DownloadStat {
+    /// Seconds left at the current rate, while it runs.
+    pub fn eta_secs(&self) -> Option<u64> {
+        let left = self.size.saturating_sub(self.verified);
+        (self.rate > 0 && left > 0 && !self.complete && self.failed.is_none()).then(|| left.div_ceil(self.rate))
+    }
+}
+
+/// `75s` as `1m15s`, `4000s` as `1h06m`.
+pub fn format_secs(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
 }
 
 impl ClientEngine {
@@ -149,6 +168,7 @@ impl ClientEngine {
                         DlState::Running { fetch, .. } => fetch.active_peers(),
                         _ => 0,
                     },
+                    rate: d.rate,
                 }
             })
             .collect()
@@ -159,7 +179,8 @@ impl ClientEngine {
         self.downloads.get(&id).map(|d| &d.digest)
     }
 
-    /// The lines of `show_downloads`: one a download; with `verbose`, each
+    /// The lines of `show_downloads`: one a download; with `verbose`, a
+    /// running one's line ends with its ETA (` ETA 1m15s`) and each is
     /// followed by its sources (`  from <addr>: <bytes> bytes`) and the
     /// peers it banned (`  banned <addr>: sent a chunk that failed its SHA1`)
     /// and the addresses where someone else than the sharer answered
@@ -176,7 +197,14 @@ impl ClientEngine {
                 DlState::Running { fetch, .. } if fetch.is_complete() => format!("[D] {g} {n} 100% verifying"),
                 DlState::Running { fetch, .. } => {
                     let pct = (fetch.verified_bytes() * 100).checked_div(d.digest.size).unwrap_or(100);
-                    format!("[D] {g} {n} {pct}% {:.0} MB/s {} peers", d.rate as f64 / 1e6, fetch.active_peers())
+                    let line =
+                        format!("[D] {g} {n} {pct}% {:.0} MB/s {} peers", d.rate as f64 / 1e6, fetch.active_peers());
+                    // The ETA only with `-v`: the short line is what scripts parse.
+                    let left = d.digest.size.saturating_sub(fetch.verified_bytes());
+                    match left.checked_div(d.rate) {
+                        Some(_) if verbose && left > 0 => format!("{line} ETA {}", format_secs(left.div_ceil(d.rate))),
+                        _ => line,
+                    }
                 }
                 DlState::Finishing => format!("[D] {g} {n} 100% verifying"),
                 DlState::Complete => format!("[C] {g} {n}"),

@@ -1572,3 +1572,71 @@ fn a_snapshot_sync_that_broke_off_resumes_where_it_stopped() {
     assert!(ConsensusMessage::decode_with_base(&whole[..base.len - 1], Some(base)).is_err());
     assert!(ConsensusMessage::decode_with_base(&whole, Some(base)).is_ok());
 }
+
+/// Downloads' progress reports: kept for members only, within bounds, with
+/// the address the tracker sees (not one the client names), gossiped to
+/// the other trackers, and forgotten once not renewed; the counters see
+/// the writes, reads, grants and refusals.
+#[test]
+fn progress_reports_are_kept_for_members_bounded_and_expire() {
+    use super::health::{MAX_PROGRESS_SOURCES, TRANSFER_TTL};
+    let mut n = node();
+    let mut seq = 0;
+    let tokens = group_sharing_a_file(&mut n, &mut seq, &["bob"]);
+    let g = GroupId::new("g").unwrap();
+    let name = FileName::new("f.bin").unwrap();
+    let src: SocketAddr = "10.0.0.1:9000".parse().unwrap();
+    let report = |done: u64, sources: usize| Request::Progress {
+        group: g.clone(),
+        name: name.clone(),
+        size: 10,
+        done,
+        rate: 5,
+        sources: vec![(src, done); sources],
+    };
+    // Eve is no member: her report is refused, and nothing is shown.
+    assert_eq!(ask(&mut n, &mut seq, ConnId(3), Some(tokens[2]), report(5, 1)), Err(ApiError::NotMember));
+    assert!(n.transfers(Millis(10)).is_empty());
+    assert!(matches!(ask(&mut n, &mut seq, ConnId(2), Some(tokens[1]), report(11, 1)), Err(ApiError::InvalidFile(_))));
+    assert!(matches!(
+        ask(&mut n, &mut seq, ConnId(2), Some(tokens[1]), report(5, MAX_PROGRESS_SOURCES + 1)),
+        Err(ApiError::Limit(_))
+    ));
+    assert_eq!(ask(&mut n, &mut seq, ConnId(2), Some(tokens[1]), report(5, 1)), Ok(Reply::Done));
+    let shown = n.transfers(Millis(10));
+    assert_eq!(shown.len(), 1);
+    let t = &shown[0];
+    assert_eq!((t.user.as_str(), t.listen), ("bob", "10.0.0.2:9000".parse().unwrap()));
+    assert_eq!((t.done, t.size, t.sources.clone()), (5, 10, vec![(src, 5)]));
+    // A newer report replaces it; one not renewed is forgotten.
+    assert_eq!(ask(&mut n, &mut seq, ConnId(2), Some(tokens[1]), report(8, 1)), Ok(Reply::Done));
+    assert_eq!(n.transfers(Millis(10))[0].done, 8);
+    let later = Millis(10 + TRANSFER_TTL.0);
+    assert!(n.transfers(later).is_empty());
+    sweep(&mut n, later);
+    assert!(n.transfers.is_empty(), "swept");
+
+    // Gossiped, another tracker keeps it within the same bounds.
+    let mut other = node();
+    use crate::proto::SoftState;
+    let soft = |sources: usize| SoftState {
+        transfers: vec![super::health::Transfer { sources: vec![(src, 1); sources], ..t.clone() }],
+        ..Default::default()
+    };
+    other.merge_soft(soft(MAX_PROGRESS_SOURCES + 1), Millis(0));
+    assert!(other.transfers(Millis(0)).is_empty());
+    other.merge_soft(soft(1), Millis(0));
+    assert_eq!(other.transfers(Millis(0)).len(), 1);
+
+    let c = n.counters().clone();
+    assert!(c.writes >= 9, "accounts, sessions, the group, the join and the file: {c:?}");
+    assert!(c.reads >= 4, "{c:?}");
+    assert_eq!(c.refusals.get("not_member"), Some(&1));
+    assert_eq!(c.refusals.get("invalid_file"), Some(&1));
+    assert_eq!(c.refusals.get("limit"), Some(&1));
+    assert_eq!(n.take_write_latencies().len() as u64, c.writes, "every decided write's latency, once");
+    assert!(n.take_write_latencies().is_empty());
+    let dl = Request::DownloadFile { group: g, name };
+    assert!(ask(&mut n, &mut seq, ConnId(2), Some(tokens[1]), dl).is_ok());
+    assert_eq!(n.counters().grants, 1);
+}
