@@ -188,13 +188,14 @@ pub fn read_line_bounded(r: &mut impl BufRead, max: usize) -> io::Result<Option<
 
 /// Runs tracker `id` of `trackers` on a thread of this process, in memory
 /// (no data dir), proving `identity`; `keys` are the trackers' key ids by
-/// position in `trackers`: the demo's cluster. Returns once it listens.
+/// position in `trackers`: the demo's cluster. Returns once it listens,
+/// with where its dashboard is served (trackers of a cluster serve one).
 pub fn spawn_tracker(
     trackers: &[shoal_core::config::TrackerEntry],
     id: u32,
     identity: shoal_net_mio::tls::Identity,
     keys: &[KeyId],
-) -> Result<(), String> {
+) -> Result<Option<std::net::SocketAddr>, String> {
     use shoal_core::tracker::{NodeId, OmniReplicator, SoloReplicator, TrackerConfig, TrackerNode};
     use shoal_net_mio::tracker::TrackerServer;
     let peer_keys = trackers.iter().zip(keys).filter(|(t, _)| t.id != id).map(|(t, k)| (t.id as NodeId, *k)).collect();
@@ -203,6 +204,7 @@ pub fn spawn_tracker(
     let peers: Vec<(NodeId, std::net::SocketAddr)> =
         trackers.iter().filter(|t| t.id != id).map(|t| (t.id as NodeId, t.addr)).collect();
     let nodes: Vec<NodeId> = trackers.iter().map(|t| t.id as NodeId).collect();
+    let all: Vec<(NodeId, std::net::SocketAddr)> = trackers.iter().map(|t| (t.id as NodeId, t.addr)).collect();
     let seed = shoal_net_mio::os_seed().map_err(|e| e.to_string())?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -213,7 +215,7 @@ pub fn spawn_tracker(
             let result = if peers.is_empty() {
                 let node = TrackerNode::new(cfg, rng, SoloReplicator::default());
                 TrackerServer::bind(me.addr, node, &identity).map_err(bind_err).map(|s| {
-                    let _ = tx.send(Ok(()));
+                    let _ = tx.send(Ok(None));
                     s.run()
                 })
             } else {
@@ -222,9 +224,17 @@ pub fn spawn_tracker(
                     Err(e) => return drop(tx.send(Err(e.to_string()))),
                 };
                 let node = TrackerNode::new(cfg, rng, rep);
-                TrackerServer::bind(me.addr, node, &identity).map_err(bind_err).map(|s| {
-                    let _ = tx.send(Ok(()));
-                    s.with_peers(peers).run()
+                // Each tracker's dashboard and metrics on a free loopback port.
+                let http = shoal_net_mio::http::HttpConfig {
+                    addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                    trackers: all,
+                    log_path: None,
+                    range_store_path: None,
+                };
+                TrackerServer::bind(me.addr, node, &identity).map_err(bind_err).and_then(|s| {
+                    let s = s.with_peers(peers).with_http(http).map_err(|e| e.to_string())?;
+                    let _ = tx.send(Ok(s.http_addr()));
+                    Ok(s.run())
                 })
             };
             if let Err(e) = result {

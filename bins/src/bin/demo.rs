@@ -64,8 +64,11 @@ fn run(args: &Args) -> Result<(), String> {
     }
     let keys: Vec<_> = identities.iter().map(|i| i.id()).collect();
     for (t, identity) in trackers.iter().zip(identities) {
-        shoal_bins::spawn_tracker(&trackers, t.id, identity, &keys)?;
+        let http = shoal_bins::spawn_tracker(&trackers, t.id, identity, &keys)?;
         println!("tracker {} listening on {}", t.id, t.addr);
+        if let Some(a) = http {
+            println!("  dashboard: http://{a}/ (metrics: http://{a}/metrics)");
+        }
     }
     let tracker_addrs: Vec<SocketAddr> = trackers.iter().map(|t| t.addr).collect();
 
