@@ -264,6 +264,12 @@ pub(crate) fn start(cfg: HttpConfig, metrics: Metrics) -> std::io::Result<(Obser
     Ok((observer, bound))
 }
 
+/// The highest applied index any tracker reported (ours included).
+fn newest_applied(v: &ClusterView) -> u64 {
+    let peers = v.peers.iter().filter_map(|x| x.health.as_ref().map(|(h, _)| h.applied));
+    peers.chain([v.health.applied]).max().unwrap_or(0)
+}
+
 /// A rate sample: when, the cluster's applied index, and reads answered.
 #[derive(Clone, Copy)]
 struct Sample {
@@ -307,8 +313,7 @@ impl Page {
 
     fn sample(&mut self) {
         let Some(p) = self.published() else { return };
-        let applied = p.view.peers.iter().filter_map(|x| x.health.as_ref().map(|(h, _)| h.applied));
-        let applied = applied.chain([p.view.health.applied]).max().unwrap_or(0);
+        let applied = newest_applied(&p.view);
         let s = Sample { secs: self.started.elapsed().as_secs_f64(), applied, reads: p.reads_total };
         if self.history.len() >= HISTORY {
             self.history.pop_front();
@@ -354,8 +359,7 @@ impl Page {
         };
         let v = &p.view;
         let leader = v.health.leader;
-        let newest = v.peers.iter().filter_map(|x| x.health.as_ref().map(|(h, _)| h.applied));
-        let newest = newest.chain([v.health.applied]).max().unwrap_or(0);
+        let newest = newest_applied(v);
         let trackers: Vec<serde_json::Value> = self
             .cfg
             .trackers

@@ -179,24 +179,17 @@ impl<R: Replicator> TrackerNode<R> {
         self.broadcast(bytes);
     }
 
-    /// A client's `Progress` report: kept (and gossiped) if its session is
-    /// a member of the group, within the bounds.
-    pub(crate) fn progress(
-        &mut self,
-        me: &UserId,
-        listen: SocketAddr,
-        mut t: Transfer,
-        now: Millis,
-    ) -> Result<Reply, ApiError> {
-        self.meta.group_of_member(me, &t.group)?;
+    /// A client's `Progress` report (`t` names the session's user and
+    /// address, not what the client claimed): kept (and gossiped) if that
+    /// user is a member of the group, within the bounds.
+    pub(crate) fn progress(&mut self, mut t: Transfer, now: Millis) -> Result<Reply, ApiError> {
+        self.meta.group_of_member(&t.user, &t.group)?;
         if t.done > t.size {
             return Err(ApiError::InvalidFile("more bytes done than the file holds".into()));
         }
         if t.sources.len() > MAX_PROGRESS_SOURCES {
             return Err(ApiError::Limit(format!("a progress report names at most {MAX_PROGRESS_SOURCES} sources")));
         }
-        t.listen = listen;
-        t.user = me.clone();
         t.ttl_ms = TRANSFER_TTL.0;
         if !self.keep_transfer(t.clone(), now) {
             return Err(ApiError::Limit("too many transfers reported".into()));

@@ -118,7 +118,7 @@ impl<R: Replicator> TrackerNode<R> {
                     sources,
                     ttl_ms: 0,
                 };
-                let r = self.progress(&me, my_listen.0, t, now);
+                let r = self.progress(t, now);
                 return self.respond(conn, id, r);
             }
             Request::CheckGrant { grant, group, name, holder } => {
